@@ -1,0 +1,358 @@
+"""A real Apache Kafka broker on demand, for the demo, the tests and first steps.
+
+`vmreplica broker up` resolves a pinned Kafka 4.x with Maven (``deploy/kafka/pom.xml``) into a
+cache outside the repository, formats KRaft storage and starts one or three combined
+broker+controller nodes on loopback. Everything it starts is recorded under
+``$VMREPLICA_HOME/broker`` so that ``down`` stops exactly that and nothing else.
+
+Production deployments point vmreplica at their own cluster with ``VMREPLICA_BOOTSTRAP_SERVERS``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Final
+
+from vmreplica.errors import BrokerError, PrerequisiteMissingError
+
+DEFAULT_BROKER_PORT: Final = 19092
+"""Not 9092, so a Kafka the user already runs is left alone."""
+PORT_STRIDE_PER_NODE: Final = 10
+"""Node i listens on base + 10*i (broker) and base + 10*i + 1 (controller)."""
+STARTUP_TIMEOUT_SECONDS: Final = 120.0
+"""A cold JVM on a busy two-core machine can take most of a minute to elect a controller."""
+SHUTDOWN_TIMEOUT_SECONDS: Final = 30.0
+JVM_HEAP: Final = "-Xmx768m"
+"""Enough for test traffic; three nodes still fit beside the test suite."""
+NODE_MARKER: Final = "vmreplica.broker.node"
+"""A system property on every JVM we start, so a recycled pid is never mistaken for ours."""
+
+_ENV_HINT: Final = (
+    "Or point vmreplica at an existing Kafka cluster instead: "
+    "export VMREPLICA_BOOTSTRAP_SERVERS=host:9092"
+)
+
+
+def deploy_dir() -> Path:
+    """The ``deploy/`` folder of this checkout (the pom and logging config live there)."""
+    configured = os.environ.get("VMREPLICA_DEPLOY_DIR")
+    path = Path(configured) if configured else Path(__file__).resolve().parent.parent / "deploy"
+    if not (path / "kafka" / "pom.xml").is_file():
+        raise PrerequisiteMissingError(
+            f"cannot find deploy/kafka/pom.xml under {path}. Run vmreplica from its source "
+            f"checkout or set VMREPLICA_DEPLOY_DIR to the checkout's deploy/ folder. {_ENV_HINT}"
+        )
+    return path
+
+
+def cache_dir() -> Path:
+    """Where resolved jars live: outside the repository, shared by every checkout."""
+    configured = os.environ.get("VMREPLICA_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "vmreplica"
+
+
+def home_dir() -> Path:
+    """``$VMREPLICA_HOME`` (default ``~/.vmreplica``): state, logs and pid files."""
+    configured = os.environ.get("VMREPLICA_HOME")
+    return Path(configured) if configured else Path.home() / ".vmreplica"
+
+
+_DEBIAN_PACKAGE: Final = {"java": "openjdk-17-jre-headless", "mvn": "maven"}
+
+
+def _require(program: str, what: str) -> str:
+    found = shutil.which(program)
+    if found is None:
+        raise PrerequisiteMissingError(
+            f"{program} is not on PATH; vmreplica needs {what} to run a local Kafka broker. "
+            f"Install it (Debian: apt-get install {_DEBIAN_PACKAGE[program]}). {_ENV_HINT}"
+        )
+    return found
+
+
+def _pom_version(pom: Path) -> str:
+    text = pom.read_text()
+    start = text.index("<kafka.version>") + len("<kafka.version>")
+    return text[start : text.index("</kafka.version>", start)]
+
+
+def resolve_kafka() -> Path:
+    """Return the folder holding the Kafka jars, resolving them with Maven on first use.
+
+    :raises PrerequisiteMissingError: Java or Maven is missing, or Maven Central is unreachable.
+    """
+    _require("java", "Java 17 or newer")
+    pom = deploy_dir() / "kafka" / "pom.xml"
+    libs = cache_dir() / f"kafka-{_pom_version(pom)}" / "libs"
+    complete = libs / ".complete"
+    if complete.is_file():
+        return libs
+    mvn = _require("mvn", "Maven")
+    staging = libs.with_name("libs.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    result = subprocess.run(
+        [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
+         f"-DoutputDirectory={staging}", "-DincludeScope=runtime"],
+        capture_output=True, text=True, check=False,
+    )
+    if result.returncode != 0 or not any(staging.glob("kafka_2.13-*.jar")):
+        tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
+        raise PrerequisiteMissingError(
+            "Maven could not resolve the Kafka jars from Maven Central "
+            f"(exit {result.returncode}):\n  " + "\n  ".join(tail) + f"\n{_ENV_HINT}"
+        )
+    shutil.rmtree(libs, ignore_errors=True)
+    staging.rename(libs)
+    complete.write_text(_pom_version(pom))
+    return libs
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """One JVM we started."""
+
+    node_id: int
+    pid: int
+    broker_port: int
+    controller_port: int
+    directory: str
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    """What ``up`` started; written to ``broker/state.json``."""
+
+    cluster_id: str
+    bootstrap_servers: str
+    nodes: tuple[NodeState, ...]
+
+    @classmethod
+    def load(cls, path: Path) -> ClusterState | None:
+        if not path.is_file():
+            return None
+        raw = json.loads(path.read_text())
+        nodes = tuple(NodeState(**node) for node in raw["nodes"])
+        return cls(raw["cluster_id"], raw["bootstrap_servers"], nodes)
+
+    def save(self, path: Path) -> None:
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(temporary, path)
+
+
+def _ours(pid: int) -> bool:
+    """True when ``pid`` is alive and is one of our broker JVMs (not a recycled pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return NODE_MARKER.encode() in cmdline
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _properties(node_id: int, brokers: int, base_port: int, directory: Path) -> str:
+    def ports(i: int) -> tuple[int, int]:
+        return base_port + PORT_STRIDE_PER_NODE * i, base_port + PORT_STRIDE_PER_NODE * i + 1
+
+    broker_port, controller_port = ports(node_id - 1)
+    voters = ",".join(f"{i + 1}@127.0.0.1:{ports(i)[1]}" for i in range(brokers))
+    replication = min(brokers, 3)
+    lines = {
+        "process.roles": "broker,controller",
+        "node.id": str(node_id),
+        "controller.quorum.voters": voters,
+        "listeners": f"PLAINTEXT://127.0.0.1:{broker_port},CONTROLLER://127.0.0.1:{controller_port}",
+        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{broker_port}",
+        "controller.listener.names": "CONTROLLER",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "log.dirs": str(directory / "data"),
+        "num.partitions": "1",
+        "offsets.topic.replication.factor": str(replication),
+        "transaction.state.log.replication.factor": str(replication),
+        "transaction.state.log.min.isr": str(max(1, replication - 1)),
+        "default.replication.factor": str(replication),
+        "min.insync.replicas": str(max(1, replication - 1)),
+        "group.initial.rebalance.delay.ms": "0",
+        # Journal records carry up to a few MiB of compressed disk data per record.
+        "message.max.bytes": str(16 * 1024 * 1024),
+        "replica.fetch.max.bytes": str(16 * 1024 * 1024),
+        "auto.create.topics.enable": "false",
+        "log.segment.bytes": str(256 * 1024 * 1024),
+    }
+    return "".join(f"{key}={value}\n" for key, value in lines.items())
+
+
+class LocalCluster:
+    """The Kafka nodes this machine runs for vmreplica, under ``$VMREPLICA_HOME/broker``."""
+
+    def __init__(self, home: Path | None = None, base_port: int | None = None) -> None:
+        self.root = (home or home_dir()) / "broker"
+        port = base_port or int(os.environ.get("VMREPLICA_BROKER_PORT", DEFAULT_BROKER_PORT))
+        self.base_port = port
+        self.state_file = self.root / "state.json"
+
+    def state(self) -> ClusterState | None:
+        return ClusterState.load(self.state_file)
+
+    def running(self) -> bool:
+        state = self.state()
+        return state is not None and all(_ours(node.pid) for node in state.nodes)
+
+    def status(self) -> dict[str, object]:
+        """What ``broker status --json`` prints."""
+        state = self.state()
+        if state is None:
+            return {"running": False, "bootstrap_servers": None, "nodes": []}
+        nodes = [
+            {"node_id": n.node_id, "pid": n.pid, "alive": _ours(n.pid),
+             "port": n.broker_port, "log": str(Path(n.directory) / "logs" / "server.log")}
+            for n in state.nodes
+        ]
+        return {
+            "running": all(bool(n["alive"]) for n in nodes),
+            "bootstrap_servers": state.bootstrap_servers,
+            "cluster_id": state.cluster_id,
+            "nodes": nodes,
+        }
+
+    def up(self, brokers: int = 1) -> ClusterState:
+        """Start ``brokers`` nodes (1 or 3) and return once every one answers.
+
+        Idempotent: when the same cluster is already running it is returned as is.
+
+        :raises PrerequisiteMissingError: Java, Maven or the jars are unavailable.
+        :raises BrokerError: a node died or did not answer in time; its log is named.
+        """
+        if brokers not in (1, 3):
+            raise BrokerError(f"--brokers must be 1 or 3, not {brokers}")
+        existing = self.state()
+        if existing is not None and self.running():
+            if len(existing.nodes) == brokers:
+                return existing
+            raise BrokerError(
+                f"a {len(existing.nodes)}-node cluster is already running at "
+                f"{existing.bootstrap_servers}; run `vmreplica broker down` first"
+            )
+        if existing is not None:
+            self.down()
+        for i in range(brokers):
+            for port in (self.base_port + PORT_STRIDE_PER_NODE * i,
+                         self.base_port + PORT_STRIDE_PER_NODE * i + 1):
+                if _port_open(port):
+                    raise BrokerError(
+                        f"port {port} on 127.0.0.1 is already in use; choose another base port "
+                        "with VMREPLICA_BROKER_PORT or `vmreplica broker up --port N`"
+                    )
+        libs = resolve_kafka()
+        java = _require("java", "Java 17 or newer")
+        log_config = deploy_dir() / "kafka" / "log4j2.yaml"
+        cluster_id = _cluster_id()
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.root.mkdir(parents=True)
+        nodes = []
+        processes = []
+        for node_id in range(1, brokers + 1):
+            directory = self.root / f"node-{node_id}"
+            (directory / "logs").mkdir(parents=True)
+            properties = directory / "server.properties"
+            properties.write_text(_properties(node_id, brokers, self.base_port, directory))
+            jvm = [java, JVM_HEAP, "-XX:+UseG1GC", f"-D{NODE_MARKER}={node_id}",
+                   f"-Dlog4j2.configurationFile={log_config}",
+                   f"-Dkafka.logs.dir={directory / 'logs'}", "-cp", f"{libs}/*"]
+            formatted = subprocess.run(
+                [*jvm, "kafka.tools.StorageTool", "format", "-t", cluster_id,
+                 "-c", str(properties), "--ignore-formatted"],
+                capture_output=True, text=True, check=False,
+            )
+            if formatted.returncode != 0:
+                raise BrokerError(f"formatting KRaft storage failed:\n{formatted.stderr[-2000:]}")
+            with (directory / "logs" / "stdout.log").open("wb") as out:
+                process = subprocess.Popen(
+                    [*jvm, "kafka.Kafka", str(properties)],
+                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            processes.append(process)
+            broker_port = self.base_port + PORT_STRIDE_PER_NODE * (node_id - 1)
+            nodes.append(NodeState(node_id, process.pid, broker_port, broker_port + 1,
+                                   str(directory)))
+        state = ClusterState(
+            cluster_id,
+            ",".join(f"127.0.0.1:{node.broker_port}" for node in nodes),
+            tuple(nodes),
+        )
+        state.save(self.state_file)
+        try:
+            self._wait_ready(state, processes)
+        except BaseException:
+            for process in processes:
+                process.kill()
+                process.wait()
+            self.state_file.unlink(missing_ok=True)
+            raise
+        return state
+
+    def _wait_ready(self, state: ClusterState, processes: list[subprocess.Popen[bytes]]) -> None:
+        from vmreplica.kafka import count_brokers  # noqa: PLC0415 — keeps `broker down` light
+
+        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+        while True:
+            for node, process in zip(state.nodes, processes, strict=True):
+                if process.poll() is not None:
+                    log = Path(node.directory) / "logs" / "stdout.log"
+                    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                    raise BrokerError(f"Kafka node {node.node_id} exited during start-up; "
+                                      f"its output ends:\n{tail}")
+            if all(_port_open(node.broker_port) for node in state.nodes):
+                try:
+                    if count_brokers(state.bootstrap_servers) >= len(state.nodes):
+                        return
+                except BrokerError:
+                    pass
+            if time.monotonic() > deadline:
+                raise BrokerError(
+                    f"Kafka did not answer within {STARTUP_TIMEOUT_SECONDS:.0f} s; "
+                    f"see the logs under {self.root}"
+                )
+            time.sleep(0.5)
+
+    def down(self) -> list[int]:
+        """Stop every node ``up`` started and return their pids; harmless when nothing runs."""
+        state = self.state()
+        if state is None:
+            return []
+        pids = [node.pid for node in state.nodes if _ours(node.pid)]
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + SHUTDOWN_TIMEOUT_SECONDS
+        while any(_ours(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in pids:
+            if _ours(pid):
+                os.kill(pid, signal.SIGKILL)
+        while any(_ours(pid) for pid in pids):
+            time.sleep(0.1)
+        self.state_file.unlink(missing_ok=True)
+        return pids
+
+
+def _cluster_id() -> str:
+    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding."""
+    import base64  # noqa: PLC0415
+
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")

@@ -1,0 +1,341 @@
+"""The one module that speaks to Kafka: topics, transactional publishing, committed reads.
+
+Everything else in vmreplica works with :class:`KafkaConnection`, :class:`JournalPublisher` and
+:class:`JournalReader` and sees only vmreplica errors: aiokafka's exceptions are translated here
+(the way karapace keeps its Kafka error mapping in one place).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Self
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaConnectionError,
+    KafkaError,
+    ProducerFenced,
+    TopicAlreadyExistsError,
+)
+
+from vmreplica.errors import BrokerError, FencedError
+
+MAX_RECORD_BYTES: Final = 8 * 1024 * 1024
+"""Producer request and topic ``max.message.bytes``: a write batch is packed to stay below it."""
+REQUEST_TIMEOUT_MS: Final = 30_000
+TRANSACTION_TIMEOUT_MS: Final = 60_000
+"""Long enough for a 15-minute cycle's worth of batches to be sent on a slow link."""
+
+
+@dataclass(frozen=True)
+class KafkaConnection:
+    """How to reach the cluster. Security settings join here (TLS, SASL/SCRAM)."""
+
+    bootstrap_servers: str
+    client_id: str = "vmreplica"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def options(self) -> dict[str, Any]:
+        return {"bootstrap_servers": self.bootstrap_servers, "client_id": self.client_id,
+                "request_timeout_ms": REQUEST_TIMEOUT_MS, **self.extra}
+
+
+def _translate(error: BaseException, doing: str) -> BrokerError:
+    if isinstance(error, ProducerFenced | InvalidProducerEpoch):
+        return FencedError(
+            f"{doing}: another producer with the same transactional id has taken over "
+            "(a newer primary for this VM). This site must stop publishing for it."
+        )
+    if isinstance(error, KafkaConnectionError):
+        return BrokerError(f"{doing}: cannot reach Kafka ({error}). Check that the brokers "
+                           "are up (`vmreplica broker status`) and the bootstrap servers.")
+    return BrokerError(f"{doing}: {type(error).__name__}: {error}")
+
+
+async def _count_brokers(bootstrap_servers: str) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=5000)
+    try:
+        await admin.start()
+        cluster = await admin.describe_cluster()
+        return len(cluster["brokers"])
+    except (TimeoutError, KafkaError, OSError) as error:
+        raise _translate(error, "describing the cluster") from error
+    finally:
+        await admin.close()
+
+
+def count_brokers(bootstrap_servers: str) -> int:
+    """How many brokers the cluster reports (synchronous; for start-up checks)."""
+    return asyncio.run(_count_brokers(bootstrap_servers))
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """A topic as vmreplica creates it: one partition, explicit configs."""
+
+    name: str
+    replication_factor: int
+    configs: Mapping[str, str]
+
+
+class TopicAdmin:
+    """Creates and inspects vmreplica's topics."""
+
+    def __init__(self, connection: KafkaConnection) -> None:
+        self._admin = AIOKafkaAdminClient(**connection.options())
+
+    async def start(self) -> None:
+        try:
+            await self._admin.start()
+        except (KafkaError, OSError) as error:
+            raise _translate(error, "connecting the admin client") from error
+
+    async def stop(self) -> None:
+        await self._admin.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.stop()
+
+    async def ensure_topic(self, spec: TopicSpec) -> bool:
+        """Create the topic unless it exists; True when this call created it."""
+        topic = NewTopic(spec.name, num_partitions=1,
+                         replication_factor=spec.replication_factor,
+                         topic_configs=dict(spec.configs))
+        try:
+            response = await self._admin.create_topics([topic])
+        except TopicAlreadyExistsError:
+            return False
+        except KafkaError as error:
+            raise _translate(error, f"creating topic {spec.name}") from error
+        for name, code, *rest in response.topic_errors:
+            if code == TopicAlreadyExistsError.errno:
+                return False
+            if code != 0:
+                message = rest[0] if rest else ""
+                raise BrokerError(f"creating topic {name} failed with error code {code}: {message}")
+        return True
+
+    async def topic_configs(self, name: str) -> dict[str, str]:
+        """The topic's effective configuration, as the broker reports it."""
+        try:
+            responses = await self._admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, name)])
+        except KafkaError as error:
+            raise _translate(error, f"describing topic {name}") from error
+        configs: dict[str, str] = {}
+        for response in responses:
+            for resource in response.resources:
+                error_code, error_message = resource[0], resource[1]
+                if error_code != 0:
+                    raise BrokerError(f"describing topic {name}: {error_message}")
+                for entry in resource[4]:
+                    configs[entry[0]] = entry[1]
+        return configs
+
+    async def topics(self) -> list[str]:
+        try:
+            return list(await self._admin.list_topics())
+        except KafkaError as error:
+            raise _translate(error, "listing topics") from error
+
+
+class JournalPublisher:
+    """A transactional producer for one VM: each cycle is published as one transaction.
+
+    Every site uses the same ``transactional_id`` for a VM, so initialising a producer at a new
+    primary fences the old one at the broker.
+    """
+
+    def __init__(self, connection: KafkaConnection, transactional_id: str) -> None:
+        self.transactional_id = transactional_id
+        self._producer = AIOKafkaProducer(
+            **connection.options(),
+            transactional_id=transactional_id,
+            enable_idempotence=True,
+            acks="all",
+            max_request_size=MAX_RECORD_BYTES,
+            transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
+            linger_ms=0,
+        )
+        self._started = False
+
+    async def start(self) -> None:
+        try:
+            await self._producer.start()
+        except (KafkaError, OSError) as error:
+            await self._producer.stop()
+            raise _translate(error, f"starting producer {self.transactional_id}") from error
+        self._started = True
+
+    async def stop(self) -> None:
+        if self._started:
+            self._started = False
+            await self._producer.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        trace: TracebackType | None) -> None:
+        await self.stop()
+
+    async def publish(self, topic: str, key: bytes, values: Iterable[bytes]) -> list[int]:
+        """Publish ``values`` in order as one transaction and return their offsets.
+
+        ``values`` may be a generator: records are sent as they are produced, so a large cycle
+        never sits in memory whole.
+
+        The transaction is committed before this returns; on any failure it is aborted (when the
+        broker still lets us) and nothing of it becomes visible to ``read_committed`` readers.
+
+        :raises FencedError: a newer producer for this VM exists.
+        :raises BrokerError: the broker failed the transaction.
+        """
+        producer = self._producer
+        try:
+            await producer.begin_transaction()
+            try:
+                futures = [await producer.send(topic, value=value, key=key, partition=0)
+                           for value in values]
+                metadata = await asyncio.gather(*futures)
+                await producer.commit_transaction()
+            except BaseException as error:
+                # A fenced producer is in a fatal state and cannot abort; the broker aborts its
+                # open transaction when the new producer initialises.
+                if not isinstance(error, ProducerFenced | InvalidProducerEpoch):
+                    with contextlib.suppress(KafkaError, AssertionError):
+                        await producer.abort_transaction()
+                raise
+        except KafkaError as error:
+            raise _translate(error, f"publishing a transaction to {topic}") from error
+        return [record.offset for record in metadata]
+
+
+@dataclass(frozen=True)
+class JournalRecord:
+    """A committed record read from a journal or status topic."""
+
+    offset: int
+    key: bytes | None
+    value: bytes
+    timestamp_ms: int
+
+
+class JournalReader:
+    """Reads one single-partition topic from a given offset, committed records only.
+
+    Positions are kept by the caller (the replica's catalog), not in Kafka consumer groups, so
+    that the applied position and the image are recorded together.
+    """
+
+    def __init__(self, connection: KafkaConnection, topic: str,
+                 max_fetch_bytes: int = 4 * MAX_RECORD_BYTES) -> None:
+        self.topic = topic
+        self._partition = TopicPartition(topic, 0)
+        self._consumer = AIOKafkaConsumer(
+            **connection.options(),
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=max_fetch_bytes,
+            fetch_max_bytes=max_fetch_bytes,
+            group_id=None,
+        )
+        self._started = False
+
+    async def start(self, offset: int | None = None) -> None:
+        """Connect and position at ``offset`` (the next record to read), or the beginning."""
+        try:
+            await self._consumer.start()
+            self._consumer.assign([self._partition])
+            if offset is None:
+                await self._consumer.seek_to_beginning(self._partition)
+            else:
+                self._consumer.seek(self._partition, offset)
+        except (KafkaError, OSError) as error:
+            await self._consumer.stop()
+            raise _translate(error, f"reading {self.topic}") from error
+        self._started = True
+
+    async def stop(self) -> None:
+        if self._started:
+            self._started = False
+            await self._consumer.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.stop()
+
+    def seek(self, offset: int) -> None:
+        self._consumer.seek(self._partition, offset)
+
+    async def fetch(self, timeout_seconds: float = 1.0, max_records: int | None = None,
+                    ) -> list[JournalRecord]:
+        """The next committed records, possibly none when ``timeout_seconds`` passes."""
+        try:
+            batches = await self._consumer.getmany(
+                self._partition, timeout_ms=int(timeout_seconds * 1000), max_records=max_records)
+        except KafkaError as error:
+            raise _translate(error, f"reading {self.topic}") from error
+        return [JournalRecord(m.offset, m.key, m.value, m.timestamp)
+                for m in batches.get(self._partition, [])]
+
+    async def position(self) -> int:
+        """The offset of the next record this reader will return (past transaction markers)."""
+        try:
+            return int(await self._consumer.position(self._partition))
+        except KafkaError as error:
+            raise _translate(error, f"reading {self.topic}") from error
+
+    async def end_offset(self) -> int:
+        """The last stable offset: where a read_committed reader that is caught up stands."""
+        try:
+            offsets = await self._consumer.end_offsets([self._partition])
+        except KafkaError as error:
+            raise _translate(error, f"reading the end of {self.topic}") from error
+        return int(offsets[self._partition])
+
+
+class StatusPublisher:
+    """A plain (non-transactional, idempotent) producer for status and heartbeat records."""
+
+    def __init__(self, connection: KafkaConnection) -> None:
+        self._producer = AIOKafkaProducer(**connection.options(), acks="all",
+                                          enable_idempotence=True)
+        self._started = False
+
+    async def start(self) -> None:
+        try:
+            await self._producer.start()
+        except (KafkaError, OSError) as error:
+            await self._producer.stop()
+            raise _translate(error, "starting the status producer") from error
+        self._started = True
+
+    async def stop(self) -> None:
+        if self._started:
+            self._started = False
+            await self._producer.stop()
+
+    async def publish(self, topic: str, key: bytes, value: bytes) -> int:
+        try:
+            metadata = await self._producer.send_and_wait(topic, value=value, key=key,
+                                                          partition=0)
+        except KafkaError as error:
+            raise _translate(error, f"publishing to {topic}") from error
+        return int(metadata.offset)
