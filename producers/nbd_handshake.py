@@ -1,0 +1,128 @@
+"""The NBD handshake (fixed newstyle option haggling) and the exports it chooses among.
+
+Kept apart from the connection's transport code: :func:`negotiate` only reads bytes through
+one callable and writes replies through another, so its rules can be read, and tested,
+without the transmission machinery of :mod:`vmreplica.producers.nbd_session`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+from vmreplica.errors import NbdProtocolError
+
+from . import nbd_protocol as wire
+from .nbd_device import BlockDevice
+
+if TYPE_CHECKING:
+    from .nbd_session import NbdSession
+
+HANDSHAKE_TIMEOUT_SECONDS: Final = 60.0  # a client that never finishes negotiating is dropped
+
+ReadExactly = Callable[[int], Awaitable[bytes]]
+Send = Callable[[bytes], None]
+
+
+@dataclass(eq=False)
+class Export:
+    """An export as the sessions see it: its device and whether it may be written."""
+
+    name: str
+    device: BlockDevice
+    read_only: bool = False
+    refusal: str | None = None  # why writes are refused (a fenced primary), or None
+    removed: bool = False
+    # Writes suspended in the device, on any connection: a FLUSH waits for them first.
+    pending_writes: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def transmission_flags(self) -> int:
+        """Flags for a new connection; a fenced export is announced read-only."""
+        return wire.transmission_flags(read_only=self.read_only or self.refusal is not None)
+
+
+@dataclass(eq=False)
+class ServerContext:
+    """What the server shares with its sessions; exports may change while they run."""
+
+    exports: dict[str, Export]
+    max_request_bytes: int
+    sessions: set[NbdSession] = field(default_factory=set)
+
+    def find(self, name: str) -> Export | None:
+        """The export called ``name``; the empty (default) name means the only export."""
+        export = self.exports.get(name)
+        if export is None and name == "" and len(self.exports) == 1:
+            return next(iter(self.exports.values()))
+        return export
+
+
+async def negotiate(read_exactly: ReadExactly, send: Send, context: ServerContext) -> Export | None:
+    """Haggle options after the greeting; return the export chosen, or None on NBD_OPT_ABORT.
+
+    Options we do not implement (STRUCTURED_REPLY, STARTTLS, meta contexts, extended headers)
+    get ``NBD_REP_ERR_UNSUP``, which the spec obliges clients to accept; bad INFO/GO/LIST data
+    gets ``NBD_REP_ERR_INVALID`` and the haggling goes on.
+
+    :raises NbdProtocolError: when the client breaks a rule that leaves hanging up as the only
+        answer: unknown client flags, a bad option magic, oversized option data, or
+        ``NBD_OPT_EXPORT_NAME`` naming an export we do not have.
+    """
+    no_zeroes = wire.decode_client_flags(await read_exactly(4))
+    while True:
+        option, length = wire.decode_option_header(await read_exactly(wire.OPTION_HEADER.size))
+        data = await read_exactly(length)
+        if option == wire.NBD_OPT_EXPORT_NAME:
+            name = wire.decode_export_name(data)
+            export = context.find(name)
+            if export is None:  # this option cannot fail politely: the spec says hang up
+                raise NbdProtocolError(f"asked for unknown export {name!r}")
+            size, flags = export.device.size, export.transmission_flags()
+            send(wire.encode_export_name_reply(size, flags, no_zeroes=no_zeroes))
+            return export
+        if option in (wire.NBD_OPT_GO, wire.NBD_OPT_INFO):
+            export = _answer_info(option, data, send, context)
+            if export is not None and option == wire.NBD_OPT_GO:
+                return export
+        elif option == wire.NBD_OPT_LIST:
+            _answer_list(data, send, context)
+        elif option == wire.NBD_OPT_ABORT:
+            send(wire.encode_option_reply(option, wire.NBD_REP_ACK))
+            return None
+        else:
+            send(wire.encode_option_error(option, wire.NBD_REP_ERR_UNSUP, "not supported"))
+
+
+def _answer_info(option: int, data: bytes, send: Send, context: ServerContext) -> Export | None:
+    try:
+        request = wire.decode_info_request(data)
+    except NbdProtocolError as exc:
+        send(wire.encode_option_error(option, wire.NBD_REP_ERR_INVALID, str(exc)))
+        return None
+    export = context.find(request.name)
+    if export is None:
+        message = f"no export named {request.name!r}"
+        send(wire.encode_option_error(option, wire.NBD_REP_ERR_UNKNOWN, message))
+        return None
+    replies = [
+        wire.encode_info_export(option, export.device.size, export.transmission_flags()),
+        # Sent even when not asked for (as qemu-nbd does): clients must tolerate it.
+        wire.encode_info_block_size(option, context.max_request_bytes),
+    ]
+    if wire.NBD_INFO_NAME in request.info_types:
+        replies.append(wire.encode_info_name(option, export.name))
+    replies.append(wire.encode_option_reply(option, wire.NBD_REP_ACK))
+    send(b"".join(replies))
+    return export
+
+
+def _answer_list(data: bytes, send: Send, context: ServerContext) -> None:
+    if data:
+        error = wire.NBD_REP_ERR_INVALID
+        send(wire.encode_option_error(wire.NBD_OPT_LIST, error, "NBD_OPT_LIST takes no data"))
+        return
+    replies = [wire.encode_server_entry(name) for name in context.exports]
+    replies.append(wire.encode_option_reply(wire.NBD_OPT_LIST, wire.NBD_REP_ACK))
+    send(b"".join(replies))
