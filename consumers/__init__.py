@@ -1,0 +1,1 @@
+"""The replica side: materialiser, undo log, recovery points and views."""

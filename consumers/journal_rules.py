@@ -1,0 +1,116 @@
+"""The rules a replica checks before any byte of a cycle touches an image (pure functions).
+
+Sequence integrity is explicit: within the current epoch the next cycle is exactly ``last + 1``,
+batches of a cycle are numbered from 0 without gaps, the commit's hash chains to the previous
+cycle, every extent lies inside its disk, and every data extent's CRC-32 matches. A violation
+raises :class:`JournalViolation` naming the VM, what was expected and what arrived, and whether
+the remedy is a resynchronization or operator attention.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import zstandard
+
+from vmreplica.errors import JournalIntegrityError
+from vmreplica.schemas.chain import cycle_hash
+from vmreplica.schemas.events import Compression, CycleCommit, Extent, ExtentKind, WriteBatch
+from vmreplica.states import ReplicationState
+
+
+class JournalViolation(JournalIntegrityError):
+    """A journal record breaks a rule; nothing of its cycle is applied."""
+
+    def __init__(self, vm: str, offset: int, message: str,
+                 state: ReplicationState = ReplicationState.RESYNCHRONIZATION_REQUIRED) -> None:
+        super().__init__(f"VM {vm!r}, journal offset {offset}: {message}")
+        self.vm = vm
+        self.offset = offset
+        self.state = state
+
+
+@dataclass(frozen=True)
+class DecodedExtent:
+    """An extent ready to apply: DATA carries its bytes, ZERO and TRIM none."""
+
+    disk: str
+    offset: int
+    length: int
+    kind: ExtentKind
+    data: bytes
+
+
+def check_batch(vm: str, offset: int, batch: WriteBatch, epoch: int, next_cycle: int,
+                batches_so_far: int) -> None:
+    if batch.epoch != epoch or batch.cycle != next_cycle:
+        raise JournalViolation(
+            vm, offset, f"expected a batch of cycle {next_cycle} in epoch {epoch}, got cycle "
+            f"{batch.cycle} of epoch {batch.epoch} (a gap or a replay in the journal)")
+    if batch.batch != batches_so_far:
+        raise JournalViolation(
+            vm, offset, f"cycle {batch.cycle}: expected batch {batches_so_far}, got batch "
+            f"{batch.batch}")
+
+
+def check_commit(vm: str, offset: int, commit: CycleCommit, batches: Sequence[WriteBatch],
+                 epoch: int, next_cycle: int, previous_hash: bytes) -> None:
+    if commit.epoch != epoch or commit.cycle != next_cycle:
+        raise JournalViolation(
+            vm, offset, f"expected the commit of cycle {next_cycle} in epoch {epoch}, got "
+            f"cycle {commit.cycle} of epoch {commit.epoch} (a gap or a replay in the journal)")
+    if commit.batches != len(batches):
+        raise JournalViolation(
+            vm, offset, f"cycle {commit.cycle} commits {commit.batches} batches but "
+            f"{len(batches)} arrived")
+    if commit.previous_hash != previous_hash:
+        raise JournalViolation(
+            vm, offset, f"cycle {commit.cycle} does not chain to the cycle this replica applied "
+            "last (previous hash differs): the journal was rewritten or another primary wrote it")
+    extents = [extent for batch in batches for extent in batch.extents]
+    if cycle_hash(previous_hash, epoch, commit.cycle, extents) != commit.cycle_hash:
+        raise JournalViolation(
+            vm, offset, f"cycle {commit.cycle}: hash chain mismatch; its records were altered")
+
+
+def decode_cycle(vm: str, offset: int, batches: Sequence[WriteBatch],
+                 disk_sizes: Mapping[str, int]) -> list[DecodedExtent]:
+    """Every extent of a cycle with its data, checked against disk bounds and CRC-32."""
+    decompressor = zstandard.ZstdDecompressor()
+    result: list[DecodedExtent] = []
+    for batch in batches:
+        payload = batch.payload
+        if batch.compression is Compression.ZSTD:
+            try:
+                payload = decompressor.decompress(payload, max_output_size=64 * 1024 * 1024)
+            except zstandard.ZstdError as error:
+                raise JournalViolation(
+                    vm, offset, f"cycle {batch.cycle} batch {batch.batch}: payload does not "
+                    f"decompress ({error})") from error
+        for extent in batch.extents:
+            result.append(_decoded(vm, offset, batch, extent, payload, disk_sizes))
+    return result
+
+
+def _decoded(vm: str, offset: int, batch: WriteBatch, extent: Extent, payload: bytes,
+             disk_sizes: Mapping[str, int]) -> DecodedExtent:
+    where = f"cycle {batch.cycle} batch {batch.batch}"
+    size = disk_sizes.get(extent.disk)
+    if size is None:
+        raise JournalViolation(vm, offset, f"{where}: unknown disk {extent.disk!r}",
+                               ReplicationState.ERROR)
+    if extent.offset < 0 or extent.length <= 0 or extent.offset + extent.length > size:
+        raise JournalViolation(
+            vm, offset, f"{where}: extent of {extent.length} bytes at {extent.offset} lies past "
+            f"the end of disk {extent.disk!r} ({size} bytes)", ReplicationState.ERROR)
+    if extent.kind is not ExtentKind.DATA:
+        return DecodedExtent(extent.disk, extent.offset, extent.length, extent.kind, b"")
+    end = extent.payload_offset + extent.length
+    data = payload[extent.payload_offset:end]
+    if extent.payload_offset < 0 or end > len(payload) or zlib.crc32(data) != extent.crc32:
+        raise JournalViolation(
+            vm, offset, f"{where}: checksum mismatch for {extent.length} bytes at "
+            f"{extent.offset} of disk {extent.disk!r}")
+    return DecodedExtent(extent.disk, extent.offset, extent.length, extent.kind, data)

@@ -1,0 +1,257 @@
+"""The materialiser: applies one VM's journal to its replica images, cycle by cycle.
+
+Each committed cycle is applied in numbered durable steps:
+
+1. check it (epoch, sequence, hash chain, bounds, checksums: :mod:`journal_rules`);
+2. save the old content of every range it writes to the cycle's undo log, fsync the undo log;
+3. write the cycle into the images;
+4. fsync the images;
+5. record position, recovery point and statistics in the catalog (one SQLite transaction);
+6. prune undo logs and points that the retention policy no longer needs.
+
+:meth:`Materializer.recover` runs at start: an undo log newer than the recorded position means a
+crash between 2 and 5, and rolling it back returns the images to the recorded cycle exactly.
+Reading resumes at the recorded offset, so the cycle is applied again from the journal. At any
+instant the images therefore equal the primary's disks at some cycle boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zstandard
+
+from vmreplica.catalog import Catalog, Position, StoredPoint, now_ms
+from vmreplica.consumers.journal_rules import (
+    DecodedExtent,
+    JournalViolation,
+    check_batch,
+    check_commit,
+    decode_cycle,
+)
+from vmreplica.consumers.retention import RecoveryPoint, RetentionPolicy, select_points
+from vmreplica.consumers.undo import UndoLog, UndoWriter
+from vmreplica.errors import DecodeError
+from vmreplica.image import DiskImage
+from vmreplica.kafka import JournalRecord
+from vmreplica.schemas.chain import GENESIS_HASH
+from vmreplica.schemas.codec import decode_journal
+from vmreplica.schemas.events import (
+    Compression,
+    Consistency,
+    CycleCommit,
+    EpochStart,
+    ExtentKind,
+    Heartbeat,
+    SeedChunk,
+    VmConfig,
+    WriteBatch,
+)
+from vmreplica.states import ReplicationState
+
+log = logging.getLogger(__name__)
+
+Applied = Callable[[CycleCommit, int], Awaitable[None]]
+"""Called after a cycle is durably applied, with its commit and journal offset."""
+
+
+@dataclass
+class ReplicaCursor:
+    """Where the journal stands for this replica, and the cycle being assembled."""
+
+    epoch: int
+    cycle: int
+    cycle_hash: bytes
+    next_offset: int
+    seeding: bool
+    pending: list[WriteBatch] = field(default_factory=list)
+    last_heartbeat_ms: int | None = None
+
+
+class Materializer:
+    """Applies one VM's committed journal records to its images."""
+
+    def __init__(self, vm: str, images: Mapping[str, DiskImage], undo_folder: Path,
+                 catalog: Catalog, policy: RetentionPolicy, on_applied: Applied | None = None,
+                 ) -> None:
+        self.vm = vm
+        self.images = dict(images)
+        self.undo = UndoLog(undo_folder)
+        self.catalog = catalog
+        self.policy = policy
+        self.on_applied = on_applied
+        self.cursor = ReplicaCursor(0, 0, GENESIS_HASH, 0, seeding=True)
+        self._decompressor = zstandard.ZstdDecompressor()
+
+    async def recover(self) -> ReplicaCursor:
+        """Roll back a cycle whose apply a crash interrupted; return where to resume."""
+        position = await self.catalog.position(self.vm)
+        record = await self.catalog.vm(self.vm)
+        if position is not None:
+            # Only the cycle after the recorded one can have been in flight.
+            interrupted = position.cycle + 1
+            status = self.undo.status(interrupted)
+            if status == "complete":  # crashed after step 2: images may be partly written
+                self.undo.rollback(self.images, interrupted)
+                for image in self.images.values():
+                    image.fsync()
+            if status != "missing":
+                self.undo.discard(interrupted)
+        seeding = record.state in (ReplicationState.WAITING_FOR_INITIAL_REPLICATION,
+                                   ReplicationState.INITIAL_REPLICATION_IN_PROGRESS)
+        if position is None:
+            self.cursor = ReplicaCursor(record.epoch, 0, GENESIS_HASH, 0, seeding=True)
+        else:
+            self.cursor = ReplicaCursor(position.epoch, position.cycle, position.cycle_hash,
+                                        position.next_offset, seeding)
+        return self.cursor
+
+    async def apply_records(self, records: list[JournalRecord]) -> None:
+        """Process fetched records in order.
+
+        :raises JournalViolation: a record breaks the rules; nothing of its cycle was applied
+            and the cursor still points at the last good cycle.
+        """
+        seed_written = False
+        for record in records:
+            if record.offset < self.cursor.next_offset:
+                continue
+            try:
+                event = decode_journal(record.value)
+            except DecodeError as error:
+                raise JournalViolation(self.vm, record.offset, f"undecodable record: {error}",
+                                       ReplicationState.ERROR) from error
+            if event.vm != self.vm:
+                raise JournalViolation(self.vm, record.offset,
+                                       f"record names VM {event.vm!r}", ReplicationState.ERROR)
+            if event.epoch < self.cursor.epoch:
+                log.warning("VM %s: ignoring a record of superseded epoch %d at offset %d",
+                            self.vm, event.epoch, record.offset)
+                continue
+            if isinstance(event, SeedChunk):
+                seed_written |= await self._seed(event, record.offset)
+            elif isinstance(event, WriteBatch):
+                check_batch(self.vm, record.offset, event, self.cursor.epoch,
+                            self.cursor.cycle + 1, len(self.cursor.pending))
+                self.cursor.pending.append(event)
+            elif isinstance(event, CycleCommit):
+                await self._apply_cycle(event, record)
+            elif isinstance(event, EpochStart):
+                await self._start_epoch(event, record.offset)
+            elif isinstance(event, Heartbeat):
+                self.cursor.last_heartbeat_ms = event.at_ms
+            elif isinstance(event, VmConfig):
+                pass
+        if seed_written:
+            await self._record_seed_progress(records[-1].offset + 1)
+
+    async def _start_epoch(self, event: EpochStart, offset: int) -> None:
+        cursor = self.cursor
+        if cursor.seeding:
+            cursor.epoch, cursor.cycle = event.epoch, event.start_cycle - 1
+            cursor.cycle_hash = event.last_cycle_hash
+            await self.catalog.set_epoch(self.vm, event.epoch)
+            await self.catalog.set_state(self.vm, ReplicationState.INITIAL_REPLICATION_IN_PROGRESS)
+            return
+        if event.start_cycle != cursor.cycle + 1 or event.last_cycle_hash != cursor.cycle_hash:
+            raise JournalViolation(
+                self.vm, offset, f"epoch {event.epoch} starts after cycle "
+                f"{event.start_cycle - 1} but this replica is at cycle {cursor.cycle}; "
+                "a resynchronization is needed to follow the new primary")
+        cursor.epoch = event.epoch
+        cursor.pending.clear()
+        await self.catalog.set_epoch(self.vm, event.epoch)
+
+    async def _seed(self, chunk: SeedChunk, offset: int) -> bool:
+        """Write a seed chunk straight into the image (no points exist yet, so no undo)."""
+        if not self.cursor.seeding:
+            raise JournalViolation(self.vm, offset, "seed chunk after initial replication ended")
+        if chunk.done:
+            for image in self.images.values():
+                image.fsync()
+            self.cursor.seeding = False
+            self.cursor.next_offset = offset + 1
+            await self.catalog.set_position(self.vm, Position(
+                self.cursor.epoch, self.cursor.cycle, self.cursor.cycle_hash, offset + 1,
+                now_ms()))
+            await self.catalog.set_state(self.vm, ReplicationState.REPLICATING)
+            return False
+        target = self.images.get(chunk.disk)
+        if target is None or chunk.offset < 0 or chunk.offset + chunk.length > target.size:
+            raise JournalViolation(self.vm, offset, f"seed chunk of {chunk.length} bytes at "
+                                   f"{chunk.offset} does not fit disk {chunk.disk!r}",
+                                   ReplicationState.ERROR)
+        data = chunk.payload
+        try:
+            if chunk.compression is Compression.ZSTD:
+                data = self._decompressor.decompress(data, max_output_size=chunk.length)
+        except zstandard.ZstdError as error:
+            raise JournalViolation(self.vm, offset, f"seed chunk does not decompress: {error}",
+                                   ReplicationState.ERROR) from error
+        if len(data) != chunk.length or zlib.crc32(data) != chunk.crc32:
+            raise JournalViolation(self.vm, offset, f"seed chunk at {chunk.offset} of disk "
+                                   f"{chunk.disk!r} fails its checksum")
+        target.write(chunk.offset, data)
+        return True
+
+    async def _record_seed_progress(self, next_offset: int) -> None:
+        if not self.cursor.seeding:
+            return
+        for image in self.images.values():
+            image.fsync()
+        self.cursor.next_offset = next_offset
+        await self.catalog.set_position(self.vm, Position(
+            self.cursor.epoch, self.cursor.cycle, self.cursor.cycle_hash, next_offset, now_ms()))
+
+    async def _apply_cycle(self, commit: CycleCommit, record: JournalRecord) -> None:
+        """Steps 1-6 of the module docstring."""
+        cursor = self.cursor
+        sizes = {name: image.size for name, image in self.images.items()}
+        check_commit(self.vm, record.offset, commit, cursor.pending, cursor.epoch,  # step 1
+                     cursor.cycle + 1, cursor.cycle_hash)
+        extents = decode_cycle(self.vm, record.offset, cursor.pending, sizes)
+        writer = UndoWriter(self.undo.folder, commit.cycle)  # step 2
+        for extent in extents:
+            writer.add(extent.disk, extent.offset,
+                       self.images[extent.disk].read(extent.offset, extent.length))
+        writer.seal()
+        for extent in extents:  # step 3
+            _write(self.images[extent.disk], extent)
+        for image in self.images.values():  # step 4
+            image.fsync()
+        consistency = "application" if commit.consistency is Consistency.APPLICATION else "crash"
+        point = StoredPoint(commit.cycle, commit.epoch, record.offset, commit.cut_at_ms,
+                            consistency)
+        position = Position(commit.epoch, commit.cycle, commit.cycle_hash, record.offset + 1,
+                            now_ms())
+        await self.catalog.record_cycle(self.vm, position, point, commit.cut_at_ms,  # step 5
+                                        commit.payload_bytes)
+        cursor.cycle, cursor.cycle_hash = commit.cycle, commit.cycle_hash
+        cursor.next_offset = record.offset + 1
+        cursor.pending = []
+        await self._prune()  # step 6
+        if self.on_applied is not None:
+            await self.on_applied(commit, record.offset)
+
+    async def _prune(self) -> None:
+        stored = await self.catalog.points(self.vm)
+        candidates = [RecoveryPoint(p.cycle, p.epoch, p.journal_offset, p.cut_at_ms,
+                                    "application" if p.consistency == "application" else "crash")
+                      for p in stored]
+        kept = select_points(candidates, self.policy, now_ms())
+        await self.catalog.keep_points(self.vm, [p.cycle for p in kept])
+        oldest = min((p.cycle for p in kept), default=self.cursor.cycle)
+        self.undo.discard_through(oldest)
+
+
+def _write(image: DiskImage, extent: DecodedExtent) -> None:
+    if extent.kind is ExtentKind.DATA:
+        image.write(extent.offset, extent.data)
+    elif extent.kind is ExtentKind.ZERO:
+        image.zero(extent.offset, extent.length)
+    else:
+        image.trim(extent.offset, extent.length)

@@ -1,0 +1,1 @@
+"""The primary side: write capture, change log and the cycle shipper."""

@@ -1,0 +1,99 @@
+"""One VM at its primary site: capture, initial replication, cycles and heartbeats.
+
+:class:`PrimaryVm` owns the VM's :class:`CapturedVm`, its transactional publisher (whose
+``transactional_id`` every site shares for the VM, so a newer primary fences this one) and its
+:class:`CycleShipper`. The agent's scheduler and the Python API both drive it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from vmreplica.catalog import Catalog, VmRecord, now_ms
+from vmreplica.errors import FencedError
+from vmreplica.kafka import JournalPublisher, KafkaConnection
+from vmreplica.producers.capture import CapturedVm
+from vmreplica.producers.seed import InitialReplication, Progress, SeedResult, disk_sizes
+from vmreplica.producers.shipper import CycleBuilder, CycleShipper, ShippedCycle
+from vmreplica.schemas.codec import encode
+from vmreplica.schemas.events import Heartbeat, VmConfig
+from vmreplica.states import ReplicationState
+
+
+class PrimaryVm:
+    """A replicated VM at its primary site. ``async with PrimaryVm(...) as vm: ...``."""
+
+    def __init__(self, record: VmRecord, site: str, folder: Path, connection: KafkaConnection,
+                 catalog: Catalog, journal_topic: str, transactional_id: str) -> None:
+        self.record = record
+        self.site = site
+        self.catalog = catalog
+        self.connection = connection
+        self.topic = journal_topic
+        self.capture = CapturedVm(
+            record.name, [(d.name, Path(d.path), d.size_bytes) for d in record.disks],
+            folder / "changelog")
+        self.publisher = JournalPublisher(connection, transactional_id)
+        self.shipper = CycleShipper(
+            record.name, journal_topic, self.capture.log, self.publisher, catalog,
+            CycleBuilder(record.name, record.epoch, disk_sizes(self.capture),
+                         record.settings.compression))
+        self._lock = asyncio.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    async def start(self) -> None:
+        """Initialise the publisher (fencing any older producer of this VM) and reconcile."""
+        await self.publisher.start()
+        if await self.catalog.position(self.name) is not None:
+            await self.shipper.reconcile(self.connection)
+
+    async def stop(self) -> None:
+        await self.publisher.stop()
+        self.capture.close()
+
+    async def __aenter__(self) -> PrimaryVm:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.stop()
+
+    def config_event(self) -> VmConfig:
+        settings = self.record.settings
+        return VmConfig(self.name, self.record.epoch, disk_sizes(self.capture),
+                        settings.frequency_seconds, settings.recovery_history,
+                        settings.app_consistent_hours, self.site, now_ms(),
+                        (self.record.partner_site,), settings.continuous_points_hours)
+
+    async def initial_replication(self, progress: Progress | None = None) -> SeedResult:
+        """Seed the replica (resuming an interrupted seed), then ship what queued meanwhile."""
+        async with self._lock:
+            await self.catalog.set_state(self.name,
+                                         ReplicationState.INITIAL_REPLICATION_IN_PROGRESS)
+            seed = InitialReplication(self.capture, self.publisher, self.topic, self.catalog,
+                                      self.config_event(), self.site)
+            result = await seed.run(progress)
+            await self.catalog.set_state(self.name, ReplicationState.REPLICATING)
+            return result
+
+    async def replicate(self, application_consistent: bool = False) -> list[ShippedCycle]:
+        """Cut a cycle now and ship every sealed cycle; what the scheduler calls each period."""
+        async with self._lock:
+            self.capture.cut(application_consistent)
+            try:
+                return await self.shipper.ship_sealed()
+            except FencedError:
+                self.capture.fenced_reason = (
+                    f"VM {self.name!r} has a newer primary; this site no longer accepts writes "
+                    "for it. Operator action: `vmreplica reverse` on the new primary.")
+                raise
+
+    async def heartbeat(self) -> None:
+        position = await self.catalog.position(self.name)
+        last = position.cycle if position is not None else -1
+        beat = Heartbeat(self.name, self.record.epoch, self.site, now_ms(), last)
+        await self.publisher.publish(self.topic, self.name.encode(), [encode(beat)])

@@ -1,0 +1,324 @@
+"""The site's catalog: replication relationships, positions and recovery points, in SQLite.
+
+One file per site, opened through aiosqlite in WAL mode with ``synchronous=FULL``: a row written
+here is durable when the call returns. The replica writes its applied position only after the
+image is fsynced, so the catalog never claims more than the image holds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import aiosqlite
+
+from vmreplica.errors import ConfigurationError
+from vmreplica.states import ReplicationState
+
+Role = Literal["primary", "replica"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS vm (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    trust_group TEXT NOT NULL,
+    partner_site TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    epoch INTEGER NOT NULL DEFAULT 1,
+    state TEXT NOT NULL,
+    state_message TEXT NOT NULL DEFAULT '',
+    state_changed_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS disk (
+    vm TEXT NOT NULL REFERENCES vm(name) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    position INTEGER NOT NULL,
+    PRIMARY KEY (vm, name)
+);
+CREATE TABLE IF NOT EXISTS position (
+    vm TEXT PRIMARY KEY REFERENCES vm(name) ON DELETE CASCADE,
+    epoch INTEGER NOT NULL,
+    cycle INTEGER NOT NULL,
+    cycle_hash BLOB NOT NULL,
+    next_offset INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS recovery_point (
+    vm TEXT NOT NULL REFERENCES vm(name) ON DELETE CASCADE,
+    cycle INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    journal_offset INTEGER NOT NULL,
+    cut_at_ms INTEGER NOT NULL,
+    consistency TEXT NOT NULL,
+    PRIMARY KEY (vm, cycle)
+);
+CREATE TABLE IF NOT EXISTS seed_progress (
+    vm TEXT NOT NULL REFERENCES vm(name) ON DELETE CASCADE,
+    disk TEXT NOT NULL,
+    next_offset INTEGER NOT NULL,
+    PRIMARY KEY (vm, disk)
+);
+CREATE TABLE IF NOT EXISTS cycle_stat (
+    vm TEXT NOT NULL REFERENCES vm(name) ON DELETE CASCADE,
+    cycle INTEGER NOT NULL,
+    cut_at_ms INTEGER NOT NULL,
+    done_at_ms INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (vm, cycle)
+);
+"""
+
+
+@dataclass(frozen=True)
+class VmSettings:
+    """What ``vmreplica enable`` chose for a VM (mirrors Enable-VMReplication)."""
+
+    frequency_seconds: int = 300
+    """30, 300 or 900; 0 means continuous (a cycle every second or every N MiB)."""
+    recovery_history: int = 0
+    app_consistent_hours: int | None = None
+    continuous_points_hours: int | None = None
+    compression: bool = True
+    capture: Literal["api", "nbd", "scan"] = "api"
+    continuous_max_bytes: int = 64 * 1024 * 1024
+    excluded_disks: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> VmSettings:
+        raw = json.loads(text)
+        raw["excluded_disks"] = tuple(raw.get("excluded_disks", ()))
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
+class DiskRecord:
+    name: str
+    path: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class VmRecord:
+    """A replication relationship as this site sees it."""
+
+    name: str
+    role: Role
+    trust_group: str
+    partner_site: str
+    settings: VmSettings
+    epoch: int
+    state: ReplicationState
+    state_message: str
+    state_changed_ms: int
+    disks: tuple[DiskRecord, ...]
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a VM's journal stands at this site (shipped on a primary, applied on a replica)."""
+
+    epoch: int
+    cycle: int
+    cycle_hash: bytes
+    next_offset: int
+    at_ms: int
+
+
+@dataclass(frozen=True)
+class StoredPoint:
+    cycle: int
+    epoch: int
+    journal_offset: int
+    cut_at_ms: int
+    consistency: str
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Catalog:
+    """Async access to the site catalog. ``async with Catalog(path) as catalog: ...``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._db.execute("PRAGMA journal_mode=WAL")
+        await self._db.execute("PRAGMA synchronous=FULL")
+        await self._db.execute("PRAGMA foreign_keys=ON")
+        await self._db.execute("PRAGMA busy_timeout=10000")
+        await self._db.executescript(_SCHEMA)
+
+    async def stop(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        trace: TracebackType | None) -> None:
+        await self.stop()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("catalog is not open")
+        return self._db
+
+    async def _transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """Run ``statements`` atomically: all of them are durable, or none."""
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, parameters in statements:
+                await self.db.execute(sql, parameters)
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+        await self.db.execute("COMMIT")
+
+    async def add_vm(self, name: str, role: Role, trust_group: str, partner_site: str,
+                     settings: VmSettings, disks: Sequence[DiskRecord], state: ReplicationState,
+                     epoch: int = 1) -> None:
+        """Record a new relationship. :raises ConfigurationError: the VM is already known."""
+        if await self.find_vm(name) is not None:
+            raise ConfigurationError(
+                f"VM {name!r} is already enabled for replication at this site; "
+                f"use `vmreplica remove {name}` first to start over")
+        statements: list[tuple[str, Sequence[Any]]] = [(
+            "INSERT INTO vm (name, role, trust_group, partner_site, settings, epoch, state,"
+            " state_changed_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (name, role, trust_group, partner_site, settings.to_json(), epoch, state.value,
+             now_ms()))]
+        statements += [("INSERT INTO disk (vm, name, path, size_bytes, position)"
+                         " VALUES (?, ?, ?, ?, ?)", (name, d.name, d.path, d.size_bytes, i))
+                       for i, d in enumerate(disks)]
+        await self._transaction(statements)
+
+    async def remove_vm(self, name: str) -> None:
+        await self._transaction([("DELETE FROM vm WHERE name = ?", (name,))])
+
+    async def find_vm(self, name: str) -> VmRecord | None:
+        async with self.db.execute(
+                "SELECT name, role, trust_group, partner_site, settings, epoch, state,"
+                " state_message, state_changed_ms FROM vm WHERE name = ?", (name,)) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            return None
+        async with self.db.execute(
+                "SELECT name, path, size_bytes FROM disk WHERE vm = ? ORDER BY position",
+                (name,)) as cursor:
+            disks = tuple(DiskRecord(*d) for d in await cursor.fetchall())
+        return VmRecord(row[0], row[1], row[2], row[3], VmSettings.from_json(row[4]), row[5],
+                        ReplicationState(row[6]), row[7], row[8], disks)
+
+    async def vm(self, name: str) -> VmRecord:
+        """:raises ConfigurationError: the VM is not enabled at this site."""
+        record = await self.find_vm(name)
+        if record is None:
+            raise ConfigurationError(
+                f"VM {name!r} is not replicated at this site; `vmreplica status` lists the VMs")
+        return record
+
+    async def vms(self) -> list[VmRecord]:
+        async with self.db.execute("SELECT name FROM vm ORDER BY name") as cursor:
+            names = [row[0] for row in await cursor.fetchall()]
+        return [await self.vm(name) for name in names]
+
+    async def set_state(self, name: str, state: ReplicationState, message: str = "") -> None:
+        await self._transaction([(
+            "UPDATE vm SET state = ?, state_message = ?, state_changed_ms = ? WHERE name = ?",
+            (state.value, message, now_ms(), name))])
+
+    async def set_epoch(self, name: str, epoch: int) -> None:
+        await self._transaction([("UPDATE vm SET epoch = ? WHERE name = ?", (epoch, name))])
+
+    async def set_disk_size(self, name: str, disk: str, size_bytes: int) -> None:
+        await self._transaction([("UPDATE disk SET size_bytes = ? WHERE vm = ? AND name = ?",
+                                  (size_bytes, name, disk))])
+
+    async def position(self, name: str) -> Position | None:
+        async with self.db.execute(
+                "SELECT epoch, cycle, cycle_hash, next_offset, at_ms FROM position WHERE vm = ?",
+                (name,)) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else Position(row[0], row[1], bytes(row[2]), row[3], row[4])
+
+    async def record_cycle(self, name: str, position: Position, point: StoredPoint | None,
+                           cut_at_ms: int, size_bytes: int) -> None:
+        """Durably record that a cycle is shipped (primary) or applied (replica).
+
+        Position, recovery point and statistics land in one SQLite transaction.
+        """
+        statements: list[tuple[str, Sequence[Any]]] = [(
+            "INSERT INTO position (vm, epoch, cycle, cycle_hash, next_offset, at_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(vm) DO UPDATE SET epoch = excluded.epoch,"
+            " cycle = excluded.cycle, cycle_hash = excluded.cycle_hash,"
+            " next_offset = excluded.next_offset, at_ms = excluded.at_ms",
+            (name, position.epoch, position.cycle, position.cycle_hash, position.next_offset,
+             position.at_ms))]
+        if point is not None:
+            statements.append((
+                "INSERT OR REPLACE INTO recovery_point (vm, cycle, epoch, journal_offset,"
+                " cut_at_ms, consistency) VALUES (?, ?, ?, ?, ?, ?)",
+                (name, point.cycle, point.epoch, point.journal_offset, point.cut_at_ms,
+                 point.consistency)))
+        if position.cycle > 0:
+            statements.append((
+                "INSERT OR REPLACE INTO cycle_stat (vm, cycle, cut_at_ms, done_at_ms, bytes)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (name, position.cycle, cut_at_ms, position.at_ms, size_bytes)))
+        await self._transaction(statements)
+
+    async def set_position(self, name: str, position: Position) -> None:
+        await self.record_cycle(name, position, None, 0, 0)
+
+    async def points(self, name: str) -> list[StoredPoint]:
+        async with self.db.execute(
+                "SELECT cycle, epoch, journal_offset, cut_at_ms, consistency FROM recovery_point"
+                " WHERE vm = ? ORDER BY cycle", (name,)) as cursor:
+            return [StoredPoint(*row) for row in await cursor.fetchall()]
+
+    async def keep_points(self, name: str, cycles: Sequence[int]) -> None:
+        """Forget every recovery point of ``name`` but ``cycles``."""
+        marks = ",".join("?" * len(cycles)) or "NULL"
+        await self._transaction([(
+            f"DELETE FROM recovery_point WHERE vm = ? AND cycle NOT IN ({marks})",
+            (name, *cycles))])
+
+    async def drop_points_after(self, name: str, cycle: int) -> None:
+        await self._transaction([(
+            "DELETE FROM recovery_point WHERE vm = ? AND cycle > ?", (name, cycle))])
+
+    async def seed_progress(self, name: str) -> dict[str, int]:
+        async with self.db.execute(
+                "SELECT disk, next_offset FROM seed_progress WHERE vm = ?", (name,)) as cursor:
+            return {row[0]: row[1] for row in await cursor.fetchall()}
+
+    async def set_seed_progress(self, name: str, disk: str, next_offset: int) -> None:
+        await self._transaction([(
+            "INSERT OR REPLACE INTO seed_progress (vm, disk, next_offset) VALUES (?, ?, ?)",
+            (name, disk, next_offset))])
+
+    async def cycle_stats(self, name: str, since_ms: int) -> list[tuple[int, int, int, int]]:
+        """(cycle, cut_at_ms, done_at_ms, bytes) of cycles done since ``since_ms``."""
+        async with self.db.execute(
+                "SELECT cycle, cut_at_ms, done_at_ms, bytes FROM cycle_stat"
+                " WHERE vm = ? AND done_at_ms >= ? ORDER BY cycle", (name, since_ms)) as cursor:
+            return [(r[0], r[1], r[2], r[3]) for r in await cursor.fetchall()]

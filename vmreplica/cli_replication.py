@@ -1,0 +1,262 @@
+"""CLI commands for replication relationships: enable, agent, status, points.
+
+Each command opens the site from ``--config`` (or ``$VMREPLICA_CONFIG``) and the ``VMREPLICA_*``
+environment, does one thing, and prints a table, or JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.table import Table
+
+from vmreplica.catalog import VmRecord, VmSettings
+from vmreplica.cli_support import console, emit_json, reported
+from vmreplica.config import load_config
+from vmreplica.consumers.points import FORMATS, apply_lock, choose_point, export_point
+from vmreplica.consumers.replica import image_path
+from vmreplica.errors import ConfigurationError
+from vmreplica.kafka import JournalReader
+from vmreplica.schemas.codec import decode_status
+from vmreplica.schemas.events import ReplicaPosition
+from vmreplica.site import Site, parse_disks
+from vmreplica.states import WindowStats, assess
+
+T = TypeVar("T")
+
+config_option = click.option(
+    "--config", "config_path", type=click.Path(path_type=Path), default=None,
+    help="Site configuration (TOML). Default: $VMREPLICA_CONFIG, then VMREPLICA_* variables.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def with_site(config_path: Path | None, action: Callable[[Site], Awaitable[T]]) -> T:
+    config = load_config(config_path)
+
+    async def run() -> T:
+        async with Site(config) as site:
+            return await action(site)
+
+    return asyncio.run(run())
+
+
+def _frequency(value: str) -> int:
+    if value == "continuous":
+        return 0
+    if value in ("30", "300", "900"):
+        return int(value)
+    raise ConfigurationError(f"--frequency must be 30, 300, 900 or continuous, not {value!r}")
+
+
+@click.command()
+@click.argument("vm")
+@click.option("--disk", "disks", multiple=True, required=True, metavar="NAME=PATH",
+              help="A disk of the VM and its raw image; repeat for each disk.")
+@click.option("--replica-site", required=True, help="The site that keeps the replica.")
+@click.option("--frequency", default="300", show_default=True,
+              help="Seconds between cycles: 30, 300, 900, or continuous.")
+@click.option("--recovery-history", type=click.IntRange(0, 24), default=0, show_default=True,
+              help="Additional hourly recovery points to keep (0: latest only).")
+@click.option("--app-consistent-hours", type=click.IntRange(1, 12), default=None,
+              help="Every how many hours a cut is application-consistent.")
+@click.option("--continuous-points-hours", type=click.IntRange(1, 24), default=None,
+              help="Keep every cycle of the last N hours as a recovery point.")
+@click.option("--compression", type=click.Choice(["on", "off"]), default="on", show_default=True)
+@click.option("--capture", type=click.Choice(["api", "nbd", "scan"]), default="api",
+              show_default=True, help="How writes are captured on this primary.")
+@click.option("--exclude-disk", "excluded", multiple=True, help="A disk not to replicate.")
+@config_option
+@json_option
+@reported
+def enable(vm: str, disks: tuple[str, ...], replica_site: str, frequency: str,
+           recovery_history: int, app_consistent_hours: int | None,
+           continuous_points_hours: int | None, compression: str, capture: str,
+           excluded: tuple[str, ...], config_path: Path | None, as_json: bool) -> None:
+    """Enable replication of VM to another site (Enable-VMReplication)."""
+    settings = VmSettings(
+        frequency_seconds=_frequency(frequency), recovery_history=recovery_history,
+        app_consistent_hours=app_consistent_hours,
+        continuous_points_hours=continuous_points_hours, compression=compression == "on",
+        capture=capture,  # type: ignore[arg-type]  # click.Choice guarantees the literal
+        excluded_disks=excluded)
+    parsed = parse_disks(disks)
+    for name in excluded:
+        if name not in parsed:
+            raise ConfigurationError(f"--exclude-disk {name!r} names no --disk of VM {vm!r}")
+    record = with_site(config_path, lambda site: site.enable(vm, parsed, replica_site, settings))
+    if as_json:
+        emit_json(_vm_json(record))
+    else:
+        console.print(f"VM [bold]{vm}[/] will replicate to {replica_site}: "
+                      f"{record.state.value}. Start `vmreplica agent` to begin.")
+
+
+@click.command()
+@config_option
+@click.option("--log-level", default="INFO", show_default=True)
+@reported
+def agent(config_path: Path | None, log_level: str) -> None:
+    """Run this site: ship cycles of its primary VMs, apply journals of its replicas."""
+    from vmreplica.agent import Agent  # noqa: PLC0415
+
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = load_config(config_path)
+
+    async def run() -> None:
+        async with Site(config) as site:
+            await Agent(site).run()
+
+    asyncio.run(run())
+
+
+def _vm_json(record: VmRecord) -> dict[str, Any]:
+    return {"vm": record.name, "role": record.role, "state": record.state.value,
+            "message": record.state_message, "epoch": record.epoch,
+            "partner_site": record.partner_site,
+            "disks": [{"name": d.name, "path": d.path, "size_bytes": d.size_bytes}
+                      for d in record.disks]}
+
+
+async def _latest_replica_position(site: Site, vm: str) -> ReplicaPosition | None:
+    latest: ReplicaPosition | None = None
+    async with JournalReader(site.connection, site.status_topic(vm)) as reader:
+        end = await reader.end_offset()
+        reader.seek(max(0, end - 20))
+        while await reader.position() < end:
+            for record in await reader.fetch(1.0):
+                event = decode_status(record.value)
+                if isinstance(event, ReplicaPosition):
+                    latest = event
+    return latest
+
+
+async def vm_status(site: Site, record: VmRecord) -> dict[str, Any]:
+    """Everything `vmreplica status` shows for one VM."""
+    now_ms = int(time.time() * 1000)
+    position = await site.catalog.position(record.name)
+    window_ms = 3_600_000
+    stats = await site.catalog.cycle_stats(record.name, now_ms - window_ms)
+    frequency = record.settings.frequency_seconds or 1
+    since_enabled_ms = now_ms - record.state_changed_ms
+    expected = min(window_ms, max(since_enabled_ms, 0)) // (frequency * 1000)
+    latencies = [(done - cut) / 1000 for _, cut, done, _ in stats]
+    last_cycle_ms = stats[-1][2] if stats else None
+    report = assess(record.state, WindowStats(
+        int(expected), len(stats),
+        None if last_cycle_ms is None else (now_ms - last_cycle_ms) / 1000,
+        sum(latencies) / len(latencies) if latencies else None))
+    status = _vm_json(record) | {
+        "health": report.health.value, "health_reasons": list(report.reasons),
+        "cycle": position.cycle if position else None,
+        "seconds_behind": None if position is None else round((now_ms - position.at_ms) / 1000,
+                                                               1),
+        "cycles_in_window": len(stats),
+    }
+    if record.role == "primary":
+        changelog = site.config.vm_folder(record.name) / "changelog"
+        status["pending_bytes"] = sum(p.stat().st_size for p in changelog.glob("*.hrl"))
+        replica = await _latest_replica_position(site, record.name)
+        status["replica_cycle"] = replica.cycle if replica else None
+        status["replica_applied_at_ms"] = replica.applied_at_ms if replica else None
+        status["last_sent_cycle"] = status.pop("cycle")
+    else:
+        status["last_applied_cycle"] = status.pop("cycle")
+        status["recovery_points"] = len(await site.catalog.points(record.name))
+    return status
+
+
+@click.command()
+@click.argument("vm", required=False)
+@config_option
+@json_option
+@reported
+def status(vm: str | None, config_path: Path | None, as_json: bool) -> None:
+    """State, health and position of each VM (Get-/Measure-VMReplication)."""
+
+    async def collect(site: Site) -> list[dict[str, Any]]:
+        records = [await site.catalog.vm(vm)] if vm else await site.catalog.vms()
+        return [await vm_status(site, record) for record in records]
+
+    rows = with_site(config_path, collect)
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table("VM", "role", "state", "health", "sent", "applied", "behind (s)",
+                  "pending", title="vmreplica status")
+    for row in rows:
+        table.add_row(row["vm"], row["role"], row["state"], row["health"],
+                      str(row.get("last_sent_cycle", "")),
+                      str(row.get("last_applied_cycle", row.get("replica_cycle", ""))),
+                      str(row["seconds_behind"]), str(row.get("pending_bytes", "")))
+    console.print(table)
+
+
+@click.group()
+def points() -> None:
+    """Recovery points of a replica VM."""
+
+
+@points.command("list")
+@click.argument("vm")
+@config_option
+@json_option
+@reported
+def points_list(vm: str, config_path: Path | None, as_json: bool) -> None:
+    """The recovery points a replica keeps for VM."""
+
+    async def collect(site: Site) -> list[dict[str, Any]]:
+        await site.catalog.vm(vm)
+        return [{"point": p.cycle, "epoch": p.epoch, "offset": p.journal_offset,
+                 "cut_at_ms": p.cut_at_ms, "consistency": p.consistency}
+                for p in await site.catalog.points(vm)]
+
+    rows = with_site(config_path, collect)
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table("point", "time (UTC)", "consistency", "epoch", title=f"recovery points of {vm}")
+    for row in rows:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["cut_at_ms"] / 1000))
+        table.add_row(str(row["point"]), stamp, row["consistency"], str(row["epoch"]))
+    console.print(table)
+
+
+@points.command("export")
+@click.argument("vm")
+@click.argument("point")
+@click.argument("destination", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="raw", show_default=True)
+@config_option
+@reported
+def points_export(vm: str, point: str, destination: Path, fmt: str,
+                  config_path: Path | None) -> None:
+    """Write VM's disks as they were at POINT (a cycle, or latest) into DESTINATION/."""
+
+    async def export(site: Site) -> list[Path]:
+        record = await site.catalog.vm(vm)
+        if record.role != "replica":
+            raise ConfigurationError(f"VM {vm!r} is primary here; export points on its replica")
+        folder = site.config.vm_folder(vm)
+        with apply_lock(folder):
+            chosen = choose_point(await site.catalog.points(vm), point)
+            position = await site.catalog.position(vm)
+            head = position.cycle if position else chosen.cycle
+            images = {d.name: image_path(folder, d.name) for d in record.disks}
+            return export_point(images, folder / "undo", chosen, head, destination,
+                                fmt)  # type: ignore[arg-type]
+
+    for path in with_site(config_path, export):
+        click.echo(path)
+
+
+def register(main: click.Group) -> None:
+    for command in (enable, agent, status, points):
+        main.add_command(command)
+

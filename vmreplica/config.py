@@ -1,0 +1,89 @@
+"""A site's settings: one object per process, validated at start-up.
+
+Read from a TOML file (``--config site.toml`` or ``$VMREPLICA_CONFIG``) and ``VMREPLICA_*``
+environment variables, the environment winning. A mistake is reported as one
+:class:`ConfigurationError` naming the setting and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Final
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from vmreplica.errors import ConfigurationError
+from vmreplica.topics import DEFAULT_PREFIX, DEFAULT_TRUST_GROUP, check_name
+
+DEFAULT_BOOTSTRAP_SERVERS: Final = "127.0.0.1:19092"
+"""Where `vmreplica broker up` listens by default."""
+
+
+class SiteConfig(BaseSettings):
+    """Everything one site's agent and commands need to know."""
+
+    model_config = SettingsConfigDict(env_prefix="VMREPLICA_", extra="forbid", frozen=True)
+
+    site: str = Field(default="site-a", description="This site's name, as partners know it.")
+    root: Path = Field(default=Path("~/.vmreplica/site"),
+                       description="Storage root: catalog, change logs, replica images.")
+    bootstrap_servers: str = DEFAULT_BOOTSTRAP_SERVERS
+    trust_group: str = DEFAULT_TRUST_GROUP
+    topic_prefix: str = DEFAULT_PREFIX
+    replication_factor: int = Field(default=1, ge=1, le=5)
+    allowed_primaries: tuple[str, ...] = Field(
+        default=("*",), description="Sites this replica accepts VMs from ('*': any).")
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+
+    @field_validator("site", "trust_group", "topic_prefix")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        return check_name("site or trust group", value)
+
+    @field_validator("root")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.root / "catalog.sqlite"
+
+    def vm_folder(self, vm: str) -> Path:
+        return self.root / "vms" / check_name("VM", vm)
+
+    def accepts(self, primary_site: str) -> bool:
+        return "*" in self.allowed_primaries or primary_site in self.allowed_primaries
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> SiteConfig:
+    """The site configuration from ``path`` (or ``$VMREPLICA_CONFIG``), env and overrides.
+
+    :raises ConfigurationError: the file is missing or unreadable, or a value is invalid.
+    """
+    if path is None and os.environ.get("VMREPLICA_CONFIG"):
+        path = Path(os.environ["VMREPLICA_CONFIG"])
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            values = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigurationError(f"site configuration {path} does not exist") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigurationError(f"site configuration {path} is not valid TOML: {error}"
+                                     ) from None
+    environment = {name.removeprefix("VMREPLICA_").lower()
+                   for name in os.environ if name.startswith("VMREPLICA_")}
+    values = {k: v for k, v in values.items() if k not in environment}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return SiteConfig(**values)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+        source = f" in {path}" if path else ""
+        raise ConfigurationError(f"invalid site configuration{source}: {problems}") from None

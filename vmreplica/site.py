@@ -1,0 +1,200 @@
+"""A site: its catalog, its Kafka connection, and the VMs it is primary or replica for.
+
+The Python API and every CLI command go through :class:`Site`; the agent is a :class:`Site` that
+keeps running. It is the one place that composes both roles (``producers`` for the VMs it is
+primary of, ``consumers`` for those it is replica of); neither role imports the other.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from vmreplica import topics
+from vmreplica.catalog import Catalog, DiskRecord, VmRecord, VmSettings
+from vmreplica.config import SiteConfig
+from vmreplica.consumers.replica import ReplicaVm
+from vmreplica.errors import ConfigurationError
+from vmreplica.kafka import JournalReader, KafkaConnection, StatusPublisher, TopicAdmin
+from vmreplica.producers.primary import PrimaryVm
+from vmreplica.schemas.codec import decode_journal
+from vmreplica.schemas.events import VmConfig
+from vmreplica.states import ReplicationState
+
+FREQUENCIES_SECONDS = (30, 300, 900, 0)
+"""Hyper-V's 30 s, 5 min and 15 min, and 0 for continuous."""
+
+
+class Site:
+    """One site's view of replication. ``async with Site(config) as site: ...``."""
+
+    def __init__(self, config: SiteConfig) -> None:
+        self.config = config
+        self.connection = KafkaConnection(config.bootstrap_servers, client_id=config.site)
+        self.catalog = Catalog(config.catalog_path)
+        self._status: StatusPublisher | None = None
+
+    async def start(self) -> None:
+        self.config.root.mkdir(parents=True, exist_ok=True)
+        await self.catalog.start()
+
+    async def stop(self) -> None:
+        if self._status is not None:
+            status, self._status = self._status, None
+            await status.stop()
+        await self.catalog.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        trace: TracebackType | None) -> None:
+        await self.stop()
+
+    def journal_topic(self, vm: str) -> str:
+        return topics.journal_topic(vm, self.config.trust_group, self.config.topic_prefix)
+
+    def status_topic(self, vm: str) -> str:
+        return topics.status_topic(vm, self.config.trust_group, self.config.topic_prefix)
+
+    async def enable(self, vm: str, disks: Mapping[str, Path], replica_site: str,
+                     settings: VmSettings, sizes: Mapping[str, int] | None = None) -> VmRecord:
+        """Start replicating ``vm`` to ``replica_site`` (Enable-VMReplication).
+
+        Disk images must exist, unless ``sizes`` gives a size to create them with.
+
+        :raises ConfigurationError: a bad name, a missing disk, a bad frequency, a duplicate.
+        """
+        topics.check_name("VM", vm)
+        topics.check_name("site", replica_site)
+        if replica_site == self.config.site:
+            raise ConfigurationError(f"VM {vm!r} cannot replicate to its own site "
+                                     f"{replica_site!r}; name the replica site")
+        if settings.frequency_seconds not in FREQUENCIES_SECONDS:
+            raise ConfigurationError(
+                f"replication frequency must be 30, 300, 900 seconds or continuous, "
+                f"not {settings.frequency_seconds}")
+        if not 0 <= settings.recovery_history <= 24:
+            raise ConfigurationError(
+                f"recovery history must be 0-24 hours, not {settings.recovery_history}")
+        records = []
+        for name, path in disks.items():
+            if name in settings.excluded_disks:
+                continue
+            topics.check_name("disk", name)
+            image = path.expanduser().resolve()
+            size = (sizes or {}).get(name)
+            if size is None:
+                if not image.is_file():
+                    raise ConfigurationError(
+                        f"disk {name!r} of VM {vm!r}: {image} is not a file. Give the path of "
+                        "the VM's raw disk image")
+                size = image.stat().st_size
+            records.append(DiskRecord(name, str(image), size))
+        if not records:
+            raise ConfigurationError(f"VM {vm!r} has no disk left to replicate")
+        if len({r.path for r in records}) != len(records):
+            raise ConfigurationError(f"VM {vm!r}: two disks name the same image file")
+        await self.ensure_topics(vm)
+        await self.catalog.add_vm(vm, "primary", self.config.trust_group, replica_site,
+                                  settings, records,
+                                  ReplicationState.READY_FOR_INITIAL_REPLICATION)
+        return await self.catalog.vm(vm)
+
+    async def ensure_topics(self, vm: str) -> None:
+        history = (await self.catalog.find_vm(vm))
+        hours = history.settings.recovery_history if history else 0
+        async with TopicAdmin(self.connection) as admin:
+            await admin.ensure_topic(topics.journal_spec(
+                self.journal_topic(vm), self.config.replication_factor, hours + 1))
+            await admin.ensure_topic(topics.status_spec(
+                self.status_topic(vm), self.config.replication_factor))
+
+    def primary(self, record: VmRecord) -> PrimaryVm:
+        """The primary-side worker of a VM this site is primary for (not yet started)."""
+        if record.role != "primary":
+            raise ConfigurationError(f"VM {record.name!r} is a replica at site "
+                                     f"{self.config.site!r}, not its primary")
+        return PrimaryVm(record, self.config.site, self.config.vm_folder(record.name),
+                         self.connection, self.catalog, self.journal_topic(record.name),
+                         topics.transactional_id(record.name, self.config.trust_group,
+                                                 self.config.topic_prefix))
+
+    async def replica(self, record: VmRecord) -> ReplicaVm:
+        """The replica-side worker of a VM this site is replica for (not yet started)."""
+        if record.role != "replica":
+            raise ConfigurationError(f"VM {record.name!r} is primary at site "
+                                     f"{self.config.site!r}, not a replica")
+        if self._status is None:
+            status = StatusPublisher(self.connection)
+            await status.start()
+            self._status = status
+        return ReplicaVm(record, self.config.site, self.config.vm_folder(record.name),
+                         self.connection, self.catalog, self.journal_topic(record.name),
+                         self.status_topic(record.name), self._status)
+
+    async def discover(self) -> list[VmRecord]:
+        """Adopt VMs whose journal names this site's trust group and an accepted primary."""
+        prefix = f"{self.config.topic_prefix}.{self.config.trust_group}."
+        async with TopicAdmin(self.connection) as admin:
+            names = [t for t in await admin.topics()
+                     if t.startswith(prefix) and t.endswith(".journal")]
+        adopted = []
+        for topic in sorted(names):
+            vm = topic.removeprefix(prefix).removesuffix(".journal")
+            if await self.catalog.find_vm(vm) is not None:
+                continue
+            config = await self._first_config(topic)
+            if config is None or config.primary_site == self.config.site:
+                continue
+            if config.replica_sites and self.config.site not in config.replica_sites:
+                continue
+            if not self.config.accepts(config.primary_site):
+                continue
+            adopted.append(await self.adopt(config))
+        return adopted
+
+    async def adopt(self, config: VmConfig) -> VmRecord:
+        """Become a replica of the VM ``config`` describes."""
+        folder = self.config.vm_folder(config.vm)
+        disks = [DiskRecord(d.name, str(folder / "disks" / f"{d.name}.img"), d.size_bytes)
+                 for d in config.disks]
+        settings = VmSettings(frequency_seconds=config.frequency_seconds,
+                              recovery_history=config.recovery_history,
+                              app_consistent_hours=config.app_consistent_hours,
+                              continuous_points_hours=config.continuous_points_hours)
+        await self.catalog.add_vm(config.vm, "replica", self.config.trust_group,
+                                  config.primary_site, settings, disks,
+                                  ReplicationState.WAITING_FOR_INITIAL_REPLICATION, config.epoch)
+        return await self.catalog.vm(config.vm)
+
+    async def _first_config(self, topic: str) -> VmConfig | None:
+        async with JournalReader(self.connection, topic) as reader:
+            end = await reader.end_offset()
+            while await reader.position() < end:
+                for record in await reader.fetch(1.0, max_records=16):
+                    event = decode_journal(record.value)
+                    if isinstance(event, VmConfig):
+                        return event
+        return None
+
+
+def parse_disks(specs: Sequence[str]) -> dict[str, Path]:
+    """``NAME=PATH`` arguments of ``vmreplica enable --disk``.
+
+    :raises ConfigurationError: a spec without ``=``, or a name given twice.
+    """
+    disks: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ConfigurationError(f"--disk {spec!r}: expected NAME=PATH, e.g. "
+                                     "--disk disk0=/var/lib/vms/web.img")
+        if name in disks:
+            raise ConfigurationError(f"--disk {name!r} is given twice")
+        disks[topics.check_name("disk", name)] = Path(os.path.expanduser(path))
+    return disks
