@@ -8,6 +8,9 @@ the end of the session.
 from __future__ import annotations
 
 import os
+import random
+import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -16,12 +19,39 @@ from pathlib import Path
 import hypothesis  # noqa: F401 — see below
 import pytest
 
-from vmreplica.broker import LocalCluster
+from vmreplica.broker import PORT_STRIDE_PER_NODE, LocalCluster
 from vmreplica.kafka import KafkaConnection, TopicAdmin
+
 
 # hypothesis is imported eagerly: its pytest plugin otherwise imports it at session end, where
 # CPython 3.11 has been seen failing with "AST constructor recursion depth mismatch".
-TEST_BROKER_PORT = int(os.environ.get("VMREPLICA_TEST_BROKER_PORT", "19592"))
+def free_base_port(nodes: int = 1) -> int:
+    """A base port whose broker and controller ports (for ``nodes`` nodes) are all free."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 29000, 10) if nodes == 1 else rng.randrange(30000, 39000, 100)
+        ports = [base + PORT_STRIDE_PER_NODE * i + j for i in range(nodes) for j in (0, 1)]
+        if all(_port_free(port) for port in ports):
+            return base
+    raise RuntimeError("no free port range for a test broker")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _stop_orphaned_test_brokers() -> None:
+    """Stop brokers of test sessions that were killed before their teardown ran."""
+    for home in Path(tempfile.gettempdir()).glob("vmreplica-test-kafka-*"):
+        owner = home / "owner.pid"
+        try:
+            alive = Path(f"/proc/{int(owner.read_text())}").exists()
+        except (OSError, ValueError):
+            alive = False
+        if not alive:
+            LocalCluster(home=home).down()
+            shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -30,15 +60,18 @@ def bootstrap_servers() -> Iterator[str]:
     if existing:
         yield existing
         return
-    # A fixed home per port: a broker left behind by a killed test run is found and replaced.
-    home = Path(tempfile.gettempdir()) / f"vmreplica-test-kafka-{TEST_BROKER_PORT}"
-    cluster = LocalCluster(home=home, base_port=TEST_BROKER_PORT)
-    cluster.down()
+    _stop_orphaned_test_brokers()
+    port = free_base_port()
+    home = Path(tempfile.gettempdir()) / f"vmreplica-test-kafka-{port}"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "owner.pid").write_text(str(os.getpid()))
+    cluster = LocalCluster(home=home, base_port=port)
     state = cluster.up(1)
     try:
         yield state.bootstrap_servers
     finally:
         cluster.down()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
