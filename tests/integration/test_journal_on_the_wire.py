@@ -10,7 +10,7 @@ import io
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import fastavro
 import pytest
@@ -58,7 +58,8 @@ async def test_a_shipped_cycle_decodes_with_plain_fastavro(
             for message in await reader.fetch(0.5):
                 assert message.value[:2] == b"\xc3\x01"
                 name, schema = readers[message.value[2:10]]
-                body = fastavro.schemaless_reader(io.BytesIO(message.value[10:]), schema)
+                body = cast(dict[str, Any], fastavro.schemaless_reader(
+                    io.BytesIO(message.value[10:]), schema))
                 names.append(name)
                 if name == "WriteBatch":
                     assert body["vm"] == record.name
