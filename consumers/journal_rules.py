@@ -32,15 +32,18 @@ class JournalViolation(JournalIntegrityError):
         self.state = state
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DecodedExtent:
-    """An extent ready to apply: DATA carries its bytes, ZERO and TRIM none."""
+    """An extent ready to apply: DATA carries its bytes, ZERO and TRIM none.
+
+    ``data`` is a view into its batch's (decompressed) payload, not a copy.
+    """
 
     disk: str
     offset: int
     length: int
     kind: ExtentKind
-    data: bytes
+    data: bytes | memoryview
 
 
 def check_batch(vm: str, offset: int, batch: WriteBatch, epoch: int, next_cycle: int,
@@ -89,28 +92,32 @@ def decode_cycle(vm: str, offset: int, batches: Sequence[WriteBatch],
                 raise JournalViolation(
                     vm, offset, f"cycle {batch.cycle} batch {batch.batch}: payload does not "
                     f"decompress ({error})") from error
+        view = memoryview(payload)
         for extent in batch.extents:
-            result.append(_decoded(vm, offset, batch, extent, payload, disk_sizes))
+            result.append(_decoded(vm, offset, batch, extent, view, disk_sizes))
     return result
 
 
-def _decoded(vm: str, offset: int, batch: WriteBatch, extent: Extent, payload: bytes,
+def _decoded(vm: str, offset: int, batch: WriteBatch, extent: Extent, payload: memoryview,
              disk_sizes: Mapping[str, int]) -> DecodedExtent:
-    where = f"cycle {batch.cycle} batch {batch.batch}"
     size = disk_sizes.get(extent.disk)
     if size is None:
-        raise JournalViolation(vm, offset, f"{where}: unknown disk {extent.disk!r}",
+        raise JournalViolation(vm, offset, f"{_where(batch)}: unknown disk {extent.disk!r}",
                                ReplicationState.ERROR)
     if extent.offset < 0 or extent.length <= 0 or extent.offset + extent.length > size:
         raise JournalViolation(
-            vm, offset, f"{where}: extent of {extent.length} bytes at {extent.offset} lies past "
-            f"the end of disk {extent.disk!r} ({size} bytes)", ReplicationState.ERROR)
+            vm, offset, f"{_where(batch)}: extent of {extent.length} bytes at {extent.offset} "
+            f"lies past the end of disk {extent.disk!r} ({size} bytes)", ReplicationState.ERROR)
     if extent.kind is not ExtentKind.DATA:
         return DecodedExtent(extent.disk, extent.offset, extent.length, extent.kind, b"")
     end = extent.payload_offset + extent.length
-    data = payload[extent.payload_offset:end]
-    if extent.payload_offset < 0 or end > len(payload) or zlib.crc32(data) != extent.crc32:
+    if extent.payload_offset < 0 or end > len(payload) or zlib.crc32(
+            data := payload[extent.payload_offset:end]) != extent.crc32:
         raise JournalViolation(
-            vm, offset, f"{where}: checksum mismatch for {extent.length} bytes at "
+            vm, offset, f"{_where(batch)}: checksum mismatch for {extent.length} bytes at "
             f"{extent.offset} of disk {extent.disk!r}")
     return DecodedExtent(extent.disk, extent.offset, extent.length, extent.kind, data)
+
+
+def _where(batch: WriteBatch) -> str:
+    return f"cycle {batch.cycle} batch {batch.batch}"

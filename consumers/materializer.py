@@ -35,6 +35,7 @@ from vmreplica.consumers.journal_rules import (
 )
 from vmreplica.consumers.retention import RecoveryPoint, RetentionPolicy, select_points
 from vmreplica.consumers.undo import UndoLog, UndoWriter
+from vmreplica.consumers.views import PointView
 from vmreplica.errors import DecodeError
 from vmreplica.image import DiskImage
 from vmreplica.kafka import JournalRecord
@@ -46,7 +47,9 @@ from vmreplica.schemas.events import (
     CycleCommit,
     EpochStart,
     ExtentKind,
+    FailoverPrepared,
     Heartbeat,
+    JournalEvent,
     SeedChunk,
     VmConfig,
     WriteBatch,
@@ -70,6 +73,10 @@ class ReplicaCursor:
     seeding: bool
     pending: list[WriteBatch] = field(default_factory=list)
     last_heartbeat_ms: int | None = None
+    awaiting_resync: bool = False
+    """This replica diverged (a returning old primary): it waits for an epoch naming it."""
+    resyncing: bool = False
+    canceled_epochs: set[int] = field(default_factory=set)
 
 
 class Materializer:
@@ -77,14 +84,19 @@ class Materializer:
 
     def __init__(self, vm: str, images: Mapping[str, DiskImage], undo_folder: Path,
                  catalog: Catalog, policy: RetentionPolicy, on_applied: Applied | None = None,
-                 ) -> None:
+                 site: str = "") -> None:
         self.vm = vm
+        self.site = site
         self.images = dict(images)
         self.undo = UndoLog(undo_folder)
         self.catalog = catalog
         self.policy = policy
         self.on_applied = on_applied
+        self.views: list[PointView] = []
+        """Open test-failover views; each keeps what a newer cycle overwrites."""
         self.cursor = ReplicaCursor(0, 0, GENESIS_HASH, 0, seeding=True)
+        self.prepared: FailoverPrepared | None = None
+        """Set when the primary prepared a planned failover and this replica holds its cycle."""
         self._decompressor = zstandard.ZstdDecompressor()
 
     async def recover(self) -> ReplicaCursor:
@@ -108,6 +120,10 @@ class Materializer:
         else:
             self.cursor = ReplicaCursor(position.epoch, position.cycle, position.cycle_hash,
                                         position.next_offset, seeding)
+        self.cursor.awaiting_resync = (
+            record.state is ReplicationState.RESYNCHRONIZATION_REQUIRED
+            and await self.catalog.failover_point(self.vm) is not None)
+        self.cursor.canceled_epochs = await self.catalog.canceled_epochs(self.vm)
         return self.cursor
 
     async def apply_records(self, records: list[JournalRecord]) -> None:
@@ -128,9 +144,12 @@ class Materializer:
             if event.vm != self.vm:
                 raise JournalViolation(self.vm, record.offset,
                                        f"record names VM {event.vm!r}", ReplicationState.ERROR)
-            if event.epoch < self.cursor.epoch:
+            if event.epoch < self.cursor.epoch or event.epoch in self.cursor.canceled_epochs:
                 log.warning("VM %s: ignoring a record of superseded epoch %d at offset %d",
                             self.vm, event.epoch, record.offset)
+                continue
+            if self.cursor.awaiting_resync:
+                await self._await_resync(event, record.offset)
                 continue
             if isinstance(event, SeedChunk):
                 seed_written |= await self._seed(event, record.offset)
@@ -144,10 +163,39 @@ class Materializer:
                 await self._start_epoch(event, record.offset)
             elif isinstance(event, Heartbeat):
                 self.cursor.last_heartbeat_ms = event.at_ms
+                await self.catalog.primary_seen(self.vm, event.at_ms)
+            elif isinstance(event, FailoverPrepared):
+                self._prepared(event, record.offset)
+                return
             elif isinstance(event, VmConfig):
                 pass
         if seed_written:
             await self._record_seed_progress(records[-1].offset + 1)
+
+    def _prepared(self, event: FailoverPrepared, offset: int) -> None:
+        """The primary shipped its final cycle: check this replica holds exactly that cycle."""
+        cursor = self.cursor
+        if (event.epoch, event.final_cycle, event.cycle_hash) != (
+                cursor.epoch, cursor.cycle, cursor.cycle_hash):
+            raise JournalViolation(
+                self.vm, offset, f"planned failover prepared at cycle {event.final_cycle} of "
+                f"epoch {event.epoch}, but this replica holds cycle {cursor.cycle} of epoch "
+                f"{cursor.epoch} with another hash; the takeover is refused")
+        cursor.next_offset = offset + 1
+        self.prepared = event
+
+    async def _await_resync(self, event: JournalEvent, offset: int) -> None:
+        """Skip the new primary's records until the epoch that resynchronises this site."""
+        if not (isinstance(event, EpochStart) and self.site in event.resync_sites):
+            return
+        cursor = self.cursor
+        cursor.epoch, cursor.cycle = event.epoch, event.start_cycle - 1
+        cursor.cycle_hash, cursor.next_offset = event.last_cycle_hash, offset + 1
+        cursor.awaiting_resync, cursor.resyncing = False, True
+        await self.catalog.set_epoch(self.vm, event.epoch)
+        await self.catalog.set_state(self.vm, ReplicationState.RESYNCHRONIZING,
+                                     f"receiving the ranges that diverged, from epoch "
+                                     f"{event.epoch}")
 
     async def _start_epoch(self, event: EpochStart, offset: int) -> None:
         cursor = self.cursor
@@ -216,8 +264,14 @@ class Materializer:
         extents = decode_cycle(self.vm, record.offset, cursor.pending, sizes)
         writer = UndoWriter(self.undo.folder, commit.cycle)  # step 2
         for extent in extents:
-            writer.add(extent.disk, extent.offset,
-                       self.images[extent.disk].read(extent.offset, extent.length))
+            image = self.images[extent.disk]
+            if not self.views:  # holes are recorded as zeros without reading them
+                writer.capture(extent.disk, image, extent.offset, extent.length)
+                continue
+            old = image.read(extent.offset, extent.length)
+            writer.add(extent.disk, extent.offset, old)
+            for view in self.views:  # test failovers stay at their point
+                view.preserve(extent.disk, extent.offset, old)
         writer.seal()
         for extent in extents:  # step 3
             _write(self.images[extent.disk], extent)
@@ -225,11 +279,16 @@ class Materializer:
             image.fsync()
         consistency = "application" if commit.consistency is Consistency.APPLICATION else "crash"
         point = StoredPoint(commit.cycle, commit.epoch, record.offset, commit.cut_at_ms,
-                            consistency)
+                            consistency, commit.cycle_hash)
         position = Position(commit.epoch, commit.cycle, commit.cycle_hash, record.offset + 1,
                             now_ms())
         await self.catalog.record_cycle(self.vm, position, point, commit.cut_at_ms,  # step 5
                                         commit.payload_bytes)
+        if cursor.resyncing:
+            cursor.resyncing = False
+            await self.catalog.set_failover_point(self.vm, None)
+            await self.catalog.set_state(self.vm, ReplicationState.REPLICATING,
+                                         f"resynchronized at cycle {commit.cycle}")
         cursor.cycle, cursor.cycle_hash = commit.cycle, commit.cycle_hash
         cursor.next_offset = record.offset + 1
         cursor.pending = []

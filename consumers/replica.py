@@ -58,14 +58,14 @@ class ReplicaVm:
         self.catalog = catalog
         self.status_topic = status_topic
         self.status = status
-        (folder / "disks").mkdir(parents=True, exist_ok=True)
-        self.images = {
-            disk.name: (DiskImage.open(image_path(folder, disk.name))
-                        if image_path(folder, disk.name).exists()
-                        else DiskImage.create(image_path(folder, disk.name), disk.size_bytes))
-            for disk in record.disks}
+        self.images = {}
+        for disk in record.disks:  # a returning old primary keeps its own image files
+            path = Path(disk.path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.images[disk.name] = (DiskImage.open(path) if path.exists()
+                                      else DiskImage.create(path, disk.size_bytes))
         self.materializer = Materializer(record.name, self.images, folder / "undo", catalog,
-                                         retention_policy(record), self._report)
+                                         retention_policy(record), self._report, site)
         self.reader = JournalReader(connection, journal_topic)
         self.violation: JournalViolation | None = None
 

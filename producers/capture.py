@@ -1,58 +1,326 @@
 """Write capture on the primary: every write lands in the VM's image and in its change log.
 
-:class:`CapturedVm` is the Python API (``write``, ``zero``, ``trim``, ``flush``, ``cut``) and the
-block device the NBD export serves. Each write is logged first and then written to the image, so
-the image is never ahead of the log; ``flush`` fsyncs the log and then the images, which is what
-the hypervisor's FLUSH and FUA wait for.
+:class:`CapturedVm` is the Python API (``write``, ``zero``, ``trim``, ``flush``, ``cut``) and what
+the NBD export's journaling device writes through. Each write is logged first and then written to
+the image, so the image is never ahead of the log; ``flush`` fsyncs the log and then the images,
+which is what the hypervisor's FLUSH and FUA wait for.
+
+**Budget.** The open change-log segment may grow to ``budget_bytes`` (default: a tenth of the
+VM's total disk size). A write that would take it past that does not stop replication and does
+not start a full resync: capture *degrades* to a :class:`DirtyMap` for the rest of the cycle.
+Writes then go to the image only and mark their 64 KiB blocks dirty; zeroing and trims are still
+logged (their records are tiny). At the cut the dirty blocks are read from the image and
+appended to the segment before it is sealed, so the shipper sends them as ordinary writes and the
+replica is exact at that cycle boundary. The map is kept crash-safe the same way as the log: a
+block's mark is appended to ``dirty.map`` *before* the image is written (a killed process keeps
+it), and FLUSH fsyncs the map before the images. After a crash, redo skips dirty blocks, whose
+image content is newer than the log.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import bisect
+import contextlib
+import logging
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Final
 
 from vmreplica.catalog import now_ms
-from vmreplica.errors import ConfigurationError, JournalIntegrityError
-from vmreplica.image import DiskImage
+from vmreplica.errors import ConfigurationError, FencedError, JournalIntegrityError
+from vmreplica.image import DiskImage, fsync_directory
 from vmreplica.producers.changelog import ChangeLog, CutMark, RecordKind, Segment
 
+log = logging.getLogger(__name__)
 
-class FencedWritesError(JournalIntegrityError):
+DIRTY_BLOCK_BYTES: Final = 64 * 1024
+"""Granularity of the dirty-block map: what one write marks and what the cut copies."""
+DEFAULT_BUDGET_FRACTION: Final = 0.10
+"""Default change-log budget as a fraction of the VM's total disk size."""
+MIN_BUDGET_BYTES: Final = 1024 * 1024
+"""The default budget is never smaller than this (tiny test disks)."""
+DIRTY_RUN_BLOCKS: Final = 16
+"""Consecutive dirty blocks copied into one change-log record at the cut (1 MiB)."""
+DIRTY_MAP_NAME: Final = "dirty.map"
+
+_DIRTY_MAGIC: Final = b"VMRDIRT1"
+_DIRTY_HEADER: Final = struct.Struct("<8sQI")  # magic, cycle, block bytes
+_DIRTY_ENTRY: Final = struct.Struct("<HQ")  # disk index, block number
+_CRC: Final = struct.Struct("<I")
+_DIRTY_HEADER_BYTES: Final = _DIRTY_HEADER.size + _CRC.size
+_DIRTY_ENTRY_BYTES: Final = _DIRTY_ENTRY.size + _CRC.size
+
+
+class FencedWritesError(FencedError):
     """This site is no longer the primary of the VM; writes are refused."""
+
+
+def default_budget(disk_sizes: Iterable[int]) -> int:
+    """The change-log budget of a VM whose settings do not set one."""
+    return max(MIN_BUDGET_BYTES, int(sum(disk_sizes) * DEFAULT_BUDGET_FRACTION))
+
+
+class DirtyMap:
+    """Blocks written while the change log was over budget: in memory and in ``dirty.map``.
+
+    File: a header (magic, cycle, block size, crc32) then one entry per newly dirty block (disk
+    index, block number, crc32 of both), appended with one ``write`` each. A torn or damaged tail
+    is ignored on load; the entries before it are kept.
+    """
+
+    def __init__(self, path: Path, cycle: int, block_bytes: int = DIRTY_BLOCK_BYTES) -> None:
+        self.path = path
+        self.block_bytes = block_bytes
+        self.cycle = cycle
+        self.blocks: dict[int, set[int]] = {}
+        self.copied: dict[int, set[int]] = {}
+        """Dirty blocks already copied into the segment by ``prepare_cut`` and not written since."""
+        self.copied_bytes = 0
+        """Bytes of dirty blocks copied into the segment so far this cycle."""
+        self._sorted: dict[int, list[int]] | None = None
+        self._fd = -1
+
+    @classmethod
+    def create(cls, path: Path, cycle: int, blocks: Iterable[tuple[int, int]] = (),
+               block_bytes: int = DIRTY_BLOCK_BYTES) -> DirtyMap:
+        """A new map file (replacing any), holding ``blocks``; its folder entry is fsynced."""
+        dirty = cls(path, cycle, block_bytes)
+        header = _DIRTY_HEADER.pack(_DIRTY_MAGIC, cycle, block_bytes)
+        entries = bytearray(header + _CRC.pack(zlib.crc32(header)))
+        for disk, block in blocks:
+            if dirty._add(disk, block):
+                entries += dirty._entry(disk, block)
+        temporary = path.with_name(path.name + ".new")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, entries)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+        fsync_directory(path.parent)
+        dirty._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        return dirty
+
+    @staticmethod
+    def load(path: Path) -> list[tuple[int, int]] | None:
+        """The (disk, block) entries of an existing map file, or None if there is none."""
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        if len(data) < _DIRTY_HEADER_BYTES:
+            return []
+        magic, _, block_bytes = _DIRTY_HEADER.unpack_from(data)
+        (crc,) = _CRC.unpack_from(data, _DIRTY_HEADER.size)
+        if (magic != _DIRTY_MAGIC or crc != zlib.crc32(data[: _DIRTY_HEADER.size])
+                or block_bytes != DIRTY_BLOCK_BYTES):
+            raise JournalIntegrityError(
+                f"dirty-block map {path} has a damaged header. Operator action: resynchronize "
+                "the VM (`vmreplica resync <vm>`).")
+        entries = []
+        position = _DIRTY_HEADER_BYTES
+        while position + _DIRTY_ENTRY_BYTES <= len(data):
+            body = data[position : position + _DIRTY_ENTRY.size]
+            (crc,) = _CRC.unpack_from(data, position + _DIRTY_ENTRY.size)
+            if crc != zlib.crc32(body):
+                break
+            entries.append(_DIRTY_ENTRY.unpack(body))
+            position += _DIRTY_ENTRY_BYTES
+        return entries
+
+    @staticmethod
+    def _entry(disk: int, block: int) -> bytes:
+        body = _DIRTY_ENTRY.pack(disk, block)
+        return body + _CRC.pack(zlib.crc32(body))
+
+    def _add(self, disk: int, block: int) -> bool:
+        blocks = self.blocks.setdefault(disk, set())
+        if block in blocks:
+            return False
+        blocks.add(block)
+        self._sorted = None
+        return True
+
+    def _block_range(self, offset: int, length: int) -> range:
+        size = self.block_bytes
+        return range(offset // size, (offset + max(length, 1) - 1) // size + 1)
+
+    def mark(self, disk: int, offset: int, length: int) -> None:
+        """Mark the blocks of a range dirty; new marks reach the file before this returns."""
+        blocks = self._block_range(offset, length)
+        new = [self._entry(disk, block) for block in blocks if self._add(disk, block)]
+        if new:
+            os.write(self._fd, b"".join(new))
+
+    def uncopy(self, disk: int, offset: int, length: int) -> None:
+        """A range changed: copies ``prepare_cut`` took of its blocks are stale.
+
+        Called *after* the image is changed: a copy taken before is then discarded here, and
+        one recorded after this reads the new content.
+        """
+        copied = self.copied.get(disk)
+        if not copied:
+            return
+        blocks = self._block_range(offset, length)
+        if len(blocks) <= len(copied):
+            copied.difference_update(blocks)
+        else:
+            copied.difference_update([b for b in copied if b in blocks])
+
+    @property
+    def block_count(self) -> int:
+        return sum(len(blocks) for blocks in self.blocks.values())
+
+    def sorted_blocks(self, disk: int) -> list[int]:
+        if self._sorted is None:
+            self._sorted = {d: sorted(b) for d, b in self.blocks.items()}
+        return self._sorted.get(disk, [])
+
+    def clean_ranges(self, disk: int, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        """The parts of a range outside every dirty block, as (offset, length)."""
+        blocks = self.sorted_blocks(disk)
+        size = self.block_bytes
+        end = offset + length
+        position = offset
+        index = bisect.bisect_left(blocks, offset // size)
+        while position < end:
+            if index >= len(blocks) or blocks[index] * size >= end:
+                yield position, end - position
+                return
+            dirty_start = blocks[index] * size
+            if dirty_start > position:
+                yield position, dirty_start - position
+            position = max(position, dirty_start + size)
+            index += 1
+
+    def runs(self, disk: int, skip_copied: bool = True) -> Iterator[tuple[int, int]]:
+        """(first block, count) runs of consecutive dirty blocks, at most DIRTY_RUN_BLOCKS long.
+
+        With ``skip_copied``, blocks that ``prepare_cut`` copied (and nobody wrote since) are
+        left out.
+        """
+        blocks = self.sorted_blocks(disk)
+        copied = self.copied.get(disk)
+        if skip_copied and copied:
+            blocks = [b for b in blocks if b not in copied]
+        index = 0
+        while index < len(blocks):
+            first = blocks[index]
+            count = 1
+            while (index + count < len(blocks) and count < DIRTY_RUN_BLOCKS
+                   and blocks[index + count] == first + count):
+                count += 1
+            yield first, count
+            index += count
+
+    def sync(self) -> None:
+        if self._fd >= 0:
+            os.fsync(self._fd)
+
+    def dup_fd(self) -> int:
+        return os.dup(self._fd) if self._fd >= 0 else -1
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def remove(self) -> None:
+        """Forget the map: its blocks are in a sealed (fsynced) segment now."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+        fsync_directory(self.path.parent)
+
+
+def _fsync_all(fds: Sequence[int]) -> None:
+    """fsync in order (log, dirty map, images), closing every fd even if one fails."""
+    try:
+        for fd in fds:
+            os.fsync(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 class CapturedVm:
     """A primary VM's disks with capture: ``await vm.write("disk0", 0, data)``.
 
-    Writes are synchronous system calls into the page cache (fast), so the async methods only
-    exist to let an NBD server or a program await them uniformly.
+    Writes are synchronous system calls into the page cache (fast), so the async write methods
+    only exist to let an NBD server or a program await them uniformly; :meth:`flush` runs its
+    fsyncs in a worker thread and concurrent flushes share one round (group commit).
+
+    ``budget_bytes`` bounds the open change-log segment (None: :func:`default_budget`).
+    ``redo=False`` skips replaying unshipped records into the images after a crash: the scan
+    capture needs that, as its records are copies of the image that the guest may since have
+    overwritten.
     """
 
     def __init__(self, name: str, disks: Sequence[tuple[str, Path, int]], log_folder: Path,
-                 first_cycle: int = 1) -> None:
+                 first_cycle: int = 1, *, budget_bytes: int | None = None,
+                 redo: bool = True) -> None:
         self.name = name
         self.disk_names = [disk for disk, _, _ in disks]
         self.images = [DiskImage.open(path) if path.exists() else DiskImage.create(path, size)
                        for _, path, size in disks]
         self._index = {disk: i for i, disk in enumerate(self.disk_names)}
+        self._image_fds = [image._fd for image in self.images]  # the hot path's pwrite
+        if budget_bytes is not None and budget_bytes <= 0:
+            raise ConfigurationError(
+                f"VM {name!r}: the change-log budget must be a positive number of bytes, "
+                f"not {budget_bytes}")
+        self.budget_bytes = budget_bytes or default_budget(i.size for i in self.images)
         self.log = ChangeLog(log_folder)
         self.cycle_started_ms = now_ms()
         self.fenced_reason: str | None = None
+        self.dirty: DirtyMap | None = None
+        """The dirty-block map while the open cycle is over budget, else None."""
+        self.degraded_cycles = 0
+        """Cycles whose capture degraded to the dirty-block map (since this object opened)."""
+        self.last_cut_dirty_bytes = 0
+        """Bytes the last cut copied from the images for dirty blocks (0: not degraded)."""
+        self._write_seq = 0
+        self._durable_seq = 0
+        self._sync_round: asyncio.Future[None] | None = None
+        self.log_lock = threading.Lock()
+        """Held by worker threads around each append (scan feed, dirty-block copies) and by
+        :meth:`cut`, so a cut never interleaves with a thread's append."""
         unshipped = self.log.open(first_cycle)
-        if self.log.recovered_unclean:
+        entries = DirtyMap.load(self._dirty_path)
+        if entries is not None:
+            # Kept from before a restart (or a crash during a cut: re-sending is harmless).
+            self.dirty = DirtyMap.create(self._dirty_path, self.log.cycle, entries)
+        if self.log.recovered_unclean and redo:
             self._redo(unshipped)
 
+    @property
+    def _dirty_path(self) -> Path:
+        return self.log.folder / DIRTY_MAP_NAME
+
     def _redo(self, segments: Sequence[Segment]) -> None:
-        """After a crash, replay unshipped log records into the images (idempotent)."""
+        """After a crash, replay unshipped log records into the images (idempotent).
+
+        Dirty blocks are skipped: their image content is newer than any record.
+        """
         for segment in segments:
             for record in segment.records:
                 image = self.images[record.disk]
-                if record.kind is RecordKind.WRITE:
-                    image.write(record.offset, segment.read_data(record))
-                elif record.kind is RecordKind.ZERO:
-                    image.zero(record.offset, record.length)
-                else:
-                    image.trim(record.offset, record.length)
+                ranges: Iterable[tuple[int, int]] = (
+                    [(record.offset, record.length)] if self.dirty is None
+                    else self.dirty.clean_ranges(record.disk, record.offset, record.length))
+                for offset, length in ranges:
+                    if record.kind is RecordKind.WRITE:
+                        image.write(offset, segment.read_data(record, offset - record.offset,
+                                                              length))
+                    elif record.kind is RecordKind.ZERO:
+                        image.zero(offset, length)
+                    else:
+                        image.trim(offset, length)
         for image in self.images:
             image.fsync()
 
@@ -76,24 +344,63 @@ class CapturedVm:
                 f"write of {length} bytes at offset {offset} is past the end of disk "
                 f"{self.disk_names[index]!r} of VM {self.name!r} ({size} bytes)")
 
+    def _degrade(self) -> DirtyMap:
+        """The open segment reached its budget: track dirty blocks until the cut."""
+        self.dirty = DirtyMap.create(self._dirty_path, self.log.cycle)
+        self.degraded_cycles += 1
+        log.warning("VM %s: change log reached its budget of %d bytes in cycle %d; tracking "
+                    "dirty blocks until the cut, which ships them from the images",
+                    self.name, self.budget_bytes, self.log.cycle)
+        return self.dirty
+
     def write_sync(self, index: int, offset: int, data: bytes | memoryview) -> None:
         self._check(index, offset, len(data))
-        self.log.write(index, offset, data)
-        self.images[index].write(offset, data)
+        self.write_in_bounds(index, offset, data)
+
+    def write_in_bounds(self, index: int, offset: int, data: bytes | memoryview) -> None:
+        """:meth:`write_sync` for a caller that checked the range and the fencing itself.
+
+        The journaling device's hot path (the NBD server validated the request).
+        """
+        self._write_seq += 1
+        length = len(data)
+        dirty = self.dirty
+        if dirty is None:
+            log = self.log
+            if log.segment_bytes + length <= self.budget_bytes:
+                log.write(index, offset, data)
+                self._pwrite(index, offset, data, length)
+                return
+            dirty = self._degrade()
+        dirty.mark(index, offset, length)
+        self._pwrite(index, offset, data, length)
+        dirty.uncopy(index, offset, length)
+
+    def _pwrite(self, index: int, offset: int, data: bytes | memoryview, length: int) -> None:
+        written = os.pwrite(self._image_fds[index], data, offset)
+        if written != length:  # short only when the disk is full: finish, or raise ENOSPC
+            self.images[index].write(offset + written, memoryview(data)[written:])
 
     def zero_sync(self, index: int, offset: int, length: int, trim: bool = False) -> None:
         self._check(index, offset, length)
+        self._write_seq += 1
         if trim:
             self.log.trim(index, offset, length)
             self.images[index].trim(offset, length)
         else:
             self.log.zero(index, offset, length)
             self.images[index].zero(offset, length)
+        if self.dirty is not None:
+            self.dirty.uncopy(index, offset, length)
 
     def flush_sync(self) -> None:
+        """Make every write so far durable: log, then dirty map, then images."""
         self.log.sync()
+        if self.dirty is not None:
+            self.dirty.sync()
         for image in self.images:
             image.fsync()
+        self._durable_seq = self._write_seq
 
     async def write(self, disk: str, offset: int, data: bytes | memoryview) -> None:
         self.write_sync(self.disk(disk), offset, data)
@@ -104,29 +411,131 @@ class CapturedVm:
     async def trim(self, disk: str, offset: int, length: int) -> None:
         self.zero_sync(self.disk(disk), offset, length, trim=True)
 
+    def mark_unsynced(self) -> None:
+        """Records went into the log other than through the write methods (a scan's feed,
+        dirty-block copies): the next :meth:`flush` must fsync even if nothing else was written.
+        """
+        self._write_seq += 1
+
     async def flush(self) -> None:
-        """Make every write so far durable, in the log and in the images."""
-        self.flush_sync()
+        """Make every write completed so far durable, in the log and in the images.
+
+        The fsyncs run in a worker thread on duplicates of the file descriptors (a cut may
+        replace the log's meanwhile); flushes that arrive while a round runs share the next one.
+        """
+        target = self._write_seq
+        while self._durable_seq < target:
+            round_ = self._sync_round
+            if round_ is None:
+                round_ = self._sync_round = asyncio.ensure_future(self._sync())
+            await asyncio.shield(round_)
+
+    async def _sync(self) -> None:
+        try:
+            covered = self._write_seq
+            # Duplicates of the log's and the images' own descriptors: a cut may close the
+            # log's while the thread fsyncs, and fsync reaches the file through any descriptor.
+            fds = [os.dup(self.log._fd)]
+            if self.dirty is not None and (dirty_fd := self.dirty.dup_fd()) >= 0:
+                fds.append(dirty_fd)
+            fds += [os.dup(image._fd) for image in self.images]
+            await asyncio.to_thread(_fsync_all, fds)
+            self._durable_seq = max(self._durable_seq, covered)
+        finally:
+            self._sync_round = None
 
     def cut(self, application_consistent: bool = False) -> int:
         """End the current cycle at this instant (a crash-consistent point of all disks).
 
         ``application_consistent`` marks a cut taken while the guest was quiesced (fsfreeze,
-        VSS). Returns the sealed cycle number.
+        VSS). When the cycle degraded to the dirty-block map, its blocks are copied from the
+        images into the segment first. Returns the sealed cycle number.
         """
         started = self.cycle_started_ms
         self.cycle_started_ms = now_ms()
-        for image in self.images:
-            image.fsync()
-        return self.log.cut(CutMark(application_consistent, started, self.cycle_started_ms))
+        with self.log_lock:
+            dirty = self.dirty
+            if dirty is not None:
+                self._log_dirty_blocks(dirty)
+            self.last_cut_dirty_bytes = 0 if dirty is None else dirty.copied_bytes
+            for image in self.images:
+                image.fsync()
+            sealed = self.log.cut(CutMark(application_consistent, started,
+                                          self.cycle_started_ms))
+            if dirty is not None:
+                dirty.remove()
+                self.dirty = None
+                log.info("VM %s: cycle %d carries %d bytes of dirty blocks read from the "
+                         "images", self.name, sealed, self.last_cut_dirty_bytes)
+        self._durable_seq = self._write_seq  # the cut fsynced the log and every image
+        return sealed
+
+    async def prepare_cut(self) -> int:
+        """Copy dirty blocks into the open segment ahead of :meth:`cut`, while writes go on.
+
+        Optional: it only shortens the cut, which then copies just the blocks written (or
+        zeroed) since their copy was taken — the copying runs in a worker thread instead of
+        holding up the event loop, and so the VM's I/O, for the whole dirty set. Returns the
+        bytes copied (0 when the cycle is not degraded).
+        """
+        dirty = self.dirty
+        if dirty is None:
+            return 0
+        runs = [(index, list(dirty.runs(index))) for index in range(len(self.images))]
+        copied = await asyncio.to_thread(self._copy_runs, dirty, runs, True)
+        if copied:
+            self.mark_unsynced()
+        return copied
+
+    def _copy_runs(self, dirty: DirtyMap, runs: Sequence[tuple[int, Sequence[tuple[int, int]]]],
+                   ahead: bool) -> int:
+        """Append the current image content of dirty-block runs to the open segment.
+
+        ``ahead`` (a worker thread, writes going on): each run is recorded as copied *before*
+        it is read, so a write racing with the read un-records it and the cut copies it again.
+        """
+        copied = 0
+        size = dirty.block_bytes
+        zeros = bytes(size * DIRTY_RUN_BLOCKS)
+        for index, disk_runs in runs:
+            image = self.images[index]
+            done = dirty.copied.setdefault(index, set())
+            for first, count in disk_runs:
+                offset = first * size
+                length = min(count * size, image.size - offset)
+                if length <= 0:
+                    continue
+                with contextlib.nullcontext() if not ahead else self.log_lock:
+                    if dirty is not self.dirty:
+                        return copied  # cut meanwhile (its own copy covered everything)
+                    if ahead:
+                        done.update(range(first, first + count))
+                    data = image.read(offset, length)
+                    if data == zeros[:length]:
+                        self.log.zero(index, offset, length)
+                    else:
+                        self.log.write(index, offset, data)
+                copied += length
+                dirty.copied_bytes += length
+        return copied
+
+    def _log_dirty_blocks(self, dirty: DirtyMap) -> int:
+        """Append the dirty blocks not yet copied to the open segment (inside the cut)."""
+        runs = [(index, list(dirty.runs(index))) for index in range(len(self.images))]
+        return self._copy_runs(dirty, runs, False)
 
     def pending_bytes(self) -> int:
         """Change-log bytes not yet shipped (the open segment and any sealed ones)."""
         return sum(p.stat().st_size for p in self.log.folder.glob("*.hrl"))
 
     def close(self) -> None:
-        """Clean close: images fsynced, then the log's clean-close marker."""
-        for image in self.images:
-            image.fsync()
-            image.close()
-        self.log.close()
+        """Clean close: images fsynced, dirty map fsynced, then the log's clean-close marker."""
+        with self.log_lock:  # a worker thread still copying (its caller was cancelled) stops
+            if self.dirty is not None:
+                self.dirty.sync()
+                self.dirty.close()
+                self.dirty = None  # the file stays: the next open resumes the map
+            for image in self.images:
+                image.fsync()
+                image.close()
+            self.log.close()

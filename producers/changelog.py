@@ -185,12 +185,18 @@ class ChangeLog:
         return segments
 
     def _start_segment(self, cycle: int) -> None:
-        """Create the segment of ``cycle``: write header, fsync file, fsync folder."""
+        """Create the segment of ``cycle``: write header, fsync file, rename, fsync folder.
+
+        The header is written under a temporary name, so a crash never leaves a segment file
+        without its header (which ``open`` would have to refuse).
+        """
         path = _segment_path(self.folder, cycle)
+        temporary = path.with_suffix(".new")
         header = _HEADER.pack(MAGIC, self.chain_id, cycle)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
         os.write(fd, header + _HEADER_CRC.pack(zlib.crc32(header)))
         os.fsync(fd)
+        os.replace(temporary, path)
         fsync_directory(self.folder)
         if self._fd >= 0:
             os.close(self._fd)

@@ -7,11 +7,11 @@ order, the output non-overlapping pieces, each pointing into the record that wro
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from vmreplica.intervals import IntervalSet
 from vmreplica.schemas.events import ExtentKind
 
 Source = TypeVar("Source")
@@ -45,49 +45,18 @@ class Piece(Generic[Source]):
         return self.offset + self.length
 
 
-class _Covered:
-    """Disjoint, sorted, merged intervals [start, end) already claimed by newer changes."""
-
-    def __init__(self) -> None:
-        self.starts: list[int] = []
-        self.ends: list[int] = []
-
-    def gaps(self, start: int, end: int) -> list[tuple[int, int]]:
-        """Parts of [start, end) not yet covered."""
-        result = []
-        i = bisect.bisect_right(self.ends, start)
-        cursor = start
-        while i < len(self.starts) and self.starts[i] < end:
-            if self.starts[i] > cursor:
-                result.append((cursor, self.starts[i]))
-            cursor = max(cursor, self.ends[i])
-            i += 1
-        if cursor < end:
-            result.append((cursor, end))
-        return result
-
-    def add(self, start: int, end: int) -> None:
-        i = bisect.bisect_left(self.ends, start)
-        j = bisect.bisect_right(self.starts, end)
-        if i < j:
-            start = min(start, self.starts[i])
-            end = max(end, self.ends[j - 1])
-        self.starts[i:j] = [start]
-        self.ends[i:j] = [end]
-
-
 def coalesce(changes: Iterable[Change[Source]]) -> list[Piece[Source]]:
     """The pieces that determine the disks' content after all ``changes``, sorted by position.
 
     Walks the changes newest first and keeps the parts no newer change overwrote; cost is
     O(n log n) in the number of changes, independent of how many bytes they carry.
     """
-    covered: dict[int, _Covered] = {}
+    covered: dict[int, IntervalSet] = {}
     pieces: list[Piece[Source]] = []
     for change in reversed(list(changes)):
         if change.length <= 0:
             continue
-        claimed = covered.setdefault(change.disk, _Covered())
+        claimed = covered.setdefault(change.disk, IntervalSet())
         end = change.offset + change.length
         for gap_start, gap_end in claimed.gaps(change.offset, end):
             pieces.append(Piece(change.disk, gap_start, gap_end - gap_start, change.kind,

@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
+import stat
 import sys
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
@@ -162,6 +164,7 @@ class NbdServer:
             return NbdSession(self._context)
 
         if self.unix_path is not None:
+            await asyncio.to_thread(_remove_stale_socket, self.unix_path)
             self._listeners.append(await loop.create_unix_server(new_session, self.unix_path))
         if self._tcp is not None:
             host, port = self._tcp
@@ -207,6 +210,30 @@ class NbdServer:
         if ":" in host:
             host = f"[{host}]"
         return f"nbd://{host}:{port}/{name}"
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Unlink a socket file nobody listens on (left by a killed server).
+
+    :raises ConfigurationError: a live server listens there, or the path is not a socket.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigurationError(f"{path} exists and is not a Unix socket; not replacing it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass
+        else:
+            raise ConfigurationError(
+                f"another process already serves NBD on {path}; stop it first (two agents on "
+                "one site root?)")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 async def serve_image(

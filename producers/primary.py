@@ -12,13 +12,25 @@ from pathlib import Path
 
 from vmreplica.catalog import Catalog, VmRecord, now_ms
 from vmreplica.errors import FencedError
-from vmreplica.kafka import JournalPublisher, KafkaConnection
+from vmreplica.kafka import JournalPublisher, JournalReader, KafkaConnection
 from vmreplica.producers.capture import CapturedVm
 from vmreplica.producers.seed import InitialReplication, Progress, SeedResult, disk_sizes
 from vmreplica.producers.shipper import CycleBuilder, CycleShipper, ShippedCycle
-from vmreplica.schemas.codec import encode
-from vmreplica.schemas.events import Heartbeat, VmConfig
+from vmreplica.schemas.codec import decode_journal, encode
+from vmreplica.schemas.events import EpochStart, Heartbeat, VmConfig
 from vmreplica.states import ReplicationState
+
+
+class SupersededError(FencedError):
+    """A newer epoch started at another site while this one was away: it is no longer primary."""
+
+    def __init__(self, vm: str, start: EpochStart, offset: int) -> None:
+        super().__init__(
+            f"VM {vm!r}: site {start.primary_site} became primary in epoch {start.epoch} "
+            f"({start.reason}); this site no longer accepts writes for it. Operator action: "
+            f"`vmreplica reverse {vm}` at {start.primary_site} makes this site its replica")
+        self.start = start
+        self.offset = offset
 
 
 class PrimaryVm:
@@ -33,7 +45,9 @@ class PrimaryVm:
         self.topic = journal_topic
         self.capture = CapturedVm(
             record.name, [(d.name, Path(d.path), d.size_bytes) for d in record.disks],
-            folder / "changelog")
+            folder / "changelog", budget_bytes=record.settings.changelog_budget_bytes,
+            # A scan's records are copies of the image the guest may since have overwritten.
+            redo=record.settings.capture != "scan")
         self.publisher = JournalPublisher(connection, transactional_id)
         self.shipper = CycleShipper(
             record.name, journal_topic, self.capture.log, self.publisher, catalog,
@@ -46,17 +60,47 @@ class PrimaryVm:
         return self.record.name
 
     async def start(self) -> None:
-        """Initialise the publisher (fencing any older producer of this VM) and reconcile."""
+        """Check no newer primary exists, initialise the publisher (fencing any older producer
+        of this VM), reconcile shipped cycles and number the open cycle.
+
+        :raises SupersededError: the journal has a newer epoch: another site is primary now.
+            Nothing was published; initialising our producer would have fenced the new primary.
+        """
+        position = await self.catalog.position(self.name)
+        if position is not None:
+            newer = await self._newer_epoch(position.next_offset)
+            if newer is not None:
+                self.capture.fenced_reason = f"site {newer[0].primary_site} is primary now"
+                raise SupersededError(self.name, *newer)
         await self.publisher.start()
-        if await self.catalog.position(self.name) is not None:
-            await self.shipper.reconcile(self.connection)
+        if position is not None:
+            position = await self.shipper.reconcile(self.connection)
+            log = self.capture.log
+            if not any(True for _ in log.sealed_segments()) and log.cycle != position.cycle + 1:
+                log.renumber_open_segment(position.cycle + 1)
+
+    async def _newer_epoch(self, start: int) -> tuple[EpochStart, int] | None:
+        found = None
+        async with JournalReader(self.connection, self.topic) as reader:
+            reader.seek(start)
+            end = await reader.end_offset()
+            while await reader.position() < end:
+                for record in await reader.fetch(1.0):
+                    event = decode_journal(record.value)
+                    if isinstance(event, EpochStart) and event.epoch > self.record.epoch:
+                        found = (event, record.offset)
+        return found
 
     async def stop(self) -> None:
         await self.publisher.stop()
         self.capture.close()
 
     async def __aenter__(self) -> PrimaryVm:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
         return self
 
     async def __aexit__(self, *_: object) -> None:

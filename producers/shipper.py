@@ -4,8 +4,9 @@ For each sealed cycle, in order:
 
 1. coalesce the segment's writes (only the last content of each byte is sent) and turn all-zero
    writes into ZERO extents;
-2. pack many extents per WriteBatch record, payloads compressed with zstd, records kept below the
-   broker's size limit;
+2. pack many extents per WriteBatch record, payloads compressed with zstd (a payload whose
+   samples do not compress, such as encrypted or media data, is sent raw without compressing it
+   whole), records kept below the broker's size limit;
 3. publish the batches and their CycleCommit (hash-chained to the previous cycle) as one
    transaction;
 4. record the shipped position in the catalog;
@@ -18,6 +19,7 @@ never became visible (it is sent again). No cycle is ever duplicated or skipped.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import zlib
 from collections.abc import Iterator, Sequence
@@ -51,6 +53,12 @@ ZSTD_LEVEL: Final = 1
 """Level 1 compresses disk blocks at hundreds of MB/s per core; higher levels cost throughput."""
 INCOMPRESSIBLE_RATIO: Final = 0.95
 """Payloads that shrink less than this are sent raw: the replica then skips decompression."""
+SAMPLE_BYTES: Final = 4096
+SAMPLE_COUNT: Final = 8
+"""A payload is first judged by compressing this many samples of this size, spread over it."""
+SAMPLE_MIN_PAYLOAD_BYTES: Final = 4 * SAMPLE_BYTES * SAMPLE_COUNT
+"""Smaller payloads are simply compressed: sampling would save little."""
+_ZEROS: Final = bytes(BATCH_PAYLOAD_BYTES)
 
 _KIND: Final = {RecordKind.WRITE: ExtentKind.DATA, RecordKind.ZERO: ExtentKind.ZERO,
                 RecordKind.TRIM: ExtentKind.TRIM}
@@ -82,9 +90,31 @@ def _pieces(segment: Segment) -> list[Piece[LogRecord]]:
     return coalesce(changes)
 
 
+def _all_zero(data: bytes) -> bool:
+    """True when every byte of ``data`` (1 to BATCH_PAYLOAD_BYTES bytes) is zero.
+
+    Disk data that is not zero almost always fails on the first or last byte, without a scan;
+    the rest is one ``memcmp``.
+    """
+    return not data[0] and not data[-1] and data == _ZEROS[: len(data)]
+
+
+def _looks_incompressible(payload: bytes, compressor: zstandard.ZstdCompressor) -> bool:
+    """Judge a payload by compressing a few spread-out samples of it (a few percent of the work).
+
+    Encrypted, already-compressed and media data shrink by nothing, and compressing all of it
+    only to send it raw would cost the shipper most of its time.
+    """
+    if len(payload) < SAMPLE_MIN_PAYLOAD_BYTES:
+        return False
+    step = len(payload) // SAMPLE_COUNT
+    sample = b"".join(payload[i * step : i * step + SAMPLE_BYTES] for i in range(SAMPLE_COUNT))
+    return len(compressor.compress(sample)) > INCOMPRESSIBLE_RATIO * len(sample)
+
+
 def _compress(payload: bytes, compressor: zstandard.ZstdCompressor | None,
               ) -> tuple[Compression, bytes]:
-    if compressor is None or not payload:
+    if compressor is None or not payload or _looks_incompressible(payload, compressor):
         return Compression.NONE, payload
     packed: bytes = compressor.compress(payload)
     if len(packed) > INCOMPRESSIBLE_RATIO * len(payload):
@@ -104,8 +134,10 @@ class CycleBuilder:
     def extents_and_payloads(self, segment: Segment) -> Iterator[tuple[list[Extent], bytes]]:
         """Groups of extents with their uncompressed payload, each group one WriteBatch."""
         extents: list[Extent] = []
-        payload = bytearray()
+        parts: list[bytes] = []
+        size = 0
         with segment.path.open("rb") as file:
+            fd = file.fileno()
             for piece in merge_adjacent(_pieces(segment)):
                 name = self.disks[piece.disk].name
                 if piece.kind is not ExtentKind.DATA:
@@ -113,27 +145,28 @@ class CycleBuilder:
                 else:
                     done = 0
                     while done < piece.length:
-                        room = BATCH_PAYLOAD_BYTES - len(payload)
-                        take = min(room, piece.length - done)
-                        data = os.pread(file.fileno(), take,
-                                        piece.source.data_position + piece.start + done)
-                        if data.count(0) == len(data):
+                        take = min(BATCH_PAYLOAD_BYTES - size, piece.length - done)
+                        data = os.pread(fd, take, piece.source.data_position + piece.start + done)
+                        if len(data) != take:
+                            raise JournalIntegrityError(
+                                f"change-log segment {segment.path} ends inside a write record")
+                        if _all_zero(data):
                             extents.append(Extent(name, piece.offset + done, take,
                                                   ExtentKind.ZERO, 0, 0))
                         else:
                             extents.append(Extent(name, piece.offset + done, take,
-                                                  ExtentKind.DATA, len(payload),
-                                                  zlib.crc32(data)))
-                            payload += data
+                                                  ExtentKind.DATA, size, zlib.crc32(data)))
+                            parts.append(data)
+                            size += take
                         done += take
-                        if len(payload) >= BATCH_PAYLOAD_BYTES:
-                            yield extents, bytes(payload)
-                            extents, payload = [], bytearray()
+                        if size >= BATCH_PAYLOAD_BYTES:
+                            yield extents, b"".join(parts)
+                            extents, parts, size = [], [], 0
                 if len(extents) >= BATCH_MAX_EXTENTS:
-                    yield extents, bytes(payload)
-                    extents, payload = [], bytearray()
+                    yield extents, b"".join(parts)
+                    extents, parts, size = [], [], 0
         if extents:
-            yield extents, bytes(payload)
+            yield extents, b"".join(parts)
 
     def records(self, segment: Segment, previous_hash: bytes, tally: CycleTally,
                 ) -> Iterator[bytes]:
@@ -231,7 +264,9 @@ class CycleShipper:
                            now_ms())
         await self.catalog.record_cycle(self.vm, shipped, None, commit.cut_at_ms,
                                         tally.wire_bytes)
-        self.log.drop_through(segment.cycle)
+        # Deleting a segment and fsyncing the folder is file-system work that need not hold up
+        # the event loop (the VM's writes to the open segment go on meanwhile).
+        await asyncio.to_thread(self.log.drop_through, segment.cycle)
         return ShippedCycle(segment.cycle, commit.extents, commit.bytes_written,
                             commit.payload_bytes, tally.wire_bytes, offsets[-1])
 

@@ -75,6 +75,14 @@ class DiskSize:
 
 
 @dataclass(frozen=True, slots=True)
+class DiskDigest:
+    """A disk's sha256 (hex) at some cycle."""
+
+    name: str
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
 class ByteRange:
     """A range of bytes on a disk."""
 
@@ -150,6 +158,8 @@ class EpochStart:
     reason: str
     at_ms: int
     last_cycle_hash: bytes
+    resync_sites: tuple[str, ...] = ()
+    """Replicas that diverged (a returning old primary) and resynchronize from this epoch."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +172,10 @@ class FailoverPrepared:
     cycle_hash: bytes
     at_ms: int
     site: str
+    start_vm: bool = False
+    """Whether the new primary starts the VM once it has taken over."""
+    disk_sha256: tuple[DiskDigest, ...] = ()
+    """With ``--verify``: (disk, sha256 hex) at the final cycle, checked before the takeover."""
 
 
 @dataclass(frozen=True, slots=True)

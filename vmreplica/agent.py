@@ -12,20 +12,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Final
 
 from vmreplica.catalog import VmRecord
 from vmreplica.errors import FencedError, ReplicationError
-from vmreplica.producers.primary import PrimaryVm
+from vmreplica.failover import demote, follow_takeover, promote, run_action
+from vmreplica.producers.capture_front import CaptureFront
+from vmreplica.producers.nbd import NbdServer
+from vmreplica.producers.primary import PrimaryVm, SupersededError
 from vmreplica.site import Site
 from vmreplica.states import ReplicationState
+from vmreplica.test_vm import TestVmService
 
 log = logging.getLogger(__name__)
 
 DISCOVERY_SECONDS: Final = 2.0
 """How often the agent looks for newly enabled or newly published VMs."""
+REQUEST_POLL_SECONDS: Final = 0.25
+"""How often the agent looks for failover requests and finished workers."""
+RETRY_SECONDS: Final = 30.0
+"""A worker that ended on an error is retried this long after, or when its role changes."""
 CONTINUOUS_TICK_SECONDS: Final = 1.0
 
 
@@ -36,8 +45,15 @@ class Agent:
         self.site = site
         self.stopping = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._ended: dict[str, tuple[float, int]] = {}
+        """When each VM's worker last ended, and at which catalog generation."""
+        self._next_discovery = 0.0
         self.primaries: dict[str, PrimaryVm] = {}
         """Open primary VMs: a program capturing through the API writes to their ``capture``."""
+        self.fronts: dict[str, CaptureFront] = {}
+        """What captures each open primary's writes: its NBD exports, or its scanner."""
+        self.nbd_tcp: NbdServer | None = None
+        """The loopback TCP listener for every NBD export (``nbd_tcp_port``), if configured."""
 
     def stop(self) -> None:
         self.stopping.set()
@@ -48,28 +64,74 @@ class Agent:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signum, self.stop)
         log.info("agent of site %s started", self.site.config.site)
+        await self._start_nbd_tcp()
         try:
             while not self.stopping.is_set():
+                await self.site.catalog.agent_alive(self.site.config.site, os.getpid())
+                await self._carry_out_requests()
                 await self._start_new_workers()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), DISCOVERY_SECONDS)
+                    await asyncio.wait_for(self.stopping.wait(), REQUEST_POLL_SECONDS)
         finally:
             for task in self._tasks.values():
                 task.cancel()
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            if self.nbd_tcp is not None:
+                await self.nbd_tcp.stop()
+            await self.site.catalog.agent_gone(self.site.config.site)
             log.info("agent of site %s stopped", self.site.config.site)
 
+    async def _stop_worker(self, vm: str) -> None:
+        task = self._tasks.pop(vm, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _carry_out_requests(self) -> None:
+        """Failover actions the CLI asked for: each needs its VM to itself."""
+        for request in await self.site.catalog.pending_requests():
+            await self._stop_worker(request.vm)
+            try:
+                result = await run_action(self.site, request.vm, request.action,
+                                          request.arguments)
+            except ReplicationError as error:
+                await self.site.catalog.finish_request(request.id, "failed", str(error))
+                log.error("VM %s: %s failed: %s", request.vm, request.action, error)
+            else:
+                await self.site.catalog.finish_request(request.id, "done", result)
+                log.info("VM %s: %s", request.vm, result)
+
     async def _start_new_workers(self) -> None:
-        try:
-            await self.site.discover()
-        except ReplicationError as error:
-            log.warning("discovery failed: %s", error)
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._next_discovery:
+            self._next_discovery = loop.time() + DISCOVERY_SECONDS
+            try:
+                await self.site.discover()
+            except ReplicationError as error:
+                log.warning("discovery failed: %s", error)
         for record in await self.site.catalog.vms():
-            if record.name in self._tasks and not self._tasks[record.name].done():
+            generation = await self.site.catalog.generation(record.name)
+            task = self._tasks.get(record.name)
+            if task is not None and not task.done():
                 continue
+            ended, seen = self._ended.get(record.name, (0.0, -1))
+            if task is not None and seen == generation and loop.time() - ended < RETRY_SECONDS:
+                continue  # ended on its own: retried when its role changes, or later
+            self._ended[record.name] = (loop.time() + 10**9, generation)
             work = self._primary if record.role == "primary" else self._replica
             self._tasks[record.name] = asyncio.create_task(
                 self._guarded(record, work), name=f"vm-{record.name}")
+
+    async def _superseded(self, record: VmRecord, error: SupersededError) -> None:
+        """A newer epoch exists: a prepared primary follows the takeover, a returning one
+        stands down and reports what diverged."""
+        log.warning("VM %s: %s", record.name, error)
+        if record.state is ReplicationState.PREPARED_FOR_PLANNED_FAILOVER:
+            await follow_takeover(self.site, record.name)
+        else:
+            diverged = await demote(self.site, record.name, error.start, error.offset)
+            log.warning("VM %s: now a replica of %s; %d bytes diverged", record.name,
+                        error.start.primary_site, diverged)
 
     async def _guarded(self, record: VmRecord,
                        work: Callable[[VmRecord], Awaitable[None]]) -> None:
@@ -77,27 +139,80 @@ class Agent:
             await work(record)
         except asyncio.CancelledError:
             raise
+        except SupersededError as error:
+            await self._superseded(record, error)
         except FencedError as error:
             await self.site.catalog.set_state(record.name, ReplicationState.ERROR, str(error))
             log.error("VM %s: %s", record.name, error)
         except ReplicationError as error:
             await self.site.catalog.set_state(record.name, ReplicationState.ERROR, str(error))
             log.error("VM %s: %s", record.name, error)
+        finally:
+            ended = self._ended.get(record.name)
+            if ended is not None:
+                self._ended[record.name] = (asyncio.get_running_loop().time(), ended[1])
 
     async def _replica(self, record: VmRecord) -> None:
+        """Apply the journal; serve a test failover if asked; take over when prepared."""
         async with await self.site.replica(record) as replica:
-            await replica.run(self.stopping)
+            test_vm = TestVmService(self.site.catalog, replica)
+            try:
+                while not self.stopping.is_set() and replica.violation is None:
+                    await replica.step()
+                    await test_vm.poll()
+                    if replica.materializer.prepared is not None:
+                        break
+            finally:
+                await test_vm.stop()
+            prepared = replica.materializer.prepared
+        if prepared is not None:
+            start = await promote(self.site, record.name, prepared=prepared)
+            log.info("VM %s: took over as primary in epoch %d", record.name, start.epoch)
 
     async def _primary(self, record: VmRecord) -> None:
-        async with self.site.primary(record) as primary:
+        if record.state in (ReplicationState.PREPARED_FOR_PLANNED_FAILOVER,
+                            ReplicationState.FAILED_OVER) and await self._follow(record):
+            return
+        async with self.site.primary(record) as primary, CaptureFront(
+                primary, self.site.config, self.nbd_tcp) as front:
             self.primaries[record.name] = primary
-            if record.state in (ReplicationState.READY_FOR_INITIAL_REPLICATION,
-                                ReplicationState.INITIAL_REPLICATION_IN_PROGRESS):
-                await primary.initial_replication()
+            self.fronts[record.name] = front
             try:
+                if record.state in (ReplicationState.READY_FOR_INITIAL_REPLICATION,
+                                    ReplicationState.INITIAL_REPLICATION_IN_PROGRESS):
+                    await front.initial_replication()
                 await self._cycles(primary)
             finally:
                 del self.primaries[record.name]
+                del self.fronts[record.name]
+
+    async def _start_nbd_tcp(self) -> None:
+        config = self.site.config
+        if config.nbd_tcp_port is None:
+            return
+        server = NbdServer({}, tcp=(config.nbd_tcp_host, config.nbd_tcp_port))
+        await server.start()
+        self.nbd_tcp = server
+        log.info("serving NBD exports on %s as <vm>.<disk>", server.tcp_address)
+
+    async def _replicate(self, primary: PrimaryVm) -> None:
+        """One cycle, through the VM's capture front (scan, hooks, off-loop copies) if open."""
+        front = self.fronts.get(primary.name)
+        if front is not None:
+            await front.cycle()
+        else:
+            await primary.replicate()
+
+    async def _follow(self, record: VmRecord) -> bool:
+        """A prepared primary waits for its replica to take over; True when it did."""
+        if record.state is ReplicationState.FAILED_OVER:
+            return await self.site.catalog.failover_point(record.name) is None
+        while not self.stopping.is_set():
+            if await follow_takeover(self.site, record.name):
+                return True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), 1.0)
+        return True
 
     async def primary(self, vm: str, timeout_seconds: float = 30.0) -> PrimaryVm:
         """The open primary of ``vm`` once the agent has started it (for API capture)."""
@@ -121,7 +236,8 @@ class Agent:
                                       primary.capture.log.segment_bytes
                                       >= settings.continuous_max_bytes)
             if due:
-                await primary.replicate()
+                if await self._shipping(primary):
+                    await self._replicate(primary)
                 next_cut = now + period
             if now >= next_beat:
                 await primary.heartbeat()
@@ -131,4 +247,11 @@ class Agent:
                 wait = min(wait, 0.1)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), wait)
-        await primary.replicate()  # ship what was written before the stop
+        if await self._shipping(primary):
+            await self._replicate(primary)  # ship what was written before the stop
+
+    async def _shipping(self, primary: PrimaryVm) -> bool:
+        """A failed-over primary captures but ships nothing until it is reversed."""
+        state = (await self.site.catalog.vm(primary.name)).state
+        return state not in (ReplicationState.FAILED_OVER,
+                             ReplicationState.FAILED_OVER_WAITING_COMPLETION)

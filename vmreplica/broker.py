@@ -10,6 +10,7 @@ Production deployments point vmreplica at their own cluster with ``VMREPLICA_BOO
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -352,7 +353,11 @@ class LocalCluster:
 
 
 def _cluster_id() -> str:
-    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding."""
-    import base64  # noqa: PLC0415
+    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding.
 
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    Kafka's storage tool reads an id starting with '-' as an option, so such ids are redrawn.
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id

@@ -7,7 +7,9 @@ image is fsynced, so the catalog never claims more than the image holds.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,7 +34,11 @@ CREATE TABLE IF NOT EXISTS vm (
     epoch INTEGER NOT NULL DEFAULT 1,
     state TEXT NOT NULL,
     state_message TEXT NOT NULL DEFAULT '',
-    state_changed_ms INTEGER NOT NULL
+    state_changed_ms INTEGER NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 0,
+    primary_seen_ms INTEGER,
+    failover_point INTEGER,
+    reverse_wanted INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS disk (
     vm TEXT NOT NULL REFERENCES vm(name) ON DELETE CASCADE,
@@ -57,6 +63,7 @@ CREATE TABLE IF NOT EXISTS recovery_point (
     journal_offset INTEGER NOT NULL,
     cut_at_ms INTEGER NOT NULL,
     consistency TEXT NOT NULL,
+    cycle_hash BLOB NOT NULL DEFAULT x'',
     PRIMARY KEY (vm, cycle)
 );
 CREATE TABLE IF NOT EXISTS seed_progress (
@@ -64,6 +71,32 @@ CREATE TABLE IF NOT EXISTS seed_progress (
     disk TEXT NOT NULL,
     next_offset INTEGER NOT NULL,
     PRIMARY KEY (vm, disk)
+);
+CREATE TABLE IF NOT EXISTS canceled_epoch (
+    vm TEXT NOT NULL REFERENCES vm(name) ON DELETE CASCADE,
+    epoch INTEGER NOT NULL,
+    PRIMARY KEY (vm, epoch)
+);
+CREATE TABLE IF NOT EXISTS request (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    vm TEXT NOT NULL,
+    action TEXT NOT NULL,
+    arguments TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    result TEXT NOT NULL DEFAULT '',
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS agent (
+    site TEXT PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    seen_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS test_failover (
+    vm TEXT PRIMARY KEY REFERENCES vm(name) ON DELETE CASCADE,
+    point INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '',
+    created_ms INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS cycle_stat (
     vm TEXT NOT NULL REFERENCES vm(name) ON DELETE CASCADE,
@@ -89,6 +122,13 @@ class VmSettings:
     capture: Literal["api", "nbd", "scan"] = "api"
     continuous_max_bytes: int = 64 * 1024 * 1024
     excluded_disks: tuple[str, ...] = field(default_factory=tuple)
+    changelog_budget_bytes: int | None = None
+    """Largest open change-log segment before capture degrades to a dirty-block map for the
+    rest of the cycle (None: a tenth of the VM's total disk size)."""
+    pre_cut_hook: str | None = None
+    """Scan capture: shell command run before the scan (fsfreeze, pausing the VM)."""
+    post_cut_hook: str | None = None
+    """Scan capture: shell command run after the scan, even if it failed (thaw, resume)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -141,6 +181,23 @@ class StoredPoint:
     journal_offset: int
     cut_at_ms: int
     consistency: str
+    cycle_hash: bytes = b""
+
+
+@dataclass(frozen=True)
+class Request:
+    """A role-changing action a CLI asked this site's agent to carry out."""
+
+    id: int
+    vm: str
+    action: str
+    arguments: dict[str, Any]
+    status: str
+    result: str
+
+
+def _process_alive(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
 
 
 def now_ms() -> int:
@@ -153,6 +210,8 @@ class Catalog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: aiosqlite.Connection | None = None
+        self._writing = asyncio.Lock()
+        """One connection serves every task: transactions must not interleave on it."""
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,14 +243,15 @@ class Catalog:
 
     async def _transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
         """Run ``statements`` atomically: all of them are durable, or none."""
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
-            for sql, parameters in statements:
-                await self.db.execute(sql, parameters)
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
-        await self.db.execute("COMMIT")
+        async with self._writing:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, parameters in statements:
+                    await self.db.execute(sql, parameters)
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+            await self.db.execute("COMMIT")
 
     async def add_vm(self, name: str, role: Role, trust_group: str, partner_site: str,
                      settings: VmSettings, disks: Sequence[DiskRecord], state: ReplicationState,
@@ -276,9 +336,9 @@ class Catalog:
         if point is not None:
             statements.append((
                 "INSERT OR REPLACE INTO recovery_point (vm, cycle, epoch, journal_offset,"
-                " cut_at_ms, consistency) VALUES (?, ?, ?, ?, ?, ?)",
+                " cut_at_ms, consistency, cycle_hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (name, point.cycle, point.epoch, point.journal_offset, point.cut_at_ms,
-                 point.consistency)))
+                 point.consistency, point.cycle_hash)))
         if position.cycle > 0:
             statements.append((
                 "INSERT OR REPLACE INTO cycle_stat (vm, cycle, cut_at_ms, done_at_ms, bytes)"
@@ -291,9 +351,10 @@ class Catalog:
 
     async def points(self, name: str) -> list[StoredPoint]:
         async with self.db.execute(
-                "SELECT cycle, epoch, journal_offset, cut_at_ms, consistency FROM recovery_point"
-                " WHERE vm = ? ORDER BY cycle", (name,)) as cursor:
-            return [StoredPoint(*row) for row in await cursor.fetchall()]
+                "SELECT cycle, epoch, journal_offset, cut_at_ms, consistency, cycle_hash"
+                " FROM recovery_point WHERE vm = ? ORDER BY cycle", (name,)) as cursor:
+            return [StoredPoint(r[0], r[1], r[2], r[3], r[4], bytes(r[5]))
+                    for r in await cursor.fetchall()]
 
     async def keep_points(self, name: str, cycles: Sequence[int]) -> None:
         """Forget every recovery point of ``name`` but ``cycles``."""
@@ -322,3 +383,135 @@ class Catalog:
                 "SELECT cycle, cut_at_ms, done_at_ms, bytes FROM cycle_stat"
                 " WHERE vm = ? AND done_at_ms >= ? ORDER BY cycle", (name, since_ms)) as cursor:
             return [(r[0], r[1], r[2], r[3]) for r in await cursor.fetchall()]
+
+    # Role changes (failover) -------------------------------------------------------------------
+
+    async def change_role(self, name: str, role: Role, partner_site: str, epoch: int,
+                          state: ReplicationState, message: str,
+                          disks: Sequence[DiskRecord] | None = None,
+                          position: Position | None = None,
+                          failover_point: int | None = None) -> None:
+        """Switch a VM's role in one transaction; bumps its generation so running workers stop."""
+        statements: list[tuple[str, Sequence[Any]]] = [(
+            "UPDATE vm SET role = ?, partner_site = ?, epoch = ?, state = ?, state_message = ?,"
+            " state_changed_ms = ?, generation = generation + 1, failover_point = ?"
+            " WHERE name = ?",
+            (role, partner_site, epoch, state.value, message, now_ms(), failover_point, name))]
+        if disks is not None:
+            statements.append(("DELETE FROM disk WHERE vm = ?", (name,)))
+            statements += [("INSERT INTO disk (vm, name, path, size_bytes, position)"
+                            " VALUES (?, ?, ?, ?, ?)", (name, d.name, d.path, d.size_bytes, i))
+                           for i, d in enumerate(disks)]
+        if position is not None:
+            statements.append((
+                "INSERT OR REPLACE INTO position (vm, epoch, cycle, cycle_hash, next_offset,"
+                " at_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                (name, position.epoch, position.cycle, position.cycle_hash,
+                 position.next_offset, position.at_ms)))
+        await self._transaction(statements)
+
+    async def generation(self, name: str) -> int:
+        async with self.db.execute("SELECT generation FROM vm WHERE name = ?", (name,)) as cursor:
+            row = await cursor.fetchone()
+        return -1 if row is None else int(row[0])
+
+    async def failover_point(self, name: str) -> int | None:
+        async with self.db.execute("SELECT failover_point FROM vm WHERE name = ?",
+                                   (name,)) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    async def set_reverse_wanted(self, name: str, wanted: bool) -> None:
+        await self._transaction([("UPDATE vm SET reverse_wanted = ? WHERE name = ?",
+                                  (int(wanted), name))])
+
+    async def reverse_wanted(self, name: str) -> bool:
+        async with self.db.execute("SELECT reverse_wanted FROM vm WHERE name = ?",
+                                   (name,)) as cursor:
+            row = await cursor.fetchone()
+        return bool(row and row[0])
+
+    async def set_failover_point(self, name: str, cycle: int | None) -> None:
+        await self._transaction([("UPDATE vm SET failover_point = ? WHERE name = ?",
+                                  (cycle, name))])
+
+    async def primary_seen(self, name: str, at_ms: int) -> None:
+        await self._transaction([("UPDATE vm SET primary_seen_ms = ? WHERE name = ?",
+                                  (at_ms, name))])
+
+    async def primary_seen_ms(self, name: str) -> int | None:
+        async with self.db.execute("SELECT primary_seen_ms FROM vm WHERE name = ?",
+                                   (name,)) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    async def cancel_epoch(self, name: str, epoch: int) -> None:
+        await self._transaction([("INSERT OR IGNORE INTO canceled_epoch (vm, epoch)"
+                                  " VALUES (?, ?)", (name, epoch))])
+
+    async def canceled_epochs(self, name: str) -> set[int]:
+        async with self.db.execute("SELECT epoch FROM canceled_epoch WHERE vm = ?",
+                                   (name,)) as cursor:
+            return {int(row[0]) for row in await cursor.fetchall()}
+
+    # Requests to the agent ---------------------------------------------------------------------
+
+    async def add_request(self, vm: str, action: str, arguments: dict[str, Any]) -> int:
+        async with self._writing:
+            cursor = await self.db.execute(
+                "INSERT INTO request (vm, action, arguments, created_ms) VALUES (?, ?, ?, ?)",
+                (vm, action, json.dumps(arguments), now_ms()))
+            return int(cursor.lastrowid or 0)
+
+    async def pending_requests(self) -> list[Request]:
+        async with self.db.execute(
+                "SELECT id, vm, action, arguments, status, result FROM request"
+                " WHERE status = 'pending' ORDER BY id") as cursor:
+            rows = await cursor.fetchall()
+        return [Request(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5]) for r in rows]
+
+    async def request(self, request_id: int) -> Request:
+        async with self.db.execute(
+                "SELECT id, vm, action, arguments, status, result FROM request WHERE id = ?",
+                (request_id,)) as cursor:
+            r = await cursor.fetchone()
+        if r is None:
+            raise ConfigurationError(f"no request {request_id}")
+        return Request(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5])
+
+    async def finish_request(self, request_id: int, status: str, result: str) -> None:
+        await self._transaction([("UPDATE request SET status = ?, result = ? WHERE id = ?",
+                                  (status, result, request_id))])
+
+    async def agent_alive(self, site: str, pid: int) -> None:
+        await self._transaction([("INSERT OR REPLACE INTO agent (site, pid, seen_ms)"
+                                  " VALUES (?, ?, ?)", (site, pid, now_ms()))])
+
+    async def agent_seen_ms(self, site: str) -> int | None:
+        async with self.db.execute("SELECT pid, seen_ms FROM agent WHERE site = ?",
+                                   (site,)) as cursor:
+            row = await cursor.fetchone()
+        if row is None or not _process_alive(int(row[0])):
+            return None
+        return int(row[1])
+
+    async def agent_gone(self, site: str) -> None:
+        await self._transaction([("DELETE FROM agent WHERE site = ?", (site,))])
+
+    # Test failover -----------------------------------------------------------------------------
+
+    async def set_test_failover(self, name: str, point: int, status: str,
+                                detail: str = "") -> None:
+        await self._transaction([(
+            "INSERT OR REPLACE INTO test_failover (vm, point, status, detail, created_ms)"
+            " VALUES (?, ?, ?, ?, ?)", (name, point, status, detail, now_ms()))])
+
+    async def test_failover(self, name: str) -> tuple[int, str, str] | None:
+        """(point, status, detail) of the VM's test failover, if one exists."""
+        async with self.db.execute("SELECT point, status, detail FROM test_failover"
+                                   " WHERE vm = ?", (name,)) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else (int(row[0]), str(row[1]), str(row[2]))
+
+    async def clear_test_failover(self, name: str) -> None:
+        await self._transaction([("DELETE FROM test_failover WHERE vm = ?", (name,))])

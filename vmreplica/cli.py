@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from vmreplica.cli_replication import register
+from vmreplica import cli_failover, cli_replication
 from vmreplica.cli_support import console, emit_json, errors, reported
 
 
@@ -19,7 +19,8 @@ def main() -> None:
     """Replicate virtual-machine disks to another site through Apache Kafka."""
 
 
-register(main)
+cli_replication.register(main)
+cli_failover.register(main)
 
 
 @main.group()

@@ -18,11 +18,11 @@ from rich.table import Table
 
 from vmreplica.catalog import VmRecord, VmSettings
 from vmreplica.cli_support import console, emit_json, reported
-from vmreplica.config import load_config
+from vmreplica.config import SiteConfig, load_config
 from vmreplica.consumers.points import FORMATS, apply_lock, choose_point, export_point
-from vmreplica.consumers.replica import image_path
 from vmreplica.errors import ConfigurationError
 from vmreplica.kafka import JournalReader
+from vmreplica.producers.nbd_exports import nbd_uris, socket_path
 from vmreplica.schemas.codec import decode_status
 from vmreplica.schemas.events import ReplicaPosition
 from vmreplica.site import Site, parse_disks
@@ -71,30 +71,85 @@ def _frequency(value: str) -> int:
 @click.option("--capture", type=click.Choice(["api", "nbd", "scan"]), default="api",
               show_default=True, help="How writes are captured on this primary.")
 @click.option("--exclude-disk", "excluded", multiple=True, help="A disk not to replicate.")
+@click.option("--changelog-budget", default=None, metavar="SIZE",
+              help="Largest change log per cycle before capture tracks dirty blocks instead "
+                   "(e.g. 2G; default: a tenth of the VM's disks).")
+@click.option("--pre-cut-hook", default=None, metavar="COMMAND",
+              help="--capture scan: shell command run before each scan (fsfreeze, pause).")
+@click.option("--post-cut-hook", default=None, metavar="COMMAND",
+              help="--capture scan: shell command run after each scan (thaw, resume).")
 @config_option
 @json_option
 @reported
 def enable(vm: str, disks: tuple[str, ...], replica_site: str, frequency: str,
            recovery_history: int, app_consistent_hours: int | None,
            continuous_points_hours: int | None, compression: str, capture: str,
-           excluded: tuple[str, ...], config_path: Path | None, as_json: bool) -> None:
-    """Enable replication of VM to another site (Enable-VMReplication)."""
+           excluded: tuple[str, ...], changelog_budget: str | None, pre_cut_hook: str | None,
+           post_cut_hook: str | None, config_path: Path | None, as_json: bool) -> None:
+    """Enable replication of VM to another site (Enable-VMReplication).
+
+    With --capture nbd, the agent serves each disk over NBD and the hypervisor must use that
+    export as the disk: the URIs to attach are printed (and shown by `status --json`).
+    """
+    if (pre_cut_hook or post_cut_hook) and capture != "scan":
+        raise ConfigurationError("--pre-cut-hook and --post-cut-hook run around the change "
+                                 "scan; they need --capture scan")
     settings = VmSettings(
         frequency_seconds=_frequency(frequency), recovery_history=recovery_history,
         app_consistent_hours=app_consistent_hours,
         continuous_points_hours=continuous_points_hours, compression=compression == "on",
         capture=capture,  # type: ignore[arg-type]  # click.Choice guarantees the literal
-        excluded_disks=excluded)
+        excluded_disks=excluded,
+        changelog_budget_bytes=None if changelog_budget is None else parse_size(
+            "--changelog-budget", changelog_budget),
+        pre_cut_hook=pre_cut_hook, post_cut_hook=post_cut_hook)
     parsed = parse_disks(disks)
     for name in excluded:
         if name not in parsed:
             raise ConfigurationError(f"--exclude-disk {name!r} names no --disk of VM {vm!r}")
+    config = load_config(config_path)
+    if capture == "nbd":
+        socket_path(config, vm)  # a socket path too long for Unix is refused before enabling
     record = with_site(config_path, lambda site: site.enable(vm, parsed, replica_site, settings))
+    details = capture_json(config, record)
     if as_json:
-        emit_json(_vm_json(record))
-    else:
-        console.print(f"VM [bold]{vm}[/] will replicate to {replica_site}: "
-                      f"{record.state.value}. Start `vmreplica agent` to begin.")
+        emit_json(_vm_json(record) | details)
+        return
+    console.print(f"VM [bold]{vm}[/] will replicate to {replica_site}: "
+                  f"{record.state.value}. Start `vmreplica agent` to begin.")
+    if "nbd" in details:
+        console.print("The agent serves its disks over NBD while it runs; attach the "
+                      "hypervisor to these (see README, \"Attaching the hypervisor\"):")
+        for disk, uris in details["nbd"].items():
+            for uri in uris.values():
+                console.print(f"  {disk}: {uri}", highlight=False, soft_wrap=True)
+
+
+def parse_size(option: str, text: str) -> int:
+    """``512M``, ``2G``, ``1048576``: bytes, in powers of 1024.
+
+    :raises ConfigurationError: not a positive size.
+    """
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1:] if value[-1:] in units else ""
+    number = value[: len(value) - len(unit)]
+    if not number.isdigit() or int(number) <= 0:
+        raise ConfigurationError(f"{option} {text!r}: expected a size such as 512M, 2G or a "
+                                 "number of bytes")
+    return int(number) * units[unit]
+
+
+def capture_json(config: SiteConfig, record: VmRecord) -> dict[str, Any]:
+    """How the VM's writes are captured, and for NBD the URIs the hypervisor attaches to."""
+    details: dict[str, Any] = {"capture": record.settings.capture}
+    if record.role == "primary" and record.settings.capture == "nbd":
+        try:
+            details["nbd_socket"] = str(socket_path(config, record.name))
+            details["nbd"] = nbd_uris(config, record)
+        except ConfigurationError as error:  # the agent refuses to serve it for this reason
+            details["nbd_error"] = str(error)
+    return details
 
 
 @click.command()
@@ -152,7 +207,7 @@ async def vm_status(site: Site, record: VmRecord) -> dict[str, Any]:
         int(expected), len(stats),
         None if last_cycle_ms is None else (now_ms - last_cycle_ms) / 1000,
         sum(latencies) / len(latencies) if latencies else None))
-    status = _vm_json(record) | {
+    status = _vm_json(record) | capture_json(site.config, record) | {
         "health": report.health.value, "health_reasons": list(report.reasons),
         "cycle": position.cycle if position else None,
         "seconds_behind": None if position is None else round((now_ms - position.at_ms) / 1000,
@@ -248,7 +303,7 @@ def points_export(vm: str, point: str, destination: Path, fmt: str,
             chosen = choose_point(await site.catalog.points(vm), point)
             position = await site.catalog.position(vm)
             head = position.cycle if position else chosen.cycle
-            images = {d.name: image_path(folder, d.name) for d in record.disks}
+            images = {d.name: Path(d.path) for d in record.disks}
             return export_point(images, folder / "undo", chosen, head, destination,
                                 fmt)  # type: ignore[arg-type]
 

@@ -7,6 +7,7 @@ environment variables, the environment winning. A mistake is reported as one
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -38,6 +39,18 @@ class SiteConfig(BaseSettings):
         default=("*",), description="Sites this replica accepts VMs from ('*': any).")
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     heartbeat_seconds: float = Field(default=5.0, gt=0)
+    nbd_socket_dir: Path | None = Field(
+        default=None, description="Folder of the agent's NBD sockets, <dir>/<vm>.sock "
+        "(default: <root>/vms/<vm>/nbd.sock). Socket paths must stay under 108 bytes.")
+    nbd_tcp_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Also serve every NBD export on this "
+        "loopback TCP port, named <vm>.<disk> (0: any free port; default: Unix sockets only).")
+    nbd_tcp_host: str = Field(default="127.0.0.1",
+                              description="Loopback address of the NBD TCP listener.")
+    vm_stop_command: str | None = Field(
+        default=None, description="Hypervisor hook run before a planned failover ({vm}).")
+    vm_start_command: str | None = Field(
+        default=None, description="Hypervisor hook run by `failover planned --start` ({vm}).")
 
     @field_validator("site", "trust_group", "topic_prefix")
     @classmethod
@@ -48,6 +61,24 @@ class SiteConfig(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @field_validator("nbd_socket_dir")
+    @classmethod
+    def _absolute_or_none(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser().resolve()
+
+    @field_validator("nbd_tcp_host")
+    @classmethod
+    def _loopback(cls, value: str) -> str:
+        # NBD has no authentication here: the export must not be reachable from the network.
+        try:
+            loopback = ipaddress.ip_address(value).is_loopback
+        except ValueError:
+            loopback = value == "localhost"
+        if not loopback:
+            raise ValueError(f"{value!r} is not a loopback address (127.0.0.1, ::1); the NBD "
+                             "exports carry no authentication and must stay on this machine")
+        return value
 
     @property
     def catalog_path(self) -> Path:

@@ -1,4 +1,5 @@
-"""``make demo``: two sites on this machine replicate a two-disk VM through a real Kafka broker.
+"""``make demo``: two sites on this machine replicate a two-disk VM through a real Kafka broker,
+then fail it over every way (see :mod:`vmreplica.demo_failover`).
 
 Site A is the primary: this process writes a workload through the capture API and ships cycles.
 Site B is the replica: a real ``vmreplica agent`` process applies the journal. The demo records
@@ -25,6 +26,7 @@ from typing import Final
 from rich.console import Console
 from rich.table import Table
 
+from vmreplica import demo_failover
 from vmreplica.broker import LocalCluster
 from vmreplica.catalog import VmSettings
 from vmreplica.config import load_config
@@ -153,7 +155,7 @@ def _tour(work: Path, bootstrap: str) -> bool:
         ok &= row[0] == row[1] and row[2] == row[3]
         table.add_row(name, *(d[:16] for d in row))
     console.print(table)
-    return ok
+    return asyncio.run(demo_failover.tour(config_a, config_b, VM, console)) and ok
 
 
 def main() -> int:

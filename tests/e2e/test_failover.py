@@ -1,0 +1,211 @@
+"""Failover and role swap through the Python API, two sites against the real broker.
+
+Planned failover loses nothing and reverses without a resync; unplanned failover lands exactly on
+the chosen point; a returning old primary is fenced, and `reverse` makes it a replica by sending
+only what diverged; a zombie primary never changes a replica image.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vmreplica import failover
+from vmreplica.catalog import VmSettings
+from vmreplica.config import SiteConfig
+from vmreplica.errors import FencedError
+from vmreplica.image import sha256_of
+from vmreplica.producers.primary import SupersededError
+from vmreplica.site import Site
+from vmreplica.states import ReplicationState
+
+pytestmark = pytest.mark.e2e
+MiB = 1024 * 1024
+DISK_BYTES = 8 * MiB
+
+
+@dataclass
+class Pair:
+    vm: str
+    a: Site
+    b: Site
+    disks: dict[str, Path]
+
+
+async def make_pair(tmp_path: Path, bootstrap: str, unique: Callable[[str], str],
+                    settings: VmSettings) -> Pair:
+    group = unique("tg")
+    a = Site(SiteConfig(site="site-a", root=tmp_path / "a", bootstrap_servers=bootstrap,
+                        trust_group=group))
+    b = Site(SiteConfig(site="site-b", root=tmp_path / "b", bootstrap_servers=bootstrap,
+                        trust_group=group))
+    await a.start()
+    await b.start()
+    disks = {"disk0": tmp_path / "disk0.img", "disk1": tmp_path / "disk1.img"}
+    for path in disks.values():
+        with path.open("wb") as file:
+            file.truncate(DISK_BYTES)
+    vm = unique("vm")
+    await a.enable(vm, disks, "site-b", settings)
+    return Pair(vm, a, b, disks)
+
+
+async def digests(site: Site, vm: str) -> dict[str, str]:
+    return {d.name: sha256_of(Path(d.path)) for d in (await site.catalog.vm(vm)).disks}
+
+
+async def catch_up(site: Site, vm: str) -> int:
+    if await site.catalog.find_vm(vm) is None:
+        await site.discover()
+    async with await site.replica(await site.catalog.vm(vm)) as replica:
+        cycle = await replica.catch_up()
+        assert replica.violation is None, replica.violation
+        return cycle
+
+
+async def write_some(site: Site, vm: str, seed: int) -> None:
+    async with site.primary(await site.catalog.vm(vm)) as primary:
+        rng = os.urandom
+        await primary.capture.write("disk0", (seed % 7) * 65536, rng(65536))
+        await primary.capture.write("disk1", DISK_BYTES - 4096, rng(4096))
+        await primary.capture.flush()
+        await primary.replicate()
+
+
+async def test_planned_failover_and_back_loses_nothing(
+        tmp_path: Path, bootstrap_servers: str, unique: Callable[[str], str]) -> None:
+    pair = await make_pair(tmp_path, bootstrap_servers, unique, VmSettings(frequency_seconds=30))
+    vm, a, b = pair.vm, pair.a, pair.b
+    try:
+        async with a.primary(await a.catalog.vm(vm)) as primary:
+            await primary.capture.write("disk0", 0, os.urandom(MiB))
+            await primary.initial_replication()
+        await write_some(a, vm, 1)
+        await catch_up(b, vm)
+
+        # A prepares (the VM is stopped), B takes over, A follows as its replica.
+        prepared = await failover.prepare_planned(a, vm, verify=True)
+        assert [d.name for d in prepared.disk_sha256] == ["disk0", "disk1"]
+        at_shutdown = await digests(a, vm)
+        async with await b.replica(await b.catalog.vm(vm)) as replica:
+            await replica.catch_up()
+            assert replica.materializer.prepared == prepared
+        start = await failover.promote(b, vm, prepared=prepared)
+        assert await digests(b, vm) == at_shutdown
+        found = await failover.newest_epoch(a, vm, 0)
+        assert found is not None
+        assert found[1] == start
+        assert await failover.demote(a, vm, found[1], found[0]) == 0
+        assert (await a.catalog.vm(vm)).state is ReplicationState.REPLICATING
+
+        # Writes on the new primary replicate back, with no resync in between.
+        await write_some(b, vm, 2)
+        await catch_up(a, vm)
+        assert await digests(a, vm) == await digests(b, vm)
+
+        # Planned failover back restores the original direction.
+        prepared = await failover.prepare_planned(b, vm)
+        await catch_up(a, vm)
+        back = await failover.promote(a, vm, prepared=prepared)
+        assert back.primary_site == "site-a"
+        found = await failover.newest_epoch(b, vm, 0)
+        assert found is not None
+        await failover.demote(b, vm, found[1], found[0])
+        await write_some(a, vm, 3)
+        await catch_up(b, vm)
+        assert await digests(b, vm) == await digests(a, vm)
+        assert (await a.catalog.vm(vm)).role == "primary"
+        assert (await b.catalog.vm(vm)).role == "replica"
+    finally:
+        await pair.a.stop()
+        await pair.b.stop()
+
+
+async def test_unplanned_failover_to_latest_and_older_point_then_reverse(
+        tmp_path: Path, bootstrap_servers: str, unique: Callable[[str], str]) -> None:
+    pair = await make_pair(tmp_path, bootstrap_servers, unique,
+                           VmSettings(frequency_seconds=30, continuous_points_hours=1))
+    vm, a, b = pair.vm, pair.a, pair.b
+    try:
+        recorded: dict[int, dict[str, str]] = {}
+        async with a.primary(await a.catalog.vm(vm)) as primary:
+            await primary.initial_replication()
+            for i in range(5):
+                await primary.capture.write("disk0", i * 65536, os.urandom(65536))
+                await primary.capture.write("disk1", 0, os.urandom(4096))
+                for cycle in await primary.replicate():
+                    recorded[cycle.cycle] = await digests(a, vm)
+            # Writes that never reach the replica: the primary dies before shipping them.
+            await primary.capture.write("disk0", 3 * MiB, b"\x77" * 65536)
+            await primary.capture.flush()
+        await catch_up(b, vm)
+        cycles = sorted(recorded)
+        older = cycles[1]
+
+        # Failover to an older point, cancel (replay forward), then fail over to the latest.
+        await failover.promote(b, vm, point=str(older), force=True)
+        assert await digests(b, vm) == recorded[older]
+        await failover.cancel(b, vm)
+        await catch_up(b, vm)
+        assert await digests(b, vm) == recorded[cycles[-1]]
+        start = await failover.promote(b, vm, point="latest", force=True)
+        assert await digests(b, vm) == recorded[cycles[-1]]
+        await failover.complete(b, vm)
+        assert (await b.catalog.vm(vm)).state is ReplicationState.FAILED_OVER
+
+        # The new primary writes; the old one returns and is fenced before it can publish.
+        async with b.primary(await b.catalog.vm(vm)) as new_primary:
+            await new_primary.capture.write("disk1", 2 * MiB, os.urandom(32768))
+            await new_primary.capture.flush()
+        with pytest.raises(SupersededError, match="became primary in epoch"):
+            async with a.primary(await a.catalog.vm(vm)):
+                pass
+        found = await failover.newest_epoch(a, vm, 0)
+        assert found is not None
+        assert found[1].epoch == start.epoch
+        diverged_a = await failover.demote(a, vm, found[1], found[0])
+        assert diverged_a == 65536
+        result = await failover.reverse(b, vm)
+        print(f"reverse: diverged {result.diverged_bytes} bytes, sent {result.sent_bytes} bytes")
+        assert not result.full_copy
+        assert result.diverged_bytes == 65536 + 32768
+        assert result.sent_bytes <= 2 * result.diverged_bytes
+        await catch_up(a, vm)
+        assert await digests(a, vm) == await digests(b, vm)
+        assert (await a.catalog.vm(vm)).state is ReplicationState.REPLICATING
+    finally:
+        await pair.a.stop()
+        await pair.b.stop()
+
+
+async def test_zombie_primary_never_changes_a_replica(
+        tmp_path: Path, bootstrap_servers: str, unique: Callable[[str], str]) -> None:
+    pair = await make_pair(tmp_path, bootstrap_servers, unique, VmSettings(frequency_seconds=30))
+    vm, a, b = pair.vm, pair.a, pair.b
+    try:
+        zombie = a.primary(await a.catalog.vm(vm))
+        await zombie.start()
+        try:
+            await zombie.initial_replication()
+            await zombie.capture.write("disk0", 0, os.urandom(65536))
+            await zombie.replicate()
+            await catch_up(b, vm)
+            await failover.promote(b, vm, force=True)
+            await failover.complete(b, vm)
+            before = await digests(b, vm)
+            # The zombie keeps writing and tries to ship: the broker has fenced its producer.
+            await zombie.capture.write("disk0", 0, b"\xee" * 65536)
+            with pytest.raises(FencedError):
+                await zombie.replicate()
+            with pytest.raises(FencedError):
+                await zombie.capture.write("disk0", 0, b"\xee" * 4096)
+        finally:
+            await zombie.stop()
+        assert await digests(b, vm) == before
+    finally:
+        await pair.a.stop()
+        await pair.b.stop()

@@ -1,0 +1,105 @@
+"""Unplanned failover after the primary is SIGKILLed mid-cycle: the replica fails over to the
+latest point and to an older one, and each gives exactly the primary's disks at that cycle.
+
+The primary is `tests.e2e.primary_worker` in its own process: a deterministic workload, so the
+disks at every cut can be rebuilt in memory from how many operations had been flushed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.primary_worker import DISKS, apply_to, operation
+from vmreplica import failover
+from vmreplica.catalog import VmSettings
+from vmreplica.config import SiteConfig
+from vmreplica.image import sha256_of
+from vmreplica.site import Site
+
+pytestmark = pytest.mark.e2e
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SEED = 20261125
+
+
+def expected_digests(operations: int) -> dict[str, str]:
+    model = {disk: bytearray(size) for disk, size in DISKS.items()}
+    for index in range(operations):
+        apply_to(model, operation(SEED, index))
+    return {disk: hashlib.sha256(data).hexdigest() for disk, data in model.items()}
+
+
+async def run_primary_until_killed(config: Path, vm: str, cycles: int) -> dict[int, int]:
+    """Run the primary until it shipped ``cycles`` cycles and flushed more; SIGKILL it then.
+
+    Returns, for each shipped cycle, how many operations it holds.
+    """
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.e2e.primary_worker", str(config), vm, str(SEED), "0",
+        cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    assert worker.stdout is not None
+    flushed, at_cut, after = 0, {}, 0
+    try:
+        async with asyncio.timeout(120):
+            while line := await worker.stdout.readline():
+                word, *numbers = line.split()
+                if word == b"flushed":
+                    flushed = int(numbers[0])
+                    after += 1
+                elif word == b"shipped":
+                    at_cut.update({int(cycle): flushed for cycle in numbers})
+                    after = 0
+                if len(at_cut) >= cycles and after == 2:  # mid-cycle: flushed, not shipped
+                    worker.send_signal(signal.SIGKILL)
+                    break
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+        await worker.wait()
+    return at_cut
+
+
+async def test_unplanned_failover_after_sigkill_lands_on_recorded_points(
+        tmp_path: Path, bootstrap_servers: str, unique: Callable[[str], str]) -> None:
+    group, vm = unique("tg"), unique("vm")
+    config_a = tmp_path / "a.toml"
+    config_a.write_text(f'site = "site-a"\nroot = "{tmp_path / "a"}"\nbootstrap_servers = '
+                        f'"{bootstrap_servers}"\ntrust_group = "{group}"\n')
+    disks = {name: tmp_path / f"{name}.img" for name in DISKS}
+    for name, path in disks.items():
+        with path.open("wb") as file:
+            file.truncate(DISKS[name])
+    b = Site(SiteConfig(site="site-b", root=tmp_path / "b", bootstrap_servers=bootstrap_servers,
+                        trust_group=group))
+    async with Site(SiteConfig(site="site-a", root=tmp_path / "a",
+                               bootstrap_servers=bootstrap_servers, trust_group=group)) as a:
+        record = await a.enable(vm, disks, "site-b",
+                                VmSettings(frequency_seconds=30, continuous_points_hours=1))
+        async with a.primary(record) as primary:
+            await primary.initial_replication()
+    at_cut = await run_primary_until_killed(config_a, vm, cycles=5)
+    assert len(at_cut) >= 5
+    async with b:
+        await b.discover()
+        async with await b.replica(await b.catalog.vm(vm)) as replica:
+            await replica.catch_up()
+
+        def replica_digests() -> dict[str, str]:
+            return {name: sha256_of(tmp_path / "b" / "vms" / vm / "disks" / f"{name}.img")
+                    for name in DISKS}
+
+        cycles = sorted(at_cut)
+        older = cycles[1]
+        await failover.promote(b, vm, point=str(older), force=True)
+        assert replica_digests() == expected_digests(at_cut[older])
+        await failover.cancel(b, vm)
+        async with await b.replica(await b.catalog.vm(vm)) as replica:
+            await replica.catch_up()
+        await failover.promote(b, vm, point="latest", force=True)
+        assert replica_digests() == expected_digests(at_cut[cycles[-1]])

@@ -1,0 +1,367 @@
+"""Bad journal events stop only their VM, with an exact state and message, and change no byte.
+
+Two VMs replicate from site A to site B: ``bad`` and ``good``, each seeded and one good cycle in.
+Then a forger (its own transactional id) publishes a hand-crafted transaction into ``bad``'s
+journal: a skipped cycle number, a data extent whose bytes fail their CRC-32, records that are not
+Avro at all or truncated (``tests/data/journal/``), an extent past the end of a disk, a commit
+that does not chain to the previous cycle, and one whose hash does not cover its records. Each
+bad transaction starts or ends with perfectly valid records of the same cycle, so applying
+anything before checking everything would show.
+
+For each, the replica of ``bad`` ends in exactly the state the rule prescribes — "resynchronization
+required" for sequence and integrity breaks, "error" for input that can never be valid — with a
+message naming the VM, the journal offset, the cycle and the disk/offset where it applies; its
+images, applied position, recovery points and undo logs are exactly as before; the legitimate
+next cycle from ``bad``'s real primary is not applied either. Meanwhile ``good``, on the same
+replica site, keeps replicating: with two ReplicaVm workers in this process, and once through a
+real ``vmreplica agent`` process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import pytest
+
+from vmreplica.agent import DISCOVERY_SECONDS
+from vmreplica.catalog import Catalog, Position, VmSettings
+from vmreplica.config import SiteConfig
+from vmreplica.consumers.replica import ReplicaVm, image_path
+from vmreplica.image import sha256_of
+from vmreplica.kafka import JournalPublisher
+from vmreplica.producers.primary import PrimaryVm
+from vmreplica.schemas.chain import cycle_hash
+from vmreplica.schemas.codec import encode
+from vmreplica.schemas.events import (
+    Compression,
+    Consistency,
+    CycleCommit,
+    DiskSize,
+    Extent,
+    ExtentKind,
+    WriteBatch,
+)
+from vmreplica.site import Site
+from vmreplica.states import ReplicationState
+
+pytestmark = pytest.mark.integration
+
+KiB: Final = 1024
+MiB: Final = 1024 * KiB
+BAD, GOOD = "bad", "good"
+DISKS: Final = {"disk0": MiB, "disk1": 512 * KiB}
+EPOCH: Final = 1
+DATA_DIR: Final = Path(__file__).resolve().parents[1] / "data" / "journal"
+RESYNC, ERROR = ReplicationState.RESYNCHRONIZATION_REQUIRED, ReplicationState.ERROR
+
+
+@dataclass
+class Pair:
+    """Both sites, with the primary and the replica worker of each VM open."""
+
+    site_a: Site
+    site_b: Site
+    primaries: dict[str, PrimaryVm]
+    replicas: dict[str, ReplicaVm]
+    disks: dict[str, dict[str, Path]]
+
+
+def _configs(tmp_path: Path, bootstrap: str) -> tuple[SiteConfig, SiteConfig]:
+    group = f"tg-{uuid.uuid4().hex[:10]}"
+    return (SiteConfig(site="site-a", root=tmp_path / "site-a", bootstrap_servers=bootstrap,
+                       trust_group=group),
+            SiteConfig(site="site-b", root=tmp_path / "site-b", bootstrap_servers=bootstrap,
+                       trust_group=group))
+
+
+async def _start_primaries(site_a: Site, tmp_path: Path, stack: AsyncExitStack,
+                           ) -> tuple[dict[str, PrimaryVm], dict[str, dict[str, Path]]]:
+    """Enable, seed and ship one good cycle for each VM."""
+    primaries, disks = {}, {}
+    for vm in (BAD, GOOD):
+        disks[vm] = {name: tmp_path / vm / f"{name}.img" for name in DISKS}
+        disks[vm]["disk0"].parent.mkdir()
+        record = await site_a.enable(vm, disks[vm], "site-b", VmSettings(frequency_seconds=30),
+                                     sizes=DISKS)
+        primary = await stack.enter_async_context(site_a.primary(record))
+        await primary.capture.write("disk0", 0, os.urandom(256 * KiB))
+        await primary.initial_replication()
+        await primary.capture.write("disk1", 100 * KiB, os.urandom(64 * KiB))
+        await primary.capture.write("disk1", DISKS["disk1"] - 4 * KiB, os.urandom(4 * KiB))
+        await primary.replicate()
+        primaries[vm] = primary
+    return primaries, disks
+
+
+@asynccontextmanager
+async def two_vms(tmp_path: Path, bootstrap: str) -> AsyncIterator[Pair]:
+    config_a, config_b = _configs(tmp_path, bootstrap)
+    async with Site(config_a) as site_a, Site(config_b) as site_b, AsyncExitStack() as stack:
+        primaries, disks = await _start_primaries(site_a, tmp_path, stack)
+        replicas = {}
+        for record in await site_b.discover():
+            replica = await stack.enter_async_context(await site_b.replica(record))
+            await replica.catch_up()
+            assert replica.violation is None
+            replicas[record.name] = replica
+        assert sorted(replicas) == [BAD, GOOD]
+        yield Pair(site_a, site_b, primaries, replicas, disks)
+
+
+# --- forging -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Forged:
+    """A crafted transaction and what the replica must make of it."""
+
+    records: list[bytes]
+    culprit: int
+    """Index in ``records`` of the record the violation names."""
+    state: ReplicationState
+    message: str
+    """After ``VM 'bad', journal offset <offset of the culprit>: ``."""
+
+
+def _batch(cycle: int, writes: list[tuple[str, int, bytes]]) -> tuple[WriteBatch, list[Extent]]:
+    extents, payload = [], b""
+    for disk, offset, data in writes:
+        extents.append(Extent(disk, offset, len(data), ExtentKind.DATA, len(payload),
+                              zlib.crc32(data)))
+        payload += data
+    return WriteBatch(BAD, EPOCH, cycle, 0, tuple(extents), Compression.NONE, payload), extents
+
+
+def _commit(cycle: int, extents: list[Extent], previous: bytes,
+            hashed: list[Extent] | None = None) -> CycleCommit:
+    return CycleCommit(
+        vm=BAD, epoch=EPOCH, cycle=cycle, started_at_ms=1, cut_at_ms=2, batches=1,
+        extents=len(extents), bytes_written=sum(e.length for e in extents), payload_bytes=0,
+        consistency=Consistency.CRASH,
+        disks=tuple(DiskSize(name, size) for name, size in DISKS.items()),
+        previous_hash=previous,
+        cycle_hash=cycle_hash(previous, EPOCH, cycle, extents if hashed is None else hashed))
+
+
+def _valid_writes() -> list[tuple[str, int, bytes]]:
+    return [("disk0", 0, b"\xa5" * 8192), ("disk1", 8192, os.urandom(4096))]
+
+
+def forge(case: str, cycle: int, previous: bytes) -> Forged:
+    """The bad transaction of ``case`` for a replica that applied up to ``cycle - 1``."""
+    if case == "skipped-cycle":
+        batch, extents = _batch(cycle + 1, _valid_writes())
+        return Forged([encode(batch), encode(_commit(cycle + 1, extents, previous))], 0, RESYNC,
+                      f"expected a batch of cycle {cycle} in epoch {EPOCH}, got cycle "
+                      f"{cycle + 1} of epoch {EPOCH} (a gap or a replay in the journal)")
+    if case == "bad-checksum":
+        batch, extents = _batch(cycle, _valid_writes())
+        payload = bytearray(batch.payload)
+        payload[8192 + 100] ^= 0x01  # one bit of the second extent flips in transit
+        corrupt = WriteBatch(BAD, EPOCH, cycle, 0, batch.extents, Compression.NONE,
+                             bytes(payload))
+        return Forged([encode(corrupt), encode(_commit(cycle, extents, previous))], 1, RESYNC,
+                      f"cycle {cycle} batch 0: checksum mismatch for 4096 bytes at 8192 of disk "
+                      "'disk1'")
+    if case in ("not-avro", "truncated-avro"):
+        name = "not_avro.bin" if case == "not-avro" else "truncated_write_batch.bin"
+        batch, extents = _batch(cycle, _valid_writes())
+        problem = ("record of 83 bytes starts with 7B 22, expected the Avro single-object "
+                   "marker C3 01; it is not a vmreplica record or is corrupted"
+                   if case == "not-avro" else
+                   "WriteBatch record of 2068 bytes is truncated: its body ends before the "
+                   "record is complete")
+        return Forged([encode(batch), (DATA_DIR / name).read_bytes(),
+                       encode(_commit(cycle, extents, previous))], 1, ERROR,
+                      f"undecodable record: {problem}")
+    if case == "past-end":
+        size = DISKS["disk1"]
+        writes = [*_valid_writes(), ("disk1", size - 4096, os.urandom(8192))]
+        batch, extents = _batch(cycle, writes)
+        return Forged([encode(batch), encode(_commit(cycle, extents, previous))], 1, ERROR,
+                      f"cycle {cycle} batch 0: extent of 8192 bytes at {size - 4096} lies past "
+                      f"the end of disk 'disk1' ({size} bytes)")
+    if case == "broken-chain":
+        batch, extents = _batch(cycle, _valid_writes())
+        other = hashlib.sha256(b"another history").digest()
+        return Forged([encode(batch), encode(_commit(cycle, extents, other))], 1, RESYNC,
+                      f"cycle {cycle} does not chain to the cycle this replica applied last "
+                      "(previous hash differs): the journal was rewritten or another primary "
+                      "wrote it")
+    if case == "altered-records":
+        batch, extents = _batch(cycle, _valid_writes())
+        moved = [Extent(e.disk, e.offset + 4096, e.length, e.kind, e.payload_offset, e.crc32)
+                 for e in extents]  # the commit was hashed over other offsets
+        return Forged([encode(batch), encode(_commit(cycle, extents, previous, moved))], 1,
+                      RESYNC, f"cycle {cycle}: hash chain mismatch; its records were altered")
+    raise AssertionError(case)
+
+
+async def publish_forged(site: Site, forged: Forged) -> list[int]:
+    """Publish as one transaction of a forger: its own transactional id, so nobody is fenced."""
+    async with JournalPublisher(site.connection, f"forger-{uuid.uuid4().hex}") as forger:
+        return await forger.publish(site.journal_topic(BAD), BAD.encode(), forged.records)
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    """Everything of the bad VM's replica that a refused event must leave alone."""
+
+    digests: dict[str, str]
+    position: Position | None
+    points: list[int]
+    undo: list[str]
+
+
+async def _replica_state(catalog: Catalog, folder: Path) -> ReplicaState:
+    return ReplicaState(
+        {name: sha256_of(image_path(folder, name)) for name in DISKS},
+        await catalog.position(BAD), [p.cycle for p in await catalog.points(BAD)],
+        sorted(p.name for p in (folder / "undo").glob("*")))
+
+
+CASES: Final = ("skipped-cycle", "bad-checksum", "not-avro", "truncated-avro", "past-end",
+                "broken-chain", "altered-records")
+
+
+@pytest.mark.parametrize("case", CASES)
+async def test_bad_event_stops_only_its_vm_and_changes_no_byte(
+        tmp_path: Path, bootstrap_servers: str, case: str) -> None:
+    """The forged transaction is refused whole, with the exact state and message."""
+    async with two_vms(tmp_path, bootstrap_servers) as pair:
+        catalog = pair.site_b.catalog
+        folder = pair.site_b.config.vm_folder(BAD)
+        bad = pair.replicas[BAD]
+        before = await _replica_state(catalog, folder)
+        assert before.position is not None
+        forged = forge(case, before.position.cycle + 1, before.position.cycle_hash)
+        offsets = await publish_forged(pair.site_a, forged)
+        await bad.catch_up()
+
+        expected = f"VM 'bad', journal offset {offsets[forged.culprit]}: {forged.message}"
+        assert bad.violation is not None
+        assert (bad.violation.state, str(bad.violation)) == (forged.state, expected)
+        record = await catalog.vm(BAD)
+        assert (record.state, record.state_message) == (forged.state, expected)
+        assert await _replica_state(catalog, folder) == before
+
+        # The real primary's next cycle is not applied past the refused records either.
+        await pair.primaries[BAD].capture.write("disk0", 0, os.urandom(4096))
+        await pair.primaries[BAD].replicate()
+        await bad.catch_up()
+        assert await _replica_state(catalog, folder) == before
+        assert (await catalog.vm(BAD)).state is forged.state
+
+        # The other VM of the same replica site carries on.
+        good = pair.primaries[GOOD]
+        await good.capture.write("disk0", 512 * KiB, os.urandom(128 * KiB))
+        await good.capture.trim("disk1", 100 * KiB, 4 * KiB)
+        shipped = await good.replicate()
+        assert await pair.replicas[GOOD].catch_up() == shipped[-1].cycle
+        assert pair.replicas[GOOD].violation is None
+        assert ({name: sha256_of(image) for name, image in pair.replicas[GOOD].images.items()}
+                == {name: sha256_of(path) for name, path in pair.disks[GOOD].items()})
+        assert (await catalog.vm(GOOD)).state is ReplicationState.REPLICATING
+
+
+# --- through the agent ---------------------------------------------------------------------
+
+
+def _start_agent(config_file: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "vmreplica.cli", "agent", "--config", str(config_file)],
+            stdout=out, stderr=subprocess.STDOUT)
+
+
+def _tail(log: Path) -> str:
+    return log.read_text()[-3000:]
+
+
+async def _wait_for(check: Callable[[], Awaitable[bool]], what: str,
+                    agent: subprocess.Popen[bytes], log: Path,
+                    timeout_seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while not await check():
+        assert agent.poll() is None, f"the agent exited: {_tail(log)}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+async def test_agent_keeps_replicating_the_healthy_vm_after_a_bad_event(
+        tmp_path: Path, bootstrap_servers: str) -> None:
+    """A real agent process: the bad VM stops with "resynchronization required", the good
+    one applies three more cycles, and the bad VM's images do not change."""
+    config_a, config_b = _configs(tmp_path, bootstrap_servers)
+    config_file = tmp_path / "site-b.toml"
+    config_file.write_text(f'site = "site-b"\nroot = "{config_b.root}"\n'
+                           f'bootstrap_servers = "{bootstrap_servers}"\n'
+                           f'trust_group = "{config_b.trust_group}"\nheartbeat_seconds = 1.0\n')
+    log = tmp_path / "agent.log"
+    async with Site(config_a) as site_a, AsyncExitStack() as stack:
+        primaries, disks = await _start_primaries(site_a, tmp_path, stack)
+        shipped = {vm: await site_a.catalog.position(vm) for vm in (BAD, GOOD)}
+        agent = _start_agent(config_file, log)
+        try:
+            async with Catalog(config_b.catalog_path) as catalog:
+                def applied(vm: str, cycle: int) -> Callable[[], Awaitable[bool]]:
+                    async def check() -> bool:
+                        if await catalog.find_vm(vm) is None:
+                            return False
+                        position = await catalog.position(vm)
+                        return position is not None and position.cycle == cycle
+                    return check
+
+                for vm, position in shipped.items():
+                    assert position is not None
+                    await _wait_for(applied(vm, position.cycle), f"{vm} at cycle "
+                                    f"{position.cycle}", agent, log)
+                folder = config_b.vm_folder(BAD)
+                before = await _replica_state(catalog, folder)
+                assert before.position is not None
+                forged = forge("broken-chain", before.position.cycle + 1,
+                               before.position.cycle_hash)
+                offsets = await publish_forged(site_a, forged)
+
+                async def refused() -> bool:
+                    return (await catalog.vm(BAD)).state is forged.state
+
+                await _wait_for(refused, "the bad VM to be stopped", agent, log)
+                record = await catalog.vm(BAD)
+                assert record.state_message == (
+                    f"VM 'bad', journal offset {offsets[forged.culprit]}: {forged.message}")
+
+                # The bad VM's real primary ships its next cycle; the agent still applies
+                # nothing of it, however often it looks at the VM again.
+                await primaries[BAD].capture.write("disk0", 0, os.urandom(4096))
+                await primaries[BAD].replicate()
+                await asyncio.sleep(DISCOVERY_SECONDS + 0.5)  # the agent's next look at its VMs
+                good = primaries[GOOD]
+                for _ in range(3):
+                    await good.capture.write("disk1", 0, os.urandom(32 * KiB))
+                    last = (await good.replicate())[-1].cycle
+                await _wait_for(applied(GOOD, last), f"good at cycle {last}", agent, log)
+                good_folder = config_b.vm_folder(GOOD)
+                assert ({name: sha256_of(image_path(good_folder, name)) for name in DISKS}
+                        == {name: sha256_of(path) for name, path in disks[GOOD].items()})
+                assert (await catalog.vm(GOOD)).state is ReplicationState.REPLICATING
+                assert (await catalog.vm(BAD)).state is forged.state
+                assert await _replica_state(catalog, folder) == before
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(timeout=60)
+        assert agent.returncode == 0, _tail(log)
+        assert "Traceback" not in log.read_text(), _tail(log)

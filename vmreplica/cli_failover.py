@@ -1,0 +1,189 @@
+"""CLI commands for failover: test, planned, unplanned, complete, cancel, and reverse.
+
+A role change needs the VM to itself. When this site's agent is running, the command leaves a
+request in the catalog and the agent carries it out between two steps of that VM (and prints
+the outcome); when no agent runs, the command does the work itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any, Final
+
+import click
+
+from vmreplica.cli_replication import config_option, json_option, with_site
+from vmreplica.cli_support import console, emit_json, reported
+from vmreplica.consumers.points import choose_point
+from vmreplica.errors import ConfigurationError
+from vmreplica.failover import AGENT_ALIVE_SECONDS, run_action
+from vmreplica.site import Site
+
+REQUEST_TIMEOUT_SECONDS: Final = 300.0
+
+
+async def _agent_running(site: Site) -> bool:
+    seen = await site.catalog.agent_seen_ms(site.config.site)
+    return seen is not None and time.time() * 1000 - seen < AGENT_ALIVE_SECONDS * 1000
+
+
+async def perform(site: Site, vm: str, action: str, arguments: dict[str, Any]) -> str:
+    """Run ``action`` through the agent when it runs, else here; return its outcome."""
+    await site.catalog.vm(vm)
+    if not await _agent_running(site):
+        return await run_action(site, vm, action, arguments)
+    request = await site.catalog.add_request(vm, action, arguments)
+    deadline = time.monotonic() + REQUEST_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        done = await site.catalog.request(request)
+        if done.status == "done":
+            return done.result
+        if done.status == "failed":
+            raise ConfigurationError(done.result)
+        await asyncio.sleep(0.2)
+    raise ConfigurationError(f"the agent did not carry out {action} of VM {vm!r} within "
+                             f"{REQUEST_TIMEOUT_SECONDS:.0f} s; see its log")
+
+
+def _run(config_path: Path | None, vm: str, action: str, **arguments: Any) -> None:
+    click.echo(with_site(config_path, lambda site: perform(site, vm, action, arguments)))
+
+
+class FailoverGroup(click.Group):
+    """``vmreplica failover VM`` is the unplanned failover; the other words are subcommands."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str],
+                        ) -> tuple[str | None, click.Command | None, list[str]]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            return "unplanned", self.commands["unplanned"], args
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=FailoverGroup)
+def failover() -> None:
+    """Fail a VM over to its replica site: test, planned, or unplanned (`failover VM`)."""
+
+
+@failover.command("unplanned")
+@click.argument("vm")
+@click.option("--point", default="latest", show_default=True,
+              help="Recovery point: a cycle number, latest, or latest-app-consistent.")
+@click.option("--force", is_flag=True, help="Even though the primary still heartbeats.")
+@config_option
+@reported
+def unplanned(vm: str, point: str, force: bool, config_path: Path | None) -> None:
+    """On the replica: start VM here at a recovery point (the primary is lost)."""
+    _run(config_path, vm, "unplanned", point=point, force=force)
+
+
+@failover.command("planned")
+@click.argument("vm")
+@click.option("--reverse", is_flag=True, help="Make this site the new primary's replica.")
+@click.option("--start", is_flag=True, help="Start the VM at the replica site afterwards.")
+@click.option("--verify", is_flag=True,
+              help="Also compare full-disk digests before the replica takes over.")
+@config_option
+@reported
+def planned(vm: str, reverse: bool, start: bool, verify: bool,
+            config_path: Path | None) -> None:
+    """On the primary: ship the final cycle; the replica takes over with no data loss."""
+    _run(config_path, vm, "planned", reverse=reverse, start=start, verify=verify)
+
+
+@failover.command("complete")
+@click.argument("vm")
+@config_option
+@reported
+def complete(vm: str, config_path: Path | None) -> None:
+    """Keep the failed-over point; delete every other recovery point."""
+    _run(config_path, vm, "complete")
+
+
+@failover.command("cancel")
+@click.argument("vm")
+@config_option
+@reported
+def cancel(vm: str, config_path: Path | None) -> None:
+    """Undo an unplanned failover not yet completed: replay the journal forward."""
+    _run(config_path, vm, "cancel")
+
+
+@failover.command("test")
+@click.argument("vm")
+@click.option("--point", default="latest", show_default=True)
+@config_option
+@json_option
+@reported
+def test(vm: str, point: str, config_path: Path | None, as_json: bool) -> None:
+    """On the replica: serve `VM - Test` disks at a point, while replication goes on."""
+
+    async def request(site: Site) -> dict[str, Any]:
+        record = await site.catalog.vm(vm)
+        if record.role != "replica":
+            raise ConfigurationError(f"VM {vm!r} is primary here; test failover runs on its "
+                                     "replica site")
+        if await site.catalog.test_failover(vm) is not None:
+            raise ConfigurationError(f"VM {vm!r} already has a test failover; stop it first "
+                                     f"(`vmreplica failover stop-test {vm}`)")
+        if not await _agent_running(site):
+            raise ConfigurationError("test failover is served by the agent: start "
+                                     "`vmreplica agent` at this site first")
+        chosen = choose_point(await site.catalog.points(vm), point)
+        started = time.monotonic()
+        await site.catalog.set_test_failover(vm, chosen.cycle, "requested")
+        while time.monotonic() - started < REQUEST_TIMEOUT_SECONDS:
+            found = await site.catalog.test_failover(vm)
+            if found is not None and found[1] in ("ready", "failed"):
+                if found[1] == "failed":
+                    await site.catalog.clear_test_failover(vm)
+                    raise ConfigurationError(f"test failover of {vm!r} failed: {found[2]}")
+                return {"vm": f"{vm} - Test", "point": chosen.cycle,
+                        "uris": found[2].split(), "seconds": time.monotonic() - started}
+            await asyncio.sleep(0.05)
+        raise ConfigurationError("the agent did not start the test failover in time")
+
+    result = with_site(config_path, request)
+    if as_json:
+        emit_json(result)
+        return
+    console.print(f"[bold]{result['vm']}[/] at point {result['point']} is ready in "
+                  f"{result['seconds']:.2f} s:")
+    for uri in result["uris"]:
+        click.echo(f"  {uri}")
+
+
+@failover.command("stop-test")
+@click.argument("vm")
+@config_option
+@reported
+def stop_test(vm: str, config_path: Path | None) -> None:
+    """Discard VM's test failover and its scratch writes."""
+
+    async def stop(site: Site) -> None:
+        if await site.catalog.test_failover(vm) is None:
+            raise ConfigurationError(f"VM {vm!r} has no test failover running")
+        await site.catalog.set_test_failover(vm, 0, "stopping")
+        for _ in range(600):
+            if await site.catalog.test_failover(vm) is None:
+                return
+            await asyncio.sleep(0.1)
+        raise ConfigurationError("the agent did not stop the test failover in time")
+
+    with_site(config_path, stop)
+    click.echo(f"test failover of {vm} stopped")
+
+
+@click.command("reverse")
+@click.argument("vm")
+@config_option
+@reported
+def reverse(vm: str, config_path: Path | None) -> None:
+    """On the new primary: make the old primary its replica, sending only diverged blocks."""
+    _run(config_path, vm, "reverse")
+
+
+def register(main: click.Group) -> None:
+    main.add_command(failover)
+    main.add_command(reverse)
