@@ -21,6 +21,7 @@ change knows that writes may have gone unlogged.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import uuid
@@ -209,7 +210,12 @@ class ChangeLog:
         body = _BODY.pack(kind, disk, offset, length)
         crc = zlib.crc32(data, zlib.crc32(body))
         prefix = _RECORD_PREFIX.pack(crc, len(body) + len(data))
+        expected = len(prefix) + len(body) + len(data)
         written = os.writev(self._fd, [prefix, body, data])
+        if written != expected:  # a full disk: never leave a torn record mid-segment
+            os.ftruncate(self._fd, self.segment_bytes)
+            raise OSError(errno.ENOSPC, f"change log {self.folder} is out of space: wrote "
+                                        f"{written} of {expected} bytes of a record")
         self.segment_bytes += written
 
     def write(self, disk: int, offset: int, data: bytes | memoryview) -> None:

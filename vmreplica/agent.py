@@ -20,11 +20,13 @@ from typing import Final
 from vmreplica.catalog import VmRecord
 from vmreplica.errors import FencedError, ReplicationError
 from vmreplica.failover import demote, follow_takeover, promote, run_action
+from vmreplica.metrics import SiteMetrics
 from vmreplica.producers.capture_front import CaptureFront
 from vmreplica.producers.nbd import NbdServer
 from vmreplica.producers.primary import PrimaryVm, SupersededError
 from vmreplica.site import Site
 from vmreplica.states import ReplicationState
+from vmreplica.status import vm_status
 from vmreplica.test_vm import TestVmService
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,8 @@ DISCOVERY_SECONDS: Final = 2.0
 """How often the agent looks for newly enabled or newly published VMs."""
 REQUEST_POLL_SECONDS: Final = 0.25
 """How often the agent looks for failover requests and finished workers."""
+METRICS_SECONDS: Final = 5.0
+"""How often the Prometheus gauges are refreshed from the catalog."""
 RETRY_SECONDS: Final = 30.0
 """A worker that ended on an error is retried this long after, or when its role changes."""
 CONTINUOUS_TICK_SECONDS: Final = 1.0
@@ -48,6 +52,8 @@ class Agent:
         self._ended: dict[str, tuple[float, int]] = {}
         """When each VM's worker last ended, and at which catalog generation."""
         self._next_discovery = 0.0
+        self._next_metrics = 0.0
+        self.metrics = SiteMetrics(site.config.site)
         self.primaries: dict[str, PrimaryVm] = {}
         """Open primary VMs: a program capturing through the API writes to their ``capture``."""
         self.fronts: dict[str, CaptureFront] = {}
@@ -65,9 +71,13 @@ class Agent:
                 loop.add_signal_handler(signum, self.stop)
         log.info("agent of site %s started", self.site.config.site)
         await self._start_nbd_tcp()
+        if self.site.config.metrics_port is not None:
+            self.metrics.serve(self.site.config.metrics_port)
+            log.info("metrics on http://127.0.0.1:%d/metrics", self.site.config.metrics_port)
         try:
             while not self.stopping.is_set():
                 await self.site.catalog.agent_alive(self.site.config.site, os.getpid())
+                await self._refresh_metrics()
                 await self._carry_out_requests()
                 await self._start_new_workers()
                 with contextlib.suppress(TimeoutError):
@@ -80,6 +90,14 @@ class Agent:
                 await self.nbd_tcp.stop()
             await self.site.catalog.agent_gone(self.site.config.site)
             log.info("agent of site %s stopped", self.site.config.site)
+
+    async def _refresh_metrics(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.site.config.metrics_port is None or loop.time() < self._next_metrics:
+            return
+        self._next_metrics = loop.time() + METRICS_SECONDS
+        for record in await self.site.catalog.vms():
+            self.metrics.update(await vm_status(self.site, record, with_replica=False))
 
     async def _stop_worker(self, vm: str) -> None:
         task = self._tasks.pop(vm, None)

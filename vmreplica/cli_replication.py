@@ -16,17 +16,14 @@ from typing import Any, TypeVar
 import click
 from rich.table import Table
 
-from vmreplica.catalog import VmRecord, VmSettings
+from vmreplica.catalog import VmSettings
 from vmreplica.cli_support import console, emit_json, reported
-from vmreplica.config import SiteConfig, load_config
+from vmreplica.config import load_config
 from vmreplica.consumers.points import FORMATS, apply_lock, choose_point, export_point
 from vmreplica.errors import ConfigurationError
-from vmreplica.kafka import JournalReader
-from vmreplica.producers.nbd_exports import nbd_uris, socket_path
-from vmreplica.schemas.codec import decode_status
-from vmreplica.schemas.events import ReplicaPosition
+from vmreplica.producers.nbd_exports import socket_path
 from vmreplica.site import Site, parse_disks
-from vmreplica.states import WindowStats, assess
+from vmreplica.status import capture_json, vm_json, vm_status
 
 T = TypeVar("T")
 
@@ -113,7 +110,7 @@ def enable(vm: str, disks: tuple[str, ...], replica_site: str, frequency: str,
     record = with_site(config_path, lambda site: site.enable(vm, parsed, replica_site, settings))
     details = capture_json(config, record)
     if as_json:
-        emit_json(_vm_json(record) | details)
+        emit_json(vm_json(record) | details)
         return
     console.print(f"VM [bold]{vm}[/] will replicate to {replica_site}: "
                   f"{record.state.value}. Start `vmreplica agent` to begin.")
@@ -140,18 +137,6 @@ def parse_size(option: str, text: str) -> int:
     return int(number) * units[unit]
 
 
-def capture_json(config: SiteConfig, record: VmRecord) -> dict[str, Any]:
-    """How the VM's writes are captured, and for NBD the URIs the hypervisor attaches to."""
-    details: dict[str, Any] = {"capture": record.settings.capture}
-    if record.role == "primary" and record.settings.capture == "nbd":
-        try:
-            details["nbd_socket"] = str(socket_path(config, record.name))
-            details["nbd"] = nbd_uris(config, record)
-        except ConfigurationError as error:  # the agent refuses to serve it for this reason
-            details["nbd_error"] = str(error)
-    return details
-
-
 @click.command()
 @config_option
 @click.option("--log-level", default="INFO", show_default=True)
@@ -169,62 +154,6 @@ def agent(config_path: Path | None, log_level: str) -> None:
             await Agent(site).run()
 
     asyncio.run(run())
-
-
-def _vm_json(record: VmRecord) -> dict[str, Any]:
-    return {"vm": record.name, "role": record.role, "state": record.state.value,
-            "message": record.state_message, "epoch": record.epoch,
-            "partner_site": record.partner_site,
-            "disks": [{"name": d.name, "path": d.path, "size_bytes": d.size_bytes}
-                      for d in record.disks]}
-
-
-async def _latest_replica_position(site: Site, vm: str) -> ReplicaPosition | None:
-    latest: ReplicaPosition | None = None
-    async with JournalReader(site.connection, site.status_topic(vm)) as reader:
-        end = await reader.end_offset()
-        reader.seek(max(0, end - 20))
-        while await reader.position() < end:
-            for record in await reader.fetch(1.0):
-                event = decode_status(record.value)
-                if isinstance(event, ReplicaPosition):
-                    latest = event
-    return latest
-
-
-async def vm_status(site: Site, record: VmRecord) -> dict[str, Any]:
-    """Everything `vmreplica status` shows for one VM."""
-    now_ms = int(time.time() * 1000)
-    position = await site.catalog.position(record.name)
-    window_ms = 3_600_000
-    stats = await site.catalog.cycle_stats(record.name, now_ms - window_ms)
-    frequency = record.settings.frequency_seconds or 1
-    since_enabled_ms = now_ms - record.state_changed_ms
-    expected = min(window_ms, max(since_enabled_ms, 0)) // (frequency * 1000)
-    latencies = [(done - cut) / 1000 for _, cut, done, _ in stats]
-    last_cycle_ms = stats[-1][2] if stats else None
-    report = assess(record.state, WindowStats(
-        int(expected), len(stats),
-        None if last_cycle_ms is None else (now_ms - last_cycle_ms) / 1000,
-        sum(latencies) / len(latencies) if latencies else None))
-    status = _vm_json(record) | capture_json(site.config, record) | {
-        "health": report.health.value, "health_reasons": list(report.reasons),
-        "cycle": position.cycle if position else None,
-        "seconds_behind": None if position is None else round((now_ms - position.at_ms) / 1000,
-                                                               1),
-        "cycles_in_window": len(stats),
-    }
-    if record.role == "primary":
-        changelog = site.config.vm_folder(record.name) / "changelog"
-        status["pending_bytes"] = sum(p.stat().st_size for p in changelog.glob("*.hrl"))
-        replica = await _latest_replica_position(site, record.name)
-        status["replica_cycle"] = replica.cycle if replica else None
-        status["replica_applied_at_ms"] = replica.applied_at_ms if replica else None
-        status["last_sent_cycle"] = status.pop("cycle")
-    else:
-        status["last_applied_cycle"] = status.pop("cycle")
-        status["recovery_points"] = len(await site.catalog.points(record.name))
-    return status
 
 
 @click.command()

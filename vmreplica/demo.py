@@ -31,6 +31,9 @@ from vmreplica.broker import LocalCluster
 from vmreplica.catalog import VmSettings
 from vmreplica.config import load_config
 from vmreplica.image import sha256_of
+from vmreplica.producers.capture import CapturedVm
+from vmreplica.producers.journaling_device import JournalingDevice
+from vmreplica.producers.nbd import NbdServer
 from vmreplica.site import Site
 
 MiB: Final = 1024 * 1024
@@ -59,6 +62,25 @@ def _workload(rng: random.Random) -> list[tuple[str, int, bytes | int]]:
     ops.append(("data", DISK_BYTES - 4096, rng.randbytes(4096)))
     ops.append(("system", rng.randrange(0, DISK_BYTES - MiB, 4096), MiB))
     return ops
+
+
+async def _write_through_nbd(vm: CapturedVm, socket: Path, rng: random.Random) -> None:
+    """Part of each cycle's writes go through the VM's NBD export with qemu-io, the way a
+    hypervisor writes."""
+    qemu_io = shutil.which("qemu-io")
+    if qemu_io is None:
+        return
+    async with NbdServer({disk: JournalingDevice(vm, disk) for disk in vm.disk_names},
+                         unix_path=socket) as server:
+        offset = rng.randrange(0, DISK_BYTES - MiB, 65536)
+        pattern = rng.randrange(1, 255)
+        process = await asyncio.create_subprocess_exec(
+            qemu_io, "-f", "raw", server.uri("data"), "-c",
+            f"write -P {pattern} {offset} 1M", "-c", "flush",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        _, error = await process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"qemu-io failed: {error.decode()}")
 
 
 async def _wait_applied(site: Site, cycle: int, timeout_seconds: float = 120.0) -> None:
@@ -99,11 +121,15 @@ async def _replicate(work: Path, config_a: Path, config_b: Path,
             console.print(f"[bold]site-a[/]: initial replication sent "
                           f"{seed.bytes_sent / MiB:.1f} MiB of {seed.bytes_examined / MiB:.0f}"
                           " MiB (sparse-aware)")
+            console.print("[bold]site-a[/]: each cycle's writes go through the capture API"
+                          + (" and, with qemu-io, through the VM's NBD export"
+                             if shutil.which("qemu-io") else " (qemu-io not installed: no NBD)"))
             for _ in range(CYCLES):
                 for disk, offset, data in _workload(rng):
                     await (vm.write(disk, offset, data) if isinstance(data, bytes)
                            else vm.zero(disk, offset, data))
                 await vm.flush()
+                await _write_through_nbd(vm, work / "web01.sock", rng)
                 for cycle in await primary.replicate():
                     result.digests[cycle.cycle] = {n: sha256_of(p) for n, p in disks.items()}
                     console.print(
