@@ -34,7 +34,7 @@ from pathlib import Path
 
 from vmreplica.errors import ConfigurationError, ReplicationError
 from vmreplica.producers.capture import CapturedVm
-from vmreplica.producers.nbd import NbdServer
+from vmreplica.producers.nbd import NbdServer, parse_tcp_address
 
 
 class JournalingDevice:
@@ -133,10 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--budget", type=int, default=None,
                        help="change-log budget in bytes (default: 10%% of the image)")
     args = parser.parse_args(argv)
-    tcp = None
-    if args.tcp:
-        host, _, port = args.tcp.rpartition(":")
-        tcp = (host.strip("[]") or "127.0.0.1", int(port))
+    tcp = parse_tcp_address(args.tcp) if args.tcp else None
     if args.socket is None and tcp is None:
         parser.error("give --socket, --tcp or both")
     if not args.image.is_file():

@@ -253,6 +253,12 @@ async def serve_image(
             await stopping.wait()
 
 
+def parse_tcp_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6; an empty host is loopback) of ``--tcp``."""
+    host, _, port = text.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m vmreplica.producers.nbd serve IMAGE --socket PATH``."""
     parser = argparse.ArgumentParser(prog="python -m vmreplica.producers.nbd")
@@ -264,10 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--export", default="", help="export name (default: empty)")
     serve.add_argument("--read-only", action="store_true")
     args = parser.parse_args(argv)
-    tcp = None
-    if args.tcp:
-        host, _, port = args.tcp.rpartition(":")
-        tcp = (host.strip("[]") or "127.0.0.1", int(port))
+    tcp = parse_tcp_address(args.tcp) if args.tcp else None
     if args.socket is None and tcp is None:
         parser.error("give --socket, --tcp or both")
     try:
