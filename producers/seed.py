@@ -24,6 +24,7 @@ from typing import Final
 import zstandard
 
 from vmreplica.catalog import Catalog, Position, now_ms
+from vmreplica.image import nonzero_chunks
 from vmreplica.kafka import JournalPublisher
 from vmreplica.producers.capture import CapturedVm
 from vmreplica.schemas.chain import GENESIS_HASH
@@ -66,16 +67,7 @@ class InitialReplication:
         self._compressor = zstandard.ZstdCompressor(level=1)
 
     def _chunks(self, disk: int, start: int) -> Iterator[tuple[int, bytes]]:
-        """(offset, data) of allocated, non-zero chunks of ``disk`` from ``start``."""
-        image = self.vm.images[disk]
-        for extent_offset, length in image.allocated_extents(start):
-            position, end = extent_offset, extent_offset + length
-            while position < end:
-                take = min(SEED_CHUNK_BYTES - position % SEED_CHUNK_BYTES, end - position)
-                data = image.read(position, take)
-                if data.count(0) != len(data):
-                    yield position, data
-                position += take
+        return nonzero_chunks(self.vm.images[disk], start, SEED_CHUNK_BYTES)
 
     async def run(self, progress: Progress | None = None) -> SeedResult:
         vm = self.vm

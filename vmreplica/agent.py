@@ -19,6 +19,7 @@ from typing import Final
 
 from vmreplica.catalog import VmRecord
 from vmreplica.errors import FencedError, ReplicationError
+from vmreplica.extension import ExtendedReplication, load_extension
 from vmreplica.failover import demote, follow_takeover, promote, run_action
 from vmreplica.metrics import SiteMetrics
 from vmreplica.producers.capture_front import CaptureFront
@@ -174,14 +175,17 @@ class Agent:
         """Apply the journal; serve a test failover if asked; take over when prepared."""
         async with await self.site.replica(record) as replica:
             test_vm = TestVmService(self.site.catalog, replica)
+            hop = HopRelay(self.site, record.name)
             try:
                 while not self.stopping.is_set() and replica.violation is None:
                     await replica.step()
                     await test_vm.poll()
+                    await hop.poll()
                     if replica.materializer.prepared is not None:
                         break
             finally:
                 await test_vm.stop()
+                await hop.stop()
             prepared = replica.materializer.prepared
         if prepared is not None:
             start = await promote(self.site, record.name, prepared=prepared)
@@ -273,3 +277,44 @@ class Agent:
         state = (await self.site.catalog.vm(primary.name)).state
         return state not in (ReplicationState.FAILED_OVER,
                              ReplicationState.FAILED_OVER_WAITING_COMPLETION)
+
+
+class HopRelay:
+    """Extended replication of one replica VM, if it has been extended: seed once, then relay
+    every ``frequency`` seconds (see :mod:`vmreplica.extension`)."""
+
+    def __init__(self, site: Site, vm: str) -> None:
+        self.site = site
+        self.vm = vm
+        self.relay: ExtendedReplication | None = None
+        self.next_relay = 0.0
+        self.next_check = 0.0
+
+    async def poll(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.relay is None:
+            if loop.time() < self.next_check:
+                return
+            self.next_check = loop.time() + DISCOVERY_SECONDS
+            extension = await load_extension(self.site, self.vm)
+            if extension is None:
+                return
+            relay = ExtendedReplication(self.site, extension)
+            await relay.__aenter__()
+            self.relay = relay
+            if await self.site.catalog.extension_offset(self.vm) is None:
+                sent = await relay.seed()
+                log.info("VM %s: extended to %s, seed sent %d bytes", self.vm,
+                         extension.to_site, sent)
+        if loop.time() >= self.next_relay:
+            self.next_relay = loop.time() + self.relay.extension.frequency_seconds
+            cycles = await self.relay.relay()
+            if cycles:
+                log.info("VM %s: relayed cycles %s to %s", self.vm, cycles,
+                         self.relay.extension.to_site)
+
+    async def stop(self) -> None:
+        if self.relay is not None:
+            relay, self.relay = self.relay, None
+            await relay.__aexit__()
+

@@ -98,6 +98,14 @@ CREATE TABLE IF NOT EXISTS test_failover (
     detail TEXT NOT NULL DEFAULT '',
     created_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS extension (
+    vm TEXT PRIMARY KEY REFERENCES vm(name) ON DELETE CASCADE,
+    to_site TEXT NOT NULL,
+    trust_group TEXT NOT NULL,
+    bootstrap_servers TEXT NOT NULL,
+    frequency_seconds INTEGER NOT NULL,
+    upstream_offset INTEGER
+);
 CREATE TABLE IF NOT EXISTS cycle_stat (
     vm TEXT NOT NULL REFERENCES vm(name) ON DELETE CASCADE,
     cycle INTEGER NOT NULL,
@@ -515,3 +523,31 @@ class Catalog:
 
     async def clear_test_failover(self, name: str) -> None:
         await self._transaction([("DELETE FROM test_failover WHERE vm = ?", (name,))])
+
+    # Extended replication ----------------------------------------------------------------------
+
+    async def add_extension(self, vm: str, to_site: str, trust_group: str,
+                            bootstrap_servers: str, frequency_seconds: int) -> None:
+        await self._transaction([(
+            "INSERT INTO extension (vm, to_site, trust_group, bootstrap_servers,"
+            " frequency_seconds) VALUES (?, ?, ?, ?, ?)",
+            (vm, to_site, trust_group, bootstrap_servers, frequency_seconds))])
+
+    async def extension(self, vm: str) -> tuple[str, str, str, int] | None:
+        """(to_site, trust_group, bootstrap_servers, frequency_seconds) of ``vm``'s hop."""
+        async with self.db.execute(
+                "SELECT to_site, trust_group, bootstrap_servers, frequency_seconds"
+                " FROM extension WHERE vm = ?", (vm,)) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else (str(row[0]), str(row[1]), str(row[2]), int(row[3]))
+
+    async def set_extension_offset(self, vm: str, offset: int) -> None:
+        await self._transaction([("UPDATE extension SET upstream_offset = ? WHERE vm = ?",
+                                  (offset, vm))])
+
+    async def extension_offset(self, vm: str) -> int | None:
+        async with self.db.execute("SELECT upstream_offset FROM extension WHERE vm = ?",
+                                   (vm,)) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+

@@ -18,6 +18,7 @@ from vmreplica.cli_replication import config_option, json_option, with_site
 from vmreplica.cli_support import console, emit_json, reported
 from vmreplica.consumers.points import choose_point
 from vmreplica.errors import ConfigurationError
+from vmreplica.extension import extend as extend_vm
 from vmreplica.failover import AGENT_ALIVE_SECONDS, run_action
 from vmreplica.site import Site
 
@@ -184,6 +185,31 @@ def reverse(vm: str, config_path: Path | None) -> None:
     _run(config_path, vm, "reverse")
 
 
+@click.command("extend")
+@click.argument("vm")
+@click.option("--to", "to_site", required=True, help="The site that keeps the further replica.")
+@click.option("--frequency", type=click.Choice(["300", "900"]), default="300",
+              show_default=True, help="Seconds between relays of the applied cycles.")
+@click.option("--trust-group", default=None,
+              help="The hop's trust group (default: this site's, suffixed -ext).")
+@click.option("--bootstrap-servers", default=None,
+              help="The hop's Kafka cluster (default: this site's).")
+@config_option
+@reported
+def extend(vm: str, to_site: str, frequency: str, trust_group: str | None,
+           bootstrap_servers: str | None, config_path: Path | None) -> None:
+    """On a replica site: replicate VM further, to a third site (extended replication)."""
+
+    async def record(site: Site) -> str:
+        hop = await extend_vm(site, vm, to_site, int(frequency), trust_group, bootstrap_servers)
+        return (f"VM {vm} extends to {to_site} through trust group {hop.trust_group} at "
+                f"{hop.bootstrap_servers}, every {hop.frequency_seconds} s; the agent seeds "
+                f"the hop, and {to_site} replicates it as any VM of that trust group")
+
+    click.echo(with_site(config_path, record))
+
+
 def register(main: click.Group) -> None:
     main.add_command(failover)
     main.add_command(reverse)
+    main.add_command(extend)

@@ -306,3 +306,16 @@ def fsync_directory(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def nonzero_chunks(image: DiskImage, start: int, chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, data) of the allocated chunks of ``image`` from ``start`` that are not all zero,
+    aligned to ``chunk_bytes``: what an initial copy sends (holes and zero blocks are skipped)."""
+    for extent_offset, length in image.allocated_extents(start):
+        position, end = extent_offset, extent_offset + length
+        while position < end:
+            take = min(chunk_bytes - position % chunk_bytes, end - position)
+            data = image.read(position, take)
+            if data.count(0) != len(data):
+                yield position, data
+            position += take
