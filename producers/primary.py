@@ -111,7 +111,8 @@ class PrimaryVm:
         return VmConfig(self.name, self.record.epoch, disk_sizes(self.capture),
                         settings.frequency_seconds, settings.recovery_history,
                         settings.app_consistent_hours, self.site, now_ms(),
-                        (self.record.partner_site,), settings.continuous_points_hours)
+                        (self.record.partner_site, *settings.also_replicate_to),
+                        settings.continuous_points_hours)
 
     async def initial_replication(self, progress: Progress | None = None) -> SeedResult:
         """Seed the replica (resuming an interrupted seed), then ship what queued meanwhile."""

@@ -130,6 +130,8 @@ class VmSettings:
     capture: Literal["api", "nbd", "scan"] = "api"
     continuous_max_bytes: int = 64 * 1024 * 1024
     excluded_disks: tuple[str, ...] = field(default_factory=tuple)
+    also_replicate_to: tuple[str, ...] = field(default_factory=tuple)
+    """Further replica sites reading the same journal directly (fan-out)."""
     changelog_budget_bytes: int | None = None
     """Largest open change-log segment before capture degrades to a dirty-block map for the
     rest of the cycle (None: a tenth of the VM's total disk size)."""
@@ -145,6 +147,7 @@ class VmSettings:
     def from_json(cls, text: str) -> VmSettings:
         raw = json.loads(text)
         raw["excluded_disks"] = tuple(raw.get("excluded_disks", ()))
+        raw["also_replicate_to"] = tuple(raw.get("also_replicate_to", ()))
         return cls(**raw)
 
 

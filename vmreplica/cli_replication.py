@@ -55,7 +55,8 @@ def _frequency(value: str) -> int:
 @click.argument("vm")
 @click.option("--disk", "disks", multiple=True, required=True, metavar="NAME=PATH",
               help="A disk of the VM and its raw image; repeat for each disk.")
-@click.option("--replica-site", required=True, help="The site that keeps the replica.")
+@click.option("--replica-site", "replica_sites", required=True, multiple=True,
+              help="The site that keeps the replica; repeat to fan out to several sites.")
 @click.option("--frequency", default="300", show_default=True,
               help="Seconds between cycles: 30, 300, 900, or continuous.")
 @click.option("--recovery-history", type=click.IntRange(0, 24), default=0, show_default=True,
@@ -78,7 +79,7 @@ def _frequency(value: str) -> int:
 @config_option
 @json_option
 @reported
-def enable(vm: str, disks: tuple[str, ...], replica_site: str, frequency: str,
+def enable(vm: str, disks: tuple[str, ...], replica_sites: tuple[str, ...], frequency: str,
            recovery_history: int, app_consistent_hours: int | None,
            continuous_points_hours: int | None, compression: str, capture: str,
            excluded: tuple[str, ...], changelog_budget: str | None, pre_cut_hook: str | None,
@@ -96,7 +97,7 @@ def enable(vm: str, disks: tuple[str, ...], replica_site: str, frequency: str,
         app_consistent_hours=app_consistent_hours,
         continuous_points_hours=continuous_points_hours, compression=compression == "on",
         capture=capture,  # type: ignore[arg-type]  # click.Choice guarantees the literal
-        excluded_disks=excluded,
+        excluded_disks=excluded, also_replicate_to=tuple(dict.fromkeys(replica_sites[1:])),
         changelog_budget_bytes=None if changelog_budget is None else parse_size(
             "--changelog-budget", changelog_budget),
         pre_cut_hook=pre_cut_hook, post_cut_hook=post_cut_hook)
@@ -107,6 +108,7 @@ def enable(vm: str, disks: tuple[str, ...], replica_site: str, frequency: str,
     config = load_config(config_path)
     if capture == "nbd":
         socket_path(config, vm)  # a socket path too long for Unix is refused before enabling
+    replica_site = replica_sites[0]
     record = with_site(config_path, lambda site: site.enable(vm, parsed, replica_site, settings))
     details = capture_json(config, record)
     if as_json:

@@ -71,9 +71,11 @@ class Site:
         """
         topics.check_name("VM", vm)
         topics.check_name("site", replica_site)
-        if replica_site == self.config.site:
-            raise ConfigurationError(f"VM {vm!r} cannot replicate to its own site "
-                                     f"{replica_site!r}; name the replica site")
+        for target in (replica_site, *settings.also_replicate_to):
+            topics.check_name("site", target)
+            if target == self.config.site:
+                raise ConfigurationError(f"VM {vm!r} cannot replicate to its own site "
+                                         f"{target!r}; name the replica site")
         if settings.frequency_seconds not in FREQUENCIES_SECONDS:
             raise ConfigurationError(
                 f"replication frequency must be 30, 300, 900 seconds or continuous, "

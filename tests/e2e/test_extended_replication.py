@@ -67,3 +67,33 @@ async def test_a_replica_extends_to_a_third_site(
         got = sha256_of(Path((await c.catalog.vm(vm)).disks[0].path))
         assert got == sha256_of(disk)
         assert (await c.catalog.vm(vm)).partner_site == "site-b"
+
+
+async def test_two_replica_sites_read_one_journal(
+        tmp_path: Path, bootstrap_servers: str, unique: Callable[[str], str]) -> None:
+    """Fan-out: B and C both replicate A's journal directly; D, not named, does not adopt it."""
+    group, vm = unique("tg"), unique("vm")
+    sites = {name: Site(SiteConfig(site=name, root=tmp_path / name, trust_group=group,
+                                   bootstrap_servers=bootstrap_servers))
+             for name in ("site-a", "site-b", "site-c", "site-d")}
+    disk = tmp_path / "disk0.img"
+    with disk.open("wb") as file:
+        file.truncate(4 * MiB)
+    for site in sites.values():
+        await site.start()
+    try:
+        a = sites["site-a"]
+        record = await a.enable(vm, {"disk0": disk}, "site-b", VmSettings(
+            frequency_seconds=30, also_replicate_to=("site-c",)))
+        async with a.primary(record) as primary:
+            await primary.initial_replication()
+            await primary.capture.write("disk0", MiB, os.urandom(MiB))
+            await primary.replicate()
+        for name in ("site-b", "site-c"):
+            await catch_up(sites[name], vm)
+            got = sha256_of(Path((await sites[name].catalog.vm(vm)).disks[0].path))
+            assert got == sha256_of(disk), name
+        assert await sites["site-d"].discover() == []
+    finally:
+        for site in sites.values():
+            await site.stop()
