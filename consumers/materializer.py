@@ -151,6 +151,8 @@ class Materializer:
             if self.cursor.awaiting_resync:
                 await self._await_resync(event, record.offset)
                 continue
+            if self.prepared is not None and isinstance(event, WriteBatch | CycleCommit):
+                self.prepared = None  # the primary shipped on: its planned failover was cancelled
             if isinstance(event, SeedChunk):
                 seed_written |= await self._seed(event, record.offset)
             elif isinstance(event, WriteBatch):
@@ -166,7 +168,6 @@ class Materializer:
                 await self.catalog.primary_seen(self.vm, event.at_ms)
             elif isinstance(event, FailoverPrepared):
                 self._prepared(event, record.offset)
-                return
             elif isinstance(event, VmConfig):
                 pass
         if seed_written:

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from vmreplica.catalog import VmRecord
+from vmreplica.consumers.replica import ReplicaVm
 from vmreplica.errors import FencedError, ReplicationError
 from vmreplica.extension import ExtendedReplication, load_extension
 from vmreplica.failover import demote, follow_takeover, promote, run_action
@@ -181,7 +182,7 @@ class Agent:
                     await replica.step()
                     await test_vm.poll()
                     await hop.poll()
-                    if replica.materializer.prepared is not None:
+                    if await self._prepared_and_caught_up(replica):
                         break
             finally:
                 await test_vm.stop()
@@ -190,6 +191,12 @@ class Agent:
         if prepared is not None:
             start = await promote(self.site, record.name, prepared=prepared)
             log.info("VM %s: took over as primary in epoch %d", record.name, start.epoch)
+
+    @staticmethod
+    async def _prepared_and_caught_up(replica: ReplicaVm) -> bool:
+        """The primary prepared a planned failover and nothing after it cancelled it."""
+        return (replica.materializer.prepared is not None
+                and await replica.reader.position() >= await replica.reader.end_offset())
 
     async def _primary(self, record: VmRecord) -> None:
         if record.state in (ReplicationState.PREPARED_FOR_PLANNED_FAILOVER,

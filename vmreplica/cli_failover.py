@@ -107,7 +107,8 @@ def complete(vm: str, config_path: Path | None) -> None:
 @config_option
 @reported
 def cancel(vm: str, config_path: Path | None) -> None:
-    """Undo an unplanned failover not yet completed: replay the journal forward."""
+    """Undo a failover: a planned one on the primary until the replica has taken over, or an
+    unplanned one not yet completed (on the replica: replay the journal forward)."""
     _run(config_path, vm, "cancel")
 
 

@@ -131,6 +131,23 @@ async def prepare_planned(site: Site, vm: str, reverse: bool = False,
     return prepared
 
 
+async def cancel_planned(site: Site, vm: str) -> None:
+    """Cancel a planned failover on the primary, until the replica has taken over.
+
+    Ships an empty cycle after the FailoverPrepared: a replica that has not yet acted on the
+    prepare sees the primary carry on and stays a replica.
+    """
+    record = await site.catalog.vm(vm)
+    found = await newest_epoch(site, vm, 0)
+    if found is not None and found[1].epoch > record.epoch:
+        raise FailoverRefused(f"too late: site {found[1].primary_site} took over VM {vm!r} in "
+                              f"epoch {found[1].epoch}")
+    async with site.primary(record) as primary:
+        await primary.replicate()
+    await site.catalog.set_reverse_wanted(vm, False)
+    await site.catalog.set_state(vm, ReplicationState.REPLICATING, "planned failover cancelled")
+
+
 async def follow_takeover(site: Site, vm: str) -> bool:
     """On a prepared old primary: once the new epoch is in the journal, become its replica
     (``--reverse``) or stand down as failed over. Returns whether the takeover happened."""
@@ -167,6 +184,10 @@ async def run_action(site: Site, vm: str, action: str, arguments: dict[str, Any]
         await complete(site, vm)
         return f"failover of VM {vm} completed; other recovery points deleted"
     if action == "cancel":
+        record = await site.catalog.vm(vm)
+        if record.state is ReplicationState.PREPARED_FOR_PLANNED_FAILOVER:
+            await cancel_planned(site, vm)
+            return f"planned failover of VM {vm} cancelled; it replicates as before"
         await cancel(site, vm)
         return f"failover of VM {vm} cancelled; replaying the journal"
     if action == "reverse":

@@ -209,3 +209,25 @@ async def test_zombie_primary_never_changes_a_replica(
     finally:
         await pair.a.stop()
         await pair.b.stop()
+
+
+async def test_planned_failover_cancelled_before_the_takeover(
+        tmp_path: Path, bootstrap_servers: str, unique: Callable[[str], str]) -> None:
+    pair = await make_pair(tmp_path, bootstrap_servers, unique, VmSettings(frequency_seconds=30))
+    vm, a, b = pair.vm, pair.a, pair.b
+    try:
+        async with a.primary(await a.catalog.vm(vm)) as primary:
+            await primary.initial_replication()
+        await failover.prepare_planned(a, vm, reverse=True)
+        await failover.cancel_planned(a, vm)
+        assert (await a.catalog.vm(vm)).state is ReplicationState.REPLICATING
+        await write_some(a, vm, 4)
+        await b.discover()
+        async with await b.replica(await b.catalog.vm(vm)) as replica:
+            await replica.catch_up()
+            assert replica.materializer.prepared is None
+        assert (await b.catalog.vm(vm)).role == "replica"
+        assert await digests(b, vm) == await digests(a, vm)
+    finally:
+        await pair.a.stop()
+        await pair.b.stop()
