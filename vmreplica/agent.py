@@ -47,8 +47,10 @@ CONTINUOUS_TICK_SECONDS: Final = 1.0
 class Agent:
     """Runs every VM of one :class:`Site` until stopped."""
 
-    def __init__(self, site: Site) -> None:
+    def __init__(self, site: Site, early_signals: list[int] | None = None) -> None:
         self.site = site
+        self._early_signals = early_signals if early_signals is not None else []
+        """Stop signals that arrived before :meth:`run` installed its handlers."""
         self.stopping = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._ended: dict[str, tuple[float, int]] = {}
@@ -71,6 +73,8 @@ class Agent:
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signum, self.stop)
+        if self._early_signals:
+            self.stop()
         log.info("agent of site %s started", self.site.config.site)
         await self._start_nbd_tcp()
         if self.site.config.metrics_port is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -145,6 +146,9 @@ def parse_size(option: str, text: str) -> int:
 @reported
 def agent(config_path: Path | None, log_level: str) -> None:
     """Run this site: ship cycles of its primary VMs, apply journals of its replicas."""
+    # A stop asked for while the agent starts up is honoured once it runs, not by dying.
+    early: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _: early.append(signum))
     from vmreplica.agent import Agent  # noqa: PLC0415
 
     logging.basicConfig(level=log_level.upper(),
@@ -153,7 +157,7 @@ def agent(config_path: Path | None, log_level: str) -> None:
 
     async def run() -> None:
         async with Site(config) as site:
-            await Agent(site).run()
+            await Agent(site, early_signals=early).run()
 
     asyncio.run(run())
 
