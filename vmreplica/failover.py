@@ -20,6 +20,7 @@ deleted last, and the catalog switches role in one transaction.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import shlex
 import shutil
 from collections.abc import AsyncIterator
@@ -34,10 +35,11 @@ from vmreplica.errors import ConfigurationError, JournalIntegrityError
 from vmreplica.image import DiskImage, sha256_of
 from vmreplica.intervals import IntervalSet
 from vmreplica.kafka import JournalPublisher, JournalReader, StatusPublisher
-from vmreplica.producers.changelog import RecordKind, read_segment
+from vmreplica.producers.changelog import ChangeLogCorrupt, RecordKind, read_segment
 from vmreplica.schemas.codec import decode_journal, decode_status, encode
 from vmreplica.schemas.events import (
     ByteRange,
+    DigestMap,
     DiskDigest,
     EpochStart,
     FailoverPrepared,
@@ -53,6 +55,10 @@ AGENT_ALIVE_SECONDS: Final = 10.0
 """An agent that updated its catalog row more recently than this is taken to be running."""
 HEARTBEAT_GRACE_SECONDS: Final = 15.0
 """An unplanned failover is refused while the primary heartbeated more recently than this."""
+DIGEST_BYTES: Final = 16
+"""blake2b digest size per block for the block-compare fallback."""
+DIGEST_BLOCKS_MAX: Final = 262_144
+"""Blocks per DigestMap: keeps a record near 4 MiB; larger disks use larger blocks."""
 MAX_RESYNC_RANGES: Final = 50_000
 """Ranges per ResyncRequest; beyond, neighbouring ranges are merged (more bytes, fewer ranges)."""
 
@@ -351,18 +357,31 @@ async def demote(site: Site, vm: str, start: EpochStart, start_offset: int) -> i
         await _journal_ranges(site, vm, record.epoch, point, diverged)
     names = [d.name for d in record.disks]
     changelog = site.config.vm_folder(vm) / "changelog"
-    _add_changelog_ranges(changelog, names, diverged)
+    try:
+        if not changelog.is_dir():
+            raise ChangeLogCorrupt(f"change log {changelog} is missing")
+        _add_changelog_ranges(changelog, names, diverged)
+        known = True
+    except ChangeLogCorrupt:
+        known = False  # the reverse falls back to comparing block digests
     total = sum(ranges.total() for ranges in diverged.values())
-    in_sync = total == 0 and shipped == point
+    in_sync = known and total == 0 and shipped == point
     if not in_sync:
         status = StatusPublisher(site.connection)
         await status.start()
         try:
-            for disk, ranges in sorted(diverged.items()) or [(names[0], IntervalSet())]:
-                request = ResyncRequest(vm, start.epoch, site.config.site,
-                                        f"diverged after cycle {point}", disk,
-                                        _byte_ranges(ranges), now_ms())
-                await status.publish(site.status_topic(vm), vm.encode(), encode(request))
+            if known:
+                for disk, ranges in sorted(diverged.items()) or [(names[0], IntervalSet())]:
+                    event: ResyncRequest | DigestMap = ResyncRequest(
+                        vm, start.epoch, site.config.site, f"diverged after cycle {point}",
+                        disk, _byte_ranges(ranges), now_ms())
+                    await status.publish(site.status_topic(vm), vm.encode(), encode(event))
+            else:
+                for image in record.disks:
+                    block = digest_block_bytes(image.size_bytes)
+                    event = DigestMap(vm, start.epoch, site.config.site, image.name, point,
+                                      block, block_digests(image.path, block))
+                    await status.publish(site.status_topic(vm), vm.encode(), encode(event))
         finally:
             await status.stop()
     shutil.rmtree(changelog, ignore_errors=True)
@@ -386,6 +405,33 @@ def _add_changelog_ranges(folder: Path, disks: list[str],
                     entry.offset, entry.offset + entry.length)
 
 
+def digest_block_bytes(size: int) -> int:
+    """The block size of a disk's DigestMap: 64 KiB, doubled until the map stays small."""
+    block = 64 * 1024
+    while size / block > DIGEST_BLOCKS_MAX:
+        block *= 2
+    return block
+
+
+def block_digests(path: str | Path, block: int) -> bytes:
+    """blake2b-128 of every block of the image, holes hashed as zeros without reading them."""
+    zero_digest = hashlib.blake2b(bytes(block), digest_size=DIGEST_BYTES).digest()
+    out = bytearray()
+    with DiskImage.open(path, writable=False) as image:
+        allocated = IntervalSet()
+        for offset, length in image.allocated_extents():
+            allocated.add(offset, offset + length)
+        for start in range(0, image.size, block):
+            end = min(start + block, image.size)
+            if not allocated.covered(start, end):
+                out += zero_digest if end - start == block else hashlib.blake2b(
+                    bytes(end - start), digest_size=DIGEST_BYTES).digest()
+            else:
+                out += hashlib.blake2b(image.read(start, end - start),
+                                       digest_size=DIGEST_BYTES).digest()
+    return bytes(out)
+
+
 def _byte_ranges(ranges: IntervalSet) -> tuple[ByteRange, ...]:
     pairs = list(zip(ranges.starts, ranges.ends, strict=True))
     while len(pairs) > MAX_RESYNC_RANGES:
@@ -394,21 +440,40 @@ def _byte_ranges(ranges: IntervalSet) -> tuple[ByteRange, ...]:
     return tuple(ByteRange(start, end - start) for start, end in pairs)
 
 
-async def _resync_requests(site: Site, vm: str, epoch: int, replica_site: str,
+async def _resync_requests(site: Site, record: VmRecord, replica_site: str,
                            ) -> dict[str, IntervalSet] | None:
-    """Ranges the returning old primary reported for ``epoch``; None when it reported none."""
+    """Ranges the returning old primary reported for this epoch: as ResyncRequests, or else
+    as DigestMaps compared block by block with this site's disks; None when it sent neither."""
+    vm, epoch = record.name, record.epoch
     found: dict[str, IntervalSet] | None = None
+    maps: dict[str, DigestMap] = {}
     async with JournalReader(site.connection, site.status_topic(vm)) as reader:
         end = await reader.end_offset()
         while await reader.position() < end:
-            for record in await reader.fetch(1.0):
-                event = decode_status(record.value)
-                if (isinstance(event, ResyncRequest) and event.site == replica_site
-                        and event.epoch == epoch):
+            for message in await reader.fetch(1.0):
+                event = decode_status(message.value)
+                if event.site != replica_site or event.epoch != epoch:
+                    continue
+                if isinstance(event, ResyncRequest):
                     found = found if found is not None else {}
                     ranges = found.setdefault(event.disk or "", IntervalSet())
                     for byte_range in event.ranges:
                         ranges.add(byte_range.offset, byte_range.offset + byte_range.length)
+                elif isinstance(event, DigestMap):
+                    maps[event.disk] = event
+    if found is None and maps:
+        found = {}
+        for disk in record.disks:
+            theirs = maps.get(disk.name)
+            if theirs is None:
+                continue
+            ours = block_digests(disk.path, theirs.block_size)
+            ranges = found.setdefault(disk.name, IntervalSet())
+            for index in range(len(ours) // DIGEST_BYTES):
+                cut = slice(index * DIGEST_BYTES, (index + 1) * DIGEST_BYTES)
+                if ours[cut] != theirs.digests[cut]:
+                    start = index * theirs.block_size
+                    ranges.add(start, min(start + theirs.block_size, disk.size_bytes))
     return found
 
 
@@ -429,7 +494,7 @@ async def reverse(site: Site, vm: str) -> ReverseResult:
     if position is None:
         raise JournalIntegrityError(f"VM {vm!r} has no position")
     old_primary = record.partner_site
-    ranges = await _resync_requests(site, vm, record.epoch, old_primary)
+    ranges = await _resync_requests(site, record, old_primary)
     full_copy = ranges is None
     ranges = ranges or {}
     ranges.pop("", None)

@@ -8,6 +8,7 @@ only what diverged; a zombie primary never changes a replica image.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,6 +229,37 @@ async def test_planned_failover_cancelled_before_the_takeover(
             assert replica.materializer.prepared is None
         assert (await b.catalog.vm(vm)).role == "replica"
         assert await digests(b, vm) == await digests(a, vm)
+    finally:
+        await pair.a.stop()
+        await pair.b.stop()
+
+
+async def test_reverse_falls_back_to_block_compare_when_the_diverged_set_is_unknown(
+        tmp_path: Path, bootstrap_servers: str, unique: Callable[[str], str]) -> None:
+    pair = await make_pair(tmp_path, bootstrap_servers, unique,
+                           VmSettings(frequency_seconds=30, continuous_points_hours=1))
+    vm, a, b = pair.vm, pair.a, pair.b
+    try:
+        async with a.primary(await a.catalog.vm(vm)) as primary:
+            await primary.initial_replication()
+            await primary.capture.write("disk0", 0, os.urandom(MiB))
+            await primary.replicate()
+            await primary.capture.write("disk0", 3 * MiB, b"\x42" * 65536)  # never ships
+            await primary.capture.flush()
+        await catch_up(b, vm)
+        await failover.promote(b, vm, force=True)
+        await failover.complete(b, vm)
+        # The old primary lost its change log: it cannot say what diverged.
+        shutil.rmtree(a.config.vm_folder(vm) / "changelog")
+        found = await failover.newest_epoch(a, vm, 0)
+        assert found is not None
+        await failover.demote(a, vm, found[1], found[0])
+        result = await failover.reverse(b, vm)
+        print(f"block compare: {result.diverged_bytes} bytes differ, {result.sent_bytes} sent")
+        assert not result.full_copy
+        assert result.diverged_bytes == 65536
+        await catch_up(a, vm)
+        assert await digests(a, vm) == await digests(b, vm)
     finally:
         await pair.a.stop()
         await pair.b.stop()
