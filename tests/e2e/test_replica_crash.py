@@ -195,7 +195,11 @@ async def test_replica_agent_survives_sigkill_at_random_instants(
         async with Catalog(replica_config.catalog_path) as catalog:
             while True:
                 position = await catalog.position(VM)
-                if position is not None and position.cycle == final:
+                # The agent records its pid once its stop handlers are in place; a SIGTERM
+                # before that, while Python still imports, ends it as any daemon: -15.
+                async with catalog.db.execute("SELECT pid FROM agent") as cursor:
+                    running = (agent.pid,) in [tuple(row) for row in await cursor.fetchall()]
+                if position is not None and position.cycle == final and running:
                     break
                 assert time.monotonic() < deadline, f"replica stuck at {position}"
                 assert agent.poll() is None, log.read_text()[-3000:]
