@@ -51,7 +51,6 @@ from vmreplica.schemas.events import (
     Heartbeat,
     JournalEvent,
     SeedChunk,
-    VmConfig,
     WriteBatch,
 )
 from vmreplica.states import ReplicationState
@@ -72,7 +71,6 @@ class ReplicaCursor:
     next_offset: int
     seeding: bool
     pending: list[WriteBatch] = field(default_factory=list)
-    last_heartbeat_ms: int | None = None
     awaiting_resync: bool = False
     """This replica diverged (a returning old primary): it waits for an epoch naming it."""
     resyncing: bool = False
@@ -164,12 +162,9 @@ class Materializer:
             elif isinstance(event, EpochStart):
                 await self._start_epoch(event, record.offset)
             elif isinstance(event, Heartbeat):
-                self.cursor.last_heartbeat_ms = event.at_ms
                 await self.catalog.primary_seen(self.vm, event.at_ms)
             elif isinstance(event, FailoverPrepared):
                 self._prepared(event, record.offset)
-            elif isinstance(event, VmConfig):
-                pass
         if seed_written:
             await self._record_seed_progress(records[-1].offset + 1)
 

@@ -524,10 +524,6 @@ class CapturedVm:
         runs = [(index, list(dirty.runs(index))) for index in range(len(self.images))]
         return self._copy_runs(dirty, runs, False)
 
-    def pending_bytes(self) -> int:
-        """Change-log bytes not yet shipped (the open segment and any sealed ones)."""
-        return sum(p.stat().st_size for p in self.log.folder.glob("*.hrl"))
-
     def close(self) -> None:
         """Clean close: images fsynced, dirty map fsynced, then the log's clean-close marker."""
         with self.log_lock:  # a worker thread still copying (its caller was cancelled) stops

@@ -100,6 +100,11 @@ def _segment_path(folder: Path, cycle: int) -> Path:
     return folder / f"{cycle:020d}{SEGMENT_SUFFIX}"
 
 
+def pending_bytes(folder: Path) -> int:
+    """Change-log bytes of a VM not yet shipped: the open segment and any sealed ones."""
+    return sum(path.stat().st_size for path in folder.glob(f"*{SEGMENT_SUFFIX}"))
+
+
 def read_segment(path: Path, *, repair: bool) -> Segment:
     """Parse a segment; with ``repair`` a torn tail is truncated, else it is an error.
 

@@ -61,12 +61,10 @@ class JournalingDevice:
         return self._image.read(offset, length)
 
     async def write(self, offset: int, data: bytes, fua: bool) -> None:
-        capture = self.capture
-        if capture.fenced_reason is not None:
-            raise PermissionError(errno.EPERM, capture.fenced_reason)
-        capture.write_in_bounds(self._index, offset, data)  # the server checked the range
+        self._refuse_if_fenced()
+        self.capture.write_in_bounds(self._index, offset, data)  # the server checked the range
         if fua:
-            await capture.flush()
+            await self.capture.flush()
 
     async def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool) -> None:
         # The image punches a hole either way (reads back as zeroes, as NBD requires); the

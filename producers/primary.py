@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vmreplica.catalog import Catalog, VmRecord, now_ms
 from vmreplica.errors import FencedError
-from vmreplica.kafka import JournalPublisher, JournalReader, KafkaConnection
+from vmreplica.kafka import JournalPublisher, KafkaConnection, read_to_end
 from vmreplica.producers.capture import CapturedVm
 from vmreplica.producers.seed import InitialReplication, Progress, SeedResult, disk_sizes
 from vmreplica.producers.shipper import CycleBuilder, CycleShipper, ShippedCycle
@@ -81,14 +81,10 @@ class PrimaryVm:
 
     async def _newer_epoch(self, start: int) -> tuple[EpochStart, int] | None:
         found = None
-        async with JournalReader(self.connection, self.topic) as reader:
-            reader.seek(start)
-            end = await reader.end_offset()
-            while await reader.position() < end:
-                for record in await reader.fetch(1.0):
-                    event = decode_journal(record.value)
-                    if isinstance(event, EpochStart) and event.epoch > self.record.epoch:
-                        found = (event, record.offset)
+        async for record in read_to_end(self.connection, self.topic, start):
+            event = decode_journal(record.value)
+            if isinstance(event, EpochStart) and event.epoch > self.record.epoch:
+                found = (event, record.offset)
         return found
 
     async def stop(self) -> None:

@@ -30,7 +30,7 @@ import zstandard
 
 from vmreplica.catalog import Catalog, Position, now_ms
 from vmreplica.errors import JournalIntegrityError
-from vmreplica.kafka import JournalPublisher, JournalReader, KafkaConnection
+from vmreplica.kafka import JournalPublisher, KafkaConnection, read_to_end
 from vmreplica.producers.changelog import ChangeLog, LogRecord, RecordKind, Segment
 from vmreplica.producers.coalesce import Change, Piece, coalesce, merge_adjacent
 from vmreplica.schemas.chain import cycle_hash
@@ -225,24 +225,14 @@ class CycleShipper:
     async def reconcile(self, connection: KafkaConnection) -> Position:
         """Adopt cycles that committed in the journal but were not recorded here (crash 3→4)."""
         position = await self.position()
-        reader = JournalReader(connection, self.topic)
-        await reader.start(position.next_offset)
-        try:
-            end = await reader.end_offset()
-            while position.next_offset < end:
-                records = await reader.fetch(1.0)
-                if not records:
-                    break
-                for record in records:
-                    event = decode_journal(record.value)
-                    if isinstance(event, CycleCommit) and event.cycle == position.cycle + 1:
-                        position = Position(event.epoch, event.cycle, event.cycle_hash,
-                                            record.offset + 1, now_ms())
-                    else:
-                        position = Position(position.epoch, position.cycle, position.cycle_hash,
-                                            record.offset + 1, position.at_ms)
-        finally:
-            await reader.stop()
+        async for record in read_to_end(connection, self.topic, position.next_offset):
+            event = decode_journal(record.value)
+            if isinstance(event, CycleCommit) and event.cycle == position.cycle + 1:
+                position = Position(event.epoch, event.cycle, event.cycle_hash,
+                                    record.offset + 1, now_ms())
+            else:
+                position = Position(position.epoch, position.cycle, position.cycle_hash,
+                                    record.offset + 1, position.at_ms)
         await self.catalog.set_position(self.vm, position)
         self.log.drop_through(position.cycle)
         return position

@@ -270,8 +270,8 @@ class Catalog:
         """Record a new relationship. :raises ConfigurationError: the VM is already known."""
         if await self.find_vm(name) is not None:
             raise ConfigurationError(
-                f"VM {name!r} is already enabled for replication at this site; "
-                f"use `vmreplica remove {name}` first to start over")
+                f"VM {name!r} is already enabled for replication at this site "
+                "(`vmreplica status` shows it)")
         statements: list[tuple[str, Sequence[Any]]] = [(
             "INSERT INTO vm (name, role, trust_group, partner_site, settings, epoch, state,"
             " state_changed_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -281,9 +281,6 @@ class Catalog:
                          " VALUES (?, ?, ?, ?, ?)", (name, d.name, d.path, d.size_bytes, i))
                        for i, d in enumerate(disks)]
         await self._transaction(statements)
-
-    async def remove_vm(self, name: str) -> None:
-        await self._transaction([("DELETE FROM vm WHERE name = ?", (name,))])
 
     async def find_vm(self, name: str) -> VmRecord | None:
         async with self.db.execute(
@@ -319,10 +316,6 @@ class Catalog:
 
     async def set_epoch(self, name: str, epoch: int) -> None:
         await self._transaction([("UPDATE vm SET epoch = ? WHERE name = ?", (epoch, name))])
-
-    async def set_disk_size(self, name: str, disk: str, size_bytes: int) -> None:
-        await self._transaction([("UPDATE disk SET size_bytes = ? WHERE vm = ? AND name = ?",
-                                  (size_bytes, name, disk))])
 
     async def position(self, name: str) -> Position | None:
         async with self.db.execute(

@@ -28,7 +28,13 @@ from vmreplica.catalog import now_ms
 from vmreplica.consumers.points import apply_lock
 from vmreplica.errors import ConfigurationError
 from vmreplica.image import DiskImage, nonzero_chunks
-from vmreplica.kafka import JournalPublisher, JournalReader, KafkaConnection, TopicAdmin
+from vmreplica.kafka import (
+    JournalPublisher,
+    JournalReader,
+    KafkaConnection,
+    TopicAdmin,
+    read_to_end,
+)
 from vmreplica.schemas.codec import decode_journal, encode
 from vmreplica.schemas.events import (
     Compression,
@@ -153,14 +159,10 @@ class ExtendedReplication:
     async def _relayed_cycle(self) -> int:
         """The last cycle already in the hop journal (-1 if none): never relay one twice."""
         last = -1
-        async with JournalReader(self.connection, self.topic) as reader:
-            end = await reader.end_offset()
-            reader.seek(max(0, end - 4096))
-            while await reader.position() < end:
-                for message in await reader.fetch(1.0):
-                    event = decode_journal(message.value)
-                    if isinstance(event, CycleCommit):
-                        last = event.cycle
+        async for message in read_to_end(self.connection, self.topic, last=4096):
+            event = decode_journal(message.value)
+            if isinstance(event, CycleCommit):
+                last = event.cycle
         return last
 
     async def relay(self) -> list[int]:

@@ -34,7 +34,7 @@ from vmreplica.consumers.undo import UndoLog
 from vmreplica.errors import ConfigurationError, JournalIntegrityError
 from vmreplica.image import DiskImage, sha256_of
 from vmreplica.intervals import IntervalSet
-from vmreplica.kafka import JournalPublisher, JournalReader, StatusPublisher
+from vmreplica.kafka import JournalPublisher, StatusPublisher, read_to_end
 from vmreplica.producers.changelog import ChangeLogCorrupt, RecordKind, read_segment
 from vmreplica.schemas.codec import decode_journal, decode_status, encode
 from vmreplica.schemas.events import (
@@ -80,12 +80,8 @@ class ReverseResult:
 async def journal_events(site: Site, vm: str, start: int = 0,
                          ) -> AsyncIterator[tuple[int, JournalEvent]]:
     """Every committed journal event of ``vm`` from offset ``start`` to the current end."""
-    async with JournalReader(site.connection, site.journal_topic(vm)) as reader:
-        reader.seek(start)
-        end = await reader.end_offset()
-        while await reader.position() < end:
-            for record in await reader.fetch(1.0):
-                yield record.offset, decode_journal(record.value)
+    async for record in read_to_end(site.connection, site.journal_topic(vm), start):
+        yield record.offset, decode_journal(record.value)
 
 
 async def newest_epoch(site: Site, vm: str, start: int) -> tuple[int, EpochStart] | None:
@@ -447,20 +443,17 @@ async def _resync_requests(site: Site, record: VmRecord, replica_site: str,
     vm, epoch = record.name, record.epoch
     found: dict[str, IntervalSet] | None = None
     maps: dict[str, DigestMap] = {}
-    async with JournalReader(site.connection, site.status_topic(vm)) as reader:
-        end = await reader.end_offset()
-        while await reader.position() < end:
-            for message in await reader.fetch(1.0):
-                event = decode_status(message.value)
-                if event.site != replica_site or event.epoch != epoch:
-                    continue
-                if isinstance(event, ResyncRequest):
-                    found = found if found is not None else {}
-                    ranges = found.setdefault(event.disk or "", IntervalSet())
-                    for byte_range in event.ranges:
-                        ranges.add(byte_range.offset, byte_range.offset + byte_range.length)
-                elif isinstance(event, DigestMap):
-                    maps[event.disk] = event
+    async for message in read_to_end(site.connection, site.status_topic(vm)):
+        event = decode_status(message.value)
+        if event.site != replica_site or event.epoch != epoch:
+            continue
+        if isinstance(event, ResyncRequest):
+            found = found if found is not None else {}
+            ranges = found.setdefault(event.disk or "", IntervalSet())
+            for byte_range in event.ranges:
+                ranges.add(byte_range.offset, byte_range.offset + byte_range.length)
+        elif isinstance(event, DigestMap):
+            maps[event.disk] = event
     if found is None and maps:
         found = {}
         for disk in record.disks:

@@ -12,7 +12,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Self
@@ -357,6 +357,22 @@ class JournalReader:
         except KafkaError as error:
             raise _translate(error, f"reading the end of {self.topic}") from error
         return int(offsets[self._partition])
+
+
+async def read_to_end(connection: KafkaConnection, topic: str, start: int = 0, *,
+                      last: int | None = None) -> AsyncGenerator[JournalRecord, None]:
+    """Committed records of ``topic`` from offset ``start`` (or only the ``last`` offsets) up
+    to its end as of this call. Callers that may stop early wrap it in
+    ``contextlib.aclosing`` so the reader is closed at once."""
+    async with JournalReader(connection, topic) as reader:
+        end = await reader.end_offset()
+        reader.seek(max(0, end - last) if last is not None else start)
+        # Transaction markers take offsets but are never returned: progress is the position.
+        while await reader.position() < end:
+            for record in await reader.fetch(1.0):
+                if record.offset >= end:
+                    return
+                yield record
 
 
 class StatusPublisher:

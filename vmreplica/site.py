@@ -7,6 +7,7 @@ primary of, ``consumers`` for those it is replica of); neither role imports the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,9 +17,9 @@ from typing import Self
 from vmreplica import topics
 from vmreplica.catalog import Catalog, DiskRecord, VmRecord, VmSettings
 from vmreplica.config import SiteConfig
-from vmreplica.consumers.replica import ReplicaVm
+from vmreplica.consumers.replica import ReplicaVm, image_path
 from vmreplica.errors import ConfigurationError
-from vmreplica.kafka import JournalReader, KafkaConnection, StatusPublisher, TopicAdmin
+from vmreplica.kafka import KafkaConnection, StatusPublisher, TopicAdmin, read_to_end
 from vmreplica.producers.primary import PrimaryVm
 from vmreplica.schemas.codec import decode_journal
 from vmreplica.schemas.events import VmConfig
@@ -163,7 +164,7 @@ class Site:
     async def adopt(self, config: VmConfig) -> VmRecord:
         """Become a replica of the VM ``config`` describes."""
         folder = self.config.vm_folder(config.vm)
-        disks = [DiskRecord(d.name, str(folder / "disks" / f"{d.name}.img"), d.size_bytes)
+        disks = [DiskRecord(d.name, str(image_path(folder, d.name)), d.size_bytes)
                  for d in config.disks]
         settings = VmSettings(frequency_seconds=config.frequency_seconds,
                               recovery_history=config.recovery_history,
@@ -175,13 +176,11 @@ class Site:
         return await self.catalog.vm(config.vm)
 
     async def _first_config(self, topic: str) -> VmConfig | None:
-        async with JournalReader(self.connection, topic) as reader:
-            end = await reader.end_offset()
-            while await reader.position() < end:
-                for record in await reader.fetch(1.0, max_records=16):
-                    event = decode_journal(record.value)
-                    if isinstance(event, VmConfig):
-                        return event
+        async with contextlib.aclosing(read_to_end(self.connection, topic)) as records:
+            async for record in records:
+                event = decode_journal(record.value)
+                if isinstance(event, VmConfig):
+                    return event
         return None
 
 

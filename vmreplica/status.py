@@ -12,7 +12,8 @@ from typing import Any
 from vmreplica.catalog import VmRecord
 from vmreplica.config import SiteConfig
 from vmreplica.errors import ConfigurationError
-from vmreplica.kafka import JournalReader
+from vmreplica.kafka import read_to_end
+from vmreplica.producers.changelog import pending_bytes
 from vmreplica.producers.nbd_exports import nbd_uris, socket_path
 from vmreplica.schemas.codec import decode_status
 from vmreplica.schemas.events import ReplicaPosition
@@ -42,14 +43,10 @@ def capture_json(config: SiteConfig, record: VmRecord) -> dict[str, Any]:
 
 async def _latest_replica_position(site: Site, vm: str) -> ReplicaPosition | None:
     latest: ReplicaPosition | None = None
-    async with JournalReader(site.connection, site.status_topic(vm)) as reader:
-        end = await reader.end_offset()
-        reader.seek(max(0, end - 20))
-        while await reader.position() < end:
-            for record in await reader.fetch(1.0):
-                event = decode_status(record.value)
-                if isinstance(event, ReplicaPosition):
-                    latest = event
+    async for record in read_to_end(site.connection, site.status_topic(vm), last=20):
+        event = decode_status(record.value)
+        if isinstance(event, ReplicaPosition):
+            latest = event
     return latest
 
 
@@ -78,7 +75,7 @@ async def vm_status(site: Site, record: VmRecord, with_replica: bool = True,
     }
     if record.role == "primary":
         changelog = site.config.vm_folder(record.name) / "changelog"
-        status["pending_bytes"] = sum(p.stat().st_size for p in changelog.glob("*.hrl"))
+        status["pending_bytes"] = pending_bytes(changelog)
         replica = await _latest_replica_position(site, record.name) if with_replica else None
         status["replica_cycle"] = replica.cycle if replica else None
         status["replica_applied_at_ms"] = replica.applied_at_ms if replica else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,22 +37,34 @@ class Pair:
     disks: dict[str, Path]
 
 
-async def make_pair(tmp_path: Path, bootstrap: str, unique: Callable[[str], str],
-                    settings: VmSettings) -> Pair:
-    group = unique("tg")
-    a = Site(SiteConfig(site="site-a", root=tmp_path / "a", bootstrap_servers=bootstrap,
-                        trust_group=group))
-    b = Site(SiteConfig(site="site-b", root=tmp_path / "b", bootstrap_servers=bootstrap,
-                        trust_group=group))
-    await a.start()
-    await b.start()
-    disks = {"disk0": tmp_path / "disk0.img", "disk1": tmp_path / "disk1.img"}
-    for path in disks.values():
-        with path.open("wb") as file:
-            file.truncate(DISK_BYTES)
-    vm = unique("vm")
-    await a.enable(vm, disks, "site-b", settings)
-    return Pair(vm, a, b, disks)
+MakePair = Callable[[VmSettings], Awaitable[Pair]]
+
+
+@pytest.fixture
+async def make_pair(tmp_path: Path, bootstrap_servers: str,
+                    unique: Callable[[str], str]) -> AsyncIterator[MakePair]:
+    """Sites A and B of one trust group and a two-disk VM enabled on A; stopped afterwards."""
+    started: list[Site] = []
+
+    async def make(settings: VmSettings) -> Pair:
+        group = unique("tg")
+        a, b = (Site(SiteConfig(site=name, root=tmp_path / name[-1],
+                                bootstrap_servers=bootstrap_servers, trust_group=group))
+                for name in ("site-a", "site-b"))
+        for site in (a, b):
+            await site.start()
+            started.append(site)
+        disks = {"disk0": tmp_path / "disk0.img", "disk1": tmp_path / "disk1.img"}
+        for path in disks.values():
+            with path.open("wb") as file:
+                file.truncate(DISK_BYTES)
+        vm = unique("vm")
+        await a.enable(vm, disks, "site-b", settings)
+        return Pair(vm, a, b, disks)
+
+    yield make
+    for site in started:
+        await site.stop()
 
 
 async def digests(site: Site, vm: str) -> dict[str, str]:
@@ -77,189 +89,164 @@ async def write_some(site: Site, vm: str, seed: int) -> None:
         await primary.replicate()
 
 
-async def test_planned_failover_and_back_loses_nothing(
-        tmp_path: Path, bootstrap_servers: str, unique: Callable[[str], str]) -> None:
-    pair = await make_pair(tmp_path, bootstrap_servers, unique, VmSettings(frequency_seconds=30))
+async def test_planned_failover_and_back_loses_nothing(make_pair: MakePair) -> None:
+    pair = await make_pair(VmSettings(frequency_seconds=30))
     vm, a, b = pair.vm, pair.a, pair.b
-    try:
-        async with a.primary(await a.catalog.vm(vm)) as primary:
-            await primary.capture.write("disk0", 0, os.urandom(MiB))
-            await primary.initial_replication()
-        await write_some(a, vm, 1)
-        await catch_up(b, vm)
+    async with a.primary(await a.catalog.vm(vm)) as primary:
+        await primary.capture.write("disk0", 0, os.urandom(MiB))
+        await primary.initial_replication()
+    await write_some(a, vm, 1)
+    await catch_up(b, vm)
 
-        # A prepares (the VM is stopped), B takes over, A follows as its replica.
-        prepared = await failover.prepare_planned(a, vm, verify=True)
-        assert [d.name for d in prepared.disk_sha256] == ["disk0", "disk1"]
-        at_shutdown = await digests(a, vm)
-        async with await b.replica(await b.catalog.vm(vm)) as replica:
-            await replica.catch_up()
-            assert replica.materializer.prepared == prepared
-        start = await failover.promote(b, vm, prepared=prepared)
-        assert await digests(b, vm) == at_shutdown
-        found = await failover.newest_epoch(a, vm, 0)
-        assert found is not None
-        assert found[1] == start
-        assert await failover.demote(a, vm, found[1], found[0]) == 0
-        assert (await a.catalog.vm(vm)).state is ReplicationState.REPLICATING
+    # A prepares (the VM is stopped), B takes over, A follows as its replica.
+    prepared = await failover.prepare_planned(a, vm, verify=True)
+    assert [d.name for d in prepared.disk_sha256] == ["disk0", "disk1"]
+    at_shutdown = await digests(a, vm)
+    async with await b.replica(await b.catalog.vm(vm)) as replica:
+        await replica.catch_up()
+        assert replica.materializer.prepared == prepared
+    start = await failover.promote(b, vm, prepared=prepared)
+    assert await digests(b, vm) == at_shutdown
+    found = await failover.newest_epoch(a, vm, 0)
+    assert found is not None
+    assert found[1] == start
+    assert await failover.demote(a, vm, found[1], found[0]) == 0
+    assert (await a.catalog.vm(vm)).state is ReplicationState.REPLICATING
 
-        # Writes on the new primary replicate back, with no resync in between.
-        await write_some(b, vm, 2)
-        await catch_up(a, vm)
-        assert await digests(a, vm) == await digests(b, vm)
+    # Writes on the new primary replicate back, with no resync in between.
+    await write_some(b, vm, 2)
+    await catch_up(a, vm)
+    assert await digests(a, vm) == await digests(b, vm)
 
-        # Planned failover back restores the original direction.
-        prepared = await failover.prepare_planned(b, vm)
-        await catch_up(a, vm)
-        back = await failover.promote(a, vm, prepared=prepared)
-        assert back.primary_site == "site-a"
-        found = await failover.newest_epoch(b, vm, 0)
-        assert found is not None
-        await failover.demote(b, vm, found[1], found[0])
-        await write_some(a, vm, 3)
-        await catch_up(b, vm)
-        assert await digests(b, vm) == await digests(a, vm)
-        assert (await a.catalog.vm(vm)).role == "primary"
-        assert (await b.catalog.vm(vm)).role == "replica"
-    finally:
-        await pair.a.stop()
-        await pair.b.stop()
+    # Planned failover back restores the original direction.
+    prepared = await failover.prepare_planned(b, vm)
+    await catch_up(a, vm)
+    back = await failover.promote(a, vm, prepared=prepared)
+    assert back.primary_site == "site-a"
+    found = await failover.newest_epoch(b, vm, 0)
+    assert found is not None
+    await failover.demote(b, vm, found[1], found[0])
+    await write_some(a, vm, 3)
+    await catch_up(b, vm)
+    assert await digests(b, vm) == await digests(a, vm)
+    assert (await a.catalog.vm(vm)).role == "primary"
+    assert (await b.catalog.vm(vm)).role == "replica"
 
 
 async def test_unplanned_failover_to_latest_and_older_point_then_reverse(
-        tmp_path: Path, bootstrap_servers: str, unique: Callable[[str], str]) -> None:
-    pair = await make_pair(tmp_path, bootstrap_servers, unique,
-                           VmSettings(frequency_seconds=30, continuous_points_hours=1))
+        make_pair: MakePair) -> None:
+    pair = await make_pair(VmSettings(frequency_seconds=30, continuous_points_hours=1))
     vm, a, b = pair.vm, pair.a, pair.b
-    try:
-        recorded: dict[int, dict[str, str]] = {}
-        async with a.primary(await a.catalog.vm(vm)) as primary:
-            await primary.initial_replication()
-            for i in range(5):
-                await primary.capture.write("disk0", i * 65536, os.urandom(65536))
-                await primary.capture.write("disk1", 0, os.urandom(4096))
-                for cycle in await primary.replicate():
-                    recorded[cycle.cycle] = await digests(a, vm)
-            # Writes that never reach the replica: the primary dies before shipping them.
-            await primary.capture.write("disk0", 3 * MiB, b"\x77" * 65536)
-            await primary.capture.flush()
-        await catch_up(b, vm)
-        cycles = sorted(recorded)
-        older = cycles[1]
+    recorded: dict[int, dict[str, str]] = {}
+    async with a.primary(await a.catalog.vm(vm)) as primary:
+        await primary.initial_replication()
+        for i in range(5):
+            await primary.capture.write("disk0", i * 65536, os.urandom(65536))
+            await primary.capture.write("disk1", 0, os.urandom(4096))
+            for cycle in await primary.replicate():
+                recorded[cycle.cycle] = await digests(a, vm)
+        # Writes that never reach the replica: the primary dies before shipping them.
+        await primary.capture.write("disk0", 3 * MiB, b"\x77" * 65536)
+        await primary.capture.flush()
+    await catch_up(b, vm)
+    cycles = sorted(recorded)
+    older = cycles[1]
 
-        # Failover to an older point, cancel (replay forward), then fail over to the latest.
-        await failover.promote(b, vm, point=str(older), force=True)
-        assert await digests(b, vm) == recorded[older]
-        await failover.cancel(b, vm)
-        await catch_up(b, vm)
-        assert await digests(b, vm) == recorded[cycles[-1]]
-        start = await failover.promote(b, vm, point="latest", force=True)
-        assert await digests(b, vm) == recorded[cycles[-1]]
-        await failover.complete(b, vm)
-        assert (await b.catalog.vm(vm)).state is ReplicationState.FAILED_OVER
+    # Failover to an older point, cancel (replay forward), then fail over to the latest.
+    await failover.promote(b, vm, point=str(older), force=True)
+    assert await digests(b, vm) == recorded[older]
+    await failover.cancel(b, vm)
+    await catch_up(b, vm)
+    assert await digests(b, vm) == recorded[cycles[-1]]
+    start = await failover.promote(b, vm, point="latest", force=True)
+    assert await digests(b, vm) == recorded[cycles[-1]]
+    await failover.complete(b, vm)
+    assert (await b.catalog.vm(vm)).state is ReplicationState.FAILED_OVER
 
-        # The new primary writes; the old one returns and is fenced before it can publish.
-        async with b.primary(await b.catalog.vm(vm)) as new_primary:
-            await new_primary.capture.write("disk1", 2 * MiB, os.urandom(32768))
-            await new_primary.capture.flush()
-        with pytest.raises(SupersededError, match="became primary in epoch"):
-            async with a.primary(await a.catalog.vm(vm)):
-                pass
-        found = await failover.newest_epoch(a, vm, 0)
-        assert found is not None
-        assert found[1].epoch == start.epoch
-        diverged_a = await failover.demote(a, vm, found[1], found[0])
-        assert diverged_a == 65536
-        result = await failover.reverse(b, vm)
-        print(f"reverse: diverged {result.diverged_bytes} bytes, sent {result.sent_bytes} bytes")
-        assert not result.full_copy
-        assert result.diverged_bytes == 65536 + 32768
-        assert result.sent_bytes <= 2 * result.diverged_bytes
-        await catch_up(a, vm)
-        assert await digests(a, vm) == await digests(b, vm)
-        assert (await a.catalog.vm(vm)).state is ReplicationState.REPLICATING
-    finally:
-        await pair.a.stop()
-        await pair.b.stop()
+    # The new primary writes; the old one returns and is fenced before it can publish.
+    async with b.primary(await b.catalog.vm(vm)) as new_primary:
+        await new_primary.capture.write("disk1", 2 * MiB, os.urandom(32768))
+        await new_primary.capture.flush()
+    with pytest.raises(SupersededError, match="became primary in epoch"):
+        async with a.primary(await a.catalog.vm(vm)):
+            pass
+    found = await failover.newest_epoch(a, vm, 0)
+    assert found is not None
+    assert found[1].epoch == start.epoch
+    diverged_a = await failover.demote(a, vm, found[1], found[0])
+    assert diverged_a == 65536
+    result = await failover.reverse(b, vm)
+    print(f"reverse: diverged {result.diverged_bytes} bytes, sent {result.sent_bytes} bytes")
+    assert not result.full_copy
+    assert result.diverged_bytes == 65536 + 32768
+    assert result.sent_bytes <= 2 * result.diverged_bytes
+    await catch_up(a, vm)
+    assert await digests(a, vm) == await digests(b, vm)
+    assert (await a.catalog.vm(vm)).state is ReplicationState.REPLICATING
 
 
-async def test_zombie_primary_never_changes_a_replica(
-        tmp_path: Path, bootstrap_servers: str, unique: Callable[[str], str]) -> None:
-    pair = await make_pair(tmp_path, bootstrap_servers, unique, VmSettings(frequency_seconds=30))
+async def test_zombie_primary_never_changes_a_replica(make_pair: MakePair) -> None:
+    pair = await make_pair(VmSettings(frequency_seconds=30))
     vm, a, b = pair.vm, pair.a, pair.b
+    zombie = a.primary(await a.catalog.vm(vm))
+    await zombie.start()
     try:
-        zombie = a.primary(await a.catalog.vm(vm))
-        await zombie.start()
-        try:
-            await zombie.initial_replication()
-            await zombie.capture.write("disk0", 0, os.urandom(65536))
-            await zombie.replicate()
-            await catch_up(b, vm)
-            await failover.promote(b, vm, force=True)
-            await failover.complete(b, vm)
-            before = await digests(b, vm)
-            # The zombie keeps writing and tries to ship: the broker has fenced its producer.
-            await zombie.capture.write("disk0", 0, b"\xee" * 65536)
-            with pytest.raises(FencedError):
-                await zombie.replicate()
-            with pytest.raises(FencedError):
-                await zombie.capture.write("disk0", 0, b"\xee" * 4096)
-        finally:
-            await zombie.stop()
-        assert await digests(b, vm) == before
-    finally:
-        await pair.a.stop()
-        await pair.b.stop()
-
-
-async def test_planned_failover_cancelled_before_the_takeover(
-        tmp_path: Path, bootstrap_servers: str, unique: Callable[[str], str]) -> None:
-    pair = await make_pair(tmp_path, bootstrap_servers, unique, VmSettings(frequency_seconds=30))
-    vm, a, b = pair.vm, pair.a, pair.b
-    try:
-        async with a.primary(await a.catalog.vm(vm)) as primary:
-            await primary.initial_replication()
-        await failover.prepare_planned(a, vm, reverse=True)
-        await failover.cancel_planned(a, vm)
-        assert (await a.catalog.vm(vm)).state is ReplicationState.REPLICATING
-        await write_some(a, vm, 4)
-        await b.discover()
-        async with await b.replica(await b.catalog.vm(vm)) as replica:
-            await replica.catch_up()
-            assert replica.materializer.prepared is None
-        assert (await b.catalog.vm(vm)).role == "replica"
-        assert await digests(b, vm) == await digests(a, vm)
-    finally:
-        await pair.a.stop()
-        await pair.b.stop()
-
-
-async def test_reverse_falls_back_to_block_compare_when_the_diverged_set_is_unknown(
-        tmp_path: Path, bootstrap_servers: str, unique: Callable[[str], str]) -> None:
-    pair = await make_pair(tmp_path, bootstrap_servers, unique,
-                           VmSettings(frequency_seconds=30, continuous_points_hours=1))
-    vm, a, b = pair.vm, pair.a, pair.b
-    try:
-        async with a.primary(await a.catalog.vm(vm)) as primary:
-            await primary.initial_replication()
-            await primary.capture.write("disk0", 0, os.urandom(MiB))
-            await primary.replicate()
-            await primary.capture.write("disk0", 3 * MiB, b"\x42" * 65536)  # never ships
-            await primary.capture.flush()
+        await zombie.initial_replication()
+        await zombie.capture.write("disk0", 0, os.urandom(65536))
+        await zombie.replicate()
         await catch_up(b, vm)
         await failover.promote(b, vm, force=True)
         await failover.complete(b, vm)
-        # The old primary lost its change log: it cannot say what diverged.
-        shutil.rmtree(a.config.vm_folder(vm) / "changelog")
-        found = await failover.newest_epoch(a, vm, 0)
-        assert found is not None
-        await failover.demote(a, vm, found[1], found[0])
-        result = await failover.reverse(b, vm)
-        print(f"block compare: {result.diverged_bytes} bytes differ, {result.sent_bytes} sent")
-        assert not result.full_copy
-        assert result.diverged_bytes == 65536
-        await catch_up(a, vm)
-        assert await digests(a, vm) == await digests(b, vm)
+        before = await digests(b, vm)
+        # The zombie keeps writing and tries to ship: the broker has fenced its producer.
+        await zombie.capture.write("disk0", 0, b"\xee" * 65536)
+        with pytest.raises(FencedError):
+            await zombie.replicate()
+        with pytest.raises(FencedError):
+            await zombie.capture.write("disk0", 0, b"\xee" * 4096)
     finally:
-        await pair.a.stop()
-        await pair.b.stop()
+        await zombie.stop()
+    assert await digests(b, vm) == before
+
+
+async def test_planned_failover_cancelled_before_the_takeover(make_pair: MakePair) -> None:
+    pair = await make_pair(VmSettings(frequency_seconds=30))
+    vm, a, b = pair.vm, pair.a, pair.b
+    async with a.primary(await a.catalog.vm(vm)) as primary:
+        await primary.initial_replication()
+    await failover.prepare_planned(a, vm, reverse=True)
+    await failover.cancel_planned(a, vm)
+    assert (await a.catalog.vm(vm)).state is ReplicationState.REPLICATING
+    await write_some(a, vm, 4)
+    await b.discover()
+    async with await b.replica(await b.catalog.vm(vm)) as replica:
+        await replica.catch_up()
+        assert replica.materializer.prepared is None
+    assert (await b.catalog.vm(vm)).role == "replica"
+    assert await digests(b, vm) == await digests(a, vm)
+
+
+async def test_reverse_falls_back_to_block_compare_when_the_diverged_set_is_unknown(
+        make_pair: MakePair) -> None:
+    pair = await make_pair(VmSettings(frequency_seconds=30, continuous_points_hours=1))
+    vm, a, b = pair.vm, pair.a, pair.b
+    async with a.primary(await a.catalog.vm(vm)) as primary:
+        await primary.initial_replication()
+        await primary.capture.write("disk0", 0, os.urandom(MiB))
+        await primary.replicate()
+        await primary.capture.write("disk0", 3 * MiB, b"\x42" * 65536)  # never ships
+        await primary.capture.flush()
+    await catch_up(b, vm)
+    await failover.promote(b, vm, force=True)
+    await failover.complete(b, vm)
+    # The old primary lost its change log: it cannot say what diverged.
+    shutil.rmtree(a.config.vm_folder(vm) / "changelog")
+    found = await failover.newest_epoch(a, vm, 0)
+    assert found is not None
+    await failover.demote(a, vm, found[1], found[0])
+    result = await failover.reverse(b, vm)
+    print(f"block compare: {result.diverged_bytes} bytes differ, {result.sent_bytes} sent")
+    assert not result.full_copy
+    assert result.diverged_bytes == 65536
+    await catch_up(a, vm)
+    assert await digests(a, vm) == await digests(b, vm)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.clients import cli
 from vmreplica.agent import Agent
 from vmreplica.catalog import VmSettings
 from vmreplica.config import load_config
@@ -37,13 +38,6 @@ def site_file(folder: Path, name: str, bootstrap: str, group: str) -> Path:
     return path
 
 
-async def cli(config: Path, *args: str) -> str:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "vmreplica.cli", *args, "--config", str(config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await process.communicate()
-    assert process.returncode == 0, err.decode()
-    return out.decode()
 
 
 async def wait_for(condition: Callable[[], object], limit_seconds: float = 60.0) -> None:

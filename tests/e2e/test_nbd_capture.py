@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.clients import cli, run
 from vmreplica.agent import Agent
 from vmreplica.catalog import VmSettings
 from vmreplica.config import load_config
@@ -32,27 +33,10 @@ from vmreplica.states import ReplicationState
 
 pytestmark = pytest.mark.e2e
 MiB = 1024 * 1024
-CLIENT_TIMEOUT_SECONDS = 180
-_PACKAGES = {"nbdinfo": "libnbd-bin", "nbdcopy": "libnbd-bin", "qemu-io": "qemu-utils",
-             "qemu-img": "qemu-utils", "fio": "fio"}
 
 
-def require(binary: str) -> str:
-    path = shutil.which(binary)
-    if path is None:
-        pytest.skip(f"{binary} is not installed (apt-get install -y {_PACKAGES[binary]})")
-    return path
 
 
-async def run(*argv: str) -> str:
-    """Run a client to completion; return its stdout, failing the test on a non-zero exit."""
-    process = await asyncio.create_subprocess_exec(
-        require(argv[0]), *argv[1:], stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
-    stdout, stderr = await asyncio.wait_for(process.communicate(), CLIENT_TIMEOUT_SECONDS)
-    assert process.returncode == 0, (
-        f"{' '.join(argv)} exited {process.returncode}:\n{stdout.decode()}\n{stderr.decode()}")
-    return stdout.decode()
 
 
 async def wait_until(predicate: Callable[[], Awaitable[bool]], what: str,
@@ -298,13 +282,6 @@ async def test_scan_capture_finds_changes_made_behind_the_agents_back(
     assert lines[:2] == ["pre", f"post {pair.vm}"]
 
 
-async def cli(config: Path, *args: str) -> str:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "vmreplica.cli", *args, "--config", str(config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await process.communicate()
-    assert process.returncode == 0, err.decode()
-    return out.decode()
 
 
 async def connectable(path: Path) -> bool:

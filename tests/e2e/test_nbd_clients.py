@@ -10,7 +10,6 @@ import asyncio
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,19 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.clients import CLIENT_TIMEOUT_SECONDS, require, run
 from vmreplica.producers.nbd import FileBlockDevice, NbdServer
 
 pytestmark = pytest.mark.e2e
 
 EXPORT_BYTES = {"disk0": 64 << 20, "disk1": 8 << 20, "golden": 1 << 20}
-CLIENT_TIMEOUT_SECONDS = 120
-_PACKAGES = {
-    "nbdinfo": "libnbd-bin",
-    "nbdcopy": "libnbd-bin",
-    "qemu-io": "qemu-utils",
-    "qemu-img": "qemu-utils",
-    "fio": "fio",
-}
 
 
 @dataclass
@@ -39,26 +31,8 @@ class Served:
     images: dict[str, Path]
 
 
-def require(binary: str) -> str:
-    path = shutil.which(binary)
-    if path is None:
-        pytest.skip(f"{binary} is not installed (apt-get install -y {_PACKAGES[binary]})")
-    return path
 
 
-async def run(*argv: str) -> str:
-    """Run a client to completion; return its stdout, failing the test on a non-zero exit."""
-    process = await asyncio.create_subprocess_exec(
-        require(argv[0]),
-        *argv[1:],
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), CLIENT_TIMEOUT_SECONDS)
-    assert process.returncode == 0, (
-        f"{' '.join(argv)} exited {process.returncode}:\n{stdout.decode()}\n{stderr.decode()}"
-    )
-    return stdout.decode()
 
 
 @pytest.fixture
