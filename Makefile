@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: setup system-deps demo test lint typecheck unit integration e2e clean
 
 setup: system-deps $(STAMP)
-	@$(BIN)/python -c "from vmreplica.broker import resolve_kafka; print('Kafka jars:', resolve_kafka())"
+	@$(BIN)/python -c "from vmreplica.devtools.cluster import resolve_kafka; print('Kafka jars:', resolve_kafka())"
 
 system-deps:
 	@bash deploy/install-system-deps.sh
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: setup
-	$(BIN)/python -m vmreplica.demo
+	$(BIN)/python -m vmreplica.devtools.demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Final
 
 from vmreplica import failover
-from vmreplica.broker import LocalCluster
-from vmreplica.catalog import VmSettings
 from vmreplica.config import SiteConfig
-from vmreplica.site import Site
-from vmreplica.test_vm import TestVmService
+from vmreplica.consumers.drill import FailoverDrill
+from vmreplica.devtools.cluster import LocalCluster
+from vmreplica.domain.model import VmSettings
+from vmreplica.runtime.site import Site
 
 GiB: Final = 1024**3
 MiB: Final = 1024**2
@@ -71,7 +71,7 @@ async def test_failover_seconds(work: Path, bootstrap: str, size: int, name: str
     await b.discover()
     async with await b.replica(await b.catalog.vm("vm")) as replica:
         await replica.catch_up(120)
-        service = TestVmService(b.catalog, replica)
+        service = FailoverDrill(b.catalog, replica)
         started = time.monotonic()
         uris = await service.start(point)
         probe = await asyncio.create_subprocess_exec("nbdinfo", "--size", uris[0],

@@ -3,7 +3,7 @@
 Each server serves its own fresh raw image on a Unix socket; fio's ``nbd`` engine (libnbd, one
 connection) runs random writes at 4 KiB and 64 KiB, iodepth 16. vmreplica runs twice:
 
-- ``vmreplica``: ``python -m vmreplica.producers.nbd serve`` with a :class:`FileBlockDevice`,
+- ``vmreplica``: ``python -m vmreplica.nbd.server serve`` with a :class:`FileBlockDevice`,
   writing into the page cache like the other two (protocol handling only);
 - ``vmr-journal``: ``python -m vmreplica.producers.journaling_device serve``, the export the
   agent serves, with the agent's default change-log budget (a tenth of the disk): every write is
@@ -67,7 +67,7 @@ def server_command(server: str, image: Path, socket_path: Path,
                 str(image), "--socket", str(socket_path), "--changelog", str(changelog),
                 "--cycle-seconds", str(cycle_seconds), *budget]  # fmt: skip
     if server == "vmreplica":
-        return [sys.executable, "-m", "vmreplica.producers.nbd", "serve", str(image),
+        return [sys.executable, "-m", "vmreplica.nbd.server", "serve", str(image),
                 "--socket", str(socket_path)]  # fmt: skip
     if server == "nbdkit":
         return ["nbdkit", "--foreground", "--exit-with-parent", "-U", str(socket_path),

@@ -55,16 +55,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Final
 
-from vmreplica.broker import LocalCluster, resolve_kafka
-from vmreplica.catalog import VmSettings
 from vmreplica.config import SiteConfig
+from vmreplica.devtools.cluster import LocalCluster, resolve_kafka
+from vmreplica.domain.model import VmSettings
 from vmreplica.errors import BrokerError
-from vmreplica.image import sha256_of
-from vmreplica.kafka import MAX_RECORD_BYTES, KafkaConnection, TopicAdmin
+from vmreplica.journal.kafka import MAX_RECORD_BYTES, KafkaConnection, TopicAdmin
+from vmreplica.journal.topics import journal_spec
 from vmreplica.producers.primary import PrimaryVm
 from vmreplica.producers.shipper import ShippedCycle
-from vmreplica.site import Site
-from vmreplica.topics import journal_spec
+from vmreplica.runtime.site import Site
+from vmreplica.storage.image import sha256_of
 
 KiB: Final = 1024
 MiB: Final = 1024 * KiB

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import zstandard
 
+from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import JournalIntegrityError
 from vmreplica.schemas.chain import cycle_hash
 from vmreplica.schemas.events import Compression, CycleCommit, Extent, ExtentKind, WriteBatch
-from vmreplica.states import ReplicationState
 
 
 class JournalViolation(JournalIntegrityError):

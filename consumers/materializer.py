@@ -25,7 +25,6 @@ from pathlib import Path
 
 import zstandard
 
-from vmreplica.catalog import Catalog, Position, StoredPoint, now_ms
 from vmreplica.consumers.journal_rules import (
     DecodedExtent,
     JournalViolation,
@@ -36,9 +35,11 @@ from vmreplica.consumers.journal_rules import (
 from vmreplica.consumers.retention import RecoveryPoint, RetentionPolicy, select_points
 from vmreplica.consumers.undo import UndoLog, UndoWriter
 from vmreplica.consumers.views import PointView
+from vmreplica.domain.clock import now_ms
+from vmreplica.domain.model import Position, StoredPoint
+from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import DecodeError
-from vmreplica.image import DiskImage
-from vmreplica.kafka import JournalRecord
+from vmreplica.journal.kafka import JournalRecord
 from vmreplica.schemas.chain import GENESIS_HASH
 from vmreplica.schemas.codec import decode_journal
 from vmreplica.schemas.events import (
@@ -53,7 +54,8 @@ from vmreplica.schemas.events import (
     SeedChunk,
     WriteBatch,
 )
-from vmreplica.states import ReplicationState
+from vmreplica.storage.catalog import Catalog
+from vmreplica.storage.image import DiskImage
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Final, Literal
 
-from vmreplica.catalog import StoredPoint
 from vmreplica.consumers.undo import UndoLog, materialize_point
+from vmreplica.domain.model import StoredPoint
 from vmreplica.errors import ConfigurationError, PrerequisiteMissingError
-from vmreplica.image import DiskImage
+from vmreplica.storage.image import DiskImage
 
 ExportFormat = Literal["raw", "qcow2", "vhdx", "vpc"]
 FORMATS: Final = ("raw", "qcow2", "vhdx", "vpc")

@@ -12,17 +12,19 @@ import asyncio
 import logging
 from pathlib import Path
 
-from vmreplica.catalog import Catalog, VmRecord, now_ms
 from vmreplica.consumers.journal_rules import JournalViolation
 from vmreplica.consumers.materializer import Materializer
 from vmreplica.consumers.points import apply_lock
 from vmreplica.consumers.retention import RetentionPolicy
+from vmreplica.domain.clock import now_ms
+from vmreplica.domain.model import VmRecord
+from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import BrokerError
-from vmreplica.image import DiskImage
-from vmreplica.kafka import JournalReader, KafkaConnection, StatusPublisher
+from vmreplica.journal.kafka import JournalReader, KafkaConnection, StatusPublisher
 from vmreplica.schemas.codec import encode
 from vmreplica.schemas.events import CycleCommit, ReplicaPosition
-from vmreplica.states import ReplicationState
+from vmreplica.storage.catalog import Catalog
+from vmreplica.storage.image import DiskImage
 
 log = logging.getLogger(__name__)
 

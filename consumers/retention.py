@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Final, Literal
 
+from vmreplica.domain.clock import HOUR_MS
 from vmreplica.errors import ConfigurationError
 
-HOUR_MS: Final = 3_600_000
 MAX_HISTORY_HOURS: Final = 24
 """Hyper-V Replica 2012 R2 keeps at most 24 hourly points; vmreplica keeps the same bound."""
 MAX_APP_CONSISTENT_HOURS: Final = 12

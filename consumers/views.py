@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 from vmreplica.consumers.undo import Overlay, UndoLog
-from vmreplica.image import DiskImage
-from vmreplica.intervals import IntervalSet
+from vmreplica.domain.intervals import IntervalSet
+from vmreplica.storage.image import DiskImage
 
 
 class PointView:

@@ -31,10 +31,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
-from vmreplica.catalog import now_ms
+from vmreplica.domain.clock import now_ms
 from vmreplica.errors import ConfigurationError, FencedError, JournalIntegrityError
-from vmreplica.image import DiskImage, fsync_directory
 from vmreplica.producers.changelog import ChangeLog, CutMark, RecordKind, Segment
+from vmreplica.storage.image import DiskImage, fsync_directory
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Final
 
 from vmreplica.errors import JournalIntegrityError
-from vmreplica.image import fsync_directory
+from vmreplica.storage.image import fsync_directory
 
 MAGIC: Final = b"VMRHRL1\n"
 _HEADER = struct.Struct("<8s16sQ")

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from vmreplica.intervals import IntervalSet
+from vmreplica.domain.intervals import IntervalSet
 from vmreplica.schemas.events import ExtentKind
 
 Source = TypeVar("Source")

@@ -1,7 +1,7 @@
 """The block device the agent serves over NBD for each replicated disk: every write is journaled.
 
 A :class:`JournalingDevice` is one disk of a :class:`~vmreplica.producers.capture.CapturedVm`
-seen through the NBD server's :class:`~vmreplica.producers.nbd_device.BlockDevice` seam:
+seen through the NBD server's :class:`~vmreplica.nbd.device.BlockDevice` seam:
 
 - WRITE goes to the change log and then the image (``CapturedVm.write_sync``), on the event
   loop: a page-cache append and a page-cache write, no task switch, and log order equals image
@@ -33,8 +33,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vmreplica.errors import ConfigurationError, ReplicationError
+from vmreplica.nbd.server import NbdServer, parse_tcp_address
 from vmreplica.producers.capture import CapturedVm
-from vmreplica.producers.nbd import NbdServer, parse_tcp_address
 
 
 class JournalingDevice:

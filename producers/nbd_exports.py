@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import quote
 
-from vmreplica.catalog import VmRecord
 from vmreplica.config import SiteConfig
+from vmreplica.domain.model import VmRecord
 from vmreplica.errors import ConfigurationError
+from vmreplica.nbd.server import NbdServer
 from vmreplica.producers.capture import CapturedVm
 from vmreplica.producers.journaling_device import JournalingDevice
-from vmreplica.producers.nbd import NbdServer
 
 UNIX_PATH_MAX_BYTES: Final = 107
 """sun_path holds 108 bytes, one of which is the terminating NUL."""

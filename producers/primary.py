@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from vmreplica.catalog import Catalog, VmRecord, now_ms
+from vmreplica.domain.clock import now_ms
+from vmreplica.domain.model import VmRecord
+from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import FencedError
-from vmreplica.kafka import JournalPublisher, KafkaConnection, read_to_end
+from vmreplica.journal.kafka import JournalPublisher, KafkaConnection, read_to_end
 from vmreplica.producers.capture import CapturedVm
 from vmreplica.producers.seed import InitialReplication, Progress, SeedResult, disk_sizes
 from vmreplica.producers.shipper import CycleBuilder, CycleShipper, ShippedCycle
 from vmreplica.schemas.codec import decode_journal, encode
 from vmreplica.schemas.events import EpochStart, Heartbeat, VmConfig
-from vmreplica.states import ReplicationState
+from vmreplica.storage.catalog import Catalog
 
 
 class SupersededError(FencedError):

@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Final
 
 from vmreplica.errors import ReplicationError
-from vmreplica.image import DiskImage, replace_atomically
 from vmreplica.producers.capture import CapturedVm
 from vmreplica.producers.changelog import SEGMENT_SUFFIX, ChangeLogCorrupt, read_segment
+from vmreplica.storage.image import DiskImage, replace_atomically
 
 log = logging.getLogger(__name__)
 

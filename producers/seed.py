@@ -23,9 +23,9 @@ from typing import Final
 
 import zstandard
 
-from vmreplica.catalog import Catalog, Position, now_ms
-from vmreplica.image import nonzero_chunks
-from vmreplica.kafka import JournalPublisher
+from vmreplica.domain.clock import now_ms
+from vmreplica.domain.model import Position
+from vmreplica.journal.kafka import JournalPublisher
 from vmreplica.producers.capture import CapturedVm
 from vmreplica.schemas.chain import GENESIS_HASH
 from vmreplica.schemas.codec import encode
@@ -36,6 +36,8 @@ from vmreplica.schemas.events import (
     SeedChunk,
     VmConfig,
 )
+from vmreplica.storage.catalog import Catalog
+from vmreplica.storage.image import nonzero_chunks
 
 SEED_CHUNK_BYTES: Final = 4 * 1024 * 1024
 SEED_TRANSACTION_BYTES: Final = 64 * 1024 * 1024

@@ -28,9 +28,10 @@ from typing import Final
 
 import zstandard
 
-from vmreplica.catalog import Catalog, Position, now_ms
+from vmreplica.domain.clock import now_ms
+from vmreplica.domain.model import Position
 from vmreplica.errors import JournalIntegrityError
-from vmreplica.kafka import JournalPublisher, KafkaConnection, read_to_end
+from vmreplica.journal.kafka import JournalPublisher, KafkaConnection, read_to_end
 from vmreplica.producers.changelog import ChangeLog, LogRecord, RecordKind, Segment
 from vmreplica.producers.coalesce import Change, Piece, coalesce, merge_adjacent
 from vmreplica.schemas.chain import cycle_hash
@@ -44,6 +45,7 @@ from vmreplica.schemas.events import (
     ExtentKind,
     WriteBatch,
 )
+from vmreplica.storage.catalog import Catalog
 
 BATCH_PAYLOAD_BYTES: Final = 4 * 1024 * 1024
 """Uncompressed payload per WriteBatch: well under the 8 MiB record limit even if incompressible."""

@@ -19,8 +19,8 @@ from pathlib import Path
 import hypothesis  # noqa: F401 — see below
 import pytest
 
-from vmreplica.broker import PORT_STRIDE_PER_NODE, LocalCluster
-from vmreplica.kafka import KafkaConnection, TopicAdmin
+from vmreplica.devtools.cluster import PORT_STRIDE_PER_NODE, LocalCluster
+from vmreplica.journal.kafka import KafkaConnection, TopicAdmin
 
 
 # hypothesis is imported eagerly: its pytest plugin otherwise imports it at session end, where

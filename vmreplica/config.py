@@ -16,8 +16,8 @@ from typing import Any, Final
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from vmreplica.domain.names import DEFAULT_PREFIX, DEFAULT_TRUST_GROUP, check_name
 from vmreplica.errors import ConfigurationError
-from vmreplica.topics import DEFAULT_PREFIX, DEFAULT_TRUST_GROUP, check_name
 
 DEFAULT_BOOTSTRAP_SERVERS: Final = "127.0.0.1:19092"
 """Where `vmreplica broker up` listens by default."""

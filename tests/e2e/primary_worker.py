@@ -27,9 +27,9 @@ from typing import Final
 from unittest import mock
 
 from vmreplica.config import load_config
-from vmreplica.kafka import JournalPublisher
+from vmreplica.journal.kafka import JournalPublisher
 from vmreplica.producers.capture import CapturedVm
-from vmreplica.site import Site
+from vmreplica.runtime.site import Site
 
 KiB: Final = 1024
 MiB: Final = 1024 * KiB

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from vmreplica.catalog import VmSettings
 from vmreplica.config import SiteConfig
+from vmreplica.domain.model import VmSettings
 from vmreplica.errors import ConfigurationError
-from vmreplica.extension import ExtendedReplication, extend
-from vmreplica.image import sha256_of
-from vmreplica.site import Site
+from vmreplica.runtime.extension import ExtendedReplication, extend
+from vmreplica.runtime.site import Site
+from vmreplica.storage.image import sha256_of
 
 pytestmark = pytest.mark.e2e
 MiB = 1024 * 1024

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from vmreplica import failover
-from vmreplica.catalog import VmSettings
 from vmreplica.config import SiteConfig
+from vmreplica.domain.model import VmSettings
+from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import FencedError
-from vmreplica.image import sha256_of
 from vmreplica.producers.primary import SupersededError
-from vmreplica.site import Site
-from vmreplica.states import ReplicationState
+from vmreplica.runtime.site import Site
+from vmreplica.storage.image import sha256_of
 
 pytestmark = pytest.mark.e2e
 MiB = 1024 * 1024

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.clients import cli
-from vmreplica.agent import Agent
-from vmreplica.catalog import VmSettings
 from vmreplica.config import load_config
-from vmreplica.image import sha256_of
-from vmreplica.site import Site
+from vmreplica.domain.model import VmSettings
+from vmreplica.runtime.agent import Agent
+from vmreplica.runtime.site import Site
+from vmreplica.storage.image import sha256_of
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(shutil.which("nbdcopy") is None, reason="needs nbdcopy")]

@@ -25,11 +25,11 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.clients import cli, run
-from vmreplica.agent import Agent
-from vmreplica.catalog import VmSettings
 from vmreplica.config import load_config
-from vmreplica.site import Site
-from vmreplica.states import ReplicationState
+from vmreplica.domain.model import VmSettings
+from vmreplica.domain.states import ReplicationState
+from vmreplica.runtime.agent import Agent
+from vmreplica.runtime.site import Site
 
 pytestmark = pytest.mark.e2e
 MiB = 1024 * 1024

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.clients import CLIENT_TIMEOUT_SECONDS, require, run
-from vmreplica.producers.nbd import FileBlockDevice, NbdServer
+from vmreplica.nbd.server import FileBlockDevice, NbdServer
 
 pytestmark = pytest.mark.e2e
 

@@ -34,15 +34,15 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tests.e2e.primary_worker import DISKS, MAX_GROUP, apply_to, operation
-from vmreplica.catalog import VmSettings
 from vmreplica.config import SiteConfig
 from vmreplica.consumers.replica import ReplicaVm
-from vmreplica.image import sha256_of
-from vmreplica.kafka import JournalReader, KafkaConnection
+from vmreplica.domain.model import VmSettings
+from vmreplica.domain.states import ReplicationState
+from vmreplica.journal.kafka import JournalReader, KafkaConnection
+from vmreplica.runtime.site import Site
 from vmreplica.schemas.codec import decode_journal
 from vmreplica.schemas.events import CycleCommit, WriteBatch
-from vmreplica.site import Site
-from vmreplica.states import ReplicationState
+from vmreplica.storage.image import sha256_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 

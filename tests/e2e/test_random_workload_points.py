@@ -25,14 +25,14 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from vmreplica.catalog import VmSettings
 from vmreplica.config import SiteConfig
 from vmreplica.consumers.points import export_point
 from vmreplica.consumers.replica import image_path
-from vmreplica.image import sha256_of
+from vmreplica.domain.model import VmSettings
+from vmreplica.domain.states import ReplicationState
 from vmreplica.producers.capture import CapturedVm
-from vmreplica.site import Site
-from vmreplica.states import ReplicationState
+from vmreplica.runtime.site import Site
+from vmreplica.storage.image import sha256_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 

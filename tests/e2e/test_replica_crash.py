@@ -31,14 +31,15 @@ from typing import Final
 
 import pytest
 
-from vmreplica.catalog import Catalog, VmSettings
 from vmreplica.config import SiteConfig
 from vmreplica.consumers.replica import image_path
 from vmreplica.consumers.undo import UndoLog
-from vmreplica.image import DiskImage, sha256_of, sparse_copy
+from vmreplica.domain.model import VmSettings
+from vmreplica.domain.states import ReplicationState
 from vmreplica.producers.primary import PrimaryVm
-from vmreplica.site import Site
-from vmreplica.states import ReplicationState
+from vmreplica.runtime.site import Site
+from vmreplica.storage.catalog import Catalog
+from vmreplica.storage.image import DiskImage, sha256_of, sparse_copy
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 

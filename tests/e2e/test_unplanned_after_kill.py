@@ -18,10 +18,10 @@ import pytest
 
 from tests.e2e.primary_worker import DISKS, apply_to, operation
 from vmreplica import failover
-from vmreplica.catalog import VmSettings
 from vmreplica.config import SiteConfig
-from vmreplica.image import sha256_of
-from vmreplica.site import Site
+from vmreplica.domain.model import VmSettings
+from vmreplica.runtime.site import Site
+from vmreplica.storage.image import sha256_of
 
 pytestmark = pytest.mark.e2e
 REPO_ROOT = Path(__file__).resolve().parents[2]

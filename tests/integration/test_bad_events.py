@@ -36,13 +36,14 @@ from typing import Final
 
 import pytest
 
-from vmreplica.agent import DISCOVERY_SECONDS
-from vmreplica.catalog import Catalog, Position, VmSettings
 from vmreplica.config import SiteConfig
 from vmreplica.consumers.replica import ReplicaVm, image_path
-from vmreplica.image import sha256_of
-from vmreplica.kafka import JournalPublisher
+from vmreplica.domain.model import Position, VmSettings
+from vmreplica.domain.states import ReplicationState
+from vmreplica.journal.kafka import JournalPublisher
 from vmreplica.producers.primary import PrimaryVm
+from vmreplica.runtime.agent import DISCOVERY_SECONDS
+from vmreplica.runtime.site import Site
 from vmreplica.schemas.chain import cycle_hash
 from vmreplica.schemas.codec import encode
 from vmreplica.schemas.events import (
@@ -54,8 +55,8 @@ from vmreplica.schemas.events import (
     ExtentKind,
     WriteBatch,
 )
-from vmreplica.site import Site
-from vmreplica.states import ReplicationState
+from vmreplica.storage.catalog import Catalog
+from vmreplica.storage.image import sha256_of
 
 pytestmark = pytest.mark.integration
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_base_port
-from vmreplica.broker import NODE_MARKER
-from vmreplica.kafka import JournalPublisher, KafkaConnection, TopicAdmin
-from vmreplica.topics import journal_spec
+from vmreplica.devtools.cluster import NODE_MARKER
+from vmreplica.journal.kafka import JournalPublisher, KafkaConnection, TopicAdmin
+from vmreplica.journal.topics import journal_spec
 
 pytestmark = pytest.mark.integration
 

@@ -15,10 +15,10 @@ from typing import Any, cast
 import fastavro
 import pytest
 
-from vmreplica.catalog import VmSettings
 from vmreplica.config import SiteConfig
-from vmreplica.kafka import JournalReader, KafkaConnection
-from vmreplica.site import Site
+from vmreplica.domain.model import VmSettings
+from vmreplica.journal.kafka import JournalReader, KafkaConnection
+from vmreplica.runtime.site import Site
 
 pytestmark = pytest.mark.integration
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"

@@ -12,9 +12,10 @@ from collections.abc import Callable
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from vmreplica.domain.names import journal_topic
 from vmreplica.errors import FencedError
-from vmreplica.kafka import JournalPublisher, JournalReader, KafkaConnection, TopicAdmin
-from vmreplica.topics import journal_spec, journal_topic
+from vmreplica.journal.kafka import JournalPublisher, JournalReader, KafkaConnection, TopicAdmin
+from vmreplica.journal.topics import journal_spec
 
 pytestmark = pytest.mark.integration
 

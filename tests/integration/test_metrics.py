@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_base_port
-from vmreplica.agent import Agent
-from vmreplica.catalog import VmSettings
 from vmreplica.config import SiteConfig
-from vmreplica.site import Site
+from vmreplica.domain.model import VmSettings
+from vmreplica.runtime.agent import Agent
+from vmreplica.runtime.site import Site
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool")]

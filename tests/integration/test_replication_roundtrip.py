@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from vmreplica.catalog import VmSettings
 from vmreplica.config import SiteConfig
-from vmreplica.image import sha256_of
-from vmreplica.site import Site
-from vmreplica.states import ReplicationState
+from vmreplica.domain.model import VmSettings
+from vmreplica.domain.states import ReplicationState
+from vmreplica.runtime.site import Site
+from vmreplica.storage.image import sha256_of
 
 pytestmark = pytest.mark.integration
 MiB = 1024 * 1024

@@ -7,7 +7,7 @@ from itertools import pairwise
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmreplica.intervals import IntervalSet
+from vmreplica.domain.intervals import IntervalSet
 from vmreplica.producers.coalesce import Change, coalesce
 from vmreplica.schemas.events import ExtentKind
 

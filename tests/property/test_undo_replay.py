@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmreplica.consumers.undo import UndoLog, materialize_point
-from vmreplica.image import DiskImage, sha256_of
+from vmreplica.storage.image import DiskImage, sha256_of
 
 BLOCK = 4096
 DISK_SIZES = {"sda": 8 * BLOCK, "sdb": 3 * BLOCK + 1234}

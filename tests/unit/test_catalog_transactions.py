@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from vmreplica.catalog import Catalog, DiskRecord, Position, StoredPoint, VmSettings
-from vmreplica.states import ReplicationState
+from vmreplica.domain.model import DiskRecord, Position, StoredPoint, VmSettings
+from vmreplica.domain.states import ReplicationState
+from vmreplica.storage.catalog import Catalog
 
 
 async def test_concurrent_transactions_all_commit(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from vmreplica.cli import main
+from vmreplica.cli.main import main
 
 Invoke = Callable[..., tuple[int, str]]
 

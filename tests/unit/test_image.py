@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from vmreplica import image as image_module
 from vmreplica.errors import ConfigurationError, JournalIntegrityError, OutOfBoundsError
-from vmreplica.image import (
+from vmreplica.storage import image as image_module
+from vmreplica.storage.image import (
     IO_CHUNK_BYTES,
     DiskImage,
     copy_allocated,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from vmreplica.producers import nbd_protocol as wire
-from vmreplica.producers.nbd import BlockDevice, FileBlockDevice, NbdServer
+from vmreplica.nbd import protocol as wire
+from vmreplica.nbd.server import BlockDevice, FileBlockDevice, NbdServer
 
 from .test_nbd_protocol import WireClient
 

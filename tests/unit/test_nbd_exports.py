@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from vmreplica.catalog import DiskRecord, VmRecord, VmSettings
 from vmreplica.config import SiteConfig
+from vmreplica.domain.model import DiskRecord, VmRecord, VmSettings
+from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import ConfigurationError
+from vmreplica.nbd.server import NbdServer
 from vmreplica.producers.capture import CapturedVm
-from vmreplica.producers.nbd import NbdServer
 from vmreplica.producers.nbd_exports import VmExports, nbd_uris, socket_path
-from vmreplica.states import ReplicationState
 
 
 def record(vm: str = "web01") -> VmRecord:

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from vmreplica.errors import ConfigurationError, NbdProtocolError
-from vmreplica.producers import nbd_protocol as wire
-from vmreplica.producers.nbd import FileBlockDevice, NbdServer
+from vmreplica.nbd import protocol as wire
+from vmreplica.nbd.server import FileBlockDevice, NbdServer
 
 DISK_BYTES = 1 << 20
 OTHER_DISK_BYTES = 3 << 20

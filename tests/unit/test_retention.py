@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from vmreplica.consumers.retention import (
-    HOUR_MS,
     RecoveryPoint,
     RetentionPolicy,
     oldest_needed_cycle,
     select_points,
 )
+from vmreplica.domain.clock import HOUR_MS
 from vmreplica.errors import ConfigurationError
 
 MINUTE_MS = 60_000

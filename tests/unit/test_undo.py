@@ -22,7 +22,7 @@ from vmreplica.errors import (
     JournalIntegrityError,
     UndoCorruptError,
 )
-from vmreplica.image import DiskImage, sha256_of
+from vmreplica.storage.image import DiskImage, sha256_of
 
 BLOCK = 4096
 HEADER_BYTES = 24

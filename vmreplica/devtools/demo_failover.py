@@ -1,7 +1,8 @@
 """The failover half of ``make demo``: test, planned and back, unplanned, and the return of the
 old primary — with both sites driven through the Python API, digests compared at every step.
 
-Runs after :mod:`vmreplica.demo` has replicated the VM (its replica agent has stopped by then).
+Runs after :mod:`vmreplica.devtools.demo` has replicated the VM (its replica agent has
+stopped by then).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from rich.table import Table
 
 from vmreplica import failover
 from vmreplica.config import load_config
-from vmreplica.image import sha256_of
-from vmreplica.site import Site
-from vmreplica.test_vm import TestVmService
+from vmreplica.consumers.drill import FailoverDrill
+from vmreplica.runtime.site import Site
+from vmreplica.storage.image import sha256_of
 
 MiB = 1024 * 1024
 
@@ -65,7 +66,7 @@ async def tour(config_a: Path, config_b: Path, vm: str, console: Console) -> boo
         # Test failover: a view of an older point while replication goes on.
         points = await b.catalog.points(vm)
         async with await b.replica(await b.catalog.vm(vm)) as replica:
-            service = TestVmService(b.catalog, replica)
+            service = FailoverDrill(b.catalog, replica)
             uris = await service.start(points[-1].cycle)
             console.print(f"[bold]site-b[/]: test failover '{vm} - Test' served at {uris[0]}")
             view = service.view

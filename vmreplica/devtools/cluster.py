@@ -34,7 +34,7 @@ STARTUP_TIMEOUT_SECONDS: Final = 120.0
 SHUTDOWN_TIMEOUT_SECONDS: Final = 30.0
 JVM_HEAP: Final = "-Xmx768m"
 """Enough for test traffic; three nodes still fit beside the test suite."""
-NODE_MARKER: Final = "vmreplica.broker.node"
+NODE_MARKER: Final = "vmreplica.devtools.cluster.node"
 """A system property on every JVM we start, so a recycled pid is never mistaken for ours."""
 
 _ENV_HINT: Final = (
@@ -309,7 +309,7 @@ class LocalCluster:
         return state
 
     def _wait_ready(self, state: ClusterState, processes: list[subprocess.Popen[bytes]]) -> None:
-        from vmreplica.kafka import count_brokers  # noqa: PLC0415 — keeps `broker down` light
+        from vmreplica.journal.kafka import count_brokers  # noqa: PLC0415 — keeps `broker down` light
 
         deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
         while True:

@@ -17,10 +17,9 @@ from functools import partial
 from typing import Any, Final
 
 from vmreplica.errors import NbdProtocolError
-
-from . import nbd_protocol as wire
-from .nbd_device import BlockDevice
-from .nbd_handshake import HANDSHAKE_TIMEOUT_SECONDS, Export, ServerContext, negotiate
+from vmreplica.nbd import protocol as wire
+from vmreplica.nbd.device import BlockDevice
+from vmreplica.nbd.handshake import HANDSHAKE_TIMEOUT_SECONDS, Export, ServerContext, negotiate
 
 _log = logging.getLogger(__name__)
 

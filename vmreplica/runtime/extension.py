@@ -23,18 +23,19 @@ from typing import Final
 
 import zstandard
 
-from vmreplica import topics
-from vmreplica.catalog import now_ms
 from vmreplica.consumers.points import apply_lock
+from vmreplica.domain import names
+from vmreplica.domain.clock import now_ms
 from vmreplica.errors import ConfigurationError
-from vmreplica.image import DiskImage, nonzero_chunks
-from vmreplica.kafka import (
+from vmreplica.journal import topics
+from vmreplica.journal.kafka import (
     JournalPublisher,
     JournalReader,
     KafkaConnection,
     TopicAdmin,
     read_to_end,
 )
+from vmreplica.runtime.site import Site
 from vmreplica.schemas.codec import decode_journal, encode
 from vmreplica.schemas.events import (
     Compression,
@@ -45,7 +46,7 @@ from vmreplica.schemas.events import (
     VmConfig,
     WriteBatch,
 )
-from vmreplica.site import Site
+from vmreplica.storage.image import DiskImage, nonzero_chunks
 
 EXTENDED_FREQUENCIES_SECONDS: Final = (300, 900)
 """Hyper-V extends only at 5 or 15 minutes: the hop never outpaces its source."""
@@ -79,8 +80,8 @@ async def extend(site: Site, vm: str, to_site: str, frequency_seconds: int = 300
     if frequency_seconds not in EXTENDED_FREQUENCIES_SECONDS:
         raise ConfigurationError(f"extended replication runs every 300 or 900 seconds, not "
                                  f"{frequency_seconds}")
-    topics.check_name("site", to_site)
-    group = topics.check_name("trust group", trust_group or f"{site.config.trust_group}-ext")
+    names.check_name("site", to_site)
+    group = names.check_name("trust group", trust_group or f"{site.config.trust_group}-ext")
     servers = bootstrap_servers or site.config.bootstrap_servers
     if group == site.config.trust_group and servers == site.config.bootstrap_servers:
         raise ConfigurationError("the extended hop needs another trust group or another Kafka "
@@ -105,8 +106,8 @@ class ExtendedReplication:
         self.connection = KafkaConnection(extension.bootstrap_servers,
                                           client_id=f"{site.config.site}-extend")
         prefix = site.config.topic_prefix
-        self.topic = topics.journal_topic(extension.vm, extension.trust_group, prefix)
-        self.publisher = JournalPublisher(self.connection, topics.transactional_id(
+        self.topic = names.journal_topic(extension.vm, extension.trust_group, prefix)
+        self.publisher = JournalPublisher(self.connection, names.transactional_id(
             extension.vm, extension.trust_group, prefix))
 
     async def __aenter__(self) -> ExtendedReplication:
@@ -114,7 +115,7 @@ class ExtendedReplication:
             await admin.ensure_topic(topics.journal_spec(
                 self.topic, self.site.config.replication_factor))
             await admin.ensure_topic(topics.status_spec(
-                topics.status_topic(self.extension.vm, self.extension.trust_group,
+                names.status_topic(self.extension.vm, self.extension.trust_group,
                                     self.site.config.topic_prefix),
                 self.site.config.replication_factor))
         await self.publisher.start()

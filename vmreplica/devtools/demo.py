@@ -1,5 +1,5 @@
 """``make demo``: two sites on this machine replicate a two-disk VM through a real Kafka broker,
-then fail it over every way (see :mod:`vmreplica.demo_failover`).
+then fail it over every way (see :mod:`vmreplica.devtools.demo_failover`).
 
 Site A is the primary: this process writes a workload through the capture API and ships cycles.
 Site B is the replica: a real ``vmreplica agent`` process applies the journal. The demo records
@@ -26,15 +26,15 @@ from typing import Final
 from rich.console import Console
 from rich.table import Table
 
-from vmreplica import demo_failover
-from vmreplica.broker import LocalCluster
-from vmreplica.catalog import VmSettings
 from vmreplica.config import load_config
-from vmreplica.image import sha256_of
+from vmreplica.devtools import demo_failover
+from vmreplica.devtools.cluster import LocalCluster
+from vmreplica.domain.model import VmSettings
+from vmreplica.nbd.server import NbdServer
 from vmreplica.producers.capture import CapturedVm
 from vmreplica.producers.journaling_device import JournalingDevice
-from vmreplica.producers.nbd import NbdServer
-from vmreplica.site import Site
+from vmreplica.runtime.site import Site
+from vmreplica.storage.image import sha256_of
 
 MiB: Final = 1024 * 1024
 DISK_BYTES: Final = 64 * MiB

@@ -1,7 +1,7 @@
 """NBD wire format: constants, and pure encoders and decoders for the server side.
 
 Everything here is pure (bytes in, values out) so it can be unit-tested without sockets; the
-I/O lives in :mod:`vmreplica.producers.nbd_session`. Names and numbers follow the NBD protocol
+I/O lives in :mod:`vmreplica.nbd.session`. Names and numbers follow the NBD protocol
 document (``doc/proto.md`` of NetworkBlockDevice/nbd). Only the *fixed newstyle* handshake and
 *simple* replies are implemented: structured replies and extended headers are refused with
 ``NBD_REP_ERR_UNSUP``, which every client must accept.
@@ -236,7 +236,7 @@ def transmission_flags(*, read_only: bool) -> int:
     """The transmission flags of an export.
 
     ``CAN_MULTI_CONN`` is advertised: every connection to an export shares one
-    :class:`~vmreplica.producers.nbd_device.BlockDevice`, whose ``flush()`` must make durable
+    :class:`~vmreplica.nbd.device.BlockDevice`, whose ``flush()`` must make durable
     every write it completed, whichever connection sent it (that is part of the device
     contract), and a FLUSH also waits for writes still in flight on any connection.
     """

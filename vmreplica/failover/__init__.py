@@ -28,14 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from vmreplica.catalog import Position, VmRecord, now_ms
 from vmreplica.consumers.points import choose_point
 from vmreplica.consumers.undo import UndoLog
+from vmreplica.domain.clock import now_ms
+from vmreplica.domain.intervals import IntervalSet
+from vmreplica.domain.model import Position, VmRecord
+from vmreplica.domain.names import transactional_id
+from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import ConfigurationError, JournalIntegrityError
-from vmreplica.image import DiskImage, sha256_of
-from vmreplica.intervals import IntervalSet
-from vmreplica.kafka import JournalPublisher, StatusPublisher, read_to_end
+from vmreplica.journal.kafka import JournalPublisher, StatusPublisher, read_to_end
 from vmreplica.producers.changelog import ChangeLogCorrupt, RecordKind, read_segment
+from vmreplica.runtime.site import Site
 from vmreplica.schemas.codec import decode_journal, decode_status, encode
 from vmreplica.schemas.events import (
     ByteRange,
@@ -47,9 +50,7 @@ from vmreplica.schemas.events import (
     ResyncRequest,
     WriteBatch,
 )
-from vmreplica.site import Site
-from vmreplica.states import ReplicationState
-from vmreplica.topics import transactional_id
+from vmreplica.storage.image import DiskImage, sha256_of
 
 AGENT_ALIVE_SECONDS: Final = 10.0
 """An agent that updated its catalog row more recently than this is taken to be running."""

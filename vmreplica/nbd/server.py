@@ -9,7 +9,7 @@ export can be fenced (:meth:`NbdServer.refuse_writes`) when this site stops bein
 
 Run a single image standalone (used by the benchmark)::
 
-    python -m vmreplica.producers.nbd serve disk.raw --socket /run/disk.sock [--export disk0]
+    python -m vmreplica.nbd.server serve disk.raw --socket /run/disk.sock [--export disk0]
 """
 
 from __future__ import annotations
@@ -28,11 +28,10 @@ from typing import Final
 from urllib.parse import quote
 
 from vmreplica.errors import ConfigurationError
-
-from . import nbd_protocol as wire
-from .nbd_device import BlockDevice, FileBlockDevice
-from .nbd_handshake import Export, ServerContext
-from .nbd_session import NbdSession
+from vmreplica.nbd import protocol as wire
+from vmreplica.nbd.device import BlockDevice, FileBlockDevice
+from vmreplica.nbd.handshake import Export, ServerContext
+from vmreplica.nbd.session import NbdSession
 
 __all__ = ["DEFAULT_MAX_REQUEST_BYTES", "BlockDevice", "FileBlockDevice", "NbdServer"]
 
@@ -260,8 +259,8 @@ def parse_tcp_address(text: str) -> tuple[str, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vmreplica.producers.nbd serve IMAGE --socket PATH``."""
-    parser = argparse.ArgumentParser(prog="python -m vmreplica.producers.nbd")
+    """``python -m vmreplica.nbd.server serve IMAGE --socket PATH``."""
+    parser = argparse.ArgumentParser(prog="python -m vmreplica.nbd.server")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve one raw image over NBD")
     serve.add_argument("image")

@@ -10,7 +10,7 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
-from vmreplica.states import Health, ReplicationState
+from vmreplica.domain.states import Health, ReplicationState
 
 PREFIX: Final = "vmreplica"
 

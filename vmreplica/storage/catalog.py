@@ -10,19 +10,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 import aiosqlite
 
+from vmreplica.domain.clock import now_ms
+from vmreplica.domain.model import DiskRecord, Position, Role, StoredPoint, VmRecord, VmSettings
+from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import ConfigurationError
-from vmreplica.states import ReplicationState
-
-Role = Literal["primary", "replica"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vm (
@@ -118,84 +117,6 @@ CREATE TABLE IF NOT EXISTS cycle_stat (
 
 
 @dataclass(frozen=True)
-class VmSettings:
-    """What ``vmreplica enable`` chose for a VM (mirrors Enable-VMReplication)."""
-
-    frequency_seconds: int = 300
-    """30, 300 or 900; 0 means continuous (a cycle every second or every N MiB)."""
-    recovery_history: int = 0
-    app_consistent_hours: int | None = None
-    continuous_points_hours: int | None = None
-    compression: bool = True
-    capture: Literal["api", "nbd", "scan"] = "api"
-    continuous_max_bytes: int = 64 * 1024 * 1024
-    excluded_disks: tuple[str, ...] = field(default_factory=tuple)
-    also_replicate_to: tuple[str, ...] = field(default_factory=tuple)
-    """Further replica sites reading the same journal directly (fan-out)."""
-    changelog_budget_bytes: int | None = None
-    """Largest open change-log segment before capture degrades to a dirty-block map for the
-    rest of the cycle (None: a tenth of the VM's total disk size)."""
-    pre_cut_hook: str | None = None
-    """Scan capture: shell command run before the scan (fsfreeze, pausing the VM)."""
-    post_cut_hook: str | None = None
-    """Scan capture: shell command run after the scan, even if it failed (thaw, resume)."""
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> VmSettings:
-        raw = json.loads(text)
-        raw["excluded_disks"] = tuple(raw.get("excluded_disks", ()))
-        raw["also_replicate_to"] = tuple(raw.get("also_replicate_to", ()))
-        return cls(**raw)
-
-
-@dataclass(frozen=True)
-class DiskRecord:
-    name: str
-    path: str
-    size_bytes: int
-
-
-@dataclass(frozen=True)
-class VmRecord:
-    """A replication relationship as this site sees it."""
-
-    name: str
-    role: Role
-    trust_group: str
-    partner_site: str
-    settings: VmSettings
-    epoch: int
-    state: ReplicationState
-    state_message: str
-    state_changed_ms: int
-    disks: tuple[DiskRecord, ...]
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where a VM's journal stands at this site (shipped on a primary, applied on a replica)."""
-
-    epoch: int
-    cycle: int
-    cycle_hash: bytes
-    next_offset: int
-    at_ms: int
-
-
-@dataclass(frozen=True)
-class StoredPoint:
-    cycle: int
-    epoch: int
-    journal_offset: int
-    cut_at_ms: int
-    consistency: str
-    cycle_hash: bytes = b""
-
-
-@dataclass(frozen=True)
 class Request:
     """A role-changing action a CLI asked this site's agent to carry out."""
 
@@ -209,10 +130,6 @@ class Request:
 
 def _process_alive(pid: int) -> bool:
     return os.path.exists(f"/proc/{pid}")
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class Catalog:

@@ -1,7 +1,7 @@
 """Test failover as the agent runs it: ``<vm> - Test`` disks served over NBD on the replica.
 
 The CLI asks through the catalog (a ``test_failover`` row in state ``requested``); the replica's
-worker calls :meth:`TestVmService.poll` between two fetches, builds a
+worker calls :meth:`FailoverDrill.poll` between two fetches, builds a
 :class:`~vmreplica.consumers.views.PointView` at the point (cost: the changes since it), serves
 one NBD export per disk on ``<vm folder>/test.sock`` and marks the row ``ready`` with the URIs.
 The replica keeps applying cycles meanwhile; the view stays at its point. ``stopping`` tears it
@@ -13,19 +13,17 @@ from __future__ import annotations
 import logging
 import shutil
 
-from vmreplica.catalog import Catalog
 from vmreplica.consumers.replica import ReplicaVm
 from vmreplica.consumers.views import PointView, ViewDisk
 from vmreplica.errors import ReplicationError
-from vmreplica.producers.nbd import NbdServer
+from vmreplica.nbd.server import NbdServer
+from vmreplica.storage.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
 
-class TestVmService:
+class FailoverDrill:
     """The test failover of one replica VM, driven by its catalog row."""
-
-    __test__ = False  # not a pytest class, whatever its name says
 
     def __init__(self, catalog: Catalog, replica: ReplicaVm) -> None:
         self.catalog = catalog

@@ -2,7 +2,7 @@
 
 Kept apart from the connection's transport code: :func:`negotiate` only reads bytes through
 one callable and writes replies through another, so its rules can be read, and tested,
-without the transmission machinery of :mod:`vmreplica.producers.nbd_session`.
+without the transmission machinery of :mod:`vmreplica.nbd.session`.
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from vmreplica.errors import NbdProtocolError
-
-from . import nbd_protocol as wire
-from .nbd_device import BlockDevice
+from vmreplica.nbd import protocol as wire
+from vmreplica.nbd.device import BlockDevice
 
 if TYPE_CHECKING:
-    from .nbd_session import NbdSession
+    from vmreplica.nbd.session import NbdSession
 
 HANDSHAKE_TIMEOUT_SECONDS: Final = 60.0  # a client that never finishes negotiating is dropped
 

@@ -17,19 +17,19 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from vmreplica.catalog import VmRecord
+from vmreplica.consumers.drill import FailoverDrill
 from vmreplica.consumers.replica import ReplicaVm
+from vmreplica.domain.model import VmRecord
+from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import FencedError, ReplicationError
-from vmreplica.extension import ExtendedReplication, load_extension
 from vmreplica.failover import demote, follow_takeover, promote, run_action
-from vmreplica.metrics import SiteMetrics
+from vmreplica.nbd.server import NbdServer
 from vmreplica.producers.capture_front import CaptureFront
-from vmreplica.producers.nbd import NbdServer
 from vmreplica.producers.primary import PrimaryVm, SupersededError
-from vmreplica.site import Site
-from vmreplica.states import ReplicationState
-from vmreplica.status import vm_status
-from vmreplica.test_vm import TestVmService
+from vmreplica.runtime.extension import ExtendedReplication, load_extension
+from vmreplica.runtime.metrics import SiteMetrics
+from vmreplica.runtime.site import Site
+from vmreplica.runtime.status import vm_status
 
 log = logging.getLogger(__name__)
 
@@ -179,17 +179,17 @@ class Agent:
     async def _replica(self, record: VmRecord) -> None:
         """Apply the journal; serve a test failover if asked; take over when prepared."""
         async with await self.site.replica(record) as replica:
-            test_vm = TestVmService(self.site.catalog, replica)
+            drill = FailoverDrill(self.site.catalog, replica)
             hop = HopRelay(self.site, record.name)
             try:
                 while not self.stopping.is_set() and replica.violation is None:
                     await replica.step()
-                    await test_vm.poll()
+                    await drill.poll()
                     await hop.poll()
                     if await self._prepared_and_caught_up(replica):
                         break
             finally:
-                await test_vm.stop()
+                await drill.stop()
                 await hop.stop()
             prepared = replica.materializer.prepared
         if prepared is not None:
@@ -292,7 +292,7 @@ class Agent:
 
 class HopRelay:
     """Extended replication of one replica VM, if it has been extended: seed once, then relay
-    every ``frequency`` seconds (see :mod:`vmreplica.extension`)."""
+    every ``frequency`` seconds (see :mod:`vmreplica.runtime.extension`)."""
 
     def __init__(self, site: Site, vm: str) -> None:
         self.site = site

@@ -14,16 +14,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from vmreplica import topics
-from vmreplica.catalog import Catalog, DiskRecord, VmRecord, VmSettings
 from vmreplica.config import SiteConfig
 from vmreplica.consumers.replica import ReplicaVm, image_path
+from vmreplica.domain import names
+from vmreplica.domain.model import DiskRecord, VmRecord, VmSettings
+from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import ConfigurationError
-from vmreplica.kafka import KafkaConnection, StatusPublisher, TopicAdmin, read_to_end
+from vmreplica.journal import topics
+from vmreplica.journal.kafka import KafkaConnection, StatusPublisher, TopicAdmin, read_to_end
 from vmreplica.producers.primary import PrimaryVm
 from vmreplica.schemas.codec import decode_journal
 from vmreplica.schemas.events import VmConfig
-from vmreplica.states import ReplicationState
+from vmreplica.storage.catalog import Catalog
 
 FREQUENCIES_SECONDS = (30, 300, 900, 0)
 """Hyper-V's 30 s, 5 min and 15 min, and 0 for continuous."""
@@ -57,10 +59,10 @@ class Site:
         await self.stop()
 
     def journal_topic(self, vm: str) -> str:
-        return topics.journal_topic(vm, self.config.trust_group, self.config.topic_prefix)
+        return names.journal_topic(vm, self.config.trust_group, self.config.topic_prefix)
 
     def status_topic(self, vm: str) -> str:
-        return topics.status_topic(vm, self.config.trust_group, self.config.topic_prefix)
+        return names.status_topic(vm, self.config.trust_group, self.config.topic_prefix)
 
     async def enable(self, vm: str, disks: Mapping[str, Path], replica_site: str,
                      settings: VmSettings, sizes: Mapping[str, int] | None = None) -> VmRecord:
@@ -70,10 +72,10 @@ class Site:
 
         :raises ConfigurationError: a bad name, a missing disk, a bad frequency, a duplicate.
         """
-        topics.check_name("VM", vm)
-        topics.check_name("site", replica_site)
+        names.check_name("VM", vm)
+        names.check_name("site", replica_site)
         for target in (replica_site, *settings.also_replicate_to):
-            topics.check_name("site", target)
+            names.check_name("site", target)
             if target == self.config.site:
                 raise ConfigurationError(f"VM {vm!r} cannot replicate to its own site "
                                          f"{target!r}; name the replica site")
@@ -88,7 +90,7 @@ class Site:
         for name, path in disks.items():
             if name in settings.excluded_disks:
                 continue
-            topics.check_name("disk", name)
+            names.check_name("disk", name)
             image = path.expanduser().resolve()
             size = (sizes or {}).get(name)
             if size is None:
@@ -124,7 +126,7 @@ class Site:
                                      f"{self.config.site!r}, not its primary")
         return PrimaryVm(record, self.config.site, self.config.vm_folder(record.name),
                          self.connection, self.catalog, self.journal_topic(record.name),
-                         topics.transactional_id(record.name, self.config.trust_group,
+                         names.transactional_id(record.name, self.config.trust_group,
                                                  self.config.topic_prefix))
 
     async def replica(self, record: VmRecord) -> ReplicaVm:
@@ -197,5 +199,5 @@ def parse_disks(specs: Sequence[str]) -> dict[str, Path]:
                                      "--disk disk0=/var/lib/vms/web.img")
         if name in disks:
             raise ConfigurationError(f"--disk {name!r} is given twice")
-        disks[topics.check_name("disk", name)] = Path(os.path.expanduser(path))
+        disks[names.check_name("disk", name)] = Path(os.path.expanduser(path))
     return disks

@@ -17,14 +17,14 @@ from typing import Any, TypeVar
 import click
 from rich.table import Table
 
-from vmreplica.catalog import VmSettings
-from vmreplica.cli_support import console, emit_json, reported
+from vmreplica.cli.support import console, emit_json, reported
 from vmreplica.config import load_config
 from vmreplica.consumers.points import FORMATS, apply_lock, choose_point, export_point
+from vmreplica.domain.model import VmSettings
 from vmreplica.errors import ConfigurationError
 from vmreplica.producers.nbd_exports import socket_path
-from vmreplica.site import Site, parse_disks
-from vmreplica.status import capture_json, vm_json, vm_status
+from vmreplica.runtime.site import Site, parse_disks
+from vmreplica.runtime.status import capture_json, vm_json, vm_status
 
 T = TypeVar("T")
 
@@ -149,7 +149,7 @@ def agent(config_path: Path | None, log_level: str) -> None:
     # A stop asked for while the agent starts up is honoured once it runs, not by dying.
     early: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, _: early.append(signum))
-    from vmreplica.agent import Agent  # noqa: PLC0415
+    from vmreplica.runtime.agent import Agent  # noqa: PLC0415
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

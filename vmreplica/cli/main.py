@@ -9,8 +9,9 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from vmreplica import cli_failover, cli_replication
-from vmreplica.cli_support import console, emit_json, errors, reported
+from vmreplica.cli import failover as cli_failover
+from vmreplica.cli import replication as cli_replication
+from vmreplica.cli.support import console, emit_json, errors, reported
 
 
 @click.group()
@@ -36,7 +37,7 @@ def broker() -> None:
 @reported
 def broker_up(brokers: str, port: int | None) -> None:
     """Resolve Kafka with Maven, start it on loopback and wait until it answers."""
-    from vmreplica.broker import LocalCluster  # noqa: PLC0415
+    from vmreplica.devtools.cluster import LocalCluster  # noqa: PLC0415
 
     with errors.status("starting Kafka (the first run downloads the jars)…"):
         state = LocalCluster(base_port=port).up(int(brokers))
@@ -48,7 +49,7 @@ def broker_up(brokers: str, port: int | None) -> None:
 @reported
 def broker_status(as_json: bool) -> None:
     """Whether the local broker runs, and where."""
-    from vmreplica.broker import LocalCluster  # noqa: PLC0415
+    from vmreplica.devtools.cluster import LocalCluster  # noqa: PLC0415
 
     status = LocalCluster().status()
     if as_json:
@@ -67,7 +68,7 @@ def broker_status(as_json: bool) -> None:
 @reported
 def broker_down() -> None:
     """Stop what `broker up` started; nothing else."""
-    from vmreplica.broker import LocalCluster  # noqa: PLC0415
+    from vmreplica.devtools.cluster import LocalCluster  # noqa: PLC0415
 
     stopped = LocalCluster().down()
     click.echo(f"stopped {len(stopped)} Kafka node(s)" if stopped else "no local Kafka was running")

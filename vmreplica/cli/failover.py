@@ -14,13 +14,13 @@ from typing import Any, Final
 
 import click
 
-from vmreplica.cli_replication import config_option, json_option, with_site
-from vmreplica.cli_support import console, emit_json, reported
+from vmreplica.cli.replication import config_option, json_option, with_site
+from vmreplica.cli.support import console, emit_json, reported
 from vmreplica.consumers.points import choose_point
 from vmreplica.errors import ConfigurationError
-from vmreplica.extension import extend as extend_vm
 from vmreplica.failover import AGENT_ALIVE_SECONDS, run_action
-from vmreplica.site import Site
+from vmreplica.runtime.extension import extend as extend_vm
+from vmreplica.runtime.site import Site
 
 REQUEST_TIMEOUT_SECONDS: Final = 300.0
 

@@ -9,16 +9,17 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from vmreplica.catalog import VmRecord
 from vmreplica.config import SiteConfig
+from vmreplica.domain.clock import HOUR_MS
+from vmreplica.domain.model import VmRecord
+from vmreplica.domain.states import WindowStats, assess
 from vmreplica.errors import ConfigurationError
-from vmreplica.kafka import read_to_end
+from vmreplica.journal.kafka import read_to_end
 from vmreplica.producers.changelog import pending_bytes
 from vmreplica.producers.nbd_exports import nbd_uris, socket_path
+from vmreplica.runtime.site import Site
 from vmreplica.schemas.codec import decode_status
 from vmreplica.schemas.events import ReplicaPosition
-from vmreplica.site import Site
-from vmreplica.states import WindowStats, assess
 
 
 def vm_json(record: VmRecord) -> dict[str, Any]:
@@ -55,7 +56,7 @@ async def vm_status(site: Site, record: VmRecord, with_replica: bool = True,
     """Everything `vmreplica status` shows for one VM."""
     now_ms = int(time.time() * 1000)
     position = await site.catalog.position(record.name)
-    window_ms = 3_600_000
+    window_ms = HOUR_MS
     stats = await site.catalog.cycle_stats(record.name, now_ms - window_ms)
     frequency = record.settings.frequency_seconds or 1
     since_enabled_ms = now_ms - record.state_changed_ms

@@ -1,6 +1,6 @@
 """What an NBD export serves: the :class:`BlockDevice` seam and a plain-file implementation.
 
-The NBD server (:mod:`vmreplica.producers.nbd`) validates every request against ``size`` before
+The NBD server (:mod:`vmreplica.nbd.server`) validates every request against ``size`` before
 calling a device, so a device never sees a range past its end or a malformed request. The
 journaling device that captures writes for replication implements the same Protocol; the
 :class:`FileBlockDevice` here serves a raw image directly and is used by tests and benchmarks.

@@ -1,0 +1,1 @@
+"""The ``vmreplica`` command: replication, failover and the local broker."""
