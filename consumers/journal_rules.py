@@ -16,20 +16,9 @@ from dataclasses import dataclass
 import zstandard
 
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import JournalIntegrityError
+from vmreplica.errors import JournalViolation
 from vmreplica.schemas.chain import cycle_hash
 from vmreplica.schemas.events import Compression, CycleCommit, Extent, ExtentKind, WriteBatch
-
-
-class JournalViolation(JournalIntegrityError):
-    """A journal record breaks a rule; nothing of its cycle is applied."""
-
-    def __init__(self, vm: str, offset: int, message: str,
-                 state: ReplicationState = ReplicationState.RESYNCHRONIZATION_REQUIRED) -> None:
-        super().__init__(f"VM {vm!r}, journal offset {offset}: {message}")
-        self.vm = vm
-        self.offset = offset
-        self.state = state
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,20 +25,14 @@ from pathlib import Path
 
 import zstandard
 
-from vmreplica.consumers.journal_rules import (
-    DecodedExtent,
-    JournalViolation,
-    check_batch,
-    check_commit,
-    decode_cycle,
-)
+from vmreplica.consumers.journal_rules import DecodedExtent, check_batch, check_commit, decode_cycle
 from vmreplica.consumers.retention import RecoveryPoint, RetentionPolicy, select_points
 from vmreplica.consumers.undo import UndoLog, UndoWriter
 from vmreplica.consumers.views import PointView
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import Position, StoredPoint
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import DecodeError
+from vmreplica.errors import DecodeError, JournalViolation
 from vmreplica.journal.kafka import JournalRecord
 from vmreplica.schemas.chain import GENESIS_HASH
 from vmreplica.schemas.codec import decode_journal

@@ -12,14 +12,13 @@ import asyncio
 import logging
 from pathlib import Path
 
-from vmreplica.consumers.journal_rules import JournalViolation
 from vmreplica.consumers.materializer import Materializer
 from vmreplica.consumers.points import apply_lock
 from vmreplica.consumers.retention import RetentionPolicy
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import VmRecord
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import BrokerError
+from vmreplica.errors import BrokerError, JournalViolation
 from vmreplica.journal.kafka import JournalReader, KafkaConnection, StatusPublisher
 from vmreplica.schemas.codec import encode
 from vmreplica.schemas.events import CycleCommit, ReplicaPosition

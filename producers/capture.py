@@ -32,7 +32,11 @@ from pathlib import Path
 from typing import Final
 
 from vmreplica.domain.clock import now_ms
-from vmreplica.errors import ConfigurationError, FencedError, JournalIntegrityError
+from vmreplica.errors import (
+    ConfigurationError,
+    FencedWritesError,
+    JournalIntegrityError,
+)
 from vmreplica.producers.changelog import ChangeLog, CutMark, RecordKind, Segment
 from vmreplica.storage.image import DiskImage, fsync_directory
 
@@ -54,10 +58,6 @@ _DIRTY_ENTRY: Final = struct.Struct("<HQ")  # disk index, block number
 _CRC: Final = struct.Struct("<I")
 _DIRTY_HEADER_BYTES: Final = _DIRTY_HEADER.size + _CRC.size
 _DIRTY_ENTRY_BYTES: Final = _DIRTY_ENTRY.size + _CRC.size
-
-
-class FencedWritesError(FencedError):
-    """This site is no longer the primary of the VM; writes are refused."""
 
 
 def default_budget(disk_sizes: Iterable[int]) -> int:
@@ -121,8 +121,9 @@ class DirtyMap:
         if (magic != _DIRTY_MAGIC or crc != zlib.crc32(data[: _DIRTY_HEADER.size])
                 or block_bytes != DIRTY_BLOCK_BYTES):
             raise JournalIntegrityError(
-                f"dirty-block map {path} has a damaged header. Operator action: resynchronize "
-                "the VM (`vmreplica resync <vm>`).")
+                f"dirty-block map {path} has a damaged header, so the blocks written while the "
+                "change log was over budget are unknown. Operator action: seed the VM's replica "
+                "again (a full initial replication); this map cannot tell which blocks to send.")
         entries = []
         position = _DIRTY_HEADER_BYTES
         while position + _DIRTY_ENTRY_BYTES <= len(data):

@@ -20,11 +20,11 @@ from types import TracebackType
 
 from vmreplica.config import SiteConfig
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import FencedError
+from vmreplica.errors import FencedError, HookError
 from vmreplica.nbd.server import NbdServer
 from vmreplica.producers.nbd_exports import VmExports, socket_path
 from vmreplica.producers.primary import PrimaryVm
-from vmreplica.producers.scan import ChangeScanner, HookError, ScanResult, run_hook
+from vmreplica.producers.scan import ChangeScanner, ScanResult, run_hook
 from vmreplica.producers.shipper import ShippedCycle
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Final
 
-from vmreplica.errors import JournalIntegrityError
+from vmreplica.errors import ChangeLogCorrupt
 from vmreplica.storage.image import fsync_directory
 
 MAGIC: Final = b"VMRHRL1\n"
@@ -43,10 +43,6 @@ _BODY = struct.Struct("<BHQQ")
 _CUT = struct.Struct("<BQQ")
 SEGMENT_SUFFIX: Final = ".hrl"
 HEADER_BYTES: Final = _HEADER.size + _HEADER_CRC.size
-
-
-class ChangeLogCorrupt(JournalIntegrityError):
-    """A sealed change-log segment fails its checksum; the VM needs a resynchronization."""
 
 
 class RecordKind(IntEnum):
@@ -146,7 +142,8 @@ def read_segment(path: Path, *, repair: bool) -> Segment:
         if not repair or cut is not None:
             raise ChangeLogCorrupt(
                 f"change-log segment {path} is damaged at byte {position} of {len(data)}. "
-                "Operator action: resynchronize the VM (`vmreplica resync <vm>`)."
+                "Operator action: seed the VM's replica again (a full initial replication); the "
+                "writes after that byte cannot be read from this segment."
             )
         with path.open("r+b") as file:
             file.truncate(position)

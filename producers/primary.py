@@ -13,7 +13,7 @@ from pathlib import Path
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import VmRecord
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import FencedError
+from vmreplica.errors import FencedError, SupersededError
 from vmreplica.journal.kafka import JournalPublisher, KafkaConnection, read_to_end
 from vmreplica.producers.capture import CapturedVm
 from vmreplica.producers.seed import InitialReplication, Progress, SeedResult, disk_sizes
@@ -21,18 +21,6 @@ from vmreplica.producers.shipper import CycleBuilder, CycleShipper, ShippedCycle
 from vmreplica.schemas.codec import decode_journal, encode
 from vmreplica.schemas.events import EpochStart, Heartbeat, VmConfig
 from vmreplica.storage.catalog import Catalog
-
-
-class SupersededError(FencedError):
-    """A newer epoch started at another site while this one was away: it is no longer primary."""
-
-    def __init__(self, vm: str, start: EpochStart, offset: int) -> None:
-        super().__init__(
-            f"VM {vm!r}: site {start.primary_site} became primary in epoch {start.epoch} "
-            f"({start.reason}); this site no longer accepts writes for it. Operator action: "
-            f"`vmreplica reverse {vm}` at {start.primary_site} makes this site its replica")
-        self.start = start
-        self.offset = offset
 
 
 class PrimaryVm:

@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from vmreplica.errors import ReplicationError
+from vmreplica.errors import ChangeLogCorrupt, HookError, ScanStopped
 from vmreplica.producers.capture import CapturedVm
-from vmreplica.producers.changelog import SEGMENT_SUFFIX, ChangeLogCorrupt, read_segment
+from vmreplica.producers.changelog import SEGMENT_SUFFIX, read_segment
 from vmreplica.storage.image import DiskImage, replace_atomically
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,6 @@ def block_digest(data: bytes | bytearray | memoryview,
 ZERO_DIGEST: Final = block_digest(bytes(SCAN_BLOCK_BYTES))
 INVALID_DIGEST: Final = b"\xff" * DIGEST_BYTES
 """Stands for "unknown": treated as different from any block's digest."""
-
-
-class HookError(ReplicationError, RuntimeError):
-    """A pre- or post-cut hook failed or did not finish in time."""
 
 
 def hashes_path(folder: Path, disk: str) -> Path:
@@ -253,10 +249,6 @@ class _ObservedImage(DiskImage):
 
     def close(self) -> None:
         """The original image owns the descriptor."""
-
-
-class ScanStopped(ReplicationError):
-    """The scan was cancelled; what it appended stays in the open segment."""
 
 
 class ChangeScanner:

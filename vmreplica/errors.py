@@ -2,18 +2,32 @@
 
 Every error a user or operator can cause derives from :class:`ReplicationError` and also from the
 builtin it resembles, so callers may catch either. Messages say what happened, where, and what the
-operator should do next; the CLI prints them without a traceback.
+operator should do next; the CLI prints them without a traceback and exits 2 for a user mistake
+(:class:`ConfigurationError`) and 1 for everything else, a refusal included.
+
+``retriable`` tells the agent whether trying the same work again later can succeed by itself (a
+broker that is down, a hook that timed out) or needs someone to act first (a bad setting, a broken
+journal, a newer primary). The agent retries the first kind on a timer and the second only once the
+VM's relationship has changed.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:  # the bottom layer names these types without importing them
+    from vmreplica.domain.states import ReplicationState
+    from vmreplica.schemas.events import EpochStart
 
 
 class ReplicationError(Exception):
     """Root of every error vmreplica raises on purpose."""
 
+    retriable: ClassVar[bool] = False
+
 
 class ConfigurationError(ReplicationError, ValueError):
-    """A setting, a name or an argument is invalid."""
+    """A setting, a name or an argument is invalid: a user mistake (exit 2)."""
 
 
 class PrerequisiteMissingError(ReplicationError, RuntimeError):
@@ -23,9 +37,46 @@ class PrerequisiteMissingError(ReplicationError, RuntimeError):
 class BrokerError(ReplicationError, RuntimeError):
     """The Kafka broker refused or failed a request."""
 
+    retriable = True
+
 
 class FencedError(BrokerError):
-    """Another producer with this VM's transactional id (a newer primary) has taken over."""
+    """Another producer with this VM's transactional id (a newer primary) has taken over.
+
+    Retriable: the next attempt reads the newer epoch and stands down as its replica.
+    """
+
+
+class FencedWritesError(FencedError):
+    """This site is no longer the primary of the VM; writes are refused."""
+
+
+class SupersededError(FencedError):
+    """A newer epoch started at another site while this one was away: it is no longer primary."""
+
+    def __init__(self, vm: str, start: EpochStart, offset: int) -> None:
+        super().__init__(
+            f"VM {vm!r}: site {start.primary_site} became primary in epoch {start.epoch} "
+            f"({start.reason}); this site no longer accepts writes for it. Operator action: "
+            f"`vmreplica reverse {vm}` at {start.primary_site} makes this site its replica")
+        self.start = start
+        self.offset = offset
+
+
+class FailoverRefused(ReplicationError, RuntimeError):
+    """A failover cannot be done now (exit 1); the message says why and what to do."""
+
+
+class HookError(ReplicationError, RuntimeError):
+    """A hypervisor hook failed or did not finish in time."""
+
+    retriable = True
+
+
+class ScanStopped(ReplicationError):
+    """A change scan was cancelled; what it appended stays in the open segment."""
+
+    retriable = True
 
 
 class DecodeError(ReplicationError, ValueError):
@@ -42,6 +93,23 @@ class UnknownSchemaError(DecodeError):
 
 class JournalIntegrityError(ReplicationError, ValueError):
     """A journal event breaks sequence, epoch, checksum or bounds rules; none of it is applied."""
+
+
+class JournalViolation(JournalIntegrityError):
+    """A journal record breaks a rule; nothing of its cycle is applied."""
+
+    def __init__(self, vm: str, offset: int, message: str,
+                 state: ReplicationState | None = None) -> None:
+        from vmreplica.domain.states import ReplicationState  # noqa: PLC0415 — bottom layer
+
+        super().__init__(f"VM {vm!r}, journal offset {offset}: {message}")
+        self.vm = vm
+        self.offset = offset
+        self.state = ReplicationState.RESYNCHRONIZATION_REQUIRED if state is None else state
+
+
+class ChangeLogCorrupt(JournalIntegrityError):
+    """A sealed change-log segment fails its checksum; the VM needs a resynchronization."""
 
 
 class NbdProtocolError(ReplicationError, ValueError):

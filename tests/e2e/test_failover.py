@@ -19,8 +19,7 @@ from vmreplica import failover
 from vmreplica.config import SiteConfig
 from vmreplica.domain.model import VmSettings
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import FencedError
-from vmreplica.producers.primary import SupersededError
+from vmreplica.errors import FencedError, SupersededError
 from vmreplica.runtime.site import Site
 from vmreplica.storage.image import sha256_of
 

@@ -35,9 +35,14 @@ from vmreplica.domain.intervals import IntervalSet
 from vmreplica.domain.model import Position, VmRecord
 from vmreplica.domain.names import transactional_id
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import ConfigurationError, JournalIntegrityError
+from vmreplica.errors import (
+    ChangeLogCorrupt,
+    ConfigurationError,
+    FailoverRefused,
+    JournalIntegrityError,
+)
 from vmreplica.journal.kafka import JournalPublisher, StatusPublisher, read_to_end
-from vmreplica.producers.changelog import ChangeLogCorrupt, RecordKind, read_segment
+from vmreplica.producers.changelog import RecordKind, read_segment
 from vmreplica.runtime.site import Site
 from vmreplica.schemas.codec import decode_journal, decode_status, encode
 from vmreplica.schemas.events import (
@@ -62,10 +67,6 @@ DIGEST_BLOCKS_MAX: Final = 262_144
 """Blocks per DigestMap: keeps a record near 4 MiB; larger disks use larger blocks."""
 MAX_RESYNC_RANGES: Final = 50_000
 """Ranges per ResyncRequest; beyond, neighbouring ranges are merged (more bytes, fewer ranges)."""
-
-
-class FailoverRefused(ConfigurationError):
-    """The failover cannot be done now; the message says why and what to do."""
 
 
 @dataclass(frozen=True)

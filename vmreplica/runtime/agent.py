@@ -21,11 +21,11 @@ from vmreplica.consumers.drill import FailoverDrill
 from vmreplica.consumers.replica import ReplicaVm
 from vmreplica.domain.model import VmRecord
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import FencedError, ReplicationError
+from vmreplica.errors import ReplicationError, SupersededError
 from vmreplica.failover import demote, follow_takeover, promote, run_action
 from vmreplica.nbd.server import NbdServer
 from vmreplica.producers.capture_front import CaptureFront
-from vmreplica.producers.primary import PrimaryVm, SupersededError
+from vmreplica.producers.primary import PrimaryVm
 from vmreplica.runtime.extension import ExtendedReplication, load_extension
 from vmreplica.runtime.metrics import SiteMetrics
 from vmreplica.runtime.site import Site
@@ -40,7 +40,11 @@ REQUEST_POLL_SECONDS: Final = 0.25
 METRICS_SECONDS: Final = 5.0
 """How often the Prometheus gauges are refreshed from the catalog."""
 RETRY_SECONDS: Final = 30.0
-"""A worker that ended on an error is retried this long after, or when its role changes."""
+"""A worker that ended on a retriable error (a broker away, a hook timed out) is retried this
+long after, or as soon as its role changes."""
+HELD_SECONDS: Final = 600.0
+"""A worker that ended on an error someone must act on (a bad setting, a broken journal) waits
+for its relationship to change, and is tried again this long after in case the cause went away."""
 CONTINUOUS_TICK_SECONDS: Final = 1.0
 
 
@@ -53,8 +57,9 @@ class Agent:
         """Stop signals that arrived before :meth:`run` installed its handlers."""
         self.stopping = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._ended: dict[str, tuple[float, int]] = {}
-        """When each VM's worker last ended, and at which catalog generation."""
+        self._ended: dict[str, tuple[float, int, float]] = {}
+        """When each VM's worker last ended, at which catalog generation, and how long it waits
+        before it is started again at the same generation."""
         self._next_discovery = 0.0
         self._next_metrics = 0.0
         self.metrics = SiteMetrics(site.config.site)
@@ -138,10 +143,10 @@ class Agent:
             task = self._tasks.get(record.name)
             if task is not None and not task.done():
                 continue
-            ended, seen = self._ended.get(record.name, (0.0, -1))
-            if task is not None and seen == generation and loop.time() - ended < RETRY_SECONDS:
+            ended, seen, wait = self._ended.get(record.name, (0.0, -1, 0.0))
+            if task is not None and seen == generation and loop.time() - ended < wait:
                 continue  # ended on its own: retried when its role changes, or later
-            self._ended[record.name] = (loop.time() + 10**9, generation)
+            self._ended[record.name] = (loop.time() + 10**9, generation, RETRY_SECONDS)
             work = self._primary if record.role == "primary" else self._replica
             self._tasks[record.name] = asyncio.create_task(
                 self._guarded(record, work), name=f"vm-{record.name}")
@@ -159,22 +164,22 @@ class Agent:
 
     async def _guarded(self, record: VmRecord,
                        work: Callable[[VmRecord], Awaitable[None]]) -> None:
+        wait = RETRY_SECONDS
         try:
             await work(record)
         except asyncio.CancelledError:
             raise
         except SupersededError as error:
             await self._superseded(record, error)
-        except FencedError as error:
-            await self.site.catalog.set_state(record.name, ReplicationState.ERROR, str(error))
-            log.error("VM %s: %s", record.name, error)
         except ReplicationError as error:
             await self.site.catalog.set_state(record.name, ReplicationState.ERROR, str(error))
             log.error("VM %s: %s", record.name, error)
+            if not error.retriable:
+                wait = HELD_SECONDS
         finally:
             ended = self._ended.get(record.name)
             if ended is not None:
-                self._ended[record.name] = (asyncio.get_running_loop().time(), ended[1])
+                self._ended[record.name] = (asyncio.get_running_loop().time(), ended[1], wait)
 
     async def _replica(self, record: VmRecord) -> None:
         """Apply the journal; serve a test failover if asked; take over when prepared."""
