@@ -37,3 +37,28 @@ async def test_concurrent_transactions_all_commit(tmp_path: Path) -> None:
             assert [p.cycle for p in await catalog.points(name)] == [index]
             vm = await catalog.vm(name)
             assert (vm.state, vm.state_message) == (ReplicationState.ERROR, f"message {index}")
+
+
+async def test_a_task_cancelled_inside_a_transaction_leaves_the_connection_usable(
+        tmp_path: Path) -> None:
+    """An agent stopping cancels its workers wherever they are, a catalog transaction included.
+
+    Before transactions were shielded, a cancel between BEGIN and COMMIT left the connection
+    inside the transaction and the agent's last write failed with "cannot start a transaction
+    within a transaction". Cancels land at every await of the transaction in turn here.
+    """
+    async with Catalog(tmp_path / "catalog.sqlite") as catalog:
+        await catalog.add_vm("vm0", "replica", "tg", "site-a", VmSettings(),
+                             [DiskRecord("disk0", "/nowhere/vm0.img", 4096)],
+                             ReplicationState.REPLICATING)
+        for yields in range(12):
+            task = asyncio.create_task(catalog.set_state(
+                "vm0", ReplicationState.ERROR, f"cancelled after {yields} yields"))
+            for _ in range(yields):
+                await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await catalog.set_state("vm0", ReplicationState.REPLICATING, f"after {yields}")
+            vm = await catalog.vm("vm0")
+            assert (vm.state, vm.state_message) == (ReplicationState.REPLICATING,
+                                                    f"after {yields}")

@@ -151,9 +151,10 @@ class Catalog:
         await self._db.executescript(_SCHEMA)
 
     async def stop(self) -> None:
-        if self._db is not None:
-            db, self._db = self._db, None
-            await db.close()
+        async with self._writing:  # a shielded transaction still running finishes first
+            if self._db is not None:
+                db, self._db = self._db, None
+                await db.close()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -170,7 +171,16 @@ class Catalog:
         return self._db
 
     async def _transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
-        """Run ``statements`` atomically: all of them are durable, or none."""
+        """Run ``statements`` atomically: all of them are durable, or none.
+
+        Shielded: a caller cancelled while its transaction runs (an agent stopping its workers)
+        must not leave the shared connection inside an open transaction. The caller sees its
+        cancellation at once; the transaction runs to its COMMIT or ROLLBACK, and the write lock
+        keeps the next one (and :meth:`stop`) behind it.
+        """
+        await asyncio.shield(self._run_transaction(statements))
+
+    async def _run_transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
         async with self._writing:
             await self.db.execute("BEGIN IMMEDIATE")
             try:
