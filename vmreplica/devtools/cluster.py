@@ -46,7 +46,7 @@ _ENV_HINT: Final = (
 def deploy_dir() -> Path:
     """The ``deploy/`` folder of this checkout (the pom and logging config live there)."""
     configured = os.environ.get("VMREPLICA_DEPLOY_DIR")
-    path = Path(configured) if configured else Path(__file__).resolve().parent.parent / "deploy"
+    path = Path(configured) if configured else Path(__file__).resolve().parents[2] / "deploy"
     if not (path / "kafka" / "pom.xml").is_file():
         raise PrerequisiteMissingError(
             f"cannot find deploy/kafka/pom.xml under {path}. Run vmreplica from its source "
