@@ -23,12 +23,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
+from vmreplica.devtools.ports import cluster_ports, port_free
 from vmreplica.errors import BrokerError, PrerequisiteMissingError
 
 DEFAULT_BROKER_PORT: Final = 19092
 """Not 9092, so a Kafka the user already runs is left alone."""
-PORT_STRIDE_PER_NODE: Final = 10
-"""Node i listens on base + 10*i (broker) and base + 10*i + 1 (controller)."""
 STARTUP_TIMEOUT_SECONDS: Final = 120.0
 """A cold JVM on a busy two-core machine can take most of a minute to elect a controller."""
 SHUTDOWN_TIMEOUT_SECONDS: Final = 30.0
@@ -160,17 +159,16 @@ def _ours(pid: int) -> bool:
 
 
 def _port_open(port: int) -> bool:
+    """True when something accepts connections on ``port`` (a broker that has come up)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.settimeout(0.5)
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _properties(node_id: int, brokers: int, base_port: int, directory: Path) -> str:
-    def ports(i: int) -> tuple[int, int]:
-        return base_port + PORT_STRIDE_PER_NODE * i, base_port + PORT_STRIDE_PER_NODE * i + 1
-
-    broker_port, controller_port = ports(node_id - 1)
-    voters = ",".join(f"{i + 1}@127.0.0.1:{ports(i)[1]}" for i in range(brokers))
+    ports = cluster_ports(base_port, brokers)
+    broker_port, controller_port = ports[2 * (node_id - 1) : 2 * node_id]
+    voters = ",".join(f"{i + 1}@127.0.0.1:{ports[2 * i + 1]}" for i in range(brokers))
     replication = min(brokers, 3)
     lines = {
         "process.roles": "broker,controller",
@@ -251,14 +249,13 @@ class LocalCluster:
             )
         if existing is not None:
             self.down()
-        for i in range(brokers):
-            for port in (self.base_port + PORT_STRIDE_PER_NODE * i,
-                         self.base_port + PORT_STRIDE_PER_NODE * i + 1):
-                if _port_open(port):
-                    raise BrokerError(
-                        f"port {port} on 127.0.0.1 is already in use; choose another base port "
-                        "with VMREPLICA_BROKER_PORT or `vmreplica broker up --port N`"
-                    )
+        ports = cluster_ports(self.base_port, brokers)
+        for port in ports:
+            if not port_free(port):
+                raise BrokerError(
+                    f"port {port} on 127.0.0.1 is already in use; choose another base port "
+                    "with VMREPLICA_BROKER_PORT or `vmreplica broker up --port N`"
+                )
         libs = resolve_kafka()
         java = _require("java", "Java 17 or newer")
         log_config = deploy_dir() / "kafka" / "log4j2.yaml"
@@ -289,8 +286,8 @@ class LocalCluster:
                     start_new_session=True,
                 )
             processes.append(process)
-            broker_port = self.base_port + PORT_STRIDE_PER_NODE * (node_id - 1)
-            nodes.append(NodeState(node_id, process.pid, broker_port, broker_port + 1,
+            broker_port, controller_port = ports[2 * (node_id - 1) : 2 * node_id]
+            nodes.append(NodeState(node_id, process.pid, broker_port, controller_port,
                                    str(directory)))
         state = ClusterState(
             cluster_id,
