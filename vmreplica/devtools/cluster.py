@@ -11,12 +11,15 @@ Production deployments point vmreplica at their own cluster with ``VMREPLICA_BOO
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -35,6 +38,11 @@ JVM_HEAP: Final = "-Xmx768m"
 """Enough for test traffic; three nodes still fit beside the test suite."""
 NODE_MARKER: Final = "vmreplica.devtools.cluster.node"
 """A system property on every JVM we start, so a recycled pid is never mistaken for ours."""
+ERROR_LINES_QUOTED: Final = 20
+"""How many lines of a failed node's server.log a start-up error quotes: the last few whole
+ERROR entries, enough for Kafka's chain of causes (a bind failure takes four)."""
+_LOG_ENTRY: Final = re.compile(r"^\[[^]]+\] (?P<level>[A-Z]+) ")
+"""The start of one entry in deploy/kafka/log4j2.yaml's pattern, ``[%d] %p %m (%c)%n``."""
 
 _ENV_HINT: Final = (
     "Or point vmreplica at an existing Kafka cluster instead: "
@@ -88,31 +96,44 @@ def _pom_version(pom: Path) -> str:
 def resolve_kafka() -> Path:
     """Return the folder holding the Kafka jars, resolving them with Maven on first use.
 
+    The cache folder is named after the pom's Kafka version and a digest of the whole pom, so any
+    edit to the pom (another logging binding, say) resolves afresh instead of reusing old jars.
+    Two processes resolving at once each stage their own copy; the first rename wins.
+
     :raises PrerequisiteMissingError: Java or Maven is missing, or Maven Central is unreachable.
     """
     _require("java", "Java 17 or newer")
     pom = deploy_dir() / "kafka" / "pom.xml"
-    libs = cache_dir() / f"kafka-{_pom_version(pom)}" / "libs"
+    digest = hashlib.sha256(pom.read_bytes()).hexdigest()[:12]
+    libs = cache_dir() / f"kafka-{_pom_version(pom)}-{digest}" / "libs"
     complete = libs / ".complete"
     if complete.is_file():
         return libs
     mvn = _require("mvn", "Maven")
-    staging = libs.with_name("libs.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    result = subprocess.run(
-        [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
-         f"-DoutputDirectory={staging}", "-DincludeScope=runtime"],
-        capture_output=True, text=True, check=False,
-    )
-    if result.returncode != 0 or not any(staging.glob("kafka_2.13-*.jar")):
-        tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
-        raise PrerequisiteMissingError(
-            "Maven could not resolve the Kafka jars from Maven Central "
-            f"(exit {result.returncode}):\n  " + "\n  ".join(tail) + f"\n{_ENV_HINT}"
+    libs.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="libs.partial-", dir=libs.parent))
+    try:
+        result = subprocess.run(
+            [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
+             f"-DoutputDirectory={staging}", "-DincludeScope=runtime"],
+            capture_output=True, text=True, check=False,
         )
-    shutil.rmtree(libs, ignore_errors=True)
-    staging.rename(libs)
-    complete.write_text(_pom_version(pom))
+        if result.returncode != 0 or not any(staging.glob("kafka_2.13-*.jar")):
+            tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
+            raise PrerequisiteMissingError(
+                "Maven could not resolve the Kafka jars from Maven Central "
+                f"(exit {result.returncode}):\n  " + "\n  ".join(tail) + f"\n{_ENV_HINT}"
+            )
+        (staging / ".complete").write_text(_pom_version(pom))
+        if not complete.is_file():
+            shutil.rmtree(libs, ignore_errors=True)
+            try:
+                staging.rename(libs)
+            except OSError:
+                if not complete.is_file():
+                    raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return libs
 
 
@@ -312,10 +333,8 @@ class LocalCluster:
         while True:
             for node, process in zip(state.nodes, processes, strict=True):
                 if process.poll() is not None:
-                    log = Path(node.directory) / "logs" / "stdout.log"
-                    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
                     raise BrokerError(f"Kafka node {node.node_id} exited during start-up; "
-                                      f"its output ends:\n{tail}")
+                                      + _what_node_said(Path(node.directory) / "logs"))
             if all(_port_open(node.broker_port) for node in state.nodes):
                 try:
                     if count_brokers(state.bootstrap_servers) >= len(state.nodes):
@@ -323,9 +342,12 @@ class LocalCluster:
                 except BrokerError:
                     pass
             if time.monotonic() > deadline:
+                said = "; ".join(
+                    f"node {node.node_id}: " + _what_node_said(Path(node.directory) / "logs")
+                    for node in state.nodes
+                )
                 raise BrokerError(
-                    f"Kafka did not answer within {STARTUP_TIMEOUT_SECONDS:.0f} s; "
-                    f"see the logs under {self.root}"
+                    f"Kafka did not answer within {STARTUP_TIMEOUT_SECONDS:.0f} s; {said}"
                 )
             time.sleep(0.5)
 
@@ -347,6 +369,39 @@ class LocalCluster:
             time.sleep(0.1)
         self.state_file.unlink(missing_ok=True)
         return pids
+
+
+def _what_node_said(logs: Path) -> str:
+    """Kafka's own account of a failed start: the last ERROR and FATAL entries of server.log.
+
+    Each entry keeps its message and exception lines (``Caused by`` included) but not the stack
+    frames, so a bind failure reads as Kafka wrote it; whole entries are quoted, newest last, up
+    to ``ERROR_LINES_QUOTED`` lines. Without such entries, the tail of the JVM's stdout stands in
+    (a JVM that died before logging started, say).
+    """
+    server_log = logs / "server.log"
+    entries: list[list[str]] = []
+    keep = False
+    text = server_log.read_text(errors="replace") if server_log.is_file() else ""
+    for line in text.splitlines():
+        start = _LOG_ENTRY.match(line)
+        if start is not None:
+            keep = start["level"] in ("ERROR", "FATAL")
+            if keep:
+                entries.append([line])
+        elif keep and line.strip() and not line.lstrip().startswith(("at ", "...")):
+            entries[-1].append(line)
+    quoted: list[str] = []
+    for entry in reversed(entries):
+        if quoted and len(quoted) + len(entry) > ERROR_LINES_QUOTED:
+            break
+        quoted[:0] = entry[:ERROR_LINES_QUOTED]
+    if quoted:
+        return f"Kafka logged these errors (in {server_log}):\n" + "\n".join(quoted)
+    stdout_log = logs / "stdout.log"
+    tail = stdout_log.read_text(errors="replace")[-2000:].strip() if stdout_log.is_file() else ""
+    return (f"{server_log} holds no error; its output ends:\n{tail}" if tail
+            else f"it logged no error; see {logs}")
 
 
 def _cluster_id() -> str:
