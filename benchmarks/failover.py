@@ -30,6 +30,7 @@ from vmreplica import failover
 from vmreplica.config import SiteConfig
 from vmreplica.consumers.drill import FailoverDrill
 from vmreplica.devtools.cluster import LocalCluster
+from vmreplica.devtools.ports import free_base_port
 from vmreplica.domain.model import VmSettings
 from vmreplica.runtime.site import Site
 
@@ -155,7 +156,7 @@ def main() -> int:
         return 1
     work = Path(tempfile.mkdtemp(prefix="vmreplica-bench-failover-"))
     external = os.environ.get("VMREPLICA_BOOTSTRAP_SERVERS")
-    cluster = None if external else LocalCluster(home=work / "kafka", base_port=19992)
+    cluster = None if external else LocalCluster(home=work / "kafka", base_port=free_base_port())
     try:
         bootstrap = external or (cluster.up(1).bootstrap_servers if cluster else "")
         asyncio.run(run(work, bootstrap))

@@ -44,7 +44,6 @@ import os
 import random
 import re
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,6 +56,7 @@ from typing import Final
 
 from vmreplica.config import SiteConfig
 from vmreplica.devtools.cluster import LocalCluster, resolve_kafka
+from vmreplica.devtools.ports import free_base_port
 from vmreplica.domain.model import VmSettings
 from vmreplica.errors import BrokerError
 from vmreplica.journal.kafka import MAX_RECORD_BYTES, KafkaConnection, TopicAdmin
@@ -130,21 +130,6 @@ class HotSpot:
 # --- broker --------------------------------------------------------------------------------------
 
 
-def _free_base_port() -> int:
-    """A port p with p and p+1 free on loopback (broker and controller of a one-node cluster)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
-        if port > 65000:
-            continue
-        with contextlib.suppress(OSError), socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", port))
-            b.bind(("127.0.0.1", port + 1))
-            return port
-    raise BenchmarkError("no pair of free ports found on 127.0.0.1")
-
-
 @dataclass(frozen=True)
 class Broker:
     bootstrap_servers: str
@@ -161,7 +146,7 @@ def broker(workdir: Path) -> Iterator[Broker]:
         yield Broker(configured, f"{configured} (VMREPLICA_BOOTSTRAP_SERVERS)", ())
         return
     for attempt in range(BROKER_START_ATTEMPTS):
-        cluster = LocalCluster(home=workdir / "kafka-home", base_port=_free_base_port())
+        cluster = LocalCluster(home=workdir / "kafka-home", base_port=free_base_port())
         try:
             state = cluster.up(1)
             break

@@ -2,7 +2,8 @@
 # Installs the system packages vmreplica's demo and tests use, when they are missing:
 # Java and Maven (to run Kafka from Maven Central jars), qemu-utils (qemu-img, qemu-io),
 # nbdkit and libnbd-bin (nbdinfo, nbdcopy), fio, kcat, and prometheus (promtool).
-# Debian/Ubuntu only; elsewhere it names what to install and exits non-zero.
+# Debian/Ubuntu only; elsewhere it names what to install and exits non-zero. When every program
+# is on PATH it returns at once, so `make` can call it every time.
 set -euo pipefail
 
 declare -A provides=(
@@ -15,7 +16,19 @@ for program in "${!provides[@]}"; do
   command -v "$program" >/dev/null 2>&1 || missing+=("${provides[$program]}")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
-mapfile -t packages < <(printf '%s\n' "${missing[@]}" | sort -u)
+
+# A package can be installed while its program is not on this PATH (a program in /usr/sbin, for
+# one): apt would change nothing, so it is named once here instead of re-run on every `make`.
+packages=()
+while read -r package; do
+  if command -v dpkg-query >/dev/null 2>&1 &&
+     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed'; then
+    echo "note: $package is installed, but a program from it is not on PATH ($PATH)" >&2
+  else
+    packages+=("$package")
+  fi
+done < <(printf '%s\n' "${missing[@]}" | sort -u)
+[ ${#packages[@]} -eq 0 ] && exit 0
 
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "vmreplica needs these packages (Debian names): ${packages[*]}; install them and retry." >&2

@@ -8,37 +8,20 @@ the end of the session.
 from __future__ import annotations
 
 import os
-import random
 import shutil
-import socket
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
-import hypothesis  # noqa: F401 — see below
-import pytest
-
-from vmreplica.devtools.cluster import PORT_STRIDE_PER_NODE, LocalCluster
-from vmreplica.journal.kafka import KafkaConnection, TopicAdmin
-
-
 # hypothesis is imported eagerly: its pytest plugin otherwise imports it at session end, where
 # CPython 3.11 has been seen failing with "AST constructor recursion depth mismatch".
-def free_base_port(nodes: int = 1) -> int:
-    """A base port whose broker and controller ports (for ``nodes`` nodes) are all free."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 29000, 10) if nodes == 1 else rng.randrange(30000, 39000, 100)
-        ports = [base + PORT_STRIDE_PER_NODE * i + j for i in range(nodes) for j in (0, 1)]
-        if all(_port_free(port) for port in ports):
-            return base
-    raise RuntimeError("no free port range for a test broker")
+import hypothesis  # noqa: F401
+import pytest
 
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) != 0
+from vmreplica.devtools.cluster import LocalCluster
+from vmreplica.devtools.ports import free_base_port
+from vmreplica.journal.kafka import KafkaConnection, TopicAdmin
 
 
 def _stop_orphaned_test_brokers() -> None:

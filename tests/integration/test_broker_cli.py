@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_base_port
 from vmreplica.devtools.cluster import NODE_MARKER
+from vmreplica.devtools.ports import free_base_port
 from vmreplica.journal.kafka import JournalPublisher, KafkaConnection, TopicAdmin
 from vmreplica.journal.topics import journal_spec
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_base_port
 from vmreplica.config import SiteConfig
+from vmreplica.devtools.ports import free_base_port
 from vmreplica.domain.model import VmSettings
 from vmreplica.runtime.agent import Agent
 from vmreplica.runtime.site import Site

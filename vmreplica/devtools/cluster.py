@@ -11,24 +11,26 @@ Production deployments point vmreplica at their own cluster with ``VMREPLICA_BOO
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
+from vmreplica.devtools.ports import cluster_ports, port_free
 from vmreplica.errors import BrokerError, PrerequisiteMissingError
 
 DEFAULT_BROKER_PORT: Final = 19092
 """Not 9092, so a Kafka the user already runs is left alone."""
-PORT_STRIDE_PER_NODE: Final = 10
-"""Node i listens on base + 10*i (broker) and base + 10*i + 1 (controller)."""
 STARTUP_TIMEOUT_SECONDS: Final = 120.0
 """A cold JVM on a busy two-core machine can take most of a minute to elect a controller."""
 SHUTDOWN_TIMEOUT_SECONDS: Final = 30.0
@@ -36,6 +38,11 @@ JVM_HEAP: Final = "-Xmx768m"
 """Enough for test traffic; three nodes still fit beside the test suite."""
 NODE_MARKER: Final = "vmreplica.devtools.cluster.node"
 """A system property on every JVM we start, so a recycled pid is never mistaken for ours."""
+ERROR_LINES_QUOTED: Final = 20
+"""How many lines of a failed node's server.log a start-up error quotes: the last few whole
+ERROR entries, enough for Kafka's chain of causes (a bind failure takes four)."""
+_LOG_ENTRY: Final = re.compile(r"^\[[^]]+\] (?P<level>[A-Z]+) ")
+"""The start of one entry in deploy/kafka/log4j2.yaml's pattern, ``[%d] %p %m (%c)%n``."""
 
 _ENV_HINT: Final = (
     "Or point vmreplica at an existing Kafka cluster instead: "
@@ -89,31 +96,44 @@ def _pom_version(pom: Path) -> str:
 def resolve_kafka() -> Path:
     """Return the folder holding the Kafka jars, resolving them with Maven on first use.
 
+    The cache folder is named after the pom's Kafka version and a digest of the whole pom, so any
+    edit to the pom (another logging binding, say) resolves afresh instead of reusing old jars.
+    Two processes resolving at once each stage their own copy; the first rename wins.
+
     :raises PrerequisiteMissingError: Java or Maven is missing, or Maven Central is unreachable.
     """
     _require("java", "Java 17 or newer")
     pom = deploy_dir() / "kafka" / "pom.xml"
-    libs = cache_dir() / f"kafka-{_pom_version(pom)}" / "libs"
+    digest = hashlib.sha256(pom.read_bytes()).hexdigest()[:12]
+    libs = cache_dir() / f"kafka-{_pom_version(pom)}-{digest}" / "libs"
     complete = libs / ".complete"
     if complete.is_file():
         return libs
     mvn = _require("mvn", "Maven")
-    staging = libs.with_name("libs.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    result = subprocess.run(
-        [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
-         f"-DoutputDirectory={staging}", "-DincludeScope=runtime"],
-        capture_output=True, text=True, check=False,
-    )
-    if result.returncode != 0 or not any(staging.glob("kafka_2.13-*.jar")):
-        tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
-        raise PrerequisiteMissingError(
-            "Maven could not resolve the Kafka jars from Maven Central "
-            f"(exit {result.returncode}):\n  " + "\n  ".join(tail) + f"\n{_ENV_HINT}"
+    libs.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="libs.partial-", dir=libs.parent))
+    try:
+        result = subprocess.run(
+            [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
+             f"-DoutputDirectory={staging}", "-DincludeScope=runtime"],
+            capture_output=True, text=True, check=False,
         )
-    shutil.rmtree(libs, ignore_errors=True)
-    staging.rename(libs)
-    complete.write_text(_pom_version(pom))
+        if result.returncode != 0 or not any(staging.glob("kafka_2.13-*.jar")):
+            tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
+            raise PrerequisiteMissingError(
+                "Maven could not resolve the Kafka jars from Maven Central "
+                f"(exit {result.returncode}):\n  " + "\n  ".join(tail) + f"\n{_ENV_HINT}"
+            )
+        (staging / ".complete").write_text(_pom_version(pom))
+        if not complete.is_file():
+            shutil.rmtree(libs, ignore_errors=True)
+            try:
+                staging.rename(libs)
+            except OSError:
+                if not complete.is_file():
+                    raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return libs
 
 
@@ -160,17 +180,16 @@ def _ours(pid: int) -> bool:
 
 
 def _port_open(port: int) -> bool:
+    """True when something accepts connections on ``port`` (a broker that has come up)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.settimeout(0.5)
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _properties(node_id: int, brokers: int, base_port: int, directory: Path) -> str:
-    def ports(i: int) -> tuple[int, int]:
-        return base_port + PORT_STRIDE_PER_NODE * i, base_port + PORT_STRIDE_PER_NODE * i + 1
-
-    broker_port, controller_port = ports(node_id - 1)
-    voters = ",".join(f"{i + 1}@127.0.0.1:{ports(i)[1]}" for i in range(brokers))
+    ports = cluster_ports(base_port, brokers)
+    broker_port, controller_port = ports[2 * (node_id - 1) : 2 * node_id]
+    voters = ",".join(f"{i + 1}@127.0.0.1:{ports[2 * i + 1]}" for i in range(brokers))
     replication = min(brokers, 3)
     lines = {
         "process.roles": "broker,controller",
@@ -251,14 +270,13 @@ class LocalCluster:
             )
         if existing is not None:
             self.down()
-        for i in range(brokers):
-            for port in (self.base_port + PORT_STRIDE_PER_NODE * i,
-                         self.base_port + PORT_STRIDE_PER_NODE * i + 1):
-                if _port_open(port):
-                    raise BrokerError(
-                        f"port {port} on 127.0.0.1 is already in use; choose another base port "
-                        "with VMREPLICA_BROKER_PORT or `vmreplica broker up --port N`"
-                    )
+        ports = cluster_ports(self.base_port, brokers)
+        for port in ports:
+            if not port_free(port):
+                raise BrokerError(
+                    f"port {port} on 127.0.0.1 is already in use; choose another base port "
+                    "with VMREPLICA_BROKER_PORT or `vmreplica broker up --port N`"
+                )
         libs = resolve_kafka()
         java = _require("java", "Java 17 or newer")
         log_config = deploy_dir() / "kafka" / "log4j2.yaml"
@@ -289,8 +307,8 @@ class LocalCluster:
                     start_new_session=True,
                 )
             processes.append(process)
-            broker_port = self.base_port + PORT_STRIDE_PER_NODE * (node_id - 1)
-            nodes.append(NodeState(node_id, process.pid, broker_port, broker_port + 1,
+            broker_port, controller_port = ports[2 * (node_id - 1) : 2 * node_id]
+            nodes.append(NodeState(node_id, process.pid, broker_port, controller_port,
                                    str(directory)))
         state = ClusterState(
             cluster_id,
@@ -315,10 +333,8 @@ class LocalCluster:
         while True:
             for node, process in zip(state.nodes, processes, strict=True):
                 if process.poll() is not None:
-                    log = Path(node.directory) / "logs" / "stdout.log"
-                    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
                     raise BrokerError(f"Kafka node {node.node_id} exited during start-up; "
-                                      f"its output ends:\n{tail}")
+                                      + _what_node_said(Path(node.directory) / "logs"))
             if all(_port_open(node.broker_port) for node in state.nodes):
                 try:
                     if count_brokers(state.bootstrap_servers) >= len(state.nodes):
@@ -326,9 +342,12 @@ class LocalCluster:
                 except BrokerError:
                     pass
             if time.monotonic() > deadline:
+                said = "; ".join(
+                    f"node {node.node_id}: " + _what_node_said(Path(node.directory) / "logs")
+                    for node in state.nodes
+                )
                 raise BrokerError(
-                    f"Kafka did not answer within {STARTUP_TIMEOUT_SECONDS:.0f} s; "
-                    f"see the logs under {self.root}"
+                    f"Kafka did not answer within {STARTUP_TIMEOUT_SECONDS:.0f} s; {said}"
                 )
             time.sleep(0.5)
 
@@ -350,6 +369,39 @@ class LocalCluster:
             time.sleep(0.1)
         self.state_file.unlink(missing_ok=True)
         return pids
+
+
+def _what_node_said(logs: Path) -> str:
+    """Kafka's own account of a failed start: the last ERROR and FATAL entries of server.log.
+
+    Each entry keeps its message and exception lines (``Caused by`` included) but not the stack
+    frames, so a bind failure reads as Kafka wrote it; whole entries are quoted, newest last, up
+    to ``ERROR_LINES_QUOTED`` lines. Without such entries, the tail of the JVM's stdout stands in
+    (a JVM that died before logging started, say).
+    """
+    server_log = logs / "server.log"
+    entries: list[list[str]] = []
+    keep = False
+    text = server_log.read_text(errors="replace") if server_log.is_file() else ""
+    for line in text.splitlines():
+        start = _LOG_ENTRY.match(line)
+        if start is not None:
+            keep = start["level"] in ("ERROR", "FATAL")
+            if keep:
+                entries.append([line])
+        elif keep and line.strip() and not line.lstrip().startswith(("at ", "...")):
+            entries[-1].append(line)
+    quoted: list[str] = []
+    for entry in reversed(entries):
+        if quoted and len(quoted) + len(entry) > ERROR_LINES_QUOTED:
+            break
+        quoted[:0] = entry[:ERROR_LINES_QUOTED]
+    if quoted:
+        return f"Kafka logged these errors (in {server_log}):\n" + "\n".join(quoted)
+    stdout_log = logs / "stdout.log"
+    tail = stdout_log.read_text(errors="replace")[-2000:].strip() if stdout_log.is_file() else ""
+    return (f"{server_log} holds no error; its output ends:\n{tail}" if tail
+            else f"it logged no error; see {logs}")
 
 
 def _cluster_id() -> str:

@@ -29,6 +29,7 @@ from rich.table import Table
 from vmreplica.config import load_config
 from vmreplica.devtools import demo_failover
 from vmreplica.devtools.cluster import LocalCluster
+from vmreplica.devtools.ports import free_base_port
 from vmreplica.domain.model import VmSettings
 from vmreplica.nbd.server import NbdServer
 from vmreplica.producers.capture import CapturedVm
@@ -40,6 +41,7 @@ MiB: Final = 1024 * 1024
 DISK_BYTES: Final = 64 * MiB
 CYCLES: Final = 6
 DEMO_BROKER_PORT: Final = 19792
+"""The README names it; another free port is taken when something else holds it."""
 VM: Final = "web01"
 console = Console()
 
@@ -187,7 +189,8 @@ def _tour(work: Path, bootstrap: str) -> bool:
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="vmreplica-demo-"))
     external = os.environ.get("VMREPLICA_BOOTSTRAP_SERVERS")
-    cluster = None if external else LocalCluster(home=work / "kafka", base_port=DEMO_BROKER_PORT)
+    cluster = None if external else LocalCluster(
+        home=work / "kafka", base_port=free_base_port(preferred=DEMO_BROKER_PORT))
     try:
         if cluster is not None:
             with console.status("starting a local Apache Kafka broker…"):
