@@ -12,7 +12,7 @@ import pytest
 from vmreplica.config import SiteConfig
 from vmreplica.domain.model import DiskRecord, VmSettings
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import ConfigurationError
+from vmreplica.errors import ConfigurationError, FailoverRefused, HookError
 from vmreplica.failover.requests import (
     REQUEST_TYPES,
     CancelFailover,
@@ -21,6 +21,7 @@ from vmreplica.failover.requests import (
     PlannedFailover,
     ReverseReplication,
     UnplannedFailover,
+    carry_out,
     post_request,
     posted_request,
     request_fields,
@@ -145,3 +146,25 @@ async def test_agent_finishes_requests_failed_refused_or_done(tmp_path: Path) ->
             ("failed", "VM 'ghost' is not replicated at this site; `vmreplica status` lists "
                        "the VMs")]
         assert await mailbox.pending() == []
+
+
+async def test_a_failing_stop_hook_refuses_the_planned_failover(tmp_path: Path) -> None:
+    """The hypervisor hooks run through the one hook runner; a failure is a FailoverRefused
+    (exit 1) and the failover does not start."""
+    seen = tmp_path / "seen"
+    config = SiteConfig(site="site-a", root=tmp_path, bootstrap_servers="127.0.0.1:1",
+                        vm_stop_command=f"echo {{vm}} $VMREPLICA_HOOK $VMREPLICA_SITE > {seen};"
+                                        " echo 'no such domain' >&2; exit 4")
+    async with Site(config) as site:
+        await site.catalog.add_vm("vm1", "primary", "tg", "site-b", VmSettings(),
+                                  [DiskRecord("disk0", str(tmp_path / "d.img"), 4096)],
+                                  ReplicationState.REPLICATING)
+        with pytest.raises(FailoverRefused) as caught:
+            await carry_out(site, PlannedFailover("vm1", reverse=True))
+        assert str(caught.value) == (
+            f"VM 'vm1': stop hook {config.vm_stop_command!r} exited with 4: no such domain. "
+            "The planned failover did not start. Operator action: stop the VM by other means "
+            "(or fix vm_stop_command), then retry")
+        assert isinstance(caught.value.__cause__, HookError)
+        assert seen.read_text() == "vm1 stop site-a\n"
+        assert (await site.catalog.vm("vm1")).state is ReplicationState.REPLICATING
