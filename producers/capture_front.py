@@ -24,8 +24,9 @@ from vmreplica.errors import FencedError, HookError
 from vmreplica.nbd.server import NbdServer
 from vmreplica.producers.nbd_exports import VmExports, socket_path
 from vmreplica.producers.primary import PrimaryVm
-from vmreplica.producers.scan import ChangeScanner, ScanResult, run_hook
+from vmreplica.producers.scan import ChangeScanner, ScanResult
 from vmreplica.producers.shipper import ShippedCycle
+from vmreplica.storage.hooks import run_hook
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +119,16 @@ class CaptureFront:
         result: ScanResult | None = None
         try:
             if settings.pre_cut_hook:
-                await run_hook(settings.pre_cut_hook, primary.name, "pre-cut", disks)
+                await run_hook(settings.pre_cut_hook, "pre-cut", vm=primary.name,
+                               site=self.config.site, disks=disks)
             result = await scanner.scan()
         except HookError as error:
             log.error("%s; this cycle is skipped", error)
         finally:
             if settings.post_cut_hook:
                 try:
-                    await run_hook(settings.post_cut_hook, primary.name, "post-cut", disks)
+                    await run_hook(settings.post_cut_hook, "post-cut", vm=primary.name,
+                                   site=self.config.site, disks=disks)
                 except HookError as error:
                     log.error("%s", error)
         if result is None:

@@ -8,9 +8,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
+from typing import Final
 
 from vmreplica.domain.clock import now_ms
+from vmreplica.domain.intervals import IntervalSet
 from vmreplica.domain.model import VmRecord
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import FencedError, SupersededError
@@ -19,8 +23,13 @@ from vmreplica.producers.capture import CapturedVm
 from vmreplica.producers.seed import InitialReplication, Progress, SeedResult, disk_sizes
 from vmreplica.producers.shipper import CycleBuilder, CycleShipper, ShippedCycle
 from vmreplica.schemas.codec import decode_journal, encode
-from vmreplica.schemas.events import EpochStart, Heartbeat, VmConfig
+from vmreplica.schemas.events import DiskDigest, EpochStart, Heartbeat, JournalEvent, VmConfig
 from vmreplica.storage.catalog import Catalog
+from vmreplica.storage.image import sha256_of
+
+RESEND_RECORD_BYTES: Final = 4 * 1024 * 1024
+"""Content resent by :meth:`PrimaryVm.log_current_content` goes into change-log records of at
+most this size, the size of one write batch's payload."""
 
 
 class PrimaryVm:
@@ -126,5 +135,55 @@ class PrimaryVm:
     async def heartbeat(self) -> None:
         position = await self.catalog.position(self.name)
         last = position.cycle if position is not None else -1
-        beat = Heartbeat(self.name, self.record.epoch, self.site, now_ms(), last)
-        await self.publisher.publish(self.topic, self.name.encode(), [encode(beat)])
+        await self.publish(Heartbeat(self.name, self.record.epoch, self.site, now_ms(), last))
+
+    async def publish(self, event: JournalEvent) -> None:
+        """Publish one event to the VM's journal outside any cycle (as its own transaction)."""
+        await self.publisher.publish(self.topic, self.name.encode(), [encode(event)])
+
+    # What failover asks of a primary (vmreplica/failover) --------------------------------------
+
+    def refuse_writes(self, reason: str) -> None:
+        """Fence the capture: from now on every write fails, saying ``reason``."""
+        self.capture.fenced_reason = reason
+
+    async def start_epoch(self, start: EpochStart) -> None:
+        """Publish ``start`` and number every later cycle in its epoch (catalog included)."""
+        await self.publish(start)
+        await self.catalog.set_epoch(self.name, start.epoch)
+        self.shipper.builder.epoch = start.epoch
+        self.record = replace(self.record, epoch=start.epoch)
+
+    def disk_digests(self) -> tuple[DiskDigest, ...]:
+        """The SHA-256 of every disk's whole content, holes read as zeros."""
+        return tuple(DiskDigest(name, sha256_of(image))
+                     for name, image in zip(self.capture.disk_names, self.capture.images,
+                                            strict=True))
+
+    def allocated_ranges(self) -> dict[str, IntervalSet]:
+        """Every range of every disk that holds data (the rest are holes)."""
+        ranges: dict[str, IntervalSet] = {}
+        for name, image in zip(self.capture.disk_names, self.capture.images, strict=True):
+            allocated = ranges.setdefault(name, IntervalSet())
+            for offset, length in image.allocated_extents():
+                allocated.add(offset, offset + length)
+        return ranges
+
+    def log_current_content(self, ranges: Mapping[str, IntervalSet]) -> int:
+        """Append what the images hold now in ``ranges`` to the open cycle, durably.
+
+        The next cut ships those bytes as if the VM had just written them: how reverse
+        replication resends what diverged. Returns the bytes appended.
+        """
+        capture = self.capture
+        appended = 0
+        for disk, disk_ranges in ranges.items():
+            index = capture.disk(disk)
+            image = capture.images[index]
+            for low, high in zip(disk_ranges.starts, disk_ranges.ends, strict=True):
+                for chunk in range(low, high, RESEND_RECORD_BYTES):
+                    data = image.read(chunk, min(high, chunk + RESEND_RECORD_BYTES) - chunk)
+                    capture.log.write(index, chunk, data)
+                    appended += len(data)
+        capture.flush_sync()
+        return appended

@@ -2,10 +2,11 @@
 
 When the hypervisor writes the image file directly (``--capture scan``), nothing sees the
 writes. At each cycle the scanner instead reads every allocated block of every disk, hashes it
-(SHA-256, truncated to 16 bytes, per 64 KiB block; holes are known to be zero without reading),
-compares with the hashes of the last shipped state, and appends the blocks that differ to the
-open change-log segment — as WRITE records of exactly the bytes it hashed, or ZERO records —
-just before the cut. The shipper then sends the cycle like any other.
+(:mod:`vmreplica.storage.digests`: SHA-256, truncated to 16 bytes, per 64 KiB block; holes are
+known to be zero without reading), compares with the hashes of the last shipped state, and
+appends the blocks that differ to the open change-log segment — as WRITE records of exactly the
+bytes it hashed, or ZERO records — just before the cut. The shipper then sends the cycle like
+any other.
 
 The digests live in ``<vm folder>/scan/<disk>.hashes``, replaced atomically once the scan's
 records are durable in the log and before the cut (see :class:`ChangeScanner` for why that order
@@ -21,16 +22,15 @@ scan, so the replica converges, but a recovery point taken from a scan cycle is 
 the image was still. The pre-cut hook (``fsfreeze --freeze``, ``virsh suspend``, ``virsh
 domfsfreeze``) runs before the scan and the post-cut hook (thaw, resume) after it: with the
 guest frozen or paused during the scan, the cut is crash-consistent (application-consistent
-with fsfreeze, as far as the applications flushed).
+with fsfreeze, as far as the applications flushed). Hooks run through
+:func:`vmreplica.storage.hooks.run_hook`, with its rules (``{vm}``, environment, timeout).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import os
 import struct
 import threading
 import time
@@ -40,35 +40,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from vmreplica.errors import ChangeLogCorrupt, HookError, ScanStopped
+from vmreplica.errors import ChangeLogCorrupt, ScanStopped
 from vmreplica.producers.capture import CapturedVm
 from vmreplica.producers.changelog import SEGMENT_SUFFIX, read_segment
+from vmreplica.storage.digests import DIGEST_BYTES, block_digest, data_block_ranges, zero_digest
 from vmreplica.storage.image import DiskImage, replace_atomically
 
 log = logging.getLogger(__name__)
 
 SCAN_BLOCK_BYTES: Final = 64 * 1024
-DIGEST_BYTES: Final = 16
 FEED_RECORD_BYTES: Final = 1024 * 1024
 """Consecutive changed blocks are appended as one change-log record of up to this size."""
-HOOK_TIMEOUT_SECONDS: Final = 120.0
 _COMPARE_BLOCKS: Final = 4096
 """Hole stretches are compared against the zero digest this many blocks at a time."""
 _MAGIC: Final = b"VMRSCAN1"
+"""Names the digest scheme too (SHA-256/16 per block, short tail padded with zeros): a file
+written under another scheme must carry another magic, so that it reads as unusable."""
 _HEADER: Final = struct.Struct("<8sIQI")  # magic, block bytes, disk size, crc32 of the digests
 _HEADER_CRC: Final = struct.Struct("<I")
-
-
-def block_digest(data: bytes | bytearray | memoryview,
-                 block_bytes: int = SCAN_BLOCK_BYTES) -> bytes:
-    """The digest of one block; a short last block is hashed as if padded with zeros."""
-    hasher = hashlib.sha256(data)
-    if len(data) < block_bytes:
-        hasher.update(bytes(block_bytes - len(data)))
-    return hasher.digest()[:DIGEST_BYTES]
-
-
-ZERO_DIGEST: Final = block_digest(bytes(SCAN_BLOCK_BYTES))
 INVALID_DIGEST: Final = b"\xff" * DIGEST_BYTES
 """Stands for "unknown": treated as different from any block's digest."""
 
@@ -179,18 +168,6 @@ class _Feeder:
         self._flush_data()
 
 
-def _data_block_ranges(image: DiskImage, block_bytes: int) -> list[tuple[int, int]]:
-    """[first, end) block ranges that hold allocated data (merged), in order."""
-    ranges: list[tuple[int, int]] = []
-    for start, length in image.allocated_extents():
-        first, end = start // block_bytes, -(-(start + length) // block_bytes)
-        if ranges and first <= ranges[-1][1]:
-            ranges[-1] = (ranges[-1][0], max(end, ranges[-1][1]))
-        else:
-            ranges.append((first, end))
-    return ranges
-
-
 class _SeedRecorder:
     """Digests of what the initial replication read, so they equal what the replica got.
 
@@ -266,7 +243,7 @@ class ChangeScanner:
         self.vm = vm
         self.folder = folder
         self.block_bytes = block_bytes
-        self._zero_digest = block_digest(bytes(block_bytes), block_bytes)
+        self._zero_digest = zero_digest(block_bytes)
         self._in_step = False
         """False when the saved digests may lag behind the log (start-up, failed scan)."""
         self._stop = threading.Event()
@@ -369,7 +346,7 @@ class ChangeScanner:
         zero, width = self._zero_digest, DIGEST_BYTES
         digests = bytearray(zero * count)
         position = 0
-        for first, end in [*_data_block_ranges(image, block), (count, count)]:
+        for first, end in [*data_block_ranges(image, block), (count, count)]:
             self._compare_holes(image, position, first, old, feeder, result)
             for number in range(first, end):
                 offset = number * block
@@ -403,30 +380,3 @@ class ChangeScanner:
                 if feeder is not None:
                     offset = number * block
                     feeder.zero(offset, min(block, image.size - offset))
-
-
-async def run_hook(command: str, vm: str, phase: str, disks: Mapping[str, str],
-                   timeout_seconds: float = HOOK_TIMEOUT_SECONDS) -> None:
-    """Run a cut hook through ``/bin/sh -c``.
-
-    The command sees ``VMREPLICA_VM``, ``VMREPLICA_HOOK`` (``pre-cut`` or ``post-cut``) and
-    ``VMREPLICA_DISKS`` (``name=path`` pairs separated by spaces).
-
-    :raises HookError: it exited non-zero or did not finish within ``timeout_seconds``.
-    """
-    environment = {**os.environ, "VMREPLICA_VM": vm, "VMREPLICA_HOOK": phase,
-                   "VMREPLICA_DISKS": " ".join(f"{n}={p}" for n, p in disks.items())}
-    process = await asyncio.create_subprocess_shell(
-        command, env=environment, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    try:
-        output, _ = await asyncio.wait_for(process.communicate(), timeout_seconds)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise HookError(f"VM {vm!r}: {phase} hook {command!r} did not finish within "
-                        f"{timeout_seconds:.0f} s and was killed") from None
-    if process.returncode != 0:
-        tail = output.decode(errors="replace").strip()[-500:]
-        raise HookError(f"VM {vm!r}: {phase} hook {command!r} exited with "
-                        f"{process.returncode}: {tail}")

@@ -1,8 +1,9 @@
 """CLI commands for failover: test, planned, unplanned, complete, cancel, and reverse.
 
-A role change needs the VM to itself. When this site's agent is running, the command leaves a
-request in the catalog and the agent carries it out between two steps of that VM (and prints
-the outcome); when no agent runs, the command does the work itself.
+A role change needs the VM to itself. When this site's agent is running, the command posts a
+typed request (:mod:`vmreplica.failover.requests`) to the agent's mailbox and the agent carries
+it out between two steps of that VM (and prints the outcome); when no agent runs, the command
+does the work itself.
 """
 
 from __future__ import annotations
@@ -17,39 +18,61 @@ import click
 from vmreplica.cli.replication import config_option, json_option, with_site
 from vmreplica.cli.support import console, emit_json, reported
 from vmreplica.consumers.points import choose_point
-from vmreplica.errors import ConfigurationError
-from vmreplica.failover import AGENT_ALIVE_SECONDS, run_action
+from vmreplica.errors import ConfigurationError, FailoverRefused
+from vmreplica.failover.requests import (
+    CancelFailover,
+    CompleteFailover,
+    FailoverRequest,
+    PlannedFailover,
+    ReverseReplication,
+    UnplannedFailover,
+    carry_out,
+    post_request,
+)
 from vmreplica.runtime.extension import extend as extend_vm
 from vmreplica.runtime.site import Site
+from vmreplica.storage.mailbox import Mailbox
 
 REQUEST_TIMEOUT_SECONDS: Final = 300.0
+REQUEST_POLL_SECONDS: Final = 0.2
 
 
 async def _agent_running(site: Site) -> bool:
-    seen = await site.catalog.agent_seen_ms(site.config.site)
-    return seen is not None and time.time() * 1000 - seen < AGENT_ALIVE_SECONDS * 1000
+    async with Mailbox(site.config.catalog_path) as mailbox:
+        return await mailbox.agent_running(site.config.site)
 
 
-async def perform(site: Site, vm: str, action: str, arguments: dict[str, Any]) -> str:
-    """Run ``action`` through the agent when it runs, else here; return its outcome."""
-    await site.catalog.vm(vm)
-    if not await _agent_running(site):
-        return await run_action(site, vm, action, arguments)
-    request = await site.catalog.add_request(vm, action, arguments)
+async def perform(site: Site, request: FailoverRequest) -> str:
+    """Carry out ``request`` through the agent when it runs, else here; return its outcome.
+
+    :raises ConfigurationError: the request was a mistake (exit 2).
+    :raises FailoverRefused: it could not be done now, or failed in the agent (exit 1).
+    """
+    await site.catalog.vm(request.vm)
+    async with Mailbox(site.config.catalog_path) as mailbox:
+        if await mailbox.agent_running(site.config.site):
+            return await _through_agent(mailbox, request)
+    return await carry_out(site, request)
+
+
+async def _through_agent(mailbox: Mailbox, request: FailoverRequest) -> str:
+    posted = await post_request(mailbox, request)
     deadline = time.monotonic() + REQUEST_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
-        done = await site.catalog.request(request)
+        done = await mailbox.request(posted)
         if done.status == "done":
             return done.result
         if done.status == "failed":
             raise ConfigurationError(done.result)
-        await asyncio.sleep(0.2)
-    raise ConfigurationError(f"the agent did not carry out {action} of VM {vm!r} within "
-                             f"{REQUEST_TIMEOUT_SECONDS:.0f} s; see its log")
+        if done.status == "refused":
+            raise FailoverRefused(done.result)
+        await asyncio.sleep(REQUEST_POLL_SECONDS)
+    raise FailoverRefused(f"the agent did not carry out {request.kind} of VM {request.vm!r} "
+                          f"within {REQUEST_TIMEOUT_SECONDS:.0f} s; see its log")
 
 
-def _run(config_path: Path | None, vm: str, action: str, **arguments: Any) -> None:
-    click.echo(with_site(config_path, lambda site: perform(site, vm, action, arguments)))
+def _run(config_path: Path | None, request: FailoverRequest) -> None:
+    click.echo(with_site(config_path, lambda site: perform(site, request)))
 
 
 class FailoverGroup(click.Group):
@@ -76,7 +99,7 @@ def failover() -> None:
 @reported
 def unplanned(vm: str, point: str, force: bool, config_path: Path | None) -> None:
     """On the replica: start VM here at a recovery point (the primary is lost)."""
-    _run(config_path, vm, "unplanned", point=point, force=force)
+    _run(config_path, UnplannedFailover(vm, point=point, force=force))
 
 
 @failover.command("planned")
@@ -90,7 +113,7 @@ def unplanned(vm: str, point: str, force: bool, config_path: Path | None) -> Non
 def planned(vm: str, reverse: bool, start: bool, verify: bool,
             config_path: Path | None) -> None:
     """On the primary: ship the final cycle; the replica takes over with no data loss."""
-    _run(config_path, vm, "planned", reverse=reverse, start=start, verify=verify)
+    _run(config_path, PlannedFailover(vm, reverse=reverse, start=start, verify=verify))
 
 
 @failover.command("complete")
@@ -99,7 +122,7 @@ def planned(vm: str, reverse: bool, start: bool, verify: bool,
 @reported
 def complete(vm: str, config_path: Path | None) -> None:
     """Keep the failed-over point; delete every other recovery point."""
-    _run(config_path, vm, "complete")
+    _run(config_path, CompleteFailover(vm))
 
 
 @failover.command("cancel")
@@ -109,7 +132,7 @@ def complete(vm: str, config_path: Path | None) -> None:
 def cancel(vm: str, config_path: Path | None) -> None:
     """Undo a failover: a planned one on the primary until the replica has taken over, or an
     unplanned one not yet completed (on the replica: replay the journal forward)."""
-    _run(config_path, vm, "cancel")
+    _run(config_path, CancelFailover(vm))
 
 
 @failover.command("test")
@@ -183,7 +206,7 @@ def stop_test(vm: str, config_path: Path | None) -> None:
 @reported
 def reverse(vm: str, config_path: Path | None) -> None:
     """On the new primary: make the old primary its replica, sending only diverged blocks."""
-    _run(config_path, vm, "reverse")
+    _run(config_path, ReverseReplication(vm))
 
 
 @click.command("extend")

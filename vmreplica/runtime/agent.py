@@ -21,8 +21,9 @@ from vmreplica.consumers.drill import FailoverDrill
 from vmreplica.consumers.replica import ReplicaVm
 from vmreplica.domain.model import VmRecord
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import ReplicationError, SupersededError
-from vmreplica.failover import demote, follow_takeover, promote, run_action
+from vmreplica.errors import ConfigurationError, ReplicationError, SupersededError
+from vmreplica.failover import carry_out, demote, follow_takeover, promote
+from vmreplica.failover.requests import posted_request
 from vmreplica.nbd.server import NbdServer
 from vmreplica.producers.capture_front import CaptureFront
 from vmreplica.producers.primary import PrimaryVm
@@ -30,6 +31,7 @@ from vmreplica.runtime.extension import ExtendedReplication, load_extension
 from vmreplica.runtime.metrics import SiteMetrics
 from vmreplica.runtime.site import Site
 from vmreplica.runtime.status import vm_status
+from vmreplica.storage.mailbox import Mailbox
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,8 @@ class Agent:
         """What captures each open primary's writes: its NBD exports, or its scanner."""
         self.nbd_tcp: NbdServer | None = None
         """The loopback TCP listener for every NBD export (``nbd_tcp_port``), if configured."""
+        self.mailbox = Mailbox(site.config.catalog_path)
+        """Where the CLI leaves failover requests, and where the agent says it is alive."""
 
     def stop(self) -> None:
         self.stopping.set()
@@ -85,9 +89,10 @@ class Agent:
         if self.site.config.metrics_port is not None:
             self.metrics.serve(self.site.config.metrics_port)
             log.info("metrics on http://127.0.0.1:%d/metrics", self.site.config.metrics_port)
+        await self.mailbox.start()
         try:
             while not self.stopping.is_set():
-                await self.site.catalog.agent_alive(self.site.config.site, os.getpid())
+                await self.mailbox.agent_alive(self.site.config.site, os.getpid())
                 await self._refresh_metrics()
                 await self._carry_out_requests()
                 await self._start_new_workers()
@@ -99,7 +104,8 @@ class Agent:
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
             if self.nbd_tcp is not None:
                 await self.nbd_tcp.stop()
-            await self.site.catalog.agent_gone(self.site.config.site)
+            await self.mailbox.agent_gone(self.site.config.site)
+            await self.mailbox.stop()
             log.info("agent of site %s stopped", self.site.config.site)
 
     async def _refresh_metrics(self) -> None:
@@ -117,18 +123,25 @@ class Agent:
             await asyncio.gather(task, return_exceptions=True)
 
     async def _carry_out_requests(self) -> None:
-        """Failover actions the CLI asked for: each needs its VM to itself."""
-        for request in await self.site.catalog.pending_requests():
-            await self._stop_worker(request.vm)
+        """Failover requests the CLI left in the mailbox: each needs its VM to itself.
+
+        A request that cannot be read (a mistake, or a kind this version does not know) fails
+        without stopping the VM's worker.
+        """
+        for posted in await self.mailbox.pending():
             try:
-                result = await run_action(self.site, request.vm, request.action,
-                                          request.arguments)
+                request = posted_request(posted)
+                await self._stop_worker(request.vm)
+                result = await carry_out(self.site, request)
+            except ConfigurationError as error:
+                await self.mailbox.finish(posted.id, "failed", str(error))
+                log.error("VM %s: %s failed: %s", posted.vm, posted.kind, error)
             except ReplicationError as error:
-                await self.site.catalog.finish_request(request.id, "failed", str(error))
-                log.error("VM %s: %s failed: %s", request.vm, request.action, error)
+                await self.mailbox.finish(posted.id, "refused", str(error))
+                log.error("VM %s: %s refused: %s", posted.vm, posted.kind, error)
             else:
-                await self.site.catalog.finish_request(request.id, "done", result)
-                log.info("VM %s: %s", request.vm, result)
+                await self.mailbox.finish(posted.id, "done", result)
+                log.info("VM %s: %s", posted.vm, result)
 
     async def _start_new_workers(self) -> None:
         loop = asyncio.get_running_loop()

@@ -2,16 +2,14 @@
 
 One file per site, opened through aiosqlite in WAL mode with ``synchronous=FULL``: a row written
 here is durable when the call returns. The replica writes its applied position only after the
-image is fsynced, so the catalog never claims more than the image holds.
+image is fsynced, so the catalog never claims more than the image holds. The agent's request
+mailbox and liveness share the file (:mod:`vmreplica.storage.mailbox`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -76,20 +74,6 @@ CREATE TABLE IF NOT EXISTS canceled_epoch (
     epoch INTEGER NOT NULL,
     PRIMARY KEY (vm, epoch)
 );
-CREATE TABLE IF NOT EXISTS request (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    vm TEXT NOT NULL,
-    action TEXT NOT NULL,
-    arguments TEXT NOT NULL,
-    status TEXT NOT NULL DEFAULT 'pending',
-    result TEXT NOT NULL DEFAULT '',
-    created_ms INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS agent (
-    site TEXT PRIMARY KEY,
-    pid INTEGER NOT NULL,
-    seen_ms INTEGER NOT NULL
-);
 CREATE TABLE IF NOT EXISTS test_failover (
     vm TEXT PRIMARY KEY REFERENCES vm(name) ON DELETE CASCADE,
     point INTEGER NOT NULL,
@@ -114,22 +98,6 @@ CREATE TABLE IF NOT EXISTS cycle_stat (
     PRIMARY KEY (vm, cycle)
 );
 """
-
-
-@dataclass(frozen=True)
-class Request:
-    """A role-changing action a CLI asked this site's agent to carry out."""
-
-    id: int
-    vm: str
-    action: str
-    arguments: dict[str, Any]
-    status: str
-    result: str
-
-
-def _process_alive(pid: int) -> bool:
-    return os.path.exists(f"/proc/{pid}")
 
 
 class Catalog:
@@ -384,50 +352,6 @@ class Catalog:
         async with self.db.execute("SELECT epoch FROM canceled_epoch WHERE vm = ?",
                                    (name,)) as cursor:
             return {int(row[0]) for row in await cursor.fetchall()}
-
-    # Requests to the agent ---------------------------------------------------------------------
-
-    async def add_request(self, vm: str, action: str, arguments: dict[str, Any]) -> int:
-        async with self._writing:
-            cursor = await self.db.execute(
-                "INSERT INTO request (vm, action, arguments, created_ms) VALUES (?, ?, ?, ?)",
-                (vm, action, json.dumps(arguments), now_ms()))
-            return int(cursor.lastrowid or 0)
-
-    async def pending_requests(self) -> list[Request]:
-        async with self.db.execute(
-                "SELECT id, vm, action, arguments, status, result FROM request"
-                " WHERE status = 'pending' ORDER BY id") as cursor:
-            rows = await cursor.fetchall()
-        return [Request(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5]) for r in rows]
-
-    async def request(self, request_id: int) -> Request:
-        async with self.db.execute(
-                "SELECT id, vm, action, arguments, status, result FROM request WHERE id = ?",
-                (request_id,)) as cursor:
-            r = await cursor.fetchone()
-        if r is None:
-            raise ConfigurationError(f"no request {request_id}")
-        return Request(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5])
-
-    async def finish_request(self, request_id: int, status: str, result: str) -> None:
-        await self._transaction([("UPDATE request SET status = ?, result = ? WHERE id = ?",
-                                  (status, result, request_id))])
-
-    async def agent_alive(self, site: str, pid: int) -> None:
-        await self._transaction([("INSERT OR REPLACE INTO agent (site, pid, seen_ms)"
-                                  " VALUES (?, ?, ?)", (site, pid, now_ms()))])
-
-    async def agent_seen_ms(self, site: str) -> int | None:
-        async with self.db.execute("SELECT pid, seen_ms FROM agent WHERE site = ?",
-                                   (site,)) as cursor:
-            row = await cursor.fetchone()
-        if row is None or not _process_alive(int(row[0])):
-            return None
-        return int(row[1])
-
-    async def agent_gone(self, site: str) -> None:
-        await self._transaction([("DELETE FROM agent WHERE site = ?", (site,))])
 
     # Test failover -----------------------------------------------------------------------------
 

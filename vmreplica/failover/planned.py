@@ -1,0 +1,146 @@
+"""Planned failover: the primary ships its final cycle, the replica takes over with no data loss.
+
+1. On the primary, the ``vm_stop_command`` hook stops the VM (:func:`run_stop_hook`), then
+   :func:`prepare_planned` refuses further writes, ships the final cycle and publishes
+   FailoverPrepared (with full-disk digests under ``--verify``).
+2. On the replica, once it applied the final cycle, :func:`check_takeover` proves it holds
+   exactly what the primary had (hash chain, and the digests if sent), and
+   :func:`~vmreplica.failover.unplanned.promote` starts the new epoch; ``--start`` then runs
+   the ``vm_start_command`` hook (:func:`run_start_hook`).
+3. The old primary, seeing the new epoch, follows it (:func:`follow_takeover`): as its replica
+   with ``--reverse`` (no resync: both are identical), or standing down as failed over.
+
+Until step 2 happens, :func:`cancel_planned` takes it back.
+"""
+
+from __future__ import annotations
+
+from vmreplica.domain.clock import now_ms
+from vmreplica.domain.model import Position, VmRecord
+from vmreplica.domain.states import ReplicationState
+from vmreplica.errors import FailoverRefused, HookError
+from vmreplica.failover.journal import newest_epoch
+from vmreplica.failover.reverse import demote
+from vmreplica.runtime.site import Site
+from vmreplica.schemas.events import FailoverPrepared
+from vmreplica.storage.hooks import run_hook
+from vmreplica.storage.image import sha256_of
+
+
+async def run_stop_hook(site: Site, vm: str) -> None:
+    """Run the ``vm_stop_command`` hook, if configured, before a planned failover.
+
+    :raises FailoverRefused: the hook failed or timed out; the failover did not start.
+    """
+    command = site.config.vm_stop_command
+    if not command:
+        return
+    record = await site.catalog.vm(vm)
+    try:
+        await run_hook(command, "stop", vm=vm, site=site.config.site,
+                       disks={d.name: d.path for d in record.disks})
+    except HookError as error:
+        raise FailoverRefused(f"{error}. The planned failover did not start. Operator action: "
+                              "stop the VM by other means (or fix vm_stop_command), then "
+                              "retry") from error
+
+
+async def run_start_hook(site: Site, record: VmRecord) -> None:
+    """Run the ``vm_start_command`` hook, if configured, after the replica took over.
+
+    :raises FailoverRefused: the hook failed or timed out (this site is primary all the same).
+    """
+    command = site.config.vm_start_command
+    if not command:
+        return
+    try:
+        await run_hook(command, "start", vm=record.name, site=site.config.site,
+                       disks={d.name: d.path for d in record.disks})
+    except HookError as error:
+        raise FailoverRefused(f"{error}. This site took VM {record.name!r} over as its primary "
+                              "but did not start it. Operator action: start the VM by "
+                              "hand") from error
+
+
+async def prepare_planned(site: Site, vm: str, reverse: bool = False,
+                          start_vm: bool = False, verify: bool = False) -> FailoverPrepared:
+    """Planned failover, on the primary: ship the final cycle and mark the VM prepared.
+
+    The VM must already be stopped (the hypervisor adapter does that): writes are refused from
+    here on. The replica takes over once it has applied the final cycle.
+    """
+    record = await site.catalog.vm(vm)
+    if record.role != "primary" or record.state is not ReplicationState.REPLICATING:
+        raise FailoverRefused(f"VM {vm!r} is {record.role} here in state "
+                              f"{record.state.value!r}; planned failover starts on a "
+                              "replicating primary")
+    async with site.primary(record) as primary:
+        primary.refuse_writes(f"VM {vm!r} is prepared for planned failover")
+        await primary.replicate()
+        position = await site.catalog.position(vm)
+        if position is None:
+            raise FailoverRefused(f"VM {vm!r} has not finished initial replication")
+        digests = primary.disk_digests() if verify else ()
+        prepared = FailoverPrepared(vm, record.epoch, position.cycle, position.cycle_hash,
+                                    now_ms(), site.config.site, start_vm, digests)
+        await primary.publish(prepared)
+    await site.catalog.set_reverse_wanted(vm, reverse)
+    await site.catalog.set_state(vm, ReplicationState.PREPARED_FOR_PLANNED_FAILOVER,
+                                 f"final cycle {position.cycle} shipped; waiting for "
+                                 f"{record.partner_site} to take over")
+    return prepared
+
+
+def check_takeover(record: VmRecord, position: Position, prepared: FailoverPrepared) -> None:
+    """On the replica: it stands exactly at the prepared final cycle, and (``--verify``) its
+    disks have the digests the primary sent.
+
+    :raises FailoverRefused: not yet caught up, or a disk differs although the chain matched.
+    """
+    vm = record.name
+    if (position.cycle, position.cycle_hash) != (prepared.final_cycle, prepared.cycle_hash):
+        raise FailoverRefused(
+            f"VM {vm!r}: the replica is at cycle {position.cycle} but the primary prepared "
+            f"cycle {prepared.final_cycle}; let it catch up and retry")
+    for digest in prepared.disk_sha256:  # --verify: a full compare on top of the chain
+        path = next(d.path for d in record.disks if d.name == digest.name)
+        if sha256_of(path) != digest.sha256:
+            raise FailoverRefused(
+                f"VM {vm!r}: disk {digest.name!r} differs from the primary's at cycle "
+                f"{prepared.final_cycle} although the hash chain matched. Operator action: "
+                f"cancel the failover on the primary and resynchronize")
+
+
+async def cancel_planned(site: Site, vm: str) -> None:
+    """Cancel a planned failover on the primary, until the replica has taken over.
+
+    Ships an empty cycle after the FailoverPrepared: a replica that has not yet acted on the
+    prepare sees the primary carry on and stays a replica.
+    """
+    record = await site.catalog.vm(vm)
+    found = await newest_epoch(site, vm, 0)
+    if found is not None and found[1].epoch > record.epoch:
+        raise FailoverRefused(f"too late: site {found[1].primary_site} took over VM {vm!r} in "
+                              f"epoch {found[1].epoch}")
+    async with site.primary(record) as primary:
+        await primary.replicate()
+    await site.catalog.set_reverse_wanted(vm, False)
+    await site.catalog.set_state(vm, ReplicationState.REPLICATING, "planned failover cancelled")
+
+
+async def follow_takeover(site: Site, vm: str) -> bool:
+    """On a prepared old primary: once the new epoch is in the journal, become its replica
+    (``--reverse``) or stand down as failed over. Returns whether the takeover happened."""
+    found = await newest_epoch(site, vm, 0)
+    record = await site.catalog.vm(vm)
+    if found is None or found[1].epoch <= record.epoch:
+        return False
+    offset, start = found
+    if await site.catalog.reverse_wanted(vm):
+        await demote(site, vm, start, offset)
+    else:
+        await site.catalog.set_state(vm, ReplicationState.FAILED_OVER,
+                                     f"site {start.primary_site} is primary since epoch "
+                                     f"{start.epoch}; `vmreplica reverse {vm}` there makes "
+                                     "this site its replica")
+    return True

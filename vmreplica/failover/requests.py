@@ -1,0 +1,162 @@
+"""Failover requests as types: what the CLI asks for, and the one place that carries it out.
+
+Each action is a small frozen dataclass naming its VM and its options; :func:`carry_out` does
+it, here (no agent runs) or in the site's agent, which receives it through the request mailbox
+(:mod:`vmreplica.storage.mailbox`). In the mailbox a request is its ``kind`` and its other
+fields as a JSON object — the action names and argument keys of the untyped
+``run_action(action, arguments)`` this replaces, so rows written by it read the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import ClassVar, Final, assert_never
+
+from vmreplica.domain.states import ReplicationState
+from vmreplica.errors import ConfigurationError
+from vmreplica.failover.planned import cancel_planned, prepare_planned, run_stop_hook
+from vmreplica.failover.reverse import reverse
+from vmreplica.failover.unplanned import cancel, complete, promote
+from vmreplica.runtime.site import Site
+from vmreplica.storage.mailbox import Mailbox, PostedRequest
+
+
+@dataclass(frozen=True)
+class PlannedFailover:
+    """On the primary: stop the VM, ship the final cycle, let the replica take over.
+
+    ``reverse``: this site then becomes the new primary's replica; ``start``: the replica site
+    starts the VM; ``verify``: full-disk digests are compared before the takeover.
+    """
+
+    kind: ClassVar[str] = "planned"
+    vm: str
+    reverse: bool = False
+    start: bool = False
+    verify: bool = False
+
+
+@dataclass(frozen=True)
+class UnplannedFailover:
+    """On the replica: take over at ``point`` (a cycle, ``latest``, ``latest-app-consistent``);
+    ``force`` even though the primary still heartbeats."""
+
+    kind: ClassVar[str] = "unplanned"
+    vm: str
+    point: str = "latest"
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class CompleteFailover:
+    """After an unplanned failover: keep its point, delete every other recovery point."""
+
+    kind: ClassVar[str] = "complete"
+    vm: str
+
+
+@dataclass(frozen=True)
+class CancelFailover:
+    """Undo a planned failover not yet taken over, or an unplanned one not yet completed."""
+
+    kind: ClassVar[str] = "cancel"
+    vm: str
+
+
+@dataclass(frozen=True)
+class ReverseReplication:
+    """On the new primary: make the old primary its replica, sending only what diverged."""
+
+    kind: ClassVar[str] = "reverse"
+    vm: str
+
+
+FailoverRequest = (PlannedFailover | UnplannedFailover | CompleteFailover | CancelFailover
+                   | ReverseReplication)
+
+REQUEST_TYPES: Final[dict[str, type[FailoverRequest]]] = {
+    kind.kind: kind for kind in (PlannedFailover, UnplannedFailover, CompleteFailover,
+                                 CancelFailover, ReverseReplication)}
+
+
+def request_fields(request: FailoverRequest) -> dict[str, bool | str]:
+    """The request's options (every field but ``vm``), as the mailbox stores them."""
+    return {field.name: getattr(request, field.name) for field in dataclasses.fields(request)
+            if field.name != "vm"}
+
+
+def request_from(kind: str, vm: str, fields: object) -> FailoverRequest:
+    """The request of ``kind`` for ``vm`` with ``fields``; options not given take defaults.
+
+    :raises ConfigurationError: an unknown kind, an unknown option, or a value of another type.
+    """
+    request_type = REQUEST_TYPES.get(kind)
+    if request_type is None:
+        raise ConfigurationError(f"unknown failover request {kind!r} for VM {vm!r}; this "
+                                 f"version knows {', '.join(sorted(REQUEST_TYPES))}")
+    if not isinstance(fields, dict):
+        raise ConfigurationError(f"failover request {kind!r} for VM {vm!r}: its options are "
+                                 f"not a JSON object: {fields!r}")
+    hints = typing.get_type_hints(request_type)
+    options = {field.name: hints[field.name] for field in dataclasses.fields(request_type)
+               if field.name != "vm"}
+    for name, value in fields.items():
+        expected = options.get(name)
+        if expected is None:
+            raise ConfigurationError(f"failover request {kind!r} for VM {vm!r} has an unknown "
+                                     f"option {name!r}")
+        if type(value) is not expected:
+            raise ConfigurationError(f"failover request {kind!r} for VM {vm!r}: option "
+                                     f"{name!r} must be a {expected.__name__}, not {value!r}")
+    return request_type(vm, **fields)
+
+
+async def post_request(mailbox: Mailbox, request: FailoverRequest) -> int:
+    """Leave ``request`` for the site's agent; returns the id to poll."""
+    return await mailbox.post(request.vm, request.kind, request_fields(request))
+
+
+def posted_request(posted: PostedRequest) -> FailoverRequest:
+    """The typed request a mailbox row holds. :raises ConfigurationError: it is unreadable."""
+    return request_from(posted.kind, posted.vm, posted.fields)
+
+
+async def carry_out(site: Site, request: FailoverRequest) -> str:
+    """Carry out ``request`` at this site (the VM to itself); return what to print.
+
+    :raises ReplicationError: it was refused (:class:`~vmreplica.errors.FailoverRefused`) or
+        failed; nothing the caller must undo.
+    """
+    vm = request.vm
+    match request:
+        case PlannedFailover():
+            await run_stop_hook(site, vm)
+            prepared = await prepare_planned(site, vm, request.reverse, request.start,
+                                             request.verify)
+            return (f"VM {vm} prepared for planned failover at cycle {prepared.final_cycle}; "
+                    "its replica takes over once it applied that cycle")
+        case UnplannedFailover():
+            start = await promote(site, vm, point=request.point, force=request.force)
+            return (f"VM {vm} failed over at cycle {start.start_cycle - 1} (epoch "
+                    f"{start.epoch}); `vmreplica failover complete` keeps it, `... cancel` "
+                    "goes back")
+        case CompleteFailover():
+            await complete(site, vm)
+            return f"failover of VM {vm} completed; other recovery points deleted"
+        case CancelFailover():
+            record = await site.catalog.vm(vm)
+            if record.state is ReplicationState.PREPARED_FOR_PLANNED_FAILOVER:
+                await cancel_planned(site, vm)
+                return f"planned failover of VM {vm} cancelled; it replicates as before"
+            await cancel(site, vm)
+            return f"failover of VM {vm} cancelled; replaying the journal"
+        case ReverseReplication():
+            result = await reverse(site, vm)
+            return (f"VM {vm} replicates to its old primary again: {result.diverged_bytes} "
+                    f"bytes diverged, {result.sent_bytes} bytes sent in cycle {result.cycle}"
+                    + (" (full copy: the old primary reported no diverged ranges)"
+                       if result.full_copy else ""))
+        case _:
+            assert_never(request)

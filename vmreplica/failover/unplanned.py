@@ -1,0 +1,137 @@
+"""Unplanned failover, on the replica: take over at a recovery point, then complete or cancel.
+
+:func:`promote` is also where a planned failover ends: the replica's takeover is one step for
+both, a new epoch whose EpochStart (published with the VM's shared ``transactional_id``) fences
+the old primary's producer at the broker. Unplanned, it is refused while the primary still
+heartbeats (unless forced) and rolls the images back to the chosen point from the undo logs;
+:func:`complete` then keeps that point for good, :func:`cancel` goes back to being a replica and
+replays the journal forward.
+
+Crash safety: the epoch is published before anything changes locally; the roll-back is
+idempotent (head plus the undo of every later cycle); the catalog switches role in one
+transaction; undo logs are discarded last.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Final
+
+from vmreplica.consumers.points import choose_point
+from vmreplica.consumers.undo import UndoLog
+from vmreplica.domain.clock import now_ms
+from vmreplica.domain.model import Position, VmRecord
+from vmreplica.domain.states import ReplicationState
+from vmreplica.errors import FailoverRefused
+from vmreplica.failover.journal import publish_epoch
+from vmreplica.failover.planned import check_takeover, run_start_hook
+from vmreplica.producers.changelog import read_segment
+from vmreplica.runtime.site import Site
+from vmreplica.schemas.events import EpochStart, FailoverPrepared
+from vmreplica.storage.image import DiskImage
+
+HEARTBEAT_GRACE_SECONDS: Final = 15.0
+"""An unplanned failover is refused while the primary heartbeated more recently than this."""
+
+
+async def promote(site: Site, vm: str, *, prepared: FailoverPrepared | None = None,
+                  point: str = "latest", force: bool = False) -> EpochStart:
+    """Make this replica site the VM's primary in a new epoch.
+
+    Planned (``prepared`` given): the replica must stand exactly at the final cycle with the
+    same hash. Unplanned: refused while the primary heartbeats (unless ``force``); the images
+    are rolled back to ``point`` and the VM waits for :func:`complete` or :func:`cancel`.
+    """
+    record = await site.catalog.vm(vm)
+    if record.role != "replica":
+        raise FailoverRefused(f"VM {vm!r} is primary at this site; fail over on its replica")
+    position = await site.catalog.position(vm)
+    if position is None:
+        raise FailoverRefused(f"VM {vm!r} has not finished initial replication here")
+    points = await site.catalog.points(vm)
+    if prepared is not None:
+        check_takeover(record, position, prepared)
+        cycle, cycle_hash, reason = position.cycle, position.cycle_hash, "planned failover"
+    else:
+        seen = await site.catalog.primary_seen_ms(vm)
+        if not force and seen is not None and now_ms() - seen < HEARTBEAT_GRACE_SECONDS * 1000:
+            raise FailoverRefused(
+                f"the primary of VM {vm!r} ({record.partner_site}) heartbeated "
+                f"{(now_ms() - seen) / 1000:.0f} s ago; it is still running. Use a planned "
+                "failover from the primary, or --force if it is really gone")
+        chosen = choose_point(points, point)
+        cycle, cycle_hash = chosen.cycle, chosen.cycle_hash
+        reason = f"unplanned failover to cycle {cycle}"
+    epoch = max([record.epoch, *await site.catalog.canceled_epochs(vm)]) + 1
+    start = EpochStart(vm, epoch, record.epoch, site.config.site, cycle + 1, reason, now_ms(),
+                       cycle_hash)
+    offset = await publish_epoch(site, record, start)  # the old primary is fenced from here
+    undo = UndoLog(site.config.vm_folder(vm) / "undo")
+    if cycle < position.cycle:
+        _roll_back(record, undo, cycle, position.cycle)
+        await site.catalog.drop_points_after(vm, cycle)
+    if prepared is not None:  # a primary has no recovery points of its own
+        await site.catalog.keep_points(vm, [])
+    shutil.rmtree(site.config.vm_folder(vm) / "changelog", ignore_errors=True)
+    state = (ReplicationState.REPLICATING if prepared is not None
+             else ReplicationState.FAILED_OVER_WAITING_COMPLETION)
+    await site.catalog.change_role(
+        vm, "primary", record.partner_site, epoch, state, reason,
+        position=Position(epoch, cycle, cycle_hash, offset + 1, now_ms()),
+        failover_point=None if prepared is not None else cycle)
+    # Undo of cycles up to the point stays valid until the failed-over VM writes: it lets a
+    # cancelled failover be retried at an older point.
+    for later in undo.cycles():
+        if prepared is not None or later > cycle:
+            undo.discard(later)
+    if prepared is not None and prepared.start_vm:
+        await run_start_hook(site, record)
+    return start
+
+
+def _roll_back(record: VmRecord, undo: UndoLog, point: int, head: int) -> None:
+    """Images back to ``point``: head plus the undo of every later cycle (idempotent)."""
+    overlay = undo.overlay_at(point, head)
+    for disk in record.disks:
+        with DiskImage.open(disk.path) as image:
+            for offset, data in overlay.get(disk.name, ()):
+                image.write(offset, data)
+            image.fsync()
+
+
+async def complete(site: Site, vm: str) -> None:
+    """Keep the failed-over point for good: prune every other recovery point (no way back)."""
+    record = await site.catalog.vm(vm)
+    if record.state is not ReplicationState.FAILED_OVER_WAITING_COMPLETION:
+        raise FailoverRefused(f"VM {vm!r} is {record.state.value!r}, not failed over waiting "
+                              "completion")
+    await site.catalog.keep_points(vm, [])
+    UndoLog(site.config.vm_folder(vm) / "undo").discard_through(2**62)
+    await site.catalog.set_state(vm, ReplicationState.FAILED_OVER,
+                                 f"failed over at cycle {await site.catalog.failover_point(vm)}")
+
+
+async def cancel(site: Site, vm: str) -> None:
+    """Undo an unplanned failover not yet completed: be a replica again, replay the journal.
+
+    Refused once the failed-over VM has written anything: cancelling would lose those writes.
+    """
+    record = await site.catalog.vm(vm)
+    point = await site.catalog.failover_point(vm)
+    if record.state is not ReplicationState.FAILED_OVER_WAITING_COMPLETION or point is None:
+        raise FailoverRefused(f"VM {vm!r} is {record.state.value!r}; only a failover waiting "
+                              "completion can be cancelled")
+    changelog = site.config.vm_folder(vm) / "changelog"
+    written = sum(len(read_segment(p, repair=True).records) for p in changelog.glob("*.hrl"))
+    if written:
+        raise FailoverRefused(
+            f"VM {vm!r} has made {written} writes since the failover; cancelling would lose "
+            "them. Complete the failover instead")
+    stored = {p.cycle: p for p in await site.catalog.points(vm)}[point]
+    await site.catalog.cancel_epoch(vm, record.epoch)
+    shutil.rmtree(changelog, ignore_errors=True)
+    await site.catalog.change_role(
+        vm, "replica", record.partner_site, stored.epoch, ReplicationState.REPLICATING,
+        f"failover cancelled; replaying the journal after cycle {point}",
+        position=Position(stored.epoch, point, stored.cycle_hash, stored.journal_offset + 1,
+                          now_ms()))
