@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from vmreplica.domain.model import DiskRecord, Position, StoredPoint, VmSettings
+from vmreplica.domain.model import DiskRecord, Position, RecoveryPoint, VmSettings
 from vmreplica.domain.states import ReplicationState
 from vmreplica.storage.catalog import Catalog
 
@@ -26,7 +26,7 @@ async def test_concurrent_transactions_all_commit(tmp_path: Path) -> None:
 
         async def record(index: int, name: str) -> None:
             await catalog.record_cycle(name, Position(1, index, bytes(32), index + 10, 1),
-                                       StoredPoint(index, 1, index + 9, 1, "crash"), 1, 4096)
+                                       RecoveryPoint(index, 1, index + 9, 1), 1, 4096)
             await catalog.set_state(name, ReplicationState.ERROR, f"message {index}")
 
         await asyncio.gather(*(record(i, name) for i, name in enumerate(names)))

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from vmreplica.cli.main import main
 from vmreplica.config import SiteConfig
-from vmreplica.domain.model import DiskRecord, Position, StoredPoint, VmSettings
+from vmreplica.domain.model import Consistency, DiskRecord, Position, RecoveryPoint, VmSettings
 from vmreplica.domain.states import ReplicationState
 from vmreplica.runtime.metrics import SiteMetrics
 from vmreplica.runtime.site import Site
@@ -143,11 +143,11 @@ def test_cli_status_and_points_json(tmp_path: Path) -> None:
             await catalog.add_vm("db", "replica", "tg", "site-b", VmSettings(),
                                  [DiskRecord("disk0", "/images/db0.img", 4096)],
                                  ReplicationState.REPLICATING)
-            for cycle, kind in ((1, "application"), (2, "crash")):
+            for cycle, kind in ((1, Consistency.APPLICATION), (2, Consistency.CRASH)):
                 await catalog.record_cycle(
                     "db", Position(1, cycle, bytes(32), cycle * 10 + 1, NOW_MS - 1000),
-                    StoredPoint(cycle, 1, cycle * 10, NOW_MS - 60_000 * (3 - cycle), kind,
-                                bytes([cycle]) * 32),
+                    RecoveryPoint(cycle, 1, cycle * 10, NOW_MS - 60_000 * (3 - cycle), kind,
+                                  bytes([cycle]) * 32),
                     NOW_MS - 60_000, 4096)
 
     asyncio.run(prepare())

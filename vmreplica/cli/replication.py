@@ -20,7 +20,12 @@ from rich.table import Table
 from vmreplica.cli.support import console, emit_json, reported
 from vmreplica.config import load_config
 from vmreplica.consumers.points import FORMATS, apply_lock, choose_point, export_point
-from vmreplica.domain.model import VmSettings
+from vmreplica.domain.model import (
+    MAX_APP_CONSISTENT_HOURS,
+    MAX_HISTORY_HOURS,
+    VmSettings,
+    parse_frequency,
+)
 from vmreplica.errors import ConfigurationError
 from vmreplica.producers.nbd_exports import socket_path
 from vmreplica.runtime.site import Site, parse_disks
@@ -44,14 +49,6 @@ def with_site(config_path: Path | None, action: Callable[[Site], Awaitable[T]]) 
     return asyncio.run(run())
 
 
-def _frequency(value: str) -> int:
-    if value == "continuous":
-        return 0
-    if value in ("30", "300", "900"):
-        return int(value)
-    raise ConfigurationError(f"--frequency must be 30, 300, 900 or continuous, not {value!r}")
-
-
 @click.command()
 @click.argument("vm")
 @click.option("--disk", "disks", multiple=True, required=True, metavar="NAME=PATH",
@@ -60,11 +57,14 @@ def _frequency(value: str) -> int:
               help="The site that keeps the replica; repeat to fan out to several sites.")
 @click.option("--frequency", default="300", show_default=True,
               help="Seconds between cycles: 30, 300, 900, or continuous.")
-@click.option("--recovery-history", type=click.IntRange(0, 24), default=0, show_default=True,
+@click.option("--recovery-history", type=click.IntRange(0, MAX_HISTORY_HOURS), default=0,
+              show_default=True,
               help="Additional hourly recovery points to keep (0: latest only).")
-@click.option("--app-consistent-hours", type=click.IntRange(1, 12), default=None,
+@click.option("--app-consistent-hours", type=click.IntRange(1, MAX_APP_CONSISTENT_HOURS),
+              default=None,
               help="Every how many hours a cut is application-consistent.")
-@click.option("--continuous-points-hours", type=click.IntRange(1, 24), default=None,
+@click.option("--continuous-points-hours", type=click.IntRange(1, MAX_HISTORY_HOURS),
+              default=None,
               help="Keep every cycle of the last N hours as a recovery point.")
 @click.option("--compression", type=click.Choice(["on", "off"]), default="on", show_default=True)
 @click.option("--capture", type=click.Choice(["api", "nbd", "scan"]), default="api",
@@ -94,8 +94,8 @@ def enable(vm: str, disks: tuple[str, ...], replica_sites: tuple[str, ...], freq
         raise ConfigurationError("--pre-cut-hook and --post-cut-hook run around the change "
                                  "scan; they need --capture scan")
     settings = VmSettings(
-        frequency_seconds=_frequency(frequency), recovery_history=recovery_history,
-        app_consistent_hours=app_consistent_hours,
+        frequency_seconds=parse_frequency(frequency, "--frequency"),
+        recovery_history=recovery_history, app_consistent_hours=app_consistent_hours,
         continuous_points_hours=continuous_points_hours, compression=compression == "on",
         capture=capture,  # type: ignore[arg-type]  # click.Choice guarantees the literal
         excluded_disks=excluded, also_replicate_to=tuple(dict.fromkeys(replica_sites[1:])),
@@ -204,7 +204,7 @@ def points_list(vm: str, config_path: Path | None, as_json: bool) -> None:
     async def collect(site: Site) -> list[dict[str, Any]]:
         await site.catalog.vm(vm)
         return [{"point": p.cycle, "epoch": p.epoch, "offset": p.journal_offset,
-                 "cut_at_ms": p.cut_at_ms, "consistency": p.consistency}
+                 "cut_at_ms": p.cut_at_ms, "consistency": p.consistency.value}
                 for p in await site.catalog.points(vm)]
 
     rows = with_site(config_path, collect)

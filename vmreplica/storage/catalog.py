@@ -19,7 +19,15 @@ from typing import Any, Self
 import aiosqlite
 
 from vmreplica.domain.clock import now_ms
-from vmreplica.domain.model import DiskRecord, Position, Role, StoredPoint, VmRecord, VmSettings
+from vmreplica.domain.model import (
+    Consistency,
+    DiskRecord,
+    Position,
+    RecoveryPoint,
+    Role,
+    VmRecord,
+    VmSettings,
+)
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import ConfigurationError
 
@@ -241,7 +249,7 @@ class Catalog:
             row = await cursor.fetchone()
         return None if row is None else Position(row[0], row[1], bytes(row[2]), row[3], row[4])
 
-    async def record_cycle(self, name: str, position: Position, point: StoredPoint | None,
+    async def record_cycle(self, name: str, position: Position, point: RecoveryPoint | None,
                            cut_at_ms: int, size_bytes: int) -> None:
         """Durably record that a cycle is shipped (primary) or applied (replica).
 
@@ -259,7 +267,7 @@ class Catalog:
                 "INSERT OR REPLACE INTO recovery_point (vm, cycle, epoch, journal_offset,"
                 " cut_at_ms, consistency, cycle_hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (name, point.cycle, point.epoch, point.journal_offset, point.cut_at_ms,
-                 point.consistency, point.cycle_hash)))
+                 point.consistency.value, point.cycle_hash)))
         if position.cycle > 0:
             statements.append((
                 "INSERT OR REPLACE INTO cycle_stat (vm, cycle, cut_at_ms, done_at_ms, bytes)"
@@ -270,11 +278,11 @@ class Catalog:
     async def set_position(self, name: str, position: Position) -> None:
         await self.record_cycle(name, position, None, 0, 0)
 
-    async def points(self, name: str) -> list[StoredPoint]:
+    async def points(self, name: str) -> list[RecoveryPoint]:
         async with self.db.execute(
                 "SELECT cycle, epoch, journal_offset, cut_at_ms, consistency, cycle_hash"
                 " FROM recovery_point WHERE vm = ? ORDER BY cycle", (name,)) as cursor:
-            return [StoredPoint(r[0], r[1], r[2], r[3], r[4], bytes(r[5]))
+            return [RecoveryPoint(r[0], r[1], r[2], r[3], Consistency.parse(r[4]), bytes(r[5]))
                     for r in await cursor.fetchall()]
 
     async def keep_points(self, name: str, cycles: Sequence[int]) -> None:
