@@ -214,7 +214,7 @@ class Materializer:
                 image.fsync()
             self.cursor.seeding = False
             self.cursor.next_offset = offset + 1
-            await self.catalog.set_position(self.vm, Position(
+            await self.catalog.advance_position(self.vm, Position(
                 self.cursor.epoch, self.cursor.cycle, self.cursor.cycle_hash, offset + 1,
                 now_ms()))
             await self.catalog.set_state(self.vm, ReplicationState.REPLICATING)
@@ -243,7 +243,7 @@ class Materializer:
         for image in self.images.values():
             image.fsync()
         self.cursor.next_offset = next_offset
-        await self.catalog.set_position(self.vm, Position(
+        await self.catalog.advance_position(self.vm, Position(
             self.cursor.epoch, self.cursor.cycle, self.cursor.cycle_hash, next_offset, now_ms()))
 
     async def _apply_cycle(self, commit: CycleCommit, record: JournalRecord) -> None:
@@ -272,8 +272,9 @@ class Materializer:
                               Consistency[commit.consistency.name], commit.cycle_hash)
         position = Position(commit.epoch, commit.cycle, commit.cycle_hash, record.offset + 1,
                             now_ms())
-        await self.catalog.record_cycle(self.vm, position, point, commit.cut_at_ms,  # step 5
-                                        commit.payload_bytes)
+        await self.catalog.advance_position(self.vm, position, point=point,  # step 5
+                                            cut_at_ms=commit.cut_at_ms,
+                                            size_bytes=commit.payload_bytes)
         if cursor.resyncing:
             cursor.resyncing = False
             await self.catalog.set_failover_point(self.vm, None)

@@ -1,5 +1,5 @@
-"""The model's rules: which settings are allowed, how consistency crosses the wire. Pure; no
-catalog, no broker."""
+"""The model's rules: which settings are allowed, how consistency crosses the wire, which way a
+position may move. Pure; no catalog, no broker."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 
 from vmreplica.domain.model import (
     Consistency,
+    Position,
     VmSettings,
     check_extended_frequency,
     parse_frequency,
@@ -78,3 +79,16 @@ def test_consistency_names_mirror_the_wire_symbols() -> None:
                        r"'application', got 'CRASH'$"):
         Consistency.parse("CRASH")
 
+
+@pytest.mark.parametrize(("offered", "back"), [
+    (Position(2, 7, b"", 70, 0), False),
+    (Position(2, 7, b"", 71, 0), False),
+    (Position(2, 8, b"", 10, 0), False),
+    (Position(3, 7, b"", 10, 0), False),
+    (Position(2, 7, b"", 69, 0), True),
+    (Position(2, 6, b"", 99, 0), True),
+    (Position(1, 8, b"", 99, 0), True),
+    (Position(3, 6, b"", 99, 0), True),
+])
+def test_which_positions_move_back(offered: Position, back: bool) -> None:
+    assert offered.moves_back_from(Position(2, 7, b"", 70, 0)) is back

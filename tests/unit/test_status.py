@@ -128,8 +128,8 @@ async def test_metrics_follow_the_status(tmp_path: Path) -> None:
 
 async def _ship(site: Site, vm: str, at_ms: int) -> None:
     """Record cycle 1 of ``vm`` as done at ``at_ms``, without a recovery point."""
-    await site.catalog.record_cycle(vm, Position(1, 1, bytes(32), 10, at_ms), None,
-                                    at_ms - 500, 4096)
+    await site.catalog.advance_position(vm, Position(1, 1, bytes(32), 10, at_ms),
+                                        cut_at_ms=at_ms - 500, size_bytes=4096)
 
 
 def test_cli_status_and_points_json(tmp_path: Path) -> None:
@@ -144,11 +144,11 @@ def test_cli_status_and_points_json(tmp_path: Path) -> None:
                                  [DiskRecord("disk0", "/images/db0.img", 4096)],
                                  ReplicationState.REPLICATING)
             for cycle, kind in ((1, Consistency.APPLICATION), (2, Consistency.CRASH)):
-                await catalog.record_cycle(
+                await catalog.advance_position(
                     "db", Position(1, cycle, bytes(32), cycle * 10 + 1, NOW_MS - 1000),
-                    RecoveryPoint(cycle, 1, cycle * 10, NOW_MS - 60_000 * (3 - cycle), kind,
-                                  bytes([cycle]) * 32),
-                    NOW_MS - 60_000, 4096)
+                    point=RecoveryPoint(cycle, 1, cycle * 10, NOW_MS - 60_000 * (3 - cycle),
+                                        kind, bytes([cycle]) * 32),
+                    cut_at_ms=NOW_MS - 60_000, size_bytes=4096)
 
     asyncio.run(prepare())
     runner = CliRunner()

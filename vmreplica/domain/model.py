@@ -1,8 +1,8 @@
 """The replication model: what a VM's relationship, disks, position and recovery points are.
 
-Frozen values and the rules over them (which settings are allowed); the catalog
-(``vmreplica.storage.catalog``) stores them, the roles and the failover read them. Nothing here
-does I/O.
+Frozen values and the rules over them (which settings are allowed, which way a position may
+move); the catalog (``vmreplica.storage.catalog``) stores them, the roles and the failover read
+them. Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -176,13 +176,37 @@ class VmRecord:
 
 @dataclass(frozen=True)
 class Position:
-    """Where a VM's journal stands at this site (shipped on a primary, applied on a replica)."""
+    """Where a VM's journal stands at this site (shipped on a primary, applied on a replica).
+
+    Positions only move forward: the epoch never decreases, nor does the cycle (cycle numbers
+    carry on across epochs), and within one epoch and cycle the journal offset only grows (an
+    initial replication records its progress that way). Only a failover goes back, and says why.
+    """
 
     epoch: int
     cycle: int
     cycle_hash: bytes
     next_offset: int
     at_ms: int
+
+    def moves_back_from(self, current: Position) -> bool:
+        """True when recording this position after ``current`` would move the VM back."""
+        if self.epoch < current.epoch or self.cycle < current.cycle:
+            return True
+        return ((self.epoch, self.cycle) == (current.epoch, current.cycle)
+                and self.next_offset < current.next_offset)
+
+    def __str__(self) -> str:
+        return f"epoch {self.epoch}, cycle {self.cycle}, offset {self.next_offset}"
+
+
+@dataclass(frozen=True)
+class Rewind:
+    """A position moved back on purpose, and why: only failover does this (cancel, demote,
+    promote to an older point)."""
+
+    position: Position
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from vmreplica.consumers.points import choose_point
 from vmreplica.consumers.undo import UndoLog
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.intervals import IntervalSet
-from vmreplica.domain.model import Position, VmRecord
+from vmreplica.domain.model import Position, Rewind, VmRecord
 from vmreplica.domain.names import transactional_id
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import (
@@ -267,9 +267,11 @@ async def promote(site: Site, vm: str, *, prepared: FailoverPrepared | None = No
     shutil.rmtree(site.config.vm_folder(vm) / "changelog", ignore_errors=True)
     state = (ReplicationState.REPLICATING if prepared is not None
              else ReplicationState.FAILED_OVER_WAITING_COMPLETION)
+    moved = Position(epoch, cycle, cycle_hash, offset + 1, now_ms())
     await site.catalog.change_role(
         vm, "primary", record.partner_site, epoch, state, reason,
-        position=Position(epoch, cycle, cycle_hash, offset + 1, now_ms()),
+        position=moved if cycle >= position.cycle
+        else Rewind(moved, f"{reason}, back from cycle {position.cycle}"),
         failover_point=None if prepared is not None else cycle)
     # Undo of cycles up to the point stays valid until the failed-over VM writes: it lets a
     # cancelled failover be retried at an older point.
@@ -325,8 +327,9 @@ async def cancel(site: Site, vm: str) -> None:
     await site.catalog.change_role(
         vm, "replica", record.partner_site, stored.epoch, ReplicationState.REPLICATING,
         f"failover cancelled; replaying the journal after cycle {point}",
-        position=Position(stored.epoch, point, stored.cycle_hash, stored.journal_offset + 1,
-                          now_ms()))
+        position=Rewind(Position(stored.epoch, point, stored.cycle_hash,
+                                 stored.journal_offset + 1, now_ms()),
+                        f"failover cancelled: back to cycle {point} of epoch {stored.epoch}"))
 
 
 async def _journal_ranges(site: Site, vm: str, epoch: int, after_cycle: int,
@@ -383,12 +386,15 @@ async def demote(site: Site, vm: str, start: EpochStart, start_offset: int) -> i
         finally:
             await status.stop()
     shutil.rmtree(changelog, ignore_errors=True)
+    moved = Position(start.epoch, point, start.last_cycle_hash, start_offset + 1, now_ms())
     await site.catalog.change_role(
         vm, "replica", start.primary_site, start.epoch,
         ReplicationState.REPLICATING if in_sync else ReplicationState.RESYNCHRONIZATION_REQUIRED,
         f"site {start.primary_site} is primary since epoch {start.epoch}"
         + ("" if in_sync else f"; {total} bytes diverged: run `vmreplica reverse {vm}` there"),
-        position=Position(start.epoch, point, start.last_cycle_hash, start_offset + 1, now_ms()),
+        position=moved if shipped <= point
+        else Rewind(moved, f"cycles {point + 1}-{shipped} shipped here never reached "
+                    f"{start.primary_site}, primary since epoch {start.epoch}"),
         failover_point=None if in_sync else point)
     return total
 
