@@ -17,19 +17,20 @@ import pytest
 from click.testing import CliRunner
 
 from vmreplica.cli.main import main
+from vmreplica.cli.replication import status_json
 from vmreplica.config import SiteConfig
 from vmreplica.domain.model import Consistency, DiskRecord, Position, RecoveryPoint, VmSettings
 from vmreplica.domain.states import ReplicationState
 from vmreplica.runtime.metrics import SiteMetrics
 from vmreplica.runtime.site import Site
-from vmreplica.runtime.status import vm_status
+from vmreplica.runtime.status import VmStatus, vm_status
 from vmreplica.storage.catalog import Catalog
 
 NOW_MS = 1_800_000_000_000
 
 
-def as_json(status: Any) -> Any:
-    return status
+def as_json(status: VmStatus) -> dict[str, Any]:
+    return status_json(status)
 
 
 @pytest.fixture(autouse=True)

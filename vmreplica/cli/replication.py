@@ -23,13 +23,20 @@ from vmreplica.consumers.points import FORMATS, apply_lock, choose_point, export
 from vmreplica.domain.model import (
     MAX_APP_CONSISTENT_HOURS,
     MAX_HISTORY_HOURS,
+    VmRecord,
     VmSettings,
     parse_frequency,
 )
 from vmreplica.errors import ConfigurationError
 from vmreplica.producers.nbd_exports import socket_path
 from vmreplica.runtime.site import Site, parse_disks
-from vmreplica.runtime.status import capture_json, vm_json, vm_status
+from vmreplica.runtime.status import (
+    CaptureStatus,
+    PrimaryProgress,
+    VmStatus,
+    capture_status,
+    vm_status,
+)
 
 T = TypeVar("T")
 
@@ -111,16 +118,16 @@ def enable(vm: str, disks: tuple[str, ...], replica_sites: tuple[str, ...], freq
         socket_path(config, vm)  # a socket path too long for Unix is refused before enabling
     replica_site = replica_sites[0]
     record = with_site(config_path, lambda site: site.enable(vm, parsed, replica_site, settings))
-    details = capture_json(config, record)
+    captured = capture_status(config, record)
     if as_json:
-        emit_json(vm_json(record) | details)
+        emit_json(vm_json(record) | capture_json(captured))
         return
     console.print(f"VM [bold]{vm}[/] will replicate to {replica_site}: "
                   f"{record.state.value}. Start `vmreplica agent` to begin.")
-    if "nbd" in details:
+    if captured.nbd is not None:
         console.print("The agent serves its disks over NBD while it runs; attach the "
                       "hypervisor to these (see README, \"Attaching the hypervisor\"):")
-        for disk, uris in details["nbd"].items():
+        for disk, uris in captured.nbd.items():
             for uri in uris.values():
                 console.print(f"  {disk}: {uri}", highlight=False, soft_wrap=True)
 
@@ -170,11 +177,11 @@ def agent(config_path: Path | None, log_level: str) -> None:
 def status(vm: str | None, config_path: Path | None, as_json: bool) -> None:
     """State, health and position of each VM (Get-/Measure-VMReplication)."""
 
-    async def collect(site: Site) -> list[dict[str, Any]]:
+    async def collect(site: Site) -> list[VmStatus]:
         records = [await site.catalog.vm(vm)] if vm else await site.catalog.vms()
         return [await vm_status(site, record) for record in records]
 
-    rows = with_site(config_path, collect)
+    rows = [status_json(status) for status in with_site(config_path, collect)]
     if as_json:
         emit_json(rows)
         return
@@ -244,6 +251,43 @@ def points_export(vm: str, point: str, destination: Path, fmt: str,
 
     for path in with_site(config_path, export):
         click.echo(path)
+
+
+def vm_json(record: VmRecord) -> dict[str, Any]:
+    """A relationship as `enable --json` and `status --json` print it."""
+    return {"vm": record.name, "role": record.role, "state": record.state.value,
+            "message": record.state_message, "epoch": record.epoch,
+            "partner_site": record.partner_site,
+            "disks": [{"name": d.name, "path": d.path, "size_bytes": d.size_bytes}
+                      for d in record.disks]}
+
+
+def capture_json(capture: CaptureStatus) -> dict[str, Any]:
+    """How writes are captured, as `enable --json` and `status --json` print it."""
+    details: dict[str, Any] = {"capture": capture.mode}
+    if capture.nbd_socket is not None:
+        details["nbd_socket"] = capture.nbd_socket
+    if capture.nbd is not None:
+        details["nbd"] = {disk: dict(uris) for disk, uris in capture.nbd.items()}
+    if capture.nbd_error is not None:
+        details["nbd_error"] = capture.nbd_error
+    return details
+
+
+def status_json(status: VmStatus) -> dict[str, Any]:
+    """One VM of `status --json`. Scripts read these keys: tests/unit/test_status.py pins them."""
+    row = vm_json(status.record) | capture_json(status.capture) | {
+        "health": status.report.health.value, "health_reasons": list(status.report.reasons),
+        "seconds_behind": status.seconds_behind, "cycles_in_window": status.cycles_in_window,
+    }
+    progress = status.progress
+    if isinstance(progress, PrimaryProgress):
+        return row | {"pending_bytes": progress.pending_bytes,
+                      "replica_cycle": progress.replica_cycle,
+                      "replica_applied_at_ms": progress.replica_applied_at_ms,
+                      "last_sent_cycle": progress.last_sent_cycle}
+    return row | {"last_applied_cycle": progress.last_applied_cycle,
+                  "recovery_points": progress.recovery_points}
 
 
 def register(main: click.Group) -> None:
