@@ -26,11 +26,11 @@ from pathlib import Path
 import zstandard
 
 from vmreplica.consumers.journal_rules import DecodedExtent, check_batch, check_commit, decode_cycle
-from vmreplica.consumers.retention import RecoveryPoint, RetentionPolicy, select_points
+from vmreplica.consumers.retention import RetentionPolicy, select_points
 from vmreplica.consumers.undo import UndoLog, UndoWriter
 from vmreplica.consumers.views import PointView
 from vmreplica.domain.clock import now_ms
-from vmreplica.domain.model import Position, StoredPoint
+from vmreplica.domain.model import Consistency, Position, RecoveryPoint
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import DecodeError, JournalViolation
 from vmreplica.journal.kafka import JournalRecord
@@ -38,7 +38,6 @@ from vmreplica.schemas.chain import GENESIS_HASH
 from vmreplica.schemas.codec import decode_journal
 from vmreplica.schemas.events import (
     Compression,
-    Consistency,
     CycleCommit,
     EpochStart,
     ExtentKind,
@@ -215,7 +214,7 @@ class Materializer:
                 image.fsync()
             self.cursor.seeding = False
             self.cursor.next_offset = offset + 1
-            await self.catalog.set_position(self.vm, Position(
+            await self.catalog.advance_position(self.vm, Position(
                 self.cursor.epoch, self.cursor.cycle, self.cursor.cycle_hash, offset + 1,
                 now_ms()))
             await self.catalog.set_state(self.vm, ReplicationState.REPLICATING)
@@ -244,7 +243,7 @@ class Materializer:
         for image in self.images.values():
             image.fsync()
         self.cursor.next_offset = next_offset
-        await self.catalog.set_position(self.vm, Position(
+        await self.catalog.advance_position(self.vm, Position(
             self.cursor.epoch, self.cursor.cycle, self.cursor.cycle_hash, next_offset, now_ms()))
 
     async def _apply_cycle(self, commit: CycleCommit, record: JournalRecord) -> None:
@@ -269,13 +268,13 @@ class Materializer:
             _write(self.images[extent.disk], extent)
         for image in self.images.values():  # step 4
             image.fsync()
-        consistency = "application" if commit.consistency is Consistency.APPLICATION else "crash"
-        point = StoredPoint(commit.cycle, commit.epoch, record.offset, commit.cut_at_ms,
-                            consistency, commit.cycle_hash)
+        point = RecoveryPoint(commit.cycle, commit.epoch, record.offset, commit.cut_at_ms,
+                              Consistency[commit.consistency.name], commit.cycle_hash)
         position = Position(commit.epoch, commit.cycle, commit.cycle_hash, record.offset + 1,
                             now_ms())
-        await self.catalog.record_cycle(self.vm, position, point, commit.cut_at_ms,  # step 5
-                                        commit.payload_bytes)
+        await self.catalog.advance_position(self.vm, position, point=point,  # step 5
+                                            cut_at_ms=commit.cut_at_ms,
+                                            size_bytes=commit.payload_bytes)
         if cursor.resyncing:
             cursor.resyncing = False
             await self.catalog.set_failover_point(self.vm, None)
@@ -289,11 +288,7 @@ class Materializer:
             await self.on_applied(commit, record.offset)
 
     async def _prune(self) -> None:
-        stored = await self.catalog.points(self.vm)
-        candidates = [RecoveryPoint(p.cycle, p.epoch, p.journal_offset, p.cut_at_ms,
-                                    "application" if p.consistency == "application" else "crash")
-                      for p in stored]
-        kept = select_points(candidates, self.policy, now_ms())
+        kept = select_points(await self.catalog.points(self.vm), self.policy, now_ms())
         await self.catalog.keep_points(self.vm, [p.cycle for p in kept])
         oldest = min((p.cycle for p in kept), default=self.cursor.cycle)
         self.undo.discard_through(oldest)

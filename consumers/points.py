@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from vmreplica.consumers.undo import UndoLog, materialize_point
-from vmreplica.domain.model import StoredPoint
+from vmreplica.domain.model import Consistency, RecoveryPoint
 from vmreplica.errors import ConfigurationError, PrerequisiteMissingError
 from vmreplica.storage.image import DiskImage
 
@@ -36,7 +36,7 @@ def apply_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
-def choose_point(points: list[StoredPoint], wanted: str) -> StoredPoint:
+def choose_point(points: list[RecoveryPoint], wanted: str) -> RecoveryPoint:
     """``latest``, ``latest-app-consistent`` or a cycle number.
 
     :raises ConfigurationError: no such point; the message lists the ones that exist.
@@ -46,7 +46,7 @@ def choose_point(points: list[StoredPoint], wanted: str) -> StoredPoint:
     if wanted == "latest":
         return points[-1]
     if wanted == "latest-app-consistent":
-        consistent = [p for p in points if p.consistency == "application"]
+        consistent = [p for p in points if p.consistency is Consistency.APPLICATION]
         if not consistent:
             raise ConfigurationError("this VM has no application-consistent recovery point")
         return consistent[-1]
@@ -58,7 +58,7 @@ def choose_point(points: list[StoredPoint], wanted: str) -> StoredPoint:
         f"{', '.join(str(p.cycle) for p in points)} (or 'latest', 'latest-app-consistent')")
 
 
-def export_point(images: Mapping[str, Path], undo_folder: Path, point: StoredPoint,
+def export_point(images: Mapping[str, Path], undo_folder: Path, point: RecoveryPoint,
                  head_cycle: int, destination: Path, fmt: ExportFormat = "raw") -> list[Path]:
     """Write each disk as it was at ``point`` to ``destination/<disk>.<fmt>``; return the files."""
     if fmt not in FORMATS:

@@ -23,36 +23,17 @@ from itertools import pairwise
 from typing import Final, Literal
 
 from vmreplica.domain.clock import HOUR_MS
+from vmreplica.domain.model import (
+    MAX_HISTORY_HOURS,
+    Consistency,
+    RecoveryPoint,
+    check_app_consistent_hours,
+    check_history_hours,
+)
 from vmreplica.errors import ConfigurationError
 
-MAX_HISTORY_HOURS: Final = 24
-"""Hyper-V Replica 2012 R2 keeps at most 24 hourly points; vmreplica keeps the same bound."""
-MAX_APP_CONSISTENT_HOURS: Final = 12
-"""Hyper-V takes application-consistent (VSS) points every 1 to 12 hours."""
-
 RetentionMode = Literal["latest", "hourly", "every_cycle"]
-Consistency = Literal["crash", "application"]
 _MODES: Final = ("latest", "hourly", "every_cycle")
-_CONSISTENCIES: Final = ("crash", "application")
-
-
-@dataclass(frozen=True, slots=True)
-class RecoveryPoint:
-    """A state the replica can go back to: the end of ``cycle``, read up to Kafka ``offset``."""
-
-    cycle: int
-    epoch: int
-    offset: int
-    cut_at_ms: int
-    """When the primary cut the cycle (epoch milliseconds): the point's time for the operator."""
-    consistency: Consistency = "crash"
-
-    def __post_init__(self) -> None:
-        if self.consistency not in _CONSISTENCIES:
-            raise ConfigurationError(
-                f"recovery point of cycle {self.cycle}: consistency must be 'crash' or "
-                f"'application', got {self.consistency!r}"
-            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,10 +52,7 @@ class RetentionPolicy:
             raise ConfigurationError(
                 f"retention mode must be 'latest', 'hourly' or 'every_cycle', got {self.mode!r}"
             )
-        if not 0 <= self.hours <= MAX_HISTORY_HOURS:
-            raise ConfigurationError(
-                f"recovery history must be 0-{MAX_HISTORY_HOURS} hours, got {self.hours}"
-            )
+        check_history_hours(self.hours)
         if self.mode == "latest" and self.hours:
             raise ConfigurationError(
                 f"retention mode 'latest' keeps no history, but hours is {self.hours}: set hours "
@@ -96,16 +74,7 @@ class RetentionPolicy:
                 "application-consistent points need recovery history: use mode 'hourly' or "
                 "'every_cycle'"
             )
-        if not 1 <= every <= MAX_APP_CONSISTENT_HOURS:
-            raise ConfigurationError(
-                f"application-consistent points must come every 1-{MAX_APP_CONSISTENT_HOURS} "
-                f"hours, got {every}"
-            )
-        if every > self.hours:
-            raise ConfigurationError(
-                f"application-consistent points every {every} hours would fall outside a "
-                f"recovery history of {self.hours} hours: raise hours to at least {every}"
-            )
+        check_app_consistent_hours(every, self.hours)
 
 
 def select_points(candidates: Sequence[RecoveryPoint], policy: RetentionPolicy,
@@ -130,7 +99,8 @@ def select_points(candidates: Sequence[RecoveryPoint], policy: RetentionPolicy,
     elif policy.mode == "hourly":
         kept.update(_newest_per_slot(history, HOUR_MS))
         if policy.app_consistent_hours is not None:
-            application = [point for point in history if point.consistency == "application"]
+            application = [point for point in history
+                           if point.consistency is Consistency.APPLICATION]
             kept.update(_newest_per_slot(application, policy.app_consistent_hours * HOUR_MS))
     return tuple(kept[cycle] for cycle in sorted(kept))
 

@@ -123,7 +123,7 @@ class InitialReplication:
                 progress(examined, total)
         final = SeedChunk(vm.name, epoch, "", 0, 0, Compression.NONE, b"", 0, seed_id, True)
         offsets = await self.publisher.publish(self.topic, key, [encode(final)])  # step 4
-        await self.catalog.set_position(vm.name, Position(
+        await self.catalog.advance_position(vm.name, Position(
             epoch, first_cycle - 1, GENESIS_HASH, offsets[-1] + 1, now_ms()))
         return SeedResult(total, sent, chunks, first_cycle)
 

@@ -235,7 +235,7 @@ class CycleShipper:
             else:
                 position = Position(position.epoch, position.cycle, position.cycle_hash,
                                     record.offset + 1, position.at_ms)
-        await self.catalog.set_position(self.vm, position)
+        await self.catalog.advance_position(self.vm, position)
         self.log.drop_through(position.cycle)
         return position
 
@@ -254,8 +254,8 @@ class CycleShipper:
             raise JournalIntegrityError(f"VM {self.vm!r}: cycle {segment.cycle} built no commit")
         shipped = Position(commit.epoch, commit.cycle, commit.cycle_hash, offsets[-1] + 1,
                            now_ms())
-        await self.catalog.record_cycle(self.vm, shipped, None, commit.cut_at_ms,
-                                        tally.wire_bytes)
+        await self.catalog.advance_position(self.vm, shipped, cut_at_ms=commit.cut_at_ms,
+                                            size_bytes=tally.wire_bytes)
         # Deleting a segment and fsyncing the folder is file-system work that need not hold up
         # the event loop (the VM's writes to the open segment go on meanwhile).
         await asyncio.to_thread(self.log.drop_through, segment.cycle)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:  # the bottom layer names these types without importing them
+    from vmreplica.domain.model import Position
     from vmreplica.domain.states import ReplicationState
     from vmreplica.schemas.events import EpochStart
 
@@ -106,6 +107,23 @@ class JournalViolation(JournalIntegrityError):
         self.vm = vm
         self.offset = offset
         self.state = ReplicationState.RESYNCHRONIZATION_REQUIRED if state is None else state
+
+
+class PositionRegressedError(JournalIntegrityError):
+    """A position write would move a VM back; nothing was recorded.
+
+    Positions only move forward (:class:`vmreplica.domain.model.Position`); a failover that goes
+    back on purpose rewinds instead, giving its reason.
+    """
+
+    def __init__(self, vm: str, current: Position, offered: Position) -> None:
+        super().__init__(
+            f"VM {vm!r}: position ({offered}) would move back from ({current}); positions only "
+            "move forward, and nothing was recorded. Operator action: make sure one agent alone "
+            "uses this site's catalog; if the VM's journal was recreated, resynchronize the VM.")
+        self.vm = vm
+        self.current = current
+        self.offered = offered
 
 
 class ChangeLogCorrupt(JournalIntegrityError):

@@ -42,6 +42,10 @@ def run(tmp_path: Path) -> Invoke:
      "cannot replicate to its own site"),
     (["enable", "vm", "--disk", "d0=/x.img", "--replica-site", "b", "--frequency", "60"],
      "--frequency must be 30, 300, 900 or continuous"),
+    (["enable", "vm", "--disk", "d0=/x.img", "--replica-site", "b", "--recovery-history", "4",
+      "--app-consistent-hours", "6"],
+     "application-consistent points every 6 hours would fall outside a recovery history of 4 "
+     "hours"),
     (["enable", "vm", "--disk", "d0=/x.img", "--replica-site", "b", "--exclude-disk", "d9"],
      "--exclude-disk 'd9' names no --disk"),
     (["points", "list", "ghost"], "VM 'ghost' is not replicated at this site"),

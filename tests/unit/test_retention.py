@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from vmreplica.consumers.retention import (
-    RecoveryPoint,
-    RetentionPolicy,
-    oldest_needed_cycle,
-    select_points,
-)
+from vmreplica.consumers.retention import RetentionPolicy, oldest_needed_cycle, select_points
 from vmreplica.domain.clock import HOUR_MS
+from vmreplica.domain.model import Consistency, RecoveryPoint
 from vmreplica.errors import ConfigurationError
 
 MINUTE_MS = 60_000
@@ -19,8 +15,8 @@ NOW_MS = 1_000 * HOUR_MS + 30 * MINUTE_MS
 
 
 def point(cycle: int, cut_at_ms: int, consistency: str = "crash") -> RecoveryPoint:
-    return RecoveryPoint(cycle=cycle, epoch=1, offset=cycle * 10, cut_at_ms=cut_at_ms,
-                         consistency=consistency)  # type: ignore[arg-type]
+    return RecoveryPoint(cycle=cycle, epoch=1, journal_offset=cycle * 10, cut_at_ms=cut_at_ms,
+                         consistency=Consistency.parse(consistency))
 
 
 def every_ten_minutes(hours: int) -> list[RecoveryPoint]:

@@ -18,6 +18,7 @@ import click
 from vmreplica.cli.replication import config_option, json_option, with_site
 from vmreplica.cli.support import console, emit_json, reported
 from vmreplica.consumers.points import choose_point
+from vmreplica.domain.model import EXTENDED_FREQUENCIES_SECONDS
 from vmreplica.errors import ConfigurationError, FailoverRefused
 from vmreplica.failover.requests import (
     CancelFailover,
@@ -212,7 +213,8 @@ def reverse(vm: str, config_path: Path | None) -> None:
 @click.command("extend")
 @click.argument("vm")
 @click.option("--to", "to_site", required=True, help="The site that keeps the further replica.")
-@click.option("--frequency", type=click.Choice(["300", "900"]), default="300",
+@click.option("--frequency", type=click.Choice([str(s) for s in EXTENDED_FREQUENCIES_SECONDS]),
+              default="300",
               show_default=True, help="Seconds between relays of the applied cycles.")
 @click.option("--trust-group", default=None,
               help="The hop's trust group (default: this site's, suffixed -ext).")

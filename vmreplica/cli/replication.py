@@ -20,11 +20,23 @@ from rich.table import Table
 from vmreplica.cli.support import console, emit_json, reported
 from vmreplica.config import load_config
 from vmreplica.consumers.points import FORMATS, apply_lock, choose_point, export_point
-from vmreplica.domain.model import VmSettings
+from vmreplica.domain.model import (
+    MAX_APP_CONSISTENT_HOURS,
+    MAX_HISTORY_HOURS,
+    VmRecord,
+    VmSettings,
+    parse_frequency,
+)
 from vmreplica.errors import ConfigurationError
 from vmreplica.producers.nbd_exports import socket_path
 from vmreplica.runtime.site import Site, parse_disks
-from vmreplica.runtime.status import capture_json, vm_json, vm_status
+from vmreplica.runtime.status import (
+    CaptureStatus,
+    PrimaryProgress,
+    VmStatus,
+    capture_status,
+    vm_status,
+)
 
 T = TypeVar("T")
 
@@ -44,14 +56,6 @@ def with_site(config_path: Path | None, action: Callable[[Site], Awaitable[T]]) 
     return asyncio.run(run())
 
 
-def _frequency(value: str) -> int:
-    if value == "continuous":
-        return 0
-    if value in ("30", "300", "900"):
-        return int(value)
-    raise ConfigurationError(f"--frequency must be 30, 300, 900 or continuous, not {value!r}")
-
-
 @click.command()
 @click.argument("vm")
 @click.option("--disk", "disks", multiple=True, required=True, metavar="NAME=PATH",
@@ -60,11 +64,14 @@ def _frequency(value: str) -> int:
               help="The site that keeps the replica; repeat to fan out to several sites.")
 @click.option("--frequency", default="300", show_default=True,
               help="Seconds between cycles: 30, 300, 900, or continuous.")
-@click.option("--recovery-history", type=click.IntRange(0, 24), default=0, show_default=True,
+@click.option("--recovery-history", type=click.IntRange(0, MAX_HISTORY_HOURS), default=0,
+              show_default=True,
               help="Additional hourly recovery points to keep (0: latest only).")
-@click.option("--app-consistent-hours", type=click.IntRange(1, 12), default=None,
+@click.option("--app-consistent-hours", type=click.IntRange(1, MAX_APP_CONSISTENT_HOURS),
+              default=None,
               help="Every how many hours a cut is application-consistent.")
-@click.option("--continuous-points-hours", type=click.IntRange(1, 24), default=None,
+@click.option("--continuous-points-hours", type=click.IntRange(1, MAX_HISTORY_HOURS),
+              default=None,
               help="Keep every cycle of the last N hours as a recovery point.")
 @click.option("--compression", type=click.Choice(["on", "off"]), default="on", show_default=True)
 @click.option("--capture", type=click.Choice(["api", "nbd", "scan"]), default="api",
@@ -94,8 +101,8 @@ def enable(vm: str, disks: tuple[str, ...], replica_sites: tuple[str, ...], freq
         raise ConfigurationError("--pre-cut-hook and --post-cut-hook run around the change "
                                  "scan; they need --capture scan")
     settings = VmSettings(
-        frequency_seconds=_frequency(frequency), recovery_history=recovery_history,
-        app_consistent_hours=app_consistent_hours,
+        frequency_seconds=parse_frequency(frequency, "--frequency"),
+        recovery_history=recovery_history, app_consistent_hours=app_consistent_hours,
         continuous_points_hours=continuous_points_hours, compression=compression == "on",
         capture=capture,  # type: ignore[arg-type]  # click.Choice guarantees the literal
         excluded_disks=excluded, also_replicate_to=tuple(dict.fromkeys(replica_sites[1:])),
@@ -111,16 +118,16 @@ def enable(vm: str, disks: tuple[str, ...], replica_sites: tuple[str, ...], freq
         socket_path(config, vm)  # a socket path too long for Unix is refused before enabling
     replica_site = replica_sites[0]
     record = with_site(config_path, lambda site: site.enable(vm, parsed, replica_site, settings))
-    details = capture_json(config, record)
+    captured = capture_status(config, record)
     if as_json:
-        emit_json(vm_json(record) | details)
+        emit_json(vm_json(record) | capture_json(captured))
         return
     console.print(f"VM [bold]{vm}[/] will replicate to {replica_site}: "
                   f"{record.state.value}. Start `vmreplica agent` to begin.")
-    if "nbd" in details:
+    if captured.nbd is not None:
         console.print("The agent serves its disks over NBD while it runs; attach the "
                       "hypervisor to these (see README, \"Attaching the hypervisor\"):")
-        for disk, uris in details["nbd"].items():
+        for disk, uris in captured.nbd.items():
             for uri in uris.values():
                 console.print(f"  {disk}: {uri}", highlight=False, soft_wrap=True)
 
@@ -170,11 +177,11 @@ def agent(config_path: Path | None, log_level: str) -> None:
 def status(vm: str | None, config_path: Path | None, as_json: bool) -> None:
     """State, health and position of each VM (Get-/Measure-VMReplication)."""
 
-    async def collect(site: Site) -> list[dict[str, Any]]:
+    async def collect(site: Site) -> list[VmStatus]:
         records = [await site.catalog.vm(vm)] if vm else await site.catalog.vms()
         return [await vm_status(site, record) for record in records]
 
-    rows = with_site(config_path, collect)
+    rows = [status_json(status) for status in with_site(config_path, collect)]
     if as_json:
         emit_json(rows)
         return
@@ -204,7 +211,7 @@ def points_list(vm: str, config_path: Path | None, as_json: bool) -> None:
     async def collect(site: Site) -> list[dict[str, Any]]:
         await site.catalog.vm(vm)
         return [{"point": p.cycle, "epoch": p.epoch, "offset": p.journal_offset,
-                 "cut_at_ms": p.cut_at_ms, "consistency": p.consistency}
+                 "cut_at_ms": p.cut_at_ms, "consistency": p.consistency.value}
                 for p in await site.catalog.points(vm)]
 
     rows = with_site(config_path, collect)
@@ -244,6 +251,43 @@ def points_export(vm: str, point: str, destination: Path, fmt: str,
 
     for path in with_site(config_path, export):
         click.echo(path)
+
+
+def vm_json(record: VmRecord) -> dict[str, Any]:
+    """A relationship as `enable --json` and `status --json` print it."""
+    return {"vm": record.name, "role": record.role, "state": record.state.value,
+            "message": record.state_message, "epoch": record.epoch,
+            "partner_site": record.partner_site,
+            "disks": [{"name": d.name, "path": d.path, "size_bytes": d.size_bytes}
+                      for d in record.disks]}
+
+
+def capture_json(capture: CaptureStatus) -> dict[str, Any]:
+    """How writes are captured, as `enable --json` and `status --json` print it."""
+    details: dict[str, Any] = {"capture": capture.mode}
+    if capture.nbd_socket is not None:
+        details["nbd_socket"] = capture.nbd_socket
+    if capture.nbd is not None:
+        details["nbd"] = {disk: dict(uris) for disk, uris in capture.nbd.items()}
+    if capture.nbd_error is not None:
+        details["nbd_error"] = capture.nbd_error
+    return details
+
+
+def status_json(status: VmStatus) -> dict[str, Any]:
+    """One VM of `status --json`. Scripts read these keys: tests/unit/test_status.py pins them."""
+    row = vm_json(status.record) | capture_json(status.capture) | {
+        "health": status.report.health.value, "health_reasons": list(status.report.reasons),
+        "seconds_behind": status.seconds_behind, "cycles_in_window": status.cycles_in_window,
+    }
+    progress = status.progress
+    if isinstance(progress, PrimaryProgress):
+        return row | {"pending_bytes": progress.pending_bytes,
+                      "replica_cycle": progress.replica_cycle,
+                      "replica_applied_at_ms": progress.replica_applied_at_ms,
+                      "last_sent_cycle": progress.last_sent_cycle}
+    return row | {"last_applied_cycle": progress.last_applied_cycle,
+                  "recovery_points": progress.recovery_points}
 
 
 def register(main: click.Group) -> None:

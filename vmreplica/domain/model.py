@@ -1,18 +1,105 @@
 """The replication model: what a VM's relationship, disks, position and recovery points are.
 
-Frozen values only; the catalog (``vmreplica.storage.catalog``) stores them, the roles and the
-failover read them.
+Frozen values and the rules over them (which settings are allowed, which way a position may
+move); the catalog (``vmreplica.storage.catalog``) stores them, the roles and the failover read
+them. Nothing here does I/O.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from enum import StrEnum
+from typing import Final, Literal, Self
 
 from vmreplica.domain.states import ReplicationState
+from vmreplica.errors import ConfigurationError
 
 Role = Literal["primary", "replica"]
+
+FREQUENCIES_SECONDS: Final = (30, 300, 900, 0)
+"""Hyper-V's 30 s, 5 min and 15 min, and 0 for continuous."""
+EXTENDED_FREQUENCIES_SECONDS: Final = (300, 900)
+"""Hyper-V extends only at 5 or 15 minutes: the hop never outpaces its source."""
+MAX_HISTORY_HOURS: Final = 24
+"""Hyper-V Replica 2012 R2 keeps at most 24 hourly points; vmreplica keeps the same bound."""
+MAX_APP_CONSISTENT_HOURS: Final = 12
+"""Hyper-V takes application-consistent (VSS) points every 1 to 12 hours."""
+
+
+def parse_frequency(text: str, what: str = "frequency") -> int:
+    """``30``, ``300``, ``900`` or ``continuous`` (0) as seconds between cycles.
+
+    :raises ConfigurationError: any other text; the message names ``what`` (a CLI option).
+    """
+    for seconds in FREQUENCIES_SECONDS:
+        if text == (str(seconds) if seconds else "continuous"):
+            return seconds
+    raise ConfigurationError(f"{what} must be 30, 300, 900 or continuous, not {text!r}")
+
+
+def check_frequency(seconds: int) -> int:
+    """:raises ConfigurationError: not one of :data:`FREQUENCIES_SECONDS`."""
+    if seconds not in FREQUENCIES_SECONDS:
+        raise ConfigurationError(
+            f"replication frequency must be 30, 300, 900 seconds or continuous, not {seconds}")
+    return seconds
+
+
+def check_extended_frequency(seconds: int) -> int:
+    """:raises ConfigurationError: not one of :data:`EXTENDED_FREQUENCIES_SECONDS`."""
+    if seconds not in EXTENDED_FREQUENCIES_SECONDS:
+        raise ConfigurationError(
+            f"extended replication runs every 300 or 900 seconds, not {seconds}")
+    return seconds
+
+
+def check_history_hours(hours: int, what: str = "recovery history") -> int:
+    """:raises ConfigurationError: outside 0 to :data:`MAX_HISTORY_HOURS`."""
+    if not 0 <= hours <= MAX_HISTORY_HOURS:
+        raise ConfigurationError(f"{what} must be 0-{MAX_HISTORY_HOURS} hours, got {hours}")
+    return hours
+
+
+def check_app_consistent_hours(every: int, history_hours: int) -> int:
+    """Application-consistent points every ``every`` hours, kept for ``history_hours``.
+
+    :raises ConfigurationError: outside 1 to :data:`MAX_APP_CONSISTENT_HOURS`, or longer than the
+        history (the slot of such a point would fall outside it).
+    """
+    if not 1 <= every <= MAX_APP_CONSISTENT_HOURS:
+        raise ConfigurationError(
+            f"application-consistent points must come every 1-{MAX_APP_CONSISTENT_HOURS} "
+            f"hours, got {every}")
+    if every > history_hours:
+        raise ConfigurationError(
+            f"application-consistent points every {every} hours would fall outside a "
+            f"recovery history of {history_hours} hours: raise hours to at least {every}")
+    return every
+
+
+class Consistency(StrEnum):
+    """What kind of recovery point a cycle boundary is.
+
+    The values are the text the catalog stores and the CLI prints (a ``StrEnum``, so code that
+    compared a point's consistency with that text keeps working); the member names are the
+    symbols of the Avro enum ``CycleCommit.consistency``, so the wire's enum converts by name
+    (``Consistency[commit.consistency.name]``).
+    """
+
+    CRASH = "crash"
+    """As after a power loss: every write before the cut, none after."""
+    APPLICATION = "application"
+    """Applications were quiesced before the cut."""
+
+    @classmethod
+    def parse(cls, text: str) -> Consistency:
+        """:raises ConfigurationError: ``text`` is not ``crash`` or ``application``."""
+        try:
+            return cls(text)
+        except ValueError:
+            raise ConfigurationError(
+                f"consistency must be 'crash' or 'application', got {text!r}") from None
 
 
 @dataclass(frozen=True)
@@ -37,6 +124,21 @@ class VmSettings:
     """Scan capture: shell command run before the scan (fsfreeze, pausing the VM)."""
     post_cut_hook: str | None = None
     """Scan capture: shell command run after the scan, even if it failed (thaw, resume)."""
+
+    def validate(self) -> Self:
+        """Check these settings by the rules the primary and its replicas apply; return them.
+
+        :raises ConfigurationError: a frequency, an hour count or a combination is not allowed
+            (the replica would refuse to keep its recovery points this way).
+        """
+        check_frequency(self.frequency_seconds)
+        check_history_hours(self.recovery_history)
+        if self.continuous_points_hours is not None:
+            check_history_hours(self.continuous_points_hours, "continuous recovery points")
+        if self.app_consistent_hours is not None:
+            check_app_consistent_hours(self.app_consistent_hours,
+                                       self.continuous_points_hours or self.recovery_history)
+        return self
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -74,7 +176,12 @@ class VmRecord:
 
 @dataclass(frozen=True)
 class Position:
-    """Where a VM's journal stands at this site (shipped on a primary, applied on a replica)."""
+    """Where a VM's journal stands at this site (shipped on a primary, applied on a replica).
+
+    Positions only move forward: the epoch never decreases, nor does the cycle (cycle numbers
+    carry on across epochs), and within one epoch and cycle the journal offset only grows (an
+    initial replication records its progress that way). Only a failover goes back, and says why.
+    """
 
     epoch: int
     cycle: int
@@ -82,12 +189,35 @@ class Position:
     next_offset: int
     at_ms: int
 
+    def moves_back_from(self, current: Position) -> bool:
+        """True when recording this position after ``current`` would move the VM back."""
+        if self.epoch < current.epoch or self.cycle < current.cycle:
+            return True
+        return ((self.epoch, self.cycle) == (current.epoch, current.cycle)
+                and self.next_offset < current.next_offset)
+
+    def __str__(self) -> str:
+        return f"epoch {self.epoch}, cycle {self.cycle}, offset {self.next_offset}"
+
 
 @dataclass(frozen=True)
-class StoredPoint:
+class Rewind:
+    """A position moved back on purpose, and why: only failover does this (cancel, demote,
+    promote to an older point)."""
+
+    position: Position
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryPoint:
+    """A state the replica can go back to: the end of ``cycle``, whose CycleCommit is at
+    ``journal_offset`` in the VM's journal."""
+
     cycle: int
     epoch: int
     journal_offset: int
     cut_at_ms: int
-    consistency: str
+    """When the primary cut the cycle (epoch milliseconds): the point's time for the operator."""
+    consistency: Consistency = Consistency.CRASH
     cycle_hash: bytes = b""

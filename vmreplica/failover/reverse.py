@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.intervals import IntervalSet
-from vmreplica.domain.model import Position
+from vmreplica.domain.model import Position, Rewind
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import ChangeLogCorrupt, FailoverRefused, JournalIntegrityError
 from vmreplica.failover.divergence import (
@@ -66,12 +66,15 @@ async def demote(site: Site, vm: str, start: EpochStart, start_offset: int) -> i
     if not in_sync:
         await report_divergence(site, record, start, diverged if known else None)
     shutil.rmtree(changelog, ignore_errors=True)
+    moved = Position(start.epoch, point, start.last_cycle_hash, start_offset + 1, now_ms())
     await site.catalog.change_role(
         vm, "replica", start.primary_site, start.epoch,
         ReplicationState.REPLICATING if in_sync else ReplicationState.RESYNCHRONIZATION_REQUIRED,
         f"site {start.primary_site} is primary since epoch {start.epoch}"
         + ("" if in_sync else f"; {total} bytes diverged: run `vmreplica reverse {vm}` there"),
-        position=Position(start.epoch, point, start.last_cycle_hash, start_offset + 1, now_ms()),
+        position=moved if shipped <= point
+        else Rewind(moved, f"cycles {point + 1}-{shipped} shipped here never reached "
+                    f"{start.primary_site}, primary since epoch {start.epoch}"),
         failover_point=None if in_sync else point)
     return total
 

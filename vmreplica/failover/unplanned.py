@@ -20,7 +20,7 @@ from typing import Final
 from vmreplica.consumers.points import choose_point
 from vmreplica.consumers.undo import UndoLog
 from vmreplica.domain.clock import now_ms
-from vmreplica.domain.model import Position, VmRecord
+from vmreplica.domain.model import Position, Rewind, VmRecord
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import FailoverRefused
 from vmreplica.failover.journal import publish_epoch
@@ -75,9 +75,11 @@ async def promote(site: Site, vm: str, *, prepared: FailoverPrepared | None = No
     shutil.rmtree(site.config.vm_folder(vm) / "changelog", ignore_errors=True)
     state = (ReplicationState.REPLICATING if prepared is not None
              else ReplicationState.FAILED_OVER_WAITING_COMPLETION)
+    moved = Position(epoch, cycle, cycle_hash, offset + 1, now_ms())
     await site.catalog.change_role(
         vm, "primary", record.partner_site, epoch, state, reason,
-        position=Position(epoch, cycle, cycle_hash, offset + 1, now_ms()),
+        position=moved if cycle >= position.cycle
+        else Rewind(moved, f"{reason}, back from cycle {position.cycle}"),
         failover_point=None if prepared is not None else cycle)
     # Undo of cycles up to the point stays valid until the failed-over VM writes: it lets a
     # cancelled failover be retried at an older point.
@@ -133,5 +135,6 @@ async def cancel(site: Site, vm: str) -> None:
     await site.catalog.change_role(
         vm, "replica", record.partner_site, stored.epoch, ReplicationState.REPLICATING,
         f"failover cancelled; replaying the journal after cycle {point}",
-        position=Position(stored.epoch, point, stored.cycle_hash, stored.journal_offset + 1,
-                          now_ms()))
+        position=Rewind(Position(stored.epoch, point, stored.cycle_hash,
+                                 stored.journal_offset + 1, now_ms()),
+                        f"failover cancelled: back to cycle {point} of epoch {stored.epoch}"))

@@ -26,6 +26,7 @@ import zstandard
 from vmreplica.consumers.points import apply_lock
 from vmreplica.domain import names
 from vmreplica.domain.clock import now_ms
+from vmreplica.domain.model import check_extended_frequency
 from vmreplica.errors import ConfigurationError
 from vmreplica.journal import topics
 from vmreplica.journal.kafka import (
@@ -48,8 +49,6 @@ from vmreplica.schemas.events import (
 )
 from vmreplica.storage.image import DiskImage, nonzero_chunks
 
-EXTENDED_FREQUENCIES_SECONDS: Final = (300, 900)
-"""Hyper-V extends only at 5 or 15 minutes: the hop never outpaces its source."""
 SEED_CHUNK_BYTES: Final = 4 * 1024 * 1024
 
 
@@ -77,9 +76,7 @@ async def extend(site: Site, vm: str, to_site: str, frequency_seconds: int = 300
     if record.role != "replica":
         raise ConfigurationError(f"VM {vm!r} is primary at this site; extended replication "
                                  "runs on a replica site")
-    if frequency_seconds not in EXTENDED_FREQUENCIES_SECONDS:
-        raise ConfigurationError(f"extended replication runs every 300 or 900 seconds, not "
-                                 f"{frequency_seconds}")
+    check_extended_frequency(frequency_seconds)
     names.check_name("site", to_site)
     group = names.check_name("trust group", trust_group or f"{site.config.trust_group}-ext")
     servers = bootstrap_servers or site.config.bootstrap_servers

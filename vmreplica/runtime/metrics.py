@@ -11,6 +11,7 @@ from typing import Final
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from vmreplica.domain.states import Health, ReplicationState
+from vmreplica.runtime.status import PrimaryProgress, VmStatus
 
 PREFIX: Final = "vmreplica"
 
@@ -40,23 +41,19 @@ class SiteMetrics:
     def serve(self, port: int, address: str = "127.0.0.1") -> None:
         start_http_server(port, addr=address, registry=self.registry)
 
-    def update(self, status: dict[str, object]) -> None:
-        key = (self.site, str(status["vm"]), str(status["role"]))
+    def update(self, status: VmStatus) -> None:
+        record = status.record
+        key = (self.site, record.name, record.role)
         for state in ReplicationState:
-            self.state.labels(*key, state.value).set(int(state.value == status["state"]))
+            self.state.labels(*key, state.value).set(int(state is record.state))
         for health in Health:
-            self.health.labels(*key, health.value).set(int(health.value == status["health"]))
-        cycle = status.get("last_sent_cycle", status.get("last_applied_cycle"))
-        self.cycle.labels(*key).set(float(cycle) if isinstance(cycle, int) else float("nan"))
-        behind = status.get("seconds_behind")
-        self.behind.labels(*key).set(float(behind) if isinstance(behind, int | float)
-                                     else float("nan"))
-        pending = status.get("pending_bytes")
-        if isinstance(pending, int):
-            self.pending.labels(*key).set(pending)
-        points = status.get("recovery_points")
-        if isinstance(points, int):
-            self.points.labels(*key).set(points)
-        cycles = status.get("cycles_in_window")
-        if isinstance(cycles, int):
-            self.cycles.labels(*key).set(cycles)
+            self.health.labels(*key, health.value).set(int(health is status.report.health))
+        cycle = status.last_cycle
+        self.cycle.labels(*key).set(float("nan") if cycle is None else float(cycle))
+        behind = status.seconds_behind
+        self.behind.labels(*key).set(float("nan") if behind is None else behind)
+        if isinstance(status.progress, PrimaryProgress):
+            self.pending.labels(*key).set(status.progress.pending_bytes)
+        else:
+            self.points.labels(*key).set(status.progress.recovery_points)
+        self.cycles.labels(*key).set(status.cycles_in_window)

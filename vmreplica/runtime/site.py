@@ -27,9 +27,6 @@ from vmreplica.schemas.codec import decode_journal
 from vmreplica.schemas.events import VmConfig
 from vmreplica.storage.catalog import Catalog
 
-FREQUENCIES_SECONDS = (30, 300, 900, 0)
-"""Hyper-V's 30 s, 5 min and 15 min, and 0 for continuous."""
-
 
 class Site:
     """One site's view of replication. ``async with Site(config) as site: ...``."""
@@ -70,7 +67,8 @@ class Site:
 
         Disk images must exist, unless ``sizes`` gives a size to create them with.
 
-        :raises ConfigurationError: a bad name, a missing disk, a bad frequency, a duplicate.
+        :raises ConfigurationError: a bad name, a missing disk, bad settings
+            (:meth:`VmSettings.validate`), a duplicate.
         """
         names.check_name("VM", vm)
         names.check_name("site", replica_site)
@@ -79,13 +77,7 @@ class Site:
             if target == self.config.site:
                 raise ConfigurationError(f"VM {vm!r} cannot replicate to its own site "
                                          f"{target!r}; name the replica site")
-        if settings.frequency_seconds not in FREQUENCIES_SECONDS:
-            raise ConfigurationError(
-                f"replication frequency must be 30, 300, 900 seconds or continuous, "
-                f"not {settings.frequency_seconds}")
-        if not 0 <= settings.recovery_history <= 24:
-            raise ConfigurationError(
-                f"recovery history must be 0-24 hours, not {settings.recovery_history}")
+        settings.validate()
         records = []
         for name, path in disks.items():
             if name in settings.excluded_disks:

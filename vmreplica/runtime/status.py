@@ -1,18 +1,20 @@
 """What `vmreplica status`, its `--json` and the Prometheus metrics say about a VM.
 
 State and health by name (Hyper-V's rules over a one-hour monitoring window), position, seconds
-behind, pending bytes, and on a primary the position its replica last reported.
+behind, pending bytes, and on a primary the position its replica last reported. :func:`vm_status`
+returns a :class:`VmStatus`; the CLI turns it into JSON and tables, the agent into metrics.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from vmreplica.config import SiteConfig
 from vmreplica.domain.clock import HOUR_MS
 from vmreplica.domain.model import VmRecord
-from vmreplica.domain.states import WindowStats, assess
+from vmreplica.domain.states import HealthReport, WindowStats, assess
 from vmreplica.errors import ConfigurationError
 from vmreplica.journal.kafka import read_to_end
 from vmreplica.producers.changelog import pending_bytes
@@ -22,24 +24,67 @@ from vmreplica.schemas.codec import decode_status
 from vmreplica.schemas.events import ReplicaPosition
 
 
-def vm_json(record: VmRecord) -> dict[str, Any]:
-    return {"vm": record.name, "role": record.role, "state": record.state.value,
-            "message": record.state_message, "epoch": record.epoch,
-            "partner_site": record.partner_site,
-            "disks": [{"name": d.name, "path": d.path, "size_bytes": d.size_bytes}
-                      for d in record.disks]}
-
-
-def capture_json(config: SiteConfig, record: VmRecord) -> dict[str, Any]:
+@dataclass(frozen=True)
+class CaptureStatus:
     """How the VM's writes are captured, and for NBD the URIs the hypervisor attaches to."""
-    details: dict[str, Any] = {"capture": record.settings.capture}
-    if record.role == "primary" and record.settings.capture == "nbd":
+
+    mode: str
+    """``api``, ``nbd`` or ``scan`` (:attr:`VmSettings.capture`)."""
+    nbd_socket: str | None = None
+    nbd: Mapping[str, Mapping[str, str]] | None = None
+    """Per disk, ``{"unix": uri, "tcp": uri}`` (a primary with NBD capture only)."""
+    nbd_error: str | None = None
+    """Why the agent refuses to serve the disks over NBD (the socket path is too long)."""
+
+
+@dataclass(frozen=True)
+class PrimaryProgress:
+    """Where a primary stands: what it shipped, what waits, what its replica last applied."""
+
+    last_sent_cycle: int | None
+    pending_bytes: int
+    replica_cycle: int | None
+    replica_applied_at_ms: int | None
+
+
+@dataclass(frozen=True)
+class ReplicaProgress:
+    """Where a replica stands: what it applied, how many points it keeps."""
+
+    last_applied_cycle: int | None
+    recovery_points: int
+
+
+@dataclass(frozen=True)
+class VmStatus:
+    """Everything `vmreplica status` shows for one VM."""
+
+    record: VmRecord
+    capture: CaptureStatus
+    report: HealthReport
+    seconds_behind: float | None
+    """Since the last cycle was shipped or applied, to a tenth of a second; None before one."""
+    cycles_in_window: int
+    progress: PrimaryProgress | ReplicaProgress
+
+    @property
+    def last_cycle(self) -> int | None:
+        """The last cycle shipped (primary) or applied (replica)."""
+        if isinstance(self.progress, PrimaryProgress):
+            return self.progress.last_sent_cycle
+        return self.progress.last_applied_cycle
+
+
+def capture_status(config: SiteConfig, record: VmRecord) -> CaptureStatus:
+    """How the VM's writes are captured, and for NBD the URIs the hypervisor attaches to."""
+    mode = record.settings.capture
+    if record.role == "primary" and mode == "nbd":
         try:
-            details["nbd_socket"] = str(socket_path(config, record.name))
-            details["nbd"] = nbd_uris(config, record)
+            return CaptureStatus(mode, str(socket_path(config, record.name)),
+                                 nbd_uris(config, record))
         except ConfigurationError as error:  # the agent refuses to serve it for this reason
-            details["nbd_error"] = str(error)
-    return details
+            return CaptureStatus(mode, nbd_error=str(error))
+    return CaptureStatus(mode)
 
 
 async def _latest_replica_position(site: Site, vm: str) -> ReplicaPosition | None:
@@ -51,9 +96,12 @@ async def _latest_replica_position(site: Site, vm: str) -> ReplicaPosition | Non
     return latest
 
 
-async def vm_status(site: Site, record: VmRecord, with_replica: bool = True,
-                    ) -> dict[str, Any]:
-    """Everything `vmreplica status` shows for one VM."""
+async def vm_status(site: Site, record: VmRecord, with_replica: bool = True) -> VmStatus:
+    """Everything `vmreplica status` shows for one VM.
+
+    ``with_replica`` reads the position the replica last reported on the status topic (a
+    primary only); the agent's metrics loop leaves it out.
+    """
     now_ms = int(time.time() * 1000)
     position = await site.catalog.position(record.name)
     window_ms = HOUR_MS
@@ -67,21 +115,17 @@ async def vm_status(site: Site, record: VmRecord, with_replica: bool = True,
         int(expected), len(stats),
         None if last_cycle_ms is None else (now_ms - last_cycle_ms) / 1000,
         sum(latencies) / len(latencies) if latencies else None))
-    status = vm_json(record) | capture_json(site.config, record) | {
-        "health": report.health.value, "health_reasons": list(report.reasons),
-        "cycle": position.cycle if position else None,
-        "seconds_behind": None if position is None else round((now_ms - position.at_ms) / 1000,
-                                                               1),
-        "cycles_in_window": len(stats),
-    }
+    cycle = position.cycle if position else None
+    progress: PrimaryProgress | ReplicaProgress
     if record.role == "primary":
         changelog = site.config.vm_folder(record.name) / "changelog"
-        status["pending_bytes"] = pending_bytes(changelog)
         replica = await _latest_replica_position(site, record.name) if with_replica else None
-        status["replica_cycle"] = replica.cycle if replica else None
-        status["replica_applied_at_ms"] = replica.applied_at_ms if replica else None
-        status["last_sent_cycle"] = status.pop("cycle")
+        progress = PrimaryProgress(cycle, pending_bytes(changelog),
+                                   replica.cycle if replica else None,
+                                   replica.applied_at_ms if replica else None)
     else:
-        status["last_applied_cycle"] = status.pop("cycle")
-        status["recovery_points"] = len(await site.catalog.points(record.name))
-    return status
+        progress = ReplicaProgress(cycle, len(await site.catalog.points(record.name)))
+    return VmStatus(
+        record, capture_status(site.config, record), report,
+        None if position is None else round((now_ms - position.at_ms) / 1000, 1),
+        len(stats), progress)

@@ -4,12 +4,20 @@ One file per site, opened through aiosqlite in WAL mode with ``synchronous=FULL`
 here is durable when the call returns. The replica writes its applied position only after the
 image is fsynced, so the catalog never claims more than the image holds. The agent's request
 mailbox and liveness share the file (:mod:`vmreplica.storage.mailbox`).
+
+Positions only move forward (:meth:`Catalog.advance_position`, checked inside the writing
+transaction); failover, the one caller that goes back, rewinds with a reason
+(:meth:`Catalog.rewind_position`, or a :class:`Rewind` given to :meth:`Catalog.change_role`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -17,9 +25,20 @@ from typing import Any, Self
 import aiosqlite
 
 from vmreplica.domain.clock import now_ms
-from vmreplica.domain.model import DiskRecord, Position, Role, StoredPoint, VmRecord, VmSettings
+from vmreplica.domain.model import (
+    Consistency,
+    DiskRecord,
+    Position,
+    RecoveryPoint,
+    Rewind,
+    Role,
+    VmRecord,
+    VmSettings,
+)
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import ConfigurationError
+from vmreplica.errors import ConfigurationError, PositionRegressedError
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vm (
@@ -138,20 +157,27 @@ class Catalog:
             raise RuntimeError("catalog is not open")
         return self._db
 
-    async def _transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+    async def _transaction(self, statements: Sequence[tuple[str, Sequence[Any]]],
+                           before: Callable[[], Awaitable[None]] | None = None) -> None:
         """Run ``statements`` atomically: all of them are durable, or none.
+
+        ``before`` runs first inside the transaction, so what it reads cannot change before the
+        statements run; it refuses them by raising.
 
         Shielded: a caller cancelled while its transaction runs (an agent stopping its workers)
         must not leave the shared connection inside an open transaction. The caller sees its
         cancellation at once; the transaction runs to its COMMIT or ROLLBACK, and the write lock
         keeps the next one (and :meth:`stop`) behind it.
         """
-        await asyncio.shield(self._run_transaction(statements))
+        await asyncio.shield(self._run_transaction(statements, before))
 
-    async def _run_transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+    async def _run_transaction(self, statements: Sequence[tuple[str, Sequence[Any]]],
+                               before: Callable[[], Awaitable[None]] | None) -> None:
         async with self._writing:
             await self.db.execute("BEGIN IMMEDIATE")
             try:
+                if before is not None:
+                    await before()
                 for sql, parameters in statements:
                     await self.db.execute(sql, parameters)
             except BaseException:
@@ -219,40 +245,76 @@ class Catalog:
             row = await cursor.fetchone()
         return None if row is None else Position(row[0], row[1], bytes(row[2]), row[3], row[4])
 
-    async def record_cycle(self, name: str, position: Position, point: StoredPoint | None,
-                           cut_at_ms: int, size_bytes: int) -> None:
-        """Durably record that a cycle is shipped (primary) or applied (replica).
+    async def advance_position(self, name: str, position: Position, *,
+                               point: RecoveryPoint | None = None, cut_at_ms: int | None = None,
+                               size_bytes: int = 0) -> None:
+        """Durably move a VM's position forward: a cycle shipped (primary) or applied (replica),
+        or more of the journal read at the same cycle.
 
-        Position, recovery point and statistics land in one SQLite transaction.
+        With ``cut_at_ms``, ``position.cycle`` has just been done and its statistics (cut time,
+        ``size_bytes``) are recorded; with ``point``, the cycle's recovery point. Position, point
+        and statistics land in one SQLite transaction.
+
+        :raises PositionRegressedError: ``position`` is behind the recorded one (see
+            :class:`Position`); nothing is written.
         """
-        statements: list[tuple[str, Sequence[Any]]] = [(
-            "INSERT INTO position (vm, epoch, cycle, cycle_hash, next_offset, at_ms)"
-            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(vm) DO UPDATE SET epoch = excluded.epoch,"
-            " cycle = excluded.cycle, cycle_hash = excluded.cycle_hash,"
-            " next_offset = excluded.next_offset, at_ms = excluded.at_ms",
-            (name, position.epoch, position.cycle, position.cycle_hash, position.next_offset,
-             position.at_ms))]
+        statements = [self._position_statement(name, position)]
         if point is not None:
             statements.append((
                 "INSERT OR REPLACE INTO recovery_point (vm, cycle, epoch, journal_offset,"
                 " cut_at_ms, consistency, cycle_hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (name, point.cycle, point.epoch, point.journal_offset, point.cut_at_ms,
-                 point.consistency, point.cycle_hash)))
-        if position.cycle > 0:
+                 point.consistency.value, point.cycle_hash)))
+        if cut_at_ms is not None and position.cycle > 0:
             statements.append((
                 "INSERT OR REPLACE INTO cycle_stat (vm, cycle, cut_at_ms, done_at_ms, bytes)"
                 " VALUES (?, ?, ?, ?, ?)",
                 (name, position.cycle, cut_at_ms, position.at_ms, size_bytes)))
-        await self._transaction(statements)
+        await self._transaction(statements, self._forward_only(name, position))
 
-    async def set_position(self, name: str, position: Position) -> None:
-        await self.record_cycle(name, position, None, 0, 0)
+    async def rewind_position(self, name: str, position: Position, reason: str) -> None:
+        """Set a VM's position even if that moves it back; ``reason`` says why (logged).
 
-    async def points(self, name: str) -> list[StoredPoint]:
+        Only failover goes back: cancelling an unplanned failover, an old primary following
+        the new one, promoting at an older recovery point.
+        """
+        await self._rewind(name, Rewind(position, reason), [])
+
+    @staticmethod
+    def _position_statement(name: str, position: Position) -> tuple[str, Sequence[Any]]:
+        return ("INSERT INTO position (vm, epoch, cycle, cycle_hash, next_offset, at_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(vm) DO UPDATE SET epoch = excluded.epoch,"
+                " cycle = excluded.cycle, cycle_hash = excluded.cycle_hash,"
+                " next_offset = excluded.next_offset, at_ms = excluded.at_ms",
+                (name, position.epoch, position.cycle, position.cycle_hash,
+                 position.next_offset, position.at_ms))
+
+    def _forward_only(self, name: str, position: Position) -> Callable[[], Awaitable[None]]:
+        async def check() -> None:
+            current = await self.position(name)
+            if current is not None and position.moves_back_from(current):
+                raise PositionRegressedError(name, current, position)
+        return check
+
+    async def _rewind(self, name: str, rewind: Rewind,
+                      statements: list[tuple[str, Sequence[Any]]]) -> None:
+        """Run ``statements`` and the rewind in one transaction, then log what moved back."""
+        before: list[Position | None] = []
+
+        async def remember() -> None:
+            before.append(await self.position(name))
+
+        await self._transaction([*statements, self._position_statement(name, rewind.position)],
+                                remember)
+        log.warning("VM %s: position rewound from (%s) to (%s): %s", name,
+                    before[0] if before[0] is not None else "none", rewind.position,
+                    rewind.reason)
+
+    async def points(self, name: str) -> list[RecoveryPoint]:
         async with self.db.execute(
                 "SELECT cycle, epoch, journal_offset, cut_at_ms, consistency, cycle_hash"
                 " FROM recovery_point WHERE vm = ? ORDER BY cycle", (name,)) as cursor:
-            return [StoredPoint(r[0], r[1], r[2], r[3], r[4], bytes(r[5]))
+            return [RecoveryPoint(r[0], r[1], r[2], r[3], Consistency.parse(r[4]), bytes(r[5]))
                     for r in await cursor.fetchall()]
 
     async def keep_points(self, name: str, cycles: Sequence[int]) -> None:
@@ -288,9 +350,15 @@ class Catalog:
     async def change_role(self, name: str, role: Role, partner_site: str, epoch: int,
                           state: ReplicationState, message: str,
                           disks: Sequence[DiskRecord] | None = None,
-                          position: Position | None = None,
+                          position: Position | Rewind | None = None,
                           failover_point: int | None = None) -> None:
-        """Switch a VM's role in one transaction; bumps its generation so running workers stop."""
+        """Switch a VM's role in one transaction; bumps its generation so running workers stop.
+
+        A ``position`` must move forward (as :meth:`advance_position`); a :class:`Rewind` may go
+        back, for its reason (as :meth:`rewind_position`).
+
+        :raises PositionRegressedError: a plain ``position`` is behind the recorded one.
+        """
         statements: list[tuple[str, Sequence[Any]]] = [(
             "UPDATE vm SET role = ?, partner_site = ?, epoch = ?, state = ?, state_message = ?,"
             " state_changed_ms = ?, generation = generation + 1, failover_point = ?"
@@ -301,13 +369,13 @@ class Catalog:
             statements += [("INSERT INTO disk (vm, name, path, size_bytes, position)"
                             " VALUES (?, ?, ?, ?, ?)", (name, d.name, d.path, d.size_bytes, i))
                            for i, d in enumerate(disks)]
-        if position is not None:
-            statements.append((
-                "INSERT OR REPLACE INTO position (vm, epoch, cycle, cycle_hash, next_offset,"
-                " at_ms) VALUES (?, ?, ?, ?, ?, ?)",
-                (name, position.epoch, position.cycle, position.cycle_hash,
-                 position.next_offset, position.at_ms)))
-        await self._transaction(statements)
+        if isinstance(position, Rewind):
+            await self._rewind(name, position, statements)
+        elif position is not None:
+            statements.append(self._position_statement(name, position))
+            await self._transaction(statements, self._forward_only(name, position))
+        else:
+            await self._transaction(statements)
 
     async def generation(self, name: str) -> int:
         async with self.db.execute("SELECT generation FROM vm WHERE name = ?", (name,)) as cursor:
