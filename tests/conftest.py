@@ -95,3 +95,6 @@ async def topic_admin(kafka: KafkaConnection) -> AsyncIterator[TopicAdmin]:
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+pytest_plugins = ["tests.fixtures"]
