@@ -23,6 +23,8 @@ from vmreplica.devtools.cluster import LocalCluster
 from vmreplica.devtools.ports import free_base_port
 from vmreplica.journal.kafka import KafkaConnection, TopicAdmin
 
+pytest_plugins = ["tests.fixtures"]
+
 
 def _stop_orphaned_test_brokers() -> None:
     """Stop brokers of test sessions that were killed before their teardown ran."""
@@ -78,3 +80,4 @@ async def topic_admin(kafka: KafkaConnection) -> AsyncIterator[TopicAdmin]:
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+

@@ -4,12 +4,11 @@ replicates; C ends identical to A, and a relay repeated after a crash sends noth
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from vmreplica.config import SiteConfig
+from tests.fixtures import SiteFactory, VmFactory
 from vmreplica.domain.model import VmSettings
 from vmreplica.errors import ConfigurationError
 from vmreplica.runtime.extension import ExtendedReplication, extend
@@ -29,71 +28,52 @@ async def catch_up(site: Site, vm: str) -> int:
         return cycle
 
 
-async def test_a_replica_extends_to_a_third_site(
-        tmp_path: Path, bootstrap_servers: str, unique: Callable[[str], str]) -> None:
-    group, vm = unique("tg"), unique("vm")
-
-    def config(name: str, trust_group: str) -> SiteConfig:
-        return SiteConfig(site=name, root=tmp_path / name, bootstrap_servers=bootstrap_servers,
-                          trust_group=trust_group)
-
-    disk = tmp_path / "disk0.img"
-    with disk.open("wb") as file:
-        file.truncate(8 * MiB)
-    async with Site(config("site-a", group)) as a, Site(config("site-b", group)) as b, \
-            Site(config("site-c", f"{group}-ext")) as c:
-        record = await a.enable(vm, {"disk0": disk}, "site-b", VmSettings(frequency_seconds=30))
+async def test_a_replica_extends_to_a_third_site(sites: SiteFactory, vm: VmFactory) -> None:
+    group = sites.trust_group
+    async with sites.site("site-a") as a, sites.site("site-b") as b, \
+            sites.site("site-c", trust_group=f"{group}-ext") as c:
+        enabled = await vm(a, {"disk0": 8 * MiB}, VmSettings(frequency_seconds=30))
+        vm_name, record, disk = enabled.name, enabled.record, enabled.disks["disk0"]
         async with a.primary(record) as primary:
             await primary.capture.write("disk0", 0, os.urandom(MiB))
             await primary.initial_replication()
             await primary.capture.write("disk0", 2 * MiB, os.urandom(MiB))
             await primary.replicate()
-        await catch_up(b, vm)
+        await catch_up(b, vm_name)
         with pytest.raises(ConfigurationError, match="every 300 or 900 seconds"):
-            await extend(b, vm, "site-c", 60)
-        extension = await extend(b, vm, "site-c", 300)
+            await extend(b, vm_name, "site-c", 60)
+        extension = await extend(b, vm_name, "site-c", 300)
         async with ExtendedReplication(b, extension) as hop:
             assert await hop.seed() > 0
-            async with a.primary(await a.catalog.vm(vm)) as primary:
+            async with a.primary(await a.catalog.vm(vm_name)) as primary:
                 for i in range(3):
                     await primary.capture.write("disk0", (4 + i) * MiB, os.urandom(65536))
                     await primary.replicate()
-            applied = await catch_up(b, vm)
+            applied = await catch_up(b, vm_name)
             relayed = await hop.relay()
             assert relayed == [applied - 2, applied - 1, applied]
-            await b.catalog.set_extension_offset(vm, 0)  # as if the recorded offset were lost
+            await b.catalog.set_extension_offset(vm_name, 0)  # as if the recorded offset were lost
             assert await hop.relay() == []
-        assert await catch_up(c, vm) == applied
-        got = sha256_of(Path((await c.catalog.vm(vm)).disks[0].path))
+        assert await catch_up(c, vm_name) == applied
+        got = sha256_of(Path((await c.catalog.vm(vm_name)).disks[0].path))
         assert got == sha256_of(disk)
-        assert (await c.catalog.vm(vm)).partner_site == "site-b"
+        assert (await c.catalog.vm(vm_name)).partner_site == "site-b"
 
 
-async def test_two_replica_sites_read_one_journal(
-        tmp_path: Path, bootstrap_servers: str, unique: Callable[[str], str]) -> None:
+async def test_two_replica_sites_read_one_journal(sites: SiteFactory, vm: VmFactory) -> None:
     """Fan-out: B and C both replicate A's journal directly; D, not named, does not adopt it."""
-    group, vm = unique("tg"), unique("vm")
-    sites = {name: Site(SiteConfig(site=name, root=tmp_path / name, trust_group=group,
-                                   bootstrap_servers=bootstrap_servers))
-             for name in ("site-a", "site-b", "site-c", "site-d")}
-    disk = tmp_path / "disk0.img"
-    with disk.open("wb") as file:
-        file.truncate(4 * MiB)
-    for site in sites.values():
-        await site.start()
-    try:
-        a = sites["site-a"]
-        record = await a.enable(vm, {"disk0": disk}, "site-b", VmSettings(
-            frequency_seconds=30, also_replicate_to=("site-c",)))
-        async with a.primary(record) as primary:
-            await primary.initial_replication()
-            await primary.capture.write("disk0", MiB, os.urandom(MiB))
-            await primary.replicate()
-        for name in ("site-b", "site-c"):
-            await catch_up(sites[name], vm)
-            got = sha256_of(Path((await sites[name].catalog.vm(vm)).disks[0].path))
-            assert got == sha256_of(disk), name
-        assert await sites["site-d"].discover() == []
-    finally:
-        for site in sites.values():
-            await site.stop()
+    started = {name: await sites.start(name)
+               for name in ("site-a", "site-b", "site-c", "site-d")}
+    a = started["site-a"]
+    enabled = await vm(a, {"disk0": 4 * MiB}, VmSettings(
+        frequency_seconds=30, also_replicate_to=("site-c",)))
+    vm_name, record, disk = enabled.name, enabled.record, enabled.disks["disk0"]
+    async with a.primary(record) as primary:
+        await primary.initial_replication()
+        await primary.capture.write("disk0", MiB, os.urandom(MiB))
+        await primary.replicate()
+    for name in ("site-b", "site-c"):
+        await catch_up(started[name], vm_name)
+        got = sha256_of(Path((await started[name].catalog.vm(vm_name)).disks[0].path))
+        assert got == sha256_of(disk), name
+    assert await started["site-d"].discover() == []

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures import SitePair, VmFactory
 from vmreplica import failover
-from vmreplica.config import SiteConfig
 from vmreplica.domain.model import VmSettings
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import FencedError, SupersededError
@@ -40,30 +40,14 @@ MakePair = Callable[[VmSettings], Awaitable[Pair]]
 
 
 @pytest.fixture
-async def make_pair(tmp_path: Path, bootstrap_servers: str,
-                    unique: Callable[[str], str]) -> AsyncIterator[MakePair]:
-    """Sites A and B of one trust group and a two-disk VM enabled on A; stopped afterwards."""
-    started: list[Site] = []
+def make_pair(site_pair: SitePair, vm: VmFactory) -> MakePair:
+    """Sites A and B of one trust group and a two-disk VM enabled on A."""
 
     async def make(settings: VmSettings) -> Pair:
-        group = unique("tg")
-        a, b = (Site(SiteConfig(site=name, root=tmp_path / name[-1],
-                                bootstrap_servers=bootstrap_servers, trust_group=group))
-                for name in ("site-a", "site-b"))
-        for site in (a, b):
-            await site.start()
-            started.append(site)
-        disks = {"disk0": tmp_path / "disk0.img", "disk1": tmp_path / "disk1.img"}
-        for path in disks.values():
-            with path.open("wb") as file:
-                file.truncate(DISK_BYTES)
-        vm = unique("vm")
-        await a.enable(vm, disks, "site-b", settings)
-        return Pair(vm, a, b, disks)
+        enabled = await vm(site_pair.a, {"disk0": DISK_BYTES, "disk1": DISK_BYTES}, settings)
+        return Pair(enabled.name, site_pair.a, site_pair.b, enabled.disks)
 
-    yield make
-    for site in started:
-        await site.stop()
+    return make
 
 
 async def digests(site: Site, vm: str) -> dict[str, str]:

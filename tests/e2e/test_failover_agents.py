@@ -20,24 +20,15 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.clients import cli
-from vmreplica.config import load_config
+from tests.fixtures import SiteFactory, VmFactory
 from vmreplica.domain.model import VmSettings
 from vmreplica.runtime.agent import Agent
-from vmreplica.runtime.site import Site
 from vmreplica.storage.image import sha256_of
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(shutil.which("nbdcopy") is None, reason="needs nbdcopy")]
 MiB = 1024 * 1024
-
-
-def site_file(folder: Path, name: str, bootstrap: str, group: str) -> Path:
-    path = folder / f"{name}.toml"
-    path.write_text(f'site = "{name}"\nroot = "{folder / name}"\nbootstrap_servers = '
-                    f'"{bootstrap}"\ntrust_group = "{group}"\nheartbeat_seconds = 1.0\n')
-    return path
-
-
+HEARTBEAT_SECONDS = 1.0
 
 
 async def wait_for(condition: Callable[[], object], limit_seconds: float = 60.0) -> None:
@@ -56,26 +47,23 @@ async def copy_export(uri: str, target: Path) -> str:
 
 
 async def test_test_failover_then_planned_failover_with_agents(
-        tmp_path: Path, bootstrap_servers: str, unique: Callable[[str], str]) -> None:
-    group, vm = unique("tg"), unique("vm")
-    config_a = site_file(tmp_path, "site-a", bootstrap_servers, group)
-    config_b = site_file(tmp_path, "site-b", bootstrap_servers, group)
-    disk = tmp_path / "disk0.img"
-    with disk.open("wb") as file:
-        file.truncate(16 * MiB)
+        tmp_path: Path, sites: SiteFactory, vm: VmFactory) -> None:
+    config_a = sites.config_file("site-a", heartbeat_seconds=HEARTBEAT_SECONDS)
+    config_b = sites.config_file("site-b", heartbeat_seconds=HEARTBEAT_SECONDS)
     env = {**os.environ, "VMREPLICA_CONFIG": str(config_b)}
     with (tmp_path / "agent-b.log").open("wb") as log:
         agent_b = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "vmreplica.cli", "agent", env=env, stdout=log,
             stderr=subprocess.STDOUT)
     try:
-        async with Site(load_config(config_a)) as site_a, \
-                Site(load_config(config_b)) as site_b:
-            await site_a.enable(vm, {"disk0": disk}, "site-b", VmSettings(
+        async with sites.site("site-a", heartbeat_seconds=HEARTBEAT_SECONDS) as site_a, \
+                sites.site("site-b", heartbeat_seconds=HEARTBEAT_SECONDS) as site_b:
+            enabled = await vm(site_a, {"disk0": 16 * MiB}, VmSettings(
                 frequency_seconds=30, continuous_points_hours=1))
+            vm_name, disk = enabled.name, enabled.disks["disk0"]
             agent_a = Agent(site_a)
             running = asyncio.create_task(agent_a.run())
-            primary = await agent_a.primary(vm)
+            primary = await agent_a.primary(vm_name)
             digests: dict[int, str] = {}
             for i in range(3):
                 await primary.capture.write("disk0", i * MiB, os.urandom(MiB))
@@ -83,15 +71,15 @@ async def test_test_failover_then_planned_failover_with_agents(
                     digests[cycle.cycle] = sha256_of(disk)
 
             async def applied(cycle: int) -> bool:
-                position = (await site_b.catalog.position(vm)
-                            if await site_b.catalog.find_vm(vm) else None)
+                position = (await site_b.catalog.position(vm_name)
+                            if await site_b.catalog.find_vm(vm_name) else None)
                 return position is not None and position.cycle >= cycle
 
             await wait_for(lambda: applied(max(digests)))
             point = sorted(digests)[1]
-            started = json.loads(await cli(config_b, "failover", "test", vm, "--point",
+            started = json.loads(await cli(config_b, "failover", "test", vm_name, "--point",
                                            str(point), "--json"))
-            assert started["vm"] == f"{vm} - Test"
+            assert started["vm"] == f"{vm_name} - Test"
             assert await copy_export(started["uris"][0], tmp_path / "t1.raw") == digests[point]
             # Replication goes on underneath; the test VM stays at its point.
             await primary.capture.write("disk0", 0, os.urandom(MiB))
@@ -99,20 +87,20 @@ async def test_test_failover_then_planned_failover_with_agents(
             digests[later] = sha256_of(disk)
             await wait_for(lambda: applied(later))
             assert await copy_export(started["uris"][0], tmp_path / "t2.raw") == digests[point]
-            await cli(config_b, "failover", "stop-test", vm)
+            await cli(config_b, "failover", "stop-test", vm_name)
 
             # Planned failover from A, with reverse: the agents do the rest.
-            await cli(config_a, "failover", "planned", vm, "--reverse")
+            await cli(config_a, "failover", "planned", vm_name, "--reverse")
 
             async def swapped() -> bool:
-                a = await site_a.catalog.vm(vm)
-                b = await site_b.catalog.vm(vm)
+                a = await site_a.catalog.vm(vm_name)
+                b = await site_b.catalog.vm(vm_name)
                 return a.role == "replica" and b.role == "primary"
 
             await wait_for(swapped)
-            replica_disk = Path((await site_b.catalog.vm(vm)).disks[0].path)
+            replica_disk = Path((await site_b.catalog.vm(vm_name)).disks[0].path)
             assert sha256_of(replica_disk) == sha256_of(disk)
-            status = json.loads(await cli(config_b, "status", vm, "--json"))
+            status = json.loads(await cli(config_b, "status", vm_name, "--json"))
             assert status[0]["role"] == "primary"
             agent_a.stop()
             await running

@@ -21,11 +21,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.e2e.clients import cli, run
-from vmreplica.config import load_config
+from tests.fixtures import SiteFactory
 from vmreplica.domain.model import VmSettings
 from vmreplica.domain.states import ReplicationState
 from vmreplica.runtime.agent import Agent
@@ -63,13 +64,6 @@ def make_disk(path: Path, size: int, data: bytes = b"", at: int = 0) -> Path:
     return path
 
 
-def site_file(folder: Path, name: str, bootstrap: str, group: str, extra: str = "") -> Path:
-    path = folder / f"{name}.toml"
-    path.write_text(f'site = "{name}"\nroot = "{folder / name}"\nbootstrap_servers = '
-                    f'"{bootstrap}"\ntrust_group = "{group}"\nheartbeat_seconds = 1.0\n{extra}')
-    return path
-
-
 @pytest.fixture
 def short_dir() -> Iterator[Path]:
     """Site roots live here: Unix socket paths must stay under 108 bytes."""
@@ -78,6 +72,12 @@ def short_dir() -> Iterator[Path]:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def site_folder(short_dir: Path) -> Path:
+    """The ``sites`` factory puts site roots and configuration files in :func:`short_dir`."""
+    return short_dir
 
 
 @dataclass
@@ -125,20 +125,14 @@ class Pair:
 
 
 @pytest.fixture
-async def pair_factory(short_dir: Path, bootstrap_servers: str, unique: Callable[[str], str],
+async def pair_factory(sites: SiteFactory, unique: Callable[[str], str],
                        ) -> AsyncIterator[Callable[..., Awaitable[Pair]]]:
     stack: list[tuple[Agent, asyncio.Task[None]]] = []
-    sites: list[Site] = []
 
-    async def make(disks: dict[str, Path], settings: VmSettings, extra_a: str = "") -> Pair:
-        group, vm = unique("tg"), unique("vm")
-        config_a = load_config(site_file(short_dir, "site-a", bootstrap_servers, group,
-                                         extra_a))
-        config_b = load_config(site_file(short_dir, "site-b", bootstrap_servers, group))
-        site_a, site_b = Site(config_a), Site(config_b)
-        for site in (site_a, site_b):
-            await site.start()
-            sites.append(site)
+    async def make(disks: dict[str, Path], settings: VmSettings, **site_a_settings: Any) -> Pair:
+        vm = unique("vm")
+        site_a = await sites.start("site-a", heartbeat_seconds=1.0, **site_a_settings)
+        site_b = await sites.start("site-b", heartbeat_seconds=1.0)
         await site_a.enable(vm, disks, "site-b", settings)
         agent_a, agent_b = Agent(site_a), Agent(site_b)
         for agent in (agent_a, agent_b):
@@ -151,8 +145,6 @@ async def pair_factory(short_dir: Path, bootstrap_servers: str, unique: Callable
     for agent, task in reversed(stack):
         agent.stop()
         await asyncio.wait_for(task, 120)
-    for site in sites:
-        await site.stop()
 
 
 async def test_qemu_io_nbdcopy_and_fio_through_the_agent_reach_an_identical_replica(
@@ -160,7 +152,7 @@ async def test_qemu_io_nbdcopy_and_fio_through_the_agent_reach_an_identical_repl
     disks = {"disk0": make_disk(tmp_path / "disk0.img", 64 * MiB, os.urandom(MiB), 5 * MiB),
              "disk1": make_disk(tmp_path / "disk1.img", 16 * MiB)}
     pair = await pair_factory(disks, VmSettings(frequency_seconds=0, capture="nbd"),
-                              extra_a="nbd_tcp_port = 0\n")
+                              nbd_tcp_port=0)
     exports = pair.agent_a.fronts[pair.vm].exports
     assert exports is not None
     uri0, uri1 = exports.uri("disk0"), exports.uri("disk1")
@@ -302,11 +294,10 @@ def start_agent(config: Path, log: Path) -> subprocess.Popen[bytes]:
 
 
 async def test_sigkill_right_after_a_flush_reply_keeps_the_data_and_it_reaches_the_replica(
-        tmp_path: Path, short_dir: Path, bootstrap_servers: str,
+        tmp_path: Path, short_dir: Path, sites: SiteFactory,
         unique: Callable[[str], str]) -> None:
-    group, vm = unique("tg"), unique("vm")
-    config_a = site_file(short_dir, "site-a", bootstrap_servers, group)
-    config_b = site_file(short_dir, "site-b", bootstrap_servers, group)
+    vm = unique("vm")
+    config_a = sites.config_file("site-a", heartbeat_seconds=1.0)
     disk = make_disk(tmp_path / "disk0.img", 16 * MiB)
     enabled = json.loads(await cli(config_a, "enable", vm, "--disk", f"disk0={disk}",
                                    "--replica-site", "site-b", "--capture", "nbd",
@@ -320,7 +311,7 @@ async def test_sigkill_right_after_a_flush_reply_keeps_the_data_and_it_reaches_t
     log = tmp_path / "agent-a.log"
     agent = start_agent(config_a, log)
     try:
-        async with Site(load_config(config_a)) as site_a:
+        async with sites.site("site-a", heartbeat_seconds=1.0) as site_a:
             async def serving() -> bool:
                 record = await site_a.catalog.vm(vm)
                 return socket.exists() and record.state is ReplicationState.REPLICATING
@@ -353,7 +344,7 @@ async def test_sigkill_right_after_a_flush_reply_keeps_the_data_and_it_reaches_t
             agent.kill()
             await asyncio.to_thread(agent.wait)
 
-    async with Site(load_config(config_b)) as site_b:
+    async with sites.site("site-b", heartbeat_seconds=1.0) as site_b:
         [adopted] = await site_b.discover()
         async with await site_b.replica(adopted) as replica:
             await replica.catch_up()

@@ -26,7 +26,6 @@ import os
 import random
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -34,12 +33,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tests.e2e.primary_worker import DISKS, MAX_GROUP, apply_to, operation
-from vmreplica.config import SiteConfig
+from tests.fixtures import SiteFactory, VmFactory
 from vmreplica.consumers.replica import ReplicaVm
 from vmreplica.domain.model import VmSettings
 from vmreplica.domain.states import ReplicationState
 from vmreplica.journal.kafka import JournalReader, KafkaConnection
-from vmreplica.runtime.site import Site
 from vmreplica.schemas.codec import decode_journal
 from vmreplica.schemas.events import CycleCommit, WriteBatch
 from vmreplica.storage.image import sha256_of
@@ -146,26 +144,17 @@ async def _uncommitted_batches(bootstrap: str, topic: str) -> BatchIds:
 
 
 async def test_primary_sigkill_loses_no_flushed_write_and_numbers_cycles_exactly(
-        tmp_path: Path, bootstrap_servers: str, unique: Callable[[str], str]) -> None:
+        sites: SiteFactory, vm: VmFactory, bootstrap_servers: str) -> None:
     """Twelve kills of the primary process; flushed writes survive and cycles stay consecutive."""
-    group = unique("tg")
     rng = random.Random(int.from_bytes(os.urandom(8)))
     seed = rng.getrandbits(32)
     rng.seed(seed)
-    primary_config = SiteConfig(site="site-a", root=tmp_path / "site-a",
-                                bootstrap_servers=bootstrap_servers, trust_group=group)
-    replica_config = SiteConfig(site="site-b", root=tmp_path / "site-b",
-                                bootstrap_servers=bootstrap_servers, trust_group=group)
-    config_file = tmp_path / "site-a.toml"
-    config_file.write_text(f'site = "site-a"\nroot = "{primary_config.root}"\n'
-                           f'bootstrap_servers = "{bootstrap_servers}"\n'
-                           f'trust_group = "{group}"\n')
-    disks = {name: tmp_path / "vm" / f"{name}.img" for name in DISKS}
-    disks["disk0"].parent.mkdir()
+    config_file = sites.config_file("site-a")
     model: Model = {disk: bytearray(size) for disk, size in DISKS.items()}
-    async with Site(primary_config) as site_a, Site(replica_config) as site_b:
-        record = await site_a.enable(VM, disks, "site-b", VmSettings(frequency_seconds=30),
-                                     sizes=DISKS)
+    async with sites.site("site-a") as site_a, sites.site("site-b") as site_b:
+        enabled = await vm(site_a, DISKS, VmSettings(frequency_seconds=30), name=VM,
+                           create_images=False)
+        disks, record = enabled.disks, enabled.record
         async with site_a.primary(record) as primary:
             first_cycle = (await primary.initial_replication()).first_cycle
         adopted = await site_b.discover()

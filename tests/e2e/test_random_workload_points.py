@@ -25,13 +25,12 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from vmreplica.config import SiteConfig
+from tests.fixtures import SiteFactory, enable_vm
 from vmreplica.consumers.points import export_point
 from vmreplica.consumers.replica import image_path
 from vmreplica.domain.model import VmSettings
 from vmreplica.domain.states import ReplicationState
 from vmreplica.producers.capture import CapturedVm
-from vmreplica.runtime.site import Site
 from vmreplica.storage.image import sha256_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -105,23 +104,17 @@ def workload(seed: int) -> tuple[tuple[Op, ...], list[Cycle]]:
     return pre_seed, cycles
 
 
-def _site_config(root: Path, site: str, bootstrap: str, group: str) -> SiteConfig:
-    return SiteConfig(site=site, root=root / site, bootstrap_servers=bootstrap,
-                      trust_group=group)
-
-
 async def _run(tmp_path: Path, bootstrap: str, pre_seed: tuple[Op, ...],
                cycles: list[Cycle]) -> tuple[int, Digests]:
     """Replicate the workload, check every point; return the first point and its digests."""
     vm, group = VM, f"tg-{uuid.uuid4().hex[:10]}"  # one trust group (topic) per example
-    primary_config = _site_config(tmp_path, "site-a", bootstrap, group)
-    replica_config = _site_config(tmp_path, "site-b", bootstrap, group)
-    disks = {name: tmp_path / "vm" / f"{name}.img" for name in DISKS}
-    disks["system"].parent.mkdir(parents=True)
+    sites = SiteFactory(tmp_path, bootstrap, group)
+    replica_config = sites.config("site-b")
     digests: dict[int, Digests] = {}
-    async with Site(primary_config) as site_a, Site(replica_config) as site_b:
-        record = await site_a.enable(vm, disks, "site-b", VmSettings(
-            frequency_seconds=30, continuous_points_hours=1), sizes=DISKS)
+    async with sites.site("site-a") as site_a, sites.site("site-b") as site_b:
+        enabled = await enable_vm(site_a, tmp_path, vm, DISKS, VmSettings(
+            frequency_seconds=30, continuous_points_hours=1), create_images=False)
+        disks, record = enabled.disks, enabled.record
         async with site_a.primary(record) as primary:
             capture = primary.capture
             for op in pre_seed:  # content the seed must carry
@@ -167,9 +160,7 @@ async def _run(tmp_path: Path, bootstrap: str, pre_seed: tuple[Op, ...],
             for name in DISKS:
                 (out / f"{name}.raw").unlink()
 
-    config_file = tmp_path / "site-b.toml"
-    config_file.write_text(f'site = "site-b"\nroot = "{replica_config.root}"\n'
-                           f'bootstrap_servers = "{bootstrap}"\ntrust_group = "{group}"\n')
+    sites.config_file("site-b")  # for `vmreplica points export`
     return first, digests[first]
 
 

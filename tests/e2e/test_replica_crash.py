@@ -24,20 +24,19 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Final
 
 import pytest
 
+from tests.fixtures import SiteFactory, VmFactory
 from vmreplica.config import SiteConfig
 from vmreplica.consumers.replica import image_path
 from vmreplica.consumers.undo import UndoLog
 from vmreplica.domain.model import VmSettings
 from vmreplica.domain.states import ReplicationState
 from vmreplica.producers.primary import PrimaryVm
-from vmreplica.runtime.site import Site
 from vmreplica.storage.catalog import Catalog
 from vmreplica.storage.image import DiskImage, sha256_of, sparse_copy
 
@@ -137,32 +136,23 @@ def _start_agent(config_file: Path, log: Path) -> subprocess.Popen[bytes]:
 
 
 async def test_replica_agent_survives_sigkill_at_random_instants(
-        tmp_path: Path, bootstrap_servers: str) -> None:
+        tmp_path: Path, sites: SiteFactory, vm: VmFactory) -> None:
     """32 SIGKILLs during apply; after each, images + undo + catalog equal a primary cycle."""
-    group = f"tg-{uuid.uuid4().hex[:10]}"
     rng = random.Random(int.from_bytes(os.urandom(8)))
     seed = rng.getrandbits(32)
     rng.seed(seed)
-    primary_config = SiteConfig(site="site-a", root=tmp_path / "site-a",
-                                bootstrap_servers=bootstrap_servers, trust_group=group)
-    replica_config = SiteConfig(site="site-b", root=tmp_path / "site-b",
-                                bootstrap_servers=bootstrap_servers, trust_group=group,
-                                heartbeat_seconds=1.0)
-    config_file = tmp_path / "site-b.toml"
-    config_file.write_text(f'site = "site-b"\nroot = "{replica_config.root}"\n'
-                           f'bootstrap_servers = "{bootstrap_servers}"\n'
-                           f'trust_group = "{group}"\nheartbeat_seconds = 1.0\n')
-    disks = {name: tmp_path / "vm" / f"{name}.img" for name in DISKS}
-    disks["disk0"].parent.mkdir()
+    replica_config = sites.config("site-b", heartbeat_seconds=1.0)
+    config_file = sites.config_file("site-b", heartbeat_seconds=1.0)
     undo = replica_config.vm_folder(VM) / "undo"
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     log = tmp_path / "agent.log"
     digests: dict[int, Digests] = {}
     outcomes: Counter[str] = Counter()
-    async with Site(primary_config) as site_a:
-        record = await site_a.enable(VM, disks, "site-b", VmSettings(frequency_seconds=30),
-                                     sizes=dict.fromkeys(DISKS, DISK_BYTES))
+    async with sites.site("site-a") as site_a:
+        enabled = await vm(site_a, dict.fromkeys(DISKS, DISK_BYTES),
+                           VmSettings(frequency_seconds=30), name=VM, create_images=False)
+        disks, record = enabled.disks, enabled.record
         async with site_a.primary(record) as primary:
             for name in DISKS:
                 await primary.capture.write(name, 0, rng.randbytes(MiB))

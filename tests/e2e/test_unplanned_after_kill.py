@@ -11,16 +11,14 @@ import asyncio
 import hashlib
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.primary_worker import DISKS, apply_to, operation
+from tests.fixtures import SiteFactory, VmFactory
 from vmreplica import failover
-from vmreplica.config import SiteConfig
 from vmreplica.domain.model import VmSettings
-from vmreplica.runtime.site import Site
 from vmreplica.storage.image import sha256_of
 
 pytestmark = pytest.mark.e2e
@@ -66,40 +64,31 @@ async def run_primary_until_killed(config: Path, vm: str, cycles: int) -> dict[i
 
 
 async def test_unplanned_failover_after_sigkill_lands_on_recorded_points(
-        tmp_path: Path, bootstrap_servers: str, unique: Callable[[str], str]) -> None:
-    group, vm = unique("tg"), unique("vm")
-    config_a = tmp_path / "a.toml"
-    config_a.write_text(f'site = "site-a"\nroot = "{tmp_path / "a"}"\nbootstrap_servers = '
-                        f'"{bootstrap_servers}"\ntrust_group = "{group}"\n')
-    disks = {name: tmp_path / f"{name}.img" for name in DISKS}
-    for name, path in disks.items():
-        with path.open("wb") as file:
-            file.truncate(DISKS[name])
-    b = Site(SiteConfig(site="site-b", root=tmp_path / "b", bootstrap_servers=bootstrap_servers,
-                        trust_group=group))
-    async with Site(SiteConfig(site="site-a", root=tmp_path / "a",
-                               bootstrap_servers=bootstrap_servers, trust_group=group)) as a:
-        record = await a.enable(vm, disks, "site-b",
-                                VmSettings(frequency_seconds=30, continuous_points_hours=1))
-        async with a.primary(record) as primary:
+        sites: SiteFactory, vm: VmFactory) -> None:
+    config_a = sites.config_file("site-a")
+    b = sites.site("site-b")
+    async with sites.site("site-a") as a:
+        enabled = await vm(a, DISKS, VmSettings(frequency_seconds=30, continuous_points_hours=1))
+        vm_name = enabled.name
+        async with a.primary(enabled.record) as primary:
             await primary.initial_replication()
-    at_cut = await run_primary_until_killed(config_a, vm, cycles=5)
+    at_cut = await run_primary_until_killed(config_a, vm_name, cycles=5)
     assert len(at_cut) >= 5
     async with b:
         await b.discover()
-        async with await b.replica(await b.catalog.vm(vm)) as replica:
+        async with await b.replica(await b.catalog.vm(vm_name)) as replica:
             await replica.catch_up()
 
         def replica_digests() -> dict[str, str]:
-            return {name: sha256_of(tmp_path / "b" / "vms" / vm / "disks" / f"{name}.img")
+            return {name: sha256_of(b.config.vm_folder(vm_name) / "disks" / f"{name}.img")
                     for name in DISKS}
 
         cycles = sorted(at_cut)
         older = cycles[1]
-        await failover.promote(b, vm, point=str(older), force=True)
+        await failover.promote(b, vm_name, point=str(older), force=True)
         assert replica_digests() == expected_digests(at_cut[older])
-        await failover.cancel(b, vm)
-        async with await b.replica(await b.catalog.vm(vm)) as replica:
+        await failover.cancel(b, vm_name)
+        async with await b.replica(await b.catalog.vm(vm_name)) as replica:
             await replica.catch_up()
-        await failover.promote(b, vm, point="latest", force=True)
+        await failover.promote(b, vm_name, point="latest", force=True)
         assert replica_digests() == expected_digests(at_cut[cycles[-1]])

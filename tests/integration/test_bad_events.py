@@ -36,7 +36,7 @@ from typing import Final
 
 import pytest
 
-from vmreplica.config import SiteConfig
+from tests.fixtures import SiteFactory, SitePair, VmFactory
 from vmreplica.consumers.replica import ReplicaVm, image_path
 from vmreplica.domain.model import Position, VmSettings
 from vmreplica.domain.states import ReplicationState
@@ -80,38 +80,29 @@ class Pair:
     disks: dict[str, dict[str, Path]]
 
 
-def _configs(tmp_path: Path, bootstrap: str) -> tuple[SiteConfig, SiteConfig]:
-    group = f"tg-{uuid.uuid4().hex[:10]}"
-    return (SiteConfig(site="site-a", root=tmp_path / "site-a", bootstrap_servers=bootstrap,
-                       trust_group=group),
-            SiteConfig(site="site-b", root=tmp_path / "site-b", bootstrap_servers=bootstrap,
-                       trust_group=group))
-
-
-async def _start_primaries(site_a: Site, tmp_path: Path, stack: AsyncExitStack,
+async def _start_primaries(site_a: Site, vm: VmFactory, stack: AsyncExitStack,
                            ) -> tuple[dict[str, PrimaryVm], dict[str, dict[str, Path]]]:
     """Enable, seed and ship one good cycle for each VM."""
     primaries, disks = {}, {}
-    for vm in (BAD, GOOD):
-        disks[vm] = {name: tmp_path / vm / f"{name}.img" for name in DISKS}
-        disks[vm]["disk0"].parent.mkdir()
-        record = await site_a.enable(vm, disks[vm], "site-b", VmSettings(frequency_seconds=30),
-                                     sizes=DISKS)
-        primary = await stack.enter_async_context(site_a.primary(record))
+    for name in (BAD, GOOD):
+        enabled = await vm(site_a, DISKS, VmSettings(frequency_seconds=30), name=name,
+                           create_images=False)
+        disks[name] = enabled.disks
+        primary = await stack.enter_async_context(site_a.primary(enabled.record))
         await primary.capture.write("disk0", 0, os.urandom(256 * KiB))
         await primary.initial_replication()
         await primary.capture.write("disk1", 100 * KiB, os.urandom(64 * KiB))
         await primary.capture.write("disk1", DISKS["disk1"] - 4 * KiB, os.urandom(4 * KiB))
         await primary.replicate()
-        primaries[vm] = primary
+        primaries[name] = primary
     return primaries, disks
 
 
 @asynccontextmanager
-async def two_vms(tmp_path: Path, bootstrap: str) -> AsyncIterator[Pair]:
-    config_a, config_b = _configs(tmp_path, bootstrap)
-    async with Site(config_a) as site_a, Site(config_b) as site_b, AsyncExitStack() as stack:
-        primaries, disks = await _start_primaries(site_a, tmp_path, stack)
+async def two_vms(site_pair: SitePair, vm: VmFactory) -> AsyncIterator[Pair]:
+    site_a, site_b = site_pair.a, site_pair.b
+    async with AsyncExitStack() as stack:
+        primaries, disks = await _start_primaries(site_a, vm, stack)
         replicas = {}
         for record in await site_b.discover():
             replica = await stack.enter_async_context(await site_b.replica(record))
@@ -240,9 +231,9 @@ CASES: Final = ("skipped-cycle", "bad-checksum", "not-avro", "truncated-avro", "
 
 @pytest.mark.parametrize("case", CASES)
 async def test_bad_event_stops_only_its_vm_and_changes_no_byte(
-        tmp_path: Path, bootstrap_servers: str, case: str) -> None:
+        site_pair: SitePair, vm: VmFactory, case: str) -> None:
     """The forged transaction is refused whole, with the exact state and message."""
-    async with two_vms(tmp_path, bootstrap_servers) as pair:
+    async with two_vms(site_pair, vm) as pair:
         catalog = pair.site_b.catalog
         folder = pair.site_b.config.vm_folder(BAD)
         bad = pair.replicas[BAD]
@@ -303,32 +294,29 @@ async def _wait_for(check: Callable[[], Awaitable[bool]], what: str,
 
 
 async def test_agent_keeps_replicating_the_healthy_vm_after_a_bad_event(
-        tmp_path: Path, bootstrap_servers: str) -> None:
+        tmp_path: Path, sites: SiteFactory, vm: VmFactory) -> None:
     """A real agent process: the bad VM stops with "resynchronization required", the good
     one applies three more cycles, and the bad VM's images do not change."""
-    config_a, config_b = _configs(tmp_path, bootstrap_servers)
-    config_file = tmp_path / "site-b.toml"
-    config_file.write_text(f'site = "site-b"\nroot = "{config_b.root}"\n'
-                           f'bootstrap_servers = "{bootstrap_servers}"\n'
-                           f'trust_group = "{config_b.trust_group}"\nheartbeat_seconds = 1.0\n')
+    config_b = sites.config("site-b")
+    config_file = sites.config_file("site-b", heartbeat_seconds=1.0)
     log = tmp_path / "agent.log"
-    async with Site(config_a) as site_a, AsyncExitStack() as stack:
-        primaries, disks = await _start_primaries(site_a, tmp_path, stack)
-        shipped = {vm: await site_a.catalog.position(vm) for vm in (BAD, GOOD)}
+    async with sites.site("site-a") as site_a, AsyncExitStack() as stack:
+        primaries, disks = await _start_primaries(site_a, vm, stack)
+        shipped = {name: await site_a.catalog.position(name) for name in (BAD, GOOD)}
         agent = _start_agent(config_file, log)
         try:
             async with Catalog(config_b.catalog_path) as catalog:
-                def applied(vm: str, cycle: int) -> Callable[[], Awaitable[bool]]:
+                def applied(name: str, cycle: int) -> Callable[[], Awaitable[bool]]:
                     async def check() -> bool:
-                        if await catalog.find_vm(vm) is None:
+                        if await catalog.find_vm(name) is None:
                             return False
-                        position = await catalog.position(vm)
+                        position = await catalog.position(name)
                         return position is not None and position.cycle == cycle
                     return check
 
-                for vm, position in shipped.items():
+                for name, position in shipped.items():
                     assert position is not None
-                    await _wait_for(applied(vm, position.cycle), f"{vm} at cycle "
+                    await _wait_for(applied(name, position.cycle), f"{name} at cycle "
                                     f"{position.cycle}", agent, log)
                 folder = config_b.vm_folder(BAD)
                 before = await _replica_state(catalog, folder)

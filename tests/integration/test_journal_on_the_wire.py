@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 import fastavro
 import pytest
 
-from vmreplica.config import SiteConfig
+from tests.fixtures import SiteFactory, VmFactory
 from vmreplica.domain.model import VmSettings
 from vmreplica.journal.kafka import JournalReader, KafkaConnection
-from vmreplica.runtime.site import Site
 
 pytestmark = pytest.mark.integration
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
@@ -37,14 +35,9 @@ def plain_readers() -> dict[bytes, tuple[str, Any]]:
 
 
 async def test_a_shipped_cycle_decodes_with_plain_fastavro(
-        tmp_path: Path, kafka: KafkaConnection, unique: Callable[[str], str]) -> None:
-    disk = tmp_path / "disk0.img"
-    with disk.open("wb") as file:
-        file.truncate(4 * 1024 * 1024)
-    config = SiteConfig(site="site-a", root=tmp_path / "a",
-                        bootstrap_servers=kafka.bootstrap_servers, trust_group=unique("tg"))
-    async with Site(config) as site:
-        record = await site.enable(unique("vm"), {"disk0": disk}, "site-b", VmSettings())
+        sites: SiteFactory, vm: VmFactory, kafka: KafkaConnection) -> None:
+    async with sites.site("site-a") as site:
+        record = (await vm(site, {"disk0": 4 * 1024 * 1024}, VmSettings())).record
         async with site.primary(record) as primary:
             await primary.initial_replication()
             await primary.capture.write("disk0", 8192, b"\x5a" * 4096)

@@ -6,16 +6,14 @@ import asyncio
 import shutil
 import subprocess
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from vmreplica.config import SiteConfig
+from tests.fixtures import SiteFactory, VmFactory
 from vmreplica.devtools.ports import free_base_port
 from vmreplica.domain.model import VmSettings
 from vmreplica.runtime.agent import Agent
-from vmreplica.runtime.site import Site
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool")]
@@ -28,16 +26,10 @@ def scrape(port: int) -> str:
 
 
 async def test_agent_metrics_pass_promtool_and_name_the_state(
-        tmp_path: Path, bootstrap_servers: str, unique: Callable[[str], str]) -> None:
+        sites: SiteFactory, vm: VmFactory) -> None:
     port = free_base_port() + 5
-    vm = unique("vm")
-    disk = tmp_path / "disk0.img"
-    with disk.open("wb") as file:
-        file.truncate(1024 * 1024)
-    config = SiteConfig(site="site-a", root=tmp_path / "a", bootstrap_servers=bootstrap_servers,
-                        trust_group=unique("tg"), metrics_port=port)
-    async with Site(config) as site:
-        await site.enable(vm, {"disk0": disk}, "site-b", VmSettings(frequency_seconds=30))
+    async with sites.site("site-a", metrics_port=port) as site:
+        vm_name = (await vm(site, {"disk0": 1024 * 1024}, VmSettings(frequency_seconds=30))).name
         agent = Agent(site)
         running = asyncio.create_task(agent.run())
         text = ""
@@ -47,13 +39,14 @@ async def test_agent_metrics_pass_promtool_and_name_the_state(
                 text = await asyncio.to_thread(scrape, port)
             except OSError:
                 continue
-            if f'vm="{vm}"' in text and 'state="replicating"} 1.0' in text:
+            if f'vm="{vm_name}"' in text and 'state="replicating"} 1.0' in text:
                 break
         agent.stop()
         await running
-    assert f'vmreplica_vm_state{{role="primary",site="site-a",state="replicating",vm="{vm}"}} 1.0' \
-        in text
-    assert f'vmreplica_vm_health{{health="normal",role="primary",site="site-a",vm="{vm}"}}' in text
+    assert (f'vmreplica_vm_state{{role="primary",site="site-a",state="replicating",'
+            f'vm="{vm_name}"}} 1.0') in text
+    assert (f'vmreplica_vm_health{{health="normal",role="primary",site="site-a",'
+            f'vm="{vm_name}"}}') in text
     check_with_promtool(text)
 
 

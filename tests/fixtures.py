@@ -1,0 +1,177 @@
+"""Factories for what tests build over and over: sites, their configuration files, and VMs.
+
+Registered from ``tests/conftest.py`` (``pytest_plugins``), so every test can ask for
+
+- ``sites``: a :class:`SiteFactory` — configurations, ``site.toml`` files and :class:`Site`
+  objects of any number of sites that share the session's broker and a trust group of their
+  own (so topics never collide between tests); sites it started stop after the test;
+- ``site_pair``: sites A (``site-a``) and B (``site-b``) of that factory, started;
+- ``vm``: enables a VM on a site, with disks of given sizes and settings (:class:`VmFactory`);
+- ``site_folder``: where site roots and configuration files go (``tmp_path``); a module whose
+  sites serve NBD on Unix sockets overrides it with a shorter folder.
+
+:class:`SiteFactory` and :func:`enable_vm` also work without pytest's fixtures, for a test that
+runs its own event loop per hypothesis example.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+
+from vmreplica.config import SiteConfig
+from vmreplica.domain.model import VmRecord, VmSettings
+from vmreplica.runtime.site import Site
+
+
+class SiteFactory:
+    """Sites of one test: one broker, one trust group, each root at ``<folder>/<site name>``.
+
+    Every method takes the site's name and any other :class:`SiteConfig` setting as keywords
+    (``heartbeat_seconds=1.0``, ``metrics_port=...``, ``trust_group=...`` for a site of
+    another group).
+    """
+
+    def __init__(self, folder: Path, bootstrap_servers: str, trust_group: str) -> None:
+        self.folder = folder
+        self.bootstrap_servers = bootstrap_servers
+        self.trust_group = trust_group
+        self._started: list[Site] = []
+
+    def settings(self, name: str, **overrides: Any) -> dict[str, Any]:
+        """The settings of site ``name``, as a configuration file would hold them."""
+        return {"site": name, "root": self.folder / name,
+                "bootstrap_servers": self.bootstrap_servers, "trust_group": self.trust_group,
+                **overrides}
+
+    def config(self, name: str, **overrides: Any) -> SiteConfig:
+        return SiteConfig(**self.settings(name, **overrides))
+
+    def config_file(self, name: str, *, to: Path | None = None, **overrides: Any) -> Path:
+        """Write ``<folder>/<name>.toml`` (or ``to``) for agents and commands run as processes."""
+        path = to or self.folder / f"{name}.toml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{key} = {_toml(value)}\n"
+                                for key, value in self.settings(name, **overrides).items()))
+        return path
+
+    def site(self, name: str, **overrides: Any) -> Site:
+        """A site not started yet: ``async with sites.site("site-a") as a: ...``."""
+        return Site(self.config(name, **overrides))
+
+    async def start(self, name: str, **overrides: Any) -> Site:
+        """A started site, stopped by :meth:`stop` (after the test, for the fixture)."""
+        site = self.site(name, **overrides)
+        await site.start()
+        self._started.append(site)
+        return site
+
+    async def stop(self) -> None:
+        """Stop the sites :meth:`start` started, newest first; a second call does nothing."""
+        while self._started:
+            await self._started.pop().stop()
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    raise TypeError(f"no TOML form for setting value {value!r}")
+
+
+@dataclass(frozen=True)
+class SitePair:
+    """Sites A (``site-a``, the primary) and B (``site-b``) of one trust group, started."""
+
+    a: Site
+    b: Site
+    sites: SiteFactory
+
+
+@dataclass(frozen=True)
+class EnabledVm:
+    """A VM enabled on its primary site, as :func:`enable_vm` left it."""
+
+    name: str
+    site: Site
+    record: VmRecord
+    """The catalog's record right after enabling (re-read it after a state change)."""
+    disks: dict[str, Path]
+    """The primary's image of each disk."""
+
+
+async def enable_vm(site: Site, folder: Path, name: str, disks: Mapping[str, int],
+                    settings: VmSettings | None = None, *, replica_site: str = "site-b",
+                    create_images: bool = True) -> EnabledVm:
+    """Enable ``name`` on ``site`` with disks of the given sizes, at ``<folder>/<name>/<disk>.img``.
+
+    ``create_images`` makes sparse image files first, as a hypervisor's disks would be; without
+    it ``enable`` gets the sizes and the images are created when the primary opens them.
+    """
+    images = {disk: folder / name / f"{disk}.img" for disk in disks}
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    if create_images:
+        for disk, path in images.items():
+            with path.open("wb") as file:
+                file.truncate(disks[disk])
+    record = await site.enable(name, images, replica_site, settings or VmSettings(),
+                               sizes=None if create_images else dict(disks))
+    return EnabledVm(name, site, record, images)
+
+
+class VmFactory(Protocol):
+    """``await vm(site, {"disk0": 8 * MiB}, VmSettings(frequency_seconds=30))``.
+
+    The name is unique to the test unless given; images go under the test's ``tmp_path``.
+    """
+
+    async def __call__(self, site: Site, disks: Mapping[str, int],
+                       settings: VmSettings | None = None, *, name: str | None = None,
+                       replica_site: str = "site-b", create_images: bool = True,
+                       ) -> EnabledVm: ...
+
+
+@pytest.fixture
+def site_folder(tmp_path: Path) -> Path:
+    """Where the test's site roots and configuration files go."""
+    return tmp_path
+
+
+@pytest.fixture
+async def sites(site_folder: Path, bootstrap_servers: str,
+                unique: Callable[[str], str]) -> AsyncIterator[SiteFactory]:
+    factory = SiteFactory(site_folder, bootstrap_servers, unique("tg"))
+    yield factory
+    await factory.stop()
+
+
+@pytest.fixture
+async def site_pair(sites: SiteFactory) -> SitePair:
+    return SitePair(await sites.start("site-a"), await sites.start("site-b"), sites)
+
+
+@pytest.fixture
+def vm(tmp_path: Path, unique: Callable[[str], str]) -> VmFactory:
+    made = itertools.count(1)
+
+    async def make(site: Site, disks: Mapping[str, int], settings: VmSettings | None = None,
+                   *, name: str | None = None, replica_site: str = "site-b",
+                   create_images: bool = True) -> EnabledVm:
+        if name is None:
+            count = next(made)
+            name = unique("vm") if count == 1 else f"{unique('vm')}-{count}"
+        return await enable_vm(site, tmp_path / "disks", name, disks, settings,
+                               replica_site=replica_site, create_images=create_images)
+
+    return make
