@@ -84,6 +84,12 @@ class KafkaConnection:
                 "request_timeout_ms": REQUEST_TIMEOUT_MS, **self.extra}
 
 
+TOPIC_PROPAGATION_SECONDS: Final = 10.0
+"""How long a topic just created may stay unknown to the broker that is asked about it."""
+_UNKNOWN_TOPIC_OR_PARTITION: Final = 3
+"""Kafka's error code for a topic this broker does not know (yet)."""
+
+
 def _translate(error: BaseException, doing: str) -> BrokerError:
     if isinstance(error, ProducerFenced | InvalidProducerEpoch):
         return FencedError(
@@ -164,21 +170,34 @@ class TopicAdmin:
         return True
 
     async def topic_configs(self, name: str) -> dict[str, str]:
-        """The topic's effective configuration, as the broker reports it."""
-        try:
-            responses = await self._admin.describe_configs(
-                [ConfigResource(ConfigResourceType.TOPIC, name)])
-        except KafkaError as error:
-            raise _translate(error, f"describing topic {name}") from error
-        configs: dict[str, str] = {}
-        for response in responses:
-            for resource in response.resources:
-                error_code, error_message = resource[0], resource[1]
-                if error_code != 0:
-                    raise BrokerError(f"describing topic {name}: {error_message}")
-                for entry in resource[4]:
-                    configs[entry[0]] = entry[1]
-        return configs
+        """The topic's effective configuration, as the broker reports it.
+
+        A broker of a cluster learns of a topic just created a moment after the controller: an
+        unknown topic is asked again for up to :data:`TOPIC_PROPAGATION_SECONDS`.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TOPIC_PROPAGATION_SECONDS
+        while True:
+            try:
+                responses = await self._admin.describe_configs(
+                    [ConfigResource(ConfigResourceType.TOPIC, name)])
+            except KafkaError as error:
+                raise _translate(error, f"describing topic {name}") from error
+            configs: dict[str, str] = {}
+            unknown = False
+            for response in responses:
+                for resource in response.resources:
+                    error_code, error_message = resource[0], resource[1]
+                    if error_code == _UNKNOWN_TOPIC_OR_PARTITION and loop.time() < deadline:
+                        unknown = True
+                    elif error_code != 0:
+                        raise BrokerError(f"describing topic {name}: error code {error_code} "
+                                          f"{error_message or '(no message)'}")
+                    for entry in resource[4]:
+                        configs[entry[0]] = entry[1]
+            if not unknown:
+                return configs
+            await asyncio.sleep(0.1)
 
     async def topics(self) -> list[str]:
         try:
