@@ -135,6 +135,8 @@ def test_shipped_cycles_count_once_with_latency_bytes_and_rpo() -> None:
     assert sample("vmreplica_cycle_ship_latency_seconds_bucket", {**labels, "le": "0.5"}) == 1
     assert sample("vmreplica_cycles_missed_total", labels) == 0
     assert sample("vmreplica_cycles_failed_total", {**labels, "reason": "network"}) == 0
+    assert sample("vmreplica_failover_actions_total",  # at 0 before its first event
+                  {**labels, "action": "planned", "outcome": "done"}) == 0
     with_role = {**labels, "role": "primary"}
     assert sample("vmreplica_last_cycle", with_role) == 3
     assert sample("vmreplica_last_successful_cycle_timestamp_seconds", with_role) == (
@@ -201,10 +203,11 @@ def test_a_vm_removed_from_the_catalog_loses_every_series() -> None:
     metrics = SiteMetrics("site-a", Clock(START_MS))
     metrics.update(status(record()))
     metrics.failover("web", "planned")
+    metrics.failover("ghost", "unplanned", "failed")  # a request for a VM never in the catalog
     metrics.retain([])
     names = {sample.labels.get("vm") for family in metrics.registry.collect()
              for sample in family.samples}
-    assert "web" not in names
+    assert names & {"web", "ghost"} == set()
 
 
 def test_a_taken_metrics_port_is_one_line_naming_the_setting() -> None:

@@ -49,6 +49,7 @@ from vmreplica.errors import (
     JournalIntegrityError,
     ReplicationError,
 )
+from vmreplica.failover.requests import REQUEST_TYPES
 from vmreplica.runtime.status import PrimaryProgress, VmStatus
 
 # ``_created`` series double every counter and histogram and only OpenMetrics scrapers use them;
@@ -68,6 +69,11 @@ CONTINUOUS_INTERVAL_SECONDS: Final = 1.0
 FAILURE_REASONS: Final = ("network", "fenced", "hook", "journal", "replication")
 """Why a cycle failed, counted apart as Hyper-V counts network, replication and
 application-consistency failures apart."""
+FAILOVER_ACTIONS: Final = (
+    *((kind, outcome) for kind in REQUEST_TYPES for outcome in ("done", "refused", "failed")),
+    ("takeover", "done"), ("follow", "done"), ("stand_down", "done"))
+"""(action, outcome) of failover actions: what the CLI asks the agent (each done, refused as
+not allowed now, or failed as a mistake), and the role changes the agent makes by itself."""
 CYCLES_EXPECTED_STATES: Final = frozenset({ReplicationState.REPLICATING, ReplicationState.ERROR})
 """States in which a cycle is due every interval; in the others (initial replication, suspended,
 failed over, resync required…) an interval without a cycle is not a missed cycle."""
@@ -371,8 +377,8 @@ class SiteMetrics:
     def retain(self, vms: Iterable[str]) -> None:
         """Forget every VM not in ``vms`` (removed from the catalog): its series go."""
         keep = set(vms)
-        for vm in set(self._tallies) - keep:
-            del self._tallies[vm]
+        for vm in (set(self._tallies) | set(self._actions)) - keep:
+            self._tallies.pop(vm, None)
             for metric in (self.shipped, self.applied_cycles, self.missed, self.written_bytes,
                            self.sent_bytes, self.applied_bytes, self.ship_latency,
                            self.apply_latency, self.apply_time):
@@ -381,19 +387,22 @@ class SiteMetrics:
             for reason in FAILURE_REASONS:
                 with contextlib.suppress(KeyError):
                     self.failures.remove(self.site, vm, reason)
-            for action, outcome in self._actions.pop(vm, set()):
+            for action, outcome in {*FAILOVER_ACTIONS, *self._actions.pop(vm, set())}:
                 with contextlib.suppress(KeyError):
                     self.failovers.remove(self.site, vm, action, outcome)
         self.snapshot.vms = {vm: g for vm, g in self.snapshot.vms.items() if vm in keep}
 
     def _touch(self, vm: str) -> None:
-        """Create the VM's series at zero, so that ``increase()`` sees their first event."""
+        """Create the VM's series at zero, so that ``increase()`` sees their first event (a
+        series that first appears at 1 looks to Prometheus as if nothing happened)."""
         for metric in (self.shipped, self.applied_cycles, self.missed, self.written_bytes,
                        self.sent_bytes, self.applied_bytes, self.ship_latency,
                        self.apply_latency, self.apply_time):
             metric.labels(self.site, vm)
         for reason in FAILURE_REASONS:
             self.failures.labels(self.site, vm, reason)
+        for action, outcome in FAILOVER_ACTIONS:
+            self.failovers.labels(self.site, vm, action, outcome)
 
     # Events, from the agent --------------------------------------------------------------------
 
