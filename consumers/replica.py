@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 from vmreplica.consumers.materializer import Materializer
@@ -69,6 +70,8 @@ class ReplicaVm:
                                          retention_policy(record), self._report, site)
         self.reader = JournalReader(connection, journal_topic)
         self.violation: JournalViolation | None = None
+        self.apply_seconds = 0.0
+        """Time spent applying fetched records so far (the agent's apply-time metric)."""
 
     @property
     def name(self) -> str:
@@ -108,6 +111,7 @@ class ReplicaVm:
         records = await self.reader.fetch(timeout_seconds)
         if not records:
             return 0
+        started = time.monotonic()
         try:
             with apply_lock(self.folder):
                 await self.materializer.apply_records(records)
@@ -115,6 +119,7 @@ class ReplicaVm:
             self.violation = violation
             await self.catalog.set_state(self.name, violation.state, str(violation))
             log.error("%s", violation)
+        self.apply_seconds += time.monotonic() - started
         return len(records)
 
     async def catch_up(self, timeout_seconds: float = 30.0) -> int:

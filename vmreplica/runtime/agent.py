@@ -5,6 +5,9 @@ cycle every replication period (continuous mode: every second, or sooner once th
 holds ``continuous_max_bytes``), and heartbeats. For each VM it is replica of, it applies the
 journal as it arrives. New VMs (enabled here, or discovered in the trust group's topics) are
 picked up while it runs. One VM's failure never stops the others.
+
+Before it runs, :func:`check_folders` and the listeners (metrics, NBD over TCP) refuse a setting
+the agent cannot work with in one line that names the setting, the problem and what to do.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import Final
 
+from vmreplica.config import SiteConfig, cannot_listen
 from vmreplica.consumers.drill import FailoverDrill
 from vmreplica.consumers.replica import ReplicaVm
+from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import VmRecord
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import ConfigurationError, ReplicationError, SupersededError
@@ -26,9 +31,10 @@ from vmreplica.failover import carry_out, demote, follow_takeover, promote
 from vmreplica.failover.requests import posted_request
 from vmreplica.nbd.server import NbdServer
 from vmreplica.producers.capture_front import CaptureFront
+from vmreplica.producers.nbd_exports import UNIX_PATH_MAX_BYTES
 from vmreplica.producers.primary import PrimaryVm
 from vmreplica.runtime.extension import ExtendedReplication, load_extension
-from vmreplica.runtime.metrics import SiteMetrics
+from vmreplica.runtime.metrics import CycleStat, SiteMetrics, failure_reason
 from vmreplica.runtime.site import Site
 from vmreplica.runtime.status import vm_status
 from vmreplica.storage.mailbox import Mailbox
@@ -50,6 +56,43 @@ for its relationship to change, and is tried again this long after in case the c
 CONTINUOUS_TICK_SECONDS: Final = 1.0
 
 
+def check_folders(config: SiteConfig) -> None:
+    """Refuse a storage root or NBD socket folder the agent cannot use, before it opens them.
+
+    :raises ConfigurationError: one line: the setting, what is wrong, what to do.
+    """
+    _usable_folder("root", config.root, "the storage root")
+    socket_dir = config.nbd_socket_dir
+    if socket_dir is not None:
+        _usable_folder("nbd_socket_dir", socket_dir, "the NBD socket folder")
+        shortest = len(os.fsencode(socket_dir / "v.sock"))
+        if shortest > UNIX_PATH_MAX_BYTES:
+            raise ConfigurationError(
+                f"`nbd_socket_dir` {socket_dir}: too long for a Unix socket ({shortest} bytes "
+                f"with a one-letter VM name, {UNIX_PATH_MAX_BYTES} allowed). Operator action: "
+                "set `nbd_socket_dir` to a short folder such as /run/vmreplica.")
+
+
+def _usable_folder(setting: str, path: os.PathLike[str], what: str) -> None:
+    folder = os.fspath(path)
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise ConfigurationError(
+            f"`{setting}` {folder}: {what} is a file, not a folder. Operator action: set "
+            f"`{setting}` to a folder, or move the file away.")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise ConfigurationError(
+            f"`{setting}` {folder}: cannot create {what}: {error.strerror or error}. Operator "
+            f"action: create it for this user (uid {os.getuid()}), or set `{setting}` to a "
+            "folder it can write.") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigurationError(
+            f"`{setting}` {folder}: {what} is not writable by this user (uid {os.getuid()}). "
+            f"Operator action: give it write access, or set `{setting}` to a folder it can "
+            "write.")
+
+
 class Agent:
     """Runs every VM of one :class:`Site` until stopped."""
 
@@ -65,6 +108,8 @@ class Agent:
         self._next_discovery = 0.0
         self._next_metrics = 0.0
         self.metrics = SiteMetrics(site.config.site)
+        self.metrics_url: str | None = None
+        """Where Prometheus scrapes this agent, once it runs (``metrics_port`` set)."""
         self.primaries: dict[str, PrimaryVm] = {}
         """Open primary VMs: a program capturing through the API writes to their ``capture``."""
         self.fronts: dict[str, CaptureFront] = {}
@@ -84,11 +129,21 @@ class Agent:
                 loop.add_signal_handler(signum, self.stop)
         if self._early_signals:
             self.stop()
-        log.info("agent of site %s started", self.site.config.site)
-        await self._start_nbd_tcp()
-        if self.site.config.metrics_port is not None:
-            self.metrics.serve(self.site.config.metrics_port)
-            log.info("metrics on http://127.0.0.1:%d/metrics", self.site.config.metrics_port)
+        config = self.site.config
+        if config.metrics_port is not None:
+            self.metrics_url = self.metrics.serve(config.metrics_port, config.metrics_address)
+        try:
+            await self._start_nbd_tcp()
+            log.info("agent of site %s started", config.site)
+            if self.metrics_url is not None:
+                log.info("metrics on %s", self.metrics_url)
+            await self._run_until_stopped()
+        finally:
+            if self.nbd_tcp is not None:
+                await self.nbd_tcp.stop()
+            await asyncio.to_thread(self.metrics.stop)
+
+    async def _run_until_stopped(self) -> None:
         await self.mailbox.start()
         try:
             while not self.stopping.is_set():
@@ -102,19 +157,28 @@ class Agent:
             for task in self._tasks.values():
                 task.cancel()
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-            if self.nbd_tcp is not None:
-                await self.nbd_tcp.stop()
             await self.mailbox.agent_gone(self.site.config.site)
             await self.mailbox.stop()
             log.info("agent of site %s stopped", self.site.config.site)
 
     async def _refresh_metrics(self) -> None:
+        """Gauges from the catalog, and the cycles it recorded since the last refresh."""
         loop = asyncio.get_running_loop()
         if self.site.config.metrics_port is None or loop.time() < self._next_metrics:
             return
         self._next_metrics = loop.time() + METRICS_SECONDS
-        for record in await self.site.catalog.vms():
-            self.metrics.update(await vm_status(self.site, record, with_replica=False))
+        catalog = self.site.catalog
+        now = now_ms()
+        records = await catalog.vms()
+        for record in records:
+            status = await vm_status(self.site, record, with_replica=False)
+            position = await catalog.position(record.name)
+            since = self.metrics.since_ms(record.name)
+            if position is not None:  # the current cycle's row too: its cut time is the RPO's
+                since = min(since, position.at_ms)
+            stats = [CycleStat(*row) for row in await catalog.cycle_stats(record.name, since)]
+            self.metrics.update(status, stats, position, now)
+        self.metrics.retain(record.name for record in records)
 
     async def _stop_worker(self, vm: str) -> None:
         task = self._tasks.pop(vm, None)
@@ -135,12 +199,15 @@ class Agent:
                 result = await carry_out(self.site, request)
             except ConfigurationError as error:
                 await self.mailbox.finish(posted.id, "failed", str(error))
+                self.metrics.failover(posted.vm, posted.kind, "failed")
                 log.error("VM %s: %s failed: %s", posted.vm, posted.kind, error)
             except ReplicationError as error:
                 await self.mailbox.finish(posted.id, "refused", str(error))
+                self.metrics.failover(posted.vm, posted.kind, "refused")
                 log.error("VM %s: %s refused: %s", posted.vm, posted.kind, error)
             else:
                 await self.mailbox.finish(posted.id, "done", result)
+                self.metrics.failover(posted.vm, posted.kind, "done")
                 log.info("VM %s: %s", posted.vm, result)
 
     async def _start_new_workers(self) -> None:
@@ -170,8 +237,10 @@ class Agent:
         log.warning("VM %s: %s", record.name, error)
         if record.state is ReplicationState.PREPARED_FOR_PLANNED_FAILOVER:
             await follow_takeover(self.site, record.name)
+            self.metrics.failover(record.name, "follow")
         else:
             diverged = await demote(self.site, record.name, error.start, error.offset)
+            self.metrics.failover(record.name, "stand_down")
             log.warning("VM %s: now a replica of %s; %d bytes diverged", record.name,
                         error.start.primary_site, diverged)
 
@@ -185,6 +254,7 @@ class Agent:
         except SupersededError as error:
             await self._superseded(record, error)
         except ReplicationError as error:
+            self.metrics.failed(record.name, failure_reason(error))
             await self.site.catalog.set_state(record.name, ReplicationState.ERROR, str(error))
             log.error("VM %s: %s", record.name, error)
             if not error.retriable:
@@ -201,7 +271,7 @@ class Agent:
             hop = HopRelay(self.site, record.name)
             try:
                 while not self.stopping.is_set() and replica.violation is None:
-                    await replica.step()
+                    await self._apply(replica)
                     await drill.poll()
                     await hop.poll()
                     if await self._prepared_and_caught_up(replica):
@@ -210,9 +280,20 @@ class Agent:
                 await drill.stop()
                 await hop.stop()
             prepared = replica.materializer.prepared
+            if replica.violation is not None:
+                self.metrics.failed(record.name, "journal")
         if prepared is not None:
             start = await promote(self.site, record.name, prepared=prepared)
+            self.metrics.failover(record.name, "takeover")
             log.info("VM %s: took over as primary in epoch %d", record.name, start.epoch)
+
+    async def _apply(self, replica: ReplicaVm) -> None:
+        """One step of the replica; the time it spent applying goes to the cycles it applied."""
+        cycle, spent = replica.materializer.cursor.cycle, replica.apply_seconds
+        await replica.step()
+        applied = replica.materializer.cursor.cycle - cycle
+        if applied > 0:
+            self.metrics.applied(replica.name, replica.apply_seconds - spent, applied)
 
     @staticmethod
     async def _prepared_and_caught_up(replica: ReplicaVm) -> bool:
@@ -242,7 +323,11 @@ class Agent:
         if config.nbd_tcp_port is None:
             return
         server = NbdServer({}, tcp=(config.nbd_tcp_host, config.nbd_tcp_port))
-        await server.start()
+        try:
+            await server.start()
+        except OSError as error:
+            raise cannot_listen("nbd_tcp_port", "nbd_tcp_host", config.nbd_tcp_port,
+                                config.nbd_tcp_host, error) from None
         self.nbd_tcp = server
         log.info("serving NBD exports on %s as <vm>.<disk>", server.tcp_address)
 
@@ -250,9 +335,13 @@ class Agent:
         """One cycle, through the VM's capture front (scan, hooks, off-loop copies) if open."""
         front = self.fronts.get(primary.name)
         if front is not None:
-            await front.cycle()
+            shipped = await front.cycle()
+            if not shipped:  # a cut hook failed: the front logged it and skipped the cycle
+                self.metrics.failed(primary.name, "hook")
         else:
-            await primary.replicate()
+            shipped = await primary.replicate()
+        for cycle in shipped:
+            self.metrics.written(primary.name, cycle.bytes_written)
 
     async def _follow(self, record: VmRecord) -> bool:
         """A prepared primary waits for its replica to take over; True when it did."""
