@@ -44,7 +44,8 @@ from typing import Final, Literal, Self
 import zstandard
 
 from vmreplica.errors import ConfigurationError, JournalIntegrityError, UndoCorruptError
-from vmreplica.storage.image import DiskImage, copy_allocated, fsync_directory, replace_atomically
+from vmreplica.storage.image import DiskImage, copy_allocated
+from vmreplica.storage.safefile import fsync_directory, replace_atomically
 
 FILE_MAGIC: Final = b"VMR-UNDO"
 TRAILER_MAGIC: Final = b"SEAL"
@@ -442,7 +443,7 @@ def materialize_point(images: Mapping[str, DiskImage], overlay: Overlay,
                       out_paths: Mapping[str, str | os.PathLike[str]]) -> None:
     """Write full images of a recovery point: a sparse copy of each head plus the overlay.
 
-    Each output is replaced atomically (see :func:`vmreplica.storage.image.replace_atomically`).
+    Each output is replaced atomically (see :func:`vmreplica.storage.safefile.replace_atomically`).
     """
     for disk, out_path in out_paths.items():
         head = images.get(disk)

@@ -38,7 +38,8 @@ from vmreplica.errors import (
     JournalIntegrityError,
 )
 from vmreplica.producers.changelog import ChangeLog, CutMark, RecordKind, Segment
-from vmreplica.storage.image import DiskImage, fsync_directory
+from vmreplica.storage.image import DiskImage
+from vmreplica.storage.safefile import create_for_append, fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +96,7 @@ class DirtyMap:
         for disk, block in blocks:
             if dirty._add(disk, block):
                 entries += dirty._entry(disk, block)
-        temporary = path.with_name(path.name + ".new")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, entries)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-        fsync_directory(path.parent)
-        dirty._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        dirty._fd = create_for_append(path, (entries,))
         return dirty
 
     @staticmethod
