@@ -33,12 +33,18 @@ class DecodedExtent:
     data: bytes | memoryview
 
 
+def _check_sequence(vm: str, offset: int, what: str, event: WriteBatch | CycleCommit,
+                    epoch: int, next_cycle: int) -> None:
+    """The next record of the current epoch belongs to cycle ``last + 1``, nothing else."""
+    if event.epoch != epoch or event.cycle != next_cycle:
+        raise JournalViolation(
+            vm, offset, f"expected {what} of cycle {next_cycle} in epoch {epoch}, got cycle "
+            f"{event.cycle} of epoch {event.epoch} (a gap or a replay in the journal)")
+
+
 def check_batch(vm: str, offset: int, batch: WriteBatch, epoch: int, next_cycle: int,
                 batches_so_far: int) -> None:
-    if batch.epoch != epoch or batch.cycle != next_cycle:
-        raise JournalViolation(
-            vm, offset, f"expected a batch of cycle {next_cycle} in epoch {epoch}, got cycle "
-            f"{batch.cycle} of epoch {batch.epoch} (a gap or a replay in the journal)")
+    _check_sequence(vm, offset, "a batch", batch, epoch, next_cycle)
     if batch.batch != batches_so_far:
         raise JournalViolation(
             vm, offset, f"cycle {batch.cycle}: expected batch {batches_so_far}, got batch "
@@ -47,10 +53,7 @@ def check_batch(vm: str, offset: int, batch: WriteBatch, epoch: int, next_cycle:
 
 def check_commit(vm: str, offset: int, commit: CycleCommit, batches: Sequence[WriteBatch],
                  epoch: int, next_cycle: int, previous_hash: bytes) -> None:
-    if commit.epoch != epoch or commit.cycle != next_cycle:
-        raise JournalViolation(
-            vm, offset, f"expected the commit of cycle {next_cycle} in epoch {epoch}, got "
-            f"cycle {commit.cycle} of epoch {commit.epoch} (a gap or a replay in the journal)")
+    _check_sequence(vm, offset, "the commit", commit, epoch, next_cycle)
     if commit.batches != len(batches):
         raise JournalViolation(
             vm, offset, f"cycle {commit.cycle} commits {commit.batches} batches but "

@@ -44,7 +44,7 @@ from typing import Final, Literal, Self
 import zstandard
 
 from vmreplica.errors import ConfigurationError, JournalIntegrityError, UndoCorruptError
-from vmreplica.storage.image import DiskImage, copy_allocated
+from vmreplica.storage.image import DiskImage, copy_allocated, is_zero
 from vmreplica.storage.safefile import fsync_directory, replace_atomically
 
 FILE_MAGIC: Final = b"VMR-UNDO"
@@ -127,7 +127,7 @@ class UndoWriter:
         view = memoryview(old).cast("B")
         for start in range(0, len(view), RECORD_DATA_MAX_BYTES):
             chunk = bytes(view[start : start + RECORD_DATA_MAX_BYTES])
-            if chunk.count(0) == len(chunk):
+            if is_zero(chunk):
                 self._append(disk, offset + start, len(chunk), _ZERO, b"")
             elif len(chunk) >= COMPRESS_MIN_BYTES and len(
                     packed := self._compressor.compress(chunk)) <= len(chunk) * 7 // 8:
@@ -454,7 +454,7 @@ def materialize_point(images: Mapping[str, DiskImage], overlay: Overlay,
             with DiskImage.create(temporary, head.size) as target:
                 copy_allocated(head, target)
                 for offset, chunk in overlay.get(disk, ()):
-                    if chunk.count(0) == len(chunk):
+                    if is_zero(chunk):
                         target.zero(offset, len(chunk))
                     else:
                         target.write(offset, chunk)

@@ -43,12 +43,12 @@ from vmreplica.schemas.events import (
 )
 from vmreplica.schemas.payload import PayloadPacker, checksum
 from vmreplica.storage.catalog import Catalog
+from vmreplica.storage.image import is_zero
 
 BATCH_PAYLOAD_BYTES: Final = 4 * 1024 * 1024
 """Uncompressed payload per WriteBatch: well under the 8 MiB record limit even if incompressible."""
 BATCH_MAX_EXTENTS: Final = 8192
 """Bounds a record's metadata when a cycle is thousands of tiny scattered writes."""
-_ZEROS: Final = bytes(BATCH_PAYLOAD_BYTES)
 
 _KIND: Final = {RecordKind.WRITE: ExtentKind.DATA, RecordKind.ZERO: ExtentKind.ZERO,
                 RecordKind.TRIM: ExtentKind.TRIM}
@@ -80,15 +80,6 @@ def _pieces(segment: Segment) -> list[Piece[LogRecord]]:
     return coalesce(changes)
 
 
-def _all_zero(data: bytes) -> bool:
-    """True when every byte of ``data`` (1 to BATCH_PAYLOAD_BYTES bytes) is zero.
-
-    Disk data that is not zero almost always fails on the first or last byte, without a scan;
-    the rest is one ``memcmp``.
-    """
-    return not data[0] and not data[-1] and data == _ZEROS[: len(data)]
-
-
 class CycleBuilder:
     """Builds the records of one cycle from a sealed segment (pure apart from reading it)."""
 
@@ -117,7 +108,7 @@ class CycleBuilder:
                         if len(data) != take:
                             raise JournalIntegrityError(
                                 f"change-log segment {segment.path} ends inside a write record")
-                        if _all_zero(data):
+                        if is_zero(data):
                             extents.append(Extent(name, piece.offset + done, take,
                                                   ExtentKind.ZERO, 0, 0))
                         else:

@@ -15,6 +15,7 @@ from vmreplica.storage.image import (
     IO_CHUNK_BYTES,
     DiskImage,
     copy_allocated,
+    is_zero,
     sha256_of,
     sparse_copy,
 )
@@ -145,3 +146,13 @@ def test_copy_allocated_refuses_other_sizes(disk: DiskImage, tmp_path: Path) -> 
     with DiskImage.create(tmp_path / "small.img", 10) as small, \
             pytest.raises(ConfigurationError, match="the sizes differ"):
         copy_allocated(disk, small)
+
+
+def test_is_zero_compares_every_byte_of_any_length() -> None:
+    assert is_zero(b"")
+    assert is_zero(memoryview(bytearray(IO_CHUNK_BYTES + 10)))
+    late = bytearray(2 * IO_CHUNK_BYTES + 3)
+    late[IO_CHUNK_BYTES + 1] = 1
+    assert not is_zero(late)
+    assert not is_zero(memoryview(late)[IO_CHUNK_BYTES:])
+    assert is_zero(memoryview(late)[: IO_CHUNK_BYTES + 1])

@@ -14,20 +14,21 @@ from pathlib import Path
 import zstandard
 
 from vmreplica.producers.changelog import ChangeLog, CutMark
-from vmreplica.producers.shipper import BATCH_PAYLOAD_BYTES, CycleBuilder, _all_zero
+from vmreplica.producers.shipper import BATCH_PAYLOAD_BYTES, CycleBuilder
 from vmreplica.schemas.events import Compression, DiskSize, ExtentKind
 from vmreplica.schemas.payload import PayloadPacker
+from vmreplica.storage.image import is_zero
 
 MiB = 1024 * 1024
 
 
 def test_all_zero_looks_at_every_byte() -> None:
-    assert _all_zero(bytes(1))
-    assert _all_zero(bytes(BATCH_PAYLOAD_BYTES))
-    assert not _all_zero(b"\x01")
+    assert is_zero(bytes(1))
+    assert is_zero(bytes(BATCH_PAYLOAD_BYTES))
+    assert not is_zero(b"\x01")
     middle = bytearray(64 * 1024)
     middle[12345] = 7
-    assert not _all_zero(bytes(middle))
+    assert not is_zero(bytes(middle))
 
 
 def test_incompressible_payloads_are_sent_raw_and_compressible_ones_compressed() -> None:
