@@ -11,6 +11,8 @@
 Writes the VM makes meanwhile keep going to the change log and ship as ordinary cycles after the
 seed: every region they touch is then overwritten with its newest content, so the replica is
 exact at the first cycle boundary after the seed.
+
+Step 3 and the ``done`` chunk are :class:`Seeder`, which also seeds an extended-replication hop.
 """
 
 from __future__ import annotations
