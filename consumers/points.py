@@ -14,7 +14,8 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Final, Literal
 
-from vmreplica.consumers.undo import UndoLog, materialize_point
+from vmreplica.consumers.overlay import materialize_point
+from vmreplica.consumers.undo import UndoLog
 from vmreplica.domain.model import StoredPoint
 from vmreplica.errors import ConfigurationError, PrerequisiteMissingError
 from vmreplica.storage.image import DiskImage
