@@ -18,12 +18,9 @@ instant the images therefore equal the primary's disks at some cycle boundary.
 from __future__ import annotations
 
 import logging
-import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import zstandard
 
 from vmreplica.consumers.journal_rules import DecodedExtent, check_batch, check_commit, decode_cycle
 from vmreplica.consumers.retention import RetentionPolicy, select_points
@@ -32,12 +29,11 @@ from vmreplica.consumers.views import PointView
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import Consistency, Position, RecoveryPoint
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import DecodeError, JournalViolation
+from vmreplica.errors import CorruptEventError, DecodeError, JournalViolation
 from vmreplica.journal.kafka import JournalRecord
 from vmreplica.schemas.chain import GENESIS_HASH
 from vmreplica.schemas.codec import decode_journal
 from vmreplica.schemas.events import (
-    Compression,
     CycleCommit,
     EpochStart,
     ExtentKind,
@@ -47,6 +43,7 @@ from vmreplica.schemas.events import (
     SeedChunk,
     WriteBatch,
 )
+from vmreplica.schemas.payload import PayloadUnpacker, verify
 from vmreplica.storage.catalog import Catalog
 from vmreplica.storage.image import DiskImage
 
@@ -90,7 +87,7 @@ class Materializer:
         self.cursor = ReplicaCursor(0, 0, GENESIS_HASH, 0, seeding=True)
         self.prepared: FailoverPrepared | None = None
         """Set when the primary prepared a planned failover and this replica holds its cycle."""
-        self._decompressor = zstandard.ZstdDecompressor()
+        self._payloads = PayloadUnpacker()
 
     async def recover(self) -> ReplicaCursor:
         """Roll back a cycle whose apply a crash interrupted; return where to resume."""
@@ -224,14 +221,12 @@ class Materializer:
             raise JournalViolation(self.vm, offset, f"seed chunk of {chunk.length} bytes at "
                                    f"{chunk.offset} does not fit disk {chunk.disk!r}",
                                    ReplicationState.ERROR)
-        data = chunk.payload
         try:
-            if chunk.compression is Compression.ZSTD:
-                data = self._decompressor.decompress(data, max_output_size=chunk.length)
-        except zstandard.ZstdError as error:
+            data = self._payloads.unpack(chunk.compression, chunk.payload, chunk.length)
+        except CorruptEventError as error:
             raise JournalViolation(self.vm, offset, f"seed chunk does not decompress: {error}",
                                    ReplicationState.ERROR) from error
-        if len(data) != chunk.length or zlib.crc32(data) != chunk.crc32:
+        if not verify(data, chunk.crc32, chunk.length):
             raise JournalViolation(self.vm, offset, f"seed chunk at {chunk.offset} of disk "
                                    f"{chunk.disk!r} fails its checksum")
         target.write(chunk.offset, data)
@@ -252,7 +247,7 @@ class Materializer:
         sizes = {name: image.size for name, image in self.images.items()}
         check_commit(self.vm, record.offset, commit, cursor.pending, cursor.epoch,  # step 1
                      cursor.cycle + 1, cursor.cycle_hash)
-        extents = decode_cycle(self.vm, record.offset, cursor.pending, sizes)
+        extents = decode_cycle(self.vm, record.offset, cursor.pending, sizes, self._payloads)
         writer = UndoWriter(self.undo.folder, commit.cycle)  # step 2
         for extent in extents:
             image = self.images[extent.disk]

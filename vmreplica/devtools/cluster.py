@@ -28,6 +28,7 @@ from typing import Final
 
 from vmreplica.devtools.ports import cluster_ports, port_free
 from vmreplica.errors import BrokerError, PrerequisiteMissingError
+from vmreplica.storage.safefile import replace_atomically
 
 DEFAULT_BROKER_PORT: Final = 19092
 """Not 9092, so a Kafka the user already runs is left alone."""
@@ -165,9 +166,12 @@ class ClusterState:
         return cls(raw["cluster_id"], raw["bootstrap_servers"], nodes)
 
     def save(self, path: Path) -> None:
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(asdict(self), indent=2))
-        os.replace(temporary, path)
+        text = json.dumps(asdict(self), indent=2)
+
+        def write(temporary: Path) -> None:
+            temporary.write_text(text)
+
+        replace_atomically(path, write)
 
 
 def _ours(pid: int) -> bool:
