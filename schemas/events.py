@@ -212,13 +212,18 @@ class DiskResize:
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """The primary is alive; ``last_cycle`` is -1 before the first cycle."""
+    """The primary is alive; ``last_cycle`` is -1 before the first cycle.
+
+    ``idle_at_ms`` is set when nothing waited to ship: every write the primary held at that
+    instant is in cycles up to ``last_cycle``. None while writes wait (or from older primaries).
+    """
 
     vm: str
     epoch: int
     site: str
     at_ms: int
     last_cycle: int
+    idle_at_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -388,3 +388,14 @@ def test_fingerprints_match_fastavros_crc64_avro(name: str) -> None:
 
     assert fingerprint_of(raw).hex() == expected
     assert codec.fingerprint(name) == bytes.fromhex(expected)
+
+
+def test_a_heartbeat_says_when_nothing_waited() -> None:
+    """Schema version 2 of Heartbeat adds ``idle_at_ms``; a heartbeat that does not set it (as
+    none of the first release did: the golden records above) reads as one where writes may
+    wait, never as an idle one."""
+    idle = Heartbeat("vm-01", 2, "site-a", 1_700_000_090_000, 41, idle_at_ms=1_700_000_089_950)
+    assert codec.decode_journal(codec.encode(idle)) == idle
+    plain = codec.decode_journal(_heartbeat_bytes())
+    assert isinstance(plain, Heartbeat)
+    assert plain.idle_at_ms is None
