@@ -7,7 +7,9 @@ Each committed cycle is applied in numbered durable steps:
 3. write the cycle into the images;
 4. fsync the images;
 5. record position, recovery point and statistics in the catalog (one SQLite transaction);
-6. prune undo logs and points that the retention policy no longer needs.
+6. prune undo logs and points that the retention policy no longer needs — looking only at the
+   points the policy may drop and the undo files newer than those already removed, so the work
+   follows what is pruned, not how many points are kept.
 
 :meth:`Materializer.recover` runs at start: an undo log newer than the recorded position means a
 crash between 2 and 5, and rolling it back returns the images to the recorded cycle exactly.
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmreplica.consumers.journal_rules import DecodedExtent, check_batch, check_commit, decode_cycle
-from vmreplica.consumers.retention import RetentionPolicy, select_points
+from vmreplica.consumers.retention import RetentionPolicy, select_points, settled_from_ms
 from vmreplica.consumers.undo import UndoLog, UndoWriter
 from vmreplica.consumers.views import PointView
 from vmreplica.domain.clock import now_ms
@@ -88,6 +90,8 @@ class Materializer:
         self.prepared: FailoverPrepared | None = None
         """Set when the primary prepared a planned failover and this replica holds its cycle."""
         self._payloads = PayloadUnpacker()
+        self._undo_discarded_through: int | None = None
+        """Every undo file up to this cycle is gone (None: not known yet; the folder is listed)."""
 
     async def recover(self) -> ReplicaCursor:
         """Roll back a cycle whose apply a crash interrupted; return where to resume."""
@@ -154,11 +158,20 @@ class Materializer:
             elif isinstance(event, EpochStart):
                 await self._start_epoch(event, record.offset)
             elif isinstance(event, Heartbeat):
-                await self.catalog.primary_seen(self.vm, event.at_ms)
+                await self._heartbeat(event)
             elif isinstance(event, FailoverPrepared):
                 self._prepared(event, record.offset)
         if seed_written:
             await self._record_seed_progress(records[-1].offset + 1)
+
+    async def _heartbeat(self, event: Heartbeat) -> None:
+        """The primary is alive; if it says nothing waited to ship, this replica — which holds
+        every cycle before the heartbeat, in journal order — holds every write it had then."""
+        cursor = self.cursor
+        holds_all = not cursor.seeding and not cursor.pending and event.last_cycle == cursor.cycle
+        await self.catalog.record_heartbeat(self.vm, event.at_ms,
+                                            event.idle_at_ms if holds_all else None,
+                                            from_primary_site=True)
 
     def _prepared(self, event: FailoverPrepared, offset: int) -> None:
         """The primary shipped its final cycle: check this replica holds exactly that cycle."""
@@ -269,7 +282,8 @@ class Materializer:
                             now_ms())
         await self.catalog.advance_position(self.vm, position, point=point,  # step 5
                                             cut_at_ms=commit.cut_at_ms,
-                                            size_bytes=commit.payload_bytes)
+                                            size_bytes=commit.payload_bytes,
+                                            started_at_ms=commit.started_at_ms)
         if cursor.resyncing:
             cursor.resyncing = False
             await self.catalog.set_failover_point(self.vm, None)
@@ -278,15 +292,28 @@ class Materializer:
         cursor.cycle, cursor.cycle_hash = commit.cycle, commit.cycle_hash
         cursor.next_offset = record.offset + 1
         cursor.pending = []
-        await self._prune()  # step 6
+        await self._prune(point)  # step 6
         if self.on_applied is not None:
             await self.on_applied(commit, record.offset)
 
-    async def _prune(self) -> None:
-        kept = select_points(await self.catalog.points(self.vm), self.policy, now_ms())
-        await self.catalog.keep_points(self.vm, [p.cycle for p in kept])
-        oldest = min((p.cycle for p in kept), default=self.cursor.cycle)
-        self.undo.discard_through(oldest)
+    async def _prune(self, newest: RecoveryPoint) -> None:
+        """Step 6: forget the points the policy no longer keeps, then the undo files that only
+        they needed (rebuilding a point needs the undo of every later cycle).
+
+        Continuous protection keeps every point of its history without looking at them: only
+        points cut before it are candidates (:func:`settled_from_ms`), and the other policies
+        keep a few dozen points at most.
+        """
+        now = now_ms()
+        settled = settled_from_ms(self.policy, now)
+        candidates = [p for p in await self.catalog.points(self.vm, cut_before_ms=settled)
+                      if p.cycle != newest.cycle]
+        kept = select_points([*candidates, newest], self.policy, now)
+        await self.catalog.keep_points(self.vm, [p.cycle for p in kept], cut_before_ms=settled)
+        oldest = await self.catalog.oldest_point(self.vm)
+        through = self.cursor.cycle if oldest is None else oldest
+        self.undo.discard_through(through, after=self._undo_discarded_through)
+        self._undo_discarded_through = through
 
 
 def _write(image: DiskImage, extent: DecodedExtent) -> None:

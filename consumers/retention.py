@@ -116,6 +116,14 @@ def _newest_per_slot(points: Iterable[RecoveryPoint],
     return {point.cycle: point for point in newest.values()}
 
 
+def settled_from_ms(policy: RetentionPolicy, now_ms: int) -> int | None:
+    """Points cut at or after this instant are kept whatever other points exist, so pruning
+    need not look at them: ``every_cycle`` keeps its whole history (thousands of points an hour
+    in continuous mode). None for the other policies, which keep the newest point, one per
+    hour and one per application-consistent slot — a few dozen, looked at whole."""
+    return now_ms - policy.hours * HOUR_MS if policy.mode == "every_cycle" else None
+
+
 def oldest_needed_cycle(kept: Iterable[RecoveryPoint]) -> int | None:
     """The cycle of the oldest kept point, or None when nothing is kept.
 

@@ -28,6 +28,7 @@ After a crash, :meth:`UndoLog.status` of the next cycle tells what to do: ``miss
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import re
@@ -56,6 +57,8 @@ COMPRESS_MIN_BYTES: Final = 512
 """Smaller ranges are stored raw: zstd's frame overhead would eat most of the gain."""
 ZSTD_LEVEL: Final = 3
 WRITE_BUFFER_BYTES: Final = 1024 * 1024
+NAMED_DISCARD_MAX_CYCLES: Final = 100_000
+"""Beyond this many cycles to discard by name, listing the folder once is cheaper."""
 _HEADER: Final = struct.Struct("<8sIIQ")
 _FIELDS: Final = struct.Struct("<BBHIQQ")
 _CRC: Final = struct.Struct("<I")
@@ -249,12 +252,21 @@ class UndoLog:
         if self.folder.is_dir():
             fsync_directory(self.folder)
 
-    def discard_through(self, cycle: int) -> int:
-        """Remove the undo files of every cycle up to ``cycle``; return how many were removed."""
+    def discard_through(self, cycle: int, after: int | None = None) -> int:
+        """Remove the undo files of every cycle up to ``cycle``; return how many were removed.
+
+        ``after``: every file up to that cycle is gone already, so only the files of the cycles
+        after it are looked for, by name, instead of listing the folder (which holds a file per
+        cycle of the recovery history): pruning after each cycle then costs what it removes.
+        """
+        if after is None or not 0 <= cycle - after <= NAMED_DISCARD_MAX_CYCLES:
+            paths = [path for number, path in self._files() if number <= cycle]
+        else:
+            paths = [self.path_of(number) for number in range(after + 1, cycle + 1)]
         removed = 0
-        for number, path in self._files():
-            if number <= cycle:
-                path.unlink(missing_ok=True)
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
                 removed += 1
         if removed:
             fsync_directory(self.folder)

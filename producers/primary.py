@@ -3,6 +3,16 @@
 :class:`PrimaryVm` owns the VM's :class:`CapturedVm`, its transactional publisher (whose
 ``transactional_id`` every site shares for the VM, so a newer primary fences this one) and its
 :class:`CycleShipper`. The agent's scheduler and the Python API both drive it.
+
+**An idle VM publishes no cycle.** :meth:`PrimaryVm.replicate` cuts a cycle only when something
+waits to ship — a write, zero or trim in the change log, a sealed cycle not yet shipped, or a
+degraded cycle's dirty-block map — in every mode (continuous, 30 s, 5 or 15 minutes), unless the
+cut is application-consistent or forced. An idle check moves the open cycle's start forward, so
+a cycle's ``started_at_ms`` is the last instant the primary knew nothing waited: the replica
+tells idle time from time writes waited for a cycle that did not come (missed cycles).
+Liveness comes from heartbeats instead (:meth:`PrimaryVm.heartbeat`), each saying whether
+anything waited (``Heartbeat.idle_at_ms``); the rules that turn that into an RPO and health are
+in :mod:`vmreplica.domain.states`.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import FencedError, SupersededError
 from vmreplica.journal.kafka import JournalPublisher, KafkaConnection, read_to_end
 from vmreplica.producers.capture import CapturedVm
+from vmreplica.producers.changelog import HEADER_BYTES, SEGMENT_SUFFIX, read_segment
 from vmreplica.producers.seed import InitialReplication, Progress, SeedResult, disk_sizes
 from vmreplica.producers.shipper import CycleBuilder, CycleShipper, ShippedCycle
 from vmreplica.schemas.codec import decode_journal, encode
@@ -30,6 +41,9 @@ from vmreplica.storage.image import sha256_of
 RESEND_RECORD_BYTES: Final = 4 * 1024 * 1024
 """Content resent by :meth:`PrimaryVm.log_current_content` goes into change-log records of at
 most this size, the size of one write batch's payload."""
+REOPENED_SEGMENT_PARSE_BYTES: Final = 64 * 1024
+"""An open segment reopened at start and no larger than this is read to see whether it holds
+only clean-close markers (nothing waits); a larger one surely holds writes."""
 
 
 class PrimaryVm:
@@ -53,10 +67,55 @@ class PrimaryVm:
             CycleBuilder(record.name, record.epoch, disk_sizes(self.capture),
                          record.settings.compression))
         self._lock = asyncio.Lock()
+        self.checks = 0
+        """How many times :meth:`replicate` looked at the change log (and cut, or found it
+        idle): a scheduler tells a skipped cycle (a failed hook) from an idle one by it."""
+        self._checked_ms: int | None = None
+        """When :meth:`replicate` last found nothing waiting, or cut everything that did."""
+        self._said_idle = False
+        """The last word the replica heard was a heartbeat saying nothing waited."""
+        self._empty_segment = self._reopened_empty_segment()
+        """(cycle, size) of the open segment while it holds no change: a segment reopened
+        after a clean stop carries a close marker and is not empty for all that."""
 
     @property
     def name(self) -> str:
         return self.record.name
+
+    def _reopened_empty_segment(self) -> tuple[int, int]:
+        log = self.capture.log
+        if HEADER_BYTES < log.segment_bytes <= REOPENED_SEGMENT_PARSE_BYTES:
+            path = log.folder / f"{log.cycle:020d}{SEGMENT_SUFFIX}"
+            if path.exists() and not read_segment(path, repair=False).records:
+                return log.cycle, log.segment_bytes
+        return log.cycle, HEADER_BYTES
+
+    def changes_waiting(self) -> bool:
+        """Something waits to ship: a change in the open cycle, a sealed cycle not yet shipped
+        (a ship failed), or the dirty-block map of a cycle over its budget."""
+        capture, log = self.capture, self.capture.log
+        cycle, empty = self._empty_segment
+        if log.cycle != cycle:
+            self._empty_segment = (log.cycle, HEADER_BYTES)
+            empty = HEADER_BYTES
+        return (log.segment_bytes > empty or capture.dirty is not None
+                or sum(1 for _ in log.folder.glob(f"*{SEGMENT_SUFFIX}")) > 1)
+
+    def idle_at_ms(self) -> int | None:
+        """An instant at which nothing waited to ship (every write is in a shipped cycle), or
+        None while something waits. Now, for captures that see every write as it happens; for
+        a scanned VM, its last scan (what the image did since, the next scan tells)."""
+        if self.changes_waiting():
+            return None
+        if self.record.settings.capture == "scan":
+            return self._checked_ms
+        return now_ms()
+
+    @property
+    def idle_unannounced(self) -> bool:
+        """Nothing waits to ship, but the replica last heard otherwise (a cycle, or a heartbeat
+        saying writes waited): a heartbeat now tells it that it holds every write."""
+        return not self._said_idle and self.idle_at_ms() is not None
 
     async def start(self) -> None:
         """Check no newer primary exists, initialise the publisher (fencing any older producer
@@ -120,22 +179,47 @@ class PrimaryVm:
             await self.catalog.set_state(self.name, ReplicationState.REPLICATING)
             return result
 
-    async def replicate(self, application_consistent: bool = False) -> list[ShippedCycle]:
-        """Cut a cycle now and ship every sealed cycle; what the scheduler calls each period."""
+    async def replicate(self, application_consistent: bool = False, *,
+                        force: bool = False) -> list[ShippedCycle]:
+        """Cut a cycle now and ship every sealed cycle; what the scheduler calls each period.
+
+        Nothing is cut, and nothing published, when nothing waits to ship
+        (:meth:`changes_waiting`): an idle VM costs no journal record, undo file or recovery
+        point. An application-consistent cut is always made (the point is wanted), and
+        ``force`` makes an empty cycle on purpose (cancelling a planned failover: a replica
+        that sees a cycle after the prepare stays a replica).
+        """
         async with self._lock:
+            self.checks += 1
+            if not (force or application_consistent or self.changes_waiting()):
+                self._checked_ms = self.capture.cycle_started_ms = now_ms()
+                return []
             self.capture.cut(application_consistent)
+            self._said_idle = False
             try:
-                return await self.shipper.ship_sealed()
+                shipped = await self.shipper.ship_sealed()
             except FencedError:
                 self.capture.fenced_reason = (
                     f"VM {self.name!r} has a newer primary; this site no longer accepts writes "
                     "for it. Operator action: `vmreplica reverse` on the new primary.")
                 raise
+            self._checked_ms = self.capture.cycle_started_ms
+            return shipped
 
     async def heartbeat(self) -> None:
-        position = await self.catalog.position(self.name)
-        last = position.cycle if position is not None else -1
-        await self.publish(Heartbeat(self.name, self.record.epoch, self.site, now_ms(), last))
+        """Tell the replica this primary is alive, and whether anything waits to ship.
+
+        Also recorded in this site's catalog, where `vmreplica status` and the metrics read the
+        primary's own RPO by the same rules as the replica's.
+        """
+        async with self._lock:
+            position = await self.catalog.position(self.name)
+            last = position.cycle if position is not None else -1
+            idle_at = self.idle_at_ms() if position is not None else None
+            beat = Heartbeat(self.name, self.record.epoch, self.site, now_ms(), last, idle_at)
+            await self.publish(beat)
+            await self.catalog.record_heartbeat(self.name, beat.at_ms, idle_at)
+            self._said_idle = idle_at is not None
 
     async def publish(self, event: JournalEvent) -> None:
         """Publish one event to the VM's journal outside any cycle (as its own transaction)."""

@@ -211,7 +211,8 @@ class CycleShipper:
         shipped = Position(commit.epoch, commit.cycle, commit.cycle_hash, offsets[-1] + 1,
                            now_ms())
         await self.catalog.advance_position(self.vm, shipped, cut_at_ms=commit.cut_at_ms,
-                                            size_bytes=tally.wire_bytes)
+                                            size_bytes=tally.wire_bytes,
+                                            started_at_ms=commit.started_at_ms)
         # Deleting a segment and fsyncing the folder is file-system work that need not hold up
         # the event loop (the VM's writes to the open segment go on meanwhile).
         await asyncio.to_thread(self.log.drop_through, segment.cycle)

@@ -44,7 +44,10 @@ class SiteConfig(BaseSettings):
     metrics_address: str = Field(
         default="127.0.0.1", description="Address the metrics listen on: 0.0.0.0 (or ::) lets "
         "a Prometheus server on another host scrape them.")
-    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    heartbeat_seconds: float = Field(
+        default=30.0, gt=0, description="A primary heartbeats this often (and once more when "
+        "it has shipped all it had); a replica counts it alive until three pass without one. "
+        "Use the same value at every site.")
     nbd_socket_dir: Path | None = Field(
         default=None, description="Folder of the agent's NBD sockets, <dir>/<vm>.sock "
         "(default: <root>/vms/<vm>/nbd.sock). Socket paths must stay under 108 bytes.")

@@ -29,6 +29,7 @@ from tests.e2e.clients import cli, run
 from tests.fixtures import SiteFactory
 from vmreplica.domain.model import VmSettings
 from vmreplica.domain.states import ReplicationState
+from vmreplica.producers.changelog import HEADER_BYTES
 from vmreplica.runtime.agent import Agent
 from vmreplica.runtime.site import Site
 
@@ -115,11 +116,27 @@ class Pair:
         await wait_until(done, f"cycle {target} to be shipped and applied")
 
     async def caught_up_after_writes(self, scans: bool = False) -> int:
-        """Wait until a cycle cut after the writes so far is shipped and applied."""
-        capture = self.agent_a.primaries[self.vm].capture
-        # The open cycle holds the writes; a scan may have started before they ended, so a
-        # scanned VM needs the cycle after it.
-        target = capture.log.cycle + (1 if scans else 0)
+        """Wait until every write so far is shipped and applied; return the cycle holding it.
+
+        The open cycle holds the last writes, and is cut at the next check since something
+        waits; if it holds none, the last cut did. A scanned VM's writes are found by a scan
+        that starts after them: the second check from now has run one, and shipped what it
+        found (a check that finds nothing ships nothing).
+        """
+        primary = self.agent_a.primaries[self.vm]
+        if not scans:
+            capture = primary.capture
+            open_holds_writes = (capture.log.segment_bytes > HEADER_BYTES
+                                 or capture.dirty is not None)
+            target = capture.log.cycle - (0 if open_holds_writes else 1)
+        else:
+            checks = primary.checks
+
+            async def scanned() -> bool:
+                return primary.checks >= checks + 2
+
+            await wait_until(scanned, "a scan to start after the writes and finish")
+            target = await self.shipped()
         await self.caught_up(target)
         return target
 
@@ -241,9 +258,9 @@ async def test_churn_past_the_budget_degrades_to_dirty_blocks_and_replica_stays_
         await asyncio.sleep(0.3)
         await front.cycle()
     await churn
-    [last] = await front.cycle()
+    await front.cycle()  # what the churn wrote since the last cut, if anything
     assert capture.degraded_cycles > degraded
-    await pair.caught_up(last.cycle)
+    await pair.caught_up(await pair.shipped())
     await identical(disks["disk0"], (await pair.replica_disks())["disk0"])
 
 
@@ -259,7 +276,7 @@ async def test_scan_capture_finds_changes_made_behind_the_agents_back(
     await identical(disks["disk0"], (await pair.replica_disks())["disk0"])
     # The seed recorded what it sent: the scans after it found nothing to send.
     stats = await pair.site_a.catalog.cycle_stats(pair.vm, 0)
-    assert all(size < 64 * 1024 for cycle, _, _, size in stats if cycle <= first), stats
+    assert all(size < 64 * 1024 for cycle, _, _, size, _ in stats if cycle <= first), stats
 
     with disks["disk0"].open("r+b") as image:  # the hypervisor writes the file directly
         image.seek(0)

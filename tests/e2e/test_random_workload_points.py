@@ -4,10 +4,12 @@ A seeded random workload (hypothesis draws the seed) over two disks — overlapp
 all-zero writes, zeroing, trims, unaligned ranges, the very last bytes of each disk (one disk's
 size is not a multiple of 4 KiB) — runs through the Python capture API for at least 20 cycles.
 Some cycles are only cut and ship later together with the next ones, so one ``replicate()``
-publishes several transactions. The primary's sha256 of each disk is recorded at every cut. The
-replica keeps every cycle as a recovery point (``continuous_points_hours=1``); once it has caught
-up, each retained point is exported (Python API; the oldest also through ``vmreplica points
-export``) and must hash exactly like the primary did at that cycle.
+publishes several transactions; a ``replicate()`` with nothing written cuts nothing (an idle VM
+publishes no cycle) unless the cut is application-consistent. The primary's sha256 of each disk
+is recorded at every cut. The replica keeps every cycle as a recovery point
+(``continuous_points_hours=1``); once it has caught up, each retained point is exported (Python
+API; the oldest also through ``vmreplica points export``) and must hash exactly like the
+primary did at that cycle.
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ class Cycle:
 def workload(seed: int) -> tuple[tuple[Op, ...], list[Cycle]]:
     """Writes made before the seed, then at least :data:`MIN_CYCLES` cycles of I/O.
 
-    A cycle may be empty (a cut with no change is still a cycle and a recovery point).
+    A cycle may be empty: cut directly (``CapturedVm.cut``) it is still a cycle and a recovery
+    point; through ``replicate()`` it is one only if application-consistent.
     """
     rng = random.Random(seed)
     pre_seed = tuple(_op(rng) for _ in range(rng.randint(0, 8)))
@@ -111,6 +114,7 @@ async def _run(tmp_path: Path, bootstrap: str, pre_seed: tuple[Op, ...],
     sites = SiteFactory(tmp_path, bootstrap, group)
     replica_config = sites.config("site-b")
     digests: dict[int, Digests] = {}
+    consistent: set[int] = set()
     async with sites.site("site-a") as site_a, sites.site("site-b") as site_b:
         enabled = await enable_vm(site_a, tmp_path, vm, DISKS, VmSettings(
             frequency_seconds=30, continuous_points_hours=1), create_images=False)
@@ -125,13 +129,21 @@ async def _run(tmp_path: Path, bootstrap: str, pre_seed: tuple[Op, ...],
                     await _do(capture, op)
                 if cycle.ship:
                     shipped = await primary.replicate(cycle.application_consistent)
+                    if not shipped:  # nothing written since the last cut: no cycle
+                        assert not cycle.ops
+                        assert not cycle.application_consistent
+                        continue
                     cut = shipped[-1].cycle
                 else:
                     cut = capture.cut(cycle.application_consistent)
                 digests[cut] = {name: sha256_of(path) for name, path in disks.items()}
-            shipped = await primary.replicate()  # ships the unshipped cuts and one more cycle
-            digests[shipped[-1].cycle] = {name: sha256_of(path) for name, path in disks.items()}
-        first, last = seed.first_cycle, shipped[-1].cycle
+                if cycle.application_consistent:
+                    consistent.add(cut)
+            shipped = await primary.replicate()  # ships the unshipped cuts and what is open
+            if shipped:
+                digests[shipped[-1].cycle] = {name: sha256_of(path)
+                                              for name, path in disks.items()}
+        first, last = seed.first_cycle, max(digests)
         assert sorted(digests) == list(range(first, last + 1))
 
         adopted = await site_b.discover()
@@ -145,8 +157,6 @@ async def _run(tmp_path: Path, bootstrap: str, pre_seed: tuple[Op, ...],
         assert (await site_b.catalog.vm(vm)).state is ReplicationState.REPLICATING
         points = await site_b.catalog.points(vm)
         assert [p.cycle for p in points] == list(range(first, last + 1))
-        consistent = {c for c, cycle in zip(range(first, last + 1), cycles, strict=False)
-                      if cycle.application_consistent}
         assert {p.cycle for p in points if p.consistency == "application"} == consistent
 
         folder = replica_config.vm_folder(vm)

@@ -1,13 +1,13 @@
 """The agents' /metrics: real cycles counted once, valid for Prometheus's own tools.
 
 A primary and a replica agent run in this process against the session's broker, each serving
-metrics on a port of its own; a VM replicates continuously (a cycle every second) while a
-program writes to it. Scrapes over HTTP must show the cycles shipped and applied, their bytes
-and latencies, the RPO and the state by name, pass ``promtool check metrics``, and the counters
-must equal the cycles the catalogs recorded — the durable record they are derived from. Then a
-real Prometheus server (Debian's) scrapes the pair with the alert rules of ``deploy/`` loaded:
-what it stores agrees with ``vmreplica status --json`` and the catalog, and stopping the primary's
-agent makes ``VmReplicationAgentDown`` pending.
+metrics on a port of its own; a VM replicates continuously (a cycle every second that something
+was written) while a program writes to it. Scrapes over HTTP must show the cycles shipped and
+applied, their bytes and latencies, the RPO and the state by name, pass ``promtool check
+metrics``, and the counters must equal the cycles the catalogs recorded — the durable record
+they are derived from. Then a real Prometheus server (Debian's) scrapes the pair with the alert
+rules of ``deploy/`` loaded: what it stores agrees with ``vmreplica status --json`` and the
+catalog, and stopping the primary's agent makes ``VmReplicationAgentDown`` pending.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures import SiteFactory, VmFactory
 from vmreplica.domain.model import VmSettings
+from vmreplica.domain.states import synced_at_ms
 from vmreplica.runtime.agent import Agent
 from vmreplica.runtime.metrics import CycleStat
 
@@ -78,6 +79,8 @@ class Pair:
     agent_b: Agent
     vm: str
     tasks: list[asyncio.Task[None]]
+    writer: asyncio.Task[None] | None = None
+    """Writes to the VM now and then: an idle VM ships no cycle."""
 
     @property
     def url_a(self) -> str:
@@ -90,8 +93,20 @@ class Pair:
         return self.agent_b.metrics_url.replace("0.0.0.0", "127.0.0.1")
 
     async def stop(self, agent: Agent) -> None:
+        if agent is self.agent_a and self.writer is not None:
+            self.writer.cancel()
+            await asyncio.gather(self.writer, return_exceptions=True)
         agent.stop()
         await self.tasks[0 if agent is self.agent_a else 1]
+
+
+async def keep_writing(agent: Agent, vm: str) -> None:
+    """A program writing to the VM twice a second, so that cycles keep coming."""
+    primary = await agent.primary(vm, 60)
+    for turn in range(10**6):
+        await primary.capture.write("disk0", (turn % 16) * 64 * KiB, bytes([turn % 251]) * 4096)
+        await primary.capture.flush()
+        await asyncio.sleep(0.5)
 
 
 @pytest.fixture
@@ -107,15 +122,19 @@ async def pair(sites: SiteFactory, vm: VmFactory) -> AsyncIterator[Pair]:
         primary = await agent_a.primary(name, 60)
         await primary.capture.write("disk0", 0, b"\x5a" * (64 * KiB))
         await primary.capture.flush()
+        running.writer = asyncio.create_task(keep_writing(agent_a, name))
         # both listen before anything else: the primary above is open, so both agents run
         assert agent_a.metrics_url is not None
         assert agent_b.metrics_url is not None
         assert agent_b.metrics_url.startswith("http://0.0.0.0:")
         yield running
     finally:
+        if running.writer is not None:
+            running.writer.cancel()
         for agent in (agent_a, agent_b):
             agent.stop()
-        await asyncio.gather(*running.tasks)
+        await asyncio.gather(*running.tasks, *[running.writer] if running.writer else [],
+                             return_exceptions=True)
 
 
 async def test_a_replicating_pair_counts_real_cycles_and_passes_promtool(pair: Pair) -> None:
@@ -296,12 +315,15 @@ async def test_a_prometheus_server_scrapes_the_pair_and_evaluates_the_rules(
         assert prometheus.one(f'vmreplica_vm_health{{{b}, health="{replica["health"]}"}}') == 1
         assert prometheus.one(f'vmreplica_recovery_points{{{b}}}') == replica["recovery_points"]
 
-        # The RPO Prometheus stored is the age of the last applied cycle's cut when it scraped
-        # (at most a scrape interval and a little before the query).
+        # The RPO Prometheus stored is the time since the replica was last in sync when it
+        # scraped (at most a scrape interval and a little before the query): the last applied
+        # cycle's cut, or a later heartbeat of the primary saying nothing waited.
         last = max(rows, key=lambda row: row.cycle)
         assert last.cycle == shipped.cycle
+        synced = synced_at_ms(last.cut_at_ms, await catalog_b.last_heartbeat(name))
+        assert synced is not None
         [(_, at, rpo)] = prometheus.query(f'vmreplica_rpo_seconds{{{b}, role="replica"}}')
-        assert 0 <= (at - last.cut_at_ms / 1000) - rpo < 3, (at, last, rpo)
+        assert 0 <= (at - synced / 1000) - rpo < 3, (at, synced, rpo)
 
         # Prometheus can no longer scrape site A: the agent-down alert is pending (for 2m).
         await until(lambda: prometheus.one(

@@ -35,7 +35,7 @@ def test_health_follows_the_rule(state: ReplicationState, window: WindowStats) -
     missed = max(0, window.expected_cycles - window.successful_cycles)
     warnings = [state in NEEDS_ATTENTION,
                 5 * missed > window.expected_cycles,  # more than 20 %, in integers
-                (window.seconds_since_last_cycle or 0) > 3600,
+                (window.seconds_behind or 0) > 3600,
                 (window.average_latency_seconds or 0) > 300]
     assert len(report.reasons) == sum(warnings)
     assert report.health is (Health.WARNING if any(warnings) else Health.NORMAL)
@@ -46,8 +46,8 @@ def test_a_worse_window_never_gives_better_health(
         state: ReplicationState, window: WindowStats, more_missed: int, older: float,
         slower: float) -> None:
     worse = WindowStats(window.expected_cycles + more_missed, window.successful_cycles,
-                        None if window.seconds_since_last_cycle is None
-                        else window.seconds_since_last_cycle + older,
+                        None if window.seconds_behind is None
+                        else window.seconds_behind + older,
                         None if window.average_latency_seconds is None
                         else window.average_latency_seconds + slower)
     assert RANK[assess(state, worse).health] >= RANK[assess(state, window).health]

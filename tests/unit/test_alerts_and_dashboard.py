@@ -57,7 +57,8 @@ def _status(name: str, role: Role, state: ReplicationState, health: Health, epoc
     progress: PrimaryProgress | ReplicaProgress = (
         PrimaryProgress(cycle, 65536, None, None) if role == "primary"
         else ReplicaProgress(cycle, 24))
-    return VmStatus(record, CaptureStatus("nbd"), HealthReport(health, ()), 12.0, 110, progress)
+    return VmStatus(record, CaptureStatus("nbd"), HealthReport(health, ()), 12.0, 110, progress,
+                    synced_at_ms=NOW_MS - 12_000)
 
 
 def _cycles(count: int, latency_ms: int) -> list[CycleStat]:

@@ -127,7 +127,7 @@ async def test_a_position_that_moves_back_is_refused_and_nothing_is_written(
             "resynchronize the VM.")
         assert await catalog.position("web") == current
         assert await catalog.points("web") == [RecoveryPoint(7, 2, 69, 1)]
-        assert await catalog.cycle_stats("web", 0) == [(7, 1, 1, 10)]
+        assert await catalog.cycle_stats("web", 0) == [(7, 1, 1, 10, None)]
 
 
 async def test_rewind_goes_back_and_says_why(tmp_path: Path,
@@ -177,4 +177,4 @@ async def test_moving_on_without_a_cycle_keeps_the_cycle_statistics(tmp_path: Pa
         await catalog.advance_position("web", Position(1, 3, b"h", 30, 2_000),
                                        cut_at_ms=1_500, size_bytes=4096)
         await catalog.advance_position("web", Position(1, 3, b"h", 31, 2_000))
-        assert await catalog.cycle_stats("web", 0) == [(3, 1_500, 2_000, 4096)]
+        assert await catalog.cycle_stats("web", 0) == [(3, 1_500, 2_000, 4096, None)]

@@ -1,8 +1,8 @@
 """Health by Hyper-V's rules (``vmreplica.domain.states.assess``), at and around each threshold.
 
 Critical: resynchronization required or error, whatever the statistics. Warning: a state that
-needs attention, more than 20 % of the window's cycles missed, more than an hour since the last
-cycle, or an average latency above five minutes — each with the reason an operator reads.
+needs attention, more than 20 % of the window's cycles missed, more than an hour behind the
+primary, or an average latency above five minutes — each with the reason an operator reads.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from vmreplica.domain.states import (
 
 State = ReplicationState
 PERFECT: Final = WindowStats(expected_cycles=12, successful_cycles=12,
-                             seconds_since_last_cycle=30.0, average_latency_seconds=2.0)
+                             seconds_behind=30.0, average_latency_seconds=2.0)
 """A window in which every cycle arrived, recently and quickly."""
 BAD: Final = WindowStats(expected_cycles=10, successful_cycles=0,
-                         seconds_since_last_cycle=86_400.0, average_latency_seconds=3_600.0)
+                         seconds_behind=86_400.0, average_latency_seconds=3_600.0)
 """A window in which everything that can be wrong is."""
 
 HEALTH_OF_STATE: Final = {
@@ -48,6 +48,7 @@ HEALTH_OF_STATE: Final = {
 
 def stats(expected: int = 12, successful: int = 12, since: float | None = 30.0,
           latency: float | None = 2.0) -> WindowStats:
+    """A window; ``since``: seconds behind the primary (the RPO)."""
     return WindowStats(expected, successful, since, latency)
 
 
@@ -99,12 +100,12 @@ def test_missed_cycles_never_go_below_zero() -> None:
 @pytest.mark.parametrize(("since", "report"), [
     (None, HealthReport(Health.NORMAL, ())),  # nothing replicated yet in this window
     (3600.0, HealthReport(Health.NORMAL, ())),  # exactly an hour: not more than an hour
-    (3600.5, HealthReport(Health.WARNING, ("last cycle 60 minutes ago",))),
-    (3690.0, HealthReport(Health.WARNING, ("last cycle 62 minutes ago",))),  # 61.5 rounds even
-    (7200.0, HealthReport(Health.WARNING, ("last cycle 120 minutes ago",))),
-    (86_400.0, HealthReport(Health.WARNING, ("last cycle 1440 minutes ago",))),
+    (3600.5, HealthReport(Health.WARNING, ("60 minutes behind the primary",))),
+    (3690.0, HealthReport(Health.WARNING, ("62 minutes behind the primary",))),  # 61.5 rounds even
+    (7200.0, HealthReport(Health.WARNING, ("120 minutes behind the primary",))),
+    (86_400.0, HealthReport(Health.WARNING, ("1440 minutes behind the primary",))),
 ])
-def test_more_than_an_hour_since_the_last_cycle_is_a_warning(
+def test_more_than_an_hour_behind_the_primary_is_a_warning(
         since: float | None, report: HealthReport) -> None:
     assert assess(State.REPLICATING, stats(since=since)) == report
 
@@ -123,7 +124,7 @@ def test_an_average_latency_above_five_minutes_is_a_warning(
 
 def test_every_reason_is_listed_in_a_fixed_order() -> None:
     assert assess(State.SUSPENDED, BAD) == HealthReport(Health.WARNING, (
-        "state is suspended", "10 of 10 cycles missed", "last cycle 1440 minutes ago",
+        "state is suspended", "10 of 10 cycles missed", "1440 minutes behind the primary",
         "average latency 3600 s"))
     assert assess(State.REPLICATING, BAD).reasons == (
-        "10 of 10 cycles missed", "last cycle 1440 minutes ago", "average latency 3600 s")
+        "10 of 10 cycles missed", "1440 minutes behind the primary", "average latency 3600 s")

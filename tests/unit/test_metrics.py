@@ -10,7 +10,7 @@ import pytest
 
 from vmreplica.config import SiteConfig
 from vmreplica.domain.model import DiskRecord, Position, Role, VmRecord, VmSettings
-from vmreplica.domain.states import Health, HealthReport, ReplicationState
+from vmreplica.domain.states import Health, HealthReport, ReplicationState, missed_intervals
 from vmreplica.errors import (
     BrokerError,
     ConfigurationError,
@@ -20,13 +20,7 @@ from vmreplica.errors import (
     JournalViolation,
     ReplicationError,
 )
-from vmreplica.runtime.metrics import (
-    CycleStat,
-    CycleTally,
-    SiteMetrics,
-    failure_reason,
-    missed_intervals,
-)
+from vmreplica.runtime.metrics import CycleStat, CycleTally, SiteMetrics, failure_reason
 from vmreplica.runtime.status import CaptureStatus, PrimaryProgress, ReplicaProgress, VmStatus
 
 START_MS = 1_800_000_000_000
@@ -50,11 +44,14 @@ def record(role: Role = "primary", state: ReplicationState = ReplicationState.RE
 
 
 def status(vm: VmRecord, cycle: int | None = None, health: Health = Health.NORMAL,
-           ) -> VmStatus:
+           synced_ms: int | None = None, idle: bool = False) -> VmStatus:
+    """``synced_ms``: when the site last held every write; ``idle``: the primary heartbeats
+    and says nothing waits (what :func:`vm_status` works out from the catalog)."""
     progress: PrimaryProgress | ReplicaProgress = (
         PrimaryProgress(cycle, 512, None, None) if vm.role == "primary"
         else ReplicaProgress(cycle, 3))
-    return VmStatus(vm, CaptureStatus("api"), HealthReport(health, ()), None, 0, progress)
+    return VmStatus(vm, CaptureStatus("api"), HealthReport(health, ()), None, 0, progress,
+                    synced_ms, idle)
 
 
 def stat(cycle: int, done_ms: int, latency_ms: int = 400, size: int = 1000) -> CycleStat:
@@ -121,8 +118,9 @@ def test_shipped_cycles_count_once_with_latency_bytes_and_rpo() -> None:
             stat(3, START_MS + 50_000, size=300)]
     clock.ms = START_MS + 52_000
     position = Position(1, 3, bytes(32), 40, START_MS + 50_000)
-    metrics.update(status(vm, 3), rows, position)
-    metrics.update(status(vm, 3), rows, position)  # the same rows again: nothing new
+    synced = rows[-1].cut_at_ms
+    metrics.update(status(vm, 3, synced_ms=synced), rows, position)
+    metrics.update(status(vm, 3, synced_ms=synced), rows, position)  # the same rows: nothing new
     metrics.written("web", 8192)
     labels = {"site": "site-a", "vm": "web"}
     sample = metrics.registry.get_sample_value
@@ -149,7 +147,7 @@ def test_shipped_cycles_count_once_with_latency_bytes_and_rpo() -> None:
     clock.ms += 100_000  # the RPO is worked out when Prometheus scrapes
     assert sample("vmreplica_rpo_seconds", with_role) == pytest.approx(102.4)
     assert sample("vmreplica_cycles_missed_total", labels) == 0  # counted at the next update
-    metrics.update(status(vm, 3), rows, position)
+    metrics.update(status(vm, 3, synced_ms=synced), rows, position)
     assert sample("vmreplica_cycles_missed_total", labels) == 2  # due at 80 s and 110 s
 
 
@@ -159,7 +157,8 @@ def test_applied_cycles_apply_time_failures_and_failovers() -> None:
     vm = record("replica")
     clock.ms += 31_000
     rows = [stat(1, START_MS + 30_000, latency_ms=2_000, size=4096)]
-    metrics.update(status(vm, 1), rows, Position(1, 1, bytes(32), 9, START_MS + 30_000))
+    metrics.update(status(vm, 1, synced_ms=rows[0].cut_at_ms), rows,
+                   Position(1, 1, bytes(32), 9, START_MS + 30_000))
     metrics.applied("web", 0.3, 3)
     metrics.failed("web", "network")
     metrics.failover("web", "unplanned", "refused")

@@ -68,7 +68,7 @@ async def test_primary_and_replica_status_json(tmp_path: Path) -> None:
             "capture": "nbd", "nbd_socket": socket,
             "nbd": {"disk0": {"unix": f"nbd+unix:///disk0?socket={socket}",
                               "tcp": "nbd://127.0.0.1:10809/web.disk0"}},
-            "health": "normal", "health_reasons": [], "seconds_behind": 12.3,
+            "health": "normal", "health_reasons": [], "seconds_behind": 12.8,
             "cycles_in_window": 1, "pending_bytes": 0, "replica_cycle": None,
             "replica_applied_at_ms": None, "last_sent_cycle": 1,
         }
@@ -77,7 +77,7 @@ async def test_primary_and_replica_status_json(tmp_path: Path) -> None:
             "partner_site": "site-b",
             "disks": [{"name": "disk0", "path": "/images/db0.img", "size_bytes": 8192},
                       {"name": "disk1", "path": "/images/db1.img", "size_bytes": 4096}],
-            "capture": "api", "health": "normal", "health_reasons": [], "seconds_behind": 2.0,
+            "capture": "api", "health": "normal", "health_reasons": [], "seconds_behind": 2.5,
             "cycles_in_window": 1, "last_applied_cycle": 1, "recovery_points": 0,
         }
         assert idle == {
@@ -132,7 +132,11 @@ async def test_metrics_follow_the_status(tmp_path: Path) -> None:
 
 
 async def _ship(site: Site, vm: str, at_ms: int) -> None:
-    """Record cycle 1 of ``vm`` as done at ``at_ms``, without a recovery point."""
+    """Record cycle 1 of ``vm`` as done at ``at_ms``, without a recovery point.
+
+    Its cut is 500 ms earlier: seconds behind is the RPO, counted from the cut (the newest
+    instant the site holds every write), not from when the cycle was done.
+    """
     await site.catalog.advance_position(vm, Position(1, 1, bytes(32), 10, at_ms),
                                         cut_at_ms=at_ms - 500, size_bytes=4096)
 
@@ -163,7 +167,7 @@ def test_cli_status_and_points_json(tmp_path: Path) -> None:
         "vm": "db", "role": "replica", "state": "replicating", "message": "", "epoch": 1,
         "partner_site": "site-b",
         "disks": [{"name": "disk0", "path": "/images/db0.img", "size_bytes": 4096}],
-        "capture": "api", "health": "normal", "health_reasons": [], "seconds_behind": 1.0,
+        "capture": "api", "health": "normal", "health_reasons": [], "seconds_behind": 60.0,
         "cycles_in_window": 2, "last_applied_cycle": 2, "recovery_points": 2,
     }]
     assert status.output.index('"capture"') < status.output.index('"cycles_in_window"')

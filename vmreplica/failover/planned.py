@@ -123,7 +123,7 @@ async def cancel_planned(site: Site, vm: str) -> None:
         raise FailoverRefused(f"too late: site {found[1].primary_site} took over VM {vm!r} in "
                               f"epoch {found[1].epoch}")
     async with site.primary(record) as primary:
-        await primary.replicate()
+        await primary.replicate(force=True)
     await site.catalog.set_reverse_wanted(vm, False)
     await site.catalog.set_state(vm, ReplicationState.REPLICATING, "planned failover cancelled")
 

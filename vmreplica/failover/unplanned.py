@@ -15,13 +15,12 @@ transaction; undo logs are discarded last.
 from __future__ import annotations
 
 import shutil
-from typing import Final
 
 from vmreplica.consumers.points import choose_point
 from vmreplica.consumers.undo import UndoLog
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import Position, Rewind, VmRecord
-from vmreplica.domain.states import ReplicationState
+from vmreplica.domain.states import ReplicationState, primary_live
 from vmreplica.errors import FailoverRefused
 from vmreplica.failover.journal import publish_epoch
 from vmreplica.failover.planned import check_takeover, run_start_hook
@@ -29,9 +28,6 @@ from vmreplica.producers.changelog import read_segment
 from vmreplica.runtime.site import Site
 from vmreplica.schemas.events import EpochStart, FailoverPrepared
 from vmreplica.storage.image import DiskImage
-
-HEARTBEAT_GRACE_SECONDS: Final = 15.0
-"""An unplanned failover is refused while the primary heartbeated more recently than this."""
 
 
 async def promote(site: Site, vm: str, *, prepared: FailoverPrepared | None = None,
@@ -54,7 +50,8 @@ async def promote(site: Site, vm: str, *, prepared: FailoverPrepared | None = No
         cycle, cycle_hash, reason = position.cycle, position.cycle_hash, "planned failover"
     else:
         seen = await site.catalog.primary_seen_ms(vm)
-        if not force and seen is not None and now_ms() - seen < HEARTBEAT_GRACE_SECONDS * 1000:
+        if (not force and seen is not None
+                and primary_live(seen, now_ms(), site.config.heartbeat_seconds)):
             raise FailoverRefused(
                 f"the primary of VM {vm!r} ({record.partner_site}) heartbeated "
                 f"{(now_ms() - seen) / 1000:.0f} s ago; it is still running. Use a planned "

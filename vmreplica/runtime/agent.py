@@ -2,9 +2,11 @@
 
 For each VM it is primary of, the agent seeds the replica (if not yet done), cuts and ships a
 cycle every replication period (continuous mode: every second, or sooner once the change log
-holds ``continuous_max_bytes``), and heartbeats. For each VM it is replica of, it applies the
-journal as it arrives. New VMs (enabled here, or discovered in the trust group's topics) are
-picked up while it runs. One VM's failure never stops the others.
+holds ``continuous_max_bytes``) if anything was written — an idle VM publishes nothing — and
+heartbeats every ``heartbeat_seconds``, and at once when a shipped burst of writes leaves
+nothing waiting. For each VM it is replica of, it applies the journal as it arrives. New VMs
+(enabled here, or discovered in the trust group's topics) are picked up while it runs. One VM's
+failure never stops the others.
 
 Before it runs, :func:`check_folders` and the listeners (metrics, NBD over TCP) refuse a setting
 the agent cannot work with in one line that names the setting, the problem and what to do.
@@ -54,6 +56,7 @@ HELD_SECONDS: Final = 600.0
 """A worker that ended on an error someone must act on (a bad setting, a broken journal) waits
 for its relationship to change, and is tried again this long after in case the cause went away."""
 CONTINUOUS_TICK_SECONDS: Final = 1.0
+"""Continuous replication looks for writes to ship every second."""
 
 
 def check_folders(config: SiteConfig) -> None:
@@ -335,8 +338,9 @@ class Agent:
         """One cycle, through the VM's capture front (scan, hooks, off-loop copies) if open."""
         front = self.fronts.get(primary.name)
         if front is not None:
+            checks = primary.checks
             shipped = await front.cycle()
-            if not shipped:  # a cut hook failed: the front logged it and skipped the cycle
+            if primary.checks == checks:  # a cut hook failed: the front logged it, no cycle
                 self.metrics.failed(primary.name, "hook")
         else:
             shipped = await primary.replicate()
@@ -365,6 +369,10 @@ class Agent:
         return self.primaries[vm]
 
     async def _cycles(self, primary: PrimaryVm) -> None:
+        """Each period, a cycle if anything waits to ship (:meth:`PrimaryVm.replicate`; an
+        idle VM publishes nothing); a heartbeat every ``heartbeat_seconds``, and one as soon as
+        a shipped burst leaves nothing waiting, so the replica knows at once that it holds
+        every write (its RPO and health then rest on the heartbeats, not on cycles)."""
         settings = primary.record.settings
         period = settings.frequency_seconds or CONTINUOUS_TICK_SECONDS
         loop = asyncio.get_running_loop()
@@ -379,9 +387,9 @@ class Agent:
                 if await self._shipping(primary):
                     await self._replicate(primary)
                 next_cut = now + period
-            if now >= next_beat:
+            if now >= next_beat or primary.idle_unannounced:
                 await primary.heartbeat()
-                next_beat = now + self.site.config.heartbeat_seconds
+                next_beat = loop.time() + self.site.config.heartbeat_seconds
             wait = max(0.05, min(next_cut, next_beat) - loop.time())
             if settings.frequency_seconds == 0:
                 wait = min(wait, 0.1)

@@ -6,13 +6,16 @@ Two kinds of numbers, from two places:
   their latency from cut to shipped or applied and their bytes, come from the catalog's cycle
   statistics: durable rows written in the same transaction as the position, so each cycle is
   counted once whichever code path did it (the agent's loop, a planned failover's last cycle).
-  Missed cycles are intervals that passed without one (:func:`missed_intervals`). Failures,
+  Missed cycles are intervals in which writes waited without a cycle: an idle VM ships none and
+  misses none (:func:`missed_intervals`, :func:`~vmreplica.domain.states.waiting_ms`). Failures,
   failover actions, written bytes and apply times are reported by the agent as they happen.
   Like every Prometheus counter they start at zero when the agent starts.
 - **Gauges say where each VM stands now**, from the catalog, refreshed every few seconds and
   served as one snapshot, so a VM removed or failed over leaves no stale series behind: state
   and health as labels with 0/1 values, last cycle and when it was done, the RPO (worked out at
-  scrape time), pending bytes, recovery points.
+  scrape time from when the site was last in sync, by :func:`~vmreplica.domain.states.rpo_seconds`:
+  an idle VM whose primary heartbeats stays within one interval), pending bytes, recovery
+  points.
 
 Base units throughout (seconds, bytes), ``_total`` on counters, ``_timestamp_seconds`` on
 instants; ``promtool check metrics`` accepts the exposition (``tests/integration/test_metrics.py``).
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -40,7 +42,14 @@ from prometheus_client.registry import Collector
 
 from vmreplica.config import cannot_listen
 from vmreplica.domain.model import Position
-from vmreplica.domain.states import Health, ReplicationState
+from vmreplica.domain.states import (
+    CYCLES_EXPECTED_STATES,
+    Health,
+    ReplicationState,
+    missed_intervals,
+    rpo_seconds,
+    waiting_ms,
+)
 from vmreplica.errors import (
     BrokerError,
     DecodeError,
@@ -50,7 +59,7 @@ from vmreplica.errors import (
     ReplicationError,
 )
 from vmreplica.failover.requests import REQUEST_TYPES
-from vmreplica.runtime.status import PrimaryProgress, VmStatus
+from vmreplica.runtime.status import PrimaryProgress, VmStatus, interval_seconds
 
 # ``_created`` series double every counter and histogram and only OpenMetrics scrapers use them;
 # the agent serves the Prometheus text format.
@@ -64,8 +73,6 @@ warning when replication stalls."""
 APPLY_BUCKETS_SECONDS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                                 30.0, 60.0)
 """Applying one cycle: milliseconds for a few blocks, a minute for a cycle of gigabytes."""
-CONTINUOUS_INTERVAL_SECONDS: Final = 1.0
-"""Continuous replication cuts a cycle every second (or sooner, by size)."""
 FAILURE_REASONS: Final = ("network", "fenced", "hook", "journal", "replication")
 """Why a cycle failed, counted apart as Hyper-V counts network, replication and
 application-consistency failures apart."""
@@ -74,9 +81,6 @@ FAILOVER_ACTIONS: Final = (
     ("takeover", "done"), ("follow", "done"), ("stand_down", "done"))
 """(action, outcome) of failover actions: what the CLI asks the agent (each done, refused as
 not allowed now, or failed as a mistake), and the role changes the agent makes by itself."""
-CYCLES_EXPECTED_STATES: Final = frozenset({ReplicationState.REPLICATING, ReplicationState.ERROR})
-"""States in which a cycle is due every interval; in the others (initial replication, suspended,
-failed over, resync required…) an interval without a cycle is not a missed cycle."""
 
 
 def failure_reason(error: ReplicationError) -> str:
@@ -90,21 +94,6 @@ def failure_reason(error: ReplicationError) -> str:
     if isinstance(error, JournalIntegrityError | DecodeError):
         return "journal"
     return "replication"
-
-
-def interval_seconds(frequency_seconds: int) -> float:
-    """Seconds between cycles for a VM's ``frequency_seconds`` (0: continuous)."""
-    return float(frequency_seconds) or CONTINUOUS_INTERVAL_SECONDS
-
-
-def missed_intervals(gap_seconds: float, interval: float) -> int:
-    """Cycles missed in ``gap_seconds`` since the last cycle, at one cycle per ``interval``.
-
-    A gap of about n intervals holds n - 1 missed cycles; a cycle counts as missed once it is
-    half an interval overdue, so a cycle that is merely late is not counted, and a skipped one
-    is counted while the outage goes on rather than when the next cycle finally comes.
-    """
-    return max(0, math.floor(gap_seconds / interval - 0.5))
 
 
 def _wall_clock() -> float:
@@ -122,10 +111,17 @@ class CycleStat:
     """When the cycle was shipped (primary) or applied and durable (replica)."""
     size_bytes: int
     """Bytes on the wire (primary) or payload bytes applied (replica)."""
+    started_at_ms: int | None = None
+    """When the cycle started on the primary: the previous cut, or a later instant at which
+    the primary found nothing waiting (None: recorded before this was kept)."""
 
     @property
     def latency_seconds(self) -> float:
         return max(0.0, (self.done_at_ms - self.cut_at_ms) / 1000)
+
+
+def _order(stat: CycleStat) -> tuple[int, int]:
+    return stat.done_at_ms, stat.cycle
 
 
 @dataclass
@@ -133,12 +129,16 @@ class CycleTally:
     """What the metrics have counted of one VM's cycles: turns durable statistics into events.
 
     ``seen`` is the (done time, cycle) of the newest cycle counted; rows after it are new (a
-    failover may restart the numbering lower, never the clock). ``anchor_ms`` is since when a
-    cycle has been due, and ``missed`` how many missed cycles since then were already counted.
+    failover may restart the numbering lower, never the clock). ``last`` is the newest cycle
+    known: writes that wait now have waited since it was done, less the time the primary then
+    showed nothing waited (:func:`~vmreplica.domain.states.waiting_ms`). ``anchor_ms`` is since
+    when a cycle can be missed at all (the tally's start, or the end of a state that expects no
+    cycle), and ``missed`` how many cycles of the current wait were already counted.
     """
 
     seen: tuple[int, int]
     anchor_ms: int
+    last: CycleStat | None = None
     missed: int = 0
 
     @classmethod
@@ -152,31 +152,47 @@ class CycleTally:
         return self.seen[0]
 
     def new_cycles(self, stats: Iterable[CycleStat]) -> list[CycleStat]:
-        """The rows of ``stats`` not counted yet, oldest first; they are counted from now on."""
-        new = sorted((s for s in stats if (s.done_at_ms, s.cycle) > self.seen),
-                     key=lambda s: (s.done_at_ms, s.cycle))
+        """The rows of ``stats`` not counted yet, oldest first; they are counted from now on.
+
+        An older row, the first time, only tells where the next cycle's wait begins.
+        """
+        ordered = sorted(stats, key=_order)
+        new = [s for s in ordered if _order(s) > self.seen]
+        if self.last is None:
+            self.last = max((s for s in ordered if _order(s) <= self.seen), key=_order,
+                            default=None)
         if new:
-            self.seen = (new[-1].done_at_ms, new[-1].cycle)
+            self.seen = _order(new[-1])
         return new
 
     def missed_cycles(self, new: Sequence[CycleStat], now_ms: int, interval: float,
-                      expected: bool) -> int:
+                      expected: bool, idle: bool = False, idle_at_ms: int | None = None) -> int:
         """Cycles missed since the last call, given the ``new`` cycles done meanwhile.
 
-        ``expected``: the VM's state is one where a cycle is due every ``interval``; while it
-        is not, no interval counts as missed.
+        ``expected``: the VM's state is one where waiting writes are due every ``interval``;
+        while it is not, no interval counts as missed. ``idle``: the primary is live and said
+        nothing waits, so none is overdue now; ``idle_at_ms``: the last instant it said so
+        since the newest cycle (the time before it was not waiting). A cycle after none known
+        adds nothing of its own: how long writes waited for it is not known, and an outage
+        before it was counted while it went on.
         """
+        counted = 0
+        for stat in new:
+            if expected and self.last is not None:  # after no cycle, the wait is not known
+                waited = waiting_ms(self.last.done_at_ms, self.last.cut_at_ms,
+                                    stat.started_at_ms, stat.done_at_ms, self.anchor_ms)
+                counted += max(0, missed_intervals(waited / 1000, interval) - self.missed)
+            self.last, self.missed = stat, 0
         if not expected:
             self.anchor_ms = max(now_ms, self.seen[0])
             self.missed = 0
             return 0
-        counted = 0
-        for stat in new:
-            if stat.done_at_ms > self.anchor_ms:
-                gap = missed_intervals((stat.done_at_ms - self.anchor_ms) / 1000, interval)
-                counted += max(0, gap - self.missed)
-                self.anchor_ms, self.missed = stat.done_at_ms, 0
-        overdue = missed_intervals((now_ms - self.anchor_ms) / 1000, interval)
+        if idle:
+            return counted
+        last = self.last
+        waited = (now_ms - self.anchor_ms if last is None else
+                  waiting_ms(last.done_at_ms, last.cut_at_ms, idle_at_ms, now_ms, self.anchor_ms))
+        overdue = missed_intervals(waited / 1000, interval)
         if overdue > self.missed:
             counted += overdue - self.missed
             self.missed = overdue
@@ -195,8 +211,10 @@ class VmGauges:
     last_cycle: int | None
     last_success_ms: int | None
     """When the last cycle was shipped (primary) or applied (replica)."""
-    last_cut_ms: int | None
-    """When that cycle was cut on the primary: the newest write the replica holds."""
+    synced_ms: int | None
+    """The newest instant at which the site is known to hold every write of the primary."""
+    idle: bool
+    """The primary is live and said nothing waits: the RPO stays within one interval."""
     pending_bytes: int | None
     recovery_points: int | None
     cycles_in_window: int
@@ -231,8 +249,10 @@ class VmSnapshot(Collector):
             f"{PREFIX}_last_successful_cycle_timestamp_seconds", "When the last cycle was "
             "shipped (primary) or applied (replica), Unix time.", labels=labels)
         rpo = GaugeMetricFamily(
-            f"{PREFIX}_rpo_seconds", "Age of the newest write the replica holds: now minus the "
-            "cut time of the last cycle applied (replica) or shipped (primary).", labels=labels)
+            f"{PREFIX}_rpo_seconds", "Writes the site may lack, in seconds: now minus the last "
+            "instant it held every write of the primary (the cut of the last cycle shipped or "
+            "applied, or an idle heartbeat); at most one interval while the primary heartbeats "
+            "with nothing waiting.", labels=labels)
         pending = GaugeMetricFamily(f"{PREFIX}_pending_bytes", "Change-log bytes not yet "
                                     "shipped (primary).", labels=labels)
         points = GaugeMetricFamily(f"{PREFIX}_recovery_points", "Recovery points kept "
@@ -241,6 +261,7 @@ class VmSnapshot(Collector):
                                    "monitoring window, from the catalog (survives restarts).",
                                    labels=labels)
         now = self.clock()
+        now_ms = int(now * 1000)
         for vm, gauges in sorted(self.vms.items()):
             key = [self.site, vm, gauges.role]
             for name in ReplicationState:
@@ -254,8 +275,9 @@ class VmSnapshot(Collector):
                 cycle.add_metric(key, gauges.last_cycle)
             if gauges.last_success_ms is not None:
                 success.add_metric(key, gauges.last_success_ms / 1000)
-            if gauges.last_cut_ms is not None:
-                rpo.add_metric(key, max(0.0, now - gauges.last_cut_ms / 1000))
+            behind = rpo_seconds(now_ms, gauges.synced_ms, gauges.interval_seconds, gauges.idle)
+            if behind is not None:
+                rpo.add_metric(key, behind)
             if gauges.pending_bytes is not None:
                 pending.add_metric(key, gauges.pending_bytes)
             if gauges.recovery_points is not None:
@@ -339,6 +361,8 @@ class SiteMetrics:
             self._touch(vm)
         interval = interval_seconds(record.settings.frequency_seconds)
         new = tally.new_cycles(stats)
+        if tally.last is None and position is not None:  # no cycle yet: none due before it
+            tally.anchor_ms = max(tally.anchor_ms, position.at_ms)
         for stat in new:
             if record.role == "primary":
                 self.shipped.labels(self.site, vm).inc()
@@ -349,21 +373,22 @@ class SiteMetrics:
                 self.applied_bytes.labels(self.site, vm).inc(stat.size_bytes)
                 self.apply_latency.labels(self.site, vm).observe(stat.latency_seconds)
         missed = tally.missed_cycles(new, now, interval,
-                                     record.state in CYCLES_EXPECTED_STATES)
+                                     record.state in CYCLES_EXPECTED_STATES, status.idle,
+                                     status.synced_at_ms)
         if missed:
             self.missed.labels(self.site, vm).inc(missed)
-        success_ms = cut_ms = None
+        success_ms = None
         if position is not None and position.cycle > 0:
             success_ms = position.at_ms
             last = max((s for s in stats if s.cycle == position.cycle),
                        key=lambda s: s.done_at_ms, default=None)
             if last is not None:
-                success_ms, cut_ms = last.done_at_ms, last.cut_at_ms
+                success_ms = last.done_at_ms
         progress = status.progress
         vms = dict(self.snapshot.vms)
         vms[vm] = VmGauges(
             record.role, record.state, status.report.health, record.epoch, interval,
-            status.last_cycle, success_ms, cut_ms,
+            status.last_cycle, success_ms, status.synced_at_ms, status.idle,
             progress.pending_bytes if isinstance(progress, PrimaryProgress) else None,
             None if isinstance(progress, PrimaryProgress) else progress.recovery_points,
             status.cycles_in_window)

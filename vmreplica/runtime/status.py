@@ -3,18 +3,38 @@
 State and health by name (Hyper-V's rules over a one-hour monitoring window), position, seconds
 behind, pending bytes, and on a primary the position its replica last reported. :func:`vm_status`
 returns a :class:`VmStatus`; the CLI turns it into JSON and tables, the agent into metrics.
+
+An idle VM ships no cycle, so nothing here counts from the last cycle (the rules are in
+:mod:`vmreplica.domain.states`): *seconds behind* is the RPO — the time since this site was last
+known to hold every write of the primary, at most one interval while the primary heartbeats and
+says nothing waits; a cycle is *expected* only while writes wait, so an idle, heartbeating VM
+is Normal and up to date however long since its last cycle. Both sites apply the same rules:
+the primary records its own heartbeats, the replica those it reads in the journal.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
+from typing import Final
 
 from vmreplica.config import SiteConfig
 from vmreplica.domain.clock import HOUR_MS
 from vmreplica.domain.model import VmRecord
-from vmreplica.domain.states import HealthReport, WindowStats, assess
+from vmreplica.domain.states import (
+    CYCLES_EXPECTED_STATES,
+    HealthReport,
+    LastHeartbeat,
+    WindowStats,
+    assess,
+    missed_intervals,
+    primary_live,
+    rpo_seconds,
+    synced_at_ms,
+    waiting_ms,
+)
 from vmreplica.errors import ConfigurationError
 from vmreplica.journal.kafka import read_to_end
 from vmreplica.producers.changelog import pending_bytes
@@ -22,6 +42,16 @@ from vmreplica.producers.nbd_exports import nbd_uris, socket_path
 from vmreplica.runtime.site import Site
 from vmreplica.schemas.codec import decode_status
 from vmreplica.schemas.events import ReplicaPosition
+
+MONITORING_WINDOW_MS: Final = HOUR_MS
+"""Hyper-V's monitoring window: health counts the cycles of the last hour."""
+CONTINUOUS_INTERVAL_SECONDS: Final = 1.0
+"""Continuous replication looks for writes to ship every second (or sooner, by size)."""
+
+
+def interval_seconds(frequency_seconds: int) -> float:
+    """Seconds between cycles for a VM's ``frequency_seconds`` (0: continuous)."""
+    return float(frequency_seconds) or CONTINUOUS_INTERVAL_SECONDS
 
 
 @dataclass(frozen=True)
@@ -63,9 +93,14 @@ class VmStatus:
     capture: CaptureStatus
     report: HealthReport
     seconds_behind: float | None
-    """Since the last cycle was shipped or applied, to a tenth of a second; None before one."""
+    """The RPO, to a tenth of a second: how long since this site was last known to hold every
+    write of the primary (:func:`~vmreplica.domain.states.rpo_seconds`); None before then."""
     cycles_in_window: int
     progress: PrimaryProgress | ReplicaProgress
+    synced_at_ms: int | None = None
+    """The newest instant at which this site is known to hold every write of the primary."""
+    idle: bool = False
+    """The primary is live and its last heartbeat said nothing waited to ship."""
 
     @property
     def last_cycle(self) -> int | None:
@@ -96,6 +131,42 @@ async def _latest_replica_position(site: Site, vm: str) -> ReplicaPosition | Non
     return latest
 
 
+@dataclass(frozen=True)
+class _Row:
+    """A cycle statistics row (:meth:`Catalog.cycle_stats`) by name."""
+
+    cycle: int
+    cut_ms: int
+    done_ms: int
+    size_bytes: int
+    started_ms: int | None
+
+
+def missed_in_window(rows: Sequence[tuple[int, int, int, int, int | None]], since_ms: int,
+                     now_ms: int, interval: float, waiting_since: tuple[int, int] | None,
+                     idle_at_ms: int | None) -> int:
+    """Cycles missed from ``since_ms`` to ``now_ms``: while writes waited, an interval without
+    a cycle beyond the first (:func:`~vmreplica.domain.states.waiting_ms`).
+
+    ``rows`` are the cycles done from ``since_ms`` on, after the last one done before it (if
+    any). ``waiting_since`` is the (done, cut) time from which writes are waiting now, or None
+    when nothing is due (the primary is idle, or the state expects no cycle); ``idle_at_ms``
+    the primary's last idle instant after it.
+    """
+    cycles = [_Row(*row) for row in rows]
+    missed = 0
+    for previous, cycle in pairwise(cycles):
+        if cycle.done_ms >= since_ms:
+            waited = waiting_ms(previous.done_ms, previous.cut_ms, cycle.started_ms,
+                                cycle.done_ms, since_ms)
+            missed += missed_intervals(waited / 1000, interval)
+    if waiting_since is not None:
+        done, cut = waiting_since
+        missed += missed_intervals(waiting_ms(done, cut, idle_at_ms, now_ms, since_ms) / 1000,
+                                   interval)
+    return missed
+
+
 async def vm_status(site: Site, record: VmRecord, with_replica: bool = True) -> VmStatus:
     """Everything `vmreplica status` shows for one VM.
 
@@ -103,17 +174,28 @@ async def vm_status(site: Site, record: VmRecord, with_replica: bool = True) -> 
     primary only); the agent's metrics loop leaves it out.
     """
     now_ms = int(time.time() * 1000)
-    position = await site.catalog.position(record.name)
-    window_ms = HOUR_MS
-    stats = await site.catalog.cycle_stats(record.name, now_ms - window_ms)
-    frequency = record.settings.frequency_seconds or 1
-    since_enabled_ms = now_ms - record.state_changed_ms
-    expected = min(window_ms, max(since_enabled_ms, 0)) // (frequency * 1000)
-    latencies = [(done - cut) / 1000 for _, cut, done, _ in stats]
-    last_cycle_ms = stats[-1][2] if stats else None
+    catalog = site.catalog
+    position = await catalog.position(record.name)
+    window_start = now_ms - MONITORING_WINDOW_MS
+    rows = await catalog.cycle_stats(record.name, window_start, previous=True)
+    window = [row for row in rows if row[2] >= window_start]
+    heartbeat = await catalog.last_heartbeat(record.name)
+    interval = interval_seconds(record.settings.frequency_seconds)
+    idle = _idle(heartbeat, now_ms, site.config.heartbeat_seconds)
+    synced = synced_at_ms(rows[-1][1] if rows else None, heartbeat)
+    rpo = rpo_seconds(now_ms, synced, interval, idle)
+    waiting_since = None
+    if record.state in CYCLES_EXPECTED_STATES and not idle:
+        if rows:
+            waiting_since = rows[-1][2], rows[-1][1]
+        elif position is not None:  # seeded, no cycle yet
+            waiting_since = position.at_ms, position.at_ms
+    missed = missed_in_window(rows, max(window_start, record.state_changed_ms), now_ms,
+                              interval, waiting_since,
+                              heartbeat.idle_at_ms if heartbeat else None)
+    latencies = [(done - cut) / 1000 for _, cut, done, _, _ in window]
     report = assess(record.state, WindowStats(
-        int(expected), len(stats),
-        None if last_cycle_ms is None else (now_ms - last_cycle_ms) / 1000,
+        len(window) + missed, len(window), rpo,
         sum(latencies) / len(latencies) if latencies else None))
     cycle = position.cycle if position else None
     progress: PrimaryProgress | ReplicaProgress
@@ -124,8 +206,12 @@ async def vm_status(site: Site, record: VmRecord, with_replica: bool = True) -> 
                                    replica.cycle if replica else None,
                                    replica.applied_at_ms if replica else None)
     else:
-        progress = ReplicaProgress(cycle, len(await site.catalog.points(record.name)))
-    return VmStatus(
-        record, capture_status(site.config, record), report,
-        None if position is None else round((now_ms - position.at_ms) / 1000, 1),
-        len(stats), progress)
+        progress = ReplicaProgress(cycle, await catalog.count_points(record.name))
+    return VmStatus(record, capture_status(site.config, record), report,
+                    None if rpo is None else round(rpo, 1), len(window), progress, synced,
+                    idle)
+
+
+def _idle(heartbeat: LastHeartbeat | None, now_ms: int, heartbeat_seconds: float) -> bool:
+    return (heartbeat is not None and heartbeat.idle
+            and primary_live(heartbeat.at_ms, now_ms, heartbeat_seconds))

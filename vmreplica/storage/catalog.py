@@ -8,6 +8,10 @@ mailbox and liveness share the file (:mod:`vmreplica.storage.mailbox`).
 Positions only move forward (:meth:`Catalog.advance_position`, checked inside the writing
 transaction); failover, the one caller that goes back, rewinds with a reason
 (:meth:`Catalog.rewind_position`, or a :class:`Rewind` given to :meth:`Catalog.change_role`).
+
+Nothing here grows with the number of cycles: cycle statistics older than
+:data:`CYCLE_STATS_HOURS` are pruned as new ones are written (the newest row stays, for its cut
+time), and recovery points are pruned by ranges of cycles, never one SQL parameter per point.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from itertools import pairwise
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Final, Self
 
 import aiosqlite
 
-from vmreplica.domain.clock import now_ms
+from vmreplica.domain.clock import HOUR_MS, now_ms
 from vmreplica.domain.model import (
     Consistency,
     DiskRecord,
@@ -32,10 +37,15 @@ from vmreplica.domain.model import (
     VmRecord,
     VmSettings,
 )
-from vmreplica.domain.states import ReplicationState
+from vmreplica.domain.states import LastHeartbeat, ReplicationState
 from vmreplica.errors import ConfigurationError, PositionRegressedError
 
 log = logging.getLogger(__name__)
+
+CYCLE_STATS_HOURS: Final = 2
+"""Cycle statistics are kept this long: health, `vmreplica status` and the metrics read one
+hour back at most (the monitoring window), so twice that never finds a window's start pruned,
+while a busy continuous VM (3,600 cycles an hour) keeps a bounded table."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vm (
@@ -111,9 +121,19 @@ CREATE TABLE IF NOT EXISTS cycle_stat (
     cut_at_ms INTEGER NOT NULL,
     done_at_ms INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
+    started_at_ms INTEGER,
     PRIMARY KEY (vm, cycle)
 );
+CREATE INDEX IF NOT EXISTS cycle_stat_done ON cycle_stat (vm, done_at_ms);
+CREATE TABLE IF NOT EXISTS heartbeat (
+    vm TEXT PRIMARY KEY REFERENCES vm(name) ON DELETE CASCADE,
+    at_ms INTEGER NOT NULL,
+    idle_at_ms INTEGER,
+    idle INTEGER NOT NULL
+);
 """
+_ADDED_COLUMNS: Final = (("cycle_stat", "started_at_ms", "INTEGER"),)
+"""Columns added after the first release: a catalog created before gets them at start-up."""
 
 
 class Catalog:
@@ -133,6 +153,11 @@ class Catalog:
         await self._db.execute("PRAGMA foreign_keys=ON")
         await self._db.execute("PRAGMA busy_timeout=10000")
         await self._db.executescript(_SCHEMA)
+        for table, column, kind in _ADDED_COLUMNS:
+            async with self._db.execute(f"PRAGMA table_info({table})") as cursor:
+                columns = {row[1] for row in await cursor.fetchall()}
+            if column not in columns:
+                await self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     async def stop(self) -> None:
         async with self._writing:  # a shielded transaction still running finishes first
@@ -244,13 +269,15 @@ class Catalog:
 
     async def advance_position(self, name: str, position: Position, *,
                                point: RecoveryPoint | None = None, cut_at_ms: int | None = None,
-                               size_bytes: int = 0) -> None:
+                               size_bytes: int = 0, started_at_ms: int | None = None) -> None:
         """Durably move a VM's position forward: a cycle shipped (primary) or applied (replica),
         or more of the journal read at the same cycle.
 
-        With ``cut_at_ms``, ``position.cycle`` has just been done and its statistics (cut time,
-        ``size_bytes``) are recorded; with ``point``, the cycle's recovery point. Position, point
-        and statistics land in one SQLite transaction.
+        With ``cut_at_ms``, ``position.cycle`` has just been done and its statistics (start and
+        cut time, ``size_bytes``) are recorded, statistics older than :data:`CYCLE_STATS_HOURS`
+        are pruned, and what the last heartbeat said about waiting writes is superseded by the
+        cycle; with ``point``, the cycle's recovery point. All of it lands in one SQLite
+        transaction.
 
         :raises PositionRegressedError: ``position`` is behind the recorded one (see
             :class:`Position`); nothing is written.
@@ -263,10 +290,13 @@ class Catalog:
                 (name, point.cycle, point.epoch, point.journal_offset, point.cut_at_ms,
                  point.consistency.value, point.cycle_hash)))
         if cut_at_ms is not None and position.cycle > 0:
-            statements.append((
-                "INSERT OR REPLACE INTO cycle_stat (vm, cycle, cut_at_ms, done_at_ms, bytes)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (name, position.cycle, cut_at_ms, position.at_ms, size_bytes)))
+            statements += [
+                ("INSERT OR REPLACE INTO cycle_stat (vm, cycle, cut_at_ms, done_at_ms, bytes,"
+                 " started_at_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                 (name, position.cycle, cut_at_ms, position.at_ms, size_bytes, started_at_ms)),
+                ("DELETE FROM cycle_stat WHERE vm = ? AND done_at_ms < ? AND cycle <> ?",
+                 (name, position.at_ms - CYCLE_STATS_HOURS * HOUR_MS, position.cycle)),
+                ("UPDATE heartbeat SET idle_at_ms = NULL, idle = 0 WHERE vm = ?", (name,))]
         await self._transaction(statements, self._forward_only(name, position))
 
     async def rewind_position(self, name: str, position: Position, reason: str) -> None:
@@ -307,19 +337,59 @@ class Catalog:
                     before[0] if before[0] is not None else "none", rewind.position,
                     rewind.reason)
 
-    async def points(self, name: str) -> list[RecoveryPoint]:
+    async def points(self, name: str, cut_before_ms: int | None = None) -> list[RecoveryPoint]:
+        """The VM's recovery points, oldest first; only those cut before ``cut_before_ms``
+        when given."""
+        where, parameters = "vm = ?", list[Any]([name])
+        if cut_before_ms is not None:
+            where += " AND cut_at_ms < ?"
+            parameters.append(cut_before_ms)
         async with self.db.execute(
                 "SELECT cycle, epoch, journal_offset, cut_at_ms, consistency, cycle_hash"
-                " FROM recovery_point WHERE vm = ? ORDER BY cycle", (name,)) as cursor:
+                f" FROM recovery_point WHERE {where} ORDER BY cycle", parameters) as cursor:
             return [RecoveryPoint(r[0], r[1], r[2], r[3], Consistency.parse(r[4]), bytes(r[5]))
                     for r in await cursor.fetchall()]
 
-    async def keep_points(self, name: str, cycles: Sequence[int]) -> None:
-        """Forget every recovery point of ``name`` but ``cycles``."""
-        marks = ",".join("?" * len(cycles)) or "NULL"
-        await self._transaction([(
-            f"DELETE FROM recovery_point WHERE vm = ? AND cycle NOT IN ({marks})",
-            (name, *cycles))])
+    async def count_points(self, name: str) -> int:
+        async with self.db.execute("SELECT COUNT(*) FROM recovery_point WHERE vm = ?",
+                                   (name,)) as cursor:
+            row = await cursor.fetchone()
+        return 0 if row is None else int(row[0])
+
+    async def oldest_point(self, name: str) -> int | None:
+        """The cycle of the VM's oldest recovery point, None without any."""
+        async with self.db.execute("SELECT MIN(cycle) FROM recovery_point WHERE vm = ?",
+                                   (name,)) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    async def keep_points(self, name: str, cycles: Sequence[int], *,
+                          cut_before_ms: int | None = None) -> None:
+        """Forget every recovery point of ``name`` but ``cycles``; with ``cut_before_ms``, only
+        among the points cut before it (the others stay whatever ``cycles`` says).
+
+        One ranged DELETE per gap between kept cycles, never one parameter per cycle: a
+        continuous VM keeps tens of thousands of points, beyond SQLite's parameter limit, and
+        they are kept in long runs of consecutive cycles, which cost one statement each.
+        """
+        kept = sorted(set(cycles))
+        statements: list[tuple[str, Sequence[Any]]] = []
+        for low, high in pairwise([None, *kept, None]):
+            if low is not None and high is not None and high - low <= 1:
+                continue
+            sql, parameters = "DELETE FROM recovery_point WHERE vm = ?", list[Any]([name])
+            if low is not None:
+                sql += " AND cycle > ?"
+                parameters.append(low)
+            if high is not None:
+                sql += " AND cycle < ?"
+                parameters.append(high)
+            if cut_before_ms is not None:
+                sql += " AND cut_at_ms < ?"
+                parameters.append(cut_before_ms)
+            statements.append((sql, parameters))
+        if statements:
+            await self._transaction(statements)
 
     async def drop_points_after(self, name: str, cycle: int) -> None:
         await self._transaction([(
@@ -335,12 +405,52 @@ class Catalog:
             "INSERT OR REPLACE INTO seed_progress (vm, disk, next_offset) VALUES (?, ?, ?)",
             (name, disk, next_offset))])
 
-    async def cycle_stats(self, name: str, since_ms: int) -> list[tuple[int, int, int, int]]:
-        """(cycle, cut_at_ms, done_at_ms, bytes) of cycles done since ``since_ms``."""
-        async with self.db.execute(
-                "SELECT cycle, cut_at_ms, done_at_ms, bytes FROM cycle_stat"
-                " WHERE vm = ? AND done_at_ms >= ? ORDER BY cycle", (name, since_ms)) as cursor:
-            return [(r[0], r[1], r[2], r[3]) for r in await cursor.fetchall()]
+    async def cycle_stats(self, name: str, since_ms: int, *, previous: bool = False,
+                          ) -> list[tuple[int, int, int, int, int | None]]:
+        """(cycle, cut_at_ms, done_at_ms, bytes, started_at_ms) of cycles done since
+        ``since_ms``, oldest first; with ``previous``, the last cycle done before it first.
+
+        ``started_at_ms`` is None for cycles recorded before it was kept.
+        """
+        query = ("SELECT cycle, cut_at_ms, done_at_ms, bytes, started_at_ms FROM cycle_stat"
+                 " WHERE vm = ? AND done_at_ms {} ? ORDER BY {} LIMIT ?")
+        rows: list[Any] = []
+        if previous:
+            async with self.db.execute(query.format("<", "done_at_ms DESC, cycle DESC"),
+                                       (name, since_ms, 1)) as cursor:
+                rows += await cursor.fetchall()
+        async with self.db.execute(query.format(">=", "done_at_ms, cycle"),
+                                   (name, since_ms, -1)) as cursor:
+            rows += await cursor.fetchall()
+        return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    # Heartbeats --------------------------------------------------------------------------------
+
+    async def record_heartbeat(self, name: str, at_ms: int, idle_at_ms: int | None, *,
+                               from_primary_site: bool = False) -> None:
+        """Remember a heartbeat of the VM's primary: when it was sent and, if nothing waited to
+        ship, the instant it says so (``idle_at_ms``). A later cycle supersedes the latter
+        (:meth:`advance_position`).
+
+        ``from_primary_site``: a replica read it in the journal; it is then also what an
+        unplanned failover checks (:meth:`primary_seen_ms`). A primary records its own.
+        """
+        statements: list[tuple[str, Sequence[Any]]] = [(
+            "INSERT INTO heartbeat (vm, at_ms, idle_at_ms, idle) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT(vm) DO UPDATE SET at_ms = excluded.at_ms,"
+            " idle_at_ms = COALESCE(excluded.idle_at_ms, heartbeat.idle_at_ms),"
+            " idle = excluded.idle", (name, at_ms, idle_at_ms, int(idle_at_ms is not None)))]
+        if from_primary_site:
+            statements.append(("UPDATE vm SET primary_seen_ms = ? WHERE name = ?",
+                               (at_ms, name)))
+        await self._transaction(statements)
+
+    async def last_heartbeat(self, name: str) -> LastHeartbeat | None:
+        """What the VM's primary last said in a heartbeat, None before any (in this role)."""
+        async with self.db.execute("SELECT at_ms, idle_at_ms, idle FROM heartbeat WHERE vm = ?",
+                                   (name,)) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else LastHeartbeat(int(row[0]), row[1], bool(row[2]))
 
     # Role changes (failover) -------------------------------------------------------------------
 
@@ -360,7 +470,8 @@ class Catalog:
             "UPDATE vm SET role = ?, partner_site = ?, epoch = ?, state = ?, state_message = ?,"
             " state_changed_ms = ?, generation = generation + 1, failover_point = ?"
             " WHERE name = ?",
-            (role, partner_site, epoch, state.value, message, now_ms(), failover_point, name))]
+            (role, partner_site, epoch, state.value, message, now_ms(), failover_point, name)),
+            ("DELETE FROM heartbeat WHERE vm = ?", (name,))]  # the old primary's words
         if disks is not None:
             statements.append(("DELETE FROM disk WHERE vm = ?", (name,)))
             statements += [("INSERT INTO disk (vm, name, path, size_bytes, position)"
@@ -398,10 +509,6 @@ class Catalog:
     async def set_failover_point(self, name: str, cycle: int | None) -> None:
         await self._transaction([("UPDATE vm SET failover_point = ? WHERE name = ?",
                                   (cycle, name))])
-
-    async def primary_seen(self, name: str, at_ms: int) -> None:
-        await self._transaction([("UPDATE vm SET primary_seen_ms = ? WHERE name = ?",
-                                  (at_ms, name))])
 
     async def primary_seen_ms(self, name: str) -> int | None:
         async with self.db.execute("SELECT primary_seen_ms FROM vm WHERE name = ?",
