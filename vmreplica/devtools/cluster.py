@@ -2,7 +2,8 @@
 
 `vmreplica broker up` takes the pinned Kafka 4.x jars (:mod:`vmreplica.devtools.jars`), formats
 KRaft storage and starts one or three combined broker+controller nodes on loopback. Everything
-it starts is recorded under ``$VMREPLICA_HOME/broker`` so that ``down`` stops exactly that and nothing else.
+it starts is recorded under ``$VMREPLICA_HOME/broker`` so that ``down`` stops exactly that and
+nothing else.
 
 Production deployments point vmreplica at their own cluster with ``VMREPLICA_BOOTSTRAP_SERVERS``.
 """
