@@ -181,7 +181,8 @@ def status(vm: str | None, config_path: Path | None, as_json: bool) -> None:
         records = [await site.catalog.vm(vm)] if vm else await site.catalog.vms()
         return [await vm_status(site, record) for record in records]
 
-    rows = [status_json(status) for status in with_site(config_path, collect)]
+    statuses = with_site(config_path, collect)
+    rows = [status_json(status) for status in statuses]
     if as_json:
         emit_json(rows)
         return
@@ -193,6 +194,9 @@ def status(vm: str | None, config_path: Path | None, as_json: bool) -> None:
                       str(row.get("last_applied_cycle", row.get("replica_cycle", ""))),
                       str(row["seconds_behind"]), str(row.get("pending_bytes", "")))
     console.print(table)
+    for status in statuses:  # a running resync, with its progress
+        if status.resync is not None and status.resync.active:
+            console.print(status.resync.summary(), highlight=False)
 
 
 @click.group()
@@ -281,6 +285,8 @@ def status_json(status: VmStatus) -> dict[str, Any]:
         "seconds_behind": status.seconds_behind, "cycles_in_window": status.cycles_in_window,
     }
     progress = status.progress
+    if status.resync is not None:
+        row["resync"] = status.resync.figures()
     if isinstance(progress, PrimaryProgress):
         return row | {"pending_bytes": progress.pending_bytes,
                       "replica_cycle": progress.replica_cycle,

@@ -2,9 +2,10 @@
 
 For each VM it is primary of, the agent seeds the replica (if not yet done), cuts and ships a
 cycle every replication period (continuous mode: every second, or sooner once the change log
-holds ``continuous_max_bytes``), and heartbeats. For each VM it is replica of, it applies the
-journal as it arrives. New VMs (enabled here, or discovered in the trust group's topics) are
-picked up while it runs. One VM's failure never stops the others.
+holds ``continuous_max_bytes``), heartbeats, and runs a resync when one is pending, beside the
+cycles (the VM keeps running). For each VM it is replica of, it applies the journal as it
+arrives. New VMs (enabled here, or discovered in the trust group's topics) are picked up while
+it runs. One VM's failure never stops the others.
 """
 
 from __future__ import annotations
@@ -21,9 +22,21 @@ from vmreplica.consumers.drill import FailoverDrill
 from vmreplica.consumers.replica import ReplicaVm
 from vmreplica.domain.model import VmRecord
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import ConfigurationError, ReplicationError, SupersededError
+from vmreplica.errors import (
+    ConfigurationError,
+    ReplicationError,
+    ResyncRefused,
+    SupersededError,
+)
 from vmreplica.failover import carry_out, demote, follow_takeover, promote
-from vmreplica.failover.requests import posted_request
+from vmreplica.failover.requests import FailoverRequest, Resynchronize, posted_request
+from vmreplica.failover.resync import (
+    ResyncRun,
+    accept_resync,
+    cancel_resync,
+    load_job,
+    running,
+)
 from vmreplica.nbd.server import NbdServer
 from vmreplica.producers.capture_front import CaptureFront
 from vmreplica.producers.primary import PrimaryVm
@@ -48,6 +61,8 @@ HELD_SECONDS: Final = 600.0
 """A worker that ended on an error someone must act on (a bad setting, a broken journal) waits
 for its relationship to change, and is tried again this long after in case the cause went away."""
 CONTINUOUS_TICK_SECONDS: Final = 1.0
+RESYNC_CHECK_SECONDS: Final = 1.0
+"""How often a primary worker looks for a pending resync job."""
 
 
 class Agent:
@@ -73,6 +88,8 @@ class Agent:
         """The loopback TCP listener for every NBD export (``nbd_tcp_port``), if configured."""
         self.mailbox = Mailbox(site.config.catalog_path)
         """Where the CLI leaves failover requests, and where the agent says it is alive."""
+        self.resyncs: dict[str, ResyncWorker] = {}
+        """The resync runner of each open primary."""
 
     def stop(self) -> None:
         self.stopping.set()
@@ -123,7 +140,8 @@ class Agent:
             await asyncio.gather(task, return_exceptions=True)
 
     async def _carry_out_requests(self) -> None:
-        """Failover requests the CLI left in the mailbox: each needs its VM to itself.
+        """Requests the CLI left in the mailbox. A failover needs its VM to itself; a resync
+        is handed to the VM's running worker instead, as the VM keeps running through it.
 
         A request that cannot be read (a mistake, or a kind this version does not know) fails
         without stopping the VM's worker.
@@ -131,8 +149,7 @@ class Agent:
         for posted in await self.mailbox.pending():
             try:
                 request = posted_request(posted)
-                await self._stop_worker(request.vm)
-                result = await carry_out(self.site, request)
+                result = await self._carry_out(request)
             except ConfigurationError as error:
                 await self.mailbox.finish(posted.id, "failed", str(error))
                 log.error("VM %s: %s failed: %s", posted.vm, posted.kind, error)
@@ -142,6 +159,21 @@ class Agent:
             else:
                 await self.mailbox.finish(posted.id, "done", result)
                 log.info("VM %s: %s", posted.vm, result)
+
+    async def _carry_out(self, request: FailoverRequest) -> str:
+        if not isinstance(request, Resynchronize):
+            await self._stop_worker(request.vm)
+            return await carry_out(self.site, request)
+        vm = request.vm
+        if request.cancel:
+            job = load_job(self.site.config.vm_folder(vm))
+            worker = self.resyncs.get(vm)
+            if job is not None and job.phase != "sending" and worker is not None:
+                await worker.stop()  # so that it cannot write the job again
+            return (await cancel_resync(self.site, vm)).summary()
+        job = await accept_resync(self.site, vm, request.site, not_before_ms=request.at_ms)
+        return (f"{job.summary()}; this site's agent runs it while the VM keeps replicating: "
+                f"`vmreplica status {vm}` shows its progress")
 
     async def _start_new_workers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -200,7 +232,7 @@ class Agent:
             drill = FailoverDrill(self.site.catalog, replica)
             hop = HopRelay(self.site, record.name)
             try:
-                while not self.stopping.is_set() and replica.violation is None:
+                while not self.stopping.is_set() and not replica.stopped:
                     await replica.step()
                     await drill.poll()
                     await hop.poll()
@@ -228,12 +260,15 @@ class Agent:
                 primary, self.site.config, self.nbd_tcp) as front:
             self.primaries[record.name] = primary
             self.fronts[record.name] = front
+            resync = self.resyncs[record.name] = ResyncWorker(self.site, primary)
             try:
                 if record.state in (ReplicationState.READY_FOR_INITIAL_REPLICATION,
                                     ReplicationState.INITIAL_REPLICATION_IN_PROGRESS):
                     await front.initial_replication()
-                await self._cycles(primary)
+                await self._cycles(primary, resync)
             finally:
+                await resync.stop()
+                del self.resyncs[record.name]
                 del self.primaries[record.name]
                 del self.fronts[record.name]
 
@@ -275,13 +310,14 @@ class Agent:
             await asyncio.sleep(0.05)
         return self.primaries[vm]
 
-    async def _cycles(self, primary: PrimaryVm) -> None:
+    async def _cycles(self, primary: PrimaryVm, resync: ResyncWorker) -> None:
         settings = primary.record.settings
         period = settings.frequency_seconds or CONTINUOUS_TICK_SECONDS
         loop = asyncio.get_running_loop()
         next_cut = loop.time() + period
         next_beat = loop.time()
         while not self.stopping.is_set():
+            resync.poll()
             now = loop.time()
             due = now >= next_cut or (settings.frequency_seconds == 0 and
                                       primary.capture.log.segment_bytes
@@ -293,7 +329,7 @@ class Agent:
             if now >= next_beat:
                 await primary.heartbeat()
                 next_beat = now + self.site.config.heartbeat_seconds
-            wait = max(0.05, min(next_cut, next_beat) - loop.time())
+            wait = max(0.05, min(next_cut, next_beat, now + RESYNC_CHECK_SECONDS) - loop.time())
             if settings.frequency_seconds == 0:
                 wait = min(wait, 0.1)
             with contextlib.suppress(TimeoutError):
@@ -306,6 +342,60 @@ class Agent:
         state = (await self.site.catalog.vm(primary.name)).state
         return state not in (ReplicationState.FAILED_OVER,
                              ReplicationState.FAILED_OVER_WAITING_COMPLETION)
+
+
+class ResyncWorker:
+    """Runs a primary VM's pending resync (:mod:`vmreplica.failover.resync`) beside its cycles.
+
+    The job file says what is pending; a job cut short (the worker stopped, a broker away)
+    resumes from it at the next poll, or after :data:`RETRY_SECONDS` on an error.
+    """
+
+    def __init__(self, site: Site, primary: PrimaryVm) -> None:
+        self.site = site
+        self.primary = primary
+        self.folder = site.config.vm_folder(primary.name)
+        self.task: asyncio.Task[None] | None = None
+        self.next_check = 0.0
+
+    def poll(self) -> None:
+        """Start the pending job if none runs; cheap enough to call every loop turn."""
+        loop = asyncio.get_running_loop()
+        if (self.task is not None and not self.task.done()) or loop.time() < self.next_check:
+            return
+        self.task = None
+        self.next_check = loop.time() + RESYNC_CHECK_SECONDS
+        try:
+            job = load_job(self.folder)
+        except ConfigurationError as error:
+            log.error("VM %s: %s", self.primary.name, error)
+            self.next_check = loop.time() + HELD_SECONDS
+            return
+        if job is not None and job.active:
+            self.task = asyncio.create_task(self._run(), name=f"resync-{self.primary.name}")
+
+    async def _run(self) -> None:
+        vm = self.primary.name
+        try:
+            with running(self.folder):
+                job = await ResyncRun(self.site, self.primary).run()
+            log.info("VM %s: %s", vm, job.summary())
+        except ResyncRefused as refusal:
+            log.error("VM %s: resync refused: %s", vm, refusal)
+        except ReplicationError as error:
+            log.warning("VM %s: resync interrupted, retried in %.0f s: %s", vm, RETRY_SECONDS,
+                        error)
+            self.next_check = asyncio.get_running_loop().time() + RETRY_SECONDS
+        except Exception:  # a bug must not take the VM's cycles down with it
+            log.exception("VM %s: resync failed; retried in %.0f s", vm, HELD_SECONDS)
+            self.next_check = asyncio.get_running_loop().time() + HELD_SECONDS
+
+    async def stop(self) -> None:
+        """Cancel a running job (it resumes from its file); a second call is harmless."""
+        if self.task is not None:
+            task, self.task = self.task, None
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 class HopRelay:
