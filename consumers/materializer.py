@@ -157,6 +157,8 @@ class Materializer:
                 await self._digests_wanted(event)
                 continue
             if self.cursor.awaiting_resync:
+                if isinstance(event, Heartbeat):  # an unplanned failover still asks for it
+                    await self.catalog.primary_seen(self.vm, event.at_ms)
                 await self._await_resync(event, record.offset)
                 continue
             if self.prepared is not None and isinstance(event, WriteBatch | CycleCommit):

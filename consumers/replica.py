@@ -200,7 +200,8 @@ class ReplicaVm:
             self.violation = violation
             await self.catalog.set_state(self.name, violation.state, str(violation))
             log.error("%s", violation)
-            if violation.state is ReplicationState.RESYNCHRONIZATION_REQUIRED:
+            if (violation.state is ReplicationState.RESYNCHRONIZATION_REQUIRED
+                    and not self.materializer.cursor.seeding):  # half a seed has no digests
                 await self._resync_required(violation)
         else:
             if self.violation is not None and not self.materializer.cursor.awaiting_resync:
