@@ -12,7 +12,9 @@ Resynchronization, the replica's part (the primary's is ``vmreplica/failover/res
 - a violation that calls for a resynchronization (a gap, a broken chain, a checksum) publishes a
   ResyncRequest saying why, then its position and digests, and from then on skips the journal
   until an epoch names this site in ``resync_sites``: that epoch's first cycle, applied like any
-  other (undo log, all-or-nothing), makes the images equal to the primary's again.
+  other (undo log, all-or-nothing), makes the images equal to the primary's again. While it
+  waits, it says so again every :data:`RESYNC_REMINDER_SECONDS` (its position, in state
+  "resynchronization required"), which is how a primary's agent restarted meanwhile learns it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ log = logging.getLogger(__name__)
 
 FETCH_SECONDS = 0.5
 """How long one fetch waits for new records: bounds the reaction time to a stop request."""
+RESYNC_REMINDER_SECONDS = 60.0
+"""How often a replica waiting for a resynchronization publishes its position again."""
 
 
 def retention_policy(record: VmRecord) -> RetentionPolicy:
@@ -96,6 +100,7 @@ class ReplicaVm:
                                          self._digests_wanted)
         self.reader = JournalReader(connection, journal_topic)
         self.violation: JournalViolation | None = None
+        self._next_reminder = 0.0
 
     @property
     def name(self) -> str:
@@ -139,7 +144,7 @@ class ReplicaVm:
         log.info("VM %s: %s asks for block digests (%s)", self.name, request.site,
                  request.reason)
         try:
-            await self.publish_digests(ReplicationState.REPLICATING)
+            await self.publish_digests((await self.catalog.vm(self.name)).state)
         except BrokerError as error:  # the primary asks again while it waits
             log.warning("VM %s: could not publish block digests: %s", self.name, error)
 
@@ -151,22 +156,42 @@ class ReplicaVm:
         the journal the cycles after the digests start. :raises BrokerError: not published.
         """
         cursor = self.materializer.cursor
-        epoch, cycle = cursor.epoch, cursor.cycle
-        position = await self.catalog.position(self.name)
-        commit_offset = position.next_offset - 1 if position is not None else -1
         disks = [(name, image.path, image.size) for name, image in self.images.items()]
-        maps = await asyncio.to_thread(digest_maps, self.name, epoch, self.site, cycle, disks)
+        maps = await asyncio.to_thread(digest_maps, self.name, cursor.epoch, self.site,
+                                       cursor.cycle, disks)
         if self.status is None:
-            return cycle
-        health = "critical" if state is ReplicationState.RESYNCHRONIZATION_REQUIRED else "normal"
-        records: list[ReplicaPosition | DigestMap] = [
-            ReplicaPosition(self.name, epoch, self.site, cycle, commit_offset, state.value,
-                            health, position.at_ms if position else 0, now_ms()), *maps]
+            return cursor.cycle
+        records: list[ReplicaPosition | DigestMap] = [await self._position(state), *maps]
         for event in records:
             await self.status.publish(self.status_topic, self.name.encode(), encode(event))
         log.info("VM %s: block digests of cycle %d published for a resynchronization",
-                 self.name, cycle)
-        return cycle
+                 self.name, cursor.cycle)
+        return cursor.cycle
+
+    async def _position(self, state: ReplicationState) -> ReplicaPosition:
+        """This replica's applied position (``offset``: its cycle's commit), in ``state``."""
+        cursor = self.materializer.cursor
+        position = await self.catalog.position(self.name)
+        health = "critical" if state is ReplicationState.RESYNCHRONIZATION_REQUIRED else "normal"
+        return ReplicaPosition(self.name, cursor.epoch, self.site, cursor.cycle,
+                               position.next_offset - 1 if position is not None else -1,
+                               state.value, health, position.at_ms if position else 0, now_ms())
+
+    async def _remind(self) -> None:
+        """Waiting for a resynchronization that a violation asked for: say so again."""
+        loop = asyncio.get_running_loop()
+        if self.status is None or loop.time() < self._next_reminder:
+            return
+        self._next_reminder = loop.time() + RESYNC_REMINDER_SECONDS
+        record = await self.catalog.vm(self.name)
+        if (record.state is not ReplicationState.RESYNCHRONIZATION_REQUIRED
+                or await self.catalog.failover_point(self.name) is not None):
+            return  # a returning old primary waits for a reverse, not a resync
+        try:
+            position = await self._position(ReplicationState.RESYNCHRONIZATION_REQUIRED)
+            await self.status.publish(self.status_topic, self.name.encode(), encode(position))
+        except BrokerError as error:
+            log.warning("VM %s: could not report position: %s", self.name, error)
 
     async def _resync_required(self, violation: JournalViolation) -> None:
         """Say why on the status topic, send the digests, and wait for the resynchronization.
@@ -176,6 +201,7 @@ class ReplicaVm:
         """
         self.materializer.await_resync()
         self.reader.seek(self.materializer.cursor.next_offset)
+        self._next_reminder = asyncio.get_running_loop().time() + RESYNC_REMINDER_SECONDS
         if self.status is None:
             return
         request = ResyncRequest(self.name, self.materializer.cursor.epoch, self.site,
@@ -190,6 +216,8 @@ class ReplicaVm:
         """Fetch and apply once; return how many records were read (0 when none or stopped)."""
         if self.stopped:
             return 0
+        if self.materializer.cursor.awaiting_resync:
+            await self._remind()
         records = await self.reader.fetch(timeout_seconds)
         if not records:
             return 0

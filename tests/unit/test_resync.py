@@ -260,7 +260,8 @@ async def test_status_shows_a_primarys_resync(site: Site) -> None:
     assert row["resync"] == {
         "vm": "web", "target": "site-b", "reason": "requested by the operator",
         "started_ms": 1_800_000_000_000, "base_epoch": 1, "status_from": 42,
-        "phase": "comparing", "not_before_ms": 0, "asked_ms": 0, "digest_epoch": 0,
+        "phase": "comparing", "automatic": False, "resume_state": "replicating",
+        "not_before_ms": 0, "asked_ms": 0, "digest_epoch": 0,
         "digest_cycle": -1, "journal_from": 0, "total_bytes": 11 * MiB,
         "examined_bytes": 3 * MiB, "differing_bytes": 128 * KiB, "resent_bytes": 0,
         "sent_bytes": 0, "epoch": None, "cycle": None, "message": "", "finished_ms": None,
@@ -332,3 +333,30 @@ async def test_a_replica_in_resync_required_waits_whatever_put_it_there(
                                  "a gap in the journal")
     cursor = await (await _materializer(site, tmp_path)).recover()
     assert cursor.awaiting_resync
+
+
+# --- when the replica is known to need it -------------------------------------------------------
+
+
+async def test_a_cancelled_resync_leaves_a_needed_one_critical(site: Site) -> None:
+    await site.catalog.set_state("web", ReplicationState.RESYNCHRONIZATION_REQUIRED,
+                                 "replica site site-b needs a resynchronization")
+    accepted = await accept_resync(site, "web", status_from=0)
+    assert accepted.resume_state == "resynchronization required"
+    await cancel_resync(site, "web")
+    record = await site.catalog.vm("web")
+    assert (record.state, record.state_message) == (
+        ReplicationState.RESYNCHRONIZATION_REQUIRED,
+        "resync of VM web to site-b cancelled: cancelled by the operator; site-b still needs a "
+        "resynchronization: run `vmreplica resync web` once the cause is fixed")
+    automatic = await accept_resync(site, "web", "site-c", "automatic", status_from=0,
+                                    automatic=True)
+    assert (automatic.automatic, automatic.resume_state) == (True,
+                                                             "resynchronization required")
+
+
+def test_settings_of_an_earlier_release_resync_automatically() -> None:
+    old = VmSettings().to_json().replace(', "auto_resync": true', "")
+    assert "auto_resync" not in old
+    assert VmSettings.from_json(old).auto_resync
+    assert not VmSettings.from_json(VmSettings(auto_resync=False).to_json()).auto_resync

@@ -113,6 +113,11 @@ class ResyncJob:
     status_from: int
     """Digests the target published at or after this status-topic offset are fresh enough."""
     phase: Phase = "requested"
+    automatic: bool = False
+    """Started by the agent for a replica that reported it needs one (``auto_resync``)."""
+    resume_state: str = ReplicationState.REPLICATING.value
+    """The primary's state should the job be refused or cancelled: "resynchronization
+    required" when the replica is known to need one."""
     not_before_ms: int = 0
     """A scheduled resync (``--at``) starts no earlier than this."""
     asked_ms: int = 0
@@ -237,7 +242,7 @@ async def status_end(site: Site, vm: str) -> int:
 
 async def accept_resync(site: Site, vm: str, target: str = "", reason: str = "",
                         *, status_from: int | None = None, not_before_ms: int = 0,
-                        ) -> ResyncJob:
+                        automatic: bool = False) -> ResyncJob:
     """Step 1: check the request and record the job; the VM's primary worker runs it.
 
     ``target`` defaults to the VM's replica site; ``status_from`` to the status topic's end
@@ -267,10 +272,14 @@ async def accept_resync(site: Site, vm: str, target: str = "", reason: str = "",
         raise ResyncRefused(
             f"VM {vm!r} is {record.state.value!r} here; a resync starts on a replicating VM "
             "(let its initial replication finish, or complete its failover and reverse it)")
+    needed = automatic or record.state is ReplicationState.RESYNCHRONIZATION_REQUIRED
     job = ResyncJob(vm, target, reason or "requested by the operator", now_ms(),
                     record.epoch,
                     status_from if status_from is not None else await status_end(site, vm),
                     "scheduled" if not_before_ms > now_ms() else "requested",
+                    automatic=automatic,
+                    resume_state=(ReplicationState.RESYNCHRONIZATION_REQUIRED if needed
+                                  else ReplicationState.REPLICATING).value,
                     not_before_ms=not_before_ms,
                     total_bytes=sum(d.size_bytes for d in record.disks))
     save_job(folder, job)
@@ -480,9 +489,12 @@ class ResyncRun:
         """The state first, then the job: a kill between leaves an active job, which resumes
         and finishes again, instead of a finished job under a state that never ends."""
         job = replace(self.job, phase=phase, message=message, finished_ms=now_ms())
-        await self.site.catalog.set_state(
-            self.vm, ReplicationState.REPLICATING,
-            job.summary() if phase == "done" else f"{job.summary()}; replicating as before")
+        if phase == "done":
+            await self.site.catalog.set_state(self.vm, ReplicationState.REPLICATING,
+                                              job.summary())
+        else:
+            await self.site.catalog.set_state(self.vm, ReplicationState(job.resume_state),
+                                              after_refusal(job))
         self.job = job
         save_job(self.folder, job)
         log.info("VM %s: %s", self.vm, job.summary())
@@ -500,12 +512,20 @@ async def cancel_resync(site: Site, vm: str) -> ResyncJob:
     if job.phase == "sending":
         raise ResyncRefused(f"the resync of VM {vm!r} is sending the blocks that differ; it "
                             "cannot be cancelled now, and ends in a moment")
-    await site.catalog.set_state(vm, ReplicationState.REPLICATING,
-                                 f"resync of VM {vm} to {job.target} cancelled")
     cancelled = replace(job, phase="cancelled", message="cancelled by the operator",
                         finished_ms=now_ms())
+    await site.catalog.set_state(vm, ReplicationState(job.resume_state),
+                                 after_refusal(cancelled))
     save_job(folder, cancelled)
     return cancelled
+
+
+def after_refusal(job: ResyncJob) -> str:
+    """The primary's state message once ``job`` was refused or cancelled."""
+    if job.resume_state == ReplicationState.REPLICATING.value:
+        return f"{job.summary()}; replicating as before"
+    return (f"{job.summary()}; {job.target} still needs a resynchronization: run "
+            f"`vmreplica resync {job.vm}` once the cause is fixed")
 
 
 async def resync_here(site: Site, vm: str, target: str = "", *,

@@ -37,6 +37,7 @@ from vmreplica.failover.resync import (
     load_job,
     running,
 )
+from vmreplica.journal.kafka import JournalReader
 from vmreplica.nbd.server import NbdServer
 from vmreplica.producers.capture_front import CaptureFront
 from vmreplica.producers.primary import PrimaryVm
@@ -44,6 +45,8 @@ from vmreplica.runtime.extension import ExtendedReplication, load_extension
 from vmreplica.runtime.metrics import SiteMetrics
 from vmreplica.runtime.site import Site
 from vmreplica.runtime.status import vm_status
+from vmreplica.schemas.codec import decode_status
+from vmreplica.schemas.events import ReplicaPosition, ResyncRequest
 from vmreplica.storage.mailbox import Mailbox
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,11 @@ for its relationship to change, and is tried again this long after in case the c
 CONTINUOUS_TICK_SECONDS: Final = 1.0
 RESYNC_CHECK_SECONDS: Final = 1.0
 """How often a primary worker looks for a pending resync job."""
+RESYNC_WATCH_SECONDS: Final = 5.0
+"""How often a primary reads its status topic for a replica that says it needs a resync."""
+STATUS_TAIL_RECORDS: Final = 500
+"""A primary worker starts reading its status topic this many records back: a replica waiting
+for a resync repeats its position every minute, so it is among them."""
 
 
 class Agent:
@@ -318,6 +326,7 @@ class Agent:
         next_beat = loop.time()
         while not self.stopping.is_set():
             resync.poll()
+            await resync.watch()
             now = loop.time()
             due = now >= next_cut or (settings.frequency_seconds == 0 and
                                       primary.capture.log.segment_bytes
@@ -345,7 +354,8 @@ class Agent:
 
 
 class ResyncWorker:
-    """Runs a primary VM's pending resync (:mod:`vmreplica.failover.resync`) beside its cycles.
+    """Runs a primary VM's pending resync (:mod:`vmreplica.failover.resync`) beside its cycles,
+    and starts one when a replica says it needs it.
 
     The job file says what is pending; a job cut short (the worker stopped, a broker away)
     resumes from it at the next poll, or after :data:`RETRY_SECONDS` on an error.
@@ -357,6 +367,71 @@ class ResyncWorker:
         self.folder = site.config.vm_folder(primary.name)
         self.task: asyncio.Task[None] | None = None
         self.next_check = 0.0
+        self.next_watch = 0.0
+        self.status: JournalReader | None = None
+        self.positions: dict[str, ReplicaPosition] = {}
+        """The latest position each site reported on the status topic."""
+        self.reasons: dict[str, str] = {}
+        """Why each site last asked for a resync."""
+
+    async def watch(self) -> None:
+        """A replica site whose latest position says "resynchronization required" (a journal
+        violation stopped it): resync it (``auto_resync``), or turn this VM's state, and so its
+        health, critical with what to do. Errors are logged: the cycles go on."""
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.next_watch:
+            return
+        self.next_watch = loop.time() + RESYNC_WATCH_SECONDS
+        vm = self.primary.name
+        try:
+            record = await self.site.catalog.vm(vm)
+            if record.state is not ReplicationState.REPLICATING:
+                return  # resynchronizing, or the need is known already
+            await self._read_status()
+            job = load_job(self.folder)
+            if job is not None and job.active:
+                return
+            for target in (record.partner_site, *record.settings.also_replicate_to):
+                position = self.positions.get(target)
+                if (position is None or position.state
+                        != ReplicationState.RESYNCHRONIZATION_REQUIRED.value):
+                    continue
+                if (job is not None and job.target == target and job.epoch is not None
+                        and position.epoch < job.epoch):
+                    continue  # said before the last resync of it was applied
+                reason = self.reasons.get(target, "it stopped at a journal violation")
+                if record.settings.auto_resync:
+                    started = await accept_resync(
+                        self.site, vm, target, f"automatic: {target} needs it ({reason})",
+                        automatic=True)
+                    log.warning("VM %s: %s", vm, started.summary())
+                else:
+                    await self.site.catalog.set_state(
+                        vm, ReplicationState.RESYNCHRONIZATION_REQUIRED,
+                        f"replica site {target} needs a resynchronization ({reason}); "
+                        f"automatic resync is off for this VM: run `vmreplica resync {vm}`")
+                    log.error("VM %s: replica site %s needs a resynchronization: %s", vm,
+                              target, reason)
+                return
+        except ReplicationError as error:
+            log.warning("VM %s: could not check its replicas for a resync: %s", vm, error)
+
+    async def _read_status(self) -> None:
+        """What the status topic says since the last look (at first, its tail)."""
+        if self.status is None:
+            reader = JournalReader(self.site.connection, self.site.status_topic(self.primary.name))
+            await reader.start()
+            self.status = reader
+            reader.seek(max(0, await reader.end_offset() - STATUS_TAIL_RECORDS))
+        for message in await self.status.fetch(0.2):
+            try:
+                event = decode_status(message.value)
+            except ReplicationError:
+                continue  # not ours to judge here; the status command shows what it can
+            if isinstance(event, ReplicaPosition):
+                self.positions[event.site] = event
+            elif isinstance(event, ResyncRequest) and event.disk is None:
+                self.reasons[event.site] = event.reason
 
     def poll(self) -> None:
         """Start the pending job if none runs; cheap enough to call every loop turn."""
@@ -396,6 +471,9 @@ class ResyncWorker:
             task, self.task = self.task, None
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        if self.status is not None:
+            status, self.status = self.status, None
+            await status.stop()
 
 
 class HopRelay:
