@@ -192,7 +192,7 @@ class PrimaryVm:
         an ordinary cycle later; after 3, the content is in the cycle that step 5 ships, or
         (a crash between 4 and 5) that the next start ships, having adopted the epoch.
 
-        :raises FencedError: a newer primary exists; nothing of the new epoch was published.
+        :raises FencedError: a newer primary exists; this site no longer accepts writes.
         """
         async with self._lock:
             try:

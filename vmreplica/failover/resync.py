@@ -55,7 +55,7 @@ from vmreplica.domain.clock import now_ms
 from vmreplica.domain.intervals import IntervalSet
 from vmreplica.domain.model import VmRecord
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import ConfigurationError, ResyncRefused
+from vmreplica.errors import ConfigurationError, DecodeError, ResyncRefused
 from vmreplica.failover.divergence import (
     Ranges,
     check_digest_map,
@@ -97,6 +97,10 @@ or resynchronizing with no job left (its file removed by hand)."""
 class DigestsNotYet(ResyncRefused):
     """The replica sent no digests in time (its agent is not running?): the job stays pending
     and continues when the agent runs, or with `vmreplica resync` again."""
+
+
+class ResyncBusy(ResyncRefused):
+    """Another process runs the VM's resync: this one must not run it too."""
 
 
 @dataclass(frozen=True)
@@ -216,7 +220,7 @@ def running(folder: Path) -> Iterator[None]:
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ResyncRefused(f"the resync of VM {folder.name!r} is being run by another "
+            raise ResyncBusy(f"the resync of VM {folder.name!r} is being run by another "
                                 "process (an agent or another `vmreplica resync`); "
                                 "`vmreplica status` shows its progress") from None
         try:
@@ -353,13 +357,18 @@ class ResyncRun:
         started = time.monotonic()
         offset = self.job.status_from
         sets: dict[tuple[int, int], dict[str, DigestMap]] = {}
+        newest: dict[tuple[int, int], int] = {}
+        """Where each set's last map stands on the topic."""
         positions: dict[tuple[int, int], ReplicaPosition] = {}
         disks = {d.name: d for d in record.disks}
         while True:
             async for message in read_to_end(self.site.connection,
                                              self.site.status_topic(self.vm), offset):
                 offset = message.offset + 1
-                event = decode_status(message.value)
+                try:
+                    event = decode_status(message.value)
+                except DecodeError:
+                    continue  # not a record of ours: it can prove nothing about the replica
                 if event.site != self.job.target:
                     continue
                 if isinstance(event, ReplicaPosition):
@@ -372,9 +381,10 @@ class ResyncRun:
                             f"{', '.join(disks)}); nothing was sent. Operator action: check "
                             "that both sites replicate the same VM, then resync again")
                     sets.setdefault((event.epoch, event.cycle), {})[event.disk] = event
+                    newest[(event.epoch, event.cycle)] = message.offset
             complete = [key for key, maps in sets.items() if len(maps) == len(disks)]
             if complete:
-                key = max(complete, key=lambda k: max(m.cycle for m in sets[k].values()))
+                key = max(complete, key=newest.__getitem__)
                 return await self._take(record, sets[key], positions.get(key))
             waited = time.monotonic() - started
             if (self.digests_timeout_seconds is not None

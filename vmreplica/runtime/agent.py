@@ -31,6 +31,7 @@ from vmreplica.errors import (
 from vmreplica.failover import carry_out, demote, follow_takeover, promote
 from vmreplica.failover.requests import FailoverRequest, Resynchronize, posted_request
 from vmreplica.failover.resync import (
+    ResyncBusy,
     ResyncRun,
     accept_resync,
     cancel_resync,
@@ -64,6 +65,9 @@ HELD_SECONDS: Final = 600.0
 """A worker that ended on an error someone must act on (a bad setting, a broken journal) waits
 for its relationship to change, and is tried again this long after in case the cause went away."""
 CONTINUOUS_TICK_SECONDS: Final = 1.0
+STOP_GRACE_SECONDS: Final = 20.0
+"""On a stop, how long the workers get to end by themselves (a primary's final cycle) before
+they are cancelled."""
 RESYNC_CHECK_SECONDS: Final = 1.0
 """How often a primary worker looks for a pending resync job."""
 RESYNC_WATCH_SECONDS: Final = 5.0
@@ -124,9 +128,14 @@ class Agent:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), REQUEST_POLL_SECONDS)
         finally:
-            for task in self._tasks.values():
+            # Workers see ``stopping`` and end by themselves first: a primary ships what was
+            # written before the stop. Only one that does not end in time is cancelled.
+            tasks = list(self._tasks.values())
+            if tasks and self.stopping.is_set():
+                await asyncio.wait(tasks, timeout=STOP_GRACE_SECONDS)
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             if self.nbd_tcp is not None:
                 await self.nbd_tcp.stop()
             await self.mailbox.agent_gone(self.site.config.site)
@@ -455,6 +464,9 @@ class ResyncWorker:
             with running(self.folder):
                 job = await ResyncRun(self.site, self.primary).run()
             log.info("VM %s: %s", vm, job.summary())
+        except ResyncBusy as busy:  # a `vmreplica resync` run while no agent was
+            log.info("VM %s: %s; looking again in %.0f s", vm, busy, RETRY_SECONDS)
+            self.next_check = asyncio.get_running_loop().time() + RETRY_SECONDS
         except ResyncRefused as refusal:
             log.error("VM %s: resync refused: %s", vm, refusal)
         except ReplicationError as error:
