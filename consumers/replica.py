@@ -126,7 +126,9 @@ class ReplicaVm:
     def stopped(self) -> bool:
         """A violation stopped this VM for good (operator attention). One that calls for a
         resynchronization does not: the replica goes on reading, waiting for it."""
-        return self.violation is not None and not self.materializer.cursor.awaiting_resync
+        return self.violation is not None and (
+            self.violation.state is not ReplicationState.RESYNCHRONIZATION_REQUIRED
+            or not self.materializer.cursor.awaiting_resync)
 
     async def _report(self, commit: CycleCommit, offset: int) -> None:
         if self.status is None:
