@@ -27,6 +27,7 @@ from vmreplica.producers.changelog import RecordKind, read_segment
 from vmreplica.runtime.site import Site
 from vmreplica.schemas.codec import decode_status, encode
 from vmreplica.schemas.events import ByteRange, DigestMap, EpochStart, ResyncRequest, WriteBatch
+from vmreplica.schemas.validation import check_digest_map_fits
 from vmreplica.storage.digests import differing_blocks, image_digests
 
 DIGEST_BLOCK_BYTES_MIN: Final = 64 * 1024
@@ -131,6 +132,7 @@ async def reported_ranges(site: Site, record: VmRecord, replica_site: str) -> Ra
             theirs = maps.get(disk.name)
             if theirs is None:
                 continue
+            check_digest_map_fits(theirs, disk.size_bytes)  # not 16 bytes per byte of disk
             ours = image_digests(disk.path, theirs.block_size)
             ranges = found.setdefault(disk.name, IntervalSet())
             for number in differing_blocks(ours, theirs.digests):
