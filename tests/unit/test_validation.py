@@ -9,6 +9,7 @@ places that turn a record's names into paths refuse bad ones themselves.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import replace
 from pathlib import Path
 from typing import Final
@@ -320,3 +321,9 @@ def test_an_image_that_cannot_be_created_is_an_error_that_names_it(tmp_path: Pat
     assert str(caught.value).startswith(
         f"VM 'vm-01': cannot create or open replica image {tmp_path}/blocker/disk1.img of 4096 "
         "bytes (")
+
+
+def test_every_kind_of_record_has_its_bounds() -> None:
+    """A record kind added to the wire without a check would be refused as unknown everywhere."""
+    kinds = set(typing.get_args(Event))
+    assert kinds == set(validation._CHECKS)
