@@ -68,6 +68,12 @@ class FailoverRefused(ReplicationError, RuntimeError):
     """A failover cannot be done now (exit 1); the message says why and what to do."""
 
 
+class ResyncRefused(ReplicationError, RuntimeError):
+    """A resynchronization cannot be started or finished now (exit 1): one is already running,
+    the VM is not replicating, or the replica's block digests do not fit its disks. Nothing
+    was sent; the message says why and what to do."""
+
+
 class HookError(ReplicationError, RuntimeError):
     """A hypervisor hook failed or did not finish in time."""
 
@@ -90,6 +96,19 @@ class CorruptEventError(DecodeError):
 
 class UnknownSchemaError(DecodeError):
     """The record names a schema fingerprint this version of vmreplica does not know."""
+
+
+class InvalidEventError(DecodeError):
+    """A record decodes, but a value in it is one no vmreplica writes: a name that could escape a
+    folder, a negative offset, an empty range, a size or a count beyond its bound. Never used.
+
+    ``kind`` is the record's class name (``VmConfig``), ``problem`` names the field and value.
+    """
+
+    def __init__(self, kind: str, problem: str) -> None:
+        super().__init__(f"invalid {kind} record: {problem}")
+        self.kind = kind
+        self.problem = problem
 
 
 class JournalIntegrityError(ReplicationError, ValueError):

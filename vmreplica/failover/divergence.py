@@ -1,53 +1,67 @@
-"""Which ranges of a VM's disks diverged between its old and its new primary.
+"""Which ranges of a VM's disks differ between two sites, and how a site reports its side.
 
-After a failover both sites may have written: the old primary in cycles the new one never
-applied (shipped or still in its change log), the new one since the epoch started. Reverse
-replication sends only those ranges, and they are found here:
+Reverse replication (after a failover both sites may have written) and resynchronization (a
+replica that diverged from its primary) send only those ranges, found here:
 
-- :func:`journal_ranges`: what an epoch's cycles after a point wrote, read from the journal;
+- :func:`journal_ranges`: what cycles after a point wrote, read from the journal;
 - :func:`changelog_ranges`: what a site's change log holds that never shipped;
+- :func:`differing_ranges`: the blocks whose digests (a DigestMap from the other site, checked
+  against the disk's size first) differ from this site's (:mod:`vmreplica.storage.digests`);
 - :func:`report_divergence` (on the old primary) publishes its side on the status topic, as
   ResyncRequests of exact ranges, or, when its change log is lost, as DigestMaps of block
-  digests (:mod:`vmreplica.storage.digests`);
+  digests;
 - :func:`reported_ranges` (on the new primary) reads that report back, comparing any DigestMap
   block by block with its own disks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
+from vmreplica.consumers.replica import digest_maps
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.intervals import IntervalSet
-from vmreplica.domain.model import VmRecord
+from vmreplica.domain.model import DiskRecord, VmRecord
+from vmreplica.errors import ResyncRefused
 from vmreplica.failover.journal import journal_events
 from vmreplica.journal.kafka import StatusPublisher, read_to_end
 from vmreplica.producers.changelog import RecordKind, read_segment
 from vmreplica.runtime.site import Site
 from vmreplica.schemas.codec import decode_status, encode
 from vmreplica.schemas.events import ByteRange, DigestMap, EpochStart, ResyncRequest, WriteBatch
-from vmreplica.storage.digests import differing_blocks, image_digests
+from vmreplica.schemas.validation import MAX_DIGEST_BLOCK_BYTES, MIN_DIGEST_BLOCK_BYTES
+from vmreplica.storage.digests import (
+    DIGEST_BYTES,
+    differing_blocks,
+    digest_count,
+    image_digests,
+)
 
-DIGEST_BLOCK_BYTES_MIN: Final = 64 * 1024
-"""Block size of a DigestMap for disks up to 16 GiB (:data:`DIGEST_BLOCKS_MAX` blocks)."""
-DIGEST_BLOCKS_MAX: Final = 262_144
-"""Blocks per DigestMap: keeps a record near 4 MiB; larger disks use larger blocks."""
 MAX_RESYNC_RANGES: Final = 50_000
 """Ranges per ResyncRequest; beyond, neighbouring ranges are merged (more bytes, fewer ranges)."""
+DIGEST_BLOCK_BYTES_RANGE: Final = (MIN_DIGEST_BLOCK_BYTES, MAX_DIGEST_BLOCK_BYTES)
+"""Smallest and largest block a DigestMap may use (the record's own bounds)."""
 
 Ranges = dict[str, IntervalSet]
 """Byte ranges per disk name."""
 
 
-async def journal_ranges(site: Site, vm: str, epoch: int, after_cycle: int,
-                         ranges: Ranges) -> None:
-    """Add the ranges written by ``epoch``'s cycles after ``after_cycle`` to ``ranges``."""
-    async for _, event in journal_events(site, vm):
-        if isinstance(event, WriteBatch) and event.epoch == epoch and event.cycle > after_cycle:
+async def journal_ranges(site: Site, vm: str, after_cycle: int, ranges: Ranges, *,
+                         epoch: int | None = None, min_epoch: int = 0, start: int = 0) -> int:
+    """Add the ranges written by cycles numbered after ``after_cycle`` to ``ranges``: of
+    ``epoch`` only, or of every epoch from ``min_epoch`` on, reading the journal from offset
+    ``start`` to its end. Returns the offset to read from next time."""
+    next_offset = start
+    async for offset, event in journal_events(site, vm, start):
+        next_offset = offset + 1
+        if (isinstance(event, WriteBatch) and event.cycle > after_cycle
+                and (event.epoch == epoch if epoch is not None else event.epoch >= min_epoch)):
             for extent in event.extents:
                 ranges.setdefault(extent.disk, IntervalSet()).add(
                     extent.offset, extent.offset + extent.length)
+    return next_offset
 
 
 def changelog_ranges(folder: Path, disks: list[str], ranges: Ranges) -> None:
@@ -62,14 +76,6 @@ def changelog_ranges(folder: Path, disks: list[str], ranges: Ranges) -> None:
                     entry.offset, entry.offset + entry.length)
 
 
-def digest_block_bytes(size: int) -> int:
-    """The block size of a disk's DigestMap: 64 KiB, doubled until the map stays small."""
-    block = DIGEST_BLOCK_BYTES_MIN
-    while size / block > DIGEST_BLOCKS_MAX:
-        block *= 2
-    return block
-
-
 def byte_ranges(ranges: IntervalSet) -> tuple[ByteRange, ...]:
     """``ranges`` as a ResyncRequest carries them: at most :data:`MAX_RESYNC_RANGES`."""
     pairs = list(zip(ranges.starts, ranges.ends, strict=True))
@@ -77,6 +83,49 @@ def byte_ranges(ranges: IntervalSet) -> tuple[ByteRange, ...]:
         pairs = [(pairs[i][0], pairs[min(i + 1, len(pairs) - 1)][1])
                  for i in range(0, len(pairs), 2)]
     return tuple(ByteRange(start, end - start) for start, end in pairs)
+
+
+def check_digest_map(vm: str, disk: DiskRecord, theirs: DigestMap) -> None:
+    """A DigestMap fits ``disk``: a sane block size, and exactly one digest per block.
+
+    :raises ResyncRefused: it does not (a disk of another size there, a damaged record);
+        nothing may be sent from it.
+    """
+    low, high = DIGEST_BLOCK_BYTES_RANGE
+    where = (f"VM {vm!r}: the block digests of disk {disk.name!r} from site {theirs.site} "
+             f"(cycle {theirs.cycle})")
+    if not low <= theirs.block_size <= high or theirs.block_size % low:
+        raise ResyncRefused(
+            f"{where} use blocks of {theirs.block_size} bytes, not a multiple of {low} up to "
+            f"{high}; they were refused and nothing was sent. Operator action: check that "
+            f"both sites run the same vmreplica release, then resync again")
+    expected = digest_count(disk.size_bytes, theirs.block_size)
+    if len(theirs.digests) != expected * DIGEST_BYTES:
+        count = f"{len(theirs.digests) / DIGEST_BYTES:g}"
+        raise ResyncRefused(
+            f"{where} hold {len(theirs.digests)} bytes ({count} digests of {DIGEST_BYTES} "
+            f"bytes) but a disk of {disk.size_bytes} bytes in blocks of {theirs.block_size} "
+            f"needs {expected}; they were refused and nothing was sent. Operator action: "
+            f"check that the disk has the same size on both sites (a resize that did not "
+            f"replicate), then resync again")
+
+
+def differing_ranges(vm: str, disk: DiskRecord, theirs: DigestMap,
+                     progress: Callable[[int], None] | None = None) -> IntervalSet:
+    """The blocks of ``disk`` (this site's image) whose digests differ from ``theirs``.
+
+    Reads every allocated block of the image: run it off the event loop. ``progress`` gets the
+    bytes examined so far, now and then.
+
+    :raises ResyncRefused: ``theirs`` does not fit the disk (:func:`check_digest_map`).
+    """
+    check_digest_map(vm, disk, theirs)
+    ours = image_digests(disk.path, theirs.block_size, progress)
+    ranges = IntervalSet()
+    for number in differing_blocks(ours, theirs.digests):
+        start = number * theirs.block_size
+        ranges.add(start, min(start + theirs.block_size, disk.size_bytes))
+    return ranges
 
 
 async def report_divergence(site: Site, record: VmRecord, start: EpochStart,
@@ -91,26 +140,31 @@ async def report_divergence(site: Site, record: VmRecord, start: EpochStart,
     status = StatusPublisher(site.connection)
     await status.start()
     try:
+        events: list[ResyncRequest | DigestMap]
         if diverged is not None:
-            for disk, ranges in sorted(diverged.items()) or [(record.disks[0].name,
-                                                              IntervalSet())]:
-                event: ResyncRequest | DigestMap = ResyncRequest(
-                    vm, start.epoch, site.config.site, f"diverged after cycle {point}",
-                    disk, byte_ranges(ranges), now_ms())
-                await status.publish(site.status_topic(vm), vm.encode(), encode(event))
+            events = [ResyncRequest(vm, start.epoch, site.config.site,
+                                    f"diverged after cycle {point}", disk, byte_ranges(ranges),
+                                    now_ms())
+                      for disk, ranges in sorted(diverged.items())
+                      or [(record.disks[0].name, IntervalSet())]]
         else:
-            for image in record.disks:
-                block = digest_block_bytes(image.size_bytes)
-                event = DigestMap(vm, start.epoch, site.config.site, image.name, point,
-                                  block, image_digests(image.path, block))
-                await status.publish(site.status_topic(vm), vm.encode(), encode(event))
+            events = list(digest_maps(vm, start.epoch, site.config.site, point,
+                                      [(d.name, Path(d.path), d.size_bytes)
+                                       for d in record.disks]))
+        for event in events:
+            await status.publish(site.status_topic(vm), vm.encode(), encode(event))
     finally:
         await status.stop()
 
 
 async def reported_ranges(site: Site, record: VmRecord, replica_site: str) -> Ranges | None:
     """Ranges the returning old primary reported for this epoch: as ResyncRequests, or else
-    as DigestMaps compared block by block with this site's disks; None when it sent neither."""
+    as DigestMaps compared block by block with this site's disks; None when it sent neither.
+
+    A ResyncRequest naming no disk is a replica asking to be resynchronized, not a report.
+
+    :raises ResyncRefused: a DigestMap does not fit its disk.
+    """
     vm, epoch = record.name, record.epoch
     found: Ranges | None = None
     maps: dict[str, DigestMap] = {}
@@ -118,9 +172,9 @@ async def reported_ranges(site: Site, record: VmRecord, replica_site: str) -> Ra
         event = decode_status(message.value)
         if event.site != replica_site or event.epoch != epoch:
             continue
-        if isinstance(event, ResyncRequest):
+        if isinstance(event, ResyncRequest) and event.disk is not None:
             found = found if found is not None else {}
-            ranges = found.setdefault(event.disk or "", IntervalSet())
+            ranges = found.setdefault(event.disk, IntervalSet())
             for byte_range in event.ranges:
                 ranges.add(byte_range.offset, byte_range.offset + byte_range.length)
         elif isinstance(event, DigestMap):
@@ -129,11 +183,6 @@ async def reported_ranges(site: Site, record: VmRecord, replica_site: str) -> Ra
         found = {}
         for disk in record.disks:
             theirs = maps.get(disk.name)
-            if theirs is None:
-                continue
-            ours = image_digests(disk.path, theirs.block_size)
-            ranges = found.setdefault(disk.name, IntervalSet())
-            for number in differing_blocks(ours, theirs.digests):
-                start = number * theirs.block_size
-                ranges.add(start, min(start + theirs.block_size, disk.size_bytes))
+            if theirs is not None:
+                found[disk.name] = differing_ranges(vm, disk, theirs)
     return found

@@ -1,4 +1,5 @@
-"""Failover requests as types: what the CLI asks for, and the one place that carries it out.
+"""Failover and resync requests as types: what the CLI asks for, and the one place that
+carries it out.
 
 Each action is a small frozen dataclass naming its VM and its options; :func:`carry_out` does
 it, here (no agent runs) or in the site's agent, which receives it through the request mailbox
@@ -17,6 +18,7 @@ from typing import ClassVar, Final, assert_never
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import ConfigurationError
 from vmreplica.failover.planned import cancel_planned, prepare_planned, run_stop_hook
+from vmreplica.failover.resync import cancel_resync, resync_here
 from vmreplica.failover.reverse import reverse
 from vmreplica.failover.unplanned import cancel, complete, promote
 from vmreplica.runtime.site import Site
@@ -73,15 +75,34 @@ class ReverseReplication:
     vm: str
 
 
+@dataclass(frozen=True)
+class Resynchronize:
+    """On the primary: compare block digests with a replica site and send only the blocks that
+    differ (Hyper-V's ``Resume-VMReplication -Resynchronize``); the VM keeps running.
+
+    ``site``: the replica site (default: the VM's); ``at_ms``: not before this instant (ms since
+    the Unix epoch; 0 is now); ``cancel``: stop the running resync instead.
+    """
+
+    kind: ClassVar[str] = "resync"
+    vm: str
+    site: str = ""
+    at_ms: int = 0
+    cancel: bool = False
+
+
+RESYNC_DIGESTS_TIMEOUT_SECONDS: Final = 600.0
+"""Without an agent, a resync waits this long for the replica's digests, then stays pending."""
+
 FailoverRequest = (PlannedFailover | UnplannedFailover | CompleteFailover | CancelFailover
-                   | ReverseReplication)
+                   | ReverseReplication | Resynchronize)
 
 REQUEST_TYPES: Final[dict[str, type[FailoverRequest]]] = {
     kind.kind: kind for kind in (PlannedFailover, UnplannedFailover, CompleteFailover,
-                                 CancelFailover, ReverseReplication)}
+                                 CancelFailover, ReverseReplication, Resynchronize)}
 
 
-def request_fields(request: FailoverRequest) -> dict[str, bool | str]:
+def request_fields(request: FailoverRequest) -> dict[str, bool | str | int]:
     """The request's options (every field but ``vm``), as the mailbox stores them."""
     return {field.name: getattr(request, field.name) for field in dataclasses.fields(request)
             if field.name != "vm"}
@@ -158,5 +179,11 @@ async def carry_out(site: Site, request: FailoverRequest) -> str:
                     f"bytes diverged, {result.sent_bytes} bytes sent in cycle {result.cycle}"
                     + (" (full copy: the old primary reported no diverged ranges)"
                        if result.full_copy else ""))
+        case Resynchronize(cancel=True):
+            return (await cancel_resync(site, vm)).summary()
+        case Resynchronize():
+            return (await resync_here(site, vm, request.site, not_before_ms=request.at_ms,
+                                      digests_timeout_seconds=RESYNC_DIGESTS_TIMEOUT_SECONDS,
+                                      )).summary()
         case _:
             assert_never(request)

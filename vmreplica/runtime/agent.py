@@ -2,11 +2,12 @@
 
 For each VM it is primary of, the agent seeds the replica (if not yet done), cuts and ships a
 cycle every replication period (continuous mode: every second, or sooner once the change log
-holds ``continuous_max_bytes``) if anything was written — an idle VM publishes nothing — and
-heartbeats every ``heartbeat_seconds``, and at once when a shipped burst of writes leaves
-nothing waiting. For each VM it is replica of, it applies the journal as it arrives. New VMs
-(enabled here, or discovered in the trust group's topics) are picked up while it runs. One VM's
-failure never stops the others.
+holds ``continuous_max_bytes``) if anything was written — an idle VM publishes nothing —
+heartbeats every ``heartbeat_seconds`` and at once when a shipped burst of writes leaves nothing
+waiting, and runs a resync when one is pending, beside the cycles (the VM keeps running). For
+each VM it is replica of, it applies the journal as it arrives. New VMs (enabled here, or
+discovered in the trust group's topics) are picked up while it runs. One VM's failure never
+stops the others.
 
 Before it runs, :func:`check_folders` and the listeners (metrics, NBD over TCP) refuse a setting
 the agent cannot work with in one line that names the setting, the problem and what to do.
@@ -28,9 +29,23 @@ from vmreplica.consumers.replica import ReplicaVm
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import VmRecord
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import ConfigurationError, ReplicationError, SupersededError
+from vmreplica.errors import (
+    ConfigurationError,
+    ReplicationError,
+    ResyncRefused,
+    SupersededError,
+)
 from vmreplica.failover import carry_out, demote, follow_takeover, promote
-from vmreplica.failover.requests import posted_request
+from vmreplica.failover.requests import FailoverRequest, Resynchronize, posted_request
+from vmreplica.failover.resync import (
+    ResyncBusy,
+    ResyncRun,
+    accept_resync,
+    cancel_resync,
+    load_job,
+    running,
+)
+from vmreplica.journal.kafka import JournalReader
 from vmreplica.nbd.server import NbdServer
 from vmreplica.producers.capture_front import CaptureFront
 from vmreplica.producers.nbd_exports import UNIX_PATH_MAX_BYTES
@@ -39,6 +54,8 @@ from vmreplica.runtime.extension import ExtendedReplication, load_extension
 from vmreplica.runtime.metrics import CycleStat, SiteMetrics, failure_reason
 from vmreplica.runtime.site import Site
 from vmreplica.runtime.status import vm_status
+from vmreplica.schemas.codec import decode_status
+from vmreplica.schemas.events import ReplicaPosition, ResyncRequest
 from vmreplica.storage.mailbox import Mailbox
 
 log = logging.getLogger(__name__)
@@ -57,6 +74,16 @@ HELD_SECONDS: Final = 600.0
 for its relationship to change, and is tried again this long after in case the cause went away."""
 CONTINUOUS_TICK_SECONDS: Final = 1.0
 """Continuous replication looks for writes to ship every second."""
+STOP_GRACE_SECONDS: Final = 20.0
+"""On a stop, how long the workers get to end by themselves (a primary's final cycle) before
+they are cancelled."""
+RESYNC_CHECK_SECONDS: Final = 1.0
+"""How often a primary worker looks for a pending resync job."""
+RESYNC_WATCH_SECONDS: Final = 5.0
+"""How often a primary reads its status topic for a replica that says it needs a resync."""
+STATUS_TAIL_RECORDS: Final = 500
+"""A primary worker starts reading its status topic this many records back: a replica waiting
+for a resync repeats its position every minute, so it is among them."""
 
 
 def check_folders(config: SiteConfig) -> None:
@@ -121,6 +148,8 @@ class Agent:
         """The loopback TCP listener for every NBD export (``nbd_tcp_port``), if configured."""
         self.mailbox = Mailbox(site.config.catalog_path)
         """Where the CLI leaves failover requests, and where the agent says it is alive."""
+        self.resyncs: dict[str, ResyncWorker] = {}
+        """The resync runner of each open primary."""
 
     def stop(self) -> None:
         self.stopping.set()
@@ -157,9 +186,14 @@ class Agent:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), REQUEST_POLL_SECONDS)
         finally:
-            for task in self._tasks.values():
+            # Workers see ``stopping`` and end by themselves first: a primary ships what was
+            # written before the stop. Only one that does not end in time is cancelled.
+            tasks = list(self._tasks.values())
+            if tasks and self.stopping.is_set():
+                await asyncio.wait(tasks, timeout=STOP_GRACE_SECONDS)
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self.mailbox.agent_gone(self.site.config.site)
             await self.mailbox.stop()
             log.info("agent of site %s stopped", self.site.config.site)
@@ -190,7 +224,8 @@ class Agent:
             await asyncio.gather(task, return_exceptions=True)
 
     async def _carry_out_requests(self) -> None:
-        """Failover requests the CLI left in the mailbox: each needs its VM to itself.
+        """Requests the CLI left in the mailbox. A failover needs its VM to itself; a resync
+        is handed to the VM's running worker instead, as the VM keeps running through it.
 
         A request that cannot be read (a mistake, or a kind this version does not know) fails
         without stopping the VM's worker.
@@ -198,8 +233,7 @@ class Agent:
         for posted in await self.mailbox.pending():
             try:
                 request = posted_request(posted)
-                await self._stop_worker(request.vm)
-                result = await carry_out(self.site, request)
+                result = await self._carry_out(request)
             except ConfigurationError as error:
                 await self.mailbox.finish(posted.id, "failed", str(error))
                 self.metrics.failover(posted.vm, posted.kind, "failed")
@@ -212,6 +246,21 @@ class Agent:
                 await self.mailbox.finish(posted.id, "done", result)
                 self.metrics.failover(posted.vm, posted.kind, "done")
                 log.info("VM %s: %s", posted.vm, result)
+
+    async def _carry_out(self, request: FailoverRequest) -> str:
+        if not isinstance(request, Resynchronize):
+            await self._stop_worker(request.vm)
+            return await carry_out(self.site, request)
+        vm = request.vm
+        if request.cancel:
+            job = load_job(self.site.config.vm_folder(vm))
+            worker = self.resyncs.get(vm)
+            if job is not None and job.phase != "sending" and worker is not None:
+                await worker.stop()  # so that it cannot write the job again
+            return (await cancel_resync(self.site, vm)).summary()
+        job = await accept_resync(self.site, vm, request.site, not_before_ms=request.at_ms)
+        return (f"{job.summary()}; this site's agent runs it while the VM keeps replicating: "
+                f"`vmreplica status {vm}` shows its progress")
 
     async def _start_new_workers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -273,7 +322,7 @@ class Agent:
             drill = FailoverDrill(self.site.catalog, replica)
             hop = HopRelay(self.site, record.name)
             try:
-                while not self.stopping.is_set() and replica.violation is None:
+                while not self.stopping.is_set() and not replica.stopped:
                     await self._apply(replica)
                     await drill.poll()
                     await hop.poll()
@@ -283,17 +332,19 @@ class Agent:
                 await drill.stop()
                 await hop.stop()
             prepared = replica.materializer.prepared
-            if replica.violation is not None:
-                self.metrics.failed(record.name, "journal")
         if prepared is not None:
             start = await promote(self.site, record.name, prepared=prepared)
             self.metrics.failover(record.name, "takeover")
             log.info("VM %s: took over as primary in epoch %d", record.name, start.epoch)
 
     async def _apply(self, replica: ReplicaVm) -> None:
-        """One step of the replica; the time it spent applying goes to the cycles it applied."""
-        cycle, spent = replica.materializer.cursor.cycle, replica.apply_seconds
+        """One step of the replica; the time it spent applying goes to the cycles it applied,
+        and a journal violation it met is counted as a failure once."""
+        cycle, spent, violation = (replica.materializer.cursor.cycle, replica.apply_seconds,
+                                   replica.violation)
         await replica.step()
+        if replica.violation is not None and replica.violation is not violation:
+            self.metrics.failed(replica.name, "journal")
         applied = replica.materializer.cursor.cycle - cycle
         if applied > 0:
             self.metrics.applied(replica.name, replica.apply_seconds - spent, applied)
@@ -312,12 +363,15 @@ class Agent:
                 primary, self.site.config, self.nbd_tcp) as front:
             self.primaries[record.name] = primary
             self.fronts[record.name] = front
+            resync = self.resyncs[record.name] = ResyncWorker(self.site, primary)
             try:
                 if record.state in (ReplicationState.READY_FOR_INITIAL_REPLICATION,
                                     ReplicationState.INITIAL_REPLICATION_IN_PROGRESS):
                     await front.initial_replication()
-                await self._cycles(primary)
+                await self._cycles(primary, resync)
             finally:
+                await resync.stop()
+                del self.resyncs[record.name]
                 del self.primaries[record.name]
                 del self.fronts[record.name]
 
@@ -368,17 +422,20 @@ class Agent:
             await asyncio.sleep(0.05)
         return self.primaries[vm]
 
-    async def _cycles(self, primary: PrimaryVm) -> None:
+    async def _cycles(self, primary: PrimaryVm, resync: ResyncWorker) -> None:
         """Each period, a cycle if anything waits to ship (:meth:`PrimaryVm.replicate`; an
         idle VM publishes nothing); a heartbeat every ``heartbeat_seconds``, and one as soon as
         a shipped burst leaves nothing waiting, so the replica knows at once that it holds
-        every write (its RPO and health then rest on the heartbeats, not on cycles)."""
+        every write (its RPO and health then rest on the heartbeats, not on cycles); and the
+        VM's resync worker, polled beside them."""
         settings = primary.record.settings
         period = settings.frequency_seconds or CONTINUOUS_TICK_SECONDS
         loop = asyncio.get_running_loop()
         next_cut = loop.time() + period
         next_beat = loop.time()
         while not self.stopping.is_set():
+            resync.poll()
+            await resync.watch()
             now = loop.time()
             due = now >= next_cut or (settings.frequency_seconds == 0 and
                                       primary.capture.log.segment_bytes
@@ -390,7 +447,7 @@ class Agent:
             if now >= next_beat or primary.idle_unannounced:
                 await primary.heartbeat()
                 next_beat = loop.time() + self.site.config.heartbeat_seconds
-            wait = max(0.05, min(next_cut, next_beat) - loop.time())
+            wait = max(0.05, min(next_cut, next_beat, now + RESYNC_CHECK_SECONDS) - loop.time())
             if settings.frequency_seconds == 0:
                 wait = min(wait, 0.1)
             with contextlib.suppress(TimeoutError):
@@ -403,6 +460,132 @@ class Agent:
         state = (await self.site.catalog.vm(primary.name)).state
         return state not in (ReplicationState.FAILED_OVER,
                              ReplicationState.FAILED_OVER_WAITING_COMPLETION)
+
+
+class ResyncWorker:
+    """Runs a primary VM's pending resync (:mod:`vmreplica.failover.resync`) beside its cycles,
+    and starts one when a replica says it needs it.
+
+    The job file says what is pending; a job cut short (the worker stopped, a broker away)
+    resumes from it at the next poll, or after :data:`RETRY_SECONDS` on an error.
+    """
+
+    def __init__(self, site: Site, primary: PrimaryVm) -> None:
+        self.site = site
+        self.primary = primary
+        self.folder = site.config.vm_folder(primary.name)
+        self.task: asyncio.Task[None] | None = None
+        self.next_check = 0.0
+        self.next_watch = 0.0
+        self.status: JournalReader | None = None
+        self.positions: dict[str, ReplicaPosition] = {}
+        """The latest position each site reported on the status topic."""
+        self.reasons: dict[str, str] = {}
+        """Why each site last asked for a resync."""
+
+    async def watch(self) -> None:
+        """A replica site whose latest position says "resynchronization required" (a journal
+        violation stopped it): resync it (``auto_resync``), or turn this VM's state, and so its
+        health, critical with what to do. Errors are logged: the cycles go on."""
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.next_watch:
+            return
+        self.next_watch = loop.time() + RESYNC_WATCH_SECONDS
+        vm = self.primary.name
+        try:
+            record = await self.site.catalog.vm(vm)
+            if record.state is not ReplicationState.REPLICATING:
+                return  # resynchronizing, or the need is known already
+            await self._read_status()
+            job = load_job(self.folder)
+            if job is not None and job.active:
+                return
+            for target in (record.partner_site, *record.settings.also_replicate_to):
+                position = self.positions.get(target)
+                if (position is None or position.state
+                        != ReplicationState.RESYNCHRONIZATION_REQUIRED.value):
+                    continue
+                if (job is not None and job.target == target and job.epoch is not None
+                        and position.epoch < job.epoch):
+                    continue  # said before the last resync of it was applied
+                reason = self.reasons.get(target, "it stopped at a journal violation")
+                if record.settings.auto_resync:
+                    started = await accept_resync(
+                        self.site, vm, target, f"automatic: {target} needs it ({reason})",
+                        automatic=True)
+                    log.warning("VM %s: %s", vm, started.summary())
+                else:
+                    await self.site.catalog.set_state(
+                        vm, ReplicationState.RESYNCHRONIZATION_REQUIRED,
+                        f"replica site {target} needs a resynchronization ({reason}); "
+                        f"automatic resync is off for this VM: run `vmreplica resync {vm}`")
+                    log.error("VM %s: replica site %s needs a resynchronization: %s", vm,
+                              target, reason)
+                return
+        except ReplicationError as error:
+            log.warning("VM %s: could not check its replicas for a resync: %s", vm, error)
+
+    async def _read_status(self) -> None:
+        """What the status topic says since the last look (at first, its tail)."""
+        if self.status is None:
+            reader = JournalReader(self.site.connection, self.site.status_topic(self.primary.name))
+            await reader.start()
+            self.status = reader
+            reader.seek(max(0, await reader.end_offset() - STATUS_TAIL_RECORDS))
+        for message in await self.status.fetch(0.2):
+            try:
+                event = decode_status(message.value)
+            except ReplicationError:
+                continue  # not ours to judge here; the status command shows what it can
+            if isinstance(event, ReplicaPosition):
+                self.positions[event.site] = event
+            elif isinstance(event, ResyncRequest) and event.disk is None:
+                self.reasons[event.site] = event.reason
+
+    def poll(self) -> None:
+        """Start the pending job if none runs; cheap enough to call every loop turn."""
+        loop = asyncio.get_running_loop()
+        if (self.task is not None and not self.task.done()) or loop.time() < self.next_check:
+            return
+        self.task = None
+        self.next_check = loop.time() + RESYNC_CHECK_SECONDS
+        try:
+            job = load_job(self.folder)
+        except ConfigurationError as error:
+            log.error("VM %s: %s", self.primary.name, error)
+            self.next_check = loop.time() + HELD_SECONDS
+            return
+        if job is not None and job.active:
+            self.task = asyncio.create_task(self._run(), name=f"resync-{self.primary.name}")
+
+    async def _run(self) -> None:
+        vm = self.primary.name
+        try:
+            with running(self.folder):
+                job = await ResyncRun(self.site, self.primary).run()
+            log.info("VM %s: %s", vm, job.summary())
+        except ResyncBusy as busy:  # a `vmreplica resync` run while no agent was
+            log.info("VM %s: %s; looking again in %.0f s", vm, busy, RETRY_SECONDS)
+            self.next_check = asyncio.get_running_loop().time() + RETRY_SECONDS
+        except ResyncRefused as refusal:
+            log.error("VM %s: resync refused: %s", vm, refusal)
+        except ReplicationError as error:
+            log.warning("VM %s: resync interrupted, retried in %.0f s: %s", vm, RETRY_SECONDS,
+                        error)
+            self.next_check = asyncio.get_running_loop().time() + RETRY_SECONDS
+        except Exception:  # a bug must not take the VM's cycles down with it
+            log.exception("VM %s: resync failed; retried in %.0f s", vm, HELD_SECONDS)
+            self.next_check = asyncio.get_running_loop().time() + HELD_SECONDS
+
+    async def stop(self) -> None:
+        """Cancel a running job (it resumes from its file); a second call is harmless."""
+        if self.task is not None:
+            task, self.task = self.task, None
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self.status is not None:
+            status, self.status = self.status, None
+            await status.stop()
 
 
 class HopRelay:

@@ -1,8 +1,9 @@
 """What `vmreplica status`, its `--json` and the Prometheus metrics say about a VM.
 
 State and health by name (Hyper-V's rules over a one-hour monitoring window), position, seconds
-behind, pending bytes, and on a primary the position its replica last reported. :func:`vm_status`
-returns a :class:`VmStatus`; the CLI turns it into JSON and tables, the agent into metrics.
+behind, pending bytes, on a primary the position its replica last reported, and a resync's
+progress while it runs (and its figures once it ended). :func:`vm_status` returns a
+:class:`VmStatus`; the CLI turns it into JSON and tables, the agent into metrics.
 
 An idle VM ships no cycle, so nothing here counts from the last cycle (the rules are in
 :mod:`vmreplica.domain.states`): *seconds behind* is the RPO — the time since this site was last
@@ -36,6 +37,7 @@ from vmreplica.domain.states import (
     waiting_ms,
 )
 from vmreplica.errors import ConfigurationError
+from vmreplica.failover.resync import ResyncJob, job_or_none
 from vmreplica.journal.kafka import read_to_end
 from vmreplica.producers.changelog import pending_bytes
 from vmreplica.producers.nbd_exports import nbd_uris, socket_path
@@ -101,6 +103,9 @@ class VmStatus:
     """The newest instant at which this site is known to hold every write of the primary."""
     idle: bool = False
     """The primary is live and its last heartbeat said nothing waited to ship."""
+    resync: ResyncJob | None = None
+    """The primary's resync: running (its phase and bytes examined, differing, sent), or the
+    last one that ended."""
 
     @property
     def last_cycle(self) -> int | None:
@@ -209,7 +214,7 @@ async def vm_status(site: Site, record: VmRecord, with_replica: bool = True) -> 
         progress = ReplicaProgress(cycle, await catalog.count_points(record.name))
     return VmStatus(record, capture_status(site.config, record), report,
                     None if rpo is None else round(rpo, 1), len(window), progress, synced,
-                    idle)
+                    idle, job_or_none(site, record.name) if record.role == "primary" else None)
 
 
 def _idle(heartbeat: LastHeartbeat | None, now_ms: int, heartbeat_seconds: float) -> bool:
