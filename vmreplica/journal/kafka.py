@@ -42,6 +42,10 @@ built (``send`` itself never yields while the buffer has room)."""
 FETCH_MAX_BYTES: Final = 2 * MAX_RECORD_BYTES
 """What one fetch returns at most: two of the largest records, and below the allocator's mmap
 threshold (see :func:`tune_allocator`)."""
+READ_TO_END_FETCH_SECONDS: Final = 0.05
+"""How long :func:`read_to_end` lets one fetch wait. A topic written in transactions ends with a
+commit marker, which a fetch consumes without returning a record: a longer wait there is pure
+delay (a whole second per read, each failover step reads the journal), not fewer requests."""
 MALLOC_MMAP_THRESHOLD_BYTES: Final = 32 * 1024 * 1024
 MALLOC_TRIM_THRESHOLD_BYTES: Final = 64 * 1024 * 1024
 _M_TRIM_THRESHOLD: Final = -1
@@ -369,7 +373,7 @@ async def read_to_end(connection: KafkaConnection, topic: str, start: int = 0, *
         reader.seek(max(0, end - last) if last is not None else start)
         # Transaction markers take offsets but are never returned: progress is the position.
         while await reader.position() < end:
-            for record in await reader.fetch(1.0):
+            for record in await reader.fetch(READ_TO_END_FETCH_SECONDS):
                 if record.offset >= end:
                     return
                 yield record
