@@ -156,14 +156,32 @@ class Site:
         return adopted
 
     async def adopt(self, config: VmConfig) -> VmRecord:
-        """Become a replica of the VM ``config`` describes."""
+        """Become a replica of the VM ``config`` describes.
+
+        The record keeps the VM's settings as its primary published them — how it captures
+        writes among them — so that this site, if it takes over, captures the disks the way
+        the old primary did; ``also_replicate_to`` holds the VM's other replica sites, which
+        follow whichever of them takes over.
+        """
         folder = self.config.vm_folder(config.vm)
         disks = [DiskRecord(d.name, str(image_path(folder, d.name)), d.size_bytes)
                  for d in config.disks]
-        settings = VmSettings(frequency_seconds=config.frequency_seconds,
-                              recovery_history=config.recovery_history,
-                              app_consistent_hours=config.app_consistent_hours,
-                              continuous_points_hours=config.continuous_points_hours)
+        if config.capture not in ("api", "nbd", "scan"):
+            raise ConfigurationError(
+                f"VM {config.vm!r} is captured by {config.capture!r} at {config.primary_site}, "
+                "which this version does not know; upgrade this site's vmreplica")
+        settings = VmSettings(
+            frequency_seconds=config.frequency_seconds,
+            recovery_history=config.recovery_history,
+            app_consistent_hours=config.app_consistent_hours,
+            continuous_points_hours=config.continuous_points_hours,
+            compression=config.compression,
+            capture=config.capture,  # type: ignore[arg-type]  # checked just above
+            continuous_max_bytes=config.continuous_max_bytes,
+            also_replicate_to=tuple(s for s in config.replica_sites
+                                    if s not in (self.config.site, config.primary_site)),
+            changelog_budget_bytes=config.changelog_budget_bytes,
+            pre_cut_hook=config.pre_cut_hook, post_cut_hook=config.post_cut_hook)
         await self.catalog.add_vm(config.vm, "replica", self.config.trust_group,
                                   config.primary_site, settings, disks,
                                   ReplicationState.WAITING_FOR_INITIAL_REPLICATION, config.epoch)
