@@ -176,17 +176,27 @@ class PrimaryVm:
         """Append what the images hold now in ``ranges`` to the open cycle, durably.
 
         The next cut ships those bytes as if the VM had just written them: how reverse
-        replication resends what diverged. Returns the bytes appended.
+        replication resends what diverged. Holes are logged as ZERO records, never read, so a
+        range over unallocated space (a full copy of a sparse disk) costs next to nothing.
+        Returns the bytes of data appended.
         """
         capture = self.capture
         appended = 0
         for disk, disk_ranges in ranges.items():
             index = capture.disk(disk)
             image = capture.images[index]
-            for low, high in zip(disk_ranges.starts, disk_ranges.ends, strict=True):
-                for chunk in range(low, high, RESEND_RECORD_BYTES):
-                    data = image.read(chunk, min(high, chunk + RESEND_RECORD_BYTES) - chunk)
-                    capture.log.write(index, chunk, data)
-                    appended += len(data)
+            for low, end in zip(disk_ranges.starts, disk_ranges.ends, strict=True):
+                high = min(end, image.size)
+                if low >= high:
+                    continue
+                position = low
+                for start, length in [*image.allocated_extents(low, high - low), (high, 0)]:
+                    if start > position:
+                        capture.log.zero(index, position, start - position)
+                    for chunk in range(start, start + length, RESEND_RECORD_BYTES):
+                        stop = min(start + length, chunk + RESEND_RECORD_BYTES)
+                        capture.log.write(index, chunk, image.read(chunk, stop - chunk))
+                        appended += stop - chunk
+                    position = max(position, start + length)
         capture.flush_sync()
         return appended
