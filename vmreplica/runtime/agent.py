@@ -5,6 +5,11 @@ cycle every replication period (continuous mode: every second, or sooner once th
 holds ``continuous_max_bytes``), and heartbeats. For each VM it is replica of, it applies the
 journal as it arrives. New VMs (enabled here, or discovered in the trust group's topics) are
 picked up while it runs. One VM's failure never stops the others.
+
+A ``--capture nbd`` VM's exports belong to the agent, not to one worker: they stay up across
+every role change, capturing writes while the VM is primary here and serving the images
+read-only (writes refused with EPERM) otherwise, so the new primary of a failover serves the
+same export names and the old one still answers its hypervisor.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Final
 
 from vmreplica.consumers.drill import FailoverDrill
@@ -22,10 +28,19 @@ from vmreplica.consumers.replica import ReplicaVm
 from vmreplica.domain.model import VmRecord
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import ConfigurationError, ReplicationError, SupersededError
-from vmreplica.failover import carry_out, demote, follow_takeover, promote
+from vmreplica.failover import (
+    carry_out,
+    demote,
+    follow_new_primary,
+    follow_reverse,
+    follow_takeover,
+    promote,
+    takes_over,
+)
 from vmreplica.failover.requests import posted_request
 from vmreplica.nbd.server import NbdServer
 from vmreplica.producers.capture_front import CaptureFront
+from vmreplica.producers.nbd_exports import VmExports, socket_path
 from vmreplica.producers.primary import PrimaryVm
 from vmreplica.runtime.extension import ExtendedReplication, load_extension
 from vmreplica.runtime.metrics import SiteMetrics
@@ -48,6 +63,9 @@ HELD_SECONDS: Final = 600.0
 """A worker that ended on an error someone must act on (a bad setting, a broken journal) waits
 for its relationship to change, and is tried again this long after in case the cause went away."""
 CONTINUOUS_TICK_SECONDS: Final = 1.0
+ALIVE_STAMP_SECONDS: Final = 2.0
+"""How often the agent stamps the mailbox while it carries out a long request (well inside the
+mailbox's ten seconds of liveness)."""
 
 
 class Agent:
@@ -69,6 +87,9 @@ class Agent:
         """Open primary VMs: a program capturing through the API writes to their ``capture``."""
         self.fronts: dict[str, CaptureFront] = {}
         """What captures each open primary's writes: its NBD exports, or its scanner."""
+        self.exports: dict[str, VmExports] = {}
+        """The NBD exports of every ``--capture nbd`` VM this site holds, kept up across role
+        changes: capturing writes while the VM is primary here, read-only (EPERM) otherwise."""
         self.nbd_tcp: NbdServer | None = None
         """The loopback TCP listener for every NBD export (``nbd_tcp_port``), if configured."""
         self.mailbox = Mailbox(site.config.catalog_path)
@@ -102,6 +123,9 @@ class Agent:
             for task in self._tasks.values():
                 task.cancel()
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            for exports in self.exports.values():
+                await exports.stop()
+            self.exports.clear()
             if self.nbd_tcp is not None:
                 await self.nbd_tcp.stop()
             await self.mailbox.agent_gone(self.site.config.site)
@@ -129,6 +153,7 @@ class Agent:
         without stopping the VM's worker.
         """
         for posted in await self.mailbox.pending():
+            alive = asyncio.create_task(self._stay_alive())
             try:
                 request = posted_request(posted)
                 await self._stop_worker(request.vm)
@@ -142,6 +167,16 @@ class Agent:
             else:
                 await self.mailbox.finish(posted.id, "done", result)
                 log.info("VM %s: %s", posted.vm, result)
+            finally:
+                alive.cancel()
+                await asyncio.gather(alive, return_exceptions=True)
+
+    async def _stay_alive(self) -> None:
+        """Stamp the mailbox while a request runs (a reverse waits for the old primary's
+        report): a command started meanwhile must still see this agent, not do the work too."""
+        while True:
+            await asyncio.sleep(ALIVE_STAMP_SECONDS)
+            await self.mailbox.agent_alive(self.site.config.site, os.getpid())
 
     async def _start_new_workers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -151,14 +186,17 @@ class Agent:
                 await self.site.discover()
             except ReplicationError as error:
                 log.warning("discovery failed: %s", error)
-        for record in await self.site.catalog.vms():
-            generation = await self.site.catalog.generation(record.name)
-            task = self._tasks.get(record.name)
+        for listed in await self.site.catalog.vms():
+            generation = await self.site.catalog.generation(listed.name)
+            task = self._tasks.get(listed.name)
             if task is not None and not task.done():
                 continue
-            ended, seen, wait = self._ended.get(record.name, (0.0, -1, 0.0))
+            ended, seen, wait = self._ended.get(listed.name, (0.0, -1, 0.0))
             if task is not None and seen == generation and loop.time() - ended < wait:
                 continue  # ended on its own: retried when its role changes, or later
+            # Read again, after the generation: a worker that ended since the listing (a
+            # failover that just changed the role) must not be followed by one for the old role.
+            record = await self.site.catalog.vm(listed.name)
             self._ended[record.name] = (loop.time() + 10**9, generation, RETRY_SECONDS)
             work = self._primary if record.role == "primary" else self._replica
             self._tasks[record.name] = asyncio.create_task(
@@ -195,13 +233,19 @@ class Agent:
                 self._ended[record.name] = (asyncio.get_running_loop().time(), ended[1], wait)
 
     async def _replica(self, record: VmRecord) -> None:
-        """Apply the journal; serve a test failover if asked; take over when prepared."""
+        """Apply the journal; serve a test failover if asked; take over when a planned failover
+        names this site; follow another replica site that took over."""
         async with await self.site.replica(record) as replica:
+            await self._serve_replica(record)
             drill = FailoverDrill(self.site.catalog, replica)
             hop = HopRelay(self.site, record.name)
             try:
                 while not self.stopping.is_set() and replica.violation is None:
+                    cursor = replica.materializer.cursor
+                    epoch, before = cursor.epoch, cursor.next_offset
                     await replica.step()
+                    if replica.materializer.cursor.epoch != epoch:
+                        await self._follow_new_primary(record.name, before)
                     await drill.poll()
                     await hop.poll()
                     if await self._prepared_and_caught_up(replica):
@@ -214,18 +258,57 @@ class Agent:
             start = await promote(self.site, record.name, prepared=prepared)
             log.info("VM %s: took over as primary in epoch %d", record.name, start.epoch)
 
-    @staticmethod
-    async def _prepared_and_caught_up(replica: ReplicaVm) -> bool:
-        """The primary prepared a planned failover and nothing after it cancelled it."""
-        return (replica.materializer.prepared is not None
+    async def _follow_new_primary(self, vm: str, start_offset: int) -> None:
+        """This replica applied a new epoch: if another replica site took over, follow it."""
+        start = await follow_new_primary(self.site, vm, start_offset)
+        if start is None:
+            return
+        log.info("VM %s: site %s took over in epoch %d; this replica follows it",
+                 vm, start.primary_site, start.epoch)
+        await self._serve_replica(await self.site.catalog.vm(vm))
+
+    async def _prepared_and_caught_up(self, replica: ReplicaVm) -> bool:
+        """The primary prepared a planned failover to this site, and nothing after it
+        cancelled it (the VM's other replica sites only follow)."""
+        prepared = replica.materializer.prepared
+        return (prepared is not None and takes_over(prepared, self.site.config.site)
                 and await replica.reader.position() >= await replica.reader.end_offset())
 
+    async def _serve_replica(self, record: VmRecord) -> None:
+        """A replica serves the images read-only; failing to (a socket path too long, taken)
+        is logged, and never stops replication."""
+        try:
+            await self._serve(record, (
+                f"VM {record.name!r} is a replica at site {self.site.config.site}; its primary "
+                f"is site {record.partner_site}, whose exports take the VM's writes"))
+        except (ConfigurationError, OSError) as error:
+            log.warning("VM %s: not serving its replica images over NBD: %s", record.name,
+                        error)
+
+    async def _serve(self, record: VmRecord, reason: str) -> VmExports | None:
+        """The NBD exports of a ``--capture nbd`` VM (None for other VMs), started on first
+        use and kept up while the agent runs, serving the images read-only and refusing writes
+        for ``reason`` until a capture takes them (:class:`CaptureFront`)."""
+        if record.settings.capture != "nbd":
+            return None
+        exports = self.exports.get(record.name)
+        if exports is None:
+            exports = VmExports(record.name, socket_path(self.site.config, record.name),
+                                self.nbd_tcp)
+            await exports.start()
+            self.exports[record.name] = exports
+        exports.serve_images({d.name: Path(d.path) for d in record.disks}, reason)
+        return exports
+
     async def _primary(self, record: VmRecord) -> None:
+        exports = await self._serve(record, (
+            f"site {self.site.config.site} does not capture VM {record.name!r}'s writes yet: "
+            f"its agent is opening the VM (state {record.state.value})"))
         if record.state in (ReplicationState.PREPARED_FOR_PLANNED_FAILOVER,
                             ReplicationState.FAILED_OVER) and await self._follow(record):
             return
         async with self.site.primary(record) as primary, CaptureFront(
-                primary, self.site.config, self.nbd_tcp) as front:
+                primary, self.site.config, self.nbd_tcp, exports) as front:
             self.primaries[record.name] = primary
             self.fronts[record.name] = front
             try:
@@ -255,9 +338,14 @@ class Agent:
             await primary.replicate()
 
     async def _follow(self, record: VmRecord) -> bool:
-        """A prepared primary waits for its replica to take over; True when it did."""
+        """A prepared primary waits for its replica to take over; True when it did. One that
+        stood down (failed over, planned) becomes a replica once the new primary reverses."""
         if record.state is ReplicationState.FAILED_OVER:
-            return await self.site.catalog.failover_point(record.name) is None
+            if await self.site.catalog.failover_point(record.name) is not None:
+                return False  # the new primary of an unplanned failover: it captures
+            if await follow_reverse(self.site, record.name):
+                log.info("VM %s: the new primary reversed; now its replica", record.name)
+            return True
         while not self.stopping.is_set():
             if await follow_takeover(self.site, record.name):
                 return True
