@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: setup system-deps demo test lint typecheck unit integration e2e clean
 
 setup: system-deps $(STAMP)
-	@$(BIN)/python -c "from vmreplica.devtools.cluster import resolve_kafka; print('Kafka jars:', resolve_kafka())"
+	@$(BIN)/python -c "from vmreplica.devtools.jars import resolve_kafka; print('Kafka jars:', resolve_kafka())"
 
 # Returns at once when every program is there; apt runs only for packages not yet installed.
 system-deps:

@@ -55,7 +55,8 @@ from pathlib import Path
 from typing import Final
 
 from vmreplica.config import SiteConfig
-from vmreplica.devtools.cluster import LocalCluster, resolve_kafka
+from vmreplica.devtools.cluster import LocalCluster
+from vmreplica.devtools.jars import resolve_kafka
 from vmreplica.devtools.ports import free_base_port
 from vmreplica.domain.model import VmSettings
 from vmreplica.errors import BrokerError

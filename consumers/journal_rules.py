@@ -9,16 +9,14 @@ the remedy is a resynchronization or operator attention.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import zstandard
-
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import JournalViolation
+from vmreplica.errors import CorruptEventError, JournalViolation
 from vmreplica.schemas.chain import cycle_hash
-from vmreplica.schemas.events import Compression, CycleCommit, Extent, ExtentKind, WriteBatch
+from vmreplica.schemas.events import CycleCommit, Extent, ExtentKind, WriteBatch
+from vmreplica.schemas.payload import PayloadUnpacker, verify
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +33,18 @@ class DecodedExtent:
     data: bytes | memoryview
 
 
+def _check_sequence(vm: str, offset: int, what: str, event: WriteBatch | CycleCommit,
+                    epoch: int, next_cycle: int) -> None:
+    """The next record of the current epoch belongs to cycle ``last + 1``, nothing else."""
+    if event.epoch != epoch or event.cycle != next_cycle:
+        raise JournalViolation(
+            vm, offset, f"expected {what} of cycle {next_cycle} in epoch {epoch}, got cycle "
+            f"{event.cycle} of epoch {event.epoch} (a gap or a replay in the journal)")
+
+
 def check_batch(vm: str, offset: int, batch: WriteBatch, epoch: int, next_cycle: int,
                 batches_so_far: int) -> None:
-    if batch.epoch != epoch or batch.cycle != next_cycle:
-        raise JournalViolation(
-            vm, offset, f"expected a batch of cycle {next_cycle} in epoch {epoch}, got cycle "
-            f"{batch.cycle} of epoch {batch.epoch} (a gap or a replay in the journal)")
+    _check_sequence(vm, offset, "a batch", batch, epoch, next_cycle)
     if batch.batch != batches_so_far:
         raise JournalViolation(
             vm, offset, f"cycle {batch.cycle}: expected batch {batches_so_far}, got batch "
@@ -49,10 +53,7 @@ def check_batch(vm: str, offset: int, batch: WriteBatch, epoch: int, next_cycle:
 
 def check_commit(vm: str, offset: int, commit: CycleCommit, batches: Sequence[WriteBatch],
                  epoch: int, next_cycle: int, previous_hash: bytes) -> None:
-    if commit.epoch != epoch or commit.cycle != next_cycle:
-        raise JournalViolation(
-            vm, offset, f"expected the commit of cycle {next_cycle} in epoch {epoch}, got "
-            f"cycle {commit.cycle} of epoch {commit.epoch} (a gap or a replay in the journal)")
+    _check_sequence(vm, offset, "the commit", commit, epoch, next_cycle)
     if commit.batches != len(batches):
         raise JournalViolation(
             vm, offset, f"cycle {commit.cycle} commits {commit.batches} batches but "
@@ -68,19 +69,22 @@ def check_commit(vm: str, offset: int, commit: CycleCommit, batches: Sequence[Wr
 
 
 def decode_cycle(vm: str, offset: int, batches: Sequence[WriteBatch],
-                 disk_sizes: Mapping[str, int]) -> list[DecodedExtent]:
-    """Every extent of a cycle with its data, checked against disk bounds and CRC-32."""
-    decompressor = zstandard.ZstdDecompressor()
+                 disk_sizes: Mapping[str, int],
+                 unpacker: PayloadUnpacker | None = None) -> list[DecodedExtent]:
+    """Every extent of a cycle with its data, checked against disk bounds and CRC-32.
+
+    ``unpacker`` is the caller's long-lived one (the materialiser's), so its zstd context is
+    reused from cycle to cycle; without one, a new one serves this cycle.
+    """
+    unpacker = PayloadUnpacker() if unpacker is None else unpacker
     result: list[DecodedExtent] = []
     for batch in batches:
-        payload = batch.payload
-        if batch.compression is Compression.ZSTD:
-            try:
-                payload = decompressor.decompress(payload, max_output_size=64 * 1024 * 1024)
-            except zstandard.ZstdError as error:
-                raise JournalViolation(
-                    vm, offset, f"cycle {batch.cycle} batch {batch.batch}: payload does not "
-                    f"decompress ({error})") from error
+        try:
+            payload = unpacker.unpack(batch.compression, batch.payload)
+        except CorruptEventError as error:
+            raise JournalViolation(
+                vm, offset, f"cycle {batch.cycle} batch {batch.batch}: payload does not "
+                f"decompress ({error})") from error
         view = memoryview(payload)
         for extent in batch.extents:
             result.append(_decoded(vm, offset, batch, extent, view, disk_sizes))
@@ -100,8 +104,8 @@ def _decoded(vm: str, offset: int, batch: WriteBatch, extent: Extent, payload: m
     if extent.kind is not ExtentKind.DATA:
         return DecodedExtent(extent.disk, extent.offset, extent.length, extent.kind, b"")
     end = extent.payload_offset + extent.length
-    if extent.payload_offset < 0 or end > len(payload) or zlib.crc32(
-            data := payload[extent.payload_offset:end]) != extent.crc32:
+    if extent.payload_offset < 0 or not verify(
+            data := payload[extent.payload_offset:end], extent.crc32, extent.length):
         raise JournalViolation(
             vm, offset, f"{_where(batch)}: checksum mismatch for {extent.length} bytes at "
             f"{extent.offset} of disk {extent.disk!r}")

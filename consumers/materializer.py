@@ -18,12 +18,9 @@ instant the images therefore equal the primary's disks at some cycle boundary.
 from __future__ import annotations
 
 import logging
-import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import zstandard
 
 from vmreplica.consumers.journal_rules import DecodedExtent, check_batch, check_commit, decode_cycle
 from vmreplica.consumers.retention import RetentionPolicy, select_points
@@ -32,13 +29,13 @@ from vmreplica.consumers.views import PointView
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import Consistency, Position, RecoveryPoint
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import DecodeError, JournalViolation
+from vmreplica.errors import CorruptEventError, DecodeError, JournalViolation
 from vmreplica.journal.kafka import JournalRecord
 from vmreplica.schemas.chain import GENESIS_HASH
 from vmreplica.schemas.codec import decode_journal
 from vmreplica.schemas.events import (
-    Compression,
     CycleCommit,
+    DigestRequest,
     EpochStart,
     ExtentKind,
     FailoverPrepared,
@@ -47,6 +44,7 @@ from vmreplica.schemas.events import (
     SeedChunk,
     WriteBatch,
 )
+from vmreplica.schemas.payload import PayloadUnpacker, verify
 from vmreplica.storage.catalog import Catalog
 from vmreplica.storage.image import DiskImage
 
@@ -54,6 +52,9 @@ log = logging.getLogger(__name__)
 
 Applied = Callable[[CycleCommit, int], Awaitable[None]]
 """Called after a cycle is durably applied, with its commit and journal offset."""
+DigestsWanted = Callable[[DigestRequest], Awaitable[None]]
+"""Called when the primary asks this site for block digests, at the cycle boundary where the
+request stands in the journal (the images hold exactly the last applied cycle)."""
 
 
 @dataclass
@@ -67,7 +68,8 @@ class ReplicaCursor:
     seeding: bool
     pending: list[WriteBatch] = field(default_factory=list)
     awaiting_resync: bool = False
-    """This replica diverged (a returning old primary): it waits for an epoch naming it."""
+    """This replica diverged (a returning old primary, a journal violation): it skips the
+    journal until an epoch names it in ``resync_sites``."""
     resyncing: bool = False
     canceled_epochs: set[int] = field(default_factory=set)
 
@@ -77,7 +79,7 @@ class Materializer:
 
     def __init__(self, vm: str, images: Mapping[str, DiskImage], undo_folder: Path,
                  catalog: Catalog, policy: RetentionPolicy, on_applied: Applied | None = None,
-                 site: str = "") -> None:
+                 site: str = "", on_digests_wanted: DigestsWanted | None = None) -> None:
         self.vm = vm
         self.site = site
         self.images = dict(images)
@@ -85,12 +87,13 @@ class Materializer:
         self.catalog = catalog
         self.policy = policy
         self.on_applied = on_applied
+        self.on_digests_wanted = on_digests_wanted
         self.views: list[PointView] = []
         """Open test-failover views; each keeps what a newer cycle overwrites."""
         self.cursor = ReplicaCursor(0, 0, GENESIS_HASH, 0, seeding=True)
         self.prepared: FailoverPrepared | None = None
         """Set when the primary prepared a planned failover and this replica holds its cycle."""
-        self._decompressor = zstandard.ZstdDecompressor()
+        self._payloads = PayloadUnpacker()
 
     async def recover(self) -> ReplicaCursor:
         """Roll back a cycle whose apply a crash interrupted; return where to resume."""
@@ -113,9 +116,15 @@ class Materializer:
         else:
             self.cursor = ReplicaCursor(position.epoch, position.cycle, position.cycle_hash,
                                         position.next_offset, seeding)
-        self.cursor.awaiting_resync = (
-            record.state is ReplicationState.RESYNCHRONIZATION_REQUIRED
-            and await self.catalog.failover_point(self.vm) is not None)
+        if (record.state is ReplicationState.RESYNCHRONIZING and position is not None
+                and position.epoch == record.epoch):
+            # A crash after the resynchronizing cycle was recorded, before its state was.
+            await self._resynchronized(position.cycle)
+        else:
+            # A crash between adopting the resynchronizing epoch and applying its first cycle
+            # leaves the old position: the epoch is found again in the journal.
+            self.cursor.awaiting_resync = record.state in (
+                ReplicationState.RESYNCHRONIZATION_REQUIRED, ReplicationState.RESYNCHRONIZING)
         self.cursor.canceled_epochs = await self.catalog.canceled_epochs(self.vm)
         return self.cursor
 
@@ -141,7 +150,12 @@ class Materializer:
                 log.warning("VM %s: ignoring a record of superseded epoch %d at offset %d",
                             self.vm, event.epoch, record.offset)
                 continue
+            if isinstance(event, DigestRequest):
+                await self._digests_wanted(event)
+                continue
             if self.cursor.awaiting_resync:
+                if isinstance(event, Heartbeat):  # an unplanned failover still asks for it
+                    await self.catalog.primary_seen(self.vm, event.at_ms)
                 await self._await_resync(event, record.offset)
                 continue
             if self.prepared is not None and isinstance(event, WriteBatch | CycleCommit):
@@ -162,6 +176,18 @@ class Materializer:
                 self._prepared(event, record.offset)
         if seed_written:
             await self._record_seed_progress(records[-1].offset + 1)
+
+    def await_resync(self) -> None:
+        """Stop applying until an epoch names this site in ``resync_sites`` (a journal violation
+        made the images unfit to follow the journal); a cycle assembled so far is dropped."""
+        self.cursor.awaiting_resync = True
+        self.cursor.pending.clear()
+
+    async def _digests_wanted(self, event: DigestRequest) -> None:
+        """The primary asks for block digests; a seeding replica has none worth sending yet."""
+        if (self.site in event.replica_sites and not self.cursor.seeding
+                and not self.cursor.pending and self.on_digests_wanted is not None):
+            await self.on_digests_wanted(event)
 
     def _prepared(self, event: FailoverPrepared, offset: int) -> None:
         """The primary shipped its final cycle: check this replica holds exactly that cycle."""
@@ -204,6 +230,11 @@ class Materializer:
         cursor.epoch = event.epoch
         cursor.pending.clear()
         await self.catalog.set_epoch(self.vm, event.epoch)
+        if self.site in event.resync_sites:  # the epoch's first cycle repairs this replica
+            cursor.resyncing = True
+            await self.catalog.set_state(self.vm, ReplicationState.RESYNCHRONIZING,
+                                         f"receiving the blocks that differ, from epoch "
+                                         f"{event.epoch}")
 
     async def _seed(self, chunk: SeedChunk, offset: int) -> bool:
         """Write a seed chunk straight into the image (no points exist yet, so no undo)."""
@@ -224,14 +255,12 @@ class Materializer:
             raise JournalViolation(self.vm, offset, f"seed chunk of {chunk.length} bytes at "
                                    f"{chunk.offset} does not fit disk {chunk.disk!r}",
                                    ReplicationState.ERROR)
-        data = chunk.payload
         try:
-            if chunk.compression is Compression.ZSTD:
-                data = self._decompressor.decompress(data, max_output_size=chunk.length)
-        except zstandard.ZstdError as error:
+            data = self._payloads.unpack(chunk.compression, chunk.payload, chunk.length)
+        except CorruptEventError as error:
             raise JournalViolation(self.vm, offset, f"seed chunk does not decompress: {error}",
                                    ReplicationState.ERROR) from error
-        if len(data) != chunk.length or zlib.crc32(data) != chunk.crc32:
+        if not verify(data, chunk.crc32, chunk.length):
             raise JournalViolation(self.vm, offset, f"seed chunk at {chunk.offset} of disk "
                                    f"{chunk.disk!r} fails its checksum")
         target.write(chunk.offset, data)
@@ -252,7 +281,7 @@ class Materializer:
         sizes = {name: image.size for name, image in self.images.items()}
         check_commit(self.vm, record.offset, commit, cursor.pending, cursor.epoch,  # step 1
                      cursor.cycle + 1, cursor.cycle_hash)
-        extents = decode_cycle(self.vm, record.offset, cursor.pending, sizes)
+        extents = decode_cycle(self.vm, record.offset, cursor.pending, sizes, self._payloads)
         writer = UndoWriter(self.undo.folder, commit.cycle)  # step 2
         for extent in extents:
             image = self.images[extent.disk]
@@ -277,15 +306,24 @@ class Materializer:
                                             size_bytes=commit.payload_bytes)
         if cursor.resyncing:
             cursor.resyncing = False
-            await self.catalog.set_failover_point(self.vm, None)
-            await self.catalog.set_state(self.vm, ReplicationState.REPLICATING,
-                                         f"resynchronized at cycle {commit.cycle}")
+            await self._resynchronized(commit.cycle)
         cursor.cycle, cursor.cycle_hash = commit.cycle, commit.cycle_hash
         cursor.next_offset = record.offset + 1
         cursor.pending = []
         await self._prune()  # step 6
         if self.on_applied is not None:
             await self.on_applied(commit, record.offset)
+
+    async def _resynchronized(self, cycle: int) -> None:
+        """The resynchronizing ``cycle`` is applied: the images equal the primary's again.
+
+        Points before it hold the diverged blocks, so none of them is a state the primary was
+        ever in: they go (as Hyper-V deletes them too).
+        """
+        await self.catalog.keep_points(self.vm, [cycle])
+        await self.catalog.set_failover_point(self.vm, None)
+        await self.catalog.set_state(self.vm, ReplicationState.REPLICATING,
+                                     f"resynchronized at cycle {cycle}")
 
     async def _prune(self) -> None:
         kept = select_points(await self.catalog.points(self.vm), self.policy, now_ms())

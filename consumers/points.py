@@ -7,33 +7,29 @@ whole logical disk. Other formats than raw go through ``qemu-img convert``.
 
 from __future__ import annotations
 
-import fcntl
 import shutil
 import subprocess
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Final, Literal
 
-from vmreplica.consumers.undo import UndoLog, materialize_point
+from vmreplica.consumers.overlay import materialize_point
+from vmreplica.consumers.undo import UndoLog
 from vmreplica.domain.model import Consistency, RecoveryPoint
 from vmreplica.errors import ConfigurationError, PrerequisiteMissingError
 from vmreplica.storage.image import DiskImage
+from vmreplica.storage.safefile import exclusive_lock
 
 ExportFormat = Literal["raw", "qcow2", "vhdx", "vpc"]
 FORMATS: Final = ("raw", "qcow2", "vhdx", "vpc")
+APPLY_LOCK_NAME: Final = ".apply.lock"
+"""In the VM's folder: the file whose lock the materialiser and point exports share."""
 
 
-@contextmanager
-def apply_lock(folder: Path) -> Iterator[None]:
+def apply_lock(folder: Path) -> AbstractContextManager[None]:
     """Held while a cycle is applied or a point exported, so an export sees one instant."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / ".apply.lock").open("a") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    return exclusive_lock(folder / APPLY_LOCK_NAME)
 
 
 def choose_point(points: list[RecoveryPoint], wanted: str) -> RecoveryPoint:

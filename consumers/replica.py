@@ -4,12 +4,25 @@
 reads committed records, applies them, and reports its position on the VM's status topic. A
 journal violation stops this VM only — its state says why — and the agent carries on with the
 others.
+
+Resynchronization, the replica's part (the primary's is ``vmreplica/failover/resync.py``):
+
+- asked by a DigestRequest in the journal, it publishes its position and a DigestMap of every
+  disk on the status topic, as of the last cycle it applied, and goes on applying;
+- a violation that calls for a resynchronization (a gap, a broken chain, a checksum) publishes a
+  ResyncRequest saying why, then its position and digests, and from then on skips the journal
+  until an epoch names this site in ``resync_sites``: that epoch's first cycle, applied like any
+  other (undo log, all-or-nothing), makes the images equal to the primary's again. While it
+  waits, it says so again every :data:`RESYNC_REMINDER_SECONDS` (its position, in state
+  "resynchronization required"), which is how a primary's agent restarted meanwhile learns it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from vmreplica.consumers.materializer import Materializer
@@ -21,14 +34,23 @@ from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import BrokerError, JournalViolation
 from vmreplica.journal.kafka import JournalReader, KafkaConnection, StatusPublisher
 from vmreplica.schemas.codec import encode
-from vmreplica.schemas.events import CycleCommit, ReplicaPosition
+from vmreplica.schemas.events import (
+    CycleCommit,
+    DigestMap,
+    DigestRequest,
+    ReplicaPosition,
+    ResyncRequest,
+)
 from vmreplica.storage.catalog import Catalog
+from vmreplica.storage.digests import digest_block_bytes, image_digests
 from vmreplica.storage.image import DiskImage
 
 log = logging.getLogger(__name__)
 
 FETCH_SECONDS = 0.5
 """How long one fetch waits for new records: bounds the reaction time to a stop request."""
+RESYNC_REMINDER_SECONDS = 60.0
+"""How often a replica waiting for a resynchronization publishes its position again."""
 
 
 def retention_policy(record: VmRecord) -> RetentionPolicy:
@@ -45,6 +67,15 @@ def retention_policy(record: VmRecord) -> RetentionPolicy:
 
 def image_path(folder: Path, disk: str) -> Path:
     return folder / "disks" / f"{disk}.img"
+
+
+def digest_maps(vm: str, epoch: int, site: str, cycle: int,
+                disks: Sequence[tuple[str, Path, int]]) -> list[DigestMap]:
+    """A DigestMap of every disk (name, image, size) as its image holds it now, said to be as of
+    ``cycle``. Reads every allocated block (holes cost nothing): run it off the event loop."""
+    return [DigestMap(vm, epoch, site, name, cycle, digest_block_bytes(size),
+                      image_digests(path, digest_block_bytes(size)))
+            for name, path, size in disks]
 
 
 class ReplicaVm:
@@ -66,9 +97,13 @@ class ReplicaVm:
             self.images[disk.name] = (DiskImage.open(path) if path.exists()
                                       else DiskImage.create(path, disk.size_bytes))
         self.materializer = Materializer(record.name, self.images, folder / "undo", catalog,
-                                         retention_policy(record), self._report, site)
+                                         retention_policy(record), self._report, site,
+                                         self._digests_wanted)
         self.reader = JournalReader(connection, journal_topic)
         self.violation: JournalViolation | None = None
+        self.apply_seconds = 0.0
+        """Time spent applying fetched records so far (the agent's apply-time metric)."""
+        self._next_reminder = 0.0
 
     @property
     def name(self) -> str:
@@ -90,6 +125,14 @@ class ReplicaVm:
     async def __aexit__(self, *_: object) -> None:
         await self.stop()
 
+    @property
+    def stopped(self) -> bool:
+        """A violation stopped this VM for good (operator attention). One that calls for a
+        resynchronization does not: the replica goes on reading, waiting for it."""
+        return self.violation is not None and (
+            self.violation.state is not ReplicationState.RESYNCHRONIZATION_REQUIRED
+            or not self.materializer.cursor.awaiting_resync)
+
     async def _report(self, commit: CycleCommit, offset: int) -> None:
         if self.status is None:
             return
@@ -101,20 +144,105 @@ class ReplicaVm:
         except BrokerError as error:
             log.warning("VM %s: could not report position: %s", self.name, error)
 
+    async def _digests_wanted(self, request: DigestRequest) -> None:
+        """The primary asked for block digests (the materialiser is at a cycle boundary)."""
+        log.info("VM %s: %s asks for block digests (%s)", self.name, request.site,
+                 request.reason)
+        try:
+            await self.publish_digests((await self.catalog.vm(self.name)).state)
+        except BrokerError as error:  # the primary asks again while it waits
+            log.warning("VM %s: could not publish block digests: %s", self.name, error)
+
+    async def publish_digests(self, state: ReplicationState) -> int:
+        """Publish this replica's position and a DigestMap of every disk, as of the last cycle
+        it applied, on the status topic; returns that cycle.
+
+        The position (its ``offset`` is the applied cycle's commit) tells the primary where in
+        the journal the cycles after the digests start. :raises BrokerError: not published.
+        """
+        cursor = self.materializer.cursor
+        disks = [(name, image.path, image.size) for name, image in self.images.items()]
+        maps = await asyncio.to_thread(digest_maps, self.name, cursor.epoch, self.site,
+                                       cursor.cycle, disks)
+        if self.status is None:
+            return cursor.cycle
+        records: list[ReplicaPosition | DigestMap] = [await self._position(state), *maps]
+        for event in records:
+            await self.status.publish(self.status_topic, self.name.encode(), encode(event))
+        log.info("VM %s: block digests of cycle %d published for a resynchronization",
+                 self.name, cursor.cycle)
+        return cursor.cycle
+
+    async def _position(self, state: ReplicationState) -> ReplicaPosition:
+        """This replica's applied position (``offset``: its cycle's commit), in ``state``."""
+        cursor = self.materializer.cursor
+        position = await self.catalog.position(self.name)
+        health = "critical" if state is ReplicationState.RESYNCHRONIZATION_REQUIRED else "normal"
+        return ReplicaPosition(self.name, cursor.epoch, self.site, cursor.cycle,
+                               position.next_offset - 1 if position is not None else -1,
+                               state.value, health, position.at_ms if position else 0, now_ms())
+
+    async def _remind(self) -> None:
+        """Waiting for a resynchronization that a violation asked for: say so again."""
+        loop = asyncio.get_running_loop()
+        if self.status is None or loop.time() < self._next_reminder:
+            return
+        self._next_reminder = loop.time() + RESYNC_REMINDER_SECONDS
+        record = await self.catalog.vm(self.name)
+        if (record.state is not ReplicationState.RESYNCHRONIZATION_REQUIRED
+                or await self.catalog.failover_point(self.name) is not None):
+            return  # a returning old primary waits for a reverse, not a resync
+        try:
+            position = await self._position(ReplicationState.RESYNCHRONIZATION_REQUIRED)
+            await self.status.publish(self.status_topic, self.name.encode(), encode(position))
+        except BrokerError as error:
+            log.warning("VM %s: could not report position: %s", self.name, error)
+
+    async def _resync_required(self, violation: JournalViolation) -> None:
+        """Say why on the status topic, send the digests, and wait for the resynchronization.
+
+        Reading goes back to the last applied cycle: records fetched after the violating one
+        are read again, skipped until the epoch that resynchronizes this site.
+        """
+        self.materializer.await_resync()
+        self.reader.seek(self.materializer.cursor.next_offset)
+        self._next_reminder = asyncio.get_running_loop().time() + RESYNC_REMINDER_SECONDS
+        if self.status is None:
+            return
+        request = ResyncRequest(self.name, self.materializer.cursor.epoch, self.site,
+                                str(violation), None, (), now_ms())
+        try:
+            await self.status.publish(self.status_topic, self.name.encode(), encode(request))
+            await self.publish_digests(ReplicationState.RESYNCHRONIZATION_REQUIRED)
+        except BrokerError as error:  # the primary's resync asks again
+            log.warning("VM %s: could not ask for a resynchronization: %s", self.name, error)
+
     async def step(self, timeout_seconds: float = FETCH_SECONDS) -> int:
         """Fetch and apply once; return how many records were read (0 when none or stopped)."""
-        if self.violation is not None:
+        if self.stopped:
             return 0
+        if self.materializer.cursor.awaiting_resync:
+            await self._remind()
         records = await self.reader.fetch(timeout_seconds)
         if not records:
             return 0
+        started = time.monotonic()
         try:
             with apply_lock(self.folder):
-                await self.materializer.apply_records(records)
+                try:
+                    await self.materializer.apply_records(records)
+                finally:
+                    self.apply_seconds += time.monotonic() - started
         except JournalViolation as violation:
             self.violation = violation
             await self.catalog.set_state(self.name, violation.state, str(violation))
             log.error("%s", violation)
+            if (violation.state is ReplicationState.RESYNCHRONIZATION_REQUIRED
+                    and not self.materializer.cursor.seeding):  # half a seed has no digests
+                await self._resync_required(violation)
+        else:
+            if self.violation is not None and not self.materializer.cursor.awaiting_resync:
+                self.violation = None  # the resynchronizing epoch was adopted
         return len(records)
 
     async def catch_up(self, timeout_seconds: float = 30.0) -> int:
@@ -127,7 +255,7 @@ class ReplicaVm:
         end = await self.reader.end_offset()
         # Transaction markers take offsets but are never returned as records, so progress is
         # the reader's position, not the last applied record's offset.
-        while await self.reader.position() < end and self.violation is None:
+        while await self.reader.position() < end and not self.stopped:
             if loop.time() > deadline:
                 raise TimeoutError(f"VM {self.name!r}: replica did not reach journal offset "
                                    f"{end} within {timeout_seconds} s")
@@ -136,5 +264,5 @@ class ReplicaVm:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Apply records until ``stopping`` is set or a violation stops this VM."""
-        while not stopping.is_set() and self.violation is None:
+        while not stopping.is_set() and not self.stopped:
             await self.step()

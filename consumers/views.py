@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from vmreplica.consumers.undo import Overlay, UndoLog
+from vmreplica.consumers.overlay import Overlay
+from vmreplica.consumers.undo import UndoLog
 from vmreplica.domain.intervals import IntervalSet
 from vmreplica.storage.image import DiskImage
 

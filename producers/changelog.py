@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Final
 
 from vmreplica.errors import ChangeLogCorrupt
-from vmreplica.storage.image import fsync_directory
+from vmreplica.storage.safefile import create_for_append, fsync_directory
 
 MAGIC: Final = b"VMRHRL1\n"
 _HEADER = struct.Struct("<8s16sQ")
@@ -193,14 +193,9 @@ class ChangeLog:
         The header is written under a temporary name, so a crash never leaves a segment file
         without its header (which ``open`` would have to refuse).
         """
-        path = _segment_path(self.folder, cycle)
-        temporary = path.with_suffix(".new")
         header = _HEADER.pack(MAGIC, self.chain_id, cycle)
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
-        os.write(fd, header + _HEADER_CRC.pack(zlib.crc32(header)))
-        os.fsync(fd)
-        os.replace(temporary, path)
-        fsync_directory(self.folder)
+        fd = create_for_append(_segment_path(self.folder, cycle),
+                               (header, _HEADER_CRC.pack(zlib.crc32(header))))
         if self._fd >= 0:
             os.close(self._fd)
         self._fd = fd

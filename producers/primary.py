@@ -8,8 +8,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from dataclasses import replace
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
@@ -28,8 +28,22 @@ from vmreplica.storage.catalog import Catalog
 from vmreplica.storage.image import sha256_of
 
 RESEND_RECORD_BYTES: Final = 4 * 1024 * 1024
-"""Content resent by :meth:`PrimaryVm.log_current_content` goes into change-log records of at
+"""Content resent by :meth:`PrimaryVm.append_current_content` goes into change-log records of at
 most this size, the size of one write batch's payload."""
+
+RangesToResend = Callable[[], Awaitable[Mapping[str, IntervalSet]]]
+"""Asked, with no cycle being cut meanwhile, which byte ranges of which disks to resend."""
+
+
+@dataclass(frozen=True)
+class Resent:
+    """What :meth:`PrimaryVm.resend_in_new_epoch` did."""
+
+    start: EpochStart
+    shipped: list[ShippedCycle]
+    """Every cycle shipped meanwhile; the last is the epoch's first, holding the content."""
+    resent_bytes: int
+    """Bytes of current content appended to that cycle."""
 
 
 class PrimaryVm:
@@ -68,7 +82,10 @@ class PrimaryVm:
         position = await self.catalog.position(self.name)
         if position is not None:
             newer = await self._newer_epoch(position.next_offset)
-            if newer is not None:
+            if newer is not None and newer[0].primary_site == self.site:
+                # This site published it (a resync, a reverse) and stopped before recording it.
+                await self._adopt_epoch(newer[0].epoch)
+            elif newer is not None:
                 self.capture.fenced_reason = f"site {newer[0].primary_site} is primary now"
                 raise SupersededError(self.name, *newer)
         await self.publisher.start()
@@ -153,9 +170,51 @@ class PrimaryVm:
     async def start_epoch(self, start: EpochStart) -> None:
         """Publish ``start`` and number every later cycle in its epoch (catalog included)."""
         await self.publish(start)
-        await self.catalog.set_epoch(self.name, start.epoch)
-        self.shipper.builder.epoch = start.epoch
-        self.record = replace(self.record, epoch=start.epoch)
+        await self._adopt_epoch(start.epoch)
+
+    async def _adopt_epoch(self, epoch: int) -> None:
+        await self.catalog.set_epoch(self.name, epoch)
+        self.shipper.builder.epoch = epoch
+        self.record = replace(self.record, epoch=epoch)
+
+    async def resend_in_new_epoch(self, resync_sites: Sequence[str], reason: str,
+                                  ranges: RangesToResend) -> Resent:
+        """Ship the current content of some ranges as the first cycle of a new epoch that
+        names ``resync_sites``: how a replica is resynchronized (and a reverse sent).
+
+        The VM goes on writing meanwhile. Steps, with no other cycle cut or shipped between
+        them (the cycle lock is held):
+
+        1. ship the cycles already sealed, so the new epoch's first cycle is the open one;
+        2. ask ``ranges`` what to resend (it may read the journal, which now holds step 1);
+        3. append those ranges' current content to the open cycle, durably;
+        4. publish the EpochStart, naming ``resync_sites``, for the open cycle;
+        5. cut and ship it.
+
+        A crash before 3 completes leaves at most some content in the change log, shipped as
+        an ordinary cycle later; after 3, the content is in the cycle that step 5 ships, or
+        (a crash between 4 and 5) that the next start ships, having adopted the epoch.
+
+        :raises FencedError: a newer primary exists; this site no longer accepts writes.
+        """
+        async with self._lock:
+            try:
+                shipped = await self.shipper.ship_sealed()  # step 1
+                wanted = await ranges()  # step 2
+                resent = await self.append_current_content(wanted)  # step 3
+                position = await self.shipper.position()
+                start = EpochStart(self.name, self.record.epoch + 1, self.record.epoch,
+                                   self.site, position.cycle + 1, reason, now_ms(),
+                                   position.cycle_hash, tuple(resync_sites))
+                await self.start_epoch(start)  # step 4
+                self.capture.cut()  # step 5
+                shipped += await self.shipper.ship_sealed()
+            except FencedError:
+                self.capture.fenced_reason = (
+                    f"VM {self.name!r} has a newer primary; this site no longer accepts writes "
+                    "for it. Operator action: `vmreplica reverse` on the new primary.")
+                raise
+        return Resent(start, shipped, resent)
 
     def disk_digests(self) -> tuple[DiskDigest, ...]:
         """The SHA-256 of every disk's whole content, holes read as zeros."""
@@ -172,13 +231,16 @@ class PrimaryVm:
                 allocated.add(offset, offset + length)
         return ranges
 
-    def log_current_content(self, ranges: Mapping[str, IntervalSet]) -> int:
+    async def append_current_content(self, ranges: Mapping[str, IntervalSet]) -> int:
         """Append what the images hold now in ``ranges`` to the open cycle, durably.
 
-        The next cut ships those bytes as if the VM had just written them: how reverse
-        replication resends what diverged. Holes are logged as ZERO records, never read, so a
-        range over unallocated space (a full copy of a sparse disk) costs next to nothing.
-        Returns the bytes of data appended.
+        The next cut ships those bytes as if the VM had just written them. The VM may write
+        meanwhile: each chunk is read and appended in one step that no write of the VM (on the
+        event loop) or of a capture thread (holding the log lock) comes between, so the log
+        orders it exactly among the VM's writes, and the replica ends with what the VM wrote
+        last. Between chunks the VM's I/O goes on. A hole is appended as one ZERO record,
+        never read, so a range over unallocated space (a full copy of a sparse disk) costs
+        next to nothing. Returns the bytes of data appended.
         """
         capture = self.capture
         appended = 0
@@ -187,16 +249,21 @@ class PrimaryVm:
             image = capture.images[index]
             for low, end in zip(disk_ranges.starts, disk_ranges.ends, strict=True):
                 high = min(end, image.size)
-                if low >= high:
-                    continue
                 position = low
-                for start, length in [*image.allocated_extents(low, high - low), (high, 0)]:
-                    if start > position:
-                        capture.log.zero(index, position, start - position)
-                    for chunk in range(start, start + length, RESEND_RECORD_BYTES):
-                        stop = min(start + length, chunk + RESEND_RECORD_BYTES)
-                        capture.log.write(index, chunk, image.read(chunk, stop - chunk))
-                        appended += stop - chunk
-                    position = max(position, start + length)
-        capture.flush_sync()
+                while position < high:
+                    with capture.log_lock:  # the image as it is, logged in one step
+                        start, length = next(iter(image.allocated_extents(
+                            position, high - position)), (high, 0))
+                        if start > position:  # a hole: zeros, never read
+                            capture.log.zero(index, position, start - position)
+                            position = start
+                        else:
+                            stop = min(start + length, position + RESEND_RECORD_BYTES)
+                            data = image.read(position, stop - position)
+                            capture.log.write(index, position, data)
+                            appended += len(data)
+                            position = stop
+                    await asyncio.sleep(0)
+        capture.mark_unsynced()
+        await capture.flush()
         return appended

@@ -44,7 +44,8 @@ from vmreplica.errors import ChangeLogCorrupt, ScanStopped
 from vmreplica.producers.capture import CapturedVm
 from vmreplica.producers.changelog import SEGMENT_SUFFIX, read_segment
 from vmreplica.storage.digests import DIGEST_BYTES, block_digest, data_block_ranges, zero_digest
-from vmreplica.storage.image import DiskImage, replace_atomically
+from vmreplica.storage.image import DiskImage
+from vmreplica.storage.safefile import replace_atomically
 
 log = logging.getLogger(__name__)
 

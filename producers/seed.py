@@ -11,17 +11,16 @@
 Writes the VM makes meanwhile keep going to the change log and ship as ordinary cycles after the
 seed: every region they touch is then overwritten with its newest content, so the replica is
 exact at the first cycle boundary after the seed.
+
+Step 3 and the ``done`` chunk are :class:`Seeder`, which also seeds an extended-replication hop.
 """
 
 from __future__ import annotations
 
 import uuid
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
-
-import zstandard
 
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import Position
@@ -36,15 +35,19 @@ from vmreplica.schemas.events import (
     SeedChunk,
     VmConfig,
 )
+from vmreplica.schemas.payload import PayloadPacker, checksum
 from vmreplica.storage.catalog import Catalog
-from vmreplica.storage.image import nonzero_chunks
+from vmreplica.storage.image import DiskImage, nonzero_chunks
 
 SEED_CHUNK_BYTES: Final = 4 * 1024 * 1024
+"""Uncompressed data per SeedChunk: aligned pieces of the allocated, non-zero parts of a disk."""
 SEED_TRANSACTION_BYTES: Final = 64 * 1024 * 1024
 """Progress is recorded per transaction: at most this much is re-sent after an interruption."""
 
 Progress = Callable[[int, int], None]
 """Called with (bytes examined, bytes to examine) as the seed advances."""
+Committed = Callable[[int], Awaitable[None]]
+"""Called after each transaction of a disk with the offset the disk's seed reached."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,68 @@ class SeedResult:
     bytes_sent: int
     chunks: int
     first_cycle: int
+
+
+class Seeder:
+    """Sends disk images through a journal as SeedChunk records: the one seeder.
+
+    The initial replication of a primary VM (:class:`InitialReplication`) and the first copy of
+    an extended-replication hop (:mod:`vmreplica.runtime.extension`) both seed with it. Chunks
+    are :data:`SEED_CHUNK_BYTES` pieces of the allocated, non-zero parts of a disk (holes and
+    zero blocks are never sent; the replica's image starts as holes), packed as the shipper packs
+    its batches (:mod:`vmreplica.schemas.payload`) and published several MiB per transaction.
+    """
+
+    def __init__(self, publisher: JournalPublisher, topic: str, vm: str, epoch: int,
+                 seed_id: str) -> None:
+        self.publisher = publisher
+        self.topic = topic
+        self.vm = vm
+        self.epoch = epoch
+        self.seed_id = seed_id
+        self.bytes_sent = 0
+        """Payload bytes published so far (after compression)."""
+        self.chunks = 0
+        self._key = vm.encode()
+        self._packer = PayloadPacker()
+
+    async def send_disk(self, disk: str, image: DiskImage, start: int = 0, *,
+                        committed: Committed | None = None,
+                        progress: Callable[[int], None] | None = None) -> None:
+        """Send ``image`` from offset ``start`` as the chunks of ``disk``.
+
+        ``committed`` is awaited after every transaction but the disk's last with the offset it
+        reached (where an interrupted seed may resume); ``progress`` is called after every chunk
+        with the offset examined so far.
+        """
+        pending: list[bytes] = []
+        pending_bytes = 0
+        for offset, data in nonzero_chunks(image, start, SEED_CHUNK_BYTES):
+            compression, packed = self._packer.pack(data)
+            pending.append(encode(SeedChunk(
+                self.vm, self.epoch, disk, offset, len(data), compression, packed,
+                checksum(data), self.seed_id, False)))
+            pending_bytes += len(packed)
+            self.chunks += 1
+            reached = offset + len(data)
+            if pending_bytes >= SEED_TRANSACTION_BYTES:
+                await self.publisher.publish(self.topic, self._key, pending)
+                if committed is not None:
+                    await committed(reached)
+                self.bytes_sent += pending_bytes
+                pending, pending_bytes = [], 0
+            if progress is not None:
+                progress(reached)
+        if pending:
+            await self.publisher.publish(self.topic, self._key, pending)
+            self.bytes_sent += pending_bytes
+
+    async def finish(self) -> int:
+        """Publish the ``done`` chunk that ends the seed; return its journal offset."""
+        final = SeedChunk(self.vm, self.epoch, "", 0, 0, Compression.NONE, b"", 0, self.seed_id,
+                          True)
+        offsets = await self.publisher.publish(self.topic, self._key, [encode(final)])
+        return offsets[-1]
 
 
 class InitialReplication:
@@ -66,10 +131,6 @@ class InitialReplication:
         self.catalog = catalog
         self.config = config
         self.primary_site = primary_site
-        self._compressor = zstandard.ZstdCompressor(level=1)
-
-    def _chunks(self, disk: int, start: int) -> Iterator[tuple[int, bytes]]:
-        return nonzero_chunks(self.vm.images[disk], start, SEED_CHUNK_BYTES)
 
     async def run(self, progress: Progress | None = None) -> SeedResult:
         vm = self.vm
@@ -88,44 +149,28 @@ class InitialReplication:
             await self.catalog.set_seed_progress(vm.name, "", first_cycle)
             done = await self.catalog.seed_progress(vm.name)
         first_cycle = done.pop("")
-        seed_id = f"{vm.name}-{first_cycle}-{uuid.uuid4().hex[:8]}"
+        seeder = Seeder(self.publisher, self.topic, vm.name, epoch,
+                        f"{vm.name}-{first_cycle}-{uuid.uuid4().hex[:8]}")
         total = sum(image.size for image in vm.images)
         examined = sum(done.values())
-        sent = chunks = 0
         for index, name in enumerate(vm.disk_names):  # step 3
-            pending: list[bytes] = []
-            pending_bytes = 0
-            last_offset = done.get(name, 0)
-            for offset, data in self._chunks(index, done.get(name, 0)):
-                packed = self._compressor.compress(data)
-                compression = Compression.ZSTD
-                if len(packed) >= len(data):
-                    packed, compression = data, Compression.NONE
-                pending.append(encode(SeedChunk(
-                    vm.name, epoch, name, offset, len(data), compression, packed,
-                    zlib.crc32(data), seed_id, False)))
-                pending_bytes += len(packed)
-                chunks += 1
-                last_offset = offset + len(data)
-                if pending_bytes >= SEED_TRANSACTION_BYTES:
-                    await self.publisher.publish(self.topic, key, pending)
-                    await self.catalog.set_seed_progress(vm.name, name, last_offset)
-                    sent += pending_bytes
-                    pending, pending_bytes = [], 0
+            async def committed(reached: int, name: str = name) -> None:
+                await self.catalog.set_seed_progress(vm.name, name, reached)
+
+            def advanced(reached: int, examined: int = examined) -> None:
                 if progress is not None:
-                    progress(examined + last_offset, total)
-            if pending:
-                await self.publisher.publish(self.topic, key, pending)
-                sent += pending_bytes
+                    progress(examined + reached, total)
+
+            await seeder.send_disk(name, vm.images[index], done.get(name, 0),
+                                   committed=committed, progress=advanced)
             await self.catalog.set_seed_progress(vm.name, name, vm.images[index].size)
             examined += vm.images[index].size - done.get(name, 0)
             if progress is not None:
                 progress(examined, total)
-        final = SeedChunk(vm.name, epoch, "", 0, 0, Compression.NONE, b"", 0, seed_id, True)
-        offsets = await self.publisher.publish(self.topic, key, [encode(final)])  # step 4
+        final_offset = await seeder.finish()  # step 4
         await self.catalog.advance_position(vm.name, Position(
-            epoch, first_cycle - 1, GENESIS_HASH, offsets[-1] + 1, now_ms()))
-        return SeedResult(total, sent, chunks, first_cycle)
+            epoch, first_cycle - 1, GENESIS_HASH, final_offset + 1, now_ms()))
+        return SeedResult(total, seeder.bytes_sent, seeder.chunks, first_cycle)
 
 
 def disk_sizes(vm: CapturedVm) -> tuple[DiskSize, ...]:

@@ -6,7 +6,7 @@ For each sealed cycle, in order:
    writes into ZERO extents;
 2. pack many extents per WriteBatch record, payloads compressed with zstd (a payload whose
    samples do not compress, such as encrypted or media data, is sent raw without compressing it
-   whole), records kept below the broker's size limit;
+   whole: :mod:`vmreplica.schemas.payload`), records kept below the broker's size limit;
 3. publish the batches and their CycleCommit (hash-chained to the previous cycle) as one
    transaction;
 4. record the shipped position in the catalog;
@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
-
-import zstandard
 
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import Position
@@ -37,7 +34,6 @@ from vmreplica.producers.coalesce import Change, Piece, coalesce, merge_adjacent
 from vmreplica.schemas.chain import cycle_hash
 from vmreplica.schemas.codec import decode_journal, encode
 from vmreplica.schemas.events import (
-    Compression,
     Consistency,
     CycleCommit,
     DiskSize,
@@ -45,22 +41,14 @@ from vmreplica.schemas.events import (
     ExtentKind,
     WriteBatch,
 )
+from vmreplica.schemas.payload import PayloadPacker, checksum
 from vmreplica.storage.catalog import Catalog
+from vmreplica.storage.image import is_zero
 
 BATCH_PAYLOAD_BYTES: Final = 4 * 1024 * 1024
 """Uncompressed payload per WriteBatch: well under the 8 MiB record limit even if incompressible."""
 BATCH_MAX_EXTENTS: Final = 8192
 """Bounds a record's metadata when a cycle is thousands of tiny scattered writes."""
-ZSTD_LEVEL: Final = 1
-"""Level 1 compresses disk blocks at hundreds of MB/s per core; higher levels cost throughput."""
-INCOMPRESSIBLE_RATIO: Final = 0.95
-"""Payloads that shrink less than this are sent raw: the replica then skips decompression."""
-SAMPLE_BYTES: Final = 4096
-SAMPLE_COUNT: Final = 8
-"""A payload is first judged by compressing this many samples of this size, spread over it."""
-SAMPLE_MIN_PAYLOAD_BYTES: Final = 4 * SAMPLE_BYTES * SAMPLE_COUNT
-"""Smaller payloads are simply compressed: sampling would save little."""
-_ZEROS: Final = bytes(BATCH_PAYLOAD_BYTES)
 
 _KIND: Final = {RecordKind.WRITE: ExtentKind.DATA, RecordKind.ZERO: ExtentKind.ZERO,
                 RecordKind.TRIM: ExtentKind.TRIM}
@@ -92,38 +80,6 @@ def _pieces(segment: Segment) -> list[Piece[LogRecord]]:
     return coalesce(changes)
 
 
-def _all_zero(data: bytes) -> bool:
-    """True when every byte of ``data`` (1 to BATCH_PAYLOAD_BYTES bytes) is zero.
-
-    Disk data that is not zero almost always fails on the first or last byte, without a scan;
-    the rest is one ``memcmp``.
-    """
-    return not data[0] and not data[-1] and data == _ZEROS[: len(data)]
-
-
-def _looks_incompressible(payload: bytes, compressor: zstandard.ZstdCompressor) -> bool:
-    """Judge a payload by compressing a few spread-out samples of it (a few percent of the work).
-
-    Encrypted, already-compressed and media data shrink by nothing, and compressing all of it
-    only to send it raw would cost the shipper most of its time.
-    """
-    if len(payload) < SAMPLE_MIN_PAYLOAD_BYTES:
-        return False
-    step = len(payload) // SAMPLE_COUNT
-    sample = b"".join(payload[i * step : i * step + SAMPLE_BYTES] for i in range(SAMPLE_COUNT))
-    return len(compressor.compress(sample)) > INCOMPRESSIBLE_RATIO * len(sample)
-
-
-def _compress(payload: bytes, compressor: zstandard.ZstdCompressor | None,
-              ) -> tuple[Compression, bytes]:
-    if compressor is None or not payload or _looks_incompressible(payload, compressor):
-        return Compression.NONE, payload
-    packed: bytes = compressor.compress(payload)
-    if len(packed) > INCOMPRESSIBLE_RATIO * len(payload):
-        return Compression.NONE, payload
-    return Compression.ZSTD, packed
-
-
 class CycleBuilder:
     """Builds the records of one cycle from a sealed segment (pure apart from reading it)."""
 
@@ -131,7 +87,7 @@ class CycleBuilder:
         self.vm = vm
         self.epoch = epoch
         self.disks = tuple(disks)
-        self._compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL) if compress else None
+        self._packer = PayloadPacker(compress)
 
     def extents_and_payloads(self, segment: Segment) -> Iterator[tuple[list[Extent], bytes]]:
         """Groups of extents with their uncompressed payload, each group one WriteBatch."""
@@ -152,12 +108,12 @@ class CycleBuilder:
                         if len(data) != take:
                             raise JournalIntegrityError(
                                 f"change-log segment {segment.path} ends inside a write record")
-                        if _all_zero(data):
+                        if is_zero(data):
                             extents.append(Extent(name, piece.offset + done, take,
                                                   ExtentKind.ZERO, 0, 0))
                         else:
                             extents.append(Extent(name, piece.offset + done, take,
-                                                  ExtentKind.DATA, size, zlib.crc32(data)))
+                                                  ExtentKind.DATA, size, checksum(data)))
                             parts.append(data)
                             size += take
                         done += take
@@ -182,7 +138,7 @@ class CycleBuilder:
         all_extents = tally.extents
         batches = payload_bytes = 0
         for extents, payload in self.extents_and_payloads(segment):
-            compression, packed = _compress(payload, self._compressor)
+            compression, packed = self._packer.pack(payload)
             record = encode(WriteBatch(self.vm, self.epoch, segment.cycle, batches,
                                        tuple(extents), compression, packed))
             batches += 1

@@ -182,6 +182,22 @@ class FailoverPrepared:
 
 
 @dataclass(frozen=True, slots=True)
+class DigestRequest:
+    """The primary asks replica sites for block digests of their disks (a resynchronization).
+
+    Each site in ``replica_sites`` answers on the status topic with a :class:`DigestMap` of every
+    disk as of the last cycle it applied before this record.
+    """
+
+    vm: str
+    epoch: int
+    site: str
+    replica_sites: tuple[str, ...]
+    reason: str
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class VmConfig:
     """Replication settings of a VM."""
 
@@ -281,6 +297,7 @@ JournalEvent: TypeAlias = (
     | SeedChunk
     | EpochStart
     | FailoverPrepared
+    | DigestRequest
     | VmConfig
     | DiskResize
     | Heartbeat
@@ -299,6 +316,7 @@ JOURNAL_EVENT_TYPES: Final[tuple[type[JournalEvent], ...]] = (
     SeedChunk,
     EpochStart,
     FailoverPrepared,
+    DigestRequest,
     VmConfig,
     DiskResize,
     Heartbeat,

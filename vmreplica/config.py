@@ -7,6 +7,7 @@ environment variables, the environment winning. A mistake is reported as one
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import tomllib
@@ -37,7 +38,12 @@ class SiteConfig(BaseSettings):
     replication_factor: int = Field(default=1, ge=1, le=5)
     allowed_primaries: tuple[str, ...] = Field(
         default=("*",), description="Sites this replica accepts VMs from ('*': any).")
-    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Serve Prometheus metrics on /metrics at this "
+        "port (0: any free port; default: no metrics).")
+    metrics_address: str = Field(
+        default="127.0.0.1", description="Address the metrics listen on: 0.0.0.0 (or ::) lets "
+        "a Prometheus server on another host scrape them.")
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     nbd_socket_dir: Path | None = Field(
         default=None, description="Folder of the agent's NBD sockets, <dir>/<vm>.sock "
@@ -80,6 +86,15 @@ class SiteConfig(BaseSettings):
                              "exports carry no authentication and must stay on this machine")
         return value
 
+    @field_validator("metrics_address")
+    @classmethod
+    def _ip_address(cls, value: str) -> str:
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address (127.0.0.1, 0.0.0.0, ::1, ::, "
+                             "or one of this host's addresses)") from None
+
     @property
     def catalog_path(self) -> Path:
         return self.root / "catalog.sqlite"
@@ -118,3 +133,22 @@ def load_config(path: Path | None = None, **overrides: Any) -> SiteConfig:
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
         source = f" in {path}" if path else ""
         raise ConfigurationError(f"invalid site configuration{source}: {problems}") from None
+
+
+def cannot_listen(port_setting: str, address_setting: str, port: int, address: str,
+                  error: OSError) -> ConfigurationError:
+    """A listener of the agent could not start: one line naming the settings, what went wrong
+    and what to do."""
+    # asyncio's own strerror repeats the address: the errno's text is enough
+    problem = os.strerror(error.errno) if error.errno else str(error)
+    if error.errno == errno.EADDRINUSE:
+        action = (f"stop the process that listens there (`ss -ltnp 'sport = :{port}'` names "
+                  f"it), or set `{port_setting}` to a free port (0: any free port)")
+    elif error.errno == errno.EADDRNOTAVAIL:
+        action = f"set `{address_setting}` to an address of this machine"
+    elif error.errno == errno.EACCES:
+        action = f"set `{port_setting}` to a port above 1023, or grant CAP_NET_BIND_SERVICE"
+    else:
+        action = f"check `{port_setting}` and `{address_setting}`"
+    return ConfigurationError(f"cannot listen on {address} port {port} (`{port_setting}`): "
+                              f"{problem}. Operator action: {action}.")

@@ -68,6 +68,12 @@ class FailoverRefused(ReplicationError, RuntimeError):
     """A failover cannot be done now (exit 1); the message says why and what to do."""
 
 
+class ResyncRefused(ReplicationError, RuntimeError):
+    """A resynchronization cannot be started or finished now (exit 1): one is already running,
+    the VM is not replicating, or the replica's block digests do not fit its disks. Nothing
+    was sent; the message says why and what to do."""
+
+
 class HookError(ReplicationError, RuntimeError):
     """A hypervisor hook failed or did not finish in time."""
 

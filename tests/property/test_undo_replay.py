@@ -16,7 +16,8 @@ from typing import Literal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmreplica.consumers.undo import UndoLog, materialize_point
+from vmreplica.consumers.overlay import materialize_point
+from vmreplica.consumers.undo import UndoLog
 from vmreplica.storage.image import DiskImage, sha256_of
 
 BLOCK = 4096

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from vmreplica.producers.capture import DIRTY_BLOCK_BYTES, CapturedVm, default_budget
+from vmreplica.producers.capture import CapturedVm, default_budget
 from vmreplica.producers.changelog import RecordKind, Segment
+from vmreplica.producers.dirtymap import DIRTY_BLOCK_BYTES
 from vmreplica.producers.journaling_device import JournalingDevice
 from vmreplica.producers.scan import INVALID_DIGEST, ChangeScanner, hashes_path, load_hashes
 

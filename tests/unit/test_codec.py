@@ -32,6 +32,7 @@ from vmreplica.schemas.events import (
     Consistency,
     CycleCommit,
     DigestMap,
+    DigestRequest,
     DiskResize,
     DiskSize,
     Encryption,
@@ -153,6 +154,9 @@ SAMPLES: tuple[Event, ...] = (
         ranges=(ByteRange(0, 4096), ByteRange(1 << 30, 1 << 20)),
         at_ms=1_700_000_040_000,
     ),
+    # Added with resynchronization: its golden record is the first release of its schema.
+    DigestRequest(vm="vm-01", epoch=2, site="site-a", replica_sites=("site-b", "site-c"),
+                  reason="requested by the operator", at_ms=1_700_000_050_000),
 )
 """One event of every kind, with awkward values: big offsets, empty and None fields, -1."""
 

@@ -1,5 +1,6 @@
-"""Typed failover requests through the agent's mailbox: a round trip for every kind, rows of
-the untyped format before them, unreadable requests, and how the agent reports outcomes."""
+"""Typed failover and resync requests through the agent's mailbox: a round trip for every kind,
+rows of the untyped format before them, unreadable requests, and how the agent reports
+outcomes."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from vmreplica.failover.requests import (
     CompleteFailover,
     FailoverRequest,
     PlannedFailover,
+    Resynchronize,
     ReverseReplication,
     UnplannedFailover,
     carry_out,
@@ -42,11 +44,15 @@ REQUESTS: list[FailoverRequest] = [
     CancelFailover("vm4"),
     ReverseReplication("vm5"),
     ReverseReplication("vm5", full_copy=True),
+    Resynchronize("vm6"),
+    Resynchronize("vm6", site="site-c", at_ms=1_800_000_000_000),
+    Resynchronize("vm6", cancel=True),
 ]
 
 
 def test_every_kind_is_known_once() -> None:
-    assert sorted(REQUEST_TYPES) == ["cancel", "complete", "planned", "reverse", "unplanned"]
+    assert sorted(REQUEST_TYPES) == ["cancel", "complete", "planned", "resync", "reverse",
+                                     "unplanned"]
     assert {type(r) for r in REQUESTS} == set(REQUEST_TYPES.values())
 
 
@@ -88,8 +94,9 @@ async def test_rows_of_the_untyped_format_read_as_typed_requests(tmp_path: Path)
 
 
 @pytest.mark.parametrize(("kind", "fields", "message"), [
-    ("resync", {}, "unknown failover request 'resync' for VM 'vm'; this version knows cancel, "
-                   "complete, planned, reverse, unplanned"),
+    ("teleport", {}, "unknown failover request 'teleport' for VM 'vm'; this version knows "
+                     "cancel, complete, planned, resync, reverse, unplanned"),
+    ("resync", {"at_ms": "18:30"}, "option 'at_ms' must be a int, not '18:30'"),
     ("planned", {"reverse": True, "eject": True}, "has an unknown option 'eject'"),
     ("planned", {"vm": "other"}, "has an unknown option 'vm'"),
     ("planned", {"kind": "unplanned"}, "has an unknown option 'kind'"),
@@ -132,9 +139,10 @@ async def test_agent_finishes_requests_failed_refused_or_done(tmp_path: Path) ->
         await site.catalog.add_vm("vm1", "replica", "tg", "site-b", VmSettings(),
                                   [DiskRecord("disk0", str(tmp_path / "d.img"), 4096)],
                                   ReplicationState.REPLICATING)
-        unknown = await mailbox.post("vm1", "resync", {})
+        unknown = await mailbox.post("vm1", "teleport", {})
         refused = await post_request(mailbox, CompleteFailover("vm1"))
         missing = await post_request(mailbox, CompleteFailover("ghost"))
+        replica = await post_request(mailbox, Resynchronize("vm1"))
         agent = Agent(site)
         await agent.mailbox.start()
         try:
@@ -142,13 +150,15 @@ async def test_agent_finishes_requests_failed_refused_or_done(tmp_path: Path) ->
         finally:
             await agent.mailbox.stop()
         outcomes = [(r.status, r.result) for r in
-                    [await mailbox.request(i) for i in (unknown, refused, missing)]]
+                    [await mailbox.request(i) for i in (unknown, refused, missing, replica)]]
         assert outcomes == [
-            ("failed", "unknown failover request 'resync' for VM 'vm1'; this version knows "
-                       "cancel, complete, planned, reverse, unplanned"),
+            ("failed", "unknown failover request 'teleport' for VM 'vm1'; this version knows "
+                       "cancel, complete, planned, resync, reverse, unplanned"),
             ("refused", "VM 'vm1' is 'replicating', not failed over waiting completion"),
             ("failed", "VM 'ghost' is not replicated at this site; `vmreplica status` lists "
-                       "the VMs")]
+                       "the VMs"),
+            ("failed", "VM 'vm1' is a replica at site site-a; a resync starts on its primary: "
+                       "run `vmreplica resync vm1` at site-b")]
         assert await mailbox.pending() == []
 
 

@@ -1,4 +1,4 @@
-"""Sparse raw images: bounds, holes, digests, sparse copies and atomic replacement."""
+"""Sparse raw images: bounds, holes, digests and sparse copies."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from vmreplica.errors import ConfigurationError, JournalIntegrityError, OutOfBoundsError
-from vmreplica.storage import image as image_module
+from vmreplica.storage import safefile
 from vmreplica.storage.image import (
     IO_CHUNK_BYTES,
     DiskImage,
     copy_allocated,
-    replace_atomically,
+    is_zero,
     sha256_of,
     sparse_copy,
 )
@@ -90,7 +90,7 @@ def test_zero_of_a_partial_block_keeps_the_rest(disk: DiskImage) -> None:
 
 def test_zero_falls_back_to_writing_zeros(disk: DiskImage,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(image_module, "_fallocate", None)
+    monkeypatch.setattr(safefile, "_fallocate", None)
     disk.write(0, b"z" * (IO_CHUNK_BYTES + 10))
     disk.zero(5, IO_CHUNK_BYTES)
     assert disk.read(0, IO_CHUNK_BYTES + 10) == b"z" * 5 + bytes(IO_CHUNK_BYTES) + b"z" * 5
@@ -148,26 +148,11 @@ def test_copy_allocated_refuses_other_sizes(disk: DiskImage, tmp_path: Path) -> 
         copy_allocated(disk, small)
 
 
-def test_replace_atomically_replaces_whole(tmp_path: Path) -> None:
-    target = tmp_path / "state.bin"
-    target.write_bytes(b"old")
-    def write(temporary: Path) -> None:
-        temporary.write_bytes(b"new")
-
-    replace_atomically(target, write)
-    assert target.read_bytes() == b"new"
-    assert [path.name for path in tmp_path.iterdir()] == ["state.bin"]
-
-
-def test_replace_atomically_failure_keeps_the_old_file(tmp_path: Path) -> None:
-    target = tmp_path / "state.bin"
-    target.write_bytes(b"old")
-
-    def fail(temporary: Path) -> None:
-        temporary.write_bytes(b"half")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError, match="disk full"):
-        replace_atomically(target, fail)
-    assert target.read_bytes() == b"old"
-    assert [path.name for path in tmp_path.iterdir()] == ["state.bin"]
+def test_is_zero_compares_every_byte_of_any_length() -> None:
+    assert is_zero(b"")
+    assert is_zero(memoryview(bytearray(IO_CHUNK_BYTES + 10)))
+    late = bytearray(2 * IO_CHUNK_BYTES + 3)
+    late[IO_CHUNK_BYTES + 1] = 1
+    assert not is_zero(late)
+    assert not is_zero(memoryview(late)[IO_CHUNK_BYTES:])
+    assert is_zero(memoryview(late)[: IO_CHUNK_BYTES + 1])

@@ -1,8 +1,8 @@
 """What the cycle builder puts in write batches: zero detection, compression decisions, checksums.
 
-The builder skips zstd for payloads whose samples do not compress and turns all-zero writes into
-ZERO extents without scanning ordinary data; these tests pin that the shortcuts never change
-what a replica reconstructs.
+The builder skips zstd (through :class:`PayloadPacker`) for payloads whose samples do not compress
+and turns all-zero writes into ZERO extents without scanning ordinary data; these tests pin that
+the shortcuts never change what a replica reconstructs.
 """
 
 from __future__ import annotations
@@ -14,40 +14,37 @@ from pathlib import Path
 import zstandard
 
 from vmreplica.producers.changelog import ChangeLog, CutMark
-from vmreplica.producers.shipper import (
-    BATCH_PAYLOAD_BYTES,
-    CycleBuilder,
-    _all_zero,
-    _compress,
-)
+from vmreplica.producers.shipper import BATCH_PAYLOAD_BYTES, CycleBuilder
 from vmreplica.schemas.events import Compression, DiskSize, ExtentKind
+from vmreplica.schemas.payload import PayloadPacker
+from vmreplica.storage.image import is_zero
 
 MiB = 1024 * 1024
 
 
 def test_all_zero_looks_at_every_byte() -> None:
-    assert _all_zero(bytes(1))
-    assert _all_zero(bytes(BATCH_PAYLOAD_BYTES))
-    assert not _all_zero(b"\x01")
+    assert is_zero(bytes(1))
+    assert is_zero(bytes(BATCH_PAYLOAD_BYTES))
+    assert not is_zero(b"\x01")
     middle = bytearray(64 * 1024)
     middle[12345] = 7
-    assert not _all_zero(bytes(middle))
+    assert not is_zero(bytes(middle))
 
 
 def test_incompressible_payloads_are_sent_raw_and_compressible_ones_compressed() -> None:
-    compressor = zstandard.ZstdCompressor(level=1)
+    packer = PayloadPacker()
     noise = os.urandom(4 * MiB)
-    assert _compress(noise, compressor) == (Compression.NONE, noise)
+    assert packer.pack(noise) == (Compression.NONE, noise)
     text = b"".join(b"block %08d of a file system full of ordinary text\n" % i
                     for i in range(80_000))
-    compression, packed = _compress(text, compressor)
+    compression, packed = packer.pack(text)
     assert compression is Compression.ZSTD
     assert zstandard.ZstdDecompressor().decompress(packed) == text
     small = b"abc" * 100
-    assert _compress(small, compressor)[0] is Compression.ZSTD
+    assert packer.pack(small)[0] is Compression.ZSTD
     # Half noise, half text: the samples see both, and the payload still shrinks by half.
     mixed = noise[: 2 * MiB] + text[: 2 * MiB]
-    compression, packed = _compress(mixed, compressor)
+    compression, packed = packer.pack(mixed)
     assert compression is Compression.ZSTD
     assert zstandard.ZstdDecompressor().decompress(packed) == mixed
 

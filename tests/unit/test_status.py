@@ -21,7 +21,7 @@ from vmreplica.cli.replication import status_json
 from vmreplica.config import SiteConfig
 from vmreplica.domain.model import Consistency, DiskRecord, Position, RecoveryPoint, VmSettings
 from vmreplica.domain.states import ReplicationState
-from vmreplica.runtime.metrics import SiteMetrics
+from vmreplica.runtime.metrics import CycleStat, SiteMetrics
 from vmreplica.runtime.site import Site
 from vmreplica.runtime.status import VmStatus, vm_status
 from vmreplica.storage.catalog import Catalog
@@ -114,14 +114,18 @@ async def test_metrics_follow_the_status(tmp_path: Path) -> None:
                                   ReplicationState.REPLICATING)
         await _ship(site, "db", NOW_MS - 4_000)
         metrics = SiteMetrics("site-a")
-        metrics.update(await vm_status(site, await site.catalog.vm("db"), with_replica=False))
+        metrics.update(await vm_status(site, await site.catalog.vm("db"), with_replica=False),
+                       [CycleStat(*row) for row in await site.catalog.cycle_stats("db", 0)],
+                       await site.catalog.position("db"))
     labels = {"site": "site-a", "vm": "db", "role": "replica"}
     sample = metrics.registry.get_sample_value
     assert sample("vmreplica_vm_state", {**labels, "state": "replicating"}) == 1.0
     assert sample("vmreplica_vm_state", {**labels, "state": "error"}) == 0.0
     assert sample("vmreplica_vm_health", {**labels, "health": "normal"}) == 1.0
     assert sample("vmreplica_last_cycle", labels) == 1.0
-    assert sample("vmreplica_seconds_behind", labels) == 4.0
+    assert sample("vmreplica_last_successful_cycle_timestamp_seconds", labels) == (
+        NOW_MS - 4_000) / 1000
+    assert sample("vmreplica_rpo_seconds", labels) == 4.5
     assert sample("vmreplica_recovery_points", labels) == 0.0
     assert sample("vmreplica_cycles_in_window", labels) == 1.0
     assert sample("vmreplica_pending_bytes", labels) is None

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from vmreplica.consumers.overlay import Overlay, materialize_point
 from vmreplica.consumers.undo import (
     RECORD_DATA_MAX_BYTES,
-    Overlay,
     SealedUndo,
     UndoLog,
     UndoRecord,
-    materialize_point,
 )
 from vmreplica.errors import (
     ConfigurationError,

@@ -19,12 +19,13 @@ from vmreplica.cli.replication import config_option, json_option, with_site
 from vmreplica.cli.support import console, emit_json, reported
 from vmreplica.consumers.points import choose_point
 from vmreplica.domain.model import EXTENDED_FREQUENCIES_SECONDS
-from vmreplica.errors import ConfigurationError, FailoverRefused
+from vmreplica.errors import ConfigurationError, FailoverRefused, ResyncRefused
 from vmreplica.failover.requests import (
     CancelFailover,
     CompleteFailover,
     FailoverRequest,
     PlannedFailover,
+    Resynchronize,
     ReverseReplication,
     UnplannedFailover,
     carry_out,
@@ -47,16 +48,19 @@ async def perform(site: Site, request: FailoverRequest) -> str:
     """Carry out ``request`` through the agent when it runs, else here; return its outcome.
 
     :raises ConfigurationError: the request was a mistake (exit 2).
-    :raises FailoverRefused: it could not be done now, or failed in the agent (exit 1).
+    :raises FailoverRefused: it could not be done now, or failed in the agent (exit 1);
+        :class:`ResyncRefused` for a resync.
     """
     await site.catalog.vm(request.vm)
     async with Mailbox(site.config.catalog_path) as mailbox:
         if await mailbox.agent_running(site.config.site):
-            return await _through_agent(mailbox, request)
+            return await through_agent(mailbox, request)
     return await carry_out(site, request)
 
 
-async def _through_agent(mailbox: Mailbox, request: FailoverRequest) -> str:
+async def through_agent(mailbox: Mailbox, request: FailoverRequest) -> str:
+    """Post ``request`` to the running agent and wait for its outcome."""
+    refused = ResyncRefused if isinstance(request, Resynchronize) else FailoverRefused
     posted = await post_request(mailbox, request)
     deadline = time.monotonic() + REQUEST_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
@@ -66,9 +70,9 @@ async def _through_agent(mailbox: Mailbox, request: FailoverRequest) -> str:
         if done.status == "failed":
             raise ConfigurationError(done.result)
         if done.status == "refused":
-            raise FailoverRefused(done.result)
+            raise refused(done.result)
         await asyncio.sleep(REQUEST_POLL_SECONDS)
-    raise FailoverRefused(f"the agent did not carry out {request.kind} of VM {request.vm!r} "
+    raise refused(f"the agent did not carry out {request.kind} of VM {request.vm!r} "
                           f"within {REQUEST_TIMEOUT_SECONDS:.0f} s; see its log")
 
 

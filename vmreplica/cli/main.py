@@ -11,6 +11,7 @@ from rich.table import Table
 
 from vmreplica.cli import failover as cli_failover
 from vmreplica.cli import replication as cli_replication
+from vmreplica.cli import resync as cli_resync
 from vmreplica.cli.support import console, emit_json, errors, reported
 
 
@@ -22,6 +23,7 @@ def main() -> None:
 
 cli_replication.register(main)
 cli_failover.register(main)
+cli_resync.register(main)
 
 
 @main.group()

@@ -84,6 +84,9 @@ def with_site(config_path: Path | None, action: Callable[[Site], Awaitable[T]]) 
               help="--capture scan: shell command run before each scan (fsfreeze, pause).")
 @click.option("--post-cut-hook", default=None, metavar="COMMAND",
               help="--capture scan: shell command run after each scan (thaw, resume).")
+@click.option("--auto-resync/--no-auto-resync", default=True, show_default=True,
+              help="Resynchronize a replica stopped by a journal violation without waiting "
+                   "for `vmreplica resync` (off: the primary's health turns critical).")
 @config_option
 @json_option
 @reported
@@ -91,7 +94,8 @@ def enable(vm: str, disks: tuple[str, ...], replica_sites: tuple[str, ...], freq
            recovery_history: int, app_consistent_hours: int | None,
            continuous_points_hours: int | None, compression: str, capture: str,
            excluded: tuple[str, ...], changelog_budget: str | None, pre_cut_hook: str | None,
-           post_cut_hook: str | None, config_path: Path | None, as_json: bool) -> None:
+           post_cut_hook: str | None, auto_resync: bool, config_path: Path | None,
+           as_json: bool) -> None:
     """Enable replication of VM to another site (Enable-VMReplication).
 
     With --capture nbd, the agent serves each disk over NBD and the hypervisor must use that
@@ -108,7 +112,7 @@ def enable(vm: str, disks: tuple[str, ...], replica_sites: tuple[str, ...], freq
         excluded_disks=excluded, also_replicate_to=tuple(dict.fromkeys(replica_sites[1:])),
         changelog_budget_bytes=None if changelog_budget is None else parse_size(
             "--changelog-budget", changelog_budget),
-        pre_cut_hook=pre_cut_hook, post_cut_hook=post_cut_hook)
+        pre_cut_hook=pre_cut_hook, post_cut_hook=post_cut_hook, auto_resync=auto_resync)
     parsed = parse_disks(disks)
     for name in excluded:
         if name not in parsed:
@@ -156,11 +160,12 @@ def agent(config_path: Path | None, log_level: str) -> None:
     # A stop asked for while the agent starts up is honoured once it runs, not by dying.
     early: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, _: early.append(signum))
-    from vmreplica.runtime.agent import Agent  # noqa: PLC0415
+    from vmreplica.runtime.agent import Agent, check_folders  # noqa: PLC0415
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(config_path)
+    check_folders(config)
 
     async def run() -> None:
         async with Site(config) as site:
@@ -181,7 +186,8 @@ def status(vm: str | None, config_path: Path | None, as_json: bool) -> None:
         records = [await site.catalog.vm(vm)] if vm else await site.catalog.vms()
         return [await vm_status(site, record) for record in records]
 
-    rows = [status_json(status) for status in with_site(config_path, collect)]
+    statuses = with_site(config_path, collect)
+    rows = [status_json(status) for status in statuses]
     if as_json:
         emit_json(rows)
         return
@@ -193,6 +199,9 @@ def status(vm: str | None, config_path: Path | None, as_json: bool) -> None:
                       str(row.get("last_applied_cycle", row.get("replica_cycle", ""))),
                       str(row["seconds_behind"]), str(row.get("pending_bytes", "")))
     console.print(table)
+    for status in statuses:  # a running resync, with its progress
+        if status.resync is not None and status.resync.active:
+            console.print(status.resync.summary(), highlight=False)
 
 
 @click.group()
@@ -281,6 +290,8 @@ def status_json(status: VmStatus) -> dict[str, Any]:
         "seconds_behind": status.seconds_behind, "cycles_in_window": status.cycles_in_window,
     }
     progress = status.progress
+    if status.resync is not None:
+        row["resync"] = status.resync.figures()
     if isinstance(progress, PrimaryProgress):
         return row | {"pending_bytes": progress.pending_bytes,
                       "replica_cycle": progress.replica_cycle,

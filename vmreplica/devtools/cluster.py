@@ -1,9 +1,9 @@
 """A real Apache Kafka broker on demand, for the demo, the tests and first steps.
 
-`vmreplica broker up` resolves a pinned Kafka 4.x with Maven (``deploy/kafka/pom.xml``) into a
-cache outside the repository, formats KRaft storage and starts one or three combined
-broker+controller nodes on loopback. Everything it starts is recorded under
-``$VMREPLICA_HOME/broker`` so that ``down`` stops exactly that and nothing else.
+`vmreplica broker up` takes the pinned Kafka 4.x jars (:mod:`vmreplica.devtools.jars`), formats
+KRaft storage and starts one or three combined broker+controller nodes on loopback. Everything
+it starts is recorded under ``$VMREPLICA_HOME/broker`` so that ``down`` stops exactly that and
+nothing else.
 
 Production deployments point vmreplica at their own cluster with ``VMREPLICA_BOOTSTRAP_SERVERS``.
 """
@@ -11,7 +11,6 @@ Production deployments point vmreplica at their own cluster with ``VMREPLICA_BOO
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import re
@@ -19,15 +18,16 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
+from vmreplica.devtools.jars import deploy_dir, home_dir, require_program, resolve_kafka
 from vmreplica.devtools.ports import cluster_ports, port_free
-from vmreplica.errors import BrokerError, PrerequisiteMissingError
+from vmreplica.errors import BrokerError
+from vmreplica.storage.safefile import replace_atomically
 
 DEFAULT_BROKER_PORT: Final = 19092
 """Not 9092, so a Kafka the user already runs is left alone."""
@@ -43,99 +43,6 @@ ERROR_LINES_QUOTED: Final = 20
 ERROR entries, enough for Kafka's chain of causes (a bind failure takes four)."""
 _LOG_ENTRY: Final = re.compile(r"^\[[^]]+\] (?P<level>[A-Z]+) ")
 """The start of one entry in deploy/kafka/log4j2.yaml's pattern, ``[%d] %p %m (%c)%n``."""
-
-_ENV_HINT: Final = (
-    "Or point vmreplica at an existing Kafka cluster instead: "
-    "export VMREPLICA_BOOTSTRAP_SERVERS=host:9092"
-)
-
-
-def deploy_dir() -> Path:
-    """The ``deploy/`` folder of this checkout (the pom and logging config live there)."""
-    configured = os.environ.get("VMREPLICA_DEPLOY_DIR")
-    path = Path(configured) if configured else Path(__file__).resolve().parents[2] / "deploy"
-    if not (path / "kafka" / "pom.xml").is_file():
-        raise PrerequisiteMissingError(
-            f"cannot find deploy/kafka/pom.xml under {path}. Run vmreplica from its source "
-            f"checkout or set VMREPLICA_DEPLOY_DIR to the checkout's deploy/ folder. {_ENV_HINT}"
-        )
-    return path
-
-
-def cache_dir() -> Path:
-    """Where resolved jars live: outside the repository, shared by every checkout."""
-    configured = os.environ.get("VMREPLICA_CACHE")
-    return Path(configured) if configured else Path.home() / ".cache" / "vmreplica"
-
-
-def home_dir() -> Path:
-    """``$VMREPLICA_HOME`` (default ``~/.vmreplica``): state, logs and pid files."""
-    configured = os.environ.get("VMREPLICA_HOME")
-    return Path(configured) if configured else Path.home() / ".vmreplica"
-
-
-_DEBIAN_PACKAGE: Final = {"java": "openjdk-17-jre-headless", "mvn": "maven"}
-
-
-def _require(program: str, what: str) -> str:
-    found = shutil.which(program)
-    if found is None:
-        raise PrerequisiteMissingError(
-            f"{program} is not on PATH; vmreplica needs {what} to run a local Kafka broker. "
-            f"Install it (Debian: apt-get install {_DEBIAN_PACKAGE[program]}). {_ENV_HINT}"
-        )
-    return found
-
-
-def _pom_version(pom: Path) -> str:
-    text = pom.read_text()
-    start = text.index("<kafka.version>") + len("<kafka.version>")
-    return text[start : text.index("</kafka.version>", start)]
-
-
-def resolve_kafka() -> Path:
-    """Return the folder holding the Kafka jars, resolving them with Maven on first use.
-
-    The cache folder is named after the pom's Kafka version and a digest of the whole pom, so any
-    edit to the pom (another logging binding, say) resolves afresh instead of reusing old jars.
-    Two processes resolving at once each stage their own copy; the first rename wins.
-
-    :raises PrerequisiteMissingError: Java or Maven is missing, or Maven Central is unreachable.
-    """
-    _require("java", "Java 17 or newer")
-    pom = deploy_dir() / "kafka" / "pom.xml"
-    digest = hashlib.sha256(pom.read_bytes()).hexdigest()[:12]
-    libs = cache_dir() / f"kafka-{_pom_version(pom)}-{digest}" / "libs"
-    complete = libs / ".complete"
-    if complete.is_file():
-        return libs
-    mvn = _require("mvn", "Maven")
-    libs.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="libs.partial-", dir=libs.parent))
-    try:
-        result = subprocess.run(
-            [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
-             f"-DoutputDirectory={staging}", "-DincludeScope=runtime"],
-            capture_output=True, text=True, check=False,
-        )
-        if result.returncode != 0 or not any(staging.glob("kafka_2.13-*.jar")):
-            tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
-            raise PrerequisiteMissingError(
-                "Maven could not resolve the Kafka jars from Maven Central "
-                f"(exit {result.returncode}):\n  " + "\n  ".join(tail) + f"\n{_ENV_HINT}"
-            )
-        (staging / ".complete").write_text(_pom_version(pom))
-        if not complete.is_file():
-            shutil.rmtree(libs, ignore_errors=True)
-            try:
-                staging.rename(libs)
-            except OSError:
-                if not complete.is_file():
-                    raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return libs
-
 
 @dataclass(frozen=True)
 class NodeState:
@@ -165,9 +72,12 @@ class ClusterState:
         return cls(raw["cluster_id"], raw["bootstrap_servers"], nodes)
 
     def save(self, path: Path) -> None:
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(asdict(self), indent=2))
-        os.replace(temporary, path)
+        text = json.dumps(asdict(self), indent=2)
+
+        def write(temporary: Path) -> None:
+            temporary.write_text(text)
+
+        replace_atomically(path, write)
 
 
 def _ours(pid: int) -> bool:
@@ -278,7 +188,7 @@ class LocalCluster:
                     "with VMREPLICA_BROKER_PORT or `vmreplica broker up --port N`"
                 )
         libs = resolve_kafka()
-        java = _require("java", "Java 17 or newer")
+        java = require_program("java", "Java 17 or newer")
         log_config = deploy_dir() / "kafka" / "log4j2.yaml"
         cluster_id = _cluster_id()
         shutil.rmtree(self.root, ignore_errors=True)

@@ -124,6 +124,9 @@ class VmSettings:
     """Scan capture: shell command run before the scan (fsfreeze, pausing the VM)."""
     post_cut_hook: str | None = None
     """Scan capture: shell command run after the scan, even if it failed (thaw, resume)."""
+    auto_resync: bool = True
+    """A replica that reports it needs a resynchronization (a journal violation stopped it) is
+    resynchronized without the operator; off, the primary's health turns critical instead."""
 
     def validate(self) -> Self:
         """Check these settings by the rules the primary and its replicas apply; return them.

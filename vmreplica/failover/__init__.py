@@ -18,9 +18,15 @@ work is in one module per job:
   the others follow it;
 - :mod:`~vmreplica.failover.divergence`: which ranges diverged (journal, change log, block
   digests) and how the old primary reports them;
+- :mod:`~vmreplica.failover.resync`: a replica that diverged (corrupted, or stopped by a
+  journal violation) made equal to its primary again by a block-digest compare, ending the way
+  a reverse does;
 - :mod:`~vmreplica.failover.journal`: the VM's journal as failover reads it, and EpochStart;
 - :mod:`~vmreplica.failover.requests`: the typed requests the CLI and the agent pass, and
   ``carry_out``.
+
+(Resynchronization changes no role, but it lives here because it drives both sides and ends
+with the same step as a reverse.)
 """
 
 from __future__ import annotations
@@ -39,9 +45,18 @@ from vmreplica.failover.requests import (
     CompleteFailover,
     FailoverRequest,
     PlannedFailover,
+    Resynchronize,
     ReverseReplication,
     UnplannedFailover,
     carry_out,
+)
+from vmreplica.failover.resync import (
+    ResyncJob,
+    ResyncRun,
+    accept_resync,
+    cancel_resync,
+    load_job,
+    resync_here,
 )
 from vmreplica.failover.reverse import ReverseResult, demote, reverse
 from vmreplica.failover.unplanned import cancel, complete, promote
@@ -51,11 +66,16 @@ __all__ = [
     "CompleteFailover",
     "FailoverRequest",
     "PlannedFailover",
+    "ResyncJob",
+    "ResyncRun",
+    "Resynchronize",
     "ReverseReplication",
     "ReverseResult",
     "UnplannedFailover",
+    "accept_resync",
     "cancel",
     "cancel_planned",
+    "cancel_resync",
     "carry_out",
     "complete",
     "demote",
@@ -63,10 +83,12 @@ __all__ = [
     "follow_reverse",
     "follow_takeover",
     "journal_events",
+    "load_job",
     "newest_epoch",
     "prepare_planned",
     "promote",
     "regroup",
+    "resync_here",
     "reverse",
     "takes_over",
 ]

@@ -1,15 +1,16 @@
-"""Which ranges of a VM's disks diverged between its old and its new primary.
+"""Which ranges of a VM's disks differ between two sites, and how a site reports its side.
 
-After a failover both sites may have written: the old primary in cycles the new one never
-applied (shipped or still in its change log), the new one since the epoch started. Reverse
-replication sends only those ranges, and they are found here:
+Reverse replication (after a failover both sites may have written) and resynchronization (a
+replica that diverged from its primary) send only those ranges, found here:
 
-- :func:`journal_ranges`: what an epoch's cycles after a point wrote, read from the journal;
+- :func:`journal_ranges`: what cycles after a point wrote, read from the journal;
 - :func:`changelog_ranges`: what a site's change log (and dirty-block map) holds that never
   shipped;
+- :func:`differing_ranges`: the blocks whose digests (a DigestMap from the other site, checked
+  against the disk's size first) differ from this site's (:mod:`vmreplica.storage.digests`);
 - :func:`report_divergence` (on the old primary) publishes its side on the status topic, as
   ResyncRequests of exact ranges, or, when its change log is lost, as DigestMaps of block
-  digests (:mod:`vmreplica.storage.digests`);
+  digests;
 - :func:`reported_ranges` (on the new primary) reads that report back, comparing any DigestMap
   block by block with its own disks.
 """
@@ -17,29 +18,33 @@ replication sends only those ranges, and they are found here:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
+from vmreplica.consumers.replica import digest_maps
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.intervals import IntervalSet
 from vmreplica.domain.model import DiskRecord, VmRecord
-from vmreplica.errors import ChangeLogCorrupt, JournalIntegrityError
+from vmreplica.errors import ChangeLogCorrupt, JournalIntegrityError, ResyncRefused
 from vmreplica.failover.journal import journal_events
 from vmreplica.journal.kafka import JournalReader, StatusPublisher
-from vmreplica.producers.capture import DIRTY_BLOCK_BYTES, DIRTY_MAP_NAME, DirtyMap
 from vmreplica.producers.changelog import RecordKind, read_segment
+from vmreplica.producers.dirtymap import DIRTY_BLOCK_BYTES, DIRTY_MAP_NAME, DirtyMap
 from vmreplica.runtime.site import Site
 from vmreplica.schemas.codec import decode_status, encode
 from vmreplica.schemas.events import ByteRange, DigestMap, EpochStart, ResyncRequest, WriteBatch
-from vmreplica.storage.digests import differing_blocks, image_digests
+from vmreplica.storage.digests import (
+    DIGEST_BYTES,
+    differing_blocks,
+    digest_count,
+    image_digests,
+)
 
-DIGEST_BLOCK_BYTES_MIN: Final = 64 * 1024
-"""Block size of a DigestMap for disks up to 16 GiB (:data:`DIGEST_BLOCKS_MAX` blocks)."""
-DIGEST_BLOCKS_MAX: Final = 262_144
-"""Blocks per DigestMap: keeps a record near 4 MiB; larger disks use larger blocks."""
 MAX_RESYNC_RANGES: Final = 50_000
 """Ranges per ResyncRequest; beyond, neighbouring ranges are merged (more bytes, fewer ranges)."""
+DIGEST_BLOCK_BYTES_RANGE: Final = (4096, 1 << 30)
+"""Smallest and largest block a DigestMap may use: a sector, and a size no disk needs."""
 REPORT_WAIT_SECONDS: Final = 30.0
 """How long ``reverse`` waits for the old primary's report: its agent reports within moments of
 seeing the new epoch, or, if it was fenced while running, when its worker is retried (30 s)."""
@@ -50,14 +55,20 @@ Ranges = dict[str, IntervalSet]
 """Byte ranges per disk name."""
 
 
-async def journal_ranges(site: Site, vm: str, epoch: int, after_cycle: int,
-                         ranges: Ranges) -> None:
-    """Add the ranges written by ``epoch``'s cycles after ``after_cycle`` to ``ranges``."""
-    async for _, event in journal_events(site, vm):
-        if isinstance(event, WriteBatch) and event.epoch == epoch and event.cycle > after_cycle:
+async def journal_ranges(site: Site, vm: str, after_cycle: int, ranges: Ranges, *,
+                         epoch: int | None = None, min_epoch: int = 0, start: int = 0) -> int:
+    """Add the ranges written by cycles numbered after ``after_cycle`` to ``ranges``: of
+    ``epoch`` only, or of every epoch from ``min_epoch`` on, reading the journal from offset
+    ``start`` to its end. Returns the offset to read from next time."""
+    next_offset = start
+    async for offset, event in journal_events(site, vm, start):
+        next_offset = offset + 1
+        if (isinstance(event, WriteBatch) and event.cycle > after_cycle
+                and (event.epoch == epoch if epoch is not None else event.epoch >= min_epoch)):
             for extent in event.extents:
                 ranges.setdefault(extent.disk, IntervalSet()).add(
                     extent.offset, extent.offset + extent.length)
+    return next_offset
 
 
 def changelog_ranges(folder: Path, disks: Sequence[DiskRecord], ranges: Ranges) -> None:
@@ -88,14 +99,6 @@ def changelog_ranges(folder: Path, disks: Sequence[DiskRecord], ranges: Ranges) 
             ranges.setdefault(names[index], IntervalSet()).add(start, end)
 
 
-def digest_block_bytes(size: int) -> int:
-    """The block size of a disk's DigestMap: 64 KiB, doubled until the map stays small."""
-    block = DIGEST_BLOCK_BYTES_MIN
-    while size / block > DIGEST_BLOCKS_MAX:
-        block *= 2
-    return block
-
-
 def byte_ranges(ranges: IntervalSet) -> tuple[ByteRange, ...]:
     """``ranges`` as a ResyncRequest carries them: at most :data:`MAX_RESYNC_RANGES`."""
     pairs = list(zip(ranges.starts, ranges.ends, strict=True))
@@ -103,6 +106,49 @@ def byte_ranges(ranges: IntervalSet) -> tuple[ByteRange, ...]:
         pairs = [(pairs[i][0], pairs[min(i + 1, len(pairs) - 1)][1])
                  for i in range(0, len(pairs), 2)]
     return tuple(ByteRange(start, end - start) for start, end in pairs)
+
+
+def check_digest_map(vm: str, disk: DiskRecord, theirs: DigestMap) -> None:
+    """A DigestMap fits ``disk``: a sane block size, and exactly one digest per block.
+
+    :raises ResyncRefused: it does not (a disk of another size there, a damaged record);
+        nothing may be sent from it.
+    """
+    low, high = DIGEST_BLOCK_BYTES_RANGE
+    where = (f"VM {vm!r}: the block digests of disk {disk.name!r} from site {theirs.site} "
+             f"(cycle {theirs.cycle})")
+    if not low <= theirs.block_size <= high or theirs.block_size % low:
+        raise ResyncRefused(
+            f"{where} use blocks of {theirs.block_size} bytes, not a multiple of {low} up to "
+            f"{high}; they were refused and nothing was sent. Operator action: check that "
+            f"both sites run the same vmreplica release, then resync again")
+    expected = digest_count(disk.size_bytes, theirs.block_size)
+    if len(theirs.digests) != expected * DIGEST_BYTES:
+        count = f"{len(theirs.digests) / DIGEST_BYTES:g}"
+        raise ResyncRefused(
+            f"{where} hold {len(theirs.digests)} bytes ({count} digests of {DIGEST_BYTES} "
+            f"bytes) but a disk of {disk.size_bytes} bytes in blocks of {theirs.block_size} "
+            f"needs {expected}; they were refused and nothing was sent. Operator action: "
+            f"check that the disk has the same size on both sites (a resize that did not "
+            f"replicate), then resync again")
+
+
+def differing_ranges(vm: str, disk: DiskRecord, theirs: DigestMap,
+                     progress: Callable[[int], None] | None = None) -> IntervalSet:
+    """The blocks of ``disk`` (this site's image) whose digests differ from ``theirs``.
+
+    Reads every allocated block of the image: run it off the event loop. ``progress`` gets the
+    bytes examined so far, now and then.
+
+    :raises ResyncRefused: ``theirs`` does not fit the disk (:func:`check_digest_map`).
+    """
+    check_digest_map(vm, disk, theirs)
+    ours = image_digests(disk.path, theirs.block_size, progress)
+    ranges = IntervalSet()
+    for number in differing_blocks(ours, theirs.digests):
+        start = number * theirs.block_size
+        ranges.add(start, min(start + theirs.block_size, disk.size_bytes))
+    return ranges
 
 
 async def report_divergence(site: Site, record: VmRecord, start: EpochStart,
@@ -118,16 +164,18 @@ async def report_divergence(site: Site, record: VmRecord, start: EpochStart,
     status = StatusPublisher(site.connection)
     await status.start()
     try:
-        for image in record.disks:
-            event: ResyncRequest | DigestMap
-            if diverged is not None:
-                event = ResyncRequest(
-                    vm, start.epoch, site.config.site, f"diverged after cycle {point}",
-                    image.name, byte_ranges(diverged.get(image.name, IntervalSet())), now_ms())
-            else:
-                block = digest_block_bytes(image.size_bytes)
-                event = DigestMap(vm, start.epoch, site.config.site, image.name, point,
-                                  block, image_digests(image.path, block))
+        events: list[ResyncRequest | DigestMap]
+        if diverged is not None:
+            events = [ResyncRequest(vm, start.epoch, site.config.site,
+                                    f"diverged after cycle {point}", disk.name,
+                                    byte_ranges(diverged.get(disk.name, IntervalSet())),
+                                    now_ms())
+                      for disk in record.disks]
+        else:
+            events = list(digest_maps(vm, start.epoch, site.config.site, point,
+                                      [(d.name, Path(d.path), d.size_bytes)
+                                       for d in record.disks]))
+        for event in events:
             await status.publish(site.status_topic(vm), vm.encode(), encode(event))
     finally:
         await status.stop()
@@ -141,7 +189,10 @@ async def reported_ranges(site: Site, record: VmRecord, replica_site: str,
     Waits up to ``wait_seconds`` for a report of every disk: an old primary's agent reports
     within moments of seeing the new epoch, so a ``reverse`` run just after it started finds
     the report instead of missing it. Reading blocks on the broker (a fetch that returns as
-    soon as a record arrives), never spins.
+    soon as a record arrives), never spins. A ResyncRequest naming no disk is a replica asking
+    to be resynchronized, not a report.
+
+    :raises ResyncRefused: a DigestMap does not fit its disk.
     """
     vm, epoch = record.name, record.epoch
     disks = {d.name for d in record.disks}
@@ -155,14 +206,14 @@ async def reported_ranges(site: Site, record: VmRecord, replica_site: str,
                 event = decode_status(message.value)
                 if event.site != replica_site or event.epoch != epoch:
                     continue
-                if isinstance(event, ResyncRequest):
-                    ranges = requests.setdefault(event.disk or "", IntervalSet())
+                if isinstance(event, ResyncRequest) and event.disk is not None:
+                    ranges = requests.setdefault(event.disk, IntervalSet())
                     for byte_range in event.ranges:
                         ranges.add(byte_range.offset, byte_range.offset + byte_range.length)
                 elif isinstance(event, DigestMap):
                     maps[event.disk] = event
-            if "" in requests or disks <= set(requests) or disks <= set(maps):
-                break  # a complete report: one per disk, or one for every disk
+            if disks <= set(requests) or disks <= set(maps):
+                break  # a complete report: one per disk
             if (loop.time() >= deadline
                     and await reader.position() >= await reader.end_offset()):
                 break  # what arrived in time (an older agent reports diverged disks only)
@@ -175,9 +226,5 @@ async def reported_ranges(site: Site, record: VmRecord, replica_site: str,
         theirs = maps.get(disk.name)
         if theirs is None:
             continue
-        ours = image_digests(disk.path, theirs.block_size)
-        ranges = found.setdefault(disk.name, IntervalSet())
-        for number in differing_blocks(ours, theirs.digests):
-            start = number * theirs.block_size
-            ranges.add(start, min(start + theirs.block_size, disk.size_bytes))
+        found[disk.name] = differing_ranges(vm, disk, theirs)
     return found

@@ -140,7 +140,8 @@ def check_takeover(record: VmRecord, position: Position, prepared: FailoverPrepa
             raise FailoverRefused(
                 f"VM {vm!r}: disk {digest.name!r} differs from the primary's at cycle "
                 f"{prepared.final_cycle} although the hash chain matched. Operator action: "
-                f"cancel the failover on the primary and resynchronize")
+                f"cancel the failover on the primary (`vmreplica failover cancel {vm}`), then "
+                f"`vmreplica resync {vm}` there")
 
 
 async def cancel_planned(site: Site, vm: str) -> None:

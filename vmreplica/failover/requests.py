@@ -1,4 +1,5 @@
-"""Failover requests as types: what the CLI asks for, and the one place that carries it out.
+"""Failover and resync requests as types: what the CLI asks for, and the one place that
+carries it out.
 
 Each action is a small frozen dataclass naming its VM and its options; :func:`carry_out` does
 it, here (no agent runs) or in the site's agent, which receives it through the request mailbox
@@ -22,6 +23,7 @@ from vmreplica.failover.planned import (
     prepare_planned,
     run_stop_hook,
 )
+from vmreplica.failover.resync import cancel_resync, resync_here
 from vmreplica.failover.reverse import reverse
 from vmreplica.failover.unplanned import cancel, complete, promote
 from vmreplica.runtime.site import Site
@@ -83,15 +85,34 @@ class ReverseReplication:
     full_copy: bool = False
 
 
+@dataclass(frozen=True)
+class Resynchronize:
+    """On the primary: compare block digests with a replica site and send only the blocks that
+    differ (Hyper-V's ``Resume-VMReplication -Resynchronize``); the VM keeps running.
+
+    ``site``: the replica site (default: the VM's); ``at_ms``: not before this instant (ms since
+    the Unix epoch; 0 is now); ``cancel``: stop the running resync instead.
+    """
+
+    kind: ClassVar[str] = "resync"
+    vm: str
+    site: str = ""
+    at_ms: int = 0
+    cancel: bool = False
+
+
+RESYNC_DIGESTS_TIMEOUT_SECONDS: Final = 600.0
+"""Without an agent, a resync waits this long for the replica's digests, then stays pending."""
+
 FailoverRequest = (PlannedFailover | UnplannedFailover | CompleteFailover | CancelFailover
-                   | ReverseReplication)
+                   | ReverseReplication | Resynchronize)
 
 REQUEST_TYPES: Final[dict[str, type[FailoverRequest]]] = {
     kind.kind: kind for kind in (PlannedFailover, UnplannedFailover, CompleteFailover,
-                                 CancelFailover, ReverseReplication)}
+                                 CancelFailover, ReverseReplication, Resynchronize)}
 
 
-def request_fields(request: FailoverRequest) -> dict[str, bool | str]:
+def request_fields(request: FailoverRequest) -> dict[str, bool | str | int]:
     """The request's options (every field but ``vm``), as the mailbox stores them."""
     return {field.name: getattr(request, field.name) for field in dataclasses.fields(request)
             if field.name != "vm"}
@@ -168,5 +189,11 @@ async def carry_out(site: Site, request: FailoverRequest) -> str:
             return (f"VM {vm} replicates to its old primary again: {result.diverged_bytes} "
                     f"bytes diverged, {result.sent_bytes} bytes sent in cycle {result.cycle}"
                     + (" (full copy, as asked)" if result.full_copy else ""))
+        case Resynchronize(cancel=True):
+            return (await cancel_resync(site, vm)).summary()
+        case Resynchronize():
+            return (await resync_here(site, vm, request.site, not_before_ms=request.at_ms,
+                                      digests_timeout_seconds=RESYNC_DIGESTS_TIMEOUT_SECONDS,
+                                      )).summary()
         case _:
             assert_never(request)

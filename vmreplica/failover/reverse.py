@@ -5,7 +5,9 @@
   report_divergence`), and wait, as a replica, to be resynchronised.
 - :func:`reverse` (the new primary): wait for that report, then send one cycle, in a new epoch
   naming the old primary in ``resync_sites``, holding the current content of every range that
-  diverged on either side — not a full copy (unless asked for one).
+  diverged on either side — not a full copy (unless asked for one). It is the step a
+  resynchronization ends with too
+  (:meth:`~vmreplica.producers.primary.PrimaryVm.resend_in_new_epoch`).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ async def demote(site: Site, vm: str, start: EpochStart, start_offset: int) -> i
     point = start.start_cycle - 1
     diverged: Ranges = {}
     if shipped > point:
-        await journal_ranges(site, vm, record.epoch, point, diverged)
+        await journal_ranges(site, vm, point, diverged, epoch=record.epoch)
     changelog = site.config.vm_folder(vm) / "changelog"
     try:
         if not changelog.is_dir():
@@ -120,26 +122,25 @@ async def reverse(site: Site, vm: str, *, full_copy: bool = False,
                 f"action: start the agent at {old_primary} and run reverse again, or "
                 "`vmreplica reverse --full-copy` to send every disk whole")
         ranges = reported
-        ranges.pop("", None)
     point = await site.catalog.failover_point(vm)
-    if point is not None:
-        await journal_ranges(site, vm, record.epoch, point, ranges)
     changelog = site.config.vm_folder(vm) / "changelog"
     changelog_ranges(changelog, record.disks, ranges)
-    if full_copy:
-        for disk in record.disks:
-            ranges.setdefault(disk.name, IntervalSet()).add(0, disk.size_bytes)
     async with site.primary(record) as primary:
-        diverged = sum(r.total() for r in ranges.values())
-        epoch = record.epoch + 1
-        await primary.start_epoch(EpochStart(
-            vm, epoch, record.epoch, site.config.site, position.cycle + 1, "reverse", now_ms(),
-            position.cycle_hash, (old_primary,)))
-        primary.log_current_content(ranges)
-        shipped = await primary.replicate()
-    await site.catalog.change_role(vm, "primary", old_primary, epoch,
+
+        async def diverged_ranges() -> Ranges:
+            """Asked once the cycles written since the failover have shipped."""
+            if point is not None:
+                await journal_ranges(site, vm, point, ranges, epoch=record.epoch)
+            if full_copy:  # every disk whole: data as data, holes as zero extents
+                for disk in record.disks:
+                    ranges.setdefault(disk.name, IntervalSet()).add(0, disk.size_bytes)
+            return ranges
+
+        resent = await primary.resend_in_new_epoch((old_primary,), "reverse", diverged_ranges)
+    await site.catalog.change_role(vm, "primary", old_primary, resent.start.epoch,
                                    ReplicationState.REPLICATING,
                                    f"replicating to {old_primary} again")
-    sent = sum(cycle.wire_bytes for cycle in shipped)
-    return ReverseResult(diverged, sent, shipped[-1].cycle if shipped else position.cycle,
-                         full_copy)
+    diverged = sum(r.total() for r in ranges.values())
+    sent = sum(cycle.wire_bytes for cycle in resent.shipped)
+    return ReverseResult(diverged, sent, resent.shipped[-1].cycle if resent.shipped
+                         else position.cycle, full_copy)

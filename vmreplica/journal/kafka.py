@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -29,7 +26,12 @@ from aiokafka.errors import (
 )
 
 from vmreplica.errors import BrokerError, FencedError
+from vmreplica.journal.allocator import tune_allocator
 
+TOPIC_PROPAGATION_SECONDS: Final = 10.0
+"""How long a topic just created may stay unknown to the broker that is asked about it."""
+_UNKNOWN_TOPIC_OR_PARTITION: Final = 3
+"""Kafka's error code for a topic this broker does not know (yet)."""
 MAX_RECORD_BYTES: Final = 8 * 1024 * 1024
 """Producer request and topic ``max.message.bytes``: a write batch is packed to stay below it."""
 REQUEST_TIMEOUT_MS: Final = 30_000
@@ -41,38 +43,11 @@ wake, drain the batch and write the request, so the broker stores record N while
 built (``send`` itself never yields while the buffer has room)."""
 FETCH_MAX_BYTES: Final = 2 * MAX_RECORD_BYTES
 """What one fetch returns at most: two of the largest records, and below the allocator's mmap
-threshold (see :func:`tune_allocator`)."""
+threshold (see :func:`~vmreplica.journal.allocator.tune_allocator`)."""
 READ_TO_END_FETCH_SECONDS: Final = 0.05
 """How long :func:`read_to_end` lets one fetch wait. A topic written in transactions ends with a
 commit marker, which a fetch consumes without returning a record: a longer wait there is pure
 delay (a whole second per read, each failover step reads the journal), not fewer requests."""
-MALLOC_MMAP_THRESHOLD_BYTES: Final = 32 * 1024 * 1024
-MALLOC_TRIM_THRESHOLD_BYTES: Final = 64 * 1024 * 1024
-_M_TRIM_THRESHOLD: Final = -1
-_M_MMAP_THRESHOLD: Final = -3
-
-
-@functools.cache
-def tune_allocator() -> bool:
-    """Let glibc's malloc reuse the multi-MiB buffers Kafka records pass through.
-
-    Every record is copied several times on its way through aiokafka (batch, request, frame;
-    response, fetch buffer, value), each copy into a freshly allocated buffer of a few MiB. With
-    glibc's defaults such buffers are mapped and unmapped, or the heap trimmed, at every record,
-    and the page faults of touching new pages cost more CPU than the copies themselves: about
-    half of what publishing and reading cost. Raising the mmap threshold to its maximum and
-    keeping up to 64 MiB free at the heap top lets them be reused. Process-wide, done once, and
-    a no-op where the C library has no ``mallopt``. Returns whether it was applied.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES)
-                and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD_BYTES))
 
 
 @dataclass(frozen=True)
@@ -168,21 +143,34 @@ class TopicAdmin:
         return True
 
     async def topic_configs(self, name: str) -> dict[str, str]:
-        """The topic's effective configuration, as the broker reports it."""
-        try:
-            responses = await self._admin.describe_configs(
-                [ConfigResource(ConfigResourceType.TOPIC, name)])
-        except KafkaError as error:
-            raise _translate(error, f"describing topic {name}") from error
-        configs: dict[str, str] = {}
-        for response in responses:
-            for resource in response.resources:
-                error_code, error_message = resource[0], resource[1]
-                if error_code != 0:
-                    raise BrokerError(f"describing topic {name}: {error_message}")
-                for entry in resource[4]:
-                    configs[entry[0]] = entry[1]
-        return configs
+        """The topic's effective configuration, as the broker reports it.
+
+        A broker of a cluster learns of a topic just created a moment after the controller: an
+        unknown topic is asked again for up to :data:`TOPIC_PROPAGATION_SECONDS`.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TOPIC_PROPAGATION_SECONDS
+        while True:
+            try:
+                responses = await self._admin.describe_configs(
+                    [ConfigResource(ConfigResourceType.TOPIC, name)])
+            except KafkaError as error:
+                raise _translate(error, f"describing topic {name}") from error
+            configs: dict[str, str] = {}
+            unknown = False
+            for response in responses:
+                for resource in response.resources:
+                    error_code, error_message = resource[0], resource[1]
+                    if error_code == _UNKNOWN_TOPIC_OR_PARTITION and loop.time() < deadline:
+                        unknown = True
+                    elif error_code != 0:
+                        raise BrokerError(f"describing topic {name}: error code {error_code} "
+                                          f"{error_message or '(no message)'}")
+                    for entry in resource[4]:
+                        configs[entry[0]] = entry[1]
+            if not unknown:
+                return configs
+            await asyncio.sleep(0.1)
 
     async def topics(self) -> list[str]:
         try:

@@ -9,17 +9,11 @@ journaling device that captures writes for replication implements the same Proto
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import errno
 import os
-from typing import Final, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-# fallocate(2) modes; Python's os module exposes only posix_fallocate, which cannot free space.
-_FALLOC_FL_KEEP_SIZE: Final = 0x01
-_FALLOC_FL_PUNCH_HOLE: Final = 0x02
-# Zeroes are written in chunks of this size when the filesystem cannot punch holes.
-_ZERO_CHUNK_BYTES: Final = 1 << 20
+from vmreplica.storage.safefile import zero_range
 
 
 @runtime_checkable
@@ -72,23 +66,6 @@ class BlockDevice(Protocol):
         ...
 
 
-def _load_fallocate() -> ctypes._NamedFuncPointer | None:
-    """libc's fallocate(2), or None where there is no such call (non-Linux)."""
-    library = ctypes.util.find_library("c")
-    if library is None:
-        return None
-    try:
-        function = ctypes.CDLL(library, use_errno=True).fallocate
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    function.restype = ctypes.c_int
-    return function
-
-
-_fallocate: Final = _load_fallocate()
-
-
 class FileBlockDevice:
     """A raw image file served as a block device.
 
@@ -104,7 +81,8 @@ class FileBlockDevice:
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
         self._fd = os.open(self.path, flags)
         self._size = os.fstat(self._fd).st_size
-        self._can_punch_holes = _fallocate is not None
+        self._can_punch_holes = True
+        """False once the file system has said it cannot punch holes: zeros are written then."""
 
     @property
     def size(self) -> int:
@@ -156,24 +134,6 @@ class FileBlockDevice:
         await asyncio.to_thread(os.fsync, self._fd)
 
     def _zero_range(self, offset: int, length: int, may_punch: bool) -> None:
-        if length == 0:
-            return
-        if may_punch and self._can_punch_holes and self._punch_hole(offset, length):
-            return
-        chunk = bytes(min(length, _ZERO_CHUNK_BYTES))
-        end = offset + length
-        while offset < end:
-            count = min(len(chunk), end - offset)
-            offset += os.pwrite(self._fd, chunk[:count] if count < len(chunk) else chunk, offset)
-
-    def _punch_hole(self, offset: int, length: int) -> bool:
-        """Return False (and stop trying) where the filesystem cannot punch holes."""
-        assert _fallocate is not None
-        mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
-        if _fallocate(self._fd, mode, offset, length) == 0:
-            return True
-        code = ctypes.get_errno()
-        if code in (errno.EOPNOTSUPP, errno.ENOSYS):
+        punch = may_punch and self._can_punch_holes
+        if not zero_range(self._fd, offset, length, punch=punch, name=self.path):
             self._can_punch_holes = False
-            return False
-        raise OSError(code, os.strerror(code), self.path)

@@ -2,14 +2,18 @@
 
 For each VM it is primary of, the agent seeds the replica (if not yet done), cuts and ships a
 cycle every replication period (continuous mode: every second, or sooner once the change log
-holds ``continuous_max_bytes``), and heartbeats. For each VM it is replica of, it applies the
-journal as it arrives. New VMs (enabled here, or discovered in the trust group's topics) are
-picked up while it runs. One VM's failure never stops the others.
+holds ``continuous_max_bytes``), heartbeats, and runs a resync when one is pending, beside the
+cycles (the VM keeps running). For each VM it is replica of, it applies the journal as it
+arrives. New VMs (enabled here, or discovered in the trust group's topics) are picked up while
+it runs. One VM's failure never stops the others.
 
 A ``--capture nbd`` VM's exports belong to the agent, not to one worker: they stay up across
 every role change, capturing writes while the VM is primary here and serving the images
 read-only (writes refused with EPERM) otherwise, so the new primary of a failover serves the
 same export names and the old one still answers its hypervisor.
+
+Before it runs, :func:`check_folders` and the listeners (metrics, NBD over TCP) refuse a setting
+the agent cannot work with in one line that names the setting, the problem and what to do.
 """
 
 from __future__ import annotations
@@ -23,11 +27,18 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final
 
+from vmreplica.config import SiteConfig, cannot_listen
 from vmreplica.consumers.drill import FailoverDrill
 from vmreplica.consumers.replica import ReplicaVm
+from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import VmRecord
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import ConfigurationError, ReplicationError, SupersededError
+from vmreplica.errors import (
+    ConfigurationError,
+    ReplicationError,
+    ResyncRefused,
+    SupersededError,
+)
 from vmreplica.failover import (
     carry_out,
     demote,
@@ -37,15 +48,26 @@ from vmreplica.failover import (
     promote,
     takes_over,
 )
-from vmreplica.failover.requests import posted_request
+from vmreplica.failover.requests import FailoverRequest, Resynchronize, posted_request
+from vmreplica.failover.resync import (
+    ResyncBusy,
+    ResyncRun,
+    accept_resync,
+    cancel_resync,
+    load_job,
+    running,
+)
+from vmreplica.journal.kafka import JournalReader
 from vmreplica.nbd.server import NbdServer
 from vmreplica.producers.capture_front import CaptureFront
-from vmreplica.producers.nbd_exports import VmExports, socket_path
+from vmreplica.producers.nbd_exports import UNIX_PATH_MAX_BYTES, VmExports, socket_path
 from vmreplica.producers.primary import PrimaryVm
 from vmreplica.runtime.extension import ExtendedReplication, load_extension
-from vmreplica.runtime.metrics import SiteMetrics
+from vmreplica.runtime.metrics import CycleStat, SiteMetrics, failure_reason
 from vmreplica.runtime.site import Site
 from vmreplica.runtime.status import vm_status
+from vmreplica.schemas.codec import decode_status
+from vmreplica.schemas.events import ReplicaPosition, ResyncRequest
 from vmreplica.storage.mailbox import Mailbox
 
 log = logging.getLogger(__name__)
@@ -66,6 +88,53 @@ CONTINUOUS_TICK_SECONDS: Final = 1.0
 ALIVE_STAMP_SECONDS: Final = 2.0
 """How often the agent stamps the mailbox while it carries out a long request (well inside the
 mailbox's ten seconds of liveness)."""
+STOP_GRACE_SECONDS: Final = 20.0
+"""On a stop, how long the workers get to end by themselves (a primary's final cycle) before
+they are cancelled."""
+RESYNC_CHECK_SECONDS: Final = 1.0
+"""How often a primary worker looks for a pending resync job."""
+RESYNC_WATCH_SECONDS: Final = 5.0
+"""How often a primary reads its status topic for a replica that says it needs a resync."""
+STATUS_TAIL_RECORDS: Final = 500
+"""A primary worker starts reading its status topic this many records back: a replica waiting
+for a resync repeats its position every minute, so it is among them."""
+
+
+def check_folders(config: SiteConfig) -> None:
+    """Refuse a storage root or NBD socket folder the agent cannot use, before it opens them.
+
+    :raises ConfigurationError: one line: the setting, what is wrong, what to do.
+    """
+    _usable_folder("root", config.root, "the storage root")
+    socket_dir = config.nbd_socket_dir
+    if socket_dir is not None:
+        _usable_folder("nbd_socket_dir", socket_dir, "the NBD socket folder")
+        shortest = len(os.fsencode(socket_dir / "v.sock"))
+        if shortest > UNIX_PATH_MAX_BYTES:
+            raise ConfigurationError(
+                f"`nbd_socket_dir` {socket_dir}: too long for a Unix socket ({shortest} bytes "
+                f"with a one-letter VM name, {UNIX_PATH_MAX_BYTES} allowed). Operator action: "
+                "set `nbd_socket_dir` to a short folder such as /run/vmreplica.")
+
+
+def _usable_folder(setting: str, path: os.PathLike[str], what: str) -> None:
+    folder = os.fspath(path)
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise ConfigurationError(
+            f"`{setting}` {folder}: {what} is a file, not a folder. Operator action: set "
+            f"`{setting}` to a folder, or move the file away.")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise ConfigurationError(
+            f"`{setting}` {folder}: cannot create {what}: {error.strerror or error}. Operator "
+            f"action: create it for this user (uid {os.getuid()}), or set `{setting}` to a "
+            "folder it can write.") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigurationError(
+            f"`{setting}` {folder}: {what} is not writable by this user (uid {os.getuid()}). "
+            f"Operator action: give it write access, or set `{setting}` to a folder it can "
+            "write.")
 
 
 class Agent:
@@ -83,6 +152,8 @@ class Agent:
         self._next_discovery = 0.0
         self._next_metrics = 0.0
         self.metrics = SiteMetrics(site.config.site)
+        self.metrics_url: str | None = None
+        """Where Prometheus scrapes this agent, once it runs (``metrics_port`` set)."""
         self.primaries: dict[str, PrimaryVm] = {}
         """Open primary VMs: a program capturing through the API writes to their ``capture``."""
         self.fronts: dict[str, CaptureFront] = {}
@@ -94,6 +165,8 @@ class Agent:
         """The loopback TCP listener for every NBD export (``nbd_tcp_port``), if configured."""
         self.mailbox = Mailbox(site.config.catalog_path)
         """Where the CLI leaves failover requests, and where the agent says it is alive."""
+        self.resyncs: dict[str, ResyncWorker] = {}
+        """The resync runner of each open primary."""
 
     def stop(self) -> None:
         self.stopping.set()
@@ -105,11 +178,21 @@ class Agent:
                 loop.add_signal_handler(signum, self.stop)
         if self._early_signals:
             self.stop()
-        log.info("agent of site %s started", self.site.config.site)
-        await self._start_nbd_tcp()
-        if self.site.config.metrics_port is not None:
-            self.metrics.serve(self.site.config.metrics_port)
-            log.info("metrics on http://127.0.0.1:%d/metrics", self.site.config.metrics_port)
+        config = self.site.config
+        if config.metrics_port is not None:
+            self.metrics_url = self.metrics.serve(config.metrics_port, config.metrics_address)
+        try:
+            await self._start_nbd_tcp()
+            log.info("agent of site %s started", config.site)
+            if self.metrics_url is not None:
+                log.info("metrics on %s", self.metrics_url)
+            await self._run_until_stopped()
+        finally:
+            if self.nbd_tcp is not None:
+                await self.nbd_tcp.stop()
+            await asyncio.to_thread(self.metrics.stop)
+
+    async def _run_until_stopped(self) -> None:
         await self.mailbox.start()
         try:
             while not self.stopping.is_set():
@@ -120,25 +203,39 @@ class Agent:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), REQUEST_POLL_SECONDS)
         finally:
-            for task in self._tasks.values():
+            # Workers see ``stopping`` and end by themselves first: a primary ships what was
+            # written before the stop. Only one that does not end in time is cancelled.
+            tasks = list(self._tasks.values())
+            if tasks and self.stopping.is_set():
+                await asyncio.wait(tasks, timeout=STOP_GRACE_SECONDS)
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             for exports in self.exports.values():
                 await exports.stop()
             self.exports.clear()
-            if self.nbd_tcp is not None:
-                await self.nbd_tcp.stop()
             await self.mailbox.agent_gone(self.site.config.site)
             await self.mailbox.stop()
             log.info("agent of site %s stopped", self.site.config.site)
 
     async def _refresh_metrics(self) -> None:
+        """Gauges from the catalog, and the cycles it recorded since the last refresh."""
         loop = asyncio.get_running_loop()
         if self.site.config.metrics_port is None or loop.time() < self._next_metrics:
             return
         self._next_metrics = loop.time() + METRICS_SECONDS
-        for record in await self.site.catalog.vms():
-            self.metrics.update(await vm_status(self.site, record, with_replica=False))
+        catalog = self.site.catalog
+        now = now_ms()
+        records = await catalog.vms()
+        for record in records:
+            status = await vm_status(self.site, record, with_replica=False)
+            position = await catalog.position(record.name)
+            since = self.metrics.since_ms(record.name)
+            if position is not None:  # the current cycle's row too: its cut time is the RPO's
+                since = min(since, position.at_ms)
+            stats = [CycleStat(*row) for row in await catalog.cycle_stats(record.name, since)]
+            self.metrics.update(status, stats, position, now)
+        self.metrics.retain(record.name for record in records)
 
     async def _stop_worker(self, vm: str) -> None:
         task = self._tasks.pop(vm, None)
@@ -147,7 +244,8 @@ class Agent:
             await asyncio.gather(task, return_exceptions=True)
 
     async def _carry_out_requests(self) -> None:
-        """Failover requests the CLI left in the mailbox: each needs its VM to itself.
+        """Requests the CLI left in the mailbox. A failover needs its VM to itself; a resync
+        is handed to the VM's running worker instead, as the VM keeps running through it.
 
         A request that cannot be read (a mistake, or a kind this version does not know) fails
         without stopping the VM's worker.
@@ -156,16 +254,18 @@ class Agent:
             alive = asyncio.create_task(self._stay_alive())
             try:
                 request = posted_request(posted)
-                await self._stop_worker(request.vm)
-                result = await carry_out(self.site, request)
+                result = await self._carry_out(request)
             except ConfigurationError as error:
                 await self.mailbox.finish(posted.id, "failed", str(error))
+                self.metrics.failover(posted.vm, posted.kind, "failed")
                 log.error("VM %s: %s failed: %s", posted.vm, posted.kind, error)
             except ReplicationError as error:
                 await self.mailbox.finish(posted.id, "refused", str(error))
+                self.metrics.failover(posted.vm, posted.kind, "refused")
                 log.error("VM %s: %s refused: %s", posted.vm, posted.kind, error)
             else:
                 await self.mailbox.finish(posted.id, "done", result)
+                self.metrics.failover(posted.vm, posted.kind, "done")
                 log.info("VM %s: %s", posted.vm, result)
             finally:
                 alive.cancel()
@@ -177,6 +277,21 @@ class Agent:
         while True:
             await asyncio.sleep(ALIVE_STAMP_SECONDS)
             await self.mailbox.agent_alive(self.site.config.site, os.getpid())
+
+    async def _carry_out(self, request: FailoverRequest) -> str:
+        if not isinstance(request, Resynchronize):
+            await self._stop_worker(request.vm)
+            return await carry_out(self.site, request)
+        vm = request.vm
+        if request.cancel:
+            job = load_job(self.site.config.vm_folder(vm))
+            worker = self.resyncs.get(vm)
+            if job is not None and job.phase != "sending" and worker is not None:
+                await worker.stop()  # so that it cannot write the job again
+            return (await cancel_resync(self.site, vm)).summary()
+        job = await accept_resync(self.site, vm, request.site, not_before_ms=request.at_ms)
+        return (f"{job.summary()}; this site's agent runs it while the VM keeps replicating: "
+                f"`vmreplica status {vm}` shows its progress")
 
     async def _start_new_workers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -208,8 +323,10 @@ class Agent:
         log.warning("VM %s: %s", record.name, error)
         if record.state is ReplicationState.PREPARED_FOR_PLANNED_FAILOVER:
             await follow_takeover(self.site, record.name)
+            self.metrics.failover(record.name, "follow")
         else:
             diverged = await demote(self.site, record.name, error.start, error.offset)
+            self.metrics.failover(record.name, "stand_down")
             log.warning("VM %s: now a replica of %s; %d bytes diverged", record.name,
                         error.start.primary_site, diverged)
 
@@ -223,6 +340,7 @@ class Agent:
         except SupersededError as error:
             await self._superseded(record, error)
         except ReplicationError as error:
+            self.metrics.failed(record.name, failure_reason(error))
             await self.site.catalog.set_state(record.name, ReplicationState.ERROR, str(error))
             log.error("VM %s: %s", record.name, error)
             if not error.retriable:
@@ -240,10 +358,10 @@ class Agent:
             drill = FailoverDrill(self.site.catalog, replica)
             hop = HopRelay(self.site, record.name)
             try:
-                while not self.stopping.is_set() and replica.violation is None:
+                while not self.stopping.is_set() and not replica.stopped:
                     cursor = replica.materializer.cursor
                     epoch, before = cursor.epoch, cursor.next_offset
-                    await replica.step()
+                    await self._apply(replica)
                     if replica.materializer.cursor.epoch != epoch:
                         await self._follow_new_primary(record.name, before)
                     await drill.poll()
@@ -256,6 +374,7 @@ class Agent:
             prepared = replica.materializer.prepared
         if prepared is not None:
             start = await promote(self.site, record.name, prepared=prepared)
+            self.metrics.failover(record.name, "takeover")
             log.info("VM %s: took over as primary in epoch %d", record.name, start.epoch)
 
     async def _follow_new_primary(self, vm: str, start_offset: int) -> None:
@@ -266,6 +385,18 @@ class Agent:
         log.info("VM %s: site %s took over in epoch %d; this replica follows it",
                  vm, start.primary_site, start.epoch)
         await self._serve_replica(await self.site.catalog.vm(vm))
+
+    async def _apply(self, replica: ReplicaVm) -> None:
+        """One step of the replica; the time it spent applying goes to the cycles it applied,
+        and a journal violation it met is counted as a failure once."""
+        cycle, spent, violation = (replica.materializer.cursor.cycle, replica.apply_seconds,
+                                   replica.violation)
+        await replica.step()
+        if replica.violation is not None and replica.violation is not violation:
+            self.metrics.failed(replica.name, "journal")
+        applied = replica.materializer.cursor.cycle - cycle
+        if applied > 0:
+            self.metrics.applied(replica.name, replica.apply_seconds - spent, applied)
 
     async def _prepared_and_caught_up(self, replica: ReplicaVm) -> bool:
         """The primary prepared a planned failover to this site, and nothing after it
@@ -311,12 +442,15 @@ class Agent:
                 primary, self.site.config, self.nbd_tcp, exports) as front:
             self.primaries[record.name] = primary
             self.fronts[record.name] = front
+            resync = self.resyncs[record.name] = ResyncWorker(self.site, primary)
             try:
                 if record.state in (ReplicationState.READY_FOR_INITIAL_REPLICATION,
                                     ReplicationState.INITIAL_REPLICATION_IN_PROGRESS):
                     await front.initial_replication()
-                await self._cycles(primary)
+                await self._cycles(primary, resync)
             finally:
+                await resync.stop()
+                del self.resyncs[record.name]
                 del self.primaries[record.name]
                 del self.fronts[record.name]
 
@@ -325,7 +459,11 @@ class Agent:
         if config.nbd_tcp_port is None:
             return
         server = NbdServer({}, tcp=(config.nbd_tcp_host, config.nbd_tcp_port))
-        await server.start()
+        try:
+            await server.start()
+        except OSError as error:
+            raise cannot_listen("nbd_tcp_port", "nbd_tcp_host", config.nbd_tcp_port,
+                                config.nbd_tcp_host, error) from None
         self.nbd_tcp = server
         log.info("serving NBD exports on %s as <vm>.<disk>", server.tcp_address)
 
@@ -333,9 +471,13 @@ class Agent:
         """One cycle, through the VM's capture front (scan, hooks, off-loop copies) if open."""
         front = self.fronts.get(primary.name)
         if front is not None:
-            await front.cycle()
+            shipped = await front.cycle()
+            if not shipped:  # a cut hook failed: the front logged it and skipped the cycle
+                self.metrics.failed(primary.name, "hook")
         else:
-            await primary.replicate()
+            shipped = await primary.replicate()
+        for cycle in shipped:
+            self.metrics.written(primary.name, cycle.bytes_written)
 
     async def _follow(self, record: VmRecord) -> bool:
         """A prepared primary waits for its replica to take over; True when it did. One that
@@ -363,13 +505,15 @@ class Agent:
             await asyncio.sleep(0.05)
         return self.primaries[vm]
 
-    async def _cycles(self, primary: PrimaryVm) -> None:
+    async def _cycles(self, primary: PrimaryVm, resync: ResyncWorker) -> None:
         settings = primary.record.settings
         period = settings.frequency_seconds or CONTINUOUS_TICK_SECONDS
         loop = asyncio.get_running_loop()
         next_cut = loop.time() + period
         next_beat = loop.time()
         while not self.stopping.is_set():
+            resync.poll()
+            await resync.watch()
             now = loop.time()
             due = now >= next_cut or (settings.frequency_seconds == 0 and
                                       primary.capture.log.segment_bytes
@@ -381,7 +525,7 @@ class Agent:
             if now >= next_beat:
                 await primary.heartbeat()
                 next_beat = now + self.site.config.heartbeat_seconds
-            wait = max(0.05, min(next_cut, next_beat) - loop.time())
+            wait = max(0.05, min(next_cut, next_beat, now + RESYNC_CHECK_SECONDS) - loop.time())
             if settings.frequency_seconds == 0:
                 wait = min(wait, 0.1)
             with contextlib.suppress(TimeoutError):
@@ -394,6 +538,132 @@ class Agent:
         state = (await self.site.catalog.vm(primary.name)).state
         return state not in (ReplicationState.FAILED_OVER,
                              ReplicationState.FAILED_OVER_WAITING_COMPLETION)
+
+
+class ResyncWorker:
+    """Runs a primary VM's pending resync (:mod:`vmreplica.failover.resync`) beside its cycles,
+    and starts one when a replica says it needs it.
+
+    The job file says what is pending; a job cut short (the worker stopped, a broker away)
+    resumes from it at the next poll, or after :data:`RETRY_SECONDS` on an error.
+    """
+
+    def __init__(self, site: Site, primary: PrimaryVm) -> None:
+        self.site = site
+        self.primary = primary
+        self.folder = site.config.vm_folder(primary.name)
+        self.task: asyncio.Task[None] | None = None
+        self.next_check = 0.0
+        self.next_watch = 0.0
+        self.status: JournalReader | None = None
+        self.positions: dict[str, ReplicaPosition] = {}
+        """The latest position each site reported on the status topic."""
+        self.reasons: dict[str, str] = {}
+        """Why each site last asked for a resync."""
+
+    async def watch(self) -> None:
+        """A replica site whose latest position says "resynchronization required" (a journal
+        violation stopped it): resync it (``auto_resync``), or turn this VM's state, and so its
+        health, critical with what to do. Errors are logged: the cycles go on."""
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.next_watch:
+            return
+        self.next_watch = loop.time() + RESYNC_WATCH_SECONDS
+        vm = self.primary.name
+        try:
+            record = await self.site.catalog.vm(vm)
+            if record.state is not ReplicationState.REPLICATING:
+                return  # resynchronizing, or the need is known already
+            await self._read_status()
+            job = load_job(self.folder)
+            if job is not None and job.active:
+                return
+            for target in (record.partner_site, *record.settings.also_replicate_to):
+                position = self.positions.get(target)
+                if (position is None or position.state
+                        != ReplicationState.RESYNCHRONIZATION_REQUIRED.value):
+                    continue
+                if (job is not None and job.target == target and job.epoch is not None
+                        and position.epoch < job.epoch):
+                    continue  # said before the last resync of it was applied
+                reason = self.reasons.get(target, "it stopped at a journal violation")
+                if record.settings.auto_resync:
+                    started = await accept_resync(
+                        self.site, vm, target, f"automatic: {target} needs it ({reason})",
+                        automatic=True)
+                    log.warning("VM %s: %s", vm, started.summary())
+                else:
+                    await self.site.catalog.set_state(
+                        vm, ReplicationState.RESYNCHRONIZATION_REQUIRED,
+                        f"replica site {target} needs a resynchronization ({reason}); "
+                        f"automatic resync is off for this VM: run `vmreplica resync {vm}`")
+                    log.error("VM %s: replica site %s needs a resynchronization: %s", vm,
+                              target, reason)
+                return
+        except ReplicationError as error:
+            log.warning("VM %s: could not check its replicas for a resync: %s", vm, error)
+
+    async def _read_status(self) -> None:
+        """What the status topic says since the last look (at first, its tail)."""
+        if self.status is None:
+            reader = JournalReader(self.site.connection, self.site.status_topic(self.primary.name))
+            await reader.start()
+            self.status = reader
+            reader.seek(max(0, await reader.end_offset() - STATUS_TAIL_RECORDS))
+        for message in await self.status.fetch(0.2):
+            try:
+                event = decode_status(message.value)
+            except ReplicationError:
+                continue  # not ours to judge here; the status command shows what it can
+            if isinstance(event, ReplicaPosition):
+                self.positions[event.site] = event
+            elif isinstance(event, ResyncRequest) and event.disk is None:
+                self.reasons[event.site] = event.reason
+
+    def poll(self) -> None:
+        """Start the pending job if none runs; cheap enough to call every loop turn."""
+        loop = asyncio.get_running_loop()
+        if (self.task is not None and not self.task.done()) or loop.time() < self.next_check:
+            return
+        self.task = None
+        self.next_check = loop.time() + RESYNC_CHECK_SECONDS
+        try:
+            job = load_job(self.folder)
+        except ConfigurationError as error:
+            log.error("VM %s: %s", self.primary.name, error)
+            self.next_check = loop.time() + HELD_SECONDS
+            return
+        if job is not None and job.active:
+            self.task = asyncio.create_task(self._run(), name=f"resync-{self.primary.name}")
+
+    async def _run(self) -> None:
+        vm = self.primary.name
+        try:
+            with running(self.folder):
+                job = await ResyncRun(self.site, self.primary).run()
+            log.info("VM %s: %s", vm, job.summary())
+        except ResyncBusy as busy:  # a `vmreplica resync` run while no agent was
+            log.info("VM %s: %s; looking again in %.0f s", vm, busy, RETRY_SECONDS)
+            self.next_check = asyncio.get_running_loop().time() + RETRY_SECONDS
+        except ResyncRefused as refusal:
+            log.error("VM %s: resync refused: %s", vm, refusal)
+        except ReplicationError as error:
+            log.warning("VM %s: resync interrupted, retried in %.0f s: %s", vm, RETRY_SECONDS,
+                        error)
+            self.next_check = asyncio.get_running_loop().time() + RETRY_SECONDS
+        except Exception:  # a bug must not take the VM's cycles down with it
+            log.exception("VM %s: resync failed; retried in %.0f s", vm, HELD_SECONDS)
+            self.next_check = asyncio.get_running_loop().time() + HELD_SECONDS
+
+    async def stop(self) -> None:
+        """Cancel a running job (it resumes from its file); a second call is harmless."""
+        if self.task is not None:
+            task, self.task = self.task, None
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self.status is not None:
+            status, self.status = self.status, None
+            await status.stop()
 
 
 class HopRelay:

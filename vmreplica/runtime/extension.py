@@ -5,7 +5,8 @@ journal — its own topic in another trust group, possibly on another Kafka clus
 site C replicates like any other. Two steps:
 
 1. **Seed** (once, holding the VM's apply lock so no cycle lands meanwhile): EpochStart and
-   VmConfig naming C, then B's images at its applied cycle K as SeedChunks, then ``done``.
+   VmConfig naming C, then B's images at its applied cycle K as SeedChunks, then ``done``, sent
+   by the primary's own seeder (:class:`vmreplica.producers.seed.Seeder`).
 2. **Relay** (every ``frequency`` seconds, 300 or 900 like Hyper-V): copy each complete cycle
    B has applied after K from the upstream journal to the hop journal, one transaction per
    cycle, records unchanged, so numbers and the hash chain carry through. Epoch starts are
@@ -17,11 +18,7 @@ Only cycles B has applied (and therefore checked) are relayed.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
-from typing import Final
-
-import zstandard
 
 from vmreplica.consumers.points import apply_lock
 from vmreplica.domain import names
@@ -36,20 +33,17 @@ from vmreplica.journal.kafka import (
     TopicAdmin,
     read_to_end,
 )
+from vmreplica.producers.seed import Seeder
 from vmreplica.runtime.site import Site
 from vmreplica.schemas.codec import decode_journal, encode
 from vmreplica.schemas.events import (
-    Compression,
     CycleCommit,
     DiskSize,
     EpochStart,
-    SeedChunk,
     VmConfig,
     WriteBatch,
 )
-from vmreplica.storage.image import DiskImage, nonzero_chunks
-
-SEED_CHUNK_BYTES: Final = 4 * 1024 * 1024
+from vmreplica.storage.image import DiskImage
 
 
 @dataclass(frozen=True)
@@ -126,8 +120,6 @@ class ExtendedReplication:
         vm = self.extension.vm
         record = await self.site.catalog.vm(vm)
         key = vm.encode()
-        sent = 0
-        compressor = zstandard.ZstdCompressor(level=1)
         with apply_lock(self.site.config.vm_folder(vm)):
             position = await self.site.catalog.position(vm)
             if position is None:
@@ -139,20 +131,13 @@ class ExtendedReplication:
             config = VmConfig(vm, position.epoch, disks, self.extension.frequency_seconds, 0,
                               None, self.site.config.site, now_ms(), (self.extension.to_site,))
             await self.publisher.publish(self.topic, key, [encode(start), encode(config)])
+            seeder = Seeder(self.publisher, self.topic, vm, position.epoch, f"{vm}-extend")
             for disk in record.disks:
                 with DiskImage.open(disk.path, writable=False) as image:
-                    for offset, data in nonzero_chunks(image, 0, SEED_CHUNK_BYTES):
-                        packed = compressor.compress(data)
-                        chunk = SeedChunk(vm, position.epoch, disk.name, offset, len(data),
-                                          Compression.ZSTD, packed, zlib.crc32(data),
-                                          f"{vm}-extend", False)
-                        await self.publisher.publish(self.topic, key, [encode(chunk)])
-                        sent += len(packed)
-            done = SeedChunk(vm, position.epoch, "", 0, 0, Compression.NONE, b"", 0,
-                             f"{vm}-extend", True)
-            await self.publisher.publish(self.topic, key, [encode(done)])
+                    await seeder.send_disk(disk.name, image)
+            await seeder.finish()
             await self.site.catalog.set_extension_offset(vm, position.next_offset)
-        return sent
+        return seeder.bytes_sent
 
     async def _relayed_cycle(self) -> int:
         """The last cycle already in the hop journal (-1 if none): never relay one twice."""

@@ -1,8 +1,9 @@
 """What `vmreplica status`, its `--json` and the Prometheus metrics say about a VM.
 
 State and health by name (Hyper-V's rules over a one-hour monitoring window), position, seconds
-behind, pending bytes, and on a primary the position its replica last reported. :func:`vm_status`
-returns a :class:`VmStatus`; the CLI turns it into JSON and tables, the agent into metrics.
+behind, pending bytes, on a primary the position its replica last reported, and a resync's
+progress while it runs (and its figures once it ended). :func:`vm_status` returns a
+:class:`VmStatus`; the CLI turns it into JSON and tables, the agent into metrics.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from vmreplica.domain.clock import HOUR_MS
 from vmreplica.domain.model import VmRecord
 from vmreplica.domain.states import HealthReport, WindowStats, assess
 from vmreplica.errors import ConfigurationError
+from vmreplica.failover.resync import ResyncJob, job_or_none
 from vmreplica.journal.kafka import read_to_end
 from vmreplica.producers.changelog import pending_bytes
 from vmreplica.producers.nbd_exports import nbd_uris, socket_path
@@ -66,6 +68,9 @@ class VmStatus:
     """Since the last cycle was shipped or applied, to a tenth of a second; None before one."""
     cycles_in_window: int
     progress: PrimaryProgress | ReplicaProgress
+    resync: ResyncJob | None = None
+    """The primary's resync: running (its phase and bytes examined, differing, sent), or the
+    last one that ended."""
 
     @property
     def last_cycle(self) -> int | None:
@@ -128,4 +133,5 @@ async def vm_status(site: Site, record: VmRecord, with_replica: bool = True) -> 
     return VmStatus(
         record, capture_status(site.config, record), report,
         None if position is None else round((now_ms - position.at_ms) / 1000, 1),
-        len(stats), progress)
+        len(stats), progress,
+        job_or_none(site, record.name) if record.role == "primary" else None)

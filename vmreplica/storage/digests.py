@@ -3,8 +3,9 @@
 A block's digest is SHA-256 truncated to :data:`DIGEST_BYTES` (16) bytes of its content, a short
 last block padded with zeros to the block size, so a hole, a zeroed block and an all-zero short
 tail all have the digest of zeros. The change scan keeps one per 64 KiB block of the last
-shipped state (``producers/scan.py``); the failover block-compare fallback sends them in
-``DigestMap`` events and compares them with its own (``vmreplica/failover/divergence.py``).
+shipped state (``producers/scan.py``); a replica asked for a resynchronization
+(``consumers/replica.py``) and the failover block-compare fallback send them in ``DigestMap``
+events, and the primary compares them with its own (``vmreplica/failover/divergence.py``).
 
 Why SHA-256 and not BLAKE2b: measured on 64 KiB blocks with ``timeit`` here (CPython 3.11,
 OpenSSL 3.0 with the SHA extensions), ``hashlib.sha256`` takes 38–43 µs per block (1.5–1.7 GB/s)
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -26,6 +28,25 @@ from vmreplica.storage.image import DiskImage
 
 DIGEST_BYTES: Final = 16
 """Bytes of one block digest, as saved by the scan and carried by ``DigestMap``."""
+DIGEST_BLOCK_BYTES_MIN: Final = 64 * 1024
+"""Block size of a DigestMap for disks up to 16 GiB (:data:`DIGEST_BLOCKS_MAX` blocks)."""
+DIGEST_BLOCKS_MAX: Final = 262_144
+"""Blocks per DigestMap: keeps a record near 4 MiB; larger disks use larger blocks."""
+PROGRESS_BLOCKS: Final = 256
+""":func:`image_digests` reports progress every this many blocks (16 MiB of 64 KiB blocks)."""
+
+
+def digest_block_bytes(size: int) -> int:
+    """The block size of a disk's DigestMap: 64 KiB, doubled until the map stays small."""
+    block = DIGEST_BLOCK_BYTES_MIN
+    while size / block > DIGEST_BLOCKS_MAX:
+        block *= 2
+    return block
+
+
+def digest_count(size: int, block_bytes: int) -> int:
+    """How many digests cover a disk of ``size`` bytes in blocks of ``block_bytes``."""
+    return -(-size // block_bytes)
 
 
 def block_digest(data: bytes | bytearray | memoryview, block_bytes: int) -> bytes:
@@ -57,13 +78,15 @@ def data_block_ranges(image: DiskImage, block_bytes: int) -> list[tuple[int, int
     return ranges
 
 
-def image_digests(path: str | Path, block_bytes: int) -> bytes:
+def image_digests(path: str | Path, block_bytes: int,
+                  progress: Callable[[int], None] | None = None) -> bytes:
     """The digest of every block of the image at ``path``, concatenated in block order.
 
-    Holes are hashed as zeros without reading them.
+    Holes are hashed as zeros without reading them. ``progress``, if given, is called now and
+    then with how many bytes from the start of the disk are done (holes count as done).
     """
     with DiskImage.open(path, writable=False) as image:
-        count = -(-image.size // block_bytes)
+        count = digest_count(image.size, block_bytes)
         out = bytearray(zero_digest(block_bytes) * count)
         for first, end in data_block_ranges(image, block_bytes):
             for number in range(first, end):
@@ -71,6 +94,10 @@ def image_digests(path: str | Path, block_bytes: int) -> bytes:
                 data = image.read(offset, min(block_bytes, image.size - offset))
                 out[number * DIGEST_BYTES : (number + 1) * DIGEST_BYTES] = block_digest(
                     data, block_bytes)
+                if progress is not None and number % PROGRESS_BLOCKS == 0:
+                    progress(offset)
+        if progress is not None:
+            progress(image.size)
     return bytes(out)
 
 

@@ -9,40 +9,35 @@ does not fit the disk is a typed error, never a silently grown file.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import os
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
 from vmreplica.errors import ConfigurationError, OutOfBoundsError
+from vmreplica.storage.safefile import replace_atomically, zero_range
 
 IO_CHUNK_BYTES: Final = 4 * 1024 * 1024
-"""Unit of streamed reads and zero-fill writes: large enough for few syscalls, small for memory."""
+"""Unit of streamed reads, digests and copies: large enough for few syscalls, small for memory."""
 _ZERO_CHUNK: Final = bytes(IO_CHUNK_BYTES)
 _ZERO_VIEW: Final = memoryview(_ZERO_CHUNK)
-_FALLOC_FL_KEEP_SIZE: Final = 0x01
-_FALLOC_FL_PUNCH_HOLE: Final = 0x02
 
 
-def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
-    """Return libc ``fallocate`` (Linux), or None where the platform has none."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        function = getattr(libc, "fallocate64", None) or libc.fallocate
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    function.restype = ctypes.c_int
-    return function
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
+    """True when every byte of ``data`` is zero (an empty range is).
 
-
-_fallocate = _load_fallocate()
+    One ``memcmp`` against preallocated zeros per :data:`IO_CHUNK_BYTES`, without copying
+    ``data``; data that is not zero almost always differs at once, so it costs next to nothing.
+    This is what decides which ranges are sent, logged or kept as holes, so every caller asks it.
+    """
+    view = memoryview(data)
+    for start in range(0, len(view), IO_CHUNK_BYTES):
+        if not _ZERO_CHUNK.startswith(view[start : start + IO_CHUNK_BYTES]):
+            return False
+    return True
 
 
 class DiskImage:
@@ -135,27 +130,11 @@ class DiskImage:
     def zero(self, offset: int, length: int) -> None:
         """Make a range read as zeros, releasing its storage where the file system can."""
         self._check(offset, length)
-        if length and not self._punch_hole(offset, length):
-            self._write_zeros(offset, length)
+        zero_range(self._fd, offset, length, name=str(self._path))
 
     def trim(self, offset: int, length: int) -> None:
         """Discard a range. It then reads as zeros, as on the primary, so digests stay equal."""
         self.zero(offset, length)
-
-    def _punch_hole(self, offset: int, length: int) -> bool:
-        if _fallocate is None:
-            return False
-        mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
-        if _fallocate(self._fd, mode, offset, length) == 0:
-            return True
-        code = ctypes.get_errno()
-        if code in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            return False
-        raise OSError(code, os.strerror(code), str(self._path))
-
-    def _write_zeros(self, offset: int, length: int) -> None:
-        for start, count in _chunks(offset, length):
-            self.write(start, _ZERO_VIEW[:count])
 
     def resize(self, new_size: int) -> None:
         """Grow (with a hole) or shrink (dropping the tail) the disk to ``new_size`` bytes."""
@@ -257,7 +236,7 @@ def copy_allocated(source: DiskImage, target: DiskImage) -> None:
         for offset, count in _chunks(start, length):
             chunk = buffer[:count]
             source.read_into(offset, chunk)
-            if chunk != _ZERO_VIEW[:count]:
+            if not is_zero(chunk):
                 target.write(offset, chunk)
 
 
@@ -271,43 +250,6 @@ def sparse_copy(source: DiskImage, target_path: str | os.PathLike[str]) -> None:
     replace_atomically(target_path, write)
 
 
-def replace_atomically(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
-    """Replace ``path`` with a file that ``write`` creates, so a crash leaves old or new, whole.
-
-    Steps, in this order for crash safety:
-
-    1. ``write(temporary)`` creates the new file under a unique name in the same folder;
-    2. the temporary file is fsynced, so its content is durable before it gets the name;
-    3. ``os.replace`` renames it over ``path`` (atomic within one file system);
-    4. the folder is fsynced, so the rename itself survives a crash.
-
-    On any error before step 3 the temporary file is removed and ``path`` is untouched.
-    """
-    target = Path(path)
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(temporary)  # 1
-        fd = os.open(temporary, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)  # 2
-        finally:
-            os.close(fd)
-        os.replace(temporary, target)  # 3
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    fsync_directory(target.parent)  # 4
-
-
-def fsync_directory(path: str | os.PathLike[str]) -> None:
-    """Make the entries of a folder (created, renamed or removed files) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def nonzero_chunks(image: DiskImage, start: int, chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
     """(offset, data) of the allocated chunks of ``image`` from ``start`` that are not all zero,
     aligned to ``chunk_bytes``: what an initial copy sends (holes and zero blocks are skipped)."""
@@ -316,6 +258,6 @@ def nonzero_chunks(image: DiskImage, start: int, chunk_bytes: int) -> Iterator[t
         while position < end:
             take = min(chunk_bytes - position % chunk_bytes, end - position)
             data = image.read(position, take)
-            if data.count(0) != len(data):
+            if not is_zero(data):
                 yield position, data
             position += take
