@@ -35,6 +35,7 @@ from vmreplica.domain.model import VmRecord
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import (
     ConfigurationError,
+    FencedError,
     ReplicationError,
     ResyncRefused,
     SupersededError,
@@ -48,7 +49,13 @@ from vmreplica.failover import (
     promote,
     takes_over,
 )
-from vmreplica.failover.requests import FailoverRequest, Resynchronize, posted_request
+from vmreplica.failover.planned import check_planned
+from vmreplica.failover.requests import (
+    FailoverRequest,
+    PlannedFailover,
+    Resynchronize,
+    posted_request,
+)
 from vmreplica.failover.resync import (
     ResyncBusy,
     ResyncRun,
@@ -279,6 +286,8 @@ class Agent:
             await self.mailbox.agent_alive(self.site.config.site, os.getpid())
 
     async def _carry_out(self, request: FailoverRequest) -> str:
+        if isinstance(request, PlannedFailover):  # a bad target leaves the VM capturing
+            await check_planned(self.site, request.vm, request.target)
         if not isinstance(request, Resynchronize):
             await self._stop_worker(request.vm)
             return await carry_out(self.site, request)
@@ -321,6 +330,7 @@ class Agent:
         """A newer epoch exists: a prepared primary follows the takeover, a returning one
         stands down and reports what diverged."""
         log.warning("VM %s: %s", record.name, error)
+        await self._serve_fenced(record, str(error))  # read-only at once, before the report
         if record.state is ReplicationState.PREPARED_FOR_PLANNED_FAILOVER:
             await follow_takeover(self.site, record.name)
             self.metrics.failover(record.name, "follow")
@@ -340,6 +350,8 @@ class Agent:
         except SupersededError as error:
             await self._superseded(record, error)
         except ReplicationError as error:
+            if not isinstance(error, FencedError):  # fenced: no longer primary, stay read-only
+                await self._withdraw(record.name)
             self.metrics.failed(record.name, failure_reason(error))
             await self.site.catalog.set_state(record.name, ReplicationState.ERROR, str(error))
             log.error("VM %s: %s", record.name, error)
@@ -406,20 +418,21 @@ class Agent:
                 and await replica.reader.position() >= await replica.reader.end_offset())
 
     async def _serve_replica(self, record: VmRecord) -> None:
-        """A replica serves the images read-only; failing to (a socket path too long, taken)
-        is logged, and never stops replication."""
-        try:
-            await self._serve(record, (
-                f"VM {record.name!r} is a replica at site {self.site.config.site}; its primary "
-                f"is site {record.partner_site}, whose exports take the VM's writes"))
-        except (ConfigurationError, OSError) as error:
-            log.warning("VM %s: not serving its replica images over NBD: %s", record.name,
-                        error)
+        await self._serve_fenced(record, (
+            f"VM {record.name!r} is a replica at site {self.site.config.site}; its primary is "
+            f"site {record.partner_site}, whose exports take the VM's writes"))
 
-    async def _serve(self, record: VmRecord, reason: str) -> VmExports | None:
-        """The NBD exports of a ``--capture nbd`` VM (None for other VMs), started on first
-        use and kept up while the agent runs, serving the images read-only and refusing writes
-        for ``reason`` until a capture takes them (:class:`CaptureFront`)."""
+    async def _serve_fenced(self, record: VmRecord, reason: str) -> None:
+        """Serve the images read-only; failing to (a socket path too long, taken) is logged,
+        and never stops replication or a failover."""
+        try:
+            await self._serve(record, reason)
+        except (ConfigurationError, OSError) as error:
+            log.warning("VM %s: not serving its images over NBD: %s", record.name, error)
+
+    async def _exports(self, record: VmRecord) -> VmExports | None:
+        """The NBD exports of a ``--capture nbd`` VM (None for other VMs), listening from the
+        first call until the agent stops or :meth:`_withdraw` (they may serve nothing yet)."""
         if record.settings.capture != "nbd":
             return None
         exports = self.exports.get(record.name)
@@ -428,31 +441,55 @@ class Agent:
                                 self.nbd_tcp)
             await exports.start()
             self.exports[record.name] = exports
-        exports.serve_images({d.name: Path(d.path) for d in record.disks}, reason)
         return exports
 
+    async def _serve(self, record: VmRecord, reason: str) -> None:
+        """This site holds the VM but does not capture its writes (a replica, an old primary):
+        its exports serve the images read-only and refuse writes for ``reason``."""
+        exports = await self._exports(record)
+        if exports is not None:
+            exports.serve_images({d.name: Path(d.path) for d in record.disks}, reason)
+
+    async def _withdraw(self, vm: str) -> None:
+        """Stop serving ``vm``'s exports: its worker failed and is retried, still primary here.
+        A hypervisor (QEMU with ``reconnect-delay``) then waits and reconnects to the capture,
+        instead of being told its writes are refused by a site that is still the primary."""
+        exports = self.exports.pop(vm, None)
+        if exports is not None:
+            await exports.stop()
+
     async def _primary(self, record: VmRecord) -> None:
-        exports = await self._serve(record, (
-            f"site {self.site.config.site} does not capture VM {record.name!r}'s writes yet: "
-            f"its agent is opening the VM (state {record.state.value})"))
         if record.state in (ReplicationState.PREPARED_FOR_PLANNED_FAILOVER,
-                            ReplicationState.FAILED_OVER) and await self._follow(record):
-            return
-        async with self.site.primary(record) as primary, CaptureFront(
-                primary, self.site.config, self.nbd_tcp, exports) as front:
-            self.primaries[record.name] = primary
-            self.fronts[record.name] = front
-            resync = self.resyncs[record.name] = ResyncWorker(self.site, primary)
-            try:
-                if record.state in (ReplicationState.READY_FOR_INITIAL_REPLICATION,
-                                    ReplicationState.INITIAL_REPLICATION_IN_PROGRESS):
-                    await front.initial_replication()
-                await self._cycles(primary, resync)
-            finally:
-                await resync.stop()
-                del self.resyncs[record.name]
-                del self.primaries[record.name]
-                del self.fronts[record.name]
+                            ReplicationState.FAILED_OVER):
+            if (record.state is ReplicationState.PREPARED_FOR_PLANNED_FAILOVER
+                    or await self.site.catalog.failover_point(record.name) is None):
+                await self._serve(record, (
+                    f"VM {record.name!r} is being handed over by site {self.site.config.site} "
+                    f"({record.state.value}); write to the new primary's exports"))
+            if await self._follow(record):
+                return
+        async with self.site.primary(record) as primary:
+            # Started only now, and taken by the capture before anything else runs: a client
+            # never finds the socket of an opening primary serving nothing or read-only.
+            exports = await self._exports(record)
+            async with CaptureFront(primary, self.site.config, self.nbd_tcp, exports) as front:
+                await self._capture(record, primary, front)
+
+    async def _capture(self, record: VmRecord, primary: PrimaryVm, front: CaptureFront) -> None:
+        """The primary's work while its capture front runs: seed, then cycles."""
+        self.primaries[record.name] = primary
+        self.fronts[record.name] = front
+        resync = self.resyncs[record.name] = ResyncWorker(self.site, primary)
+        try:
+            if record.state in (ReplicationState.READY_FOR_INITIAL_REPLICATION,
+                                ReplicationState.INITIAL_REPLICATION_IN_PROGRESS):
+                await front.initial_replication()
+            await self._cycles(primary, resync)
+        finally:
+            await resync.stop()
+            del self.resyncs[record.name]
+            del self.primaries[record.name]
+            del self.fronts[record.name]
 
     async def _start_nbd_tcp(self) -> None:
         config = self.site.config
