@@ -2,9 +2,15 @@
 
 Sequence integrity is explicit: within the current epoch the next cycle is exactly ``last + 1``,
 batches of a cycle are numbered from 0 without gaps, the commit's hash chains to the previous
-cycle, every extent lies inside its disk, and every data extent's CRC-32 matches. A violation
-raises :class:`JournalViolation` naming the VM, what was expected and what arrived, and whether
-the remedy is a resynchronization or operator attention.
+cycle, every extent lies inside its disk and its data inside its batch's payload, and every data
+extent's CRC-32 matches; a seed chunk lies inside its disk. A violation raises
+:class:`JournalViolation` naming the VM, what was expected and what arrived, and whether the
+remedy is a resynchronization or operator attention.
+
+These are the checks that need the replica's own state (its disks' sizes, its position). What a
+record may hold whoever reads it — names, non-negative offsets, bounded sizes and counts — was
+checked when it was decoded (:mod:`vmreplica.schemas.validation`); the range checks are repeated
+here, with their own messages, so these functions are safe on records built in memory too.
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ from dataclasses import dataclass
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import CorruptEventError, JournalViolation
 from vmreplica.schemas.chain import cycle_hash
-from vmreplica.schemas.events import CycleCommit, Extent, ExtentKind, WriteBatch
+from vmreplica.schemas.events import CycleCommit, Extent, ExtentKind, SeedChunk, WriteBatch
 from vmreplica.schemas.payload import PayloadUnpacker, verify
+from vmreplica.schemas.validation import range_problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,19 +104,42 @@ def _decoded(vm: str, offset: int, batch: WriteBatch, extent: Extent, payload: m
     if size is None:
         raise JournalViolation(vm, offset, f"{_where(batch)}: unknown disk {extent.disk!r}",
                                ReplicationState.ERROR)
-    if extent.offset < 0 or extent.length <= 0 or extent.offset + extent.length > size:
+    if extent.offset < 0 or extent.length <= 0:
+        raise JournalViolation(
+            vm, offset, f"{_where(batch)}: extent of {extent.length} bytes at {extent.offset} "
+            f"of disk {extent.disk!r}: "
+            f"{range_problem(extent.offset, extent.length, size, 'the disk')}",
+            ReplicationState.ERROR)
+    if extent.offset + extent.length > size:
         raise JournalViolation(
             vm, offset, f"{_where(batch)}: extent of {extent.length} bytes at {extent.offset} "
             f"lies past the end of disk {extent.disk!r} ({size} bytes)", ReplicationState.ERROR)
     if extent.kind is not ExtentKind.DATA:
         return DecodedExtent(extent.disk, extent.offset, extent.length, extent.kind, b"")
-    end = extent.payload_offset + extent.length
-    if extent.payload_offset < 0 or not verify(
-            data := payload[extent.payload_offset:end], extent.crc32, extent.length):
+    problem = range_problem(extent.payload_offset, extent.length, len(payload), "the payload")
+    if problem is not None:
+        raise JournalViolation(
+            vm, offset, f"{_where(batch)}: data of {extent.length} bytes at {extent.offset} of "
+            f"disk {extent.disk!r} is not in the batch's payload: {problem}")
+    data = payload[extent.payload_offset:extent.payload_offset + extent.length]
+    if not verify(data, extent.crc32, extent.length):
         raise JournalViolation(
             vm, offset, f"{_where(batch)}: checksum mismatch for {extent.length} bytes at "
             f"{extent.offset} of disk {extent.disk!r}")
     return DecodedExtent(extent.disk, extent.offset, extent.length, extent.kind, data)
+
+
+def check_seed_chunk(vm: str, offset: int, chunk: SeedChunk,
+                     disk_sizes: Mapping[str, int]) -> None:
+    """A seed chunk (not the ``done`` marker) names a disk of this replica and lies inside it."""
+    size = disk_sizes.get(chunk.disk)
+    if size is None:
+        raise JournalViolation(vm, offset, f"seed chunk for unknown disk {chunk.disk!r}",
+                               ReplicationState.ERROR)
+    problem = range_problem(chunk.offset, chunk.length, size, f"disk {chunk.disk!r}")
+    if problem is not None:
+        raise JournalViolation(vm, offset, f"seed chunk does not fit: {problem}",
+                               ReplicationState.ERROR)
 
 
 def _where(batch: WriteBatch) -> str:

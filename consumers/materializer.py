@@ -22,14 +22,20 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmreplica.consumers.journal_rules import DecodedExtent, check_batch, check_commit, decode_cycle
+from vmreplica.consumers.journal_rules import (
+    DecodedExtent,
+    check_batch,
+    check_commit,
+    check_seed_chunk,
+    decode_cycle,
+)
 from vmreplica.consumers.retention import RetentionPolicy, select_points
 from vmreplica.consumers.undo import UndoLog, UndoWriter
 from vmreplica.consumers.views import PointView
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import Consistency, Position, RecoveryPoint
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import CorruptEventError, DecodeError, JournalViolation
+from vmreplica.errors import CorruptEventError, DecodeError, InvalidEventError, JournalViolation
 from vmreplica.journal.kafka import JournalRecord
 from vmreplica.schemas.chain import GENESIS_HASH
 from vmreplica.schemas.codec import decode_journal
@@ -140,6 +146,9 @@ class Materializer:
                 continue
             try:
                 event = decode_journal(record.value)
+            except InvalidEventError as error:  # decodes, but a value is out of bounds
+                raise JournalViolation(self.vm, record.offset, str(error),
+                                       ReplicationState.ERROR) from error
             except DecodeError as error:
                 raise JournalViolation(self.vm, record.offset, f"undecodable record: {error}",
                                        ReplicationState.ERROR) from error
@@ -250,11 +259,9 @@ class Materializer:
                 now_ms()))
             await self.catalog.set_state(self.vm, ReplicationState.REPLICATING)
             return False
-        target = self.images.get(chunk.disk)
-        if target is None or chunk.offset < 0 or chunk.offset + chunk.length > target.size:
-            raise JournalViolation(self.vm, offset, f"seed chunk of {chunk.length} bytes at "
-                                   f"{chunk.offset} does not fit disk {chunk.disk!r}",
-                                   ReplicationState.ERROR)
+        check_seed_chunk(self.vm, offset, chunk,
+                         {name: image.size for name, image in self.images.items()})
+        target = self.images[chunk.disk]
         try:
             data = self._payloads.unpack(chunk.compression, chunk.payload, chunk.length)
         except CorruptEventError as error:

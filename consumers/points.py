@@ -17,6 +17,7 @@ from typing import Final, Literal
 from vmreplica.consumers.overlay import materialize_point
 from vmreplica.consumers.undo import UndoLog
 from vmreplica.domain.model import Consistency, RecoveryPoint
+from vmreplica.domain.names import check_name
 from vmreplica.errors import ConfigurationError, PrerequisiteMissingError
 from vmreplica.storage.image import DiskImage
 from vmreplica.storage.safefile import exclusive_lock
@@ -56,7 +57,14 @@ def choose_point(points: list[RecoveryPoint], wanted: str) -> RecoveryPoint:
 
 def export_point(images: Mapping[str, Path], undo_folder: Path, point: RecoveryPoint,
                  head_cycle: int, destination: Path, fmt: ExportFormat = "raw") -> list[Path]:
-    """Write each disk as it was at ``point`` to ``destination/<disk>.<fmt>``; return the files."""
+    """Write each disk as it was at ``point`` to ``destination/<disk>.<fmt>``; return the files.
+
+    :raises ConfigurationError: an unknown format, or a disk name that is not a plain name (the
+        names came from the primary's VmConfig: ``../x`` must not write outside ``destination``);
+        nothing is written then.
+    """
+    for disk in images:
+        check_name("disk", disk)
     if fmt not in FORMATS:
         raise ConfigurationError(f"export format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if fmt != "raw" and shutil.which("qemu-img") is None:

@@ -30,8 +30,9 @@ from vmreplica.consumers.points import apply_lock
 from vmreplica.consumers.retention import RetentionPolicy
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import VmRecord
+from vmreplica.domain.names import check_name
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import BrokerError, JournalViolation
+from vmreplica.errors import BrokerError, ConfigurationError, JournalViolation
 from vmreplica.journal.kafka import JournalReader, KafkaConnection, StatusPublisher
 from vmreplica.schemas.codec import encode
 from vmreplica.schemas.events import (
@@ -66,7 +67,37 @@ def retention_policy(record: VmRecord) -> RetentionPolicy:
 
 
 def image_path(folder: Path, disk: str) -> Path:
-    return folder / "disks" / f"{disk}.img"
+    """Where a replica keeps the image of ``disk``: ``<folder>/disks/<disk>.img``.
+
+    :raises ConfigurationError: ``disk`` is not a valid disk name. Disk names come from the
+        primary's VmConfig record; one like ``../../x`` or ``/var/lib/x`` must never become a
+        path, and a name that passes :func:`check_name` has no dot or slash.
+    """
+    return folder / "disks" / f"{check_name('disk', disk)}.img"
+
+
+def _open_images(record: VmRecord) -> dict[str, DiskImage]:
+    """The VM's images, created sparse where missing (a returning old primary keeps its own).
+
+    :raises ConfigurationError: an image cannot be created or opened (a size this file system
+        does not allow, a full disk, no permission); none stays open.
+    """
+    images: dict[str, DiskImage] = {}
+    for disk in record.disks:
+        path = Path(disk.path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            images[disk.name] = (DiskImage.open(path) if path.exists()
+                                 else DiskImage.create(path, disk.size_bytes))
+        except OSError as error:
+            for image in images.values():
+                image.close()
+            raise ConfigurationError(
+                f"VM {record.name!r}: cannot create or open replica image {path} of "
+                f"{disk.size_bytes} bytes ({error.strerror}). Operator action: check the disk "
+                "sizes the primary sent and the space and permissions of the site's root"
+            ) from error
+    return images
 
 
 def digest_maps(vm: str, epoch: int, site: str, cycle: int,
@@ -90,12 +121,7 @@ class ReplicaVm:
         self.catalog = catalog
         self.status_topic = status_topic
         self.status = status
-        self.images = {}
-        for disk in record.disks:  # a returning old primary keeps its own image files
-            path = Path(disk.path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.images[disk.name] = (DiskImage.open(path) if path.exists()
-                                      else DiskImage.create(path, disk.size_bytes))
+        self.images = _open_images(record)
         self.materializer = Materializer(record.name, self.images, folder / "undo", catalog,
                                          retention_policy(record), self._report, site,
                                          self._digests_wanted)

@@ -126,8 +126,7 @@ class PrimaryVm:
                         (self.record.partner_site, *settings.also_replicate_to),
                         settings.continuous_points_hours, settings.capture,
                         settings.compression, settings.continuous_max_bytes,
-                        settings.changelog_budget_bytes, settings.pre_cut_hook,
-                        settings.post_cut_hook)
+                        settings.changelog_budget_bytes)
 
     async def initial_replication(self, progress: Progress | None = None) -> SeedResult:
         """Seed the replica (resuming an interrupted seed), then ship what queued meanwhile."""

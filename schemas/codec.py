@@ -11,7 +11,11 @@ Decoding untrusted bytes raises only :class:`~vmreplica.errors.DecodeError` subc
 * :class:`~vmreplica.errors.CorruptEventError` for too short, wrong marker, truncated or garbled
   bodies and trailing bytes;
 * :class:`~vmreplica.errors.UnknownSchemaError` for a fingerprint this release does not know
-  (most likely a record from a newer vmreplica).
+  (most likely a record from a newer vmreplica);
+* :class:`~vmreplica.errors.InvalidEventError` from :func:`decode_journal` and
+  :func:`decode_status` for a record that decodes but holds a value out of bounds (a name that
+  could escape a folder, a negative offset, an absurd size: :mod:`.validation`). Every reader of
+  a topic uses these two; :func:`decode` reads the format alone, for tools and round-trip tests.
 
 Encoding is for our own events only; a value that does not fit its schema is a programming
 error and raises ``TypeError`` or ``ValueError``.
@@ -36,6 +40,7 @@ from .avro import (
 )
 from .events import JOURNAL_EVENT_TYPES, STATUS_EVENT_TYPES, Event, JournalEvent, StatusEvent
 from .registry import SchemaRegistry, load_package_schemas
+from .validation import check_event
 
 __all__ = [
     "EventCodec",
@@ -151,8 +156,9 @@ class EventCodec:
         return event
 
     def decode_journal(self, data: bytes) -> JournalEvent:
-        """Decode a record read from a journal topic.
+        """Decode a record read from a journal topic and check every value in it.
 
+        :raises InvalidEventError: a value is out of bounds (:mod:`.validation`).
         :raises DecodeError: as :meth:`decode`, and if the record is a status event.
         """
         event = self.decode(data)
@@ -161,11 +167,12 @@ class EventCodec:
                 f"a {type(event).__name__} status record was found where journal records are "
                 "expected; check the topic name"
             )
-        return event
+        return check_event(event)
 
     def decode_status(self, data: bytes) -> StatusEvent:
-        """Decode a record read from a status topic.
+        """Decode a record read from a status topic and check every value in it.
 
+        :raises InvalidEventError: a value is out of bounds (:mod:`.validation`).
         :raises DecodeError: as :meth:`decode`, and if the record is a journal event.
         """
         event = self.decode(data)
@@ -174,7 +181,7 @@ class EventCodec:
                 f"a {type(event).__name__} journal record was found where status records are "
                 "expected; check the topic name"
             )
-        return event
+        return check_event(event)
 
 
 @functools.cache

@@ -217,12 +217,11 @@ class VmConfig:
     """When set, every cycle of the last N hours is a recovery point."""
     capture: str = "api"
     """How the primary captures writes (``nbd``, ``scan``, ``api``): a replica that takes over
-    captures the same way."""
+    captures the same way. The scan's cut hooks are shell commands and never travel: the
+    journal is not trusted to say what a site runs."""
     compression: bool = True
     continuous_max_bytes: int = 64 * 1024 * 1024
     changelog_budget_bytes: int | None = None
-    pre_cut_hook: str | None = None
-    post_cut_hook: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

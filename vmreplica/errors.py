@@ -98,6 +98,19 @@ class UnknownSchemaError(DecodeError):
     """The record names a schema fingerprint this version of vmreplica does not know."""
 
 
+class InvalidEventError(DecodeError):
+    """A record decodes, but a value in it is one no vmreplica writes: a name that could escape a
+    folder, a negative offset, an empty range, a size or a count beyond its bound. Never used.
+
+    ``kind`` is the record's class name (``VmConfig``), ``problem`` names the field and value.
+    """
+
+    def __init__(self, kind: str, problem: str) -> None:
+        super().__init__(f"invalid {kind} record: {problem}")
+        self.kind = kind
+        self.problem = problem
+
+
 class JournalIntegrityError(ReplicationError, ValueError):
     """A journal event breaks sequence, epoch, checksum or bounds rules; none of it is applied."""
 

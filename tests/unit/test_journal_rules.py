@@ -230,12 +230,18 @@ def test_an_extent_past_the_end_of_its_disk_is_an_error_not_a_resync(
     assert violation.state is ERROR
 
 
-@pytest.mark.parametrize(("offset", "length", "kind"), [
-    (-512, 512, ExtentKind.DATA), (0, 0, ExtentKind.ZERO), (512, -4096, ExtentKind.TRIM)])
-def test_a_malformed_extent_is_an_error(offset: int, length: int, kind: ExtentKind) -> None:
+@pytest.mark.parametrize(("offset", "length", "kind", "problem"), [
+    (-512, 512, ExtentKind.DATA, "offset -512 is negative"),
+    (0, 0, ExtentKind.ZERO, "length 0 is not positive: a range covers at least one byte"),
+    (512, -4096, ExtentKind.TRIM,
+     "length -4096 is not positive: a range covers at least one byte")])
+def test_a_malformed_extent_is_an_error_with_its_own_message(
+        offset: int, length: int, kind: ExtentKind, problem: str) -> None:
+    """Not "past the end of disk": a negative offset or an empty range says what it is."""
     violation = out_of_bounds(offset, length, kind)
-    assert str(violation).startswith(
-        f"{prefix()}cycle {CYCLE} batch 3: extent of {length} bytes at {offset} ")
+    assert str(violation) == (
+        f"{prefix()}cycle {CYCLE} batch 3: extent of {length} bytes at {offset} of disk "
+        f"'data': {problem}")
     assert violation.state is ERROR
 
 
@@ -258,22 +264,24 @@ def test_a_flipped_bit_fails_the_checksum_of_its_extent() -> None:
     assert violation.state is RESYNC
 
 
-@pytest.mark.parametrize(("payload_offset", "crc"), [
-    (4096 + 1, None),  # a slice that runs one byte past the payload
-    (2**31, None),
-    (-1, None),
-    (0, 0),  # in bounds, wrong CRC
+@pytest.mark.parametrize(("payload_offset", "crc", "problem"), [
+    (4096 + 1, None, "4096 bytes at 4097 lie past the end of the payload (4096 bytes)"),
+    (2**31, None, "4096 bytes at 2147483648 lie past the end of the payload (4096 bytes)"),
+    (-1, None, "offset -1 is negative"),
+    (0, 0, None),  # in bounds, wrong CRC
 ], ids=["past-payload", "far-past-payload", "negative", "wrong-crc"])
-def test_an_extent_whose_bytes_are_not_in_the_payload_fails_its_checksum(
-        payload_offset: int, crc: int | None) -> None:
+def test_an_extent_whose_bytes_are_not_in_the_payload_is_refused_like_a_bad_checksum(
+        payload_offset: int, crc: int | None, problem: str | None) -> None:
+    """Same remedy as a checksum mismatch (the data reference is damaged), its own message."""
     batch = write_batch(VM, EPOCH, CYCLE, 0, [Change("data", 0, b"d" * 4096)])
     extent = batch.extents[0]
     moved = replace(extent, payload_offset=payload_offset,
                     crc32=extent.crc32 if crc is None else zlib.crc32(b"other"))
     violation = raised(lambda: decode_cycle(VM, OFFSET, [replace(batch, extents=(moved,))],
                                             DISKS))
-    assert str(violation) == (
-        f"{prefix()}cycle {CYCLE} batch 0: checksum mismatch for 4096 bytes at 0 of disk 'data'")
+    what = ("checksum mismatch for 4096 bytes at 0 of disk 'data'" if problem is None else
+            f"data of 4096 bytes at 0 of disk 'data' is not in the batch's payload: {problem}")
+    assert str(violation) == f"{prefix()}cycle {CYCLE} batch 0: {what}"
     assert violation.state is RESYNC
 
 

@@ -14,6 +14,9 @@ from vmreplica.errors import ConfigurationError
 
 NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 """VM, site and trust-group names: safe as topic parts, file names and NBD export names alike."""
+SHOWN_NAME_CHARS: Final = 40
+"""A refused name is quoted up to this many characters: a 1,000-character one would drown the
+message (and the VM state and log line that carry it)."""
 DEFAULT_PREFIX: Final = "vmreplica"
 DEFAULT_TRUST_GROUP: Final = "default"
 
@@ -25,10 +28,18 @@ def check_name(kind: str, name: str) -> str:
     """
     if not NAME_PATTERN.fullmatch(name):
         raise ConfigurationError(
-            f"{kind} name {name!r} is not allowed: use 1-64 letters, digits, '-' or '_', "
-            "starting with a letter or digit (no dots, slashes or spaces)"
+            f"{kind} name {shown_name(name)} is not allowed: use 1-64 letters, digits, '-' or "
+            "'_', starting with a letter or digit (no dots, slashes or spaces)"
         )
     return name
+
+
+def shown_name(name: object) -> str:
+    """``name`` quoted for a message: control characters escaped, a long one cut short."""
+    text = repr(name)
+    if not isinstance(name, str) or len(name) <= SHOWN_NAME_CHARS:
+        return text
+    return f"{name[:SHOWN_NAME_CHARS]!r}... ({len(name)} characters)"
 
 
 def journal_topic(vm: str, trust_group: str = DEFAULT_TRUST_GROUP,
@@ -44,4 +55,4 @@ def status_topic(vm: str, trust_group: str = DEFAULT_TRUST_GROUP,
 def transactional_id(vm: str, trust_group: str = DEFAULT_TRUST_GROUP,
                      prefix: str = DEFAULT_PREFIX) -> str:
     """The same at every site, so the broker fences a stale primary when a new one starts."""
-    return f"{prefix}.{trust_group}.{vm}.primary"
+    return f"{prefix}.{check_name('trust group', trust_group)}.{check_name('VM', vm)}.primary"

@@ -34,6 +34,7 @@ from vmreplica.producers.dirtymap import DIRTY_BLOCK_BYTES, DIRTY_MAP_NAME, Dirt
 from vmreplica.runtime.site import Site
 from vmreplica.schemas.codec import decode_status, encode
 from vmreplica.schemas.events import ByteRange, DigestMap, EpochStart, ResyncRequest, WriteBatch
+from vmreplica.schemas.validation import MAX_DIGEST_BLOCK_BYTES, MIN_DIGEST_BLOCK_BYTES
 from vmreplica.storage.digests import (
     DIGEST_BYTES,
     differing_blocks,
@@ -43,8 +44,8 @@ from vmreplica.storage.digests import (
 
 MAX_RESYNC_RANGES: Final = 50_000
 """Ranges per ResyncRequest; beyond, neighbouring ranges are merged (more bytes, fewer ranges)."""
-DIGEST_BLOCK_BYTES_RANGE: Final = (4096, 1 << 30)
-"""Smallest and largest block a DigestMap may use: a sector, and a size no disk needs."""
+DIGEST_BLOCK_BYTES_RANGE: Final = (MIN_DIGEST_BLOCK_BYTES, MAX_DIGEST_BLOCK_BYTES)
+"""Smallest and largest block a DigestMap may use (the record's own bounds)."""
 REPORT_WAIT_SECONDS: Final = 30.0
 """How long ``reverse`` waits for the old primary's report: its agent reports within moments of
 seeing the new epoch, or, if it was fenced while running, when its worker is retried (30 s)."""

@@ -8,6 +8,7 @@ primary of, ``consumers`` for those it is replica of); neither role imports the 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,13 +20,16 @@ from vmreplica.consumers.replica import ReplicaVm, image_path
 from vmreplica.domain import names
 from vmreplica.domain.model import DiskRecord, VmRecord, VmSettings
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import ConfigurationError
+from vmreplica.errors import ConfigurationError, DecodeError, JournalViolation
 from vmreplica.journal import topics
 from vmreplica.journal.kafka import KafkaConnection, StatusPublisher, TopicAdmin, read_to_end
 from vmreplica.producers.primary import PrimaryVm
 from vmreplica.schemas.codec import decode_journal
 from vmreplica.schemas.events import VmConfig
+from vmreplica.schemas.validation import check_event
 from vmreplica.storage.catalog import Catalog
+
+log = logging.getLogger(__name__)
 
 
 class Site:
@@ -36,6 +40,8 @@ class Site:
         self.connection = KafkaConnection(config.bootstrap_servers, client_id=config.site)
         self.catalog = Catalog(config.catalog_path)
         self._status: StatusPublisher | None = None
+        self.refused: dict[str, str] = {}
+        """Journals whose VM :meth:`discover` did not adopt, with the reason (topic → reason)."""
 
     async def start(self) -> None:
         self.config.root.mkdir(parents=True, exist_ok=True)
@@ -135,17 +141,29 @@ class Site:
                          self.status_topic(record.name), self._status)
 
     async def discover(self) -> list[VmRecord]:
-        """Adopt VMs whose journal names this site's trust group and an accepted primary."""
+        """Adopt VMs whose journal names this site's trust group and an accepted primary.
+
+        The journal is untrusted input: a VM whose topic name or first VmConfig is refused (a
+        name that could escape the storage root, an absurd size, a record that does not decode,
+        a VmConfig naming another VM) is not adopted and nothing is created for it. The reason
+        is logged once and kept in :attr:`refused` (topic → message naming the journal offset);
+        the other VMs are adopted as usual.
+        """
         prefix = f"{self.config.topic_prefix}.{self.config.trust_group}."
         async with TopicAdmin(self.connection) as admin:
-            names = [t for t in await admin.topics()
-                     if t.startswith(prefix) and t.endswith(".journal")]
+            journals = [t for t in await admin.topics()
+                        if t.startswith(prefix) and t.endswith(".journal")]
         adopted = []
-        for topic in sorted(names):
+        for topic in sorted(journals):
             vm = topic.removeprefix(prefix).removesuffix(".journal")
-            if await self.catalog.find_vm(vm) is not None:
+            try:
+                names.check_name("VM", vm)
+                if await self.catalog.find_vm(vm) is not None:
+                    continue
+                config = await self._first_config(topic, vm)
+            except (ConfigurationError, JournalViolation) as error:
+                self._refuse(topic, str(error))
                 continue
-            config = await self._first_config(topic)
             if config is None or config.primary_site == self.config.site:
                 continue
             if config.replica_sites and self.config.site not in config.replica_sites:
@@ -153,45 +171,64 @@ class Site:
             if not self.config.accepts(config.primary_site):
                 continue
             adopted.append(await self.adopt(config))
+            self.refused.pop(topic, None)
         return adopted
+
+    def _refuse(self, topic: str, reason: str) -> None:
+        if self.refused.get(topic) != reason:
+            log.warning("not adopting the VM of journal %s: %s", topic, reason)
+        self.refused[topic] = reason
 
     async def adopt(self, config: VmConfig) -> VmRecord:
         """Become a replica of the VM ``config`` describes.
 
         The record keeps the VM's settings as its primary published them — how it captures
         writes among them — so that this site, if it takes over, captures the disks the way
-        the old primary did; ``also_replicate_to`` holds the VM's other replica sites, which
-        follow whichever of them takes over.
+        the old primary did (a scan's cut hooks, being commands, are this site's to set);
+        ``also_replicate_to`` holds the VM's other replica sites, which follow whichever of
+        them takes over.
+
+        :raises InvalidEventError: a name, size or setting in ``config`` is refused
+            (:func:`~vmreplica.schemas.validation.check_vm_config`); nothing was created.
         """
+        check_event(config)
         folder = self.config.vm_folder(config.vm)
         disks = [DiskRecord(d.name, str(image_path(folder, d.name)), d.size_bytes)
                  for d in config.disks]
-        if config.capture not in ("api", "nbd", "scan"):
-            raise ConfigurationError(
-                f"VM {config.vm!r} is captured by {config.capture!r} at {config.primary_site}, "
-                "which this version does not know; upgrade this site's vmreplica")
         settings = VmSettings(
             frequency_seconds=config.frequency_seconds,
             recovery_history=config.recovery_history,
             app_consistent_hours=config.app_consistent_hours,
             continuous_points_hours=config.continuous_points_hours,
             compression=config.compression,
-            capture=config.capture,  # type: ignore[arg-type]  # checked just above
+            capture=config.capture,  # type: ignore[arg-type]  # check_event checked it
             continuous_max_bytes=config.continuous_max_bytes,
             also_replicate_to=tuple(s for s in config.replica_sites
                                     if s not in (self.config.site, config.primary_site)),
-            changelog_budget_bytes=config.changelog_budget_bytes,
-            pre_cut_hook=config.pre_cut_hook, post_cut_hook=config.post_cut_hook)
+            changelog_budget_bytes=config.changelog_budget_bytes)
         await self.catalog.add_vm(config.vm, "replica", self.config.trust_group,
                                   config.primary_site, settings, disks,
                                   ReplicationState.WAITING_FOR_INITIAL_REPLICATION, config.epoch)
         return await self.catalog.vm(config.vm)
 
-    async def _first_config(self, topic: str) -> VmConfig | None:
+    async def _first_config(self, topic: str, vm: str) -> VmConfig | None:
+        """The first VmConfig of ``vm``'s journal, checked, or None when there is none yet.
+
+        :raises JournalViolation: a record before it, or it, is refused (naming its offset), or
+            it describes another VM.
+        """
         async with contextlib.aclosing(read_to_end(self.connection, topic)) as records:
             async for record in records:
-                event = decode_journal(record.value)
+                try:
+                    event = decode_journal(record.value)
+                except DecodeError as error:
+                    raise JournalViolation(vm, record.offset, str(error),
+                                           ReplicationState.ERROR) from error
                 if isinstance(event, VmConfig):
+                    if event.vm != vm:
+                        raise JournalViolation(vm, record.offset, f"VmConfig describes VM "
+                                               f"{event.vm!r}, not the journal's VM",
+                                               ReplicationState.ERROR)
                     return event
         return None
 

@@ -67,6 +67,7 @@ class DiskImage:
             os.ftruncate(fd, size)
         except BaseException:
             os.close(fd)
+            os.unlink(path)  # an empty file left behind would later open as a 0-byte disk
             raise
         return cls(Path(path), fd, size)
 
