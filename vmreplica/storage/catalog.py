@@ -348,7 +348,8 @@ class Catalog:
                           state: ReplicationState, message: str,
                           disks: Sequence[DiskRecord] | None = None,
                           position: Position | Rewind | None = None,
-                          failover_point: int | None = None) -> None:
+                          failover_point: int | None = None,
+                          settings: VmSettings | None = None) -> None:
         """Switch a VM's role in one transaction; bumps its generation so running workers stop.
 
         A ``position`` must move forward (as :meth:`advance_position`); a :class:`Rewind` may go
@@ -361,6 +362,9 @@ class Catalog:
             " state_changed_ms = ?, generation = generation + 1, failover_point = ?"
             " WHERE name = ?",
             (role, partner_site, epoch, state.value, message, now_ms(), failover_point, name))]
+        if settings is not None:  # who the VM's other sites are changes with its primary
+            statements.append(("UPDATE vm SET settings = ? WHERE name = ?",
+                               (settings.to_json(), name)))
         if disks is not None:
             statements.append(("DELETE FROM disk WHERE vm = ?", (name,)))
             statements += [("INSERT INTO disk (vm, name, path, size_bytes, position)"
