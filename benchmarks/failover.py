@@ -9,9 +9,12 @@ Run: ``.venv/bin/python benchmarks/failover.py`` (starts its own broker unless
   the primary's at that point over every range any cycle wrote (the rest is untouched sparse
   space on both);
 - planned failover: seconds from the VM's stop to the new primary's epoch on a 10 GiB disk;
-- unplanned failover: seconds to the latest point.
+- unplanned failover: seconds to the latest point;
 
-Targets (issue 5): test failover under 2 s; planned under 5 s; unplanned under 2 s.
+and, for both failovers, whether the new primary's disk equals the old primary's over every range
+written. It exits 1 when any of these content checks fails.
+
+Targets: test failover under 2 s (issue 5); planned under 1 s (issue 10); unplanned under 2 s.
 """
 
 from __future__ import annotations
@@ -40,10 +43,11 @@ POINTS: Final = 24
 
 
 async def _pair(work: Path, bootstrap: str, name: str) -> tuple[Site, Site]:
+    group = f"{name}-{work.name[-8:]}"  # topics of its own on a shared broker
     a = Site(SiteConfig(site="site-a", root=work / name / "a", bootstrap_servers=bootstrap,
-                        trust_group=name))
+                        trust_group=group))
     b = Site(SiteConfig(site="site-b", root=work / name / "b", bootstrap_servers=bootstrap,
-                        trust_group=name))
+                        trust_group=group))
     await a.start()
     await b.start()
     return a, b
@@ -89,8 +93,21 @@ async def test_failover_seconds(work: Path, bootstrap: str, size: int, name: str
     return seconds, same
 
 
-async def failover_seconds(work: Path, bootstrap: str) -> tuple[float, float]:
-    """(planned seconds after the VM stops, unplanned seconds to the latest point), 10 GiB."""
+def same_ranges(one: Path, other: Path, ranges: list[tuple[int, int]]) -> bool:
+    """Whether two images hold the same bytes in every ``(offset, length)`` range."""
+    with one.open("rb") as first, other.open("rb") as second:
+        return all(os.pread(first.fileno(), length, offset)
+                   == os.pread(second.fileno(), length, offset) for offset, length in ranges)
+
+
+async def replica_image(site: Site) -> Path:
+    return Path((await site.catalog.vm("vm")).disks[0].path)
+
+
+async def failover_seconds(work: Path, bootstrap: str) -> tuple[float, bool, float, bool]:
+    """Planned seconds after the VM stops and unplanned seconds to the latest point, 10 GiB,
+    each with whether the new primary's disk equals the old one's over every range written."""
+    written = [(i * 512 * MiB, 4 * MiB) for i in range(8)] + [(0, 16 * MiB)]
     a, b = await _pair(work, bootstrap, "planned")
     disk = work / "planned.img"
     with disk.open("wb") as file:
@@ -110,6 +127,7 @@ async def failover_seconds(work: Path, bootstrap: str) -> tuple[float, float]:
         await replica.catch_up(120)
     await failover.promote(b, "vm", prepared=prepared)
     planned = time.monotonic() - started
+    planned_ok = same_ranges(disk, await replica_image(b), written)
     await a.stop()
     await b.stop()
 
@@ -130,24 +148,34 @@ async def failover_seconds(work: Path, bootstrap: str) -> tuple[float, float]:
     started = time.monotonic()
     await failover.promote(b, "vm", point="latest", force=True)
     unplanned = time.monotonic() - started
+    unplanned_ok = same_ranges(disk, await replica_image(b), written)
     await a.stop()
     await b.stop()
-    return planned, unplanned
+    return planned, planned_ok, unplanned, unplanned_ok
 
 
-async def run(work: Path, bootstrap: str) -> None:
+async def run(work: Path, bootstrap: str) -> bool:
+    """Run every measurement and print it; True when every content check passed."""
     small, small_ok = await test_failover_seconds(work, bootstrap, GiB, "small")
     big, big_ok = await test_failover_seconds(work, bootstrap, 100 * GiB, "big")
-    planned, unplanned = await failover_seconds(work, bootstrap)
+    planned, planned_ok, unplanned, unplanned_ok = await failover_seconds(work, bootstrap)
     print(f"test failover, 100 GiB sparse disk, {POINTS} points: {big:.2f} s "
           f"(target < 2 s{'' if big < 2 else ', below target'}); content at point "
           f"{'equal' if big_ok else 'DIFFERENT'}")
     print(f"test failover, 1 GiB disk, same history:          {small:.2f} s "
           f"(100 GiB / 1 GiB = {big / small:.2f}); content {'equal' if small_ok else 'DIFF'}")
     print(f"planned failover, 10 GiB disk, after VM stop:      {planned:.2f} s "
-          f"(target < 5 s{'' if planned < 5 else ', below target'})")
+          f"(target < 1 s{'' if planned < 1 else ', below target'}); content "
+          f"{'equal' if planned_ok else 'DIFFERENT'}")
     print(f"unplanned failover to the latest point, 10 GiB:    {unplanned:.2f} s "
-          f"(target < 2 s{'' if unplanned < 2 else ', below target'})")
+          f"(target < 2 s{'' if unplanned < 2 else ', below target'}); content "
+          f"{'equal' if unplanned_ok else 'DIFFERENT'}")
+    checks = {"test failover, 100 GiB": big_ok, "test failover, 1 GiB": small_ok,
+              "planned failover": planned_ok, "unplanned failover": unplanned_ok}
+    failed = [name for name, ok in checks.items() if not ok]
+    if failed:
+        print(f"content check failed: {', '.join(failed)}", file=sys.stderr)
+    return not failed
 
 
 def main() -> int:
@@ -159,13 +187,13 @@ def main() -> int:
     cluster = None if external else LocalCluster(home=work / "kafka", base_port=free_base_port())
     try:
         bootstrap = external or (cluster.up(1).bootstrap_servers if cluster else "")
-        asyncio.run(run(work, bootstrap))
+        ok = asyncio.run(run(work, bootstrap))
     finally:
         if cluster is not None:
             cluster.down()
         shutil.rmtree(work, ignore_errors=True)
         subprocess.run(["sync"], check=False)
-    return 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -35,23 +35,29 @@ class CaptureFront:
     """``async with CaptureFront(primary, config) as front``: serve or scan while it runs."""
 
     def __init__(self, primary: PrimaryVm, config: SiteConfig,
-                 tcp_server: NbdServer | None = None) -> None:
+                 tcp_server: NbdServer | None = None, exports: VmExports | None = None) -> None:
+        """``exports``: the VM's exports, kept by the caller across role changes (the agent);
+        without them an ``nbd`` front serves its own while it runs."""
         self.primary = primary
         self.config = config
         self.mode = primary.record.settings.capture
-        self.exports: VmExports | None = None
+        self.exports = exports
         self.scanner: ChangeScanner | None = None
         self._tcp_server = tcp_server
+        self._own_exports = False
         self._refusing = False
 
     async def __aenter__(self) -> CaptureFront:
         primary = self.primary
         folder = self.config.vm_folder(primary.name)
         if self.mode == "nbd":
-            exports = VmExports(primary.name, primary.capture,
-                                socket_path(self.config, primary.name), self._tcp_server)
-            await exports.start()
-            self.exports = exports
+            exports = self.exports
+            if exports is None:
+                exports = VmExports(primary.name, socket_path(self.config, primary.name),
+                                    self._tcp_server)
+                await exports.start()
+                self.exports, self._own_exports = exports, True
+            exports.capture_through(primary.capture)
             log.info("VM %s: serving NBD for the hypervisor: %s", primary.name,
                      ", ".join(exports.uri(disk) for disk in primary.capture.disk_names))
             self.check_fenced()
@@ -61,9 +67,21 @@ class CaptureFront:
 
     async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
                         trace: TracebackType | None) -> None:
-        if self.exports is not None:
-            exports, self.exports = self.exports, None
+        """The capture is about to close: the exports serve the images read-only from now on
+        (or stop, if this front started them)."""
+        exports, self.exports = self.exports, None
+        if exports is None or self.mode != "nbd":
+            return
+        if self._own_exports:
             await exports.stop()
+            return
+        primary = self.primary
+        reason = primary.capture.fenced_reason or (
+            f"site {self.config.site} stopped capturing the writes of VM {primary.name!r} "
+            "(a failover, or its agent's worker for the VM stopped); writes are refused until "
+            "a site captures them again")
+        exports.serve_images({d.name: Path(d.path) for d in primary.record.disks}, reason)
+        log.warning("VM %s: NBD exports now refuse writes: %s", primary.name, reason)
 
     def check_fenced(self) -> None:
         """Once the capture is fenced, the exports refuse writes (EPERM) to every client."""

@@ -8,18 +8,26 @@ Each VM enabled with ``--capture nbd`` gets one Unix socket, ``<root>/vms/<vm>/n
 With ``nbd_tcp_port`` set, the agent also serves every VM's disks on one loopback TCP listener,
 as exports named ``<vm>.<disk>`` (``nbd://127.0.0.1:10809/web01.disk0``). The URIs are known
 from the configuration alone, so ``vmreplica enable`` prints them before the agent runs.
+
+The exports follow the VM through failovers (:class:`VmExports`): at the primary they capture
+every write; at any other site that holds the VM — a replica, or the old primary after a
+failover — they serve the images read-only and answer writes with EPERM, so a hypervisor still
+attached to the old primary sees an error rather than a vanished socket, and the new primary
+serves the same export names.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 from urllib.parse import quote
 
 from vmreplica.config import SiteConfig
 from vmreplica.domain.model import VmRecord
 from vmreplica.errors import ConfigurationError
+from vmreplica.nbd.device import BlockDevice, FileBlockDevice
 from vmreplica.nbd.server import NbdServer
 from vmreplica.producers.capture import CapturedVm
 from vmreplica.producers.journaling_device import JournalingDevice
@@ -77,46 +85,133 @@ def nbd_uris(config: SiteConfig, record: VmRecord,
     return uris
 
 
-class VmExports:
-    """A VM's disks served over NBD by the agent while it is the VM's primary.
+class ServedDisk:
+    """One disk as its export serves it, whatever serves it now.
 
-    ``async with VmExports(...)``: the Unix socket listens (a stale socket left by a killed
-    agent is replaced), each disk is an export backed by a :class:`JournalingDevice`, and on
-    exit the exports close before the caller closes the capture.
+    While this site is the VM's primary the disk is its :class:`JournalingDevice` (writes are
+    captured); otherwise it is the image itself, read-only. The export stays the same object
+    when that changes, so a connected hypervisor keeps its connection: reads go on, and writes
+    get the error the server answers while writes are refused (EPERM). The methods hand over
+    the device's own coroutine (no frame of their own on the I/O path).
     """
 
-    def __init__(self, vm: str, capture: CapturedVm, path: Path,
-                 tcp_server: NbdServer | None = None) -> None:
+    def __init__(self, device: BlockDevice) -> None:
+        self.device = device
+        self._size = device.size
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read(self, offset: int, length: int) -> Coroutine[Any, Any, bytes]:
+        return self.device.read(offset, length)
+
+    def write(self, offset: int, data: bytes, fua: bool) -> Coroutine[Any, Any, None]:
+        return self.device.write(offset, data, fua)
+
+    def write_zeroes(self, offset: int, length: int, fua: bool,
+                     may_trim: bool) -> Coroutine[Any, Any, None]:
+        return self.device.write_zeroes(offset, length, fua, may_trim)
+
+    def trim(self, offset: int, length: int) -> Coroutine[Any, Any, None]:
+        return self.device.trim(offset, length)
+
+    def flush(self) -> Coroutine[Any, Any, None]:
+        return self.device.flush()
+
+
+class VmExports:
+    """A VM's disks served over NBD by the agent for as long as this site holds the VM.
+
+    One export per disk on the VM's Unix socket (and on the shared TCP listener, if any). While
+    this site is the VM's primary, :meth:`capture_through` puts the capture behind the exports
+    and they accept writes; at every other moment — a replica, an old primary after a failover,
+    a primary whose worker waits to be retried — :meth:`serve_images` serves the images
+    read-only and writes get EPERM with the reason. The socket never goes away while the agent
+    runs, so a hypervisor attached to it sees an error on write, not a dead socket. A stale
+    socket left by a killed agent is replaced at :meth:`start`.
+    """
+
+    def __init__(self, vm: str, path: Path, tcp_server: NbdServer | None = None) -> None:
         self.vm = vm
-        self.capture = capture
         self.path = path
-        self.devices = {disk: JournalingDevice(capture, disk) for disk in capture.disk_names}
-        self.server = NbdServer(dict(self.devices), unix_path=path)
+        self.disks: dict[str, ServedDisk] = {}
+        self.server = NbdServer({}, unix_path=path)
         self._tcp = tcp_server
+        self._files: dict[str, FileBlockDevice] = {}
+        """Read-only image devices, by disk, while they are (or may again be) served."""
+        self._refusal: str | None = None
 
     def uri(self, disk: str) -> str:
         return self.server.uri(disk)
 
+    @property
+    def write_refusal(self) -> str | None:
+        """Why writes are refused now, or None while the capture takes them."""
+        return self._refusal
+
     async def start(self) -> None:
+        """Listen on the VM's socket (no export until the first serve call)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         await self.server.start()
-        if self._tcp is not None:
-            for disk, device in self.devices.items():
-                self._tcp.set_export(tcp_export_name(self.vm, disk), device)
+
+    def capture_through(self, capture: CapturedVm) -> None:
+        """This site is the VM's primary: every disk's writes go through ``capture``."""
+        for disk in capture.disk_names:
+            self._serve(disk, JournalingDevice(capture, disk))
+        self._refusal = None
+        for disk in self.disks:
+            self.server.accept_writes(disk)
+            if self._tcp is not None:
+                self._tcp.accept_writes(tcp_export_name(self.vm, disk))
 
     def refuse_writes(self, reason: str) -> None:
         """Fence every export: writes, trims and zeroing get EPERM; reads still work."""
-        for disk in self.devices:
+        self._refusal = reason
+        for disk in self.disks:
             self.server.refuse_writes(disk, reason)
             if self._tcp is not None:
                 self._tcp.refuse_writes(tcp_export_name(self.vm, disk), reason)
 
-    async def stop(self) -> None:
+    def serve_images(self, images: Mapping[str, Path], reason: str) -> None:
+        """Serve the images read-only, refusing writes for ``reason``; call before the
+        capture that served them closes. A disk whose image does not exist yet is left out.
+        """
+        self.refuse_writes(reason)
+        for disk, path in images.items():
+            device = self._files.get(disk)
+            if device is None or Path(device.path) != path:
+                if not path.exists():
+                    continue
+                if device is not None:
+                    device.close()
+                device = self._files[disk] = FileBlockDevice(path, read_only=True)
+            self._serve(disk, device)
+
+    def _serve(self, disk: str, device: BlockDevice) -> None:
+        served = self.disks.get(disk)
+        if served is not None and served.size == device.size:
+            served.device = device  # connected clients carry on with the new device
+            return
+        served = self.disks[disk] = ServedDisk(device)
+        self.server.set_export(disk, served)
         if self._tcp is not None:
-            for disk in self.devices:
+            self._tcp.set_export(tcp_export_name(self.vm, disk), served)
+        if self._refusal is not None:
+            self.server.refuse_writes(disk, self._refusal)
+            if self._tcp is not None:
+                self._tcp.refuse_writes(tcp_export_name(self.vm, disk), self._refusal)
+
+    async def stop(self) -> None:
+        """Stop serving (clients are disconnected); a second call does nothing."""
+        if self._tcp is not None:
+            for disk in self.disks:
                 if tcp_export_name(self.vm, disk) in self._tcp.exports:
                     self._tcp.remove_export(tcp_export_name(self.vm, disk))
         await self.server.stop()
+        for device in self._files.values():
+            device.close()
+        self._files.clear()
 
     async def __aenter__(self) -> VmExports:
         await self.start()

@@ -176,6 +176,9 @@ class FailoverPrepared:
     """Whether the new primary starts the VM once it has taken over."""
     disk_sha256: tuple[DiskDigest, ...] = ()
     """With ``--verify``: (disk, sha256 hex) at the final cycle, checked before the takeover."""
+    target: str = ""
+    """The replica site that takes over; the other replica sites follow it. Empty in records
+    written before schema version 3: any caught-up replica may take over."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +215,13 @@ class VmConfig:
     """Sites that should keep a replica; empty lets any accepting site of the trust group."""
     continuous_points_hours: int | None = None
     """When set, every cycle of the last N hours is a recovery point."""
+    capture: str = "api"
+    """How the primary captures writes (``nbd``, ``scan``, ``api``): a replica that takes over
+    captures the same way. The scan's cut hooks are shell commands and never travel: the
+    journal is not trusted to say what a site runs."""
+    compression: bool = True
+    continuous_max_bytes: int = 64 * 1024 * 1024
+    changelog_budget_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -86,6 +86,8 @@ MAX_CYCLE_BYTES: Final = MAX_DISKS_PER_VM * MAX_DISK_BYTES
 """A cycle's byte counts: no cycle changes more than every byte of every disk."""
 MAX_SITES_PER_RECORD: Final = 64
 """Site names in one record (replica sites, resync sites): far beyond any real fan-out."""
+CAPTURE_MODES: Final = ("api", "nbd", "scan")
+"""How a primary may capture writes (VmConfig.capture): what a replica that takes over does."""
 MAX_EXTENTS_PER_BATCH: Final = 65_536
 """Extents in one WriteBatch: 8× the shipper's 8,192, for a long write split at payload
 boundaries; bounds the work one record makes the replica do after decoding."""
@@ -311,6 +313,8 @@ def check_failover_prepared(prepared: FailoverPrepared) -> None:
     fields.hash("cycle_hash", prepared.cycle_hash)
     fields.time("at_ms", prepared.at_ms)
     fields.name("site", "site", prepared.site)
+    if prepared.target:  # empty in records of schema versions 1 and 2
+        fields.name("target", "site", prepared.target)
     digests = prepared.disk_sha256
     fields.names("disk_sha256", "disk", [d.name for d in digests], MAX_DISKS_PER_VM)
     for index, digest in enumerate(digests):
@@ -334,6 +338,14 @@ def check_vm_config(config: VmConfig) -> None:
     fields.name("primary_site", "site", config.primary_site)
     fields.time("at_ms", config.at_ms)
     fields.names("replica_sites", "site", config.replica_sites, MAX_SITES_PER_RECORD)
+    if config.capture not in CAPTURE_MODES:
+        fields.fail(f"capture {shown_name(config.capture)} is none of "
+                    f"{', '.join(CAPTURE_MODES)}")
+    fields.number("continuous_max_bytes", config.continuous_max_bytes, 1, MAX_DISK_BYTES,
+                  " bytes")
+    if config.changelog_budget_bytes is not None:
+        fields.number("changelog_budget_bytes", config.changelog_budget_bytes, 1,
+                      MAX_DISK_BYTES, " bytes")
 
 
 def check_disk_resize(resize: DiskResize) -> None:

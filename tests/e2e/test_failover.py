@@ -20,6 +20,7 @@ from vmreplica import failover
 from vmreplica.domain.model import VmSettings
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import FencedError, SupersededError
+from vmreplica.producers.capture_front import CaptureFront
 from vmreplica.runtime.site import Site
 from vmreplica.storage.image import sha256_of
 
@@ -114,6 +115,74 @@ async def test_planned_failover_and_back_loses_nothing(make_pair: MakePair) -> N
     assert await digests(b, vm) == await digests(a, vm)
     assert (await a.catalog.vm(vm)).role == "primary"
     assert (await b.catalog.vm(vm)).role == "replica"
+
+
+async def test_an_old_primary_that_stood_down_joins_when_the_new_primary_reverses(
+        make_pair: MakePair) -> None:
+    """Planned failover without --reverse: A stands down (failed over) and says nothing
+    diverged; B replicates on; ``reverse`` at B then needs no wait, and A becomes its replica
+    from the takeover on, applying B's cycles with no resync."""
+    pair = await make_pair(VmSettings(frequency_seconds=30))
+    vm, a, b = pair.vm, pair.a, pair.b
+    async with a.primary(await a.catalog.vm(vm)) as primary:
+        await primary.initial_replication()
+    await write_some(a, vm, 1)
+    await catch_up(b, vm)
+    prepared = await failover.prepare_planned(a, vm)
+    await catch_up(b, vm)
+    await failover.promote(b, vm, prepared=prepared)
+    assert await failover.follow_takeover(a, vm)
+    assert (await a.catalog.vm(vm)).state is ReplicationState.FAILED_OVER
+    assert not await failover.follow_reverse(a, vm)  # B has not reversed yet
+
+    await write_some(b, vm, 2)  # B ships cycles nobody applies yet
+    result = await failover.reverse(b, vm, wait_seconds=0)
+    assert (result.diverged_bytes, result.full_copy) == (0, False)
+    assert await failover.follow_reverse(a, vm)
+    record = await a.catalog.vm(vm)
+    assert (record.role, record.partner_site, record.state) == (
+        "replica", "site-b", ReplicationState.REPLICATING)
+    await write_some(b, vm, 3)
+    await catch_up(a, vm)
+    assert await digests(a, vm) == await digests(b, vm)
+
+
+async def test_a_scanned_vm_is_scanned_at_the_new_primary_from_the_takeover_point(
+        make_pair: MakePair) -> None:
+    """``--capture scan`` crosses the role swap: B scans after taking over, and its first scan
+    sends only the block the VM wrote there, not the whole disk."""
+    pair = await make_pair(VmSettings(frequency_seconds=30, capture="scan"))
+    vm, a, b = pair.vm, pair.a, pair.b
+    with pair.disks["disk0"].open("r+b") as image:  # the hypervisor writes the file
+        image.write(os.urandom(MiB))
+    async with a.primary(await a.catalog.vm(vm)) as primary, CaptureFront(
+            primary, a.config) as front:
+        await front.initial_replication()
+        with pair.disks["disk1"].open("r+b") as image:
+            image.seek(2 * MiB)
+            image.write(os.urandom(65536))
+        [cycle] = await front.cycle()
+        assert cycle.bytes_written == 65536
+    await catch_up(b, vm)
+    assert (await b.catalog.vm(vm)).settings.capture == "scan"
+
+    prepared = await failover.prepare_planned(a, vm, reverse=True)
+    await catch_up(b, vm)
+    await failover.promote(b, vm, prepared=prepared)
+    assert await failover.follow_takeover(a, vm)
+    assert (await a.catalog.vm(vm)).role == "replica"
+
+    record = await b.catalog.vm(vm)
+    assert record.settings.capture == "scan"
+    images = {d.name: Path(d.path) for d in record.disks}
+    with images["disk0"].open("r+b") as image:  # the VM, started at B, writes its disk
+        image.seek(5 * MiB)
+        image.write(os.urandom(65536))
+    async with b.primary(record) as primary, CaptureFront(primary, b.config) as front:
+        [cycle] = await front.cycle()
+        assert cycle.bytes_written == 65536  # without the takeover's digests: every block
+    await catch_up(a, vm)
+    assert await digests(a, vm) == await digests(b, vm)
 
 
 async def test_unplanned_failover_to_latest_and_older_point_then_reverse(

@@ -49,6 +49,14 @@ async def kill_and_restart(agent: Agent) -> None:
     agent.start()
 
 
+async def serving(uri: str) -> bool:
+    """Whether an NBD client can open ``uri`` now."""
+    probe = await asyncio.create_subprocess_exec(
+        "nbdinfo", "--size", uri, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL)
+    return await probe.wait() == 0
+
+
 async def test_sigkill_of_either_agent_during_a_resync_resumes_and_ends_equal(
         tmp_path: Path, sites: SiteFactory, unique: Callable[[str], str]) -> None:
     seed = int(os.environ.get("VMREPLICA_RESYNC_KILL_SEED", random.randrange(1 << 30)))
@@ -82,6 +90,10 @@ async def test_sigkill_of_either_agent_during_a_resync_resumes_and_ends_equal(
             assert job is not None
             finished_before = job.finished_ms or 0
             if rng.random() < 0.5:  # the VM writes on between trials
+                # The resync may have ended just before a killed primary restarted: its
+                # export answers again only once the new agent listens.
+                await wait_until(lambda: serving(pair.uri["disk0"]),
+                                 f"trial {trial}: the primary's export to serve again", 60)
                 await run("qemu-io", "-f", "raw", pair.uri["disk0"], "-c",
                           f"write -P {trial + 1} {rng.randrange(0, 60) * MiB} 64k")
             await pair.caught_up()

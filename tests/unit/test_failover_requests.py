@@ -37,11 +37,13 @@ from vmreplica.storage.mailbox import Mailbox
 REQUESTS: list[FailoverRequest] = [
     PlannedFailover("vm1", reverse=True, start=False, verify=True),
     PlannedFailover("vm1"),
+    PlannedFailover("vm1", reverse=True, target="site-c"),
     UnplannedFailover("vm 2", point="17", force=True),
     UnplannedFailover("vm2"),
     CompleteFailover("vm3"),
     CancelFailover("vm4"),
     ReverseReplication("vm5"),
+    ReverseReplication("vm5", full_copy=True),
     Resynchronize("vm6"),
     Resynchronize("vm6", site="site-c", at_ms=1_800_000_000_000),
     Resynchronize("vm6", cancel=True),
@@ -112,7 +114,9 @@ def test_unreadable_requests_are_configuration_errors(kind: str, fields: object,
 
 def test_fields_leave_out_the_vm() -> None:
     assert request_fields(UnplannedFailover("vm", "3", True)) == {"point": "3", "force": True}
-    assert request_fields(ReverseReplication("vm")) == {}
+    assert request_fields(ReverseReplication("vm")) == {"full_copy": False}
+    assert request_fields(PlannedFailover("vm", target="site-c")) == {
+        "reverse": False, "start": False, "verify": False, "target": "site-c"}
 
 
 async def test_agent_liveness(tmp_path: Path) -> None:
@@ -177,4 +181,24 @@ async def test_a_failing_stop_hook_refuses_the_planned_failover(tmp_path: Path) 
             "(or fix vm_stop_command), then retry")
         assert isinstance(caught.value.__cause__, HookError)
         assert seen.read_text() == "vm1 stop site-a\n"
+        assert (await site.catalog.vm("vm1")).state is ReplicationState.REPLICATING
+
+
+async def test_a_planned_failover_to_a_site_that_is_no_replica_is_refused_before_the_stop(
+        tmp_path: Path) -> None:
+    """The target is checked first: the VM is neither stopped nor fenced, and stays primary."""
+    seen = tmp_path / "seen"
+    config = SiteConfig(site="site-a", root=tmp_path, bootstrap_servers="127.0.0.1:1",
+                        vm_stop_command=f"echo stopped > {seen}")
+    async with Site(config) as site:
+        await site.catalog.add_vm("vm1", "primary", "tg", "site-b",
+                                  VmSettings(also_replicate_to=("site-c",)),
+                                  [DiskRecord("disk0", str(tmp_path / "d.img"), 4096)],
+                                  ReplicationState.REPLICATING)
+        with pytest.raises(ConfigurationError) as caught:
+            await carry_out(site, PlannedFailover("vm1", target="site-x"))
+        assert str(caught.value) == (
+            "site 'site-x' is not a replica site of VM 'vm1'; its replica sites are site-b, "
+            "site-c. The VM stays primary here")
+        assert not seen.exists()
         assert (await site.catalog.vm("vm1")).state is ReplicationState.REPLICATING

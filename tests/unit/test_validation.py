@@ -82,7 +82,10 @@ VALID: Final[tuple[Event, ...]] = (
     EpochStart("vm-01", 4, 3, "site-b", 42, "reverse", AT, HASH, ("site-a",)),
     FailoverPrepared("vm-01", 2, 0, HASH, AT, "site-a", True,
                      (DiskDigest("disk0", "ab" * 32),)),
+    FailoverPrepared("vm-01", 2, 0, HASH, AT, "site-a", target="site-c"),
     CONFIG,
+    replace(CONFIG, capture="nbd", compression=False, continuous_max_bytes=1,
+            changelog_budget_bytes=1 << 30),
     DiskResize("vm-01", 2, 40, "disk1", 1 << 29, 1 << 30),
     Heartbeat("vm-01", 2, "site-a", AT, -1),
     ReplicaPosition("vm-01", 2, "site-b", 41, 1234, "replicating", "normal", AT, AT),
@@ -149,6 +152,15 @@ REFUSED: Final[list[tuple[str, Event, str]]] = [
      f"invalid SeedChunk record: disk: disk name '/etc/x' {NAME_RULE}"),
     ("disk-twice", replace(CONFIG, disks=(DiskSize("disk0", 1), DiskSize("disk0", 2))),
      "invalid VmConfig record: disks names disk 'disk0' twice"),
+    ("target-site", FailoverPrepared("vm-01", 2, 0, HASH, AT, "site-a", target="../b"),
+     f"invalid FailoverPrepared record: target: site name '../b' {NAME_RULE}"),
+    # how a replica that takes over captures: nothing this version cannot do
+    ("capture", replace(CONFIG, capture="shell"), "invalid VmConfig record: capture 'shell' "
+     "is none of api, nbd, scan"),
+    ("continuous-bytes", replace(CONFIG, continuous_max_bytes=0), "invalid VmConfig record: "
+     "continuous_max_bytes is 0 bytes; allowed: 1 to 70368744177664 bytes"),
+    ("budget", replace(CONFIG, changelog_budget_bytes=-1), "invalid VmConfig record: "
+     "changelog_budget_bytes is -1 bytes; allowed: 1 to 70368744177664 bytes"),
     # sizes
     ("huge-disk", _disk("disk0", 2**62), "invalid VmConfig record: disks[0].size_bytes is "
      "4611686018427387904 bytes, larger than the largest disk vmreplica accepts (64 TiB)"),

@@ -113,12 +113,16 @@ def unplanned(vm: str, point: str, force: bool, config_path: Path | None) -> Non
 @click.option("--start", is_flag=True, help="Start the VM at the replica site afterwards.")
 @click.option("--verify", is_flag=True,
               help="Also compare full-disk digests before the replica takes over.")
+@click.option("--to", "target", default="",
+              help="The replica site that takes over (default: the one `enable` named); the "
+                   "VM's other replica sites follow it.")
 @config_option
 @reported
-def planned(vm: str, reverse: bool, start: bool, verify: bool,
+def planned(vm: str, reverse: bool, start: bool, verify: bool, target: str,
             config_path: Path | None) -> None:
     """On the primary: ship the final cycle; the replica takes over with no data loss."""
-    _run(config_path, PlannedFailover(vm, reverse=reverse, start=start, verify=verify))
+    _run(config_path, PlannedFailover(vm, reverse=reverse, start=start, verify=verify,
+                                      target=target))
 
 
 @failover.command("complete")
@@ -207,11 +211,14 @@ def stop_test(vm: str, config_path: Path | None) -> None:
 
 @click.command("reverse")
 @click.argument("vm")
+@click.option("--full-copy", is_flag=True,
+              help="Send every disk whole instead of waiting for the old primary to report "
+                   "what diverged (for an old primary that cannot report).")
 @config_option
 @reported
-def reverse(vm: str, config_path: Path | None) -> None:
+def reverse(vm: str, full_copy: bool, config_path: Path | None) -> None:
     """On the new primary: make the old primary its replica, sending only diverged blocks."""
-    _run(config_path, ReverseReplication(vm))
+    _run(config_path, ReverseReplication(vm, full_copy=full_copy))
 
 
 @click.command("extend")

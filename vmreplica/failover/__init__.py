@@ -8,11 +8,14 @@ This package re-exports what its callers use (``from vmreplica.failover import p
 work is in one module per job:
 
 - :mod:`~vmreplica.failover.planned`: ``prepare_planned`` and ``cancel_planned`` (primary), the
-  replica's takeover check, ``follow_takeover`` (the prepared old primary), the hypervisor hooks;
+  replica's takeover check, ``follow_takeover`` and ``follow_reverse`` (the old primary), the
+  hypervisor hooks;
 - :mod:`~vmreplica.failover.unplanned`: ``promote`` (the replica's new epoch, planned or at a
   recovery point), ``complete`` and ``cancel``, the roll-back to a point;
 - :mod:`~vmreplica.failover.reverse`: ``demote`` (the returning old primary) and ``reverse``
   (the new primary sends what diverged);
+- :mod:`~vmreplica.failover.fanout`: a VM on several replica sites — which one takes over, how
+  the others follow it;
 - :mod:`~vmreplica.failover.divergence`: which ranges diverged (journal, change log, block
   digests) and how the old primary reports them;
 - :mod:`~vmreplica.failover.resync`: a replica that diverged (corrupted, or stopped by a
@@ -28,8 +31,15 @@ with the same step as a reverse.)
 
 from __future__ import annotations
 
+from vmreplica.failover.fanout import follow_new_primary, regroup
 from vmreplica.failover.journal import journal_events, newest_epoch
-from vmreplica.failover.planned import cancel_planned, follow_takeover, prepare_planned
+from vmreplica.failover.planned import (
+    cancel_planned,
+    follow_reverse,
+    follow_takeover,
+    prepare_planned,
+    takes_over,
+)
 from vmreplica.failover.requests import (
     CancelFailover,
     CompleteFailover,
@@ -69,12 +79,16 @@ __all__ = [
     "carry_out",
     "complete",
     "demote",
+    "follow_new_primary",
+    "follow_reverse",
     "follow_takeover",
     "journal_events",
     "load_job",
     "newest_epoch",
     "prepare_planned",
     "promote",
+    "regroup",
     "resync_here",
     "reverse",
+    "takes_over",
 ]

@@ -4,7 +4,8 @@ Reverse replication (after a failover both sites may have written) and resynchro
 replica that diverged from its primary) send only those ranges, found here:
 
 - :func:`journal_ranges`: what cycles after a point wrote, read from the journal;
-- :func:`changelog_ranges`: what a site's change log holds that never shipped;
+- :func:`changelog_ranges`: what a site's change log (and dirty-block map) holds that never
+  shipped;
 - :func:`differing_ranges`: the blocks whose digests (a DigestMap from the other site, checked
   against the disk's size first) differ from this site's (:mod:`vmreplica.storage.digests`);
 - :func:`report_divergence` (on the old primary) publishes its side on the status topic, as
@@ -16,7 +17,8 @@ replica that diverged from its primary) send only those ranges, found here:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -24,10 +26,11 @@ from vmreplica.consumers.replica import digest_maps
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.intervals import IntervalSet
 from vmreplica.domain.model import DiskRecord, VmRecord
-from vmreplica.errors import ResyncRefused
+from vmreplica.errors import ChangeLogCorrupt, JournalIntegrityError, ResyncRefused
 from vmreplica.failover.journal import journal_events
-from vmreplica.journal.kafka import StatusPublisher, read_to_end
+from vmreplica.journal.kafka import JournalReader, StatusPublisher
 from vmreplica.producers.changelog import RecordKind, read_segment
+from vmreplica.producers.dirtymap import DIRTY_BLOCK_BYTES, DIRTY_MAP_NAME, DirtyMap
 from vmreplica.runtime.site import Site
 from vmreplica.schemas.codec import decode_status, encode
 from vmreplica.schemas.events import ByteRange, DigestMap, EpochStart, ResyncRequest, WriteBatch
@@ -43,6 +46,11 @@ MAX_RESYNC_RANGES: Final = 50_000
 """Ranges per ResyncRequest; beyond, neighbouring ranges are merged (more bytes, fewer ranges)."""
 DIGEST_BLOCK_BYTES_RANGE: Final = (MIN_DIGEST_BLOCK_BYTES, MAX_DIGEST_BLOCK_BYTES)
 """Smallest and largest block a DigestMap may use (the record's own bounds)."""
+REPORT_WAIT_SECONDS: Final = 30.0
+"""How long ``reverse`` waits for the old primary's report: its agent reports within moments of
+seeing the new epoch, or, if it was fenced while running, when its worker is retried (30 s)."""
+REPORT_FETCH_SECONDS: Final = 0.1
+"""Longest a read of the status topic waits for a record before the report is checked again."""
 
 Ranges = dict[str, IntervalSet]
 """Byte ranges per disk name."""
@@ -64,16 +72,32 @@ async def journal_ranges(site: Site, vm: str, after_cycle: int, ranges: Ranges, 
     return next_offset
 
 
-def changelog_ranges(folder: Path, disks: list[str], ranges: Ranges) -> None:
-    """Add the ranges written in the unshipped change-log segments under ``folder``.
+def changelog_ranges(folder: Path, disks: Sequence[DiskRecord], ranges: Ranges) -> None:
+    """Add what a site wrote that never shipped to ``ranges``: every record of the change-log
+    segments under ``folder``, and the blocks of its dirty-block map (writes of a cycle that
+    outgrew the change-log budget reach the image only and are marked there, so a site killed
+    in such a cycle has them nowhere else).
 
-    :raises ChangeLogCorrupt: a segment cannot be read.
+    :raises ChangeLogCorrupt: a segment or the dirty-block map cannot be read.
     """
+    names = [d.name for d in disks]
     for path in sorted(folder.glob("*.hrl")):
         for entry in read_segment(path, repair=True).records:
             if entry.kind in (RecordKind.WRITE, RecordKind.ZERO, RecordKind.TRIM):
-                ranges.setdefault(disks[entry.disk], IntervalSet()).add(
+                ranges.setdefault(names[entry.disk], IntervalSet()).add(
                     entry.offset, entry.offset + entry.length)
+    try:
+        dirty = DirtyMap.load(folder / DIRTY_MAP_NAME)
+    except JournalIntegrityError as error:
+        raise ChangeLogCorrupt(str(error)) from error
+    for index, block in dirty or ():
+        if index >= len(disks):
+            raise ChangeLogCorrupt(f"dirty-block map {folder / DIRTY_MAP_NAME} names disk "
+                                   f"{index}; the VM has {len(disks)}")
+        start = block * DIRTY_BLOCK_BYTES
+        end = min(start + DIRTY_BLOCK_BYTES, disks[index].size_bytes)
+        if start < end:
+            ranges.setdefault(names[index], IntervalSet()).add(start, end)
 
 
 def byte_ranges(ranges: IntervalSet) -> tuple[ByteRange, ...]:
@@ -132,9 +156,10 @@ async def report_divergence(site: Site, record: VmRecord, start: EpochStart,
                             diverged: Ranges | None) -> None:
     """Tell the new primary of ``start`` what this old primary wrote after its starting point.
 
-    ``diverged`` known: one ResyncRequest per disk (at least one, maybe empty, so the new
-    primary knows the report is complete). Unknown (the change log is lost): a DigestMap of
-    every disk, for the new primary to compare with its own.
+    ``diverged`` known: one ResyncRequest per disk, with no range for a disk that did not
+    diverge, so the new primary knows the report is complete once it holds one per disk.
+    Unknown (the change log is lost): a DigestMap of every disk, for the new primary to
+    compare with its own.
     """
     vm, point = record.name, start.start_cycle - 1
     status = StatusPublisher(site.connection)
@@ -143,10 +168,10 @@ async def report_divergence(site: Site, record: VmRecord, start: EpochStart,
         events: list[ResyncRequest | DigestMap]
         if diverged is not None:
             events = [ResyncRequest(vm, start.epoch, site.config.site,
-                                    f"diverged after cycle {point}", disk, byte_ranges(ranges),
+                                    f"diverged after cycle {point}", disk.name,
+                                    byte_ranges(diverged.get(disk.name, IntervalSet())),
                                     now_ms())
-                      for disk, ranges in sorted(diverged.items())
-                      or [(record.disks[0].name, IntervalSet())]]
+                      for disk in record.disks]
         else:
             events = list(digest_maps(vm, start.epoch, site.config.site, point,
                                       [(d.name, Path(d.path), d.size_bytes)
@@ -157,32 +182,50 @@ async def report_divergence(site: Site, record: VmRecord, start: EpochStart,
         await status.stop()
 
 
-async def reported_ranges(site: Site, record: VmRecord, replica_site: str) -> Ranges | None:
+async def reported_ranges(site: Site, record: VmRecord, replica_site: str,
+                          wait_seconds: float = 0.0) -> Ranges | None:
     """Ranges the returning old primary reported for this epoch: as ResyncRequests, or else
     as DigestMaps compared block by block with this site's disks; None when it sent neither.
 
-    A ResyncRequest naming no disk is a replica asking to be resynchronized, not a report.
+    Waits up to ``wait_seconds`` for a report of every disk: an old primary's agent reports
+    within moments of seeing the new epoch, so a ``reverse`` run just after it started finds
+    the report instead of missing it. Reading blocks on the broker (a fetch that returns as
+    soon as a record arrives), never spins. A ResyncRequest naming no disk is a replica asking
+    to be resynchronized, not a report.
 
     :raises ResyncRefused: a DigestMap does not fit its disk.
     """
     vm, epoch = record.name, record.epoch
-    found: Ranges | None = None
+    disks = {d.name for d in record.disks}
+    requests: Ranges = {}
     maps: dict[str, DigestMap] = {}
-    async for message in read_to_end(site.connection, site.status_topic(vm)):
-        event = decode_status(message.value)
-        if event.site != replica_site or event.epoch != epoch:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_seconds
+    async with JournalReader(site.connection, site.status_topic(vm)) as reader:
+        while True:
+            for message in await reader.fetch(REPORT_FETCH_SECONDS):
+                event = decode_status(message.value)
+                if event.site != replica_site or event.epoch != epoch:
+                    continue
+                if isinstance(event, ResyncRequest) and event.disk is not None:
+                    ranges = requests.setdefault(event.disk, IntervalSet())
+                    for byte_range in event.ranges:
+                        ranges.add(byte_range.offset, byte_range.offset + byte_range.length)
+                elif isinstance(event, DigestMap):
+                    maps[event.disk] = event
+            if disks <= set(requests) or disks <= set(maps):
+                break  # a complete report: one per disk
+            if (loop.time() >= deadline
+                    and await reader.position() >= await reader.end_offset()):
+                break  # what arrived in time (an older agent reports diverged disks only)
+    if requests:
+        return requests
+    if not maps:
+        return None
+    found: Ranges = {}
+    for disk in record.disks:
+        theirs = maps.get(disk.name)
+        if theirs is None:
             continue
-        if isinstance(event, ResyncRequest) and event.disk is not None:
-            found = found if found is not None else {}
-            ranges = found.setdefault(event.disk, IntervalSet())
-            for byte_range in event.ranges:
-                ranges.add(byte_range.offset, byte_range.offset + byte_range.length)
-        elif isinstance(event, DigestMap):
-            maps[event.disk] = event
-    if found is None and maps:
-        found = {}
-        for disk in record.disks:
-            theirs = maps.get(disk.name)
-            if theirs is not None:
-                found[disk.name] = differing_ranges(vm, disk, theirs)
+        found[disk.name] = differing_ranges(vm, disk, theirs)
     return found

@@ -7,7 +7,7 @@ initialising the publisher fences the old primary's producer at the broker.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from vmreplica.domain.model import VmRecord
 from vmreplica.domain.names import transactional_id
@@ -18,7 +18,7 @@ from vmreplica.schemas.events import EpochStart, JournalEvent
 
 
 async def journal_events(site: Site, vm: str, start: int = 0,
-                         ) -> AsyncIterator[tuple[int, JournalEvent]]:
+                         ) -> AsyncGenerator[tuple[int, JournalEvent], None]:
     """Every committed journal event of ``vm`` from offset ``start`` to the current end."""
     async for record in read_to_end(site.connection, site.journal_topic(vm), start):
         yield record.offset, decode_journal(record.value)

@@ -3,26 +3,33 @@
 1. On the primary, the ``vm_stop_command`` hook stops the VM (:func:`run_stop_hook`), then
    :func:`prepare_planned` refuses further writes, ships the final cycle and publishes
    FailoverPrepared (with full-disk digests under ``--verify``).
-2. On the replica, once it applied the final cycle, :func:`check_takeover` proves it holds
+2. On the replica site the FailoverPrepared names (``target``; the VM's other replica sites
+   only follow), once it applied the final cycle, :func:`check_takeover` proves it holds
    exactly what the primary had (hash chain, and the digests if sent), and
    :func:`~vmreplica.failover.unplanned.promote` starts the new epoch; ``--start`` then runs
    the ``vm_start_command`` hook (:func:`run_start_hook`).
 3. The old primary, seeing the new epoch, follows it (:func:`follow_takeover`): as its replica
-   with ``--reverse`` (no resync: both are identical), or standing down as failed over.
+   with ``--reverse`` (no resync: both are identical), or standing down as failed over until
+   the new primary runs ``reverse`` (:func:`follow_reverse`). The other replica sites apply the
+   new epoch as they applied the old one (:mod:`~vmreplica.failover.fanout`).
 
 Until step 2 happens, :func:`cancel_planned` takes it back.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import Position, VmRecord
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import FailoverRefused, HookError
-from vmreplica.failover.journal import newest_epoch
+from vmreplica.failover.divergence import report_divergence
+from vmreplica.failover.fanout import check_target
+from vmreplica.failover.journal import journal_events, newest_epoch
 from vmreplica.failover.reverse import demote
 from vmreplica.runtime.site import Site
-from vmreplica.schemas.events import FailoverPrepared
+from vmreplica.schemas.events import EpochStart, FailoverPrepared
 from vmreplica.storage.hooks import run_hook
 from vmreplica.storage.image import sha256_of
 
@@ -62,18 +69,33 @@ async def run_start_hook(site: Site, record: VmRecord) -> None:
                               "hand") from error
 
 
-async def prepare_planned(site: Site, vm: str, reverse: bool = False,
-                          start_vm: bool = False, verify: bool = False) -> FailoverPrepared:
-    """Planned failover, on the primary: ship the final cycle and mark the VM prepared.
+async def check_planned(site: Site, vm: str, target: str = "") -> str:
+    """What a planned failover of ``vm`` needs before anything is done (the VM stop included):
+    a replicating primary here, and a target that is one of its replica sites. Returns the
+    target (the replica site ``enable`` named when none is given).
 
-    The VM must already be stopped (the hypervisor adapter does that): writes are refused from
-    here on. The replica takes over once it has applied the final cycle.
+    :raises FailoverRefused: not a replicating primary here.
+    :raises ConfigurationError: ``target`` is not a replica site of the VM.
     """
     record = await site.catalog.vm(vm)
     if record.role != "primary" or record.state is not ReplicationState.REPLICATING:
         raise FailoverRefused(f"VM {vm!r} is {record.role} here in state "
                               f"{record.state.value!r}; planned failover starts on a "
                               "replicating primary")
+    return check_target(record, target)
+
+
+async def prepare_planned(site: Site, vm: str, reverse: bool = False,
+                          start_vm: bool = False, verify: bool = False,
+                          target: str = "") -> FailoverPrepared:
+    """Planned failover, on the primary: ship the final cycle and mark the VM prepared.
+
+    The VM must already be stopped (the hypervisor adapter does that): writes are refused from
+    here on. The replica site ``target`` (by default the one ``enable`` named) takes over once
+    it has applied the final cycle; the VM's other replica sites follow it.
+    """
+    target = await check_planned(site, vm, target)
+    record = await site.catalog.vm(vm)
     async with site.primary(record) as primary:
         primary.refuse_writes(f"VM {vm!r} is prepared for planned failover")
         await primary.replicate()
@@ -82,22 +104,32 @@ async def prepare_planned(site: Site, vm: str, reverse: bool = False,
             raise FailoverRefused(f"VM {vm!r} has not finished initial replication")
         digests = primary.disk_digests() if verify else ()
         prepared = FailoverPrepared(vm, record.epoch, position.cycle, position.cycle_hash,
-                                    now_ms(), site.config.site, start_vm, digests)
+                                    now_ms(), site.config.site, start_vm, digests, target)
         await primary.publish(prepared)
     await site.catalog.set_reverse_wanted(vm, reverse)
     await site.catalog.set_state(vm, ReplicationState.PREPARED_FOR_PLANNED_FAILOVER,
                                  f"final cycle {position.cycle} shipped; waiting for "
-                                 f"{record.partner_site} to take over")
+                                 f"{target} to take over")
     return prepared
 
 
-def check_takeover(record: VmRecord, position: Position, prepared: FailoverPrepared) -> None:
-    """On the replica: it stands exactly at the prepared final cycle, and (``--verify``) its
-    disks have the digests the primary sent.
+def takes_over(prepared: FailoverPrepared, here: str) -> bool:
+    """Whether the replica at ``here`` is the one that takes over (the others follow it)."""
+    return prepared.target in ("", here)
 
-    :raises FailoverRefused: not yet caught up, or a disk differs although the chain matched.
+
+def check_takeover(record: VmRecord, position: Position, prepared: FailoverPrepared,
+                   here: str = "") -> None:
+    """On the replica: it is the site the failover names, it stands exactly at the prepared
+    final cycle, and (``--verify``) its disks have the digests the primary sent.
+
+    :raises FailoverRefused: another site takes over, not yet caught up, or a disk differs
+        although the chain matched.
     """
     vm = record.name
+    if here and not takes_over(prepared, here):
+        raise FailoverRefused(f"VM {vm!r}: the planned failover hands over to site "
+                              f"{prepared.target}, not to {here}; this site follows it")
     if (position.cycle, position.cycle_hash) != (prepared.final_cycle, prepared.cycle_hash):
         raise FailoverRefused(
             f"VM {vm!r}: the replica is at cycle {position.cycle} but the primary prepared "
@@ -129,19 +161,62 @@ async def cancel_planned(site: Site, vm: str) -> None:
     await site.catalog.set_state(vm, ReplicationState.REPLICATING, "planned failover cancelled")
 
 
+async def _takeover(site: Site, vm: str) -> tuple[int, EpochStart] | None:
+    """The first epoch after this old primary's own, with its offset: the takeover."""
+    record = await site.catalog.vm(vm)
+    position = await site.catalog.position(vm)
+    start = position.next_offset if position else 0
+    async with contextlib.aclosing(journal_events(site, vm, start)) as events:
+        async for offset, event in events:
+            if isinstance(event, EpochStart) and event.epoch > record.epoch:
+                return offset, event
+    return None
+
+
 async def follow_takeover(site: Site, vm: str) -> bool:
     """On a prepared old primary: once the new epoch is in the journal, become its replica
-    (``--reverse``) or stand down as failed over. Returns whether the takeover happened."""
-    found = await newest_epoch(site, vm, 0)
-    record = await site.catalog.vm(vm)
-    if found is None or found[1].epoch <= record.epoch:
+    (``--reverse``) or stand down as failed over. Returns whether the takeover happened.
+
+    Standing down, it still tells the new primary that nothing diverged here (the final cycle
+    shipped and every write since was refused), so a later ``reverse`` there sends only what
+    the new primary wrote.
+    """
+    if (await site.catalog.vm(vm)).role != "primary":
+        return True  # followed already (by another worker of this site)
+    found = await _takeover(site, vm)
+    if found is None:
         return False
     offset, start = found
     if await site.catalog.reverse_wanted(vm):
         await demote(site, vm, start, offset)
-    else:
-        await site.catalog.set_state(vm, ReplicationState.FAILED_OVER,
-                                     f"site {start.primary_site} is primary since epoch "
-                                     f"{start.epoch}; `vmreplica reverse {vm}` there makes "
-                                     "this site its replica")
+        return True
+    record = await site.catalog.vm(vm)
+    await report_divergence(site, record, start, {})
+    await site.catalog.set_state(vm, ReplicationState.FAILED_OVER,
+                                 f"site {start.primary_site} is primary since epoch "
+                                 f"{start.epoch}; `vmreplica reverse {vm}` there makes "
+                                 "this site its replica")
+    return True
+
+
+async def follow_reverse(site: Site, vm: str) -> bool:
+    """On an old primary that stood down after a planned failover: once the new primary ran
+    ``reverse`` (an epoch naming this site), become its replica from the takeover on.
+
+    Nothing diverged here, so it needs no resync: it applies every cycle the new primary
+    shipped since the takeover, then the reverse epoch. Returns whether it became a replica.
+    """
+    found = await _takeover(site, vm)
+    if found is None:
+        return False
+    offset, start = found
+    named = False
+    async with contextlib.aclosing(journal_events(site, vm, offset)) as events:
+        async for _, event in events:
+            if isinstance(event, EpochStart) and site.config.site in event.resync_sites:
+                named = True
+                break
+    if not named:
+        return False
+    await demote(site, vm, start, offset)
     return True

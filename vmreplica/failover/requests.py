@@ -17,7 +17,12 @@ from typing import ClassVar, Final, assert_never
 
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import ConfigurationError
-from vmreplica.failover.planned import cancel_planned, prepare_planned, run_stop_hook
+from vmreplica.failover.planned import (
+    cancel_planned,
+    check_planned,
+    prepare_planned,
+    run_stop_hook,
+)
 from vmreplica.failover.resync import cancel_resync, resync_here
 from vmreplica.failover.reverse import reverse
 from vmreplica.failover.unplanned import cancel, complete, promote
@@ -30,7 +35,9 @@ class PlannedFailover:
     """On the primary: stop the VM, ship the final cycle, let the replica take over.
 
     ``reverse``: this site then becomes the new primary's replica; ``start``: the replica site
-    starts the VM; ``verify``: full-disk digests are compared before the takeover.
+    starts the VM; ``verify``: full-disk digests are compared before the takeover; ``target``:
+    the replica site that takes over (empty: the one ``enable`` named), the VM's other replica
+    sites follow it.
     """
 
     kind: ClassVar[str] = "planned"
@@ -38,6 +45,7 @@ class PlannedFailover:
     reverse: bool = False
     start: bool = False
     verify: bool = False
+    target: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,10 +77,12 @@ class CancelFailover:
 
 @dataclass(frozen=True)
 class ReverseReplication:
-    """On the new primary: make the old primary its replica, sending only what diverged."""
+    """On the new primary: make the old primary its replica, sending only what diverged
+    (``full_copy``: every disk whole, for an old primary that cannot say what diverged)."""
 
     kind: ClassVar[str] = "reverse"
     vm: str
+    full_copy: bool = False
 
 
 @dataclass(frozen=True)
@@ -153,11 +163,12 @@ async def carry_out(site: Site, request: FailoverRequest) -> str:
     vm = request.vm
     match request:
         case PlannedFailover():
+            target = await check_planned(site, vm, request.target)  # before the VM stops
             await run_stop_hook(site, vm)
             prepared = await prepare_planned(site, vm, request.reverse, request.start,
-                                             request.verify)
+                                             request.verify, target)
             return (f"VM {vm} prepared for planned failover at cycle {prepared.final_cycle}; "
-                    "its replica takes over once it applied that cycle")
+                    f"site {target} takes over once it applied that cycle")
         case UnplannedFailover():
             start = await promote(site, vm, point=request.point, force=request.force)
             return (f"VM {vm} failed over at cycle {start.start_cycle - 1} (epoch "
@@ -174,11 +185,10 @@ async def carry_out(site: Site, request: FailoverRequest) -> str:
             await cancel(site, vm)
             return f"failover of VM {vm} cancelled; replaying the journal"
         case ReverseReplication():
-            result = await reverse(site, vm)
+            result = await reverse(site, vm, full_copy=request.full_copy)
             return (f"VM {vm} replicates to its old primary again: {result.diverged_bytes} "
                     f"bytes diverged, {result.sent_bytes} bytes sent in cycle {result.cycle}"
-                    + (" (full copy: the old primary reported no diverged ranges)"
-                       if result.full_copy else ""))
+                    + (" (full copy, as asked)" if result.full_copy else ""))
         case Resynchronize(cancel=True):
             return (await cancel_resync(site, vm)).summary()
         case Resynchronize():

@@ -7,6 +7,11 @@ heartbeats (unless forced) and rolls the images back to the chosen point from th
 :func:`complete` then keeps that point for good, :func:`cancel` goes back to being a replica and
 replays the journal forward.
 
+The new primary captures the disks the way the old one did: its record holds the VM's settings
+as the old primary published them (VmConfig), ``capture`` among them, so the agent serves the
+same NBD export names, or scans — from block digests taken at the takeover point
+(:func:`record_scan_baseline`), so its first scan sends only what the VM wrote since.
+
 Crash safety: the epoch is published before anything changes locally; the roll-back is
 idempotent (head plus the undo of every later cycle); the catalog switches role in one
 transaction; undo logs are discarded last.
@@ -14,7 +19,9 @@ transaction; undo logs are discarded last.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+from pathlib import Path
 
 from vmreplica.consumers.points import choose_point
 from vmreplica.consumers.undo import UndoLog
@@ -22,11 +29,14 @@ from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import Position, Rewind, VmRecord
 from vmreplica.domain.states import ReplicationState, primary_live
 from vmreplica.errors import FailoverRefused
+from vmreplica.failover.fanout import regroup
 from vmreplica.failover.journal import publish_epoch
 from vmreplica.failover.planned import check_takeover, run_start_hook
 from vmreplica.producers.changelog import read_segment
+from vmreplica.producers.scan import SCAN_BLOCK_BYTES, hashes_path, save_hashes
 from vmreplica.runtime.site import Site
 from vmreplica.schemas.events import EpochStart, FailoverPrepared
+from vmreplica.storage.digests import image_digests
 from vmreplica.storage.image import DiskImage
 
 
@@ -46,7 +56,7 @@ async def promote(site: Site, vm: str, *, prepared: FailoverPrepared | None = No
         raise FailoverRefused(f"VM {vm!r} has not finished initial replication here")
     points = await site.catalog.points(vm)
     if prepared is not None:
-        check_takeover(record, position, prepared)
+        check_takeover(record, position, prepared, site.config.site)
         cycle, cycle_hash, reason = position.cycle, position.cycle_hash, "planned failover"
     else:
         seen = await site.catalog.primary_seen_ms(vm)
@@ -70,14 +80,17 @@ async def promote(site: Site, vm: str, *, prepared: FailoverPrepared | None = No
     if prepared is not None:  # a primary has no recovery points of its own
         await site.catalog.keep_points(vm, [])
     shutil.rmtree(site.config.vm_folder(vm) / "changelog", ignore_errors=True)
+    partner, settings = regroup(record, site.config.site, site.config.site)
+    if settings.capture == "scan":
+        await asyncio.to_thread(record_scan_baseline, site.config.vm_folder(vm), record)
     state = (ReplicationState.REPLICATING if prepared is not None
              else ReplicationState.FAILED_OVER_WAITING_COMPLETION)
     moved = Position(epoch, cycle, cycle_hash, offset + 1, now_ms())
     await site.catalog.change_role(
-        vm, "primary", record.partner_site, epoch, state, reason,
+        vm, "primary", partner, epoch, state, reason,
         position=moved if cycle >= position.cycle
         else Rewind(moved, f"{reason}, back from cycle {position.cycle}"),
-        failover_point=None if prepared is not None else cycle)
+        failover_point=None if prepared is not None else cycle, settings=settings)
     # Undo of cycles up to the point stays valid until the failed-over VM writes: it lets a
     # cancelled failover be retried at an older point.
     for later in undo.cycles():
@@ -86,6 +99,16 @@ async def promote(site: Site, vm: str, *, prepared: FailoverPrepared | None = No
     if prepared is not None and prepared.start_vm:
         await run_start_hook(site, record)
     return start
+
+
+def record_scan_baseline(folder: Path, record: VmRecord) -> None:
+    """A ``--capture scan`` VM taken over here: save its images' block digests as the state
+    last shipped, so the first scan sends only what the VM writes from now on (without them it
+    would resend every block). The images hold exactly the takeover point at this moment."""
+    scan = folder / "scan"
+    for disk in record.disks:
+        digests = image_digests(disk.path, SCAN_BLOCK_BYTES)
+        save_hashes(hashes_path(scan, disk.name), disk.size_bytes, digests)
 
 
 def _roll_back(record: VmRecord, undo: UndoLog, point: int, head: int) -> None:

@@ -44,6 +44,12 @@ built (``send`` itself never yields while the buffer has room)."""
 FETCH_MAX_BYTES: Final = 2 * MAX_RECORD_BYTES
 """What one fetch returns at most: two of the largest records, and below the allocator's mmap
 threshold (see :func:`~vmreplica.journal.allocator.tune_allocator`)."""
+READ_TO_END_FETCH_SECONDS: Final = 0.05
+"""How long :func:`read_to_end` lets one fetch wait. A topic written in transactions ends with a
+commit marker, which a fetch consumes without returning a record: a longer wait there is pure
+delay (a whole second per read, each failover step reads the journal), not fewer requests."""
+
+
 @dataclass(frozen=True)
 class KafkaConnection:
     """How to reach the cluster. Security settings join here (TLS, SASL/SCRAM)."""
@@ -355,7 +361,7 @@ async def read_to_end(connection: KafkaConnection, topic: str, start: int = 0, *
         reader.seek(max(0, end - last) if last is not None else start)
         # Transaction markers take offsets but are never returned: progress is the position.
         while await reader.position() < end:
-            for record in await reader.fetch(1.0):
+            for record in await reader.fetch(READ_TO_END_FETCH_SECONDS):
                 if record.offset >= end:
                     return
                 yield record

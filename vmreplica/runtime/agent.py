@@ -9,6 +9,11 @@ each VM it is replica of, it applies the journal as it arrives. New VMs (enabled
 discovered in the trust group's topics) are picked up while it runs. One VM's failure never
 stops the others.
 
+A ``--capture nbd`` VM's exports belong to the agent, not to one worker: they stay up across
+every role change, capturing writes while the VM is primary here and serving the images
+read-only (writes refused with EPERM) otherwise, so the new primary of a failover serves the
+same export names and the old one still answers its hypervisor.
+
 Before it runs, :func:`check_folders` and the listeners (metrics, NBD over TCP) refuse a setting
 the agent cannot work with in one line that names the setting, the problem and what to do.
 """
@@ -21,6 +26,7 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Final
 
 from vmreplica.config import SiteConfig, cannot_listen
@@ -31,12 +37,27 @@ from vmreplica.domain.model import VmRecord
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import (
     ConfigurationError,
+    FencedError,
     ReplicationError,
     ResyncRefused,
     SupersededError,
 )
-from vmreplica.failover import carry_out, demote, follow_takeover, promote
-from vmreplica.failover.requests import FailoverRequest, Resynchronize, posted_request
+from vmreplica.failover import (
+    carry_out,
+    demote,
+    follow_new_primary,
+    follow_reverse,
+    follow_takeover,
+    promote,
+    takes_over,
+)
+from vmreplica.failover.planned import check_planned
+from vmreplica.failover.requests import (
+    FailoverRequest,
+    PlannedFailover,
+    Resynchronize,
+    posted_request,
+)
 from vmreplica.failover.resync import (
     ResyncBusy,
     ResyncRun,
@@ -48,7 +69,7 @@ from vmreplica.failover.resync import (
 from vmreplica.journal.kafka import JournalReader
 from vmreplica.nbd.server import NbdServer
 from vmreplica.producers.capture_front import CaptureFront
-from vmreplica.producers.nbd_exports import UNIX_PATH_MAX_BYTES
+from vmreplica.producers.nbd_exports import UNIX_PATH_MAX_BYTES, VmExports, socket_path
 from vmreplica.producers.primary import PrimaryVm
 from vmreplica.runtime.extension import ExtendedReplication, load_extension
 from vmreplica.runtime.metrics import CycleStat, SiteMetrics, failure_reason
@@ -74,6 +95,9 @@ HELD_SECONDS: Final = 600.0
 for its relationship to change, and is tried again this long after in case the cause went away."""
 CONTINUOUS_TICK_SECONDS: Final = 1.0
 """Continuous replication looks for writes to ship every second."""
+ALIVE_STAMP_SECONDS: Final = 2.0
+"""How often the agent stamps the mailbox while it carries out a long request (well inside the
+mailbox's ten seconds of liveness)."""
 STOP_GRACE_SECONDS: Final = 20.0
 """On a stop, how long the workers get to end by themselves (a primary's final cycle) before
 they are cancelled."""
@@ -144,6 +168,9 @@ class Agent:
         """Open primary VMs: a program capturing through the API writes to their ``capture``."""
         self.fronts: dict[str, CaptureFront] = {}
         """What captures each open primary's writes: its NBD exports, or its scanner."""
+        self.exports: dict[str, VmExports] = {}
+        """The NBD exports of every ``--capture nbd`` VM this site holds, kept up across role
+        changes: capturing writes while the VM is primary here, read-only (EPERM) otherwise."""
         self.nbd_tcp: NbdServer | None = None
         """The loopback TCP listener for every NBD export (``nbd_tcp_port``), if configured."""
         self.mailbox = Mailbox(site.config.catalog_path)
@@ -194,6 +221,9 @@ class Agent:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            for exports in self.exports.values():
+                await exports.stop()
+            self.exports.clear()
             await self.mailbox.agent_gone(self.site.config.site)
             await self.mailbox.stop()
             log.info("agent of site %s stopped", self.site.config.site)
@@ -231,6 +261,7 @@ class Agent:
         without stopping the VM's worker.
         """
         for posted in await self.mailbox.pending():
+            alive = asyncio.create_task(self._stay_alive())
             try:
                 request = posted_request(posted)
                 result = await self._carry_out(request)
@@ -246,8 +277,20 @@ class Agent:
                 await self.mailbox.finish(posted.id, "done", result)
                 self.metrics.failover(posted.vm, posted.kind, "done")
                 log.info("VM %s: %s", posted.vm, result)
+            finally:
+                alive.cancel()
+                await asyncio.gather(alive, return_exceptions=True)
+
+    async def _stay_alive(self) -> None:
+        """Stamp the mailbox while a request runs (a reverse waits for the old primary's
+        report): a command started meanwhile must still see this agent, not do the work too."""
+        while True:
+            await asyncio.sleep(ALIVE_STAMP_SECONDS)
+            await self.mailbox.agent_alive(self.site.config.site, os.getpid())
 
     async def _carry_out(self, request: FailoverRequest) -> str:
+        if isinstance(request, PlannedFailover):  # a bad target leaves the VM capturing
+            await check_planned(self.site, request.vm, request.target)
         if not isinstance(request, Resynchronize):
             await self._stop_worker(request.vm)
             return await carry_out(self.site, request)
@@ -270,14 +313,17 @@ class Agent:
                 await self.site.discover()
             except ReplicationError as error:
                 log.warning("discovery failed: %s", error)
-        for record in await self.site.catalog.vms():
-            generation = await self.site.catalog.generation(record.name)
-            task = self._tasks.get(record.name)
+        for listed in await self.site.catalog.vms():
+            generation = await self.site.catalog.generation(listed.name)
+            task = self._tasks.get(listed.name)
             if task is not None and not task.done():
                 continue
-            ended, seen, wait = self._ended.get(record.name, (0.0, -1, 0.0))
+            ended, seen, wait = self._ended.get(listed.name, (0.0, -1, 0.0))
             if task is not None and seen == generation and loop.time() - ended < wait:
                 continue  # ended on its own: retried when its role changes, or later
+            # Read again, after the generation: a worker that ended since the listing (a
+            # failover that just changed the role) must not be followed by one for the old role.
+            record = await self.site.catalog.vm(listed.name)
             self._ended[record.name] = (loop.time() + 10**9, generation, RETRY_SECONDS)
             work = self._primary if record.role == "primary" else self._replica
             self._tasks[record.name] = asyncio.create_task(
@@ -287,6 +333,7 @@ class Agent:
         """A newer epoch exists: a prepared primary follows the takeover, a returning one
         stands down and reports what diverged."""
         log.warning("VM %s: %s", record.name, error)
+        await self._serve_fenced(record, str(error))  # read-only at once, before the report
         if record.state is ReplicationState.PREPARED_FOR_PLANNED_FAILOVER:
             await follow_takeover(self.site, record.name)
             self.metrics.failover(record.name, "follow")
@@ -306,6 +353,8 @@ class Agent:
         except SupersededError as error:
             await self._superseded(record, error)
         except ReplicationError as error:
+            if not isinstance(error, FencedError):  # fenced: no longer primary, stay read-only
+                await self._withdraw(record.name)
             self.metrics.failed(record.name, failure_reason(error))
             await self.site.catalog.set_state(record.name, ReplicationState.ERROR, str(error))
             log.error("VM %s: %s", record.name, error)
@@ -317,13 +366,19 @@ class Agent:
                 self._ended[record.name] = (asyncio.get_running_loop().time(), ended[1], wait)
 
     async def _replica(self, record: VmRecord) -> None:
-        """Apply the journal; serve a test failover if asked; take over when prepared."""
+        """Apply the journal; serve a test failover if asked; take over when a planned failover
+        names this site; follow another replica site that took over."""
         async with await self.site.replica(record) as replica:
+            await self._serve_replica(record)
             drill = FailoverDrill(self.site.catalog, replica)
             hop = HopRelay(self.site, record.name)
             try:
                 while not self.stopping.is_set() and not replica.stopped:
+                    cursor = replica.materializer.cursor
+                    epoch, before = cursor.epoch, cursor.next_offset
                     await self._apply(replica)
+                    if replica.materializer.cursor.epoch != epoch:
+                        await self._follow_new_primary(record.name, before)
                     await drill.poll()
                     await hop.poll()
                     if await self._prepared_and_caught_up(replica):
@@ -337,6 +392,15 @@ class Agent:
             self.metrics.failover(record.name, "takeover")
             log.info("VM %s: took over as primary in epoch %d", record.name, start.epoch)
 
+    async def _follow_new_primary(self, vm: str, start_offset: int) -> None:
+        """This replica applied a new epoch: if another replica site took over, follow it."""
+        start = await follow_new_primary(self.site, vm, start_offset)
+        if start is None:
+            return
+        log.info("VM %s: site %s took over in epoch %d; this replica follows it",
+                 vm, start.primary_site, start.epoch)
+        await self._serve_replica(await self.site.catalog.vm(vm))
+
     async def _apply(self, replica: ReplicaVm) -> None:
         """One step of the replica; the time it spent applying goes to the cycles it applied,
         and a journal violation it met is counted as a failure once."""
@@ -349,31 +413,86 @@ class Agent:
         if applied > 0:
             self.metrics.applied(replica.name, replica.apply_seconds - spent, applied)
 
-    @staticmethod
-    async def _prepared_and_caught_up(replica: ReplicaVm) -> bool:
-        """The primary prepared a planned failover and nothing after it cancelled it."""
-        return (replica.materializer.prepared is not None
+    async def _prepared_and_caught_up(self, replica: ReplicaVm) -> bool:
+        """The primary prepared a planned failover to this site, and nothing after it
+        cancelled it (the VM's other replica sites only follow)."""
+        prepared = replica.materializer.prepared
+        return (prepared is not None and takes_over(prepared, self.site.config.site)
                 and await replica.reader.position() >= await replica.reader.end_offset())
+
+    async def _serve_replica(self, record: VmRecord) -> None:
+        await self._serve_fenced(record, (
+            f"VM {record.name!r} is a replica at site {self.site.config.site}; its primary is "
+            f"site {record.partner_site}, whose exports take the VM's writes"))
+
+    async def _serve_fenced(self, record: VmRecord, reason: str) -> None:
+        """Serve the images read-only; failing to (a socket path too long, taken) is logged,
+        and never stops replication or a failover."""
+        try:
+            await self._serve(record, reason)
+        except (ConfigurationError, OSError) as error:
+            log.warning("VM %s: not serving its images over NBD: %s", record.name, error)
+
+    async def _exports(self, record: VmRecord) -> VmExports | None:
+        """The NBD exports of a ``--capture nbd`` VM (None for other VMs), listening from the
+        first call until the agent stops or :meth:`_withdraw` (they may serve nothing yet)."""
+        if record.settings.capture != "nbd":
+            return None
+        exports = self.exports.get(record.name)
+        if exports is None:
+            exports = VmExports(record.name, socket_path(self.site.config, record.name),
+                                self.nbd_tcp)
+            await exports.start()
+            self.exports[record.name] = exports
+        return exports
+
+    async def _serve(self, record: VmRecord, reason: str) -> None:
+        """This site holds the VM but does not capture its writes (a replica, an old primary):
+        its exports serve the images read-only and refuse writes for ``reason``."""
+        exports = await self._exports(record)
+        if exports is not None:
+            exports.serve_images({d.name: Path(d.path) for d in record.disks}, reason)
+
+    async def _withdraw(self, vm: str) -> None:
+        """Stop serving ``vm``'s exports: its worker failed and is retried, still primary here.
+        A hypervisor (QEMU with ``reconnect-delay``) then waits and reconnects to the capture,
+        instead of being told its writes are refused by a site that is still the primary."""
+        exports = self.exports.pop(vm, None)
+        if exports is not None:
+            await exports.stop()
 
     async def _primary(self, record: VmRecord) -> None:
         if record.state in (ReplicationState.PREPARED_FOR_PLANNED_FAILOVER,
-                            ReplicationState.FAILED_OVER) and await self._follow(record):
-            return
-        async with self.site.primary(record) as primary, CaptureFront(
-                primary, self.site.config, self.nbd_tcp) as front:
-            self.primaries[record.name] = primary
-            self.fronts[record.name] = front
-            resync = self.resyncs[record.name] = ResyncWorker(self.site, primary)
-            try:
-                if record.state in (ReplicationState.READY_FOR_INITIAL_REPLICATION,
-                                    ReplicationState.INITIAL_REPLICATION_IN_PROGRESS):
-                    await front.initial_replication()
-                await self._cycles(primary, resync)
-            finally:
-                await resync.stop()
-                del self.resyncs[record.name]
-                del self.primaries[record.name]
-                del self.fronts[record.name]
+                            ReplicationState.FAILED_OVER):
+            if (record.state is ReplicationState.PREPARED_FOR_PLANNED_FAILOVER
+                    or await self.site.catalog.failover_point(record.name) is None):
+                await self._serve(record, (
+                    f"VM {record.name!r} is being handed over by site {self.site.config.site} "
+                    f"({record.state.value}); write to the new primary's exports"))
+            if await self._follow(record):
+                return
+        async with self.site.primary(record) as primary:
+            # Started only now, and taken by the capture before anything else runs: a client
+            # never finds the socket of an opening primary serving nothing or read-only.
+            exports = await self._exports(record)
+            async with CaptureFront(primary, self.site.config, self.nbd_tcp, exports) as front:
+                await self._capture(record, primary, front)
+
+    async def _capture(self, record: VmRecord, primary: PrimaryVm, front: CaptureFront) -> None:
+        """The primary's work while its capture front runs: seed, then cycles."""
+        self.primaries[record.name] = primary
+        self.fronts[record.name] = front
+        resync = self.resyncs[record.name] = ResyncWorker(self.site, primary)
+        try:
+            if record.state in (ReplicationState.READY_FOR_INITIAL_REPLICATION,
+                                ReplicationState.INITIAL_REPLICATION_IN_PROGRESS):
+                await front.initial_replication()
+            await self._cycles(primary, resync)
+        finally:
+            await resync.stop()
+            del self.resyncs[record.name]
+            del self.primaries[record.name]
+            del self.fronts[record.name]
 
     async def _start_nbd_tcp(self) -> None:
         config = self.site.config
@@ -402,9 +521,14 @@ class Agent:
             self.metrics.written(primary.name, cycle.bytes_written)
 
     async def _follow(self, record: VmRecord) -> bool:
-        """A prepared primary waits for its replica to take over; True when it did."""
+        """A prepared primary waits for its replica to take over; True when it did. One that
+        stood down (failed over, planned) becomes a replica once the new primary reverses."""
         if record.state is ReplicationState.FAILED_OVER:
-            return await self.site.catalog.failover_point(record.name) is None
+            if await self.site.catalog.failover_point(record.name) is not None:
+                return False  # the new primary of an unplanned failover: it captures
+            if await follow_reverse(self.site, record.name):
+                log.info("VM %s: the new primary reversed; now its replica", record.name)
+            return True
         while not self.stopping.is_set():
             if await follow_takeover(self.site, record.name):
                 return True

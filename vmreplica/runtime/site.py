@@ -182,6 +182,12 @@ class Site:
     async def adopt(self, config: VmConfig) -> VmRecord:
         """Become a replica of the VM ``config`` describes.
 
+        The record keeps the VM's settings as its primary published them — how it captures
+        writes among them — so that this site, if it takes over, captures the disks the way
+        the old primary did (a scan's cut hooks, being commands, are this site's to set);
+        ``also_replicate_to`` holds the VM's other replica sites, which follow whichever of
+        them takes over.
+
         :raises InvalidEventError: a name, size or setting in ``config`` is refused
             (:func:`~vmreplica.schemas.validation.check_vm_config`); nothing was created.
         """
@@ -189,10 +195,17 @@ class Site:
         folder = self.config.vm_folder(config.vm)
         disks = [DiskRecord(d.name, str(image_path(folder, d.name)), d.size_bytes)
                  for d in config.disks]
-        settings = VmSettings(frequency_seconds=config.frequency_seconds,
-                              recovery_history=config.recovery_history,
-                              app_consistent_hours=config.app_consistent_hours,
-                              continuous_points_hours=config.continuous_points_hours)
+        settings = VmSettings(
+            frequency_seconds=config.frequency_seconds,
+            recovery_history=config.recovery_history,
+            app_consistent_hours=config.app_consistent_hours,
+            continuous_points_hours=config.continuous_points_hours,
+            compression=config.compression,
+            capture=config.capture,  # type: ignore[arg-type]  # check_event checked it
+            continuous_max_bytes=config.continuous_max_bytes,
+            also_replicate_to=tuple(s for s in config.replica_sites
+                                    if s not in (self.config.site, config.primary_site)),
+            changelog_budget_bytes=config.changelog_budget_bytes)
         await self.catalog.add_vm(config.vm, "replica", self.config.trust_group,
                                   config.primary_site, settings, disks,
                                   ReplicationState.WAITING_FOR_INITIAL_REPLICATION, config.epoch)

@@ -458,7 +458,8 @@ class Catalog:
                           state: ReplicationState, message: str,
                           disks: Sequence[DiskRecord] | None = None,
                           position: Position | Rewind | None = None,
-                          failover_point: int | None = None) -> None:
+                          failover_point: int | None = None,
+                          settings: VmSettings | None = None) -> None:
         """Switch a VM's role in one transaction; bumps its generation so running workers stop.
 
         A ``position`` must move forward (as :meth:`advance_position`); a :class:`Rewind` may go
@@ -472,6 +473,9 @@ class Catalog:
             " WHERE name = ?",
             (role, partner_site, epoch, state.value, message, now_ms(), failover_point, name)),
             ("DELETE FROM heartbeat WHERE vm = ?", (name,))]  # the old primary's words
+        if settings is not None:  # who the VM's other sites are changes with its primary
+            statements.append(("UPDATE vm SET settings = ? WHERE name = ?",
+                               (settings.to_json(), name)))
         if disks is not None:
             statements.append(("DELETE FROM disk WHERE vm = ?", (name,)))
             statements += [("INSERT INTO disk (vm, name, path, size_bytes, position)"
