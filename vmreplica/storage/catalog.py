@@ -39,6 +39,7 @@ from vmreplica.domain.model import (
 )
 from vmreplica.domain.states import LastHeartbeat, ReplicationState
 from vmreplica.errors import ConfigurationError, PositionRegressedError
+from vmreplica.storage.sqlite import open_database
 
 log = logging.getLogger(__name__)
 
@@ -146,13 +147,7 @@ class Catalog:
         """One connection serves every task: transactions must not interleave on it."""
 
     async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        await self._db.execute("PRAGMA synchronous=FULL")
-        await self._db.execute("PRAGMA foreign_keys=ON")
-        await self._db.execute("PRAGMA busy_timeout=10000")
-        await self._db.executescript(_SCHEMA)
+        self._db = await open_database(self.path, _SCHEMA)
         for table, column, kind in _ADDED_COLUMNS:
             async with self._db.execute(f"PRAGMA table_info({table})") as cursor:
                 columns = {row[1] for row in await cursor.fetchall()}

@@ -28,6 +28,7 @@ import aiosqlite
 
 from vmreplica.domain.clock import now_ms
 from vmreplica.errors import ConfigurationError
+from vmreplica.storage.sqlite import open_database
 
 AGENT_ALIVE_SECONDS: Final = 10.0
 """An agent that stamped its row more recently than this (and whose process exists) runs."""
@@ -81,12 +82,7 @@ class Mailbox:
         self._db: aiosqlite.Connection | None = None
 
     async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        await self._db.execute("PRAGMA synchronous=FULL")
-        await self._db.execute("PRAGMA busy_timeout=10000")
-        await self._db.executescript(_SCHEMA)
+        self._db = await open_database(self.path, _SCHEMA)
 
     async def stop(self) -> None:
         """Close the connection; a second call is harmless."""
