@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final
 
@@ -43,3 +45,13 @@ async def cli(config: Path, *args: str) -> str:
     out, err = await process.communicate()
     assert process.returncode == 0, err.decode()
     return out.decode()
+
+
+async def wait_until(predicate: Callable[[], Awaitable[bool]], what: str,
+                     seconds: float = 120.0) -> None:
+    """Poll ``predicate`` until it holds; fail naming ``what`` after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")
+        await asyncio.sleep(0.1)

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.clients import cli, run
+from tests.e2e.clients import cli, run, wait_until
 from tests.fixtures import SiteFactory
 from vmreplica.domain.model import VmSettings
 from vmreplica.domain.states import ReplicationState
@@ -39,15 +39,6 @@ MiB = 1024 * 1024
 
 
 
-
-
-async def wait_until(predicate: Callable[[], Awaitable[bool]], what: str,
-                     seconds: float = 120.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 async def identical(primary: Path, replica: Path) -> None:

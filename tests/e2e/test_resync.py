@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -33,7 +32,7 @@ from typing import Final
 
 import pytest
 
-from tests.e2e.clients import cli, run
+from tests.e2e.clients import cli, run, wait_until
 from tests.fixtures import SiteFactory
 from vmreplica.consumers.replica import image_path
 from vmreplica.domain.clock import now_ms
@@ -74,15 +73,6 @@ def short_dir() -> Iterator[Path]:
 @pytest.fixture
 def site_folder(short_dir: Path) -> Path:
     return short_dir
-
-
-async def wait_until(predicate: Callable[[], Awaitable[bool]], what: str,
-                     seconds: float = 120.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")
-        await asyncio.sleep(0.2)
 
 
 async def compare(primary: Path, replica: Path) -> tuple[bool, str]:

@@ -21,7 +21,7 @@ from typing import Final
 
 import pytest
 
-from tests.e2e.clients import cli, run
+from tests.e2e.clients import cli, run, wait_until
 from tests.e2e.test_resync import (  # noqa: F401 — fixtures, found by name
     DISKS,
     Agent,
@@ -29,7 +29,6 @@ from tests.e2e.test_resync import (  # noqa: F401 — fixtures, found by name
     short_dir,
     site_folder,
     two_agents,
-    wait_until,
 )
 from tests.fixtures import SiteFactory
 from vmreplica.failover.resync import load_job
