@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import AsyncIterator, Callable, Mapping
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -140,6 +142,17 @@ class VmFactory(Protocol):
                        settings: VmSettings | None = None, *, name: str | None = None,
                        replica_site: str = "site-b", create_images: bool = True,
                        ) -> EnabledVm: ...
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short folder under /tmp for site roots: a Unix socket path must stay under 108 bytes
+    (a module whose sites serve NBD sockets overrides :func:`site_folder` with it)."""
+    folder = Path(tempfile.mkdtemp(prefix="vmr-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

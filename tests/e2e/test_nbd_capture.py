@@ -12,13 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,16 +52,6 @@ def make_disk(path: Path, size: int, data: bytes = b"", at: int = 0) -> Path:
             file.seek(at)
             file.write(data)
     return path
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """Site roots live here: Unix socket paths must stay under 108 bytes."""
-    folder = Path(tempfile.mkdtemp(prefix="vmr-"))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

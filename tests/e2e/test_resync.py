@@ -17,14 +17,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,16 +56,6 @@ MiB: Final = 1024 * KiB
 DISKS: Final = {"disk0": 64 * MiB, "disk1": 16 * MiB}
 BLOCK: Final = 64 * KiB
 """The DigestMap block of disks this small: the unit a resync compares and resends."""
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """Site roots live here: the NBD socket path must stay under 108 bytes."""
-    folder = Path(tempfile.mkdtemp(prefix="vmr-"))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ from tests.e2e.test_resync import (  # noqa: F401 — fixtures, found by name
     DISKS,
     Agent,
     compare,
-    short_dir,
     site_folder,
     two_agents,
 )

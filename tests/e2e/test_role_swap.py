@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.clients import cli, require, run
-from tests.e2e.test_nbd_capture import identical, make_disk, short_dir, site_folder  # noqa: F401
+from tests.e2e.test_nbd_capture import identical, make_disk, site_folder  # noqa: F401
 from tests.fixtures import SiteFactory
 from tests.unit.test_nbd_protocol import WireClient
 from vmreplica.domain.states import ReplicationState
