@@ -44,24 +44,35 @@ POINTS: Final = 24
 
 async def _pair(work: Path, bootstrap: str, name: str) -> tuple[Site, Site]:
     group = f"{name}-{work.name[-8:]}"  # topics of its own on a shared broker
-    a = Site(SiteConfig(site="site-a", root=work / name / "a", bootstrap_servers=bootstrap,
-                        trust_group=group))
-    b = Site(SiteConfig(site="site-b", root=work / name / "b", bootstrap_servers=bootstrap,
-                        trust_group=group))
+    a = Site(
+        SiteConfig(
+            site="site-a", root=work / name / "a", bootstrap_servers=bootstrap, trust_group=group
+        )
+    )
+    b = Site(
+        SiteConfig(
+            site="site-b", root=work / name / "b", bootstrap_servers=bootstrap, trust_group=group
+        )
+    )
     await a.start()
     await b.start()
     return a, b
 
 
-async def test_failover_seconds(work: Path, bootstrap: str, size: int, name: str,
-                                ) -> tuple[float, bool]:
+async def test_failover_seconds(
+    work: Path,
+    bootstrap: str,
+    size: int,
+    name: str,
+) -> tuple[float, bool]:
     """Seconds to serve a test failover at the oldest of 24 points; content check."""
     a, b = await _pair(work, bootstrap, name)
     disk = work / f"{name}.img"
     with disk.open("wb") as file:
         file.truncate(size)
-    record = await a.enable("vm", {"disk0": disk}, "site-b",
-                            VmSettings(frequency_seconds=30, continuous_points_hours=1))
+    record = await a.enable(
+        "vm", {"disk0": disk}, "site-b", VmSettings(frequency_seconds=30, continuous_points_hours=1)
+    )
     offsets = [(i * 7919 * MiB) % (size - MiB) for i in range(POINTS + 1)]
     at_point: dict[int, bytes] = {}
     point = 0
@@ -79,8 +90,9 @@ async def test_failover_seconds(work: Path, bootstrap: str, size: int, name: str
         service = FailoverDrill(b.catalog, replica)
         started = time.monotonic()
         uris = await service.start(point)
-        probe = await asyncio.create_subprocess_exec("nbdinfo", "--size", uris[0],
-                                                     stdout=asyncio.subprocess.PIPE)
+        probe = await asyncio.create_subprocess_exec(
+            "nbdinfo", "--size", uris[0], stdout=asyncio.subprocess.PIPE
+        )
         out, _ = await probe.communicate()
         seconds = time.monotonic() - started
         assert int(out) == size
@@ -96,8 +108,10 @@ async def test_failover_seconds(work: Path, bootstrap: str, size: int, name: str
 def same_ranges(one: Path, other: Path, ranges: list[tuple[int, int]]) -> bool:
     """Whether two images hold the same bytes in every ``(offset, length)`` range."""
     with one.open("rb") as first, other.open("rb") as second:
-        return all(os.pread(first.fileno(), length, offset)
-                   == os.pread(second.fileno(), length, offset) for offset, length in ranges)
+        return all(
+            os.pread(first.fileno(), length, offset) == os.pread(second.fileno(), length, offset)
+            for offset, length in ranges
+        )
 
 
 async def replica_image(site: Site) -> Path:
@@ -135,8 +149,9 @@ async def failover_seconds(work: Path, bootstrap: str) -> tuple[float, bool, flo
     disk = work / "unplanned.img"
     with disk.open("wb") as file:
         file.truncate(10 * GiB)
-    record = await a.enable("vm", {"disk0": disk}, "site-b",
-                            VmSettings(frequency_seconds=30, continuous_points_hours=1))
+    record = await a.enable(
+        "vm", {"disk0": disk}, "site-b", VmSettings(frequency_seconds=30, continuous_points_hours=1)
+    )
     async with a.primary(record) as primary:
         await primary.initial_replication()
         for i in range(8):
@@ -159,19 +174,31 @@ async def run(work: Path, bootstrap: str) -> bool:
     small, small_ok = await test_failover_seconds(work, bootstrap, GiB, "small")
     big, big_ok = await test_failover_seconds(work, bootstrap, 100 * GiB, "big")
     planned, planned_ok, unplanned, unplanned_ok = await failover_seconds(work, bootstrap)
-    print(f"test failover, 100 GiB sparse disk, {POINTS} points: {big:.2f} s "
-          f"(target < 2 s{'' if big < 2 else ', below target'}); content at point "
-          f"{'equal' if big_ok else 'DIFFERENT'}")
-    print(f"test failover, 1 GiB disk, same history:          {small:.2f} s "
-          f"(100 GiB / 1 GiB = {big / small:.2f}); content {'equal' if small_ok else 'DIFF'}")
-    print(f"planned failover, 10 GiB disk, after VM stop:      {planned:.2f} s "
-          f"(target < 1 s{'' if planned < 1 else ', below target'}); content "
-          f"{'equal' if planned_ok else 'DIFFERENT'}")
-    print(f"unplanned failover to the latest point, 10 GiB:    {unplanned:.2f} s "
-          f"(target < 2 s{'' if unplanned < 2 else ', below target'}); content "
-          f"{'equal' if unplanned_ok else 'DIFFERENT'}")
-    checks = {"test failover, 100 GiB": big_ok, "test failover, 1 GiB": small_ok,
-              "planned failover": planned_ok, "unplanned failover": unplanned_ok}
+    print(
+        f"test failover, 100 GiB sparse disk, {POINTS} points: {big:.2f} s "
+        f"(target < 2 s{'' if big < 2 else ', below target'}); content at point "
+        f"{'equal' if big_ok else 'DIFFERENT'}"
+    )
+    print(
+        f"test failover, 1 GiB disk, same history:          {small:.2f} s "
+        f"(100 GiB / 1 GiB = {big / small:.2f}); content {'equal' if small_ok else 'DIFF'}"
+    )
+    print(
+        f"planned failover, 10 GiB disk, after VM stop:      {planned:.2f} s "
+        f"(target < 1 s{'' if planned < 1 else ', below target'}); content "
+        f"{'equal' if planned_ok else 'DIFFERENT'}"
+    )
+    print(
+        f"unplanned failover to the latest point, 10 GiB:    {unplanned:.2f} s "
+        f"(target < 2 s{'' if unplanned < 2 else ', below target'}); content "
+        f"{'equal' if unplanned_ok else 'DIFFERENT'}"
+    )
+    checks = {
+        "test failover, 100 GiB": big_ok,
+        "test failover, 1 GiB": small_ok,
+        "planned failover": planned_ok,
+        "unplanned failover": unplanned_ok,
+    }
     failed = [name for name, ok in checks.items() if not ok]
     if failed:
         print(f"content check failed: {', '.join(failed)}", file=sys.stderr)

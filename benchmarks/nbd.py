@@ -58,8 +58,9 @@ class Result:
     mb_per_s: float
 
 
-def server_command(server: str, image: Path, socket_path: Path,
-                   cycle_seconds: float = 30.0) -> list[str]:
+def server_command(
+    server: str, image: Path, socket_path: Path, cycle_seconds: float = 30.0
+) -> list[str]:
     if server in ("vmr-journal", "vmr-logall"):
         changelog = image.with_suffix(".changelog")
         budget = ["--budget", str(JOURNAL_BUDGET_BYTES)] if server == "vmr-logall" else []
@@ -88,8 +89,9 @@ def wait_for_socket(path: Path, process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def running_server(server: str, workdir: Path, size_bytes: int,
-                   cycle_seconds: float = 30.0) -> Iterator[str]:
+def running_server(
+    server: str, workdir: Path, size_bytes: int, cycle_seconds: float = 30.0
+) -> Iterator[str]:
     """Start ``server`` on a fresh, fully allocated image; yield its NBD URI."""
     image = workdir / f"{server}.raw"
     with image.open("wb") as handle:
@@ -150,12 +152,20 @@ def main() -> int:
     parser.add_argument("--iodepth", type=int, default=16)
     parser.add_argument("--servers", default=",".join(SERVERS))
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--cycle-seconds", type=float, default=30.0,
-                        help="vmr-journal/vmr-logall: cut (and drop) a cycle this often; 30 is "
-                             "the most frequent Hyper-V interval, 1 the agent's continuous mode")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="run every server this many times, interleaved, and report the "
-                             "median of each (steadier figures on a busy machine)")
+    parser.add_argument(
+        "--cycle-seconds",
+        type=float,
+        default=30.0,
+        help="vmr-journal/vmr-logall: cut (and drop) a cycle this often; 30 is "
+        "the most frequent Hyper-V interval, 1 the agent's continuous mode",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every server this many times, interleaved, and report the "
+        "median of each (steadier figures on a busy machine)",
+    )
     args = parser.parse_args()
 
     if shutil.which("fio") is None or not fio_has_nbd_engine():
@@ -172,21 +182,33 @@ def main() -> int:
         workdir = Path(directory)
         for round_number in range(1, args.rounds + 1):
             for server in servers:
-                with running_server(server, workdir, parse_size(args.size),
-                                    args.cycle_seconds) as uri:
+                with running_server(
+                    server, workdir, parse_size(args.size), args.cycle_seconds
+                ) as uri:
                     for block_size in BLOCK_SIZES:
                         iops, mb_per_s = run_fio(uri, block_size, args, workdir / "fio.json")
                         result = Result(server, block_size, iops, mb_per_s)
                         runs.setdefault((server, block_size), []).append(result)
-                        print(f"round {round_number} {server:>11} {block_size:>4}: "
-                              f"{iops:>10.0f} IOPS {mb_per_s:>8.1f} MB/s", flush=True)
-    results = [Result(server, block_size, statistics.median(r.iops for r in measured),
-                      statistics.median(r.mb_per_s for r in measured))
-               for (server, block_size), measured in runs.items()]
+                        print(
+                            f"round {round_number} {server:>11} {block_size:>4}: "
+                            f"{iops:>10.0f} IOPS {mb_per_s:>8.1f} MB/s",
+                            flush=True,
+                        )
+    results = [
+        Result(
+            server,
+            block_size,
+            statistics.median(r.iops for r in measured),
+            statistics.median(r.mb_per_s for r in measured),
+        )
+        for (server, block_size), measured in runs.items()
+    ]
 
-    print(f"\nrandwrite, iodepth {args.iodepth}, {args.size}, {args.runtime} s per run, "
-          f"median of {args.rounds}; journaling servers cut a cycle every "
-          f"{args.cycle_seconds:g} s")
+    print(
+        f"\nrandwrite, iodepth {args.iodepth}, {args.size}, {args.runtime} s per run, "
+        f"median of {args.rounds}; journaling servers cut a cycle every "
+        f"{args.cycle_seconds:g} s"
+    )
     print(f"{'block':>5} {'server':>11} {'IOPS':>10} {'MB/s':>9} {'vs nbdkit':>10} {'vs qemu':>8}")
     by_key = {(r.server, r.block_size): r for r in results}
     failed = False
@@ -209,8 +231,10 @@ def main() -> int:
                 ratio = getattr(ours, metric) / getattr(nbdkit, metric)
                 verdict = "ok" if ratio >= target else "BELOW TARGET"
                 failed |= server == "vmr-journal" and ratio < target
-                print(f"      target {block_size} {metric} >= {target} x nbdkit, {server}: "
-                      f"{ratio:.2f} {verdict}")
+                print(
+                    f"      target {block_size} {metric} >= {target} x nbdkit, {server}: "
+                    f"{ratio:.2f} {verdict}"
+                )
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
     return 1 if failed else 0

@@ -157,8 +157,11 @@ def broker(workdir: Path) -> Iterator[Broker]:
             if attempt + 1 == BROKER_START_ATTEMPTS:
                 raise
     try:
-        yield Broker(state.bootstrap_servers, f"{state.bootstrap_servers} (local single-node "
-                     "Kafka started by this benchmark)", tuple(n.pid for n in state.nodes))
+        yield Broker(
+            state.bootstrap_servers,
+            f"{state.bootstrap_servers} (local single-node Kafka started by this benchmark)",
+            tuple(n.pid for n in state.nodes),
+        )
     finally:
         cluster.down()
 
@@ -178,8 +181,7 @@ def _broker_cpu(pids: tuple[int, ...]) -> float:
 
 # --- (b) Kafka's own producer --------------------------------------------------------------------
 
-_PERF_SUMMARY: Final = re.compile(
-    r"(\d+) records sent, ([\d.]+) records/sec \(([\d.]+) MB/sec\)")
+_PERF_SUMMARY: Final = re.compile(r"(\d+) records sent, ([\d.]+) records/sec \(([\d.]+) MB/sec\)")
 
 
 async def _create_topic(bootstrap: str, name: str) -> None:
@@ -228,8 +230,7 @@ def producer_performance(kafka: Broker, records: int) -> KafkaBaseline:
 
 
 def _site_config(root: Path, site: str, bootstrap: str, group: str) -> SiteConfig:
-    return SiteConfig(site=site, root=root / site, bootstrap_servers=bootstrap,
-                      trust_group=group)
+    return SiteConfig(site=site, root=root / site, bootstrap_servers=bootstrap, trust_group=group)
 
 
 def _emit(**fields: object) -> None:
@@ -263,8 +264,15 @@ class ReplicaProcess:
     """The replica worker as a subprocess of this benchmark."""
 
     def __init__(self, root: Path, bootstrap: str, group: str, cycles: int) -> None:
-        self.arguments = [sys.executable, str(Path(__file__).resolve()), "--replica-worker",
-                          str(root), bootstrap, group, str(cycles)]
+        self.arguments = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--replica-worker",
+            str(root),
+            bootstrap,
+            group,
+            str(cycles),
+        ]
         self.cycles = cycles
         self.start_cycle = 0
         self.start_cpu = 0.0
@@ -273,7 +281,8 @@ class ReplicaProcess:
     async def start(self) -> None:
         """Start it and wait until it has applied the seed."""
         self.process = await asyncio.create_subprocess_exec(
-            *self.arguments, stdout=asyncio.subprocess.PIPE)
+            *self.arguments, stdout=asyncio.subprocess.PIPE
+        )
         ready = await self._next("ready")
         self.start_cycle, self.start_cpu = int(ready["cycle"]), ready["cpu"]
 
@@ -334,8 +343,9 @@ class Run:
             file.truncate(self.disk_size)
         self.site = Site(_site_config(self.root, PRIMARY_SITE, self.bootstrap, self.group))
         await self.site.start()
-        record = await self.site.enable(self.vm, {"disk0": self.disk}, REPLICA_SITE,
-                                        VmSettings(frequency_seconds=0))
+        record = await self.site.enable(
+            self.vm, {"disk0": self.disk}, REPLICA_SITE, VmSettings(frequency_seconds=0)
+        )
         self.primary: PrimaryVm = self.site.primary(record)
         await self.primary.start()
         await self.primary.initial_replication()
@@ -346,8 +356,11 @@ class Run:
         await self.site.stop()
 
     def replica_image(self) -> Path:
-        return _site_config(self.root, REPLICA_SITE, self.bootstrap, self.group).vm_folder(
-            self.vm) / "disks" / "disk0.img"
+        return (
+            _site_config(self.root, REPLICA_SITE, self.bootstrap, self.group).vm_folder(self.vm)
+            / "disks"
+            / "disk0.img"
+        )
 
     def identical(self) -> bool:
         return sha256_of(self.disk) == sha256_of(self.replica_image())
@@ -398,8 +411,16 @@ async def drive(primary: PrimaryVm, plan: Plan, overlap: bool) -> list[ShippedCy
     return shipped
 
 
-async def end_to_end(workdir: Path, kafka: Broker, workload: str, total: int, cycles: int,
-                     replica_mode: str, overlap: bool, name: str | None = None) -> EndToEnd:
+async def end_to_end(
+    workdir: Path,
+    kafka: Broker,
+    workload: str,
+    total: int,
+    cycles: int,
+    replica_mode: str,
+    overlap: bool,
+    name: str | None = None,
+) -> EndToEnd:
     per_cycle = -(-total // cycles)
     # Large enough that the change log never reaches its default budget (a tenth of the disks)
     # and degrades to a dirty-block map; the image is sparse, so the size costs nothing.
@@ -407,12 +428,13 @@ async def end_to_end(workdir: Path, kafka: Broker, workload: str, total: int, cy
     data = memoryview(os.urandom(total))  # before the clock starts
     if workload == "64 KiB random":
         offsets = random_64k(total, max(1024 * MiB, total), seed=1)
-        writes = [(offset, data[i * 64 * KiB:(i + 1) * 64 * KiB])
-                  for i, offset in enumerate(offsets)]
+        writes = [
+            (offset, data[i * 64 * KiB : (i + 1) * 64 * KiB]) for i, offset in enumerate(offsets)
+        ]
     else:
-        writes = [(position, data[position:position + MiB]) for position in range(0, total, MiB)]
+        writes = [(position, data[position : position + MiB]) for position in range(0, total, MiB)]
     writes_per_cycle = -(-len(writes) // cycles)
-    plan = [writes[i:i + writes_per_cycle] for i in range(0, len(writes), writes_per_cycle)]
+    plan = [writes[i : i + writes_per_cycle] for i in range(0, len(writes), writes_per_cycle)]
     name = name or ("rand64k" if workload.startswith("64") else "seq1m")
     async with Run(workdir, kafka.bootstrap_servers, disk_size, name) as run:
         os.sync()  # start from clean page cache state, so earlier runs' writeback isn't billed
@@ -423,9 +445,16 @@ async def end_to_end(workdir: Path, kafka: Broker, workload: str, total: int, cy
         if run.primary.capture.degraded_cycles:
             raise BenchmarkError("the change log reached its budget; the run is not comparable")
         identical = run.identical()
-    return EndToEnd(workload, total, len(plan), timing.finished - timing.started,
-                    timing.primary_done - timing.started,
-                    sum(c.wire_bytes for c in timing.shipped), identical, timing.cpu)
+    return EndToEnd(
+        workload,
+        total,
+        len(plan),
+        timing.finished - timing.started,
+        timing.primary_done - timing.started,
+        sum(c.wire_bytes for c in timing.shipped),
+        identical,
+        timing.cpu,
+    )
 
 
 @dataclass
@@ -458,8 +487,9 @@ class _Clock:
         return self.timing
 
 
-async def _with_process(run: Run, plan: Plan, broker_pids: tuple[int, ...],
-                        overlap: bool) -> Timing:
+async def _with_process(
+    run: Run, plan: Plan, broker_pids: tuple[int, ...], overlap: bool
+) -> Timing:
     """The replica in its own process: it applies cycle N while the primary ships cycle N+1."""
     replica = ReplicaProcess(run.root, run.bootstrap, run.group, len(plan))
     try:
@@ -518,7 +548,7 @@ async def hot_spot(workdir: Path, bootstrap: str, cycles: int) -> HotSpot:
             generator.shuffle(slots)
             for slot in slots:
                 source = generator.randrange(0, len(pool) - HOT_SPOT_WRITE_BYTES, 4 * KiB)
-                writes.append((base + slot, pool[source:source + HOT_SPOT_WRITE_BYTES]))
+                writes.append((base + slot, pool[source : source + HOT_SPOT_WRITE_BYTES]))
         plan.append(writes)
     written = sum(len(data) for writes in plan for _, data in writes)
     # A disk of 16 GiB gives the change log a budget (a tenth) above the 800 MiB of a cycle.
@@ -532,8 +562,14 @@ async def hot_spot(workdir: Path, bootstrap: str, cycles: int) -> HotSpot:
                 if replica.violation is not None:
                     raise BenchmarkError(f"the replica stopped: {replica.violation}")
         identical = run.identical()
-    return HotSpot(HOT_SPOT_BYTES * cycles, written, cycles,
-                   sum(c.wire_bytes for c in shipped), identical, degraded)
+    return HotSpot(
+        HOT_SPOT_BYTES * cycles,
+        written,
+        cycles,
+        sum(c.wire_bytes for c in shipped),
+        identical,
+        degraded,
+    )
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -547,59 +583,90 @@ def _cpu_per_gib(cpu: dict[str, float], nbytes: int) -> str:
     return ", ".join(f"{name} {seconds * GiB / nbytes:.1f}" for name, seconds in cpu.items())
 
 
-def report(kafka: list[KafkaBaseline], all_runs: list[list[EndToEnd]], hot: HotSpot | None,
-           description: str, args: argparse.Namespace) -> None:
+def report(
+    kafka: list[KafkaBaseline],
+    all_runs: list[list[EndToEnd]],
+    hot: HotSpot | None,
+    description: str,
+    args: argparse.Namespace,
+) -> None:
     reference = max(k.mib_per_s for k in kafka)
     runs = [max(repeats, key=lambda run: run.mib_per_s) for repeats in all_runs]
-    where = ("a separate process (another site on this machine)" if args.replica == "process"
-             else "the benchmark's own event loop (both sites in one process)")
-    pacing = ("the VM goes on writing the next cycle while the last one ships (as under the "
-              "agent)" if not args.serial else "writes stop while each cycle ships")
+    where = (
+        "a separate process (another site on this machine)"
+        if args.replica == "process"
+        else "the benchmark's own event loop (both sites in one process)"
+    )
+    pacing = (
+        "the VM goes on writing the next cycle while the last one ships (as under the agent)"
+        if not args.serial
+        else "writes stop while each cycle ships"
+    )
     print()
     print("vmreplica throughput")
     print(f"  broker : {description}")
     print("  data   : os.urandom, incompressible — zstd cannot flatter these numbers")
     print(f"  replica: {where}")
     print(f"  primary: {pacing}")
-    print("  MiB = 2^20 bytes; ProducerPerformance's 'MB/sec' is the same unit; the broker and "
-          "both clients were warmed up first")
+    print(
+        "  MiB = 2^20 bytes; ProducerPerformance's 'MB/sec' is the same unit; the broker and "
+        "both clients were warmed up first"
+    )
     print()
     print("(b) Kafka ProducerPerformance, 1 MiB records, acks=all, before and after (a) and (c):")
     for when, baseline in zip(("before", "after"), kafka, strict=False):
-        print(f"    {when:<6} {baseline.records} records: {baseline.mib_per_s:8.1f} MiB/s   "
-              f"(CPU seconds per GiB: {_cpu_per_gib(baseline.cpu, baseline.records * MiB)}; "
-              "the producer's includes JVM start-up)")
+        print(
+            f"    {when:<6} {baseline.records} records: {baseline.mib_per_s:8.1f} MiB/s   "
+            f"(CPU seconds per GiB: {_cpu_per_gib(baseline.cpu, baseline.records * MiB)}; "
+            "the producer's includes JVM start-up)"
+        )
     print(f"    reference (the better one): {reference:.1f} MiB/s")
     print()
-    print("(a) end to end: capture API -> Kafka transaction per cycle -> replica image fsynced; "
-          f"the better of {args.repeat} runs each, as for (b)")
-    print(f"    {'workload':<16} {'written':>9} {'cycles':>6} {'seconds':>8} {'MiB/s':>8} "
-          f"{'primary':>8} {'wire/B':>7} {'vs Kafka':>8}  target >= {RATIO_TARGET}")
+    print(
+        "(a) end to end: capture API -> Kafka transaction per cycle -> replica image fsynced; "
+        f"the better of {args.repeat} runs each, as for (b)"
+    )
+    print(
+        f"    {'workload':<16} {'written':>9} {'cycles':>6} {'seconds':>8} {'MiB/s':>8} "
+        f"{'primary':>8} {'wire/B':>7} {'vs Kafka':>8}  target >= {RATIO_TARGET}"
+    )
     for run in runs:
         ratio = run.mib_per_s / reference
         check = "" if run.identical else "  REPLICA DIFFERS"
-        print(f"    {run.workload:<16} {run.bytes_written // MiB:>5} MiB {run.cycles:>6} "
-              f"{run.seconds:>8.2f} {run.mib_per_s:>8.1f} {run.primary_mib_per_s:>8.1f} "
-              f"{run.wire_bytes / run.bytes_written:>7.3f} {ratio:>8.2f}  "
-              f"{_verdict(ratio >= RATIO_TARGET)}{check}")
-    print("    (primary: MiB/s until the last cycle's transaction committed; wire/B: bytes of "
-          "published records per byte written)")
+        print(
+            f"    {run.workload:<16} {run.bytes_written // MiB:>5} MiB {run.cycles:>6} "
+            f"{run.seconds:>8.2f} {run.mib_per_s:>8.1f} {run.primary_mib_per_s:>8.1f} "
+            f"{run.wire_bytes / run.bytes_written:>7.3f} {ratio:>8.2f}  "
+            f"{_verdict(ratio >= RATIO_TARGET)}{check}"
+        )
+    print(
+        "    (primary: MiB/s until the last cycle's transaction committed; wire/B: bytes of "
+        "published records per byte written)"
+    )
     for run, repeats in zip(runs, all_runs, strict=True):
         every = ", ".join(f"{r.mib_per_s:.1f}" for r in repeats)
-        print(f"    {run.workload}: every run {every} MiB/s; CPU seconds per GiB of the best: "
-              f"{_cpu_per_gib(run.cpu, run.bytes_written)}")
+        print(
+            f"    {run.workload}: every run {every} MiB/s; CPU seconds per GiB of the best: "
+            f"{_cpu_per_gib(run.cpu, run.bytes_written)}"
+        )
     if hot is not None:
         print()
-        print(f"(c) hot spot: {HOT_SPOT_BYTES // MiB} MiB rewritten {HOT_SPOT_REWRITES} times per "
-              f"cycle in 64 KiB writes, {hot.cycles} cycles ({hot.bytes_written // MiB} MiB "
-              f"written, {hot.unique_bytes // MiB} MiB unique)")
+        print(
+            f"(c) hot spot: {HOT_SPOT_BYTES // MiB} MiB rewritten {HOT_SPOT_REWRITES} times per "
+            f"cycle in 64 KiB writes, {hot.cycles} cycles ({hot.bytes_written // MiB} MiB "
+            f"written, {hot.unique_bytes // MiB} MiB unique)"
+        )
         check = "" if hot.identical else "  REPLICA DIFFERS"
-        print(f"    wire bytes {hot.wire_bytes:,} / unique bytes {hot.unique_bytes:,} = "
-              f"{hot.ratio:.4f}  target <= {WIRE_TARGET}: {_verdict(hot.ratio <= WIRE_TARGET)}"
-              f"{check}")
+        print(
+            f"    wire bytes {hot.wire_bytes:,} / unique bytes {hot.unique_bytes:,} = "
+            f"{hot.ratio:.4f}  target <= {WIRE_TARGET}: {_verdict(hot.ratio <= WIRE_TARGET)}"
+            f"{check}"
+        )
         if hot.degraded_cycles:
-            print(f"    ({hot.degraded_cycles} cycles reached the change-log budget and shipped "
-                  "dirty blocks from the image)")
+            print(
+                f"    ({hot.degraded_cycles} cycles reached the change-log budget and shipped "
+                "dirty blocks from the image)"
+            )
 
 
 def _progress(message: str) -> None:
@@ -608,24 +675,39 @@ def _progress(message: str) -> None:
 
 async def _warm_up(workdir: Path, kafka: Broker, args: argparse.Namespace) -> None:
     """One short run, so that neither the broker's JIT nor first-use costs land in a figure."""
-    await end_to_end(workdir, kafka, WORKLOADS[1], 128 * MiB, 4, args.replica, not args.serial,
-                     name="warmup")
+    await end_to_end(
+        workdir, kafka, WORKLOADS[1], 128 * MiB, 4, args.replica, not args.serial, name="warmup"
+    )
 
 
-async def _workloads(workdir: Path, kafka: Broker, args: argparse.Namespace,
-                     ) -> tuple[list[list[EndToEnd]], HotSpot | None]:
+async def _workloads(
+    workdir: Path,
+    kafka: Broker,
+    args: argparse.Namespace,
+) -> tuple[list[list[EndToEnd]], HotSpot | None]:
     """Each workload ``--repeat`` times, interleaved; returns every run, by workload."""
     workloads = [w for w in WORKLOADS if not args.only or args.only in w]
     runs: list[list[EndToEnd]] = [[] for _ in workloads]
     for attempt in range(args.repeat):
         for index, workload in enumerate(workloads):
             name = f"{'rand64k' if workload.startswith('64') else 'seq1m'}-{attempt}"
-            run = await end_to_end(workdir, kafka, workload, args.mib * MiB, args.cycles,
-                                   args.replica, not args.serial, name)
+            run = await end_to_end(
+                workdir,
+                kafka,
+                workload,
+                args.mib * MiB,
+                args.cycles,
+                args.replica,
+                not args.serial,
+                name,
+            )
             _progress(f"  {workload}: {run.mib_per_s:.1f} MiB/s end to end")
             runs[index].append(run)
-    hot = (await hot_spot(workdir, kafka.bootstrap_servers, args.hot_cycles)
-           if args.hot_cycles else None)
+    hot = (
+        await hot_spot(workdir, kafka.bootstrap_servers, args.hot_cycles)
+        if args.hot_cycles
+        else None
+    )
     return runs, hot
 
 
@@ -662,20 +744,32 @@ def main() -> int:
             return asyncio.run(replica_worker(Path(root), bootstrap, group, int(cycles)))
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=512, help="MiB written per end-to-end run")
-    parser.add_argument("--cycles", type=int,
-                        help="cycles per end-to-end run (default: one per "
-                        f"{CYCLE_BYTES // MiB} MiB, the agent's continuous-mode cycle size)")
+    parser.add_argument(
+        "--cycles",
+        type=int,
+        help="cycles per end-to-end run (default: one per "
+        f"{CYCLE_BYTES // MiB} MiB, the agent's continuous-mode cycle size)",
+    )
     parser.add_argument("--replica", choices=("process", "inline"), default="process")
     parser.add_argument("--hot-cycles", type=int, default=2, help="hot-spot cycles (0: skip)")
-    parser.add_argument("--kafka-records", type=int, default=512,
-                        help="1 MiB records ProducerPerformance sends")
-    parser.add_argument("--repeat", type=int, default=2,
-                        help="runs of each end-to-end workload; the best counts, as the better "
-                        "of the two ProducerPerformance runs does")
-    parser.add_argument("--serial", action="store_true",
-                        help="stop writing while each cycle ships (default: overlap, as a VM)")
-    parser.add_argument("--only", choices=("random", "sequential"),
-                        help="run only this end-to-end workload")
+    parser.add_argument(
+        "--kafka-records", type=int, default=512, help="1 MiB records ProducerPerformance sends"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=2,
+        help="runs of each end-to-end workload; the best counts, as the better "
+        "of the two ProducerPerformance runs does",
+    )
+    parser.add_argument(
+        "--serial",
+        action="store_true",
+        help="stop writing while each cycle ships (default: overlap, as a VM)",
+    )
+    parser.add_argument(
+        "--only", choices=("random", "sequential"), help="run only this end-to-end workload"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     args.cycles = args.cycles or max(2, args.mib * MiB // CYCLE_BYTES)
@@ -691,27 +785,44 @@ def main() -> int:
                     runs, hot = asyncio.run(_workloads(workdir, kafka_broker, args))
                 kafka.append(_kafka_baseline(kafka_broker, args.kafka_records))
     except Exception as error:  # any failure means "could not run"
-        print(f"throughput benchmark could not run: {type(error).__name__}: {error}",
-              file=sys.stderr)
+        print(
+            f"throughput benchmark could not run: {type(error).__name__}: {error}", file=sys.stderr
+        )
         return 1
     report(kafka, runs, hot, kafka_broker.description, args)
     invalid = [r.workload for repeats in runs for r in repeats if not r.identical] + (
-        ["hot spot"] if hot is not None and not hot.identical else [])
+        ["hot spot"] if hot is not None and not hot.identical else []
+    )
     if invalid:
-        print(f"throughput benchmark is invalid: the replica differs from the primary after "
-              f"{', '.join(invalid)}", file=sys.stderr)
+        print(
+            f"throughput benchmark is invalid: the replica differs from the primary after "
+            f"{', '.join(invalid)}",
+            file=sys.stderr,
+        )
     if args.json:
         reference = max(k.mib_per_s for k in kafka)
-        args.json.write_text(json.dumps({
-            "kafka_producer_performance": [asdict(k) for k in kafka],
-            "end_to_end": [{**asdict(r), "mib_per_s": r.mib_per_s,
-                            "ratio_to_kafka": r.mib_per_s / reference}
-                           for repeats in runs for r in repeats],
-            "hot_spot": None if hot is None else {**asdict(hot), "ratio": hot.ratio},
-            "replica": args.replica,
-            "overlap": not args.serial,
-        }, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "kafka_producer_performance": [asdict(k) for k in kafka],
+                    "end_to_end": [
+                        {
+                            **asdict(r),
+                            "mib_per_s": r.mib_per_s,
+                            "ratio_to_kafka": r.mib_per_s / reference,
+                        }
+                        for repeats in runs
+                        for r in repeats
+                    ],
+                    "hot_spot": None if hot is None else {**asdict(hot), "ratio": hot.ratio},
+                    "replica": args.replica,
+                    "overlap": not args.serial,
+                },
+                indent=2,
+            )
+        )
     return 1 if invalid else 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -46,11 +46,9 @@ class FailoverDrill:
             try:
                 uris = await self.start(point)
             except (ReplicationError, OSError) as error:
-                await self.catalog.set_test_failover(self.replica.name, point, "failed",
-                                                     str(error))
+                await self.catalog.set_test_failover(self.replica.name, point, "failed", str(error))
                 return
-            await self.catalog.set_test_failover(self.replica.name, point, "ready",
-                                                 " ".join(uris))
+            await self.catalog.set_test_failover(self.replica.name, point, "ready", " ".join(uris))
         elif status == "stopping":
             await self.stop()
             await self.catalog.clear_test_failover(self.replica.name)
@@ -58,12 +56,18 @@ class FailoverDrill:
     async def start(self, point: int) -> list[str]:
         """Build the view at ``point`` and serve it; return one NBD URI per disk."""
         materializer = self.replica.materializer
-        view = PointView(self.replica.images, materializer.undo, point,
-                         materializer.cursor.cycle, self.replica.folder / "test-scratch")
+        view = PointView(
+            self.replica.images,
+            materializer.undo,
+            point,
+            materializer.cursor.cycle,
+            self.replica.folder / "test-scratch",
+        )
         materializer.views.append(view)
         self.view = view
-        server = NbdServer({disk: ViewDisk(view, disk) for disk in self.replica.images},
-                           unix_path=self.socket_path)
+        server = NbdServer(
+            {disk: ViewDisk(view, disk) for disk in self.replica.images}, unix_path=self.socket_path
+        )
         await server.start()
         self.server = server
         log.info("VM %s - Test is served at point %d", self.replica.name, point)

@@ -40,44 +40,68 @@ class DecodedExtent:
     data: bytes | memoryview
 
 
-def _check_sequence(vm: str, offset: int, what: str, event: WriteBatch | CycleCommit,
-                    epoch: int, next_cycle: int) -> None:
+def _check_sequence(
+    vm: str, offset: int, what: str, event: WriteBatch | CycleCommit, epoch: int, next_cycle: int
+) -> None:
     """The next record of the current epoch belongs to cycle ``last + 1``, nothing else."""
     if event.epoch != epoch or event.cycle != next_cycle:
         raise JournalViolation(
-            vm, offset, f"expected {what} of cycle {next_cycle} in epoch {epoch}, got cycle "
-            f"{event.cycle} of epoch {event.epoch} (a gap or a replay in the journal)")
+            vm,
+            offset,
+            f"expected {what} of cycle {next_cycle} in epoch {epoch}, got cycle "
+            f"{event.cycle} of epoch {event.epoch} (a gap or a replay in the journal)",
+        )
 
 
-def check_batch(vm: str, offset: int, batch: WriteBatch, epoch: int, next_cycle: int,
-                batches_so_far: int) -> None:
+def check_batch(
+    vm: str, offset: int, batch: WriteBatch, epoch: int, next_cycle: int, batches_so_far: int
+) -> None:
     _check_sequence(vm, offset, "a batch", batch, epoch, next_cycle)
     if batch.batch != batches_so_far:
         raise JournalViolation(
-            vm, offset, f"cycle {batch.cycle}: expected batch {batches_so_far}, got batch "
-            f"{batch.batch}")
+            vm,
+            offset,
+            f"cycle {batch.cycle}: expected batch {batches_so_far}, got batch {batch.batch}",
+        )
 
 
-def check_commit(vm: str, offset: int, commit: CycleCommit, batches: Sequence[WriteBatch],
-                 epoch: int, next_cycle: int, previous_hash: bytes) -> None:
+def check_commit(
+    vm: str,
+    offset: int,
+    commit: CycleCommit,
+    batches: Sequence[WriteBatch],
+    epoch: int,
+    next_cycle: int,
+    previous_hash: bytes,
+) -> None:
     _check_sequence(vm, offset, "the commit", commit, epoch, next_cycle)
     if commit.batches != len(batches):
         raise JournalViolation(
-            vm, offset, f"cycle {commit.cycle} commits {commit.batches} batches but "
-            f"{len(batches)} arrived")
+            vm,
+            offset,
+            f"cycle {commit.cycle} commits {commit.batches} batches but {len(batches)} arrived",
+        )
     if commit.previous_hash != previous_hash:
         raise JournalViolation(
-            vm, offset, f"cycle {commit.cycle} does not chain to the cycle this replica applied "
-            "last (previous hash differs): the journal was rewritten or another primary wrote it")
+            vm,
+            offset,
+            f"cycle {commit.cycle} does not chain to the cycle this replica applied "
+            "last (previous hash differs): the journal was rewritten or another primary wrote it",
+        )
     extents = [extent for batch in batches for extent in batch.extents]
     if cycle_hash(previous_hash, epoch, commit.cycle, extents) != commit.cycle_hash:
         raise JournalViolation(
-            vm, offset, f"cycle {commit.cycle}: hash chain mismatch; its records were altered")
+            vm, offset, f"cycle {commit.cycle}: hash chain mismatch; its records were altered"
+        )
 
 
-def decode_cycle(vm: str, offset: int, batches: Sequence[WriteBatch],
-                 disk_sizes: Mapping[str, int],
-                 unpacker: PayloadUnpacker | None = None) -> list[DecodedExtent]:
+def decode_cycle(
+    vm: str,
+    offset: int,
+    batches: Sequence[WriteBatch],
+    disk_sizes: Mapping[str, int],
+    unpacker: PayloadUnpacker | None = None,
+) -> list[DecodedExtent]:
     """Every extent of a cycle with its data, checked against disk bounds and CRC-32.
 
     ``unpacker`` is the caller's long-lived one (the materialiser's), so its zstd context is
@@ -90,56 +114,79 @@ def decode_cycle(vm: str, offset: int, batches: Sequence[WriteBatch],
             payload = unpacker.unpack(batch.compression, batch.payload)
         except CorruptEventError as error:
             raise JournalViolation(
-                vm, offset, f"cycle {batch.cycle} batch {batch.batch}: payload does not "
-                f"decompress ({error})") from error
+                vm,
+                offset,
+                f"cycle {batch.cycle} batch {batch.batch}: payload does not decompress ({error})",
+            ) from error
         view = memoryview(payload)
         for extent in batch.extents:
             result.append(_decoded(vm, offset, batch, extent, view, disk_sizes))
     return result
 
 
-def _decoded(vm: str, offset: int, batch: WriteBatch, extent: Extent, payload: memoryview,
-             disk_sizes: Mapping[str, int]) -> DecodedExtent:
+def _decoded(
+    vm: str,
+    offset: int,
+    batch: WriteBatch,
+    extent: Extent,
+    payload: memoryview,
+    disk_sizes: Mapping[str, int],
+) -> DecodedExtent:
     size = disk_sizes.get(extent.disk)
     if size is None:
-        raise JournalViolation(vm, offset, f"{_where(batch)}: unknown disk {extent.disk!r}",
-                               ReplicationState.ERROR)
+        raise JournalViolation(
+            vm, offset, f"{_where(batch)}: unknown disk {extent.disk!r}", ReplicationState.ERROR
+        )
     if extent.offset < 0 or extent.length <= 0:
         raise JournalViolation(
-            vm, offset, f"{_where(batch)}: extent of {extent.length} bytes at {extent.offset} "
+            vm,
+            offset,
+            f"{_where(batch)}: extent of {extent.length} bytes at {extent.offset} "
             f"of disk {extent.disk!r}: "
             f"{range_problem(extent.offset, extent.length, size, 'the disk')}",
-            ReplicationState.ERROR)
+            ReplicationState.ERROR,
+        )
     if extent.offset + extent.length > size:
         raise JournalViolation(
-            vm, offset, f"{_where(batch)}: extent of {extent.length} bytes at {extent.offset} "
-            f"lies past the end of disk {extent.disk!r} ({size} bytes)", ReplicationState.ERROR)
+            vm,
+            offset,
+            f"{_where(batch)}: extent of {extent.length} bytes at {extent.offset} "
+            f"lies past the end of disk {extent.disk!r} ({size} bytes)",
+            ReplicationState.ERROR,
+        )
     if extent.kind is not ExtentKind.DATA:
         return DecodedExtent(extent.disk, extent.offset, extent.length, extent.kind, b"")
     problem = range_problem(extent.payload_offset, extent.length, len(payload), "the payload")
     if problem is not None:
         raise JournalViolation(
-            vm, offset, f"{_where(batch)}: data of {extent.length} bytes at {extent.offset} of "
-            f"disk {extent.disk!r} is not in the batch's payload: {problem}")
-    data = payload[extent.payload_offset:extent.payload_offset + extent.length]
+            vm,
+            offset,
+            f"{_where(batch)}: data of {extent.length} bytes at {extent.offset} of "
+            f"disk {extent.disk!r} is not in the batch's payload: {problem}",
+        )
+    data = payload[extent.payload_offset : extent.payload_offset + extent.length]
     if not verify(data, extent.crc32, extent.length):
         raise JournalViolation(
-            vm, offset, f"{_where(batch)}: checksum mismatch for {extent.length} bytes at "
-            f"{extent.offset} of disk {extent.disk!r}")
+            vm,
+            offset,
+            f"{_where(batch)}: checksum mismatch for {extent.length} bytes at "
+            f"{extent.offset} of disk {extent.disk!r}",
+        )
     return DecodedExtent(extent.disk, extent.offset, extent.length, extent.kind, data)
 
 
-def check_seed_chunk(vm: str, offset: int, chunk: SeedChunk,
-                     disk_sizes: Mapping[str, int]) -> None:
+def check_seed_chunk(vm: str, offset: int, chunk: SeedChunk, disk_sizes: Mapping[str, int]) -> None:
     """A seed chunk (not the ``done`` marker) names a disk of this replica and lies inside it."""
     size = disk_sizes.get(chunk.disk)
     if size is None:
-        raise JournalViolation(vm, offset, f"seed chunk for unknown disk {chunk.disk!r}",
-                               ReplicationState.ERROR)
+        raise JournalViolation(
+            vm, offset, f"seed chunk for unknown disk {chunk.disk!r}", ReplicationState.ERROR
+        )
     problem = range_problem(chunk.offset, chunk.length, size, f"disk {chunk.disk!r}")
     if problem is not None:
-        raise JournalViolation(vm, offset, f"seed chunk does not fit: {problem}",
-                               ReplicationState.ERROR)
+        raise JournalViolation(
+            vm, offset, f"seed chunk does not fit: {problem}", ReplicationState.ERROR
+        )
 
 
 def _where(batch: WriteBatch) -> str:

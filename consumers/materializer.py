@@ -85,9 +85,17 @@ class ReplicaCursor:
 class Materializer:
     """Applies one VM's committed journal records to its images."""
 
-    def __init__(self, vm: str, images: Mapping[str, DiskImage], undo_folder: Path,
-                 catalog: Catalog, policy: RetentionPolicy, on_applied: Applied | None = None,
-                 site: str = "", on_digests_wanted: DigestsWanted | None = None) -> None:
+    def __init__(
+        self,
+        vm: str,
+        images: Mapping[str, DiskImage],
+        undo_folder: Path,
+        catalog: Catalog,
+        policy: RetentionPolicy,
+        on_applied: Applied | None = None,
+        site: str = "",
+        on_digests_wanted: DigestsWanted | None = None,
+    ) -> None:
         self.vm = vm
         self.site = site
         self.images = dict(images)
@@ -119,22 +127,30 @@ class Materializer:
                     image.fsync()
             if status != "missing":
                 self.undo.discard(interrupted)
-        seeding = record.state in (ReplicationState.WAITING_FOR_INITIAL_REPLICATION,
-                                   ReplicationState.INITIAL_REPLICATION_IN_PROGRESS)
+        seeding = record.state in (
+            ReplicationState.WAITING_FOR_INITIAL_REPLICATION,
+            ReplicationState.INITIAL_REPLICATION_IN_PROGRESS,
+        )
         if position is None:
             self.cursor = ReplicaCursor(record.epoch, 0, GENESIS_HASH, 0, seeding=True)
         else:
-            self.cursor = ReplicaCursor(position.epoch, position.cycle, position.cycle_hash,
-                                        position.next_offset, seeding)
-        if (record.state is ReplicationState.RESYNCHRONIZING and position is not None
-                and position.epoch == record.epoch):
+            self.cursor = ReplicaCursor(
+                position.epoch, position.cycle, position.cycle_hash, position.next_offset, seeding
+            )
+        if (
+            record.state is ReplicationState.RESYNCHRONIZING
+            and position is not None
+            and position.epoch == record.epoch
+        ):
             # A crash after the resynchronizing cycle was recorded, before its state was.
             await self._resynchronized(position.cycle)
         else:
             # A crash between adopting the resynchronizing epoch and applying its first cycle
             # leaves the old position: the epoch is found again in the journal.
             self.cursor.awaiting_resync = record.state in (
-                ReplicationState.RESYNCHRONIZATION_REQUIRED, ReplicationState.RESYNCHRONIZING)
+                ReplicationState.RESYNCHRONIZATION_REQUIRED,
+                ReplicationState.RESYNCHRONIZING,
+            )
         self.cursor.canceled_epochs = await self.catalog.canceled_epochs(self.vm)
         return self.cursor
 
@@ -151,25 +167,33 @@ class Materializer:
             try:
                 event = decode_journal(record.value)
             except InvalidEventError as error:  # decodes, but a value is out of bounds
-                raise JournalViolation(self.vm, record.offset, str(error),
-                                       ReplicationState.ERROR) from error
+                raise JournalViolation(
+                    self.vm, record.offset, str(error), ReplicationState.ERROR
+                ) from error
             except DecodeError as error:
-                raise JournalViolation(self.vm, record.offset, f"undecodable record: {error}",
-                                       ReplicationState.ERROR) from error
+                raise JournalViolation(
+                    self.vm, record.offset, f"undecodable record: {error}", ReplicationState.ERROR
+                ) from error
             if event.vm != self.vm:
-                raise JournalViolation(self.vm, record.offset,
-                                       f"record names VM {event.vm!r}", ReplicationState.ERROR)
+                raise JournalViolation(
+                    self.vm, record.offset, f"record names VM {event.vm!r}", ReplicationState.ERROR
+                )
             if event.epoch < self.cursor.epoch or event.epoch in self.cursor.canceled_epochs:
-                log.warning("VM %s: ignoring a record of superseded epoch %d at offset %d",
-                            self.vm, event.epoch, record.offset)
+                log.warning(
+                    "VM %s: ignoring a record of superseded epoch %d at offset %d",
+                    self.vm,
+                    event.epoch,
+                    record.offset,
+                )
                 continue
             if isinstance(event, DigestRequest):
                 await self._digests_wanted(event)
                 continue
             if self.cursor.awaiting_resync:
                 if isinstance(event, Heartbeat):  # an unplanned failover still asks for it
-                    await self.catalog.record_heartbeat(self.vm, event.at_ms, None,
-                                                        from_primary_site=True)
+                    await self.catalog.record_heartbeat(
+                        self.vm, event.at_ms, None, from_primary_site=True
+                    )
                 await self._await_resync(event, record.offset)
                 continue
             if self.prepared is not None and isinstance(event, WriteBatch | CycleCommit):
@@ -177,8 +201,14 @@ class Materializer:
             if isinstance(event, SeedChunk):
                 seed_written |= await self._seed(event, record.offset)
             elif isinstance(event, WriteBatch):
-                check_batch(self.vm, record.offset, event, self.cursor.epoch,
-                            self.cursor.cycle + 1, len(self.cursor.pending))
+                check_batch(
+                    self.vm,
+                    record.offset,
+                    event,
+                    self.cursor.epoch,
+                    self.cursor.cycle + 1,
+                    len(self.cursor.pending),
+                )
                 self.cursor.pending.append(event)
             elif isinstance(event, CycleCommit):
                 await self._apply_cycle(event, record)
@@ -196,9 +226,9 @@ class Materializer:
         every cycle before the heartbeat, in journal order — holds every write it had then."""
         cursor = self.cursor
         holds_all = not cursor.seeding and not cursor.pending and event.last_cycle == cursor.cycle
-        await self.catalog.record_heartbeat(self.vm, event.at_ms,
-                                            event.idle_at_ms if holds_all else None,
-                                            from_primary_site=True)
+        await self.catalog.record_heartbeat(
+            self.vm, event.at_ms, event.idle_at_ms if holds_all else None, from_primary_site=True
+        )
 
     def await_resync(self) -> None:
         """Stop applying until an epoch names this site in ``resync_sites`` (a journal violation
@@ -208,19 +238,29 @@ class Materializer:
 
     async def _digests_wanted(self, event: DigestRequest) -> None:
         """The primary asks for block digests; a seeding replica has none worth sending yet."""
-        if (self.site in event.replica_sites and not self.cursor.seeding
-                and not self.cursor.pending and self.on_digests_wanted is not None):
+        if (
+            self.site in event.replica_sites
+            and not self.cursor.seeding
+            and not self.cursor.pending
+            and self.on_digests_wanted is not None
+        ):
             await self.on_digests_wanted(event)
 
     def _prepared(self, event: FailoverPrepared, offset: int) -> None:
         """The primary shipped its final cycle: check this replica holds exactly that cycle."""
         cursor = self.cursor
         if (event.epoch, event.final_cycle, event.cycle_hash) != (
-                cursor.epoch, cursor.cycle, cursor.cycle_hash):
+            cursor.epoch,
+            cursor.cycle,
+            cursor.cycle_hash,
+        ):
             raise JournalViolation(
-                self.vm, offset, f"planned failover prepared at cycle {event.final_cycle} of "
+                self.vm,
+                offset,
+                f"planned failover prepared at cycle {event.final_cycle} of "
                 f"epoch {event.epoch}, but this replica holds cycle {cursor.cycle} of epoch "
-                f"{cursor.epoch} with another hash; the takeover is refused")
+                f"{cursor.epoch} with another hash; the takeover is refused",
+            )
         cursor.next_offset = offset + 1
         self.prepared = event
 
@@ -233,9 +273,11 @@ class Materializer:
         cursor.cycle_hash, cursor.next_offset = event.last_cycle_hash, offset + 1
         cursor.awaiting_resync, cursor.resyncing = False, True
         await self.catalog.set_epoch(self.vm, event.epoch)
-        await self.catalog.set_state(self.vm, ReplicationState.RESYNCHRONIZING,
-                                     f"receiving the ranges that diverged, from epoch "
-                                     f"{event.epoch}")
+        await self.catalog.set_state(
+            self.vm,
+            ReplicationState.RESYNCHRONIZING,
+            f"receiving the ranges that diverged, from epoch {event.epoch}",
+        )
 
     async def _start_epoch(self, event: EpochStart, offset: int) -> None:
         cursor = self.cursor
@@ -247,17 +289,22 @@ class Materializer:
             return
         if event.start_cycle != cursor.cycle + 1 or event.last_cycle_hash != cursor.cycle_hash:
             raise JournalViolation(
-                self.vm, offset, f"epoch {event.epoch} starts after cycle "
+                self.vm,
+                offset,
+                f"epoch {event.epoch} starts after cycle "
                 f"{event.start_cycle - 1} but this replica is at cycle {cursor.cycle}; "
-                "a resynchronization is needed to follow the new primary")
+                "a resynchronization is needed to follow the new primary",
+            )
         cursor.epoch = event.epoch
         cursor.pending.clear()
         await self.catalog.set_epoch(self.vm, event.epoch)
         if self.site in event.resync_sites:  # the epoch's first cycle repairs this replica
             cursor.resyncing = True
-            await self.catalog.set_state(self.vm, ReplicationState.RESYNCHRONIZING,
-                                         f"receiving the blocks that differ, from epoch "
-                                         f"{event.epoch}")
+            await self.catalog.set_state(
+                self.vm,
+                ReplicationState.RESYNCHRONIZING,
+                f"receiving the blocks that differ, from epoch {event.epoch}",
+            )
 
     async def _seed(self, chunk: SeedChunk, offset: int) -> bool:
         """Write a seed chunk straight into the image (no points exist yet, so no undo)."""
@@ -268,22 +315,34 @@ class Materializer:
                 image.fsync()
             self.cursor.seeding = False
             self.cursor.next_offset = offset + 1
-            await self.catalog.advance_position(self.vm, Position(
-                self.cursor.epoch, self.cursor.cycle, self.cursor.cycle_hash, offset + 1,
-                now_ms()))
+            await self.catalog.advance_position(
+                self.vm,
+                Position(
+                    self.cursor.epoch,
+                    self.cursor.cycle,
+                    self.cursor.cycle_hash,
+                    offset + 1,
+                    now_ms(),
+                ),
+            )
             await self.catalog.set_state(self.vm, ReplicationState.REPLICATING)
             return False
-        check_seed_chunk(self.vm, offset, chunk,
-                         {name: image.size for name, image in self.images.items()})
+        check_seed_chunk(
+            self.vm, offset, chunk, {name: image.size for name, image in self.images.items()}
+        )
         target = self.images[chunk.disk]
         try:
             data = self._payloads.unpack(chunk.compression, chunk.payload, chunk.length)
         except CorruptEventError as error:
-            raise JournalViolation(self.vm, offset, f"seed chunk does not decompress: {error}",
-                                   ReplicationState.ERROR) from error
+            raise JournalViolation(
+                self.vm, offset, f"seed chunk does not decompress: {error}", ReplicationState.ERROR
+            ) from error
         if not verify(data, chunk.crc32, chunk.length):
-            raise JournalViolation(self.vm, offset, f"seed chunk at {chunk.offset} of disk "
-                                   f"{chunk.disk!r} fails its checksum")
+            raise JournalViolation(
+                self.vm,
+                offset,
+                f"seed chunk at {chunk.offset} of disk {chunk.disk!r} fails its checksum",
+            )
         target.write(chunk.offset, data)
         return True
 
@@ -293,15 +352,26 @@ class Materializer:
         for image in self.images.values():
             image.fsync()
         self.cursor.next_offset = next_offset
-        await self.catalog.advance_position(self.vm, Position(
-            self.cursor.epoch, self.cursor.cycle, self.cursor.cycle_hash, next_offset, now_ms()))
+        await self.catalog.advance_position(
+            self.vm,
+            Position(
+                self.cursor.epoch, self.cursor.cycle, self.cursor.cycle_hash, next_offset, now_ms()
+            ),
+        )
 
     async def _apply_cycle(self, commit: CycleCommit, record: JournalRecord) -> None:
         """Steps 1-6 of the module docstring."""
         cursor = self.cursor
         sizes = {name: image.size for name, image in self.images.items()}
-        check_commit(self.vm, record.offset, commit, cursor.pending, cursor.epoch,  # step 1
-                     cursor.cycle + 1, cursor.cycle_hash)
+        check_commit(
+            self.vm,
+            record.offset,
+            commit,
+            cursor.pending,
+            cursor.epoch,  # step 1
+            cursor.cycle + 1,
+            cursor.cycle_hash,
+        )
         extents = decode_cycle(self.vm, record.offset, cursor.pending, sizes, self._payloads)
         writer = UndoWriter(self.undo.folder, commit.cycle)  # step 2
         for extent in extents:
@@ -318,14 +388,25 @@ class Materializer:
             _write(self.images[extent.disk], extent)
         for image in self.images.values():  # step 4
             image.fsync()
-        point = RecoveryPoint(commit.cycle, commit.epoch, record.offset, commit.cut_at_ms,
-                              Consistency[commit.consistency.name], commit.cycle_hash)
-        position = Position(commit.epoch, commit.cycle, commit.cycle_hash, record.offset + 1,
-                            now_ms())
-        await self.catalog.advance_position(self.vm, position, point=point,  # step 5
-                                            cut_at_ms=commit.cut_at_ms,
-                                            size_bytes=commit.payload_bytes,
-                                            started_at_ms=commit.started_at_ms)
+        point = RecoveryPoint(
+            commit.cycle,
+            commit.epoch,
+            record.offset,
+            commit.cut_at_ms,
+            Consistency[commit.consistency.name],
+            commit.cycle_hash,
+        )
+        position = Position(
+            commit.epoch, commit.cycle, commit.cycle_hash, record.offset + 1, now_ms()
+        )
+        await self.catalog.advance_position(
+            self.vm,
+            position,
+            point=point,  # step 5
+            cut_at_ms=commit.cut_at_ms,
+            size_bytes=commit.payload_bytes,
+            started_at_ms=commit.started_at_ms,
+        )
         if cursor.resyncing:
             cursor.resyncing = False
             await self._resynchronized(commit.cycle)
@@ -344,8 +425,9 @@ class Materializer:
         """
         await self.catalog.keep_points(self.vm, [cycle])
         await self.catalog.set_failover_point(self.vm, None)
-        await self.catalog.set_state(self.vm, ReplicationState.REPLICATING,
-                                     f"resynchronized at cycle {cycle}")
+        await self.catalog.set_state(
+            self.vm, ReplicationState.REPLICATING, f"resynchronized at cycle {cycle}"
+        )
 
     async def _prune(self, newest: RecoveryPoint) -> None:
         """Step 6: forget the points the policy no longer keeps, then the undo files that only
@@ -357,8 +439,11 @@ class Materializer:
         """
         now = now_ms()
         settled = settled_from_ms(self.policy, now)
-        candidates = [p for p in await self.catalog.points(self.vm, cut_before_ms=settled)
-                      if p.cycle != newest.cycle]
+        candidates = [
+            p
+            for p in await self.catalog.points(self.vm, cut_before_ms=settled)
+            if p.cycle != newest.cycle
+        ]
         kept = select_points([*candidates, newest], self.policy, now)
         await self.catalog.keep_points(self.vm, [p.cycle for p in kept], cut_before_ms=settled)
         oldest = await self.catalog.oldest_point(self.vm)

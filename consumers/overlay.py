@@ -39,8 +39,9 @@ class Overlay(Mapping[str, tuple[tuple[int, bytes], ...]]):
             if position < gap_end:
                 starts.insert(index, position)
                 whole = gap_end - position == len(data)
-                chunks.insert(index, data if whole else bytes(view[position - offset :
-                                                                   gap_end - offset]))
+                chunks.insert(
+                    index, data if whole else bytes(view[position - offset : gap_end - offset])
+                )
                 index += 1
             if gap_end == end:
                 break
@@ -74,8 +75,11 @@ class Overlay(Mapping[str, tuple[tuple[int, bytes], ...]]):
         return bytes(merged)
 
 
-def materialize_point(images: Mapping[str, DiskImage], overlay: Overlay,
-                      out_paths: Mapping[str, str | os.PathLike[str]]) -> None:
+def materialize_point(
+    images: Mapping[str, DiskImage],
+    overlay: Overlay,
+    out_paths: Mapping[str, str | os.PathLike[str]],
+) -> None:
     """Write full images of a recovery point: a sparse copy of each head plus the overlay.
 
     Each output is replaced atomically (see :func:`vmreplica.storage.safefile.replace_atomically`).

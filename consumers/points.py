@@ -52,11 +52,18 @@ def choose_point(points: list[RecoveryPoint], wanted: str) -> RecoveryPoint:
             return point
     raise ConfigurationError(
         f"no recovery point {wanted!r}; the points are cycles "
-        f"{', '.join(str(p.cycle) for p in points)} (or 'latest', 'latest-app-consistent')")
+        f"{', '.join(str(p.cycle) for p in points)} (or 'latest', 'latest-app-consistent')"
+    )
 
 
-def export_point(images: Mapping[str, Path], undo_folder: Path, point: RecoveryPoint,
-                 head_cycle: int, destination: Path, fmt: ExportFormat = "raw") -> list[Path]:
+def export_point(
+    images: Mapping[str, Path],
+    undo_folder: Path,
+    point: RecoveryPoint,
+    head_cycle: int,
+    destination: Path,
+    fmt: ExportFormat = "raw",
+) -> list[Path]:
     """Write each disk as it was at ``point`` to ``destination/<disk>.<fmt>``; return the files.
 
     :raises ConfigurationError: an unknown format, or a disk name that is not a plain name (the
@@ -70,7 +77,8 @@ def export_point(images: Mapping[str, Path], undo_folder: Path, point: RecoveryP
     if fmt != "raw" and shutil.which("qemu-img") is None:
         raise PrerequisiteMissingError(
             f"exporting as {fmt} needs qemu-img (Debian: apt-get install qemu-utils); "
-            "or export as raw")
+            "or export as raw"
+        )
     destination.mkdir(parents=True, exist_ok=True)
     opened = {disk: DiskImage.open(path, writable=False) for disk, path in images.items()}
     try:
@@ -85,8 +93,11 @@ def export_point(images: Mapping[str, Path], undo_folder: Path, point: RecoveryP
     outputs = []
     for disk, path in raw.items():
         target = destination / f"{disk}.{fmt}"
-        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", fmt, str(path), str(target)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["qemu-img", "convert", "-f", "raw", "-O", fmt, str(path), str(target)],
+            check=True,
+            capture_output=True,
+        )
         path.unlink()
         outputs.append(target)
     return outputs

@@ -58,11 +58,11 @@ def retention_policy(record: VmRecord) -> RetentionPolicy:
     """The VM's recovery-point policy from its replication settings."""
     settings = record.settings
     if settings.continuous_points_hours:
-        return RetentionPolicy("every_cycle", settings.continuous_points_hours,
-                               settings.app_consistent_hours)
+        return RetentionPolicy(
+            "every_cycle", settings.continuous_points_hours, settings.app_consistent_hours
+        )
     if settings.recovery_history:
-        return RetentionPolicy("hourly", settings.recovery_history,
-                               settings.app_consistent_hours)
+        return RetentionPolicy("hourly", settings.recovery_history, settings.app_consistent_hours)
     return RetentionPolicy("latest")
 
 
@@ -87,8 +87,9 @@ def _open_images(record: VmRecord) -> dict[str, DiskImage]:
         path = Path(disk.path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            images[disk.name] = (DiskImage.open(path) if path.exists()
-                                 else DiskImage.create(path, disk.size_bytes))
+            images[disk.name] = (
+                DiskImage.open(path) if path.exists() else DiskImage.create(path, disk.size_bytes)
+            )
         except OSError as error:
             for image in images.values():
                 image.close()
@@ -100,21 +101,39 @@ def _open_images(record: VmRecord) -> dict[str, DiskImage]:
     return images
 
 
-def digest_maps(vm: str, epoch: int, site: str, cycle: int,
-                disks: Sequence[tuple[str, Path, int]]) -> list[DigestMap]:
+def digest_maps(
+    vm: str, epoch: int, site: str, cycle: int, disks: Sequence[tuple[str, Path, int]]
+) -> list[DigestMap]:
     """A DigestMap of every disk (name, image, size) as its image holds it now, said to be as of
     ``cycle``. Reads every allocated block (holes cost nothing): run it off the event loop."""
-    return [DigestMap(vm, epoch, site, name, cycle, digest_block_bytes(size),
-                      image_digests(path, digest_block_bytes(size)))
-            for name, path, size in disks]
+    return [
+        DigestMap(
+            vm,
+            epoch,
+            site,
+            name,
+            cycle,
+            digest_block_bytes(size),
+            image_digests(path, digest_block_bytes(size)),
+        )
+        for name, path, size in disks
+    ]
 
 
 class ReplicaVm:
     """A replicated VM at a replica site. ``async with ReplicaVm(...) as vm: await vm.run()``."""
 
-    def __init__(self, record: VmRecord, site: str, folder: Path, connection: KafkaConnection,
-                 catalog: Catalog, journal_topic: str, status_topic: str,
-                 status: StatusPublisher | None = None) -> None:
+    def __init__(
+        self,
+        record: VmRecord,
+        site: str,
+        folder: Path,
+        connection: KafkaConnection,
+        catalog: Catalog,
+        journal_topic: str,
+        status_topic: str,
+        status: StatusPublisher | None = None,
+    ) -> None:
         self.record = record
         self.site = site
         self.folder = folder
@@ -122,9 +141,16 @@ class ReplicaVm:
         self.status_topic = status_topic
         self.status = status
         self.images = _open_images(record)
-        self.materializer = Materializer(record.name, self.images, folder / "undo", catalog,
-                                         retention_policy(record), self._report, site,
-                                         self._digests_wanted)
+        self.materializer = Materializer(
+            record.name,
+            self.images,
+            folder / "undo",
+            catalog,
+            retention_policy(record),
+            self._report,
+            site,
+            self._digests_wanted,
+        )
         self.reader = JournalReader(connection, journal_topic)
         self.violation: JournalViolation | None = None
         self.apply_seconds = 0.0
@@ -157,14 +183,23 @@ class ReplicaVm:
         resynchronization does not: the replica goes on reading, waiting for it."""
         return self.violation is not None and (
             self.violation.state is not ReplicationState.RESYNCHRONIZATION_REQUIRED
-            or not self.materializer.cursor.awaiting_resync)
+            or not self.materializer.cursor.awaiting_resync
+        )
 
     async def _report(self, commit: CycleCommit, offset: int) -> None:
         if self.status is None:
             return
-        position = ReplicaPosition(self.name, commit.epoch, self.site, commit.cycle, offset,
-                                   ReplicationState.REPLICATING.value, "normal", now_ms(),
-                                   now_ms())
+        position = ReplicaPosition(
+            self.name,
+            commit.epoch,
+            self.site,
+            commit.cycle,
+            offset,
+            ReplicationState.REPLICATING.value,
+            "normal",
+            now_ms(),
+            now_ms(),
+        )
         try:
             await self.status.publish(self.status_topic, self.name.encode(), encode(position))
         except BrokerError as error:
@@ -172,8 +207,7 @@ class ReplicaVm:
 
     async def _digests_wanted(self, request: DigestRequest) -> None:
         """The primary asked for block digests (the materialiser is at a cycle boundary)."""
-        log.info("VM %s: %s asks for block digests (%s)", self.name, request.site,
-                 request.reason)
+        log.info("VM %s: %s asks for block digests (%s)", self.name, request.site, request.reason)
         try:
             await self.publish_digests((await self.catalog.vm(self.name)).state)
         except BrokerError as error:  # the primary asks again while it waits
@@ -188,15 +222,19 @@ class ReplicaVm:
         """
         cursor = self.materializer.cursor
         disks = [(name, image.path, image.size) for name, image in self.images.items()]
-        maps = await asyncio.to_thread(digest_maps, self.name, cursor.epoch, self.site,
-                                       cursor.cycle, disks)
+        maps = await asyncio.to_thread(
+            digest_maps, self.name, cursor.epoch, self.site, cursor.cycle, disks
+        )
         if self.status is None:
             return cursor.cycle
         records: list[ReplicaPosition | DigestMap] = [await self._position(state), *maps]
         for event in records:
             await self.status.publish(self.status_topic, self.name.encode(), encode(event))
-        log.info("VM %s: block digests of cycle %d published for a resynchronization",
-                 self.name, cursor.cycle)
+        log.info(
+            "VM %s: block digests of cycle %d published for a resynchronization",
+            self.name,
+            cursor.cycle,
+        )
         return cursor.cycle
 
     async def _position(self, state: ReplicationState) -> ReplicaPosition:
@@ -204,9 +242,17 @@ class ReplicaVm:
         cursor = self.materializer.cursor
         position = await self.catalog.position(self.name)
         health = "critical" if state is ReplicationState.RESYNCHRONIZATION_REQUIRED else "normal"
-        return ReplicaPosition(self.name, cursor.epoch, self.site, cursor.cycle,
-                               position.next_offset - 1 if position is not None else -1,
-                               state.value, health, position.at_ms if position else 0, now_ms())
+        return ReplicaPosition(
+            self.name,
+            cursor.epoch,
+            self.site,
+            cursor.cycle,
+            position.next_offset - 1 if position is not None else -1,
+            state.value,
+            health,
+            position.at_ms if position else 0,
+            now_ms(),
+        )
 
     async def _remind(self) -> None:
         """Waiting for a resynchronization that a violation asked for: say so again."""
@@ -215,8 +261,10 @@ class ReplicaVm:
             return
         self._next_reminder = loop.time() + RESYNC_REMINDER_SECONDS
         record = await self.catalog.vm(self.name)
-        if (record.state is not ReplicationState.RESYNCHRONIZATION_REQUIRED
-                or await self.catalog.failover_point(self.name) is not None):
+        if (
+            record.state is not ReplicationState.RESYNCHRONIZATION_REQUIRED
+            or await self.catalog.failover_point(self.name) is not None
+        ):
             return  # a returning old primary waits for a reverse, not a resync
         try:
             position = await self._position(ReplicationState.RESYNCHRONIZATION_REQUIRED)
@@ -235,8 +283,9 @@ class ReplicaVm:
         self._next_reminder = asyncio.get_running_loop().time() + RESYNC_REMINDER_SECONDS
         if self.status is None:
             return
-        request = ResyncRequest(self.name, self.materializer.cursor.epoch, self.site,
-                                str(violation), None, (), now_ms())
+        request = ResyncRequest(
+            self.name, self.materializer.cursor.epoch, self.site, str(violation), None, (), now_ms()
+        )
         try:
             await self.status.publish(self.status_topic, self.name.encode(), encode(request))
             await self.publish_digests(ReplicationState.RESYNCHRONIZATION_REQUIRED)
@@ -263,8 +312,10 @@ class ReplicaVm:
             self.violation = violation
             await self.catalog.set_state(self.name, violation.state, str(violation))
             log.error("%s", violation)
-            if (violation.state is ReplicationState.RESYNCHRONIZATION_REQUIRED
-                    and not self.materializer.cursor.seeding):  # half a seed has no digests
+            if (
+                violation.state is ReplicationState.RESYNCHRONIZATION_REQUIRED
+                and not self.materializer.cursor.seeding
+            ):  # half a seed has no digests
                 await self._resync_required(violation)
         else:
             if self.violation is not None and not self.materializer.cursor.awaiting_resync:
@@ -283,8 +334,10 @@ class ReplicaVm:
         # the reader's position, not the last applied record's offset.
         while await self.reader.position() < end and not self.stopped:
             if loop.time() > deadline:
-                raise TimeoutError(f"VM {self.name!r}: replica did not reach journal offset "
-                                   f"{end} within {timeout_seconds} s")
+                raise TimeoutError(
+                    f"VM {self.name!r}: replica did not reach journal offset "
+                    f"{end} within {timeout_seconds} s"
+                )
             await self.step()
         return self.materializer.cursor.cycle
 

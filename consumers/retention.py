@@ -77,8 +77,9 @@ class RetentionPolicy:
         check_app_consistent_hours(every, self.hours)
 
 
-def select_points(candidates: Sequence[RecoveryPoint], policy: RetentionPolicy,
-                  now_ms: int) -> tuple[RecoveryPoint, ...]:
+def select_points(
+    candidates: Sequence[RecoveryPoint], policy: RetentionPolicy, now_ms: int
+) -> tuple[RecoveryPoint, ...]:
     """Return the points to keep, oldest first; the newest point is always among them.
 
     History covers points cut at or after ``now_ms - hours * HOUR_MS``. Points are ordered by
@@ -99,14 +100,14 @@ def select_points(candidates: Sequence[RecoveryPoint], policy: RetentionPolicy,
     elif policy.mode == "hourly":
         kept.update(_newest_per_slot(history, HOUR_MS))
         if policy.app_consistent_hours is not None:
-            application = [point for point in history
-                           if point.consistency is Consistency.APPLICATION]
+            application = [
+                point for point in history if point.consistency is Consistency.APPLICATION
+            ]
             kept.update(_newest_per_slot(application, policy.app_consistent_hours * HOUR_MS))
     return tuple(kept[cycle] for cycle in sorted(kept))
 
 
-def _newest_per_slot(points: Iterable[RecoveryPoint],
-                     slot_ms: int) -> dict[int, RecoveryPoint]:
+def _newest_per_slot(points: Iterable[RecoveryPoint], slot_ms: int) -> dict[int, RecoveryPoint]:
     """The newest point of each clock-aligned slot of ``slot_ms``, keyed by cycle."""
     newest: dict[int, RecoveryPoint] = {}
     for point in points:

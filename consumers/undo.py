@@ -132,8 +132,10 @@ class UndoWriter:
             chunk = bytes(view[start : start + RECORD_DATA_MAX_BYTES])
             if is_zero(chunk):
                 self._append(disk, offset + start, len(chunk), _ZERO, b"")
-            elif len(chunk) >= COMPRESS_MIN_BYTES and len(
-                    packed := self._compressor.compress(chunk)) <= len(chunk) * 7 // 8:
+            elif (
+                len(chunk) >= COMPRESS_MIN_BYTES
+                and len(packed := self._compressor.compress(chunk)) <= len(chunk) * 7 // 8
+            ):
                 self._append(disk, offset + start, len(chunk), _ZSTD, packed)
             else:
                 self._append(disk, offset + start, len(chunk), _RAW, chunk)
@@ -188,8 +190,12 @@ class UndoWriter:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
         self.close()
 
 
@@ -226,7 +232,7 @@ class UndoLog:
         if _HEADER.unpack(header) != (FILE_MAGIC, FORMAT_VERSION, 0, cycle):
             return f"the header is not that of a version {FORMAT_VERSION} undo log of cycle {cycle}"
         magic, _, _, records_bytes, crc = _TRAILER.unpack(trailer)
-        if magic != TRAILER_MAGIC or crc != zlib.crc32(trailer[:-_CRC.size], zlib.crc32(header)):
+        if magic != TRAILER_MAGIC or crc != zlib.crc32(trailer[: -_CRC.size], zlib.crc32(header)):
             return _UNSEALED
         if records_bytes != size - _HEADER.size - _TRAILER.size:
             held = size - _HEADER.size - _TRAILER.size
@@ -298,8 +304,9 @@ class UndoLog:
             count += 1
             yield entry
         if count != records:
-            raise UndoCorruptError(str(path), end, f"the trailer counts {records} records, "
-                                   f"the file holds {count}")
+            raise UndoCorruptError(
+                str(path), end, f"the trailer counts {records} records, the file holds {count}"
+            )
 
     @staticmethod
     def _entry_at(path: Path, data: mmap.mmap, position: int, end: int) -> tuple[_Entry, int]:
@@ -333,8 +340,11 @@ class UndoLog:
             except zstandard.ZstdError as error:
                 raise UndoCorruptError(str(path), entry.position, f"zstd: {error}") from None
         if len(data) != entry.length:
-            raise UndoCorruptError(str(path), entry.position,
-                                   f"a record decodes to {len(data)} bytes, not {entry.length}")
+            raise UndoCorruptError(
+                str(path),
+                entry.position,
+                f"a record decodes to {len(data)} bytes, not {entry.length}",
+            )
         return data
 
     def records(self, cycle: int) -> Iterator[UndoRecord]:
@@ -362,11 +372,16 @@ class UndoLog:
                 self._decode(path, entry)
                 image = image_by_disk.get(entry.disk)
                 if image is None:
-                    raise ConfigurationError(f"{path}: records for disk {entry.disk!r} but no "
-                                             "image of that disk was given")
+                    raise ConfigurationError(
+                        f"{path}: records for disk {entry.disk!r} but no "
+                        "image of that disk was given"
+                    )
                 if entry.offset + entry.length > image.size:
-                    raise UndoCorruptError(str(path), entry.position, f"a record ends beyond "
-                                           f"{image.path} ({image.size} bytes)")
+                    raise UndoCorruptError(
+                        str(path),
+                        entry.position,
+                        f"a record ends beyond {image.path} ({image.size} bytes)",
+                    )
                 positions.append(entry.position)
                 touched[entry.disk] = image
             for position in reversed(positions):  # 2
@@ -385,8 +400,10 @@ class UndoLog:
         the oldest cycle touching a byte saved its content as it was at the point.
         """
         if not 0 <= point_cycle <= head_cycle:
-            raise ConfigurationError(f"recovery point cycle {point_cycle} must be between 0 and "
-                                     f"the head cycle {head_cycle}")
+            raise ConfigurationError(
+                f"recovery point cycle {point_cycle} must be between 0 and "
+                f"the head cycle {head_cycle}"
+            )
         overlay = Overlay()
         for cycle in range(point_cycle + 1, head_cycle + 1):
             with self._mapped(cycle) as (path, data):

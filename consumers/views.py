@@ -21,15 +21,23 @@ from vmreplica.storage.image import DiskImage
 class PointView:
     """All disks of one VM at one recovery point, with a writable scratch layer."""
 
-    def __init__(self, heads: dict[str, DiskImage], undo: UndoLog, point_cycle: int,
-                 head_cycle: int, scratch_folder: Path) -> None:
+    def __init__(
+        self,
+        heads: dict[str, DiskImage],
+        undo: UndoLog,
+        point_cycle: int,
+        head_cycle: int,
+        scratch_folder: Path,
+    ) -> None:
         self.heads = heads
         self.point_cycle = point_cycle
         self.overlay: Overlay = undo.overlay_at(point_cycle, head_cycle)
         scratch_folder.mkdir(parents=True, exist_ok=True)
         self.scratch_folder = scratch_folder
-        self.scratch = {disk: DiskImage.create(scratch_folder / f"{disk}.scratch", head.size)
-                        for disk, head in heads.items()}
+        self.scratch = {
+            disk: DiskImage.create(scratch_folder / f"{disk}.scratch", head.size)
+            for disk, head in heads.items()
+        }
         self.written = {disk: IntervalSet() for disk in heads}
 
     def preserve(self, disk: str, offset: int, old: bytes) -> None:
@@ -39,7 +47,7 @@ class PointView:
     def read(self, disk: str, offset: int, length: int) -> bytes:
         content = bytearray(self.overlay.read(disk, offset, length, self.heads[disk]))
         for low, high in self.written[disk].covered(offset, offset + length):
-            content[low - offset:high - offset] = self.scratch[disk].read(low, high - low)
+            content[low - offset : high - offset] = self.scratch[disk].read(low, high - low)
         return bytes(content)
 
     def write(self, disk: str, offset: int, data: bytes | memoryview) -> None:

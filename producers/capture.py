@@ -74,19 +74,29 @@ class CapturedVm:
     overwritten.
     """
 
-    def __init__(self, name: str, disks: Sequence[tuple[str, Path, int]], log_folder: Path,
-                 first_cycle: int = 1, *, budget_bytes: int | None = None,
-                 redo: bool = True) -> None:
+    def __init__(
+        self,
+        name: str,
+        disks: Sequence[tuple[str, Path, int]],
+        log_folder: Path,
+        first_cycle: int = 1,
+        *,
+        budget_bytes: int | None = None,
+        redo: bool = True,
+    ) -> None:
         self.name = name
         self.disk_names = [disk for disk, _, _ in disks]
-        self.images = [DiskImage.open(path) if path.exists() else DiskImage.create(path, size)
-                       for _, path, size in disks]
+        self.images = [
+            DiskImage.open(path) if path.exists() else DiskImage.create(path, size)
+            for _, path, size in disks
+        ]
         self._index = {disk: i for i, disk in enumerate(self.disk_names)}
         self._image_fds = [image._fd for image in self.images]  # the hot path's pwrite
         if budget_bytes is not None and budget_bytes <= 0:
             raise ConfigurationError(
                 f"VM {name!r}: the change-log budget must be a positive number of bytes, "
-                f"not {budget_bytes}")
+                f"not {budget_bytes}"
+            )
         self.budget_bytes = budget_bytes or default_budget(i.size for i in self.images)
         self.log = ChangeLog(log_folder)
         self.cycle_started_ms = now_ms()
@@ -124,12 +134,15 @@ class CapturedVm:
             for record in segment.records:
                 image = self.images[record.disk]
                 ranges: Iterable[tuple[int, int]] = (
-                    [(record.offset, record.length)] if self.dirty is None
-                    else self.dirty.clean_ranges(record.disk, record.offset, record.length))
+                    [(record.offset, record.length)]
+                    if self.dirty is None
+                    else self.dirty.clean_ranges(record.disk, record.offset, record.length)
+                )
                 for offset, length in ranges:
                     if record.kind is RecordKind.WRITE:
-                        image.write(offset, segment.read_data(record, offset - record.offset,
-                                                              length))
+                        image.write(
+                            offset, segment.read_data(record, offset - record.offset, length)
+                        )
                     elif record.kind is RecordKind.ZERO:
                         image.zero(offset, length)
                     else:
@@ -142,8 +155,8 @@ class CapturedVm:
             return self._index[name]
         except KeyError:
             raise ConfigurationError(
-                f"VM {self.name!r} has no disk {name!r}; its disks are "
-                f"{', '.join(self.disk_names)}") from None
+                f"VM {self.name!r} has no disk {name!r}; its disks are {', '.join(self.disk_names)}"
+            ) from None
 
     def size(self, disk: str) -> int:
         return self.images[self.disk(disk)].size
@@ -155,15 +168,20 @@ class CapturedVm:
         if offset < 0 or length < 0 or offset + length > size:
             raise ConfigurationError(
                 f"write of {length} bytes at offset {offset} is past the end of disk "
-                f"{self.disk_names[index]!r} of VM {self.name!r} ({size} bytes)")
+                f"{self.disk_names[index]!r} of VM {self.name!r} ({size} bytes)"
+            )
 
     def _degrade(self) -> DirtyMap:
         """The open segment reached its budget: track dirty blocks until the cut."""
         self.dirty = DirtyMap.create(self._dirty_path, self.log.cycle)
         self.degraded_cycles += 1
-        log.warning("VM %s: change log reached its budget of %d bytes in cycle %d; tracking "
-                    "dirty blocks until the cut, which ships them from the images",
-                    self.name, self.budget_bytes, self.log.cycle)
+        log.warning(
+            "VM %s: change log reached its budget of %d bytes in cycle %d; tracking "
+            "dirty blocks until the cut, which ships them from the images",
+            self.name,
+            self.budget_bytes,
+            self.log.cycle,
+        )
         return self.dirty
 
     def write_sync(self, index: int, offset: int, data: bytes | memoryview) -> None:
@@ -273,13 +291,16 @@ class CapturedVm:
             self.last_cut_dirty_bytes = 0 if dirty is None else dirty.copied_bytes
             for image in self.images:
                 image.fsync()
-            sealed = self.log.cut(CutMark(application_consistent, started,
-                                          self.cycle_started_ms))
+            sealed = self.log.cut(CutMark(application_consistent, started, self.cycle_started_ms))
             if dirty is not None:
                 dirty.remove()
                 self.dirty = None
-                log.info("VM %s: cycle %d carries %d bytes of dirty blocks read from the "
-                         "images", self.name, sealed, self.last_cut_dirty_bytes)
+                log.info(
+                    "VM %s: cycle %d carries %d bytes of dirty blocks read from the images",
+                    self.name,
+                    sealed,
+                    self.last_cut_dirty_bytes,
+                )
         self._durable_seq = self._write_seq  # the cut fsynced the log and every image
         return sealed
 
@@ -300,8 +321,9 @@ class CapturedVm:
             self.mark_unsynced()
         return copied
 
-    def _copy_runs(self, dirty: DirtyMap, runs: Sequence[tuple[int, Sequence[tuple[int, int]]]],
-                   ahead: bool) -> int:
+    def _copy_runs(
+        self, dirty: DirtyMap, runs: Sequence[tuple[int, Sequence[tuple[int, int]]]], ahead: bool
+    ) -> int:
         """Append the current image content of dirty-block runs to the open segment.
 
         ``ahead`` (a worker thread, writes going on): each run is recorded as copied *before*

@@ -34,8 +34,13 @@ log = logging.getLogger(__name__)
 class CaptureFront:
     """``async with CaptureFront(primary, config) as front``: serve or scan while it runs."""
 
-    def __init__(self, primary: PrimaryVm, config: SiteConfig,
-                 tcp_server: NbdServer | None = None, exports: VmExports | None = None) -> None:
+    def __init__(
+        self,
+        primary: PrimaryVm,
+        config: SiteConfig,
+        tcp_server: NbdServer | None = None,
+        exports: VmExports | None = None,
+    ) -> None:
         """``exports``: the VM's exports, kept by the caller across role changes (the agent);
         without them an ``nbd`` front serves its own while it runs."""
         self.primary = primary
@@ -53,20 +58,28 @@ class CaptureFront:
         if self.mode == "nbd":
             exports = self.exports
             if exports is None:
-                exports = VmExports(primary.name, socket_path(self.config, primary.name),
-                                    self._tcp_server)
+                exports = VmExports(
+                    primary.name, socket_path(self.config, primary.name), self._tcp_server
+                )
                 await exports.start()
                 self.exports, self._own_exports = exports, True
             exports.capture_through(primary.capture)
-            log.info("VM %s: serving NBD for the hypervisor: %s", primary.name,
-                     ", ".join(exports.uri(disk) for disk in primary.capture.disk_names))
+            log.info(
+                "VM %s: serving NBD for the hypervisor: %s",
+                primary.name,
+                ", ".join(exports.uri(disk) for disk in primary.capture.disk_names),
+            )
             self.check_fenced()
         elif self.mode == "scan":
             self.scanner = ChangeScanner(primary.capture, Path(folder) / "scan")
         return self
 
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                        trace: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
         """The capture is about to close: the exports serve the images read-only from now on
         (or stop, if this front started them)."""
         exports, self.exports = self.exports, None
@@ -79,7 +92,8 @@ class CaptureFront:
         reason = primary.capture.fenced_reason or (
             f"site {self.config.site} stopped capturing the writes of VM {primary.name!r} "
             "(a failover, or its agent's worker for the VM stopped); writes are refused until "
-            "a site captures them again")
+            "a site captures them again"
+        )
         exports.serve_images({d.name: Path(d.path) for d in primary.record.disks}, reason)
         log.warning("VM %s: NBD exports now refuse writes: %s", primary.name, reason)
 
@@ -121,10 +135,15 @@ class CaptureFront:
             raise
         for cycle in shipped:
             dirty = capture.last_cut_dirty_bytes
-            log.info("VM %s: cycle %d shipped: %d extents, %d bytes written, %d bytes on the "
-                     "wire%s", primary.name, cycle.cycle, cycle.extents, cycle.bytes_written,
-                     cycle.wire_bytes,
-                     f" ({dirty} bytes from the dirty-block map)" if dirty else "")
+            log.info(
+                "VM %s: cycle %d shipped: %d extents, %d bytes written, %d bytes on the wire%s",
+                primary.name,
+                cycle.cycle,
+                cycle.extents,
+                cycle.bytes_written,
+                cycle.wire_bytes,
+                f" ({dirty} bytes from the dirty-block map)" if dirty else "",
+            )
         return shipped
 
     async def _scan(self) -> bool:
@@ -137,16 +156,26 @@ class CaptureFront:
         result: ScanResult | None = None
         try:
             if settings.pre_cut_hook:
-                await run_hook(settings.pre_cut_hook, "pre-cut", vm=primary.name,
-                               site=self.config.site, disks=disks)
+                await run_hook(
+                    settings.pre_cut_hook,
+                    "pre-cut",
+                    vm=primary.name,
+                    site=self.config.site,
+                    disks=disks,
+                )
             result = await scanner.scan()
         except HookError as error:
             log.error("%s; this cycle is skipped", error)
         finally:
             if settings.post_cut_hook:
                 try:
-                    await run_hook(settings.post_cut_hook, "post-cut", vm=primary.name,
-                                   site=self.config.site, disks=disks)
+                    await run_hook(
+                        settings.post_cut_hook,
+                        "post-cut",
+                        vm=primary.name,
+                        site=self.config.site,
+                        disks=disks,
+                    )
                 except HookError as error:
                     log.error("%s", error)
         if result is None:

@@ -194,16 +194,18 @@ class ChangeLog:
         without its header (which ``open`` would have to refuse).
         """
         header = _HEADER.pack(MAGIC, self.chain_id, cycle)
-        fd = create_for_append(_segment_path(self.folder, cycle),
-                               (header, _HEADER_CRC.pack(zlib.crc32(header))))
+        fd = create_for_append(
+            _segment_path(self.folder, cycle), (header, _HEADER_CRC.pack(zlib.crc32(header)))
+        )
         if self._fd >= 0:
             os.close(self._fd)
         self._fd = fd
         self.cycle = cycle
         self.segment_bytes = HEADER_BYTES
 
-    def _append(self, kind: RecordKind, disk: int, offset: int, length: int,
-                data: bytes | memoryview = b"") -> None:
+    def _append(
+        self, kind: RecordKind, disk: int, offset: int, length: int, data: bytes | memoryview = b""
+    ) -> None:
         body = _BODY.pack(kind, disk, offset, length)
         crc = zlib.crc32(data, zlib.crc32(body))
         prefix = _RECORD_PREFIX.pack(crc, len(body) + len(data))
@@ -211,8 +213,11 @@ class ChangeLog:
         written = os.writev(self._fd, [prefix, body, data])
         if written != expected:  # a full disk: never leave a torn record mid-segment
             os.ftruncate(self._fd, self.segment_bytes)
-            raise OSError(errno.ENOSPC, f"change log {self.folder} is out of space: wrote "
-                                        f"{written} of {expected} bytes of a record")
+            raise OSError(
+                errno.ENOSPC,
+                f"change log {self.folder} is out of space: wrote "
+                f"{written} of {expected} bytes of a record",
+            )
         self.segment_bytes += written
 
     def write(self, disk: int, offset: int, data: bytes | memoryview) -> None:
@@ -252,7 +257,8 @@ class ChangeLog:
         """Delete segments of cycles up to ``cycle``: they are committed in the journal."""
         for path in sorted(self.folder.glob(f"*{SEGMENT_SUFFIX}")):
             if int(path.name.removesuffix(SEGMENT_SUFFIX)) <= cycle and path != _segment_path(
-                    self.folder, self.cycle):
+                self.folder, self.cycle
+            ):
                 path.unlink()
         fsync_directory(self.folder)
 

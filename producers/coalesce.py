@@ -59,8 +59,16 @@ def coalesce(changes: Iterable[Change[Source]]) -> list[Piece[Source]]:
         claimed = covered.setdefault(change.disk, IntervalSet())
         end = change.offset + change.length
         for gap_start, gap_end in claimed.gaps(change.offset, end):
-            pieces.append(Piece(change.disk, gap_start, gap_end - gap_start, change.kind,
-                                change.source, gap_start - change.offset))
+            pieces.append(
+                Piece(
+                    change.disk,
+                    gap_start,
+                    gap_end - gap_start,
+                    change.kind,
+                    change.source,
+                    gap_start - change.offset,
+                )
+            )
         claimed.add(change.offset, end)
     pieces.sort(key=lambda piece: (piece.disk, piece.offset))
     return pieces
@@ -71,10 +79,21 @@ def merge_adjacent(pieces: list[Piece[Source]]) -> list[Piece[Source]]:
     merged: list[Piece[Source]] = []
     for piece in pieces:
         last = merged[-1] if merged else None
-        if (last is not None and piece.kind is not ExtentKind.DATA and last.kind is piece.kind
-                and last.disk == piece.disk and last.end == piece.offset):
-            merged[-1] = Piece(last.disk, last.offset, last.length + piece.length, last.kind,
-                               last.source, last.start)
+        if (
+            last is not None
+            and piece.kind is not ExtentKind.DATA
+            and last.kind is piece.kind
+            and last.disk == piece.disk
+            and last.end == piece.offset
+        ):
+            merged[-1] = Piece(
+                last.disk,
+                last.offset,
+                last.length + piece.length,
+                last.kind,
+                last.source,
+                last.start,
+            )
         else:
             merged.append(piece)
     return merged

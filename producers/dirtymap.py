@@ -56,8 +56,13 @@ class DirtyMap:
         self._fd = -1
 
     @classmethod
-    def create(cls, path: Path, cycle: int, blocks: Iterable[tuple[int, int]] = (),
-               block_bytes: int = DIRTY_BLOCK_BYTES) -> DirtyMap:
+    def create(
+        cls,
+        path: Path,
+        cycle: int,
+        blocks: Iterable[tuple[int, int]] = (),
+        block_bytes: int = DIRTY_BLOCK_BYTES,
+    ) -> DirtyMap:
         """A new map file (replacing any), holding ``blocks``; its folder entry is fsynced."""
         dirty = cls(path, cycle, block_bytes)
         header = _DIRTY_HEADER.pack(_DIRTY_MAGIC, cycle, block_bytes)
@@ -79,12 +84,16 @@ class DirtyMap:
             return []
         magic, _, block_bytes = _DIRTY_HEADER.unpack_from(data)
         (crc,) = _CRC.unpack_from(data, _DIRTY_HEADER.size)
-        if (magic != _DIRTY_MAGIC or crc != zlib.crc32(data[: _DIRTY_HEADER.size])
-                or block_bytes != DIRTY_BLOCK_BYTES):
+        if (
+            magic != _DIRTY_MAGIC
+            or crc != zlib.crc32(data[: _DIRTY_HEADER.size])
+            or block_bytes != DIRTY_BLOCK_BYTES
+        ):
             raise JournalIntegrityError(
                 f"dirty-block map {path} has a damaged header, so the blocks written while the "
                 "change log was over budget are unknown. Operator action: seed the VM's replica "
-                "again (a full initial replication); this map cannot tell which blocks to send.")
+                "again (a full initial replication); this map cannot tell which blocks to send."
+            )
         entries = []
         position = _DIRTY_HEADER_BYTES
         while position + _DIRTY_ENTRY_BYTES <= len(data):
@@ -175,8 +184,11 @@ class DirtyMap:
         while index < len(blocks):
             first = blocks[index]
             count = 1
-            while (index + count < len(blocks) and count < DIRTY_RUN_BLOCKS
-                   and blocks[index + count] == first + count):
+            while (
+                index + count < len(blocks)
+                and count < DIRTY_RUN_BLOCKS
+                and blocks[index + count] == first + count
+            ):
                 count += 1
             yield first, count
             index += count

@@ -92,17 +92,25 @@ async def _cycles(capture: CapturedVm, seconds: float) -> None:
         capture.log.drop_through(sealed)
 
 
-async def serve_journaled(image: Path, *, changelog: Path, export: str, unix_path: str | None,
-                          tcp: tuple[str, int] | None, cycle_seconds: float,
-                          budget_bytes: int | None) -> None:
+async def serve_journaled(
+    image: Path,
+    *,
+    changelog: Path,
+    export: str,
+    unix_path: str | None,
+    tcp: tuple[str, int] | None,
+    cycle_seconds: float,
+    budget_bytes: int | None,
+) -> None:
     """Serve one image with journaling until SIGINT or SIGTERM; print ``ready <uri>``."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopping.set)
     # The image exists, so its size is read from it (the 0 would only size a new image).
-    capture = CapturedVm("standalone", [(export or "disk", image, 0)], changelog,
-                         budget_bytes=budget_bytes)
+    capture = CapturedVm(
+        "standalone", [(export or "disk", image, 0)], changelog, budget_bytes=budget_bytes
+    )
     try:
         device = JournalingDevice(capture, export or "disk")
         async with NbdServer({export: device}, unix_path=unix_path, tcp=tcp) as server:
@@ -126,10 +134,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--socket", help="Unix socket path to listen on")
     serve.add_argument("--tcp", help="HOST:PORT to listen on")
     serve.add_argument("--export", default="", help="export name (default: empty)")
-    serve.add_argument("--cycle-seconds", type=float, default=1.0,
-                       help="cut (and drop) a cycle this often")
-    serve.add_argument("--budget", type=int, default=None,
-                       help="change-log budget in bytes (default: 10%% of the image)")
+    serve.add_argument(
+        "--cycle-seconds", type=float, default=1.0, help="cut (and drop) a cycle this often"
+    )
+    serve.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="change-log budget in bytes (default: 10%% of the image)",
+    )
     args = parser.parse_args(argv)
     tcp = parse_tcp_address(args.tcp) if args.tcp else None
     if args.socket is None and tcp is None:
@@ -137,9 +150,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.image.is_file():
         parser.error(f"{args.image} is not a file: give an existing raw image")
     try:
-        asyncio.run(serve_journaled(args.image, changelog=args.changelog, export=args.export,
-                                    unix_path=args.socket, tcp=tcp,
-                                    cycle_seconds=args.cycle_seconds, budget_bytes=args.budget))
+        asyncio.run(
+            serve_journaled(
+                args.image,
+                changelog=args.changelog,
+                export=args.export,
+                unix_path=args.socket,
+                tcp=tcp,
+                cycle_seconds=args.cycle_seconds,
+                budget_bytes=args.budget,
+            )
+        )
     except (ReplicationError, ConfigurationError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

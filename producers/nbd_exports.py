@@ -49,7 +49,8 @@ def socket_path(config: SiteConfig, vm: str) -> Path:
         raise ConfigurationError(
             f"NBD socket path {path} is {len(os.fsencode(path))} bytes, longer than the "
             f"{UNIX_PATH_MAX_BYTES} a Unix socket allows. Set `nbd_socket_dir` in the site "
-            "configuration to a short folder (e.g. /run/vmreplica)")
+            "configuration to a short folder (e.g. /run/vmreplica)"
+        )
     return path
 
 
@@ -67,8 +68,9 @@ def tcp_uri(host: str, port: int, vm: str, disk: str) -> str:
     return f"nbd://{host}:{port}/{tcp_export_name(vm, disk)}"
 
 
-def nbd_uris(config: SiteConfig, record: VmRecord,
-             tcp_port: int | None = None) -> dict[str, dict[str, str]]:
+def nbd_uris(
+    config: SiteConfig, record: VmRecord, tcp_port: int | None = None
+) -> dict[str, dict[str, str]]:
     """Per disk, the URIs the hypervisor attaches to: ``{"disk0": {"unix": ..., "tcp": ...}}``.
 
     ``tcp_port`` is the port actually listened on (when ``nbd_tcp_port`` is 0); without it a
@@ -109,8 +111,9 @@ class ServedDisk:
     def write(self, offset: int, data: bytes, fua: bool) -> Coroutine[Any, Any, None]:
         return self.device.write(offset, data, fua)
 
-    def write_zeroes(self, offset: int, length: int, fua: bool,
-                     may_trim: bool) -> Coroutine[Any, Any, None]:
+    def write_zeroes(
+        self, offset: int, length: int, fua: bool, may_trim: bool
+    ) -> Coroutine[Any, Any, None]:
         return self.device.write_zeroes(offset, length, fua, may_trim)
 
     def trim(self, offset: int, length: int) -> Coroutine[Any, Any, None]:

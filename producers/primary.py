@@ -63,23 +63,40 @@ class Resent:
 class PrimaryVm:
     """A replicated VM at its primary site. ``async with PrimaryVm(...) as vm: ...``."""
 
-    def __init__(self, record: VmRecord, site: str, folder: Path, connection: KafkaConnection,
-                 catalog: Catalog, journal_topic: str, transactional_id: str) -> None:
+    def __init__(
+        self,
+        record: VmRecord,
+        site: str,
+        folder: Path,
+        connection: KafkaConnection,
+        catalog: Catalog,
+        journal_topic: str,
+        transactional_id: str,
+    ) -> None:
         self.record = record
         self.site = site
         self.catalog = catalog
         self.connection = connection
         self.topic = journal_topic
         self.capture = CapturedVm(
-            record.name, [(d.name, Path(d.path), d.size_bytes) for d in record.disks],
-            folder / "changelog", budget_bytes=record.settings.changelog_budget_bytes,
+            record.name,
+            [(d.name, Path(d.path), d.size_bytes) for d in record.disks],
+            folder / "changelog",
+            budget_bytes=record.settings.changelog_budget_bytes,
             # A scan's records are copies of the image the guest may since have overwritten.
-            redo=record.settings.capture != "scan")
+            redo=record.settings.capture != "scan",
+        )
         self.publisher = JournalPublisher(connection, transactional_id)
         self.shipper = CycleShipper(
-            record.name, journal_topic, self.capture.log, self.publisher, catalog,
-            CycleBuilder(record.name, record.epoch, disk_sizes(self.capture),
-                         record.settings.compression))
+            record.name,
+            journal_topic,
+            self.capture.log,
+            self.publisher,
+            catalog,
+            CycleBuilder(
+                record.name, record.epoch, disk_sizes(self.capture), record.settings.compression
+            ),
+        )
         self._lock = asyncio.Lock()
         self.checks = 0
         """How many times :meth:`replicate` looked at the change log (and cut, or found it
@@ -112,8 +129,11 @@ class PrimaryVm:
         if log.cycle != cycle:
             self._empty_segment = (log.cycle, HEADER_BYTES)
             empty = HEADER_BYTES
-        return (log.segment_bytes > empty or capture.dirty is not None
-                or sum(1 for _ in log.folder.glob(f"*{SEGMENT_SUFFIX}")) > 1)
+        return (
+            log.segment_bytes > empty
+            or capture.dirty is not None
+            or sum(1 for _ in log.folder.glob(f"*{SEGMENT_SUFFIX}")) > 1
+        )
 
     def idle_at_ms(self) -> int | None:
         """An instant at which nothing waited to ship (every write is in a shipped cycle), or
@@ -179,27 +199,44 @@ class PrimaryVm:
 
     def config_event(self) -> VmConfig:
         settings = self.record.settings
-        return VmConfig(self.name, self.record.epoch, disk_sizes(self.capture),
-                        settings.frequency_seconds, settings.recovery_history,
-                        settings.app_consistent_hours, self.site, now_ms(),
-                        (self.record.partner_site, *settings.also_replicate_to),
-                        settings.continuous_points_hours, settings.capture,
-                        settings.compression, settings.continuous_max_bytes,
-                        settings.changelog_budget_bytes)
+        return VmConfig(
+            self.name,
+            self.record.epoch,
+            disk_sizes(self.capture),
+            settings.frequency_seconds,
+            settings.recovery_history,
+            settings.app_consistent_hours,
+            self.site,
+            now_ms(),
+            (self.record.partner_site, *settings.also_replicate_to),
+            settings.continuous_points_hours,
+            settings.capture,
+            settings.compression,
+            settings.continuous_max_bytes,
+            settings.changelog_budget_bytes,
+        )
 
     async def initial_replication(self, progress: Progress | None = None) -> SeedResult:
         """Seed the replica (resuming an interrupted seed), then ship what queued meanwhile."""
         async with self._lock:
-            await self.catalog.set_state(self.name,
-                                         ReplicationState.INITIAL_REPLICATION_IN_PROGRESS)
-            seed = InitialReplication(self.capture, self.publisher, self.topic, self.catalog,
-                                      self.config_event(), self.site)
+            await self.catalog.set_state(
+                self.name, ReplicationState.INITIAL_REPLICATION_IN_PROGRESS
+            )
+            seed = InitialReplication(
+                self.capture,
+                self.publisher,
+                self.topic,
+                self.catalog,
+                self.config_event(),
+                self.site,
+            )
             result = await seed.run(progress)
             await self.catalog.set_state(self.name, ReplicationState.REPLICATING)
             return result
 
-    async def replicate(self, application_consistent: bool = False, *,
-                        force: bool = False) -> list[ShippedCycle]:
+    async def replicate(
+        self, application_consistent: bool = False, *, force: bool = False
+    ) -> list[ShippedCycle]:
         """Cut a cycle now and ship every sealed cycle; what the scheduler calls each period.
 
         Nothing is cut, and nothing published, when nothing waits to ship
@@ -220,7 +257,8 @@ class PrimaryVm:
             except FencedError:
                 self.capture.fenced_reason = (
                     f"VM {self.name!r} has a newer primary; this site no longer accepts writes "
-                    "for it. Operator action: `vmreplica reverse` on the new primary.")
+                    "for it. Operator action: `vmreplica reverse` on the new primary."
+                )
                 raise
             self._checked_ms = self.capture.cycle_started_ms
             return shipped
@@ -260,8 +298,9 @@ class PrimaryVm:
         self.shipper.builder.epoch = epoch
         self.record = replace(self.record, epoch=epoch)
 
-    async def resend_in_new_epoch(self, resync_sites: Sequence[str], reason: str,
-                                  ranges: RangesToResend) -> Resent:
+    async def resend_in_new_epoch(
+        self, resync_sites: Sequence[str], reason: str, ranges: RangesToResend
+    ) -> Resent:
         """Ship the current content of some ranges as the first cycle of a new epoch that
         names ``resync_sites``: how a replica is resynchronized (and a reverse sent).
 
@@ -286,9 +325,17 @@ class PrimaryVm:
                 wanted = await ranges()  # step 2
                 resent = await self.append_current_content(wanted)  # step 3
                 position = await self.shipper.position()
-                start = EpochStart(self.name, self.record.epoch + 1, self.record.epoch,
-                                   self.site, position.cycle + 1, reason, now_ms(),
-                                   position.cycle_hash, tuple(resync_sites))
+                start = EpochStart(
+                    self.name,
+                    self.record.epoch + 1,
+                    self.record.epoch,
+                    self.site,
+                    position.cycle + 1,
+                    reason,
+                    now_ms(),
+                    position.cycle_hash,
+                    tuple(resync_sites),
+                )
                 await self.start_epoch(start)  # step 4
                 self.capture.cut()  # step 5
                 self._said_idle = False
@@ -297,15 +344,17 @@ class PrimaryVm:
             except FencedError:
                 self.capture.fenced_reason = (
                     f"VM {self.name!r} has a newer primary; this site no longer accepts writes "
-                    "for it. Operator action: `vmreplica reverse` on the new primary.")
+                    "for it. Operator action: `vmreplica reverse` on the new primary."
+                )
                 raise
         return Resent(start, shipped, resent)
 
     def disk_digests(self) -> tuple[DiskDigest, ...]:
         """The SHA-256 of every disk's whole content, holes read as zeros."""
-        return tuple(DiskDigest(name, sha256_of(image))
-                     for name, image in zip(self.capture.disk_names, self.capture.images,
-                                            strict=True))
+        return tuple(
+            DiskDigest(name, sha256_of(image))
+            for name, image in zip(self.capture.disk_names, self.capture.images, strict=True)
+        )
 
     def allocated_ranges(self) -> dict[str, IntervalSet]:
         """Every range of every disk that holds data (the rest are holes)."""
@@ -337,8 +386,9 @@ class PrimaryVm:
                 position = low
                 while position < high:
                     with capture.log_lock:  # the image as it is, logged in one step
-                        start, length = next(iter(image.allocated_extents(
-                            position, high - position)), (high, 0))
+                        start, length = next(
+                            iter(image.allocated_extents(position, high - position)), (high, 0)
+                        )
                         if start > position:  # a hole: zeros, never read
                             capture.log.zero(index, position, start - position)
                             position = start

@@ -80,17 +80,25 @@ def load_hashes(path: Path, size: int, block_bytes: int = SCAN_BLOCK_BYTES) -> b
     (header_crc,) = _HEADER_CRC.unpack_from(data, _HEADER.size)
     digests = data[header_bytes:]
     count = -(-size // block_bytes)
-    if (magic != _MAGIC or header_crc != zlib.crc32(data[: _HEADER.size])
-            or (stored_block, stored_size) != (block_bytes, size)
-            or len(digests) != count * DIGEST_BYTES or zlib.crc32(digests) != crc):
-        log.warning("block hashes %s do not match the disk (or are damaged); the next scan "
-                    "sends every block", path)
+    if (
+        magic != _MAGIC
+        or header_crc != zlib.crc32(data[: _HEADER.size])
+        or (stored_block, stored_size) != (block_bytes, size)
+        or len(digests) != count * DIGEST_BYTES
+        or zlib.crc32(digests) != crc
+    ):
+        log.warning(
+            "block hashes %s do not match the disk (or are damaged); the next scan "
+            "sends every block",
+            path,
+        )
         return None
     return digests
 
 
-def save_hashes(path: Path, size: int, digests: bytes | bytearray,
-                block_bytes: int = SCAN_BLOCK_BYTES) -> None:
+def save_hashes(
+    path: Path, size: int, digests: bytes | bytearray, block_bytes: int = SCAN_BLOCK_BYTES
+) -> None:
     """Replace the hash file atomically (temporary file, fsync, rename, folder fsync)."""
     header = _HEADER.pack(_MAGIC, block_bytes, size, zlib.crc32(digests))
 
@@ -120,8 +128,9 @@ class ScanResult:
 class _Feeder:
     """Merges consecutive changed blocks of one disk into change-log records."""
 
-    def __init__(self, vm: CapturedVm, disk: int, result: ScanResult,
-                 stop: threading.Event) -> None:
+    def __init__(
+        self, vm: CapturedVm, disk: int, result: ScanResult, stop: threading.Event
+    ) -> None:
         self.vm = vm
         self.disk = disk
         self.result = result
@@ -258,8 +267,9 @@ class ChangeScanner:
         """
         vm = self.vm
         originals = list(vm.images)
-        recorders = [_SeedRecorder(image.size, self.block_bytes, self._zero_digest)
-                     for image in originals]
+        recorders = [
+            _SeedRecorder(image.size, self.block_bytes, self._zero_digest) for image in originals
+        ]
         for index, (name, recorder) in enumerate(zip(vm.disk_names, recorders, strict=True)):
             recorder.invalidate_below(resumed_at.get(name, 0))
             vm.images[index] = _ObservedImage(originals[index], recorder)
@@ -267,8 +277,9 @@ class ChangeScanner:
             yield
         finally:
             vm.images[:] = originals
-        digests = {name: recorder.finish()
-                   for name, recorder in zip(vm.disk_names, recorders, strict=True)}
+        digests = {
+            name: recorder.finish() for name, recorder in zip(vm.disk_names, recorders, strict=True)
+        }
         await asyncio.to_thread(self._save, digests)
         self._in_step = True
 
@@ -290,9 +301,15 @@ class ChangeScanner:
             raise
         if result.blocks_changed:
             self.vm.mark_unsynced()  # the caller's flush must make the fed records durable
-        log.info("VM %s: scan read %d bytes in %.2f s; %d blocks changed (%d bytes of data, "
-                 "%d zeroed)", self.vm.name, result.bytes_read, result.seconds,
-                 result.blocks_changed, result.bytes_fed, result.bytes_zeroed)
+        log.info(
+            "VM %s: scan read %d bytes in %.2f s; %d blocks changed (%d bytes of data, %d zeroed)",
+            self.vm.name,
+            result.bytes_read,
+            result.seconds,
+            result.blocks_changed,
+            result.bytes_fed,
+            result.bytes_zeroed,
+        )
         return result
 
     async def commit(self, result: ScanResult) -> None:
@@ -302,8 +319,7 @@ class ChangeScanner:
 
     def _save(self, digests: Mapping[str, bytearray]) -> None:
         for name, image in zip(self.vm.disk_names, self.vm.images, strict=True):
-            save_hashes(hashes_path(self.folder, name), image.size, digests[name],
-                        self.block_bytes)
+            save_hashes(hashes_path(self.folder, name), image.size, digests[name], self.block_bytes)
 
     def _unshipped_blocks(self) -> dict[int, set[int]] | None:
         """Blocks touched by records of unshipped segments; None if a segment is unreadable."""
@@ -323,8 +339,7 @@ class ChangeScanner:
         started = time.monotonic()
         result = ScanResult()
         touched = self._unshipped_blocks() if suspect else {}
-        for index, (name, image) in enumerate(zip(self.vm.disk_names, self.vm.images,
-                                                  strict=True)):
+        for index, (name, image) in enumerate(zip(self.vm.disk_names, self.vm.images, strict=True)):
             old = load_hashes(hashes_path(self.folder, name), image.size, self.block_bytes)
             if touched is None:
                 old = None  # an unshipped segment is unreadable: send every block
@@ -340,8 +355,9 @@ class ChangeScanner:
         result.seconds = time.monotonic() - started
         return result
 
-    def _scan_disk(self, image: DiskImage, old: bytes | None, feeder: _Feeder | None,
-                   result: ScanResult) -> bytearray:
+    def _scan_disk(
+        self, image: DiskImage, old: bytes | None, feeder: _Feeder | None, result: ScanResult
+    ) -> bytearray:
         size, block = image.size, self.block_bytes
         count = -(-size // block)
         zero, width = self._zero_digest, DIGEST_BYTES
@@ -366,8 +382,15 @@ class ChangeScanner:
             position = end
         return digests
 
-    def _compare_holes(self, image: DiskImage, first: int, end: int, old: bytes | None,
-                       feeder: _Feeder | None, result: ScanResult) -> None:
+    def _compare_holes(
+        self,
+        image: DiskImage,
+        first: int,
+        end: int,
+        old: bytes | None,
+        feeder: _Feeder | None,
+        result: ScanResult,
+    ) -> None:
         """Blocks [first, end) are holes (zeros): log a ZERO for each that was not zero."""
         width, block, zero = DIGEST_BYTES, self.block_bytes, self._zero_digest
         for chunk in range(first, end, _COMPARE_BLOCKS):

@@ -68,8 +68,9 @@ class Seeder:
     its batches (:mod:`vmreplica.schemas.payload`) and published several MiB per transaction.
     """
 
-    def __init__(self, publisher: JournalPublisher, topic: str, vm: str, epoch: int,
-                 seed_id: str) -> None:
+    def __init__(
+        self, publisher: JournalPublisher, topic: str, vm: str, epoch: int, seed_id: str
+    ) -> None:
         self.publisher = publisher
         self.topic = topic
         self.vm = vm
@@ -81,9 +82,15 @@ class Seeder:
         self._key = vm.encode()
         self._packer = PayloadPacker()
 
-    async def send_disk(self, disk: str, image: DiskImage, start: int = 0, *,
-                        committed: Committed | None = None,
-                        progress: Callable[[int], None] | None = None) -> None:
+    async def send_disk(
+        self,
+        disk: str,
+        image: DiskImage,
+        start: int = 0,
+        *,
+        committed: Committed | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
         """Send ``image`` from offset ``start`` as the chunks of ``disk``.
 
         ``committed`` is awaited after every transaction but the disk's last with the offset it
@@ -94,9 +101,22 @@ class Seeder:
         pending_bytes = 0
         for offset, data in nonzero_chunks(image, start, SEED_CHUNK_BYTES):
             compression, packed = self._packer.pack(data)
-            pending.append(encode(SeedChunk(
-                self.vm, self.epoch, disk, offset, len(data), compression, packed,
-                checksum(data), self.seed_id, False)))
+            pending.append(
+                encode(
+                    SeedChunk(
+                        self.vm,
+                        self.epoch,
+                        disk,
+                        offset,
+                        len(data),
+                        compression,
+                        packed,
+                        checksum(data),
+                        self.seed_id,
+                        False,
+                    )
+                )
+            )
             pending_bytes += len(packed)
             self.chunks += 1
             reached = offset + len(data)
@@ -114,8 +134,9 @@ class Seeder:
 
     async def finish(self) -> int:
         """Publish the ``done`` chunk that ends the seed; return its journal offset."""
-        final = SeedChunk(self.vm, self.epoch, "", 0, 0, Compression.NONE, b"", 0, self.seed_id,
-                          True)
+        final = SeedChunk(
+            self.vm, self.epoch, "", 0, 0, Compression.NONE, b"", 0, self.seed_id, True
+        )
         offsets = await self.publisher.publish(self.topic, self._key, [encode(final)])
         return offsets[-1]
 
@@ -123,8 +144,15 @@ class Seeder:
 class InitialReplication:
     """Seeds one VM's replica through its journal."""
 
-    def __init__(self, vm: CapturedVm, publisher: JournalPublisher, topic: str,
-                 catalog: Catalog, config: VmConfig, primary_site: str) -> None:
+    def __init__(
+        self,
+        vm: CapturedVm,
+        publisher: JournalPublisher,
+        topic: str,
+        catalog: Catalog,
+        config: VmConfig,
+        primary_site: str,
+    ) -> None:
         self.vm = vm
         self.publisher = publisher
         self.topic = topic
@@ -141,19 +169,33 @@ class InitialReplication:
             first_cycle = vm.cut()  # step 1
             vm.log.drop_through(first_cycle)
             first_cycle += 1
-            start = EpochStart(vm.name, epoch, 0, self.primary_site, first_cycle,
-                               "initial replication", now_ms(), GENESIS_HASH)
+            start = EpochStart(
+                vm.name,
+                epoch,
+                0,
+                self.primary_site,
+                first_cycle,
+                "initial replication",
+                now_ms(),
+                GENESIS_HASH,
+            )
             await self.publisher.publish(self.topic, key, [encode(start), encode(self.config)])
             for name in vm.disk_names:  # step 2 is recorded with the start offsets
                 await self.catalog.set_seed_progress(vm.name, name, 0)
             await self.catalog.set_seed_progress(vm.name, "", first_cycle)
             done = await self.catalog.seed_progress(vm.name)
         first_cycle = done.pop("")
-        seeder = Seeder(self.publisher, self.topic, vm.name, epoch,
-                        f"{vm.name}-{first_cycle}-{uuid.uuid4().hex[:8]}")
+        seeder = Seeder(
+            self.publisher,
+            self.topic,
+            vm.name,
+            epoch,
+            f"{vm.name}-{first_cycle}-{uuid.uuid4().hex[:8]}",
+        )
         total = sum(image.size for image in vm.images)
         examined = sum(done.values())
         for index, name in enumerate(vm.disk_names):  # step 3
+
             async def committed(reached: int, name: str = name) -> None:
                 await self.catalog.set_seed_progress(vm.name, name, reached)
 
@@ -161,18 +203,21 @@ class InitialReplication:
                 if progress is not None:
                     progress(examined + reached, total)
 
-            await seeder.send_disk(name, vm.images[index], done.get(name, 0),
-                                   committed=committed, progress=advanced)
+            await seeder.send_disk(
+                name, vm.images[index], done.get(name, 0), committed=committed, progress=advanced
+            )
             await self.catalog.set_seed_progress(vm.name, name, vm.images[index].size)
             examined += vm.images[index].size - done.get(name, 0)
             if progress is not None:
                 progress(examined, total)
         final_offset = await seeder.finish()  # step 4
-        await self.catalog.advance_position(vm.name, Position(
-            epoch, first_cycle - 1, GENESIS_HASH, final_offset + 1, now_ms()))
+        await self.catalog.advance_position(
+            vm.name, Position(epoch, first_cycle - 1, GENESIS_HASH, final_offset + 1, now_ms())
+        )
         return SeedResult(total, seeder.bytes_sent, seeder.chunks, first_cycle)
 
 
 def disk_sizes(vm: CapturedVm) -> tuple[DiskSize, ...]:
-    return tuple(DiskSize(name, image.size) for name, image in zip(
-        vm.disk_names, vm.images, strict=True))
+    return tuple(
+        DiskSize(name, image.size) for name, image in zip(vm.disk_names, vm.images, strict=True)
+    )

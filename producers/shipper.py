@@ -50,8 +50,11 @@ BATCH_PAYLOAD_BYTES: Final = 4 * 1024 * 1024
 BATCH_MAX_EXTENTS: Final = 8192
 """Bounds a record's metadata when a cycle is thousands of tiny scattered writes."""
 
-_KIND: Final = {RecordKind.WRITE: ExtentKind.DATA, RecordKind.ZERO: ExtentKind.ZERO,
-                RecordKind.TRIM: ExtentKind.TRIM}
+_KIND: Final = {
+    RecordKind.WRITE: ExtentKind.DATA,
+    RecordKind.ZERO: ExtentKind.ZERO,
+    RecordKind.TRIM: ExtentKind.TRIM,
+}
 
 
 @dataclass(frozen=True)
@@ -107,13 +110,23 @@ class CycleBuilder:
                         data = os.pread(fd, take, piece.source.data_position + piece.start + done)
                         if len(data) != take:
                             raise JournalIntegrityError(
-                                f"change-log segment {segment.path} ends inside a write record")
+                                f"change-log segment {segment.path} ends inside a write record"
+                            )
                         if is_zero(data):
-                            extents.append(Extent(name, piece.offset + done, take,
-                                                  ExtentKind.ZERO, 0, 0))
+                            extents.append(
+                                Extent(name, piece.offset + done, take, ExtentKind.ZERO, 0, 0)
+                            )
                         else:
-                            extents.append(Extent(name, piece.offset + done, take,
-                                                  ExtentKind.DATA, size, checksum(data)))
+                            extents.append(
+                                Extent(
+                                    name,
+                                    piece.offset + done,
+                                    take,
+                                    ExtentKind.DATA,
+                                    size,
+                                    checksum(data),
+                                )
+                            )
                             parts.append(data)
                             size += take
                         done += take
@@ -126,8 +139,12 @@ class CycleBuilder:
         if extents:
             yield extents, b"".join(parts)
 
-    def records(self, segment: Segment, previous_hash: bytes, tally: CycleTally,
-                ) -> Iterator[bytes]:
+    def records(
+        self,
+        segment: Segment,
+        previous_hash: bytes,
+        tally: CycleTally,
+    ) -> Iterator[bytes]:
         """Encoded WriteBatches, then the CycleCommit; fills ``tally`` as it goes.
 
         A generator, so a large cycle streams into the transaction instead of into memory.
@@ -139,22 +156,33 @@ class CycleBuilder:
         batches = payload_bytes = 0
         for extents, payload in self.extents_and_payloads(segment):
             compression, packed = self._packer.pack(payload)
-            record = encode(WriteBatch(self.vm, self.epoch, segment.cycle, batches,
-                                       tuple(extents), compression, packed))
+            record = encode(
+                WriteBatch(
+                    self.vm, self.epoch, segment.cycle, batches, tuple(extents), compression, packed
+                )
+            )
             batches += 1
             payload_bytes += len(packed)
             all_extents += extents
             tally.wire_bytes += len(record)
             yield record
         commit = CycleCommit(
-            vm=self.vm, epoch=self.epoch, cycle=segment.cycle,
-            started_at_ms=mark.started_at_ms, cut_at_ms=mark.cut_at_ms,
-            batches=batches, extents=len(all_extents),
-            bytes_written=sum(e.length for e in all_extents), payload_bytes=payload_bytes,
-            consistency=Consistency.APPLICATION if mark.application_consistent
+            vm=self.vm,
+            epoch=self.epoch,
+            cycle=segment.cycle,
+            started_at_ms=mark.started_at_ms,
+            cut_at_ms=mark.cut_at_ms,
+            batches=batches,
+            extents=len(all_extents),
+            bytes_written=sum(e.length for e in all_extents),
+            payload_bytes=payload_bytes,
+            consistency=Consistency.APPLICATION
+            if mark.application_consistent
             else Consistency.CRASH,
-            disks=self.disks, previous_hash=previous_hash,
-            cycle_hash=cycle_hash(previous_hash, self.epoch, segment.cycle, all_extents))
+            disks=self.disks,
+            previous_hash=previous_hash,
+            cycle_hash=cycle_hash(previous_hash, self.epoch, segment.cycle, all_extents),
+        )
         record = encode(commit)
         tally.wire_bytes += len(record)
         tally.commit = commit
@@ -164,8 +192,15 @@ class CycleBuilder:
 class CycleShipper:
     """Ships one primary VM's sealed cycles through its transactional publisher."""
 
-    def __init__(self, vm: str, topic: str, log: ChangeLog, publisher: JournalPublisher,
-                 catalog: Catalog, builder: CycleBuilder) -> None:
+    def __init__(
+        self,
+        vm: str,
+        topic: str,
+        log: ChangeLog,
+        publisher: JournalPublisher,
+        catalog: Catalog,
+        builder: CycleBuilder,
+    ) -> None:
         self.vm = vm
         self.topic = topic
         self.log = log
@@ -177,7 +212,8 @@ class CycleShipper:
         position = await self.catalog.position(self.vm)
         if position is None:
             raise JournalIntegrityError(
-                f"VM {self.vm!r} has no shipped position; run its initial replication first")
+                f"VM {self.vm!r} has no shipped position; run its initial replication first"
+            )
         return position
 
     async def reconcile(self, connection: KafkaConnection) -> Position:
@@ -186,11 +222,17 @@ class CycleShipper:
         async for record in read_to_end(connection, self.topic, position.next_offset):
             event = decode_journal(record.value)
             if isinstance(event, CycleCommit) and event.cycle == position.cycle + 1:
-                position = Position(event.epoch, event.cycle, event.cycle_hash,
-                                    record.offset + 1, now_ms())
+                position = Position(
+                    event.epoch, event.cycle, event.cycle_hash, record.offset + 1, now_ms()
+                )
             else:
-                position = Position(position.epoch, position.cycle, position.cycle_hash,
-                                    record.offset + 1, position.at_ms)
+                position = Position(
+                    position.epoch,
+                    position.cycle,
+                    position.cycle_hash,
+                    record.offset + 1,
+                    position.at_ms,
+                )
         await self.catalog.advance_position(self.vm, position)
         self.log.drop_through(position.cycle)
         return position
@@ -201,23 +243,33 @@ class CycleShipper:
         if segment.cycle != position.cycle + 1:
             raise JournalIntegrityError(
                 f"VM {self.vm!r}: change-log segment is cycle {segment.cycle} but the journal "
-                f"expects cycle {position.cycle + 1}. Operator action: resynchronize the VM.")
+                f"expects cycle {position.cycle + 1}. Operator action: resynchronize the VM."
+            )
         tally = CycleTally()
         records = self.builder.records(segment, position.cycle_hash, tally)
         offsets = await self.publisher.publish(self.topic, self.vm.encode(), records)
         commit = tally.commit
         if commit is None:
             raise JournalIntegrityError(f"VM {self.vm!r}: cycle {segment.cycle} built no commit")
-        shipped = Position(commit.epoch, commit.cycle, commit.cycle_hash, offsets[-1] + 1,
-                           now_ms())
-        await self.catalog.advance_position(self.vm, shipped, cut_at_ms=commit.cut_at_ms,
-                                            size_bytes=tally.wire_bytes,
-                                            started_at_ms=commit.started_at_ms)
+        shipped = Position(commit.epoch, commit.cycle, commit.cycle_hash, offsets[-1] + 1, now_ms())
+        await self.catalog.advance_position(
+            self.vm,
+            shipped,
+            cut_at_ms=commit.cut_at_ms,
+            size_bytes=tally.wire_bytes,
+            started_at_ms=commit.started_at_ms,
+        )
         # Deleting a segment and fsyncing the folder is file-system work that need not hold up
         # the event loop (the VM's writes to the open segment go on meanwhile).
         await asyncio.to_thread(self.log.drop_through, segment.cycle)
-        return ShippedCycle(segment.cycle, commit.extents, commit.bytes_written,
-                            commit.payload_bytes, tally.wire_bytes, offsets[-1])
+        return ShippedCycle(
+            segment.cycle,
+            commit.extents,
+            commit.bytes_written,
+            commit.payload_bytes,
+            tally.wire_bytes,
+            offsets[-1],
+        )
 
     async def ship_sealed(self) -> list[ShippedCycle]:
         """Ship every sealed segment, oldest first."""

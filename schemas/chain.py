@@ -28,6 +28,12 @@ def cycle_hash(previous_hash: bytes, epoch: int, cycle: int, extents: Iterable[E
     for extent in extents:
         name = extent.disk.encode()
         digest.update(len(name).to_bytes(2, "little") + name)
-        digest.update(_EXTENT.pack(extent.offset, extent.length, _KIND_CODE[extent.kind.value],
-                                   extent.crc32 & 0xFFFFFFFF))
+        digest.update(
+            _EXTENT.pack(
+                extent.offset,
+                extent.length,
+                _KIND_CODE[extent.kind.value],
+                extent.crc32 & 0xFFFFFFFF,
+            )
+        )
     return digest.digest()

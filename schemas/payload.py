@@ -88,8 +88,9 @@ class PayloadUnpacker:
     def __init__(self) -> None:
         self._decompressor = zstandard.ZstdDecompressor()
 
-    def unpack(self, compression: Compression, payload: bytes,
-               max_bytes: int = MAX_PAYLOAD_BYTES) -> bytes:
+    def unpack(
+        self, compression: Compression, payload: bytes, max_bytes: int = MAX_PAYLOAD_BYTES
+    ) -> bytes:
         """The uncompressed payload (a raw one is returned as it is, without a copy).
 
         :raises CorruptEventError: the payload says zstd but is not a frame that decompresses

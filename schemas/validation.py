@@ -183,8 +183,10 @@ class _Fields:
         if value < 0:
             self.fail(f"{field} is {value} bytes: a size cannot be negative")
         if value > MAX_DISK_BYTES:
-            self.fail(f"{field} is {value} bytes, larger than the largest disk vmreplica "
-                      f"accepts ({MAX_DISK_TEXT})")
+            self.fail(
+                f"{field} is {value} bytes, larger than the largest disk vmreplica "
+                f"accepts ({MAX_DISK_TEXT})"
+            )
 
     def crc32(self, field: str, value: int) -> None:
         self.number(field, value, 0, CRC32_MAX)
@@ -203,19 +205,22 @@ class _Fields:
         if offset < 0 or length <= 0:
             self.fail(f"{field}: {range_problem(offset, length, MAX_DISK_BYTES, 'a disk')}")
         if offset + length > MAX_DISK_BYTES:
-            self.fail(f"{field}: {length} bytes at {offset} end beyond the largest disk "
-                      f"vmreplica accepts ({MAX_DISK_TEXT})")
+            self.fail(
+                f"{field}: {length} bytes at {offset} end beyond the largest disk "
+                f"vmreplica accepts ({MAX_DISK_TEXT})"
+            )
 
     def sealed(self, signature: bytes | None, encryption: Encryption | None = None) -> None:
         if signature is not None and not 0 < len(signature) <= MAX_SIGNATURE_BYTES:
-            self.fail(f"signature is {len(signature)} bytes; allowed: 1 to "
-                      f"{MAX_SIGNATURE_BYTES}")
+            self.fail(f"signature is {len(signature)} bytes; allowed: 1 to {MAX_SIGNATURE_BYTES}")
         if encryption is not None:
             self.text("encryption.algorithm", encryption.algorithm, MAX_LABEL_CHARS, empty=False)
             self.text("encryption.key_id", encryption.key_id, MAX_LABEL_CHARS, empty=False)
             if len(encryption.nonce) > MAX_NONCE_BYTES:
-                self.fail(f"encryption.nonce is {len(encryption.nonce)} bytes; at most "
-                          f"{MAX_NONCE_BYTES} are allowed")
+                self.fail(
+                    f"encryption.nonce is {len(encryption.nonce)} bytes; at most "
+                    f"{MAX_NONCE_BYTES} are allowed"
+                )
 
     def disks(self, field: str, disks: Sequence[DiskSize]) -> None:
         self.count(field, len(disks), 1, MAX_DISKS_PER_VM)
@@ -234,12 +239,19 @@ def _check_extent(fields: _Fields, index: int, extent: Extent) -> None:
     fields.byte_range(where, extent.offset, extent.length)
     if extent.kind is ExtentKind.DATA:
         fields.number(f"{where}.length", extent.length, 1, MAX_PAYLOAD_BYTES, " bytes")
-        fields.number(f"{where}.payload_offset", extent.payload_offset, 0,
-                      MAX_PAYLOAD_BYTES - extent.length, " bytes")
+        fields.number(
+            f"{where}.payload_offset",
+            extent.payload_offset,
+            0,
+            MAX_PAYLOAD_BYTES - extent.length,
+            " bytes",
+        )
         fields.crc32(f"{where}.crc32", extent.crc32)
     elif extent.payload_offset != 0 or extent.crc32 != 0:
-        fields.fail(f"{where} is {extent.kind.value} but carries payload_offset "
-                    f"{extent.payload_offset} and crc32 {extent.crc32}; both must be 0")
+        fields.fail(
+            f"{where} is {extent.kind.value} but carries payload_offset "
+            f"{extent.payload_offset} and crc32 {extent.crc32}; both must be 0"
+        )
 
 
 def check_write_batch(batch: WriteBatch) -> None:
@@ -280,8 +292,10 @@ def check_seed_chunk(chunk: SeedChunk) -> None:
         if chunk.disk:
             fields.name("disk", "disk", chunk.disk)
         if chunk.offset != 0 or chunk.length != 0 or chunk.payload:
-            fields.fail(f"the done marker carries data ({chunk.length} bytes at "
-                        f"{chunk.offset}, a payload of {len(chunk.payload)} bytes)")
+            fields.fail(
+                f"the done marker carries data ({chunk.length} bytes at "
+                f"{chunk.offset}, a payload of {len(chunk.payload)} bytes)"
+            )
     else:
         fields.name("disk", "disk", chunk.disk)
         fields.byte_range("chunk", chunk.offset, chunk.length)
@@ -319,8 +333,10 @@ def check_failover_prepared(prepared: FailoverPrepared) -> None:
     fields.names("disk_sha256", "disk", [d.name for d in digests], MAX_DISKS_PER_VM)
     for index, digest in enumerate(digests):
         if len(digest.sha256) != 2 * HASH_BYTES or not set(digest.sha256) <= _HEX_DIGITS:
-            fields.fail(f"disk_sha256[{index}].sha256 {shown_name(digest.sha256)} is not "
-                        f"{2 * HASH_BYTES} lowercase hex digits")
+            fields.fail(
+                f"disk_sha256[{index}].sha256 {shown_name(digest.sha256)} is not "
+                f"{2 * HASH_BYTES} lowercase hex digits"
+            )
 
 
 def check_vm_config(config: VmConfig) -> None:
@@ -329,23 +345,24 @@ def check_vm_config(config: VmConfig) -> None:
     fields.header(config.vm, config.epoch)
     fields.disks("disks", config.disks)
     try:
-        VmSettings(frequency_seconds=config.frequency_seconds,
-                   recovery_history=config.recovery_history,
-                   app_consistent_hours=config.app_consistent_hours,
-                   continuous_points_hours=config.continuous_points_hours).validate()
+        VmSettings(
+            frequency_seconds=config.frequency_seconds,
+            recovery_history=config.recovery_history,
+            app_consistent_hours=config.app_consistent_hours,
+            continuous_points_hours=config.continuous_points_hours,
+        ).validate()
     except ConfigurationError as error:
         fields.fail(f"settings: {error}")
     fields.name("primary_site", "site", config.primary_site)
     fields.time("at_ms", config.at_ms)
     fields.names("replica_sites", "site", config.replica_sites, MAX_SITES_PER_RECORD)
     if config.capture not in CAPTURE_MODES:
-        fields.fail(f"capture {shown_name(config.capture)} is none of "
-                    f"{', '.join(CAPTURE_MODES)}")
-    fields.number("continuous_max_bytes", config.continuous_max_bytes, 1, MAX_DISK_BYTES,
-                  " bytes")
+        fields.fail(f"capture {shown_name(config.capture)} is none of {', '.join(CAPTURE_MODES)}")
+    fields.number("continuous_max_bytes", config.continuous_max_bytes, 1, MAX_DISK_BYTES, " bytes")
     if config.changelog_budget_bytes is not None:
-        fields.number("changelog_budget_bytes", config.changelog_budget_bytes, 1,
-                      MAX_DISK_BYTES, " bytes")
+        fields.number(
+            "changelog_budget_bytes", config.changelog_budget_bytes, 1, MAX_DISK_BYTES, " bytes"
+        )
 
 
 def check_disk_resize(resize: DiskResize) -> None:
@@ -389,12 +406,16 @@ def check_digest_map(digest_map: DigestMap) -> None:
     fields.sequence("cycle", digest_map.cycle)
     block = digest_map.block_size
     if not MIN_DIGEST_BLOCK_BYTES <= block <= MAX_DIGEST_BLOCK_BYTES or block & (block - 1):
-        fields.fail(f"block_size is {block} bytes; it must be a power of two from "
-                    f"{MIN_DIGEST_BLOCK_BYTES} to {MAX_DIGEST_BLOCK_BYTES} bytes")
+        fields.fail(
+            f"block_size is {block} bytes; it must be a power of two from "
+            f"{MIN_DIGEST_BLOCK_BYTES} to {MAX_DIGEST_BLOCK_BYTES} bytes"
+        )
     size = len(digest_map.digests)
     if size % DIGEST_BYTES or size > MAX_DIGEST_BLOCKS * DIGEST_BYTES:
-        fields.fail(f"digests are {size} bytes; expected whole {DIGEST_BYTES}-byte digests, "
-                    f"at most {MAX_DIGEST_BLOCKS} of them")
+        fields.fail(
+            f"digests are {size} bytes; expected whole {DIGEST_BYTES}-byte digests, "
+            f"at most {MAX_DIGEST_BLOCKS} of them"
+        )
 
 
 def check_resync_request(request: ResyncRequest) -> None:
@@ -429,9 +450,11 @@ def check_digest_map_fits(digest_map: DigestMap, disk_size: int) -> None:
     blocks = -(-disk_size // block)
     if blocks > MAX_DIGEST_BLOCKS:
         raise InvalidEventError(
-            "DigestMap", f"block_size {block} would cut disk {digest_map.disk!r} of "
+            "DigestMap",
+            f"block_size {block} would cut disk {digest_map.disk!r} of "
             f"{disk_size} bytes into {blocks} blocks to compare; at most {MAX_DIGEST_BLOCKS} "
-            "are allowed")
+            "are allowed",
+        )
 
 
 _CHECKS: Final[dict[type[Any], Callable[[Any], None]]] = {
@@ -460,7 +483,9 @@ def check_event(event: E) -> E:
     """
     check = _CHECKS.get(type(event))
     if check is None:  # fail closed: a kind nobody wrote bounds for is not applied unchecked
-        raise InvalidEventError(type(event).__name__, "no bounds are known for this kind of "
-                                "record; this release cannot check it")
+        raise InvalidEventError(
+            type(event).__name__,
+            "no bounds are known for this kind of record; this release cannot check it",
+        )
     check(event)
     return event

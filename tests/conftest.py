@@ -80,4 +80,3 @@ async def topic_admin(kafka: KafkaConnection) -> AsyncIterator[TopicAdmin]:
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
-

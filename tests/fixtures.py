@@ -48,9 +48,13 @@ class SiteFactory:
 
     def settings(self, name: str, **overrides: Any) -> dict[str, Any]:
         """The settings of site ``name``, as a configuration file would hold them."""
-        return {"site": name, "root": self.folder / name,
-                "bootstrap_servers": self.bootstrap_servers, "trust_group": self.trust_group,
-                **overrides}
+        return {
+            "site": name,
+            "root": self.folder / name,
+            "bootstrap_servers": self.bootstrap_servers,
+            "trust_group": self.trust_group,
+            **overrides,
+        }
 
     def config(self, name: str, **overrides: Any) -> SiteConfig:
         return SiteConfig(**self.settings(name, **overrides))
@@ -59,8 +63,12 @@ class SiteFactory:
         """Write ``<folder>/<name>.toml`` (or ``to``) for agents and commands run as processes."""
         path = to or self.folder / f"{name}.toml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(f"{key} = {_toml(value)}\n"
-                                for key, value in self.settings(name, **overrides).items()))
+        path.write_text(
+            "".join(
+                f"{key} = {_toml(value)}\n"
+                for key, value in self.settings(name, **overrides).items()
+            )
+        )
         return path
 
     def site(self, name: str, **overrides: Any) -> Site:
@@ -113,9 +121,16 @@ class EnabledVm:
     """The primary's image of each disk."""
 
 
-async def enable_vm(site: Site, folder: Path, name: str, disks: Mapping[str, int],
-                    settings: VmSettings | None = None, *, replica_site: str = "site-b",
-                    create_images: bool = True) -> EnabledVm:
+async def enable_vm(
+    site: Site,
+    folder: Path,
+    name: str,
+    disks: Mapping[str, int],
+    settings: VmSettings | None = None,
+    *,
+    replica_site: str = "site-b",
+    create_images: bool = True,
+) -> EnabledVm:
     """Enable ``name`` on ``site`` with disks of the given sizes, at ``<folder>/<name>/<disk>.img``.
 
     ``create_images`` makes sparse image files first, as a hypervisor's disks would be; without
@@ -127,8 +142,13 @@ async def enable_vm(site: Site, folder: Path, name: str, disks: Mapping[str, int
         for disk, path in images.items():
             with path.open("wb") as file:
                 file.truncate(disks[disk])
-    record = await site.enable(name, images, replica_site, settings or VmSettings(),
-                               sizes=None if create_images else dict(disks))
+    record = await site.enable(
+        name,
+        images,
+        replica_site,
+        settings or VmSettings(),
+        sizes=None if create_images else dict(disks),
+    )
     return EnabledVm(name, site, record, images)
 
 
@@ -138,10 +158,16 @@ class VmFactory(Protocol):
     The name is unique to the test unless given; images go under the test's ``tmp_path``.
     """
 
-    async def __call__(self, site: Site, disks: Mapping[str, int],
-                       settings: VmSettings | None = None, *, name: str | None = None,
-                       replica_site: str = "site-b", create_images: bool = True,
-                       ) -> EnabledVm: ...
+    async def __call__(
+        self,
+        site: Site,
+        disks: Mapping[str, int],
+        settings: VmSettings | None = None,
+        *,
+        name: str | None = None,
+        replica_site: str = "site-b",
+        create_images: bool = True,
+    ) -> EnabledVm: ...
 
 
 @pytest.fixture
@@ -162,8 +188,9 @@ def site_folder(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def sites(site_folder: Path, bootstrap_servers: str,
-                unique: Callable[[str], str]) -> AsyncIterator[SiteFactory]:
+async def sites(
+    site_folder: Path, bootstrap_servers: str, unique: Callable[[str], str]
+) -> AsyncIterator[SiteFactory]:
     factory = SiteFactory(site_folder, bootstrap_servers, unique("tg"))
     yield factory
     await factory.stop()
@@ -178,13 +205,26 @@ async def site_pair(sites: SiteFactory) -> SitePair:
 def vm(tmp_path: Path, unique: Callable[[str], str]) -> VmFactory:
     made = itertools.count(1)
 
-    async def make(site: Site, disks: Mapping[str, int], settings: VmSettings | None = None,
-                   *, name: str | None = None, replica_site: str = "site-b",
-                   create_images: bool = True) -> EnabledVm:
+    async def make(
+        site: Site,
+        disks: Mapping[str, int],
+        settings: VmSettings | None = None,
+        *,
+        name: str | None = None,
+        replica_site: str = "site-b",
+        create_images: bool = True,
+    ) -> EnabledVm:
         if name is None:
             count = next(made)
             name = unique("vm") if count == 1 else f"{unique('vm')}-{count}"
-        return await enable_vm(site, tmp_path / "disks", name, disks, settings,
-                               replica_site=replica_site, create_images=create_images)
+        return await enable_vm(
+            site,
+            tmp_path / "disks",
+            name,
+            disks,
+            settings,
+            replica_site=replica_site,
+            create_images=create_images,
+        )
 
     return make

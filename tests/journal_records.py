@@ -40,14 +40,28 @@ class Change:
         return len(self.data) if self.kind is ExtentKind.DATA else self.length
 
 
-def write_batch(vm: str, epoch: int, cycle: int, index: int, changes: Sequence[Change],
-                compression: Compression = Compression.NONE) -> WriteBatch:
+def write_batch(
+    vm: str,
+    epoch: int,
+    cycle: int,
+    index: int,
+    changes: Sequence[Change],
+    compression: Compression = Compression.NONE,
+) -> WriteBatch:
     """Batch ``index`` of a cycle: DATA extents packed back to back into the payload."""
     extents, payload = [], bytearray()
     for change in changes:
         if change.kind is ExtentKind.DATA:
-            extents.append(Extent(change.disk, change.offset, len(change.data), change.kind,
-                                  len(payload), zlib.crc32(change.data)))
+            extents.append(
+                Extent(
+                    change.disk,
+                    change.offset,
+                    len(change.data),
+                    change.kind,
+                    len(payload),
+                    zlib.crc32(change.data),
+                )
+            )
             payload += change.data
         else:
             extents.append(Extent(change.disk, change.offset, change.length, change.kind, 0, 0))
@@ -57,19 +71,31 @@ def write_batch(vm: str, epoch: int, cycle: int, index: int, changes: Sequence[C
     return WriteBatch(vm, epoch, cycle, index, tuple(extents), compression, body)
 
 
-def cycle_commit(vm: str, epoch: int, cycle: int, batches: Sequence[WriteBatch],
-                 previous_hash: bytes, disks: Mapping[str, int]) -> CycleCommit:
+def cycle_commit(
+    vm: str,
+    epoch: int,
+    cycle: int,
+    batches: Sequence[WriteBatch],
+    previous_hash: bytes,
+    disks: Mapping[str, int],
+) -> CycleCommit:
     """The commit that closes ``batches``, chained to ``previous_hash``."""
     extents = [extent for batch in batches for extent in batch.extents]
     return CycleCommit(
-        vm=vm, epoch=epoch, cycle=cycle, started_at_ms=1_000, cut_at_ms=2_000,
-        batches=len(batches), extents=len(extents),
+        vm=vm,
+        epoch=epoch,
+        cycle=cycle,
+        started_at_ms=1_000,
+        cut_at_ms=2_000,
+        batches=len(batches),
+        extents=len(extents),
         bytes_written=sum(extent.length for extent in extents),
         payload_bytes=sum(len(batch.payload) for batch in batches),
         consistency=Consistency.CRASH,
         disks=tuple(DiskSize(name, size) for name, size in disks.items()),
         previous_hash=previous_hash,
-        cycle_hash=cycle_hash(previous_hash, epoch, cycle, extents))
+        cycle_hash=cycle_hash(previous_hash, epoch, cycle, extents),
+    )
 
 
 HASHED_FIELDS = ("disk", "offset", "length", "kind", "crc32")
@@ -85,8 +111,9 @@ def alter(extent: Extent, field: str, other_disk: str) -> Extent:
     if field == "length":
         return replace(extent, length=extent.length + 1)
     if field == "kind":
-        return replace(extent, kind=ExtentKind.ZERO if extent.kind is ExtentKind.DATA
-                       else ExtentKind.DATA)
+        return replace(
+            extent, kind=ExtentKind.ZERO if extent.kind is ExtentKind.DATA else ExtentKind.DATA
+        )
     if field == "crc32":
         return replace(extent, crc32=extent.crc32 ^ 1)
     raise ValueError(f"{field!r} is not one of {HASHED_FIELDS}")

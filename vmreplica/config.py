@@ -30,36 +30,57 @@ class SiteConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VMREPLICA_", extra="forbid", frozen=True)
 
     site: str = Field(default="site-a", description="This site's name, as partners know it.")
-    root: Path = Field(default=Path("~/.vmreplica/site"),
-                       description="Storage root: catalog, change logs, replica images.")
+    root: Path = Field(
+        default=Path("~/.vmreplica/site"),
+        description="Storage root: catalog, change logs, replica images.",
+    )
     bootstrap_servers: str = DEFAULT_BOOTSTRAP_SERVERS
     trust_group: str = DEFAULT_TRUST_GROUP
     topic_prefix: str = DEFAULT_PREFIX
     replication_factor: int = Field(default=1, ge=1, le=5)
     allowed_primaries: tuple[str, ...] = Field(
-        default=("*",), description="Sites this replica accepts VMs from ('*': any).")
+        default=("*",), description="Sites this replica accepts VMs from ('*': any)."
+    )
     metrics_port: int | None = Field(
-        default=None, ge=0, le=65535, description="Serve Prometheus metrics on /metrics at this "
-        "port (0: any free port; default: no metrics).")
+        default=None,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus metrics on /metrics at this "
+        "port (0: any free port; default: no metrics).",
+    )
     metrics_address: str = Field(
-        default="127.0.0.1", description="Address the metrics listen on: 0.0.0.0 (or ::) lets "
-        "a Prometheus server on another host scrape them.")
+        default="127.0.0.1",
+        description="Address the metrics listen on: 0.0.0.0 (or ::) lets "
+        "a Prometheus server on another host scrape them.",
+    )
     heartbeat_seconds: float = Field(
-        default=30.0, gt=0, description="A primary heartbeats this often (and once more when "
+        default=30.0,
+        gt=0,
+        description="A primary heartbeats this often (and once more when "
         "it has shipped all it had); a replica counts it alive until three pass without one. "
-        "Use the same value at every site.")
+        "Use the same value at every site.",
+    )
     nbd_socket_dir: Path | None = Field(
-        default=None, description="Folder of the agent's NBD sockets, <dir>/<vm>.sock "
-        "(default: <root>/vms/<vm>/nbd.sock). Socket paths must stay under 108 bytes.")
+        default=None,
+        description="Folder of the agent's NBD sockets, <dir>/<vm>.sock "
+        "(default: <root>/vms/<vm>/nbd.sock). Socket paths must stay under 108 bytes.",
+    )
     nbd_tcp_port: int | None = Field(
-        default=None, ge=0, le=65535, description="Also serve every NBD export on this "
-        "loopback TCP port, named <vm>.<disk> (0: any free port; default: Unix sockets only).")
-    nbd_tcp_host: str = Field(default="127.0.0.1",
-                              description="Loopback address of the NBD TCP listener.")
+        default=None,
+        ge=0,
+        le=65535,
+        description="Also serve every NBD export on this "
+        "loopback TCP port, named <vm>.<disk> (0: any free port; default: Unix sockets only).",
+    )
+    nbd_tcp_host: str = Field(
+        default="127.0.0.1", description="Loopback address of the NBD TCP listener."
+    )
     vm_stop_command: str | None = Field(
-        default=None, description="Hypervisor hook run before a planned failover ({vm}).")
+        default=None, description="Hypervisor hook run before a planned failover ({vm})."
+    )
     vm_start_command: str | None = Field(
-        default=None, description="Hypervisor hook run by `failover planned --start` ({vm}).")
+        default=None, description="Hypervisor hook run by `failover planned --start` ({vm})."
+    )
 
     @field_validator("site", "trust_group", "topic_prefix")
     @classmethod
@@ -85,8 +106,10 @@ class SiteConfig(BaseSettings):
         except ValueError:
             loopback = value == "localhost"
         if not loopback:
-            raise ValueError(f"{value!r} is not a loopback address (127.0.0.1, ::1); the NBD "
-                             "exports carry no authentication and must stay on this machine")
+            raise ValueError(
+                f"{value!r} is not a loopback address (127.0.0.1, ::1); the NBD "
+                "exports carry no authentication and must stay on this machine"
+            )
         return value
 
     @field_validator("metrics_address")
@@ -95,8 +118,10 @@ class SiteConfig(BaseSettings):
         try:
             return str(ipaddress.ip_address(value))
         except ValueError:
-            raise ValueError(f"{value!r} is not an IP address (127.0.0.1, 0.0.0.0, ::1, ::, "
-                             "or one of this host's addresses)") from None
+            raise ValueError(
+                f"{value!r} is not an IP address (127.0.0.1, 0.0.0.0, ::1, ::, "
+                "or one of this host's addresses)"
+            ) from None
 
     @property
     def catalog_path(self) -> Path:
@@ -123,35 +148,45 @@ def load_config(path: Path | None = None, **overrides: Any) -> SiteConfig:
         except FileNotFoundError:
             raise ConfigurationError(f"site configuration {path} does not exist") from None
         except tomllib.TOMLDecodeError as error:
-            raise ConfigurationError(f"site configuration {path} is not valid TOML: {error}"
-                                     ) from None
-    environment = {name.removeprefix("VMREPLICA_").lower()
-                   for name in os.environ if name.startswith("VMREPLICA_")}
+            raise ConfigurationError(
+                f"site configuration {path} is not valid TOML: {error}"
+            ) from None
+    environment = {
+        name.removeprefix("VMREPLICA_").lower()
+        for name in os.environ
+        if name.startswith("VMREPLICA_")
+    }
     values = {k: v for k, v in values.items() if k not in environment}
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return SiteConfig(**values)
     except ValidationError as error:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
+        )
         source = f" in {path}" if path else ""
         raise ConfigurationError(f"invalid site configuration{source}: {problems}") from None
 
 
-def cannot_listen(port_setting: str, address_setting: str, port: int, address: str,
-                  error: OSError) -> ConfigurationError:
+def cannot_listen(
+    port_setting: str, address_setting: str, port: int, address: str, error: OSError
+) -> ConfigurationError:
     """A listener of the agent could not start: one line naming the settings, what went wrong
     and what to do."""
     # asyncio's own strerror repeats the address: the errno's text is enough
     problem = os.strerror(error.errno) if error.errno else str(error)
     if error.errno == errno.EADDRINUSE:
-        action = (f"stop the process that listens there (`ss -ltnp 'sport = :{port}'` names "
-                  f"it), or set `{port_setting}` to a free port (0: any free port)")
+        action = (
+            f"stop the process that listens there (`ss -ltnp 'sport = :{port}'` names "
+            f"it), or set `{port_setting}` to a free port (0: any free port)"
+        )
     elif error.errno == errno.EADDRNOTAVAIL:
         action = f"set `{address_setting}` to an address of this machine"
     elif error.errno == errno.EACCES:
         action = f"set `{port_setting}` to a port above 1023, or grant CAP_NET_BIND_SERVICE"
     else:
         action = f"check `{port_setting}` and `{address_setting}`"
-    return ConfigurationError(f"cannot listen on {address} port {port} (`{port_setting}`): "
-                              f"{problem}. Operator action: {action}.")
+    return ConfigurationError(
+        f"cannot listen on {address} port {port} (`{port_setting}`): "
+        f"{problem}. Operator action: {action}."
+    )

@@ -59,7 +59,8 @@ class SupersededError(FencedError):
         super().__init__(
             f"VM {vm!r}: site {start.primary_site} became primary in epoch {start.epoch} "
             f"({start.reason}); this site no longer accepts writes for it. Operator action: "
-            f"`vmreplica reverse {vm}` at {start.primary_site} makes this site its replica")
+            f"`vmreplica reverse {vm}` at {start.primary_site} makes this site its replica"
+        )
         self.start = start
         self.offset = offset
 
@@ -118,8 +119,9 @@ class JournalIntegrityError(ReplicationError, ValueError):
 class JournalViolation(JournalIntegrityError):
     """A journal record breaks a rule; nothing of its cycle is applied."""
 
-    def __init__(self, vm: str, offset: int, message: str,
-                 state: ReplicationState | None = None) -> None:
+    def __init__(
+        self, vm: str, offset: int, message: str, state: ReplicationState | None = None
+    ) -> None:
         from vmreplica.domain.states import ReplicationState  # noqa: PLC0415 — bottom layer
 
         super().__init__(f"VM {vm!r}, journal offset {offset}: {message}")
@@ -139,7 +141,8 @@ class PositionRegressedError(JournalIntegrityError):
         super().__init__(
             f"VM {vm!r}: position ({offered}) would move back from ({current}); positions only "
             "move forward, and nothing was recorded. Operator action: make sure one agent alone "
-            "uses this site's catalog; if the VM's journal was recreated, resynchronize the VM.")
+            "uses this site's catalog; if the VM's journal was recreated, resynchronize the VM."
+        )
         self.vm = vm
         self.current = current
         self.offered = offered

@@ -14,8 +14,13 @@ from typing import Final
 import pytest
 
 CLIENT_TIMEOUT_SECONDS: Final = 180
-PACKAGES: Final = {"nbdinfo": "libnbd-bin", "nbdcopy": "libnbd-bin", "qemu-io": "qemu-utils",
-                   "qemu-img": "qemu-utils", "fio": "fio"}
+PACKAGES: Final = {
+    "nbdinfo": "libnbd-bin",
+    "nbdcopy": "libnbd-bin",
+    "qemu-io": "qemu-utils",
+    "qemu-img": "qemu-utils",
+    "fio": "fio",
+}
 
 
 def require(binary: str) -> str:
@@ -29,26 +34,35 @@ def require(binary: str) -> str:
 async def run(*argv: str) -> str:
     """Run a client to completion; return its stdout, failing the test on a non-zero exit."""
     process = await asyncio.create_subprocess_exec(
-        require(argv[0]), *argv[1:], stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
+        require(argv[0]), *argv[1:], stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     stdout, stderr = await asyncio.wait_for(process.communicate(), CLIENT_TIMEOUT_SECONDS)
     assert process.returncode == 0, (
-        f"{' '.join(argv)} exited {process.returncode}:\n{stdout.decode()}\n{stderr.decode()}")
+        f"{' '.join(argv)} exited {process.returncode}:\n{stdout.decode()}\n{stderr.decode()}"
+    )
     return stdout.decode()
 
 
 async def cli(config: Path, *args: str) -> str:
     """`vmreplica ARGS --config CONFIG`; its stdout, failing the test on a non-zero exit."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "vmreplica.cli", *args, "--config", str(config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "vmreplica.cli",
+        *args,
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await process.communicate()
     assert process.returncode == 0, err.decode()
     return out.decode()
 
 
-async def wait_until(predicate: Callable[[], Awaitable[bool]], what: str,
-                     seconds: float = 120.0) -> None:
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool]], what: str, seconds: float = 120.0
+) -> None:
     """Poll ``predicate`` until it holds; fail naming ``what`` after ``seconds``."""
     deadline = time.monotonic() + seconds
     while not await predicate():

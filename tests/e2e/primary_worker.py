@@ -68,7 +68,7 @@ def operation(seed: int, index: int) -> Operation:
 def apply_to(model: dict[str, bytearray], op: Operation) -> None:
     """What ``op`` does to a disk, on an in-memory model of it."""
     data = op.data if op.data is not None else bytes(op.length)
-    model[op.disk][op.offset:op.offset + op.length] = data
+    model[op.disk][op.offset : op.offset + op.length] = data
 
 
 async def perform(capture: CapturedVm, op: Operation) -> None:
@@ -90,8 +90,9 @@ def crashing_publish(mode: str) -> object:
     original = JournalPublisher.publish
     calls = 0
 
-    async def publish(self: JournalPublisher, topic: str, key: bytes,
-                      values: Iterable[bytes]) -> list[int]:
+    async def publish(
+        self: JournalPublisher, topic: str, key: bytes, values: Iterable[bytes]
+    ) -> list[int]:
         nonlocal calls
         calls += 1
         if calls != CRASH_AT_PUBLISH:

@@ -30,8 +30,11 @@ async def catch_up(site: Site, vm: str) -> int:
 
 async def test_a_replica_extends_to_a_third_site(sites: SiteFactory, vm: VmFactory) -> None:
     group = sites.trust_group
-    async with sites.site("site-a") as a, sites.site("site-b") as b, \
-            sites.site("site-c", trust_group=f"{group}-ext") as c:
+    async with (
+        sites.site("site-a") as a,
+        sites.site("site-b") as b,
+        sites.site("site-c", trust_group=f"{group}-ext") as c,
+    ):
         enabled = await vm(a, {"disk0": 8 * MiB}, VmSettings(frequency_seconds=30))
         vm_name, record, disk = enabled.name, enabled.record, enabled.disks["disk0"]
         async with a.primary(record) as primary:
@@ -62,11 +65,11 @@ async def test_a_replica_extends_to_a_third_site(sites: SiteFactory, vm: VmFacto
 
 async def test_two_replica_sites_read_one_journal(sites: SiteFactory, vm: VmFactory) -> None:
     """Fan-out: B and C both replicate A's journal directly; D, not named, does not adopt it."""
-    started = {name: await sites.start(name)
-               for name in ("site-a", "site-b", "site-c", "site-d")}
+    started = {name: await sites.start(name) for name in ("site-a", "site-b", "site-c", "site-d")}
     a = started["site-a"]
-    enabled = await vm(a, {"disk0": 4 * MiB}, VmSettings(
-        frequency_seconds=30, also_replicate_to=("site-c",)))
+    enabled = await vm(
+        a, {"disk0": 4 * MiB}, VmSettings(frequency_seconds=30, also_replicate_to=("site-c",))
+    )
     vm_name, record, disk = enabled.name, enabled.record, enabled.disks["disk0"]
     async with a.primary(record) as primary:
         await primary.initial_replication()

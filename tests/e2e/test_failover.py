@@ -118,7 +118,8 @@ async def test_planned_failover_and_back_loses_nothing(make_pair: MakePair) -> N
 
 
 async def test_an_old_primary_that_stood_down_joins_when_the_new_primary_reverses(
-        make_pair: MakePair) -> None:
+    make_pair: MakePair,
+) -> None:
     """Planned failover without --reverse: A stands down (failed over) and says nothing
     diverged; B replicates on; ``reverse`` at B then needs no wait, and A becomes its replica
     from the takeover on, applying B's cycles with no resync."""
@@ -141,22 +142,28 @@ async def test_an_old_primary_that_stood_down_joins_when_the_new_primary_reverse
     assert await failover.follow_reverse(a, vm)
     record = await a.catalog.vm(vm)
     assert (record.role, record.partner_site, record.state) == (
-        "replica", "site-b", ReplicationState.REPLICATING)
+        "replica",
+        "site-b",
+        ReplicationState.REPLICATING,
+    )
     await write_some(b, vm, 3)
     await catch_up(a, vm)
     assert await digests(a, vm) == await digests(b, vm)
 
 
 async def test_a_scanned_vm_is_scanned_at_the_new_primary_from_the_takeover_point(
-        make_pair: MakePair) -> None:
+    make_pair: MakePair,
+) -> None:
     """``--capture scan`` crosses the role swap: B scans after taking over, and its first scan
     sends only the block the VM wrote there, not the whole disk."""
     pair = await make_pair(VmSettings(frequency_seconds=30, capture="scan"))
     vm, a, b = pair.vm, pair.a, pair.b
     with pair.disks["disk0"].open("r+b") as image:  # the hypervisor writes the file
         image.write(os.urandom(MiB))
-    async with a.primary(await a.catalog.vm(vm)) as primary, CaptureFront(
-            primary, a.config) as front:
+    async with (
+        a.primary(await a.catalog.vm(vm)) as primary,
+        CaptureFront(primary, a.config) as front,
+    ):
         await front.initial_replication()
         with pair.disks["disk1"].open("r+b") as image:
             image.seek(2 * MiB)
@@ -186,7 +193,8 @@ async def test_a_scanned_vm_is_scanned_at_the_new_primary_from_the_takeover_poin
 
 
 async def test_unplanned_failover_to_latest_and_older_point_then_reverse(
-        make_pair: MakePair) -> None:
+    make_pair: MakePair,
+) -> None:
     pair = await make_pair(VmSettings(frequency_seconds=30, continuous_points_hours=1))
     vm, a, b = pair.vm, pair.a, pair.b
     recorded: dict[int, dict[str, str]] = {}
@@ -279,7 +287,8 @@ async def test_planned_failover_cancelled_before_the_takeover(make_pair: MakePai
 
 
 async def test_reverse_falls_back_to_block_compare_when_the_diverged_set_is_unknown(
-        make_pair: MakePair) -> None:
+    make_pair: MakePair,
+) -> None:
     pair = await make_pair(VmSettings(frequency_seconds=30, continuous_points_hours=1))
     vm, a, b = pair.vm, pair.a, pair.b
     async with a.primary(await a.catalog.vm(vm)) as primary:

@@ -25,8 +25,10 @@ from vmreplica.domain.model import VmSettings
 from vmreplica.runtime.agent import Agent
 from vmreplica.storage.image import sha256_of
 
-pytestmark = [pytest.mark.e2e,
-              pytest.mark.skipif(shutil.which("nbdcopy") is None, reason="needs nbdcopy")]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(shutil.which("nbdcopy") is None, reason="needs nbdcopy"),
+]
 MiB = 1024 * 1024
 HEARTBEAT_SECONDS = 1.0
 
@@ -47,19 +49,31 @@ async def copy_export(uri: str, target: Path) -> str:
 
 
 async def test_test_failover_then_planned_failover_with_agents(
-        tmp_path: Path, sites: SiteFactory, vm: VmFactory) -> None:
+    tmp_path: Path, sites: SiteFactory, vm: VmFactory
+) -> None:
     config_a = sites.config_file("site-a", heartbeat_seconds=HEARTBEAT_SECONDS)
     config_b = sites.config_file("site-b", heartbeat_seconds=HEARTBEAT_SECONDS)
     env = {**os.environ, "VMREPLICA_CONFIG": str(config_b)}
     with (tmp_path / "agent-b.log").open("wb") as log:
         agent_b = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "vmreplica.cli", "agent", env=env, stdout=log,
-            stderr=subprocess.STDOUT)
+            sys.executable,
+            "-m",
+            "vmreplica.cli",
+            "agent",
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        async with sites.site("site-a", heartbeat_seconds=HEARTBEAT_SECONDS) as site_a, \
-                sites.site("site-b", heartbeat_seconds=HEARTBEAT_SECONDS) as site_b:
-            enabled = await vm(site_a, {"disk0": 16 * MiB}, VmSettings(
-                frequency_seconds=30, continuous_points_hours=1))
+        async with (
+            sites.site("site-a", heartbeat_seconds=HEARTBEAT_SECONDS) as site_a,
+            sites.site("site-b", heartbeat_seconds=HEARTBEAT_SECONDS) as site_b,
+        ):
+            enabled = await vm(
+                site_a,
+                {"disk0": 16 * MiB},
+                VmSettings(frequency_seconds=30, continuous_points_hours=1),
+            )
             vm_name, disk = enabled.name, enabled.disks["disk0"]
             agent_a = Agent(site_a)
             running = asyncio.create_task(agent_a.run())
@@ -71,14 +85,18 @@ async def test_test_failover_then_planned_failover_with_agents(
                     digests[cycle.cycle] = sha256_of(disk)
 
             async def applied(cycle: int) -> bool:
-                position = (await site_b.catalog.position(vm_name)
-                            if await site_b.catalog.find_vm(vm_name) else None)
+                position = (
+                    await site_b.catalog.position(vm_name)
+                    if await site_b.catalog.find_vm(vm_name)
+                    else None
+                )
                 return position is not None and position.cycle >= cycle
 
             await wait_for(lambda: applied(max(digests)))
             point = sorted(digests)[1]
-            started = json.loads(await cli(config_b, "failover", "test", vm_name, "--point",
-                                           str(point), "--json"))
+            started = json.loads(
+                await cli(config_b, "failover", "test", vm_name, "--point", str(point), "--json")
+            )
             assert started["vm"] == f"{vm_name} - Test"
             assert await copy_export(started["uris"][0], tmp_path / "t1.raw") == digests[point]
             # Replication goes on underneath; the test VM stays at its point.

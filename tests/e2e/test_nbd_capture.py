@@ -35,13 +35,8 @@ pytestmark = pytest.mark.e2e
 MiB = 1024 * 1024
 
 
-
-
-
-
 async def identical(primary: Path, replica: Path) -> None:
-    output = await run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(primary),
-                       str(replica))
+    output = await run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(primary), str(replica))
     assert "Images are identical" in output
 
 
@@ -105,8 +100,9 @@ class Pair:
         primary = self.agent_a.primaries[self.vm]
         if not scans:
             capture = primary.capture
-            open_holds_writes = (capture.log.segment_bytes > HEADER_BYTES
-                                 or capture.dirty is not None)
+            open_holds_writes = (
+                capture.log.segment_bytes > HEADER_BYTES or capture.dirty is not None
+            )
             target = capture.log.cycle - (0 if open_holds_writes else 1)
         else:
             checks = primary.checks
@@ -121,8 +117,10 @@ class Pair:
 
 
 @pytest.fixture
-async def pair_factory(sites: SiteFactory, unique: Callable[[str], str],
-                       ) -> AsyncIterator[Callable[..., Awaitable[Pair]]]:
+async def pair_factory(
+    sites: SiteFactory,
+    unique: Callable[[str], str],
+) -> AsyncIterator[Callable[..., Awaitable[Pair]]]:
     stack: list[tuple[Agent, asyncio.Task[None]]] = []
 
     async def make(disks: dict[str, Path], settings: VmSettings, **site_a_settings: Any) -> Pair:
@@ -144,11 +142,13 @@ async def pair_factory(sites: SiteFactory, unique: Callable[[str], str],
 
 
 async def test_qemu_io_nbdcopy_and_fio_through_the_agent_reach_an_identical_replica(
-        tmp_path: Path, pair_factory: Callable[..., Awaitable[Pair]]) -> None:
-    disks = {"disk0": make_disk(tmp_path / "disk0.img", 64 * MiB, os.urandom(MiB), 5 * MiB),
-             "disk1": make_disk(tmp_path / "disk1.img", 16 * MiB)}
-    pair = await pair_factory(disks, VmSettings(frequency_seconds=0, capture="nbd"),
-                              nbd_tcp_port=0)
+    tmp_path: Path, pair_factory: Callable[..., Awaitable[Pair]]
+) -> None:
+    disks = {
+        "disk0": make_disk(tmp_path / "disk0.img", 64 * MiB, os.urandom(MiB), 5 * MiB),
+        "disk1": make_disk(tmp_path / "disk1.img", 16 * MiB),
+    }
+    pair = await pair_factory(disks, VmSettings(frequency_seconds=0, capture="nbd"), nbd_tcp_port=0)
     exports = pair.agent_a.fronts[pair.vm].exports
     assert exports is not None
     uri0, uri1 = exports.uri("disk0"), exports.uri("disk1")
@@ -156,8 +156,9 @@ async def test_qemu_io_nbdcopy_and_fio_through_the_agent_reach_an_identical_repl
     assert pair.agent_a.nbd_tcp is not None
     address = pair.agent_a.nbd_tcp.tcp_address
     assert address is not None
-    over_tcp = json.loads(await run("nbdinfo", "--json",
-                                    f"nbd://127.0.0.1:{address[1]}/{pair.vm}.disk1"))
+    over_tcp = json.loads(
+        await run("nbdinfo", "--json", f"nbd://127.0.0.1:{address[1]}/{pair.vm}.disk1")
+    )
     assert over_tcp["exports"][0]["export-size"] == 16 * MiB
 
     listing = json.loads(await run("nbdinfo", "--json", "--list", uri0))
@@ -168,21 +169,47 @@ async def test_qemu_io_nbdcopy_and_fio_through_the_agent_reach_an_identical_repl
             assert export[flag] is True, flag
         assert export["is_read_only"] is False
 
-    output = await run("qemu-io", "-f", "raw", uri0,
-                       "-c", "write -P 0xab 0 1M", "-c", "write -P 0xcd 10M 64k",
-                       "-c", "write -z 5M 256k",  # WRITE_ZEROES over seeded data
-                       "-c", "discard 6M 64k",  # TRIM
-                       "-c", "write -P 0x11 63M 1M",  # the last MiB
-                       "-c", "read -P 0xab 0 1M", "-c", "read -P 0 5M 256k")
+    output = await run(
+        "qemu-io",
+        "-f",
+        "raw",
+        uri0,
+        "-c",
+        "write -P 0xab 0 1M",
+        "-c",
+        "write -P 0xcd 10M 64k",
+        "-c",
+        "write -z 5M 256k",  # WRITE_ZEROES over seeded data
+        "-c",
+        "discard 6M 64k",  # TRIM
+        "-c",
+        "write -P 0x11 63M 1M",  # the last MiB
+        "-c",
+        "read -P 0xab 0 1M",
+        "-c",
+        "read -P 0 5M 256k",
+    )
     assert "Pattern verification failed" not in output
     await run("qemu-io", "-f", "raw", uri1, "-c", f"write -P 0x77 {16 * MiB - 4096} 4096")
     source = make_disk(tmp_path / "source.raw", 12 * MiB, os.urandom(12 * MiB))
     await run("nbdcopy", str(source), uri1)
-    fio = await run("fio", "--name=verify", "--ioengine=nbd", f"--uri={uri0}",
-                    "--rw=randwrite", "--bs=4k", "--iodepth=16", "--offset=16M", "--size=32M",
-                    "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
-                    "--verify_state_save=0", "--output-format=json")
-    job = json.loads(fio[fio.index("{"):])["jobs"][0]
+    fio = await run(
+        "fio",
+        "--name=verify",
+        "--ioengine=nbd",
+        f"--uri={uri0}",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=16",
+        "--offset=16M",
+        "--size=32M",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--verify_state_save=0",
+        "--output-format=json",
+    )
+    job = json.loads(fio[fio.index("{") :])["jobs"][0]
     assert job["error"] == 0
     assert job["read"]["io_bytes"] == 32 * MiB
 
@@ -195,27 +222,40 @@ async def test_qemu_io_nbdcopy_and_fio_through_the_agent_reach_an_identical_repl
 
 
 async def test_churn_past_the_budget_degrades_to_dirty_blocks_and_replica_stays_equal(
-        tmp_path: Path, pair_factory: Callable[..., Awaitable[Pair]],
-        capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, pair_factory: Callable[..., Awaitable[Pair]], capsys: pytest.CaptureFixture[str]
+) -> None:
     disks = {"disk0": make_disk(tmp_path / "disk0.img", 64 * MiB)}
     budget = 2 * MiB
-    pair = await pair_factory(disks, VmSettings(frequency_seconds=300, capture="nbd",
-                                                changelog_budget_bytes=budget))
+    pair = await pair_factory(
+        disks, VmSettings(frequency_seconds=300, capture="nbd", changelog_budget_bytes=budget)
+    )
     front = pair.agent_a.fronts[pair.vm]
     assert front.exports is not None
     capture = front.primary.capture
     # 96 MiB of random 4-64 KiB writes over a 24 MiB region: 48 times the budget, in one cycle.
-    await run("fio", "--name=churn", "--ioengine=nbd", f"--uri={front.exports.uri('disk0')}",
-              "--rw=randwrite", "--bsrange=4k-64k", "--iodepth=16", "--offset=8M",
-              "--size=24M", "--io_size=96M", "--output-format=json")
+    await run(
+        "fio",
+        "--name=churn",
+        "--ioengine=nbd",
+        f"--uri={front.exports.uri('disk0')}",
+        "--rw=randwrite",
+        "--bsrange=4k-64k",
+        "--iodepth=16",
+        "--offset=8M",
+        "--size=24M",
+        "--io_size=96M",
+        "--output-format=json",
+    )
     assert capture.dirty is not None, "capture did not degrade to the dirty-block map"
     assert capture.log.segment_bytes <= budget + 64 * 1024
     shipped = await front.cycle()  # the cycle boundary
     [cycle] = shipped
     with capsys.disabled():
-        print(f"\nbudget {budget} bytes; 96 MiB written in one cycle; cycle {cycle.cycle} "
-              f"shipped {cycle.bytes_written} bytes written ({capture.last_cut_dirty_bytes} "
-              f"from dirty blocks), {cycle.wire_bytes} bytes on the wire")
+        print(
+            f"\nbudget {budget} bytes; 96 MiB written in one cycle; cycle {cycle.cycle} "
+            f"shipped {cycle.bytes_written} bytes written ({capture.last_cut_dirty_bytes} "
+            f"from dirty blocks), {cycle.wire_bytes} bytes on the wire"
+        )
     assert capture.last_cut_dirty_bytes > 0
     assert cycle.bytes_written <= 24 * MiB + budget  # the touched region, never the whole disk
     await pair.caught_up(cycle.cycle)
@@ -228,10 +268,22 @@ async def test_churn_past_the_budget_degrades_to_dirty_blocks_and_replica_stays_
 
     # Cuts while the client keeps writing: each over-budget cycle copies its dirty blocks
     # ahead of the cut as writes race with the copy, and only the re-dirtied ones in the cut.
-    churn = asyncio.create_task(run(
-        "fio", "--name=race", "--ioengine=nbd", f"--uri={front.exports.uri('disk0')}",
-        "--rw=randwrite", "--bsrange=4k-64k", "--iodepth=16", "--offset=4M", "--size=48M",
-        "--time_based", "--runtime=4", "--output-format=json"))
+    churn = asyncio.create_task(
+        run(
+            "fio",
+            "--name=race",
+            "--ioengine=nbd",
+            f"--uri={front.exports.uri('disk0')}",
+            "--rw=randwrite",
+            "--bsrange=4k-64k",
+            "--iodepth=16",
+            "--offset=4M",
+            "--size=48M",
+            "--time_based",
+            "--runtime=4",
+            "--output-format=json",
+        )
+    )
     degraded = capture.degraded_cycles
     while not churn.done():
         await asyncio.sleep(0.3)
@@ -244,13 +296,20 @@ async def test_churn_past_the_budget_degrades_to_dirty_blocks_and_replica_stays_
 
 
 async def test_scan_capture_finds_changes_made_behind_the_agents_back(
-        tmp_path: Path, pair_factory: Callable[..., Awaitable[Pair]]) -> None:
+    tmp_path: Path, pair_factory: Callable[..., Awaitable[Pair]]
+) -> None:
     seeded = os.urandom(8 * MiB)
     disks = {"disk0": make_disk(tmp_path / "disk0.img", 32 * MiB, seeded, 4 * MiB)}
     hooks = tmp_path / "hooks.log"
-    pair = await pair_factory(disks, VmSettings(
-        frequency_seconds=0, capture="scan", pre_cut_hook=f"echo pre >> {hooks}",
-        post_cut_hook=f'echo "post $VMREPLICA_VM" >> {hooks}'))
+    pair = await pair_factory(
+        disks,
+        VmSettings(
+            frequency_seconds=0,
+            capture="scan",
+            pre_cut_hook=f"echo pre >> {hooks}",
+            post_cut_hook=f'echo "post $VMREPLICA_VM" >> {hooks}',
+        ),
+    )
     first = await pair.caught_up_after_writes(scans=True)
     await identical(disks["disk0"], (await pair.replica_disks())["disk0"])
     # The seed recorded what it sent: the scans after it found nothing to send.
@@ -270,8 +329,6 @@ async def test_scan_capture_finds_changes_made_behind_the_agents_back(
     assert lines[:2] == ["pre", f"post {pair.vm}"]
 
 
-
-
 async def connectable(path: Path) -> bool:
     try:
         _, writer = await asyncio.open_unix_connection(str(path))
@@ -286,18 +343,33 @@ def start_agent(config: Path, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as output:
         return subprocess.Popen(
             [sys.executable, "-m", "vmreplica.cli", "agent", "--config", str(config)],
-            stdout=output, stderr=subprocess.STDOUT)
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
 
 
 async def test_sigkill_right_after_a_flush_reply_keeps_the_data_and_it_reaches_the_replica(
-        tmp_path: Path, short_dir: Path, sites: SiteFactory,
-        unique: Callable[[str], str]) -> None:
+    tmp_path: Path, short_dir: Path, sites: SiteFactory, unique: Callable[[str], str]
+) -> None:
     vm = unique("vm")
     config_a = sites.config_file("site-a", heartbeat_seconds=1.0)
     disk = make_disk(tmp_path / "disk0.img", 16 * MiB)
-    enabled = json.loads(await cli(config_a, "enable", vm, "--disk", f"disk0={disk}",
-                                   "--replica-site", "site-b", "--capture", "nbd",
-                                   "--frequency", "300", "--json"))
+    enabled = json.loads(
+        await cli(
+            config_a,
+            "enable",
+            vm,
+            "--disk",
+            f"disk0={disk}",
+            "--replica-site",
+            "site-b",
+            "--capture",
+            "nbd",
+            "--frequency",
+            "300",
+            "--json",
+        )
+    )
     uri = enabled["nbd"]["disk0"]["unix"]
     socket = short_dir / "site-a" / "vms" / vm / "nbd.sock"
     assert uri == f"nbd+unix:///disk0?socket={socket}"
@@ -308,14 +380,25 @@ async def test_sigkill_right_after_a_flush_reply_keeps_the_data_and_it_reaches_t
     agent = start_agent(config_a, log)
     try:
         async with sites.site("site-a", heartbeat_seconds=1.0) as site_a:
+
             async def serving() -> bool:
                 record = await site_a.catalog.vm(vm)
                 return socket.exists() and record.state is ReplicationState.REPLICATING
 
             await wait_until(serving, "the agent to seed and serve NBD")
             before = await site_a.catalog.position(vm)
-            await run("qemu-io", "-f", "raw", uri, "-c", "write -P 0x5a 1M 1M",
-                      "-c", "write -P 0xa5 15M 4k", "-c", "flush")
+            await run(
+                "qemu-io",
+                "-f",
+                "raw",
+                uri,
+                "-c",
+                "write -P 0x5a 1M 1M",
+                "-c",
+                "write -P 0xa5 15M 4k",
+                "-c",
+                "flush",
+            )
             agent.send_signal(signal.SIGKILL)  # right after the FLUSH reply
             await asyncio.to_thread(agent.wait, 30)
             assert await site_a.catalog.position(vm) == before  # nothing shipped since

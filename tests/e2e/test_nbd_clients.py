@@ -31,10 +31,6 @@ class Served:
     images: dict[str, Path]
 
 
-
-
-
-
 @pytest.fixture
 async def served(tmp_path: Path) -> AsyncIterator[Served]:
     images = {}

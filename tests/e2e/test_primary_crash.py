@@ -46,8 +46,15 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 VM: Final = "vm-pcrash"
 RANDOM_KILLS: Final = 9
-TRIALS: Final = ("random", "before-publish", "random", "mid-transaction", "random",
-                 "after-publish", *(["random"] * (RANDOM_KILLS - 3)))
+TRIALS: Final = (
+    "random",
+    "before-publish",
+    "random",
+    "mid-transaction",
+    "random",
+    "after-publish",
+    *(["random"] * (RANDOM_KILLS - 3)),
+)
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 
 Model = dict[str, bytearray]
@@ -59,13 +66,23 @@ def _digests(model: Model) -> dict[str, str]:
     return {disk: hashlib.sha256(data).hexdigest() for disk, data in model.items()}
 
 
-async def _run_worker(config_file: Path, seed: int, start: int, crash: str,
-                      rng: random.Random) -> tuple[int, bytes]:
+async def _run_worker(
+    config_file: Path, seed: int, start: int, crash: str, rng: random.Random
+) -> tuple[int, bytes]:
     """Run the worker until it is killed; return the last acknowledged count and its output."""
     worker = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.e2e.primary_worker", str(config_file), VM, str(seed),
-        str(start), *([] if crash == "random" else [crash]), cwd=REPO_ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        sys.executable,
+        "-m",
+        "tests.e2e.primary_worker",
+        str(config_file),
+        VM,
+        str(seed),
+        str(start),
+        *([] if crash == "random" else [crash]),
+        cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     assert worker.stdout is not None
     output = bytearray()
     acknowledged = start
@@ -90,8 +107,9 @@ async def _run_worker(config_file: Path, seed: int, start: int, crash: str,
     return acknowledged, bytes(output)
 
 
-def _find_prefix(model: Model, seed: int, done: int, acknowledged: int,
-                 wanted: dict[str, str]) -> int | None:
+def _find_prefix(
+    model: Model, seed: int, done: int, acknowledged: int, wanted: dict[str, str]
+) -> int | None:
     """Advance ``model`` to the prefix ``k >= acknowledged`` hashing like ``wanted``."""
     for index in range(done, acknowledged):
         apply_to(model, operation(seed, index))
@@ -124,8 +142,12 @@ async def _journal(connection: KafkaConnection, topic: str) -> tuple[list[int], 
 async def _uncommitted_batches(bootstrap: str, topic: str) -> BatchIds:
     """(cycle, batch) of every WriteBatch on the topic, aborted transactions included."""
     partition = TopicPartition(topic, 0)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_uncommitted",
-                                enable_auto_commit=False, group_id=None)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        isolation_level="read_uncommitted",
+        enable_auto_commit=False,
+        group_id=None,
+    )
     await consumer.start()
     try:
         consumer.assign([partition])
@@ -144,7 +166,8 @@ async def _uncommitted_batches(bootstrap: str, topic: str) -> BatchIds:
 
 
 async def test_primary_sigkill_loses_no_flushed_write_and_numbers_cycles_exactly(
-        sites: SiteFactory, vm: VmFactory, bootstrap_servers: str) -> None:
+    sites: SiteFactory, vm: VmFactory, bootstrap_servers: str
+) -> None:
     """Twelve kills of the primary process; flushed writes survive and cycles stay consecutive."""
     rng = random.Random(int.from_bytes(os.urandom(8)))
     seed = rng.getrandbits(32)
@@ -152,8 +175,9 @@ async def test_primary_sigkill_loses_no_flushed_write_and_numbers_cycles_exactly
     config_file = sites.config_file("site-a")
     model: Model = {disk: bytearray(size) for disk, size in DISKS.items()}
     async with sites.site("site-a") as site_a, sites.site("site-b") as site_b:
-        enabled = await vm(site_a, DISKS, VmSettings(frequency_seconds=30), name=VM,
-                           create_images=False)
+        enabled = await vm(
+            site_a, DISKS, VmSettings(frequency_seconds=30), name=VM, create_images=False
+        )
         disks, record = enabled.disks, enabled.record
         async with site_a.primary(record) as primary:
             first_cycle = (await primary.initial_replication()).first_cycle
@@ -174,7 +198,8 @@ async def test_primary_sigkill_loses_no_flushed_write_and_numbers_cycles_exactly
                 k = _find_prefix(model, seed, done, acknowledged, primary_digests)
                 assert k is not None, (
                     f"{where}: the primary's disks after restart are no prefix of >= "
-                    f"{acknowledged} operations: acknowledged writes were lost or torn")
+                    f"{acknowledged} operations: acknowledged writes were lost or torn"
+                )
                 applied = await replica.catch_up(timeout_seconds=60)
                 assert replica.violation is None, f"{where}: {replica.violation}"
                 shipped = await site_a.catalog.position(VM)
@@ -186,7 +211,7 @@ async def test_primary_sigkill_loses_no_flushed_write_and_numbers_cycles_exactly
         state = await site_b.catalog.vm(VM)
         assert state.state is ReplicationState.REPLICATING, state.state_message
         commits, batches = await _journal(site_a.connection, site_a.journal_topic(VM))
-        last = (await site_a.catalog.position(VM))
+        last = await site_a.catalog.position(VM)
         assert last is not None
         assert commits == list(range(first_cycle, last.cycle + 1))
         assert len(batches) == len(set(batches)), "a WriteBatch was published twice"

@@ -101,14 +101,20 @@ def workload(seed: int) -> tuple[tuple[Op, ...], list[Cycle]]:
     """
     rng = random.Random(seed)
     pre_seed = tuple(_op(rng) for _ in range(rng.randint(0, 8)))
-    cycles = [Cycle(tuple(_op(rng) for _ in range(rng.choice([0, *range(1, 13)]))),
-                    rng.random() < 0.6, rng.random() < 0.3)
-              for _ in range(rng.randint(MIN_CYCLES, MIN_CYCLES + 6))]
+    cycles = [
+        Cycle(
+            tuple(_op(rng) for _ in range(rng.choice([0, *range(1, 13)]))),
+            rng.random() < 0.6,
+            rng.random() < 0.3,
+        )
+        for _ in range(rng.randint(MIN_CYCLES, MIN_CYCLES + 6))
+    ]
     return pre_seed, cycles
 
 
-async def _run(tmp_path: Path, bootstrap: str, pre_seed: tuple[Op, ...],
-               cycles: list[Cycle]) -> tuple[int, Digests]:
+async def _run(
+    tmp_path: Path, bootstrap: str, pre_seed: tuple[Op, ...], cycles: list[Cycle]
+) -> tuple[int, Digests]:
     """Replicate the workload, check every point; return the first point and its digests."""
     vm, group = VM, f"tg-{uuid.uuid4().hex[:10]}"  # one trust group (topic) per example
     sites = SiteFactory(tmp_path, bootstrap, group)
@@ -116,8 +122,14 @@ async def _run(tmp_path: Path, bootstrap: str, pre_seed: tuple[Op, ...],
     digests: dict[int, Digests] = {}
     consistent: set[int] = set()
     async with sites.site("site-a") as site_a, sites.site("site-b") as site_b:
-        enabled = await enable_vm(site_a, tmp_path, vm, DISKS, VmSettings(
-            frequency_seconds=30, continuous_points_hours=1), create_images=False)
+        enabled = await enable_vm(
+            site_a,
+            tmp_path,
+            vm,
+            DISKS,
+            VmSettings(frequency_seconds=30, continuous_points_hours=1),
+            create_images=False,
+        )
         disks, record = enabled.disks, enabled.record
         async with site_a.primary(record) as primary:
             capture = primary.capture
@@ -141,8 +153,7 @@ async def _run(tmp_path: Path, bootstrap: str, pre_seed: tuple[Op, ...],
                     consistent.add(cut)
             shipped = await primary.replicate()  # ships the unshipped cuts and what is open
             if shipped:
-                digests[shipped[-1].cycle] = {name: sha256_of(path)
-                                              for name, path in disks.items()}
+                digests[shipped[-1].cycle] = {name: sha256_of(path) for name, path in disks.items()}
         first, last = seed.first_cycle, max(digests)
         assert sorted(digests) == list(range(first, last + 1))
 
@@ -179,9 +190,23 @@ def _export_with_cli(tmp_path: Path, vm: str, cycle: int, expected: Digests) -> 
     config_file = tmp_path / "site-b.toml"
     out = tmp_path / "cli-export"
     exported = subprocess.run(
-        [sys.executable, "-m", "vmreplica.cli", "points", "export", vm, str(cycle), str(out),
-         "--config", str(config_file)], capture_output=True, text=True, check=False,
-        timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "vmreplica.cli",
+            "points",
+            "export",
+            vm,
+            str(cycle),
+            str(out),
+            "--config",
+            str(config_file),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     assert exported.returncode == 0, exported.stderr
     assert exported.stdout.split() == [str(out / f"{name}.raw") for name in DISKS]
     assert {name: sha256_of(out / f"{name}.raw") for name in DISKS} == expected
@@ -196,12 +221,16 @@ async def _do(capture: CapturedVm, op: Op) -> None:
         await capture.trim(op.disk, op.offset, op.length)
 
 
-@settings(max_examples=5, deadline=None,
-          phases=(Phase.explicit, Phase.reuse, Phase.generate),  # no shrinking: too slow here
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=5,
+    deadline=None,
+    phases=(Phase.explicit, Phase.reuse, Phase.generate),  # no shrinking: too slow here
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(seed=st.integers(0, 2**64 - 1))
 def test_every_recovery_point_equals_the_primary_at_its_cut(
-        tmp_path_factory: pytest.TempPathFactory, bootstrap_servers: str, seed: int) -> None:
+    tmp_path_factory: pytest.TempPathFactory, bootstrap_servers: str, seed: int
+) -> None:
     """Exported recovery points hash exactly like the primary's disks at the same cut."""
     pre_seed, cycles = workload(seed)
     tmp_path = tmp_path_factory.mktemp("points")

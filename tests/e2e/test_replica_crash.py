@@ -55,8 +55,13 @@ VM: Final = "vm-crash"
 Digests = dict[str, str]
 
 
-async def _ship_cycles(primary: PrimaryVm, rng: random.Random, count: int,
-                       digests: dict[int, Digests], disks: dict[str, Path]) -> None:
+async def _ship_cycles(
+    primary: PrimaryVm,
+    rng: random.Random,
+    count: int,
+    digests: dict[int, Digests],
+    disks: dict[str, Path],
+) -> None:
     """Ship ``count`` cycles of about 2 MiB each (writes, overwrites, zeros, trims)."""
     capture = primary.capture
     for _ in range(count):
@@ -80,8 +85,9 @@ def _applied_undo_cycles(undo: Path) -> list[int]:
     return sorted(int(p.name.removesuffix(".hru")) for p in undo.glob("*.hru"))
 
 
-async def _wait_until_applying(undo: Path, after: int, agent: subprocess.Popen[bytes],
-                               timeout_seconds: float = 60.0) -> None:
+async def _wait_until_applying(
+    undo: Path, after: int, agent: subprocess.Popen[bytes], timeout_seconds: float = 60.0
+) -> None:
     """Return once the agent writes an undo log for a cycle past ``after`` (apply step 2)."""
     deadline = time.monotonic() + timeout_seconds
     while time.monotonic() < deadline:
@@ -90,12 +96,14 @@ async def _wait_until_applying(undo: Path, after: int, agent: subprocess.Popen[b
         if any(cycle > after for cycle in _applied_undo_cycles(undo)):
             return
         await asyncio.sleep(0.005)
-    raise AssertionError(f"the agent did not start applying a cycle after {after} within "
-                         f"{timeout_seconds} s")
+    raise AssertionError(
+        f"the agent did not start applying a cycle after {after} within {timeout_seconds} s"
+    )
 
 
-async def _check_after_kill(config: SiteConfig, digests: dict[int, Digests],
-                            scratch: Path) -> tuple[int, str]:
+async def _check_after_kill(
+    config: SiteConfig, digests: dict[int, Digests], scratch: Path
+) -> tuple[int, str]:
     """The read-only check of the module docstring; returns (applied cycle, undo status)."""
     folder = config.vm_folder(VM)
     async with Catalog(config.catalog_path) as catalog:
@@ -123,7 +131,8 @@ async def _check_after_kill(config: SiteConfig, digests: dict[int, Digests],
         got = {name: sha256_of(image_path(folder, name)) for name in DISKS}
     assert got == digests[position.cycle], (
         f"after a kill the replica (applied cycle {position.cycle}, undo log of cycle "
-        f"{in_flight} {status}) differs from the primary at cycle {position.cycle}")
+        f"{in_flight} {status}) differs from the primary at cycle {position.cycle}"
+    )
     return position.cycle, status
 
 
@@ -132,11 +141,14 @@ def _start_agent(config_file: Path, log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, "-m", "vmreplica.cli", "agent", "--log-level", "WARNING"],
             env={**os.environ, "VMREPLICA_CONFIG": str(config_file)},
-            stdout=out, stderr=subprocess.STDOUT)
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 async def test_replica_agent_survives_sigkill_at_random_instants(
-        tmp_path: Path, sites: SiteFactory, vm: VmFactory) -> None:
+    tmp_path: Path, sites: SiteFactory, vm: VmFactory
+) -> None:
     """32 SIGKILLs during apply; after each, images + undo + catalog equal a primary cycle."""
     rng = random.Random(int.from_bytes(os.urandom(8)))
     seed = rng.getrandbits(32)
@@ -150,8 +162,13 @@ async def test_replica_agent_survives_sigkill_at_random_instants(
     digests: dict[int, Digests] = {}
     outcomes: Counter[str] = Counter()
     async with sites.site("site-a") as site_a:
-        enabled = await vm(site_a, dict.fromkeys(DISKS, DISK_BYTES),
-                           VmSettings(frequency_seconds=30), name=VM, create_images=False)
+        enabled = await vm(
+            site_a,
+            dict.fromkeys(DISKS, DISK_BYTES),
+            VmSettings(frequency_seconds=30),
+            name=VM,
+            create_images=False,
+        )
         disks, record = enabled.disks, enabled.record
         async with site_a.primary(record) as primary:
             for name in DISKS:

@@ -66,8 +66,17 @@ def site_folder(short_dir: Path) -> Path:
 async def compare(primary: Path, replica: Path) -> tuple[bool, str]:
     """``qemu-img compare``: (identical, what it said). Exit 1 means the images differ."""
     process = await asyncio.create_subprocess_exec(
-        "qemu-img", "compare", "-f", "raw", "-F", "raw", str(primary), str(replica),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        "qemu-img",
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        str(primary),
+        str(replica),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     out, _ = await process.communicate()
     assert process.returncode in (0, 1), out.decode()
     return process.returncode == 0, out.decode().strip()
@@ -85,7 +94,9 @@ class Agent:
         with self.log.open("ab") as output:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "vmreplica.cli", "agent", "--config", str(self.config)],
-                stdout=output, stderr=subprocess.STDOUT)
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
 
     def alive(self) -> None:
         assert self.process is not None
@@ -161,8 +172,9 @@ class Sites:
 
 
 @asynccontextmanager
-async def two_agents(tmp_path: Path, sites: SiteFactory, unique: Callable[[str], str],
-                     *enable: str) -> AsyncIterator[Sites]:
+async def two_agents(
+    tmp_path: Path, sites: SiteFactory, unique: Callable[[str], str], *enable: str
+) -> AsyncIterator[Sites]:
     vm = unique("vm")
     config_a = sites.config_file("site-a", heartbeat_seconds=1.0)
     config_b = sites.config_file("site-b", heartbeat_seconds=1.0)
@@ -174,22 +186,40 @@ async def two_agents(tmp_path: Path, sites: SiteFactory, unique: Callable[[str],
             for offset in range(0, size, 4 * MiB):  # some data to seed, holes between
                 image.seek(offset)
                 image.write(os.urandom(MiB))
-    enabled = json.loads(await cli(
-        config_a, "enable", vm, *(f"--disk={name}={path}" for name, path in disks.items()),
-        "--replica-site", "site-b", "--capture", "nbd", "--frequency", "continuous",
-        "--continuous-points-hours", "1", *enable, "--json"))
+    enabled = json.loads(
+        await cli(
+            config_a,
+            "enable",
+            vm,
+            *(f"--disk={name}={path}" for name, path in disks.items()),
+            "--replica-site",
+            "site-b",
+            "--capture",
+            "nbd",
+            "--frequency",
+            "continuous",
+            "--continuous-points-hours",
+            "1",
+            *enable,
+            "--json",
+        )
+    )
     uri = {name: enabled["nbd"][name]["unix"] for name in DISKS}
     agent_a = Agent(config_a, tmp_path / "agent-a.log")
     agent_b = Agent(config_b, tmp_path / "agent-b.log")
     config = sites.config("site-b")
-    async with Catalog(sites.config("site-a").catalog_path) as catalog_a, \
-            Catalog(config.catalog_path) as catalog_b:
+    async with (
+        Catalog(sites.config("site-a").catalog_path) as catalog_a,
+        Catalog(config.catalog_path) as catalog_b,
+    ):
         replica = {name: image_path(config.vm_folder(vm), name) for name in DISKS}
-        pair = Sites(vm, config_a, config_b, agent_a, agent_b, catalog_a, catalog_b, disks,
-                     replica, uri)
+        pair = Sites(
+            vm, config_a, config_b, agent_a, agent_b, catalog_a, catalog_b, disks, replica, uri
+        )
         agent_a.start()
         agent_b.start()
         try:
+
             async def replicating() -> bool:
                 return await pair.state_b() is ReplicationState.REPLICATING
 
@@ -220,7 +250,8 @@ def corrupt(path: Path, offsets: list[int], length: int) -> int:
 
 
 async def test_a_replica_corrupted_behind_its_agents_back_is_repaired_by_resync(
-        tmp_path: Path, sites: SiteFactory, unique: Callable[[str], str]) -> None:
+    tmp_path: Path, sites: SiteFactory, unique: Callable[[str], str]
+) -> None:
     async with two_agents(tmp_path, sites, unique) as pair:
         await pair.agent_b.stop()
         corrupted = corrupt(pair.replica["disk0"], [8 * KiB, 20 * MiB, 63 * MiB], 4 * KiB)
@@ -242,10 +273,12 @@ async def test_a_replica_corrupted_behind_its_agents_back_is_repaired_by_resync(
         await pair.identical()
 
         total = sum(DISKS.values())
-        print(f"\nresync of a {total} byte VM: {corrupted} bytes corrupted in 4 places; "
-              f"{job['examined_bytes']} bytes examined, {job['differing_bytes']} differed, "
-              f"{job['resent_bytes']} resent, {job['sent_bytes']} bytes sent in cycle "
-              f"{job['cycle']}")
+        print(
+            f"\nresync of a {total} byte VM: {corrupted} bytes corrupted in 4 places; "
+            f"{job['examined_bytes']} bytes examined, {job['differing_bytes']} differed, "
+            f"{job['resent_bytes']} resent, {job['sent_bytes']} bytes sent in cycle "
+            f"{job['cycle']}"
+        )
         assert (job["phase"], job["target"]) == ("done", "site-b")
         assert job["examined_bytes"] == total
         # The four corrupted blocks differ, and at most what the VM wrote meanwhile besides.
@@ -269,10 +302,21 @@ def forged_gap(vm: str, cycle: int, previous: bytes) -> list[bytes]:
     data = b"\x5a" * 8192
     extent = Extent("disk0", 0, len(data), ExtentKind.DATA, 0, zlib.crc32(data))
     batch = WriteBatch(vm, 1, cycle + 1, 0, (extent,), Compression.NONE, data)
-    commit = CycleCommit(vm, 1, cycle + 1, 1, 2, 1, 1, len(data), len(data),
-                         Consistency.CRASH,
-                         tuple(DiskSize(name, size) for name, size in DISKS.items()),
-                         previous, b"\x00" * 32)
+    commit = CycleCommit(
+        vm,
+        1,
+        cycle + 1,
+        1,
+        2,
+        1,
+        1,
+        len(data),
+        len(data),
+        Consistency.CRASH,
+        tuple(DiskSize(name, size) for name, size in DISKS.items()),
+        previous,
+        b"\x00" * 32,
+    )
     return [encode(batch), encode(commit)]
 
 
@@ -285,10 +329,12 @@ async def forge_a_gap(pair: Sites, sites: SiteFactory) -> int:
     assert position is not None
     config = sites.config("site-a")
     topic = journal_topic(pair.vm, config.trust_group, config.topic_prefix)
-    async with JournalPublisher(KafkaConnection(config.bootstrap_servers),
-                                f"forger-{uuid.uuid4().hex}") as forger:
-        await forger.publish(topic, pair.vm.encode(),
-                             forged_gap(pair.vm, position.cycle + 1, position.cycle_hash))
+    async with JournalPublisher(
+        KafkaConnection(config.bootstrap_servers), f"forger-{uuid.uuid4().hex}"
+    ) as forger:
+        await forger.publish(
+            topic, pair.vm.encode(), forged_gap(pair.vm, position.cycle + 1, position.cycle_hash)
+        )
     pair.agent_a.start()
     pair.agent_b.start()
     socket = pair.uri["disk0"].split("socket=")[1]
@@ -308,7 +354,8 @@ async def forge_a_gap(pair: Sites, sites: SiteFactory) -> int:
 
 
 async def test_a_replica_in_resync_required_after_a_journal_violation_leaves_it_by_resync(
-        tmp_path: Path, sites: SiteFactory, unique: Callable[[str], str]) -> None:
+    tmp_path: Path, sites: SiteFactory, unique: Callable[[str], str]
+) -> None:
     async with two_agents(tmp_path, sites, unique, "--no-auto-resync") as pair:
         last = await forge_a_gap(pair, sites)
 
@@ -322,8 +369,7 @@ async def test_a_replica_in_resync_required_after_a_journal_violation_leaves_it_
         await wait_until(lambda: _at_least(pair.shipped, target), "more cycles shipped")
         assert await pair.applied() == last
         [replica] = json.loads(await cli(pair.config_b, "status", pair.vm, "--json"))
-        assert (replica["state"], replica["health"]) == ("resynchronization required",
-                                                         "critical")
+        assert (replica["state"], replica["health"]) == ("resynchronization required", "critical")
         assert f"expected a batch of cycle {last + 1}" in replica["message"]
 
         # Automatic resync is off: the primary says what is needed, and its health is critical.
@@ -339,11 +385,14 @@ async def test_a_replica_in_resync_required_after_a_journal_violation_leaves_it_
             f"{replica['message'].split('journal offset ')[1].split(':')[0]}: expected a batch "
             f"of cycle {last + 1} in epoch 1, got cycle {last + 2} of epoch 1 (a gap or a "
             f"replay in the journal)); automatic resync is off for this VM: run `vmreplica "
-            f"resync {pair.vm}`")
+            f"resync {pair.vm}`"
+        )
 
         job = json.loads(await cli(pair.config_a, "resync", pair.vm, "--wait", "--json"))
-        print(f"\nresync after a journal violation: {job['differing_bytes']} bytes differed, "
-              f"{job['resent_bytes']} resent, {job['sent_bytes']} bytes sent")
+        print(
+            f"\nresync after a journal violation: {job['differing_bytes']} bytes differed, "
+            f"{job['resent_bytes']} resent, {job['sent_bytes']} bytes sent"
+        )
         assert job["phase"] == "done"
         assert 2 * MiB <= job["differing_bytes"] <= 2 * MiB + 2 * BLOCK
         await pair.caught_up()
@@ -358,25 +407,30 @@ async def test_a_replica_in_resync_required_after_a_journal_violation_leaves_it_
 
 
 async def test_by_default_the_primary_resyncs_a_replica_stopped_by_a_violation_by_itself(
-        tmp_path: Path, sites: SiteFactory, unique: Callable[[str], str]) -> None:
+    tmp_path: Path, sites: SiteFactory, unique: Callable[[str], str]
+) -> None:
     async with two_agents(tmp_path, sites, unique) as pair:
         last = await forge_a_gap(pair, sites)
         await run("qemu-io", "-f", "raw", pair.uri["disk1"], "-c", "write -P 0x66 2M 2M")
 
         async def repaired() -> bool:
             record = await pair.catalog_b.find_vm(pair.vm)
-            return (record is not None and record.state is ReplicationState.REPLICATING
-                    and record.state_message.startswith("resynchronized at cycle"))
+            return (
+                record is not None
+                and record.state is ReplicationState.REPLICATING
+                and record.state_message.startswith("resynchronized at cycle")
+            )
 
         await wait_until(repaired, "site B to be resynchronized without the operator")
         await pair.caught_up()
         await pair.identical()
         [primary] = json.loads(await cli(pair.config_a, "status", pair.vm, "--json"))
         job = primary["resync"]
-        print(f"\nautomatic resync after a journal violation at cycle {last}: "
-              f"{job['differing_bytes']} bytes differed, {job['sent_bytes']} bytes sent")
-        assert (job["phase"], job["automatic"], primary["state"]) == ("done", True,
-                                                                      "replicating")
+        print(
+            f"\nautomatic resync after a journal violation at cycle {last}: "
+            f"{job['differing_bytes']} bytes differed, {job['sent_bytes']} bytes sent"
+        )
+        assert (job["phase"], job["automatic"], primary["state"]) == ("done", True, "replicating")
         assert job["reason"].startswith(f"automatic: site-b needs it (VM {pair.vm!r}, journal")
         assert job["differing_bytes"] <= 2 * MiB + 2 * BLOCK
 

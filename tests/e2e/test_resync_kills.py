@@ -50,13 +50,18 @@ async def kill_and_restart(agent: Agent) -> None:
 async def serving(uri: str) -> bool:
     """Whether an NBD client can open ``uri`` now."""
     probe = await asyncio.create_subprocess_exec(
-        "nbdinfo", "--size", uri, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL)
+        "nbdinfo",
+        "--size",
+        uri,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     return await probe.wait() == 0
 
 
 async def test_sigkill_of_either_agent_during_a_resync_resumes_and_ends_equal(
-        tmp_path: Path, sites: SiteFactory, unique: Callable[[str], str]) -> None:
+    tmp_path: Path, sites: SiteFactory, unique: Callable[[str], str]
+) -> None:
     seed = int(os.environ.get("VMREPLICA_RESYNC_KILL_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     print(f"\nseed {seed}, {TRIALS} trials")
@@ -65,8 +70,9 @@ async def test_sigkill_of_either_agent_during_a_resync_resumes_and_ends_equal(
         finished_before = 0
         for trial in range(TRIALS):
             disk = rng.choice(sorted(DISKS))
-            offsets = sorted(rng.randrange(0, DISKS[disk] - 4 * KiB, 4 * KiB)
-                             for _ in range(rng.randint(1, 4)))
+            offsets = sorted(
+                rng.randrange(0, DISKS[disk] - 4 * KiB, 4 * KiB) for _ in range(rng.randint(1, 4))
+            )
             with pair.replica[disk].open("r+b") as image:  # behind the agent's back
                 for offset in offsets:
                     image.seek(offset)
@@ -80,8 +86,7 @@ async def test_sigkill_of_either_agent_during_a_resync_resumes_and_ends_equal(
 
             async def done(after: int = finished_before) -> bool:
                 job = load_job(folder)
-                return job is not None and job.phase == "done" and (
-                    job.finished_ms or 0) > after
+                return job is not None and job.phase == "done" and (job.finished_ms or 0) > after
 
             await wait_until(done, f"trial {trial}: the resync to end", 180)
             job = load_job(folder)
@@ -90,17 +95,30 @@ async def test_sigkill_of_either_agent_during_a_resync_resumes_and_ends_equal(
             if rng.random() < 0.5:  # the VM writes on between trials
                 # The resync may have ended just before a killed primary restarted: its
                 # export answers again only once the new agent listens.
-                await wait_until(lambda: serving(pair.uri["disk0"]),
-                                 f"trial {trial}: the primary's export to serve again", 60)
-                await run("qemu-io", "-f", "raw", pair.uri["disk0"], "-c",
-                          f"write -P {trial + 1} {rng.randrange(0, 60) * MiB} 64k")
+                await wait_until(
+                    lambda: serving(pair.uri["disk0"]),
+                    f"trial {trial}: the primary's export to serve again",
+                    60,
+                )
+                await run(
+                    "qemu-io",
+                    "-f",
+                    "raw",
+                    pair.uri["disk0"],
+                    "-c",
+                    f"write -P {trial + 1} {rng.randrange(0, 60) * MiB} 64k",
+                )
             await pair.caught_up()
             for name, path in pair.disks.items():
                 same, said = await compare(path, pair.replica[name])
-                assert same, f"trial {trial} ({victim} killed after {delay:.2f} s, in phase " \
-                             f"{phase}): {name}: {said}"
-            print(f"trial {trial}: {len(offsets)} blocks of {disk} corrupted, {victim} killed "
-                  f"after {delay:.2f} s ({phase}); {job.differing_bytes} bytes differed, "
-                  f"{job.sent_bytes} sent")
+                assert same, (
+                    f"trial {trial} ({victim} killed after {delay:.2f} s, in phase "
+                    f"{phase}): {name}: {said}"
+                )
+            print(
+                f"trial {trial}: {len(offsets)} blocks of {disk} corrupted, {victim} killed "
+                f"after {delay:.2f} s ({phase}); {job.differing_bytes} bytes differed, "
+                f"{job.sent_bytes} sent"
+            )
         [status] = json.loads(await cli(pair.config_a, "status", pair.vm, "--json"))
         assert status["state"] == "replicating"

@@ -43,16 +43,22 @@ pytestmark = pytest.mark.e2e
 MiB = 1024 * 1024
 
 
-async def until(predicate: Callable[[], Awaitable[bool]], what: str,
-                seconds: float = 90.0, sites: dict[str, Site] | None = None,
-                vm: str = "") -> None:
+async def until(
+    predicate: Callable[[], Awaitable[bool]],
+    what: str,
+    seconds: float = 90.0,
+    sites: dict[str, Site] | None = None,
+    vm: str = "",
+) -> None:
     """Wait for ``predicate``; on a timeout, say where each of ``sites`` stands with ``vm``."""
     deadline = time.monotonic() + seconds
     while not await predicate():
         if time.monotonic() > deadline:
             where = [f"{name}: {await _where(site, vm)}" for name, site in (sites or {}).items()]
-            raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}"
-                                 + "".join(f"\n  {line}" for line in where))
+            raise AssertionError(
+                f"timed out after {seconds:.0f} s waiting for {what}"
+                + "".join(f"\n  {line}" for line in where)
+            )
         await asyncio.sleep(0.2)
 
 
@@ -60,16 +66,21 @@ async def _where(site: Site, vm: str) -> str:
     record = await site.catalog.find_vm(vm)
     if record is None:
         return "does not hold the VM"
-    return (f"{record.role}, {record.state.value} ({record.state_message}), epoch "
-            f"{record.epoch}, partner {record.partner_site}, at "
-            f"{await site.catalog.position(vm)}")
+    return (
+        f"{record.role}, {record.state.value} ({record.state_message}), epoch "
+        f"{record.epoch}, partner {record.partner_site}, at "
+        f"{await site.catalog.position(vm)}"
+    )
 
 
 async def attempt(*argv: str) -> tuple[int, str]:
     """Run a client that may fail; its exit status and everything it printed."""
     process = await asyncio.create_subprocess_exec(
-        require(argv[0]), *argv[1:], stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT)
+        require(argv[0]),
+        *argv[1:],
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     output, _ = await asyncio.wait_for(process.communicate(), 120)
     assert process.returncode is not None
     return process.returncode, output.decode()
@@ -89,8 +100,17 @@ class Agents:
     def start(self, site: str) -> None:
         with (self.folder / f"agent-{site}.log").open("ab") as log:
             self.running[site] = subprocess.Popen(
-                [sys.executable, "-m", "vmreplica.cli", "agent", "--config",
-                 str(self.config(site))], stdout=log, stderr=subprocess.STDOUT)
+                [
+                    sys.executable,
+                    "-m",
+                    "vmreplica.cli",
+                    "agent",
+                    "--config",
+                    str(self.config(site)),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def kill(self, site: str) -> None:
         agent = self.running.pop(site)
@@ -148,8 +168,7 @@ async def refuses_writes_serves_reads(uri: str, pattern: int, offset: str, lengt
     code, output = await attempt("qemu-io", "-f", "raw", uri, "-c", f"write -P 0x33 {offset} 4k")
     assert code != 0, output
     assert "Permission denied" in output
-    await run("qemu-io", "-r", "-f", "raw", uri, "-c",
-              f"read -P {pattern:#x} {offset} {length}")
+    await run("qemu-io", "-r", "-f", "raw", uri, "-c", f"read -P {pattern:#x} {offset} {length}")
 
 
 async def disks_of(site: Site, vm: str) -> dict[str, Path]:
@@ -166,9 +185,14 @@ async def in_step(primary: Site, replica: Site, vm: str) -> bool:
     record = await replica.catalog.vm(vm)
     changelog = primary.config.vm_folder(vm) / "changelog"
     unshipped = sum(p.stat().st_size for p in changelog.glob("*.hrl")) if changelog.is_dir() else 0
-    return (shipped is not None and applied is not None and record.role == "replica"
-            and record.state is ReplicationState.REPLICATING
-            and applied.cycle == shipped.cycle and unshipped <= 4096)
+    return (
+        shipped is not None
+        and applied is not None
+        and record.role == "replica"
+        and record.state is ReplicationState.REPLICATING
+        and applied.cycle == shipped.cycle
+        and unshipped <= 4096
+    )
 
 
 async def roles(sites: dict[str, Site], vm: str) -> dict[str, str]:
@@ -176,15 +200,34 @@ async def roles(sites: dict[str, Site], vm: str) -> dict[str, str]:
 
 
 async def test_planned_failover_and_back_moves_the_nbd_exports_with_the_primary(
-        tmp_path: Path, sites: SiteFactory, agents: Agents, unique: Callable[[str], str],
-        ) -> None:
+    tmp_path: Path,
+    sites: SiteFactory,
+    agents: Agents,
+    unique: Callable[[str], str],
+) -> None:
     vm = unique("vm")
-    disks = {"disk0": make_disk(tmp_path / "disk0.img", 32 * MiB),
-             "disk1": make_disk(tmp_path / "disk1.img", 16 * MiB)}
-    enabled = json.loads(await cli(
-        agents.config("site-a"), "enable", vm, "--disk", f"disk0={disks['disk0']}",
-        "--disk", f"disk1={disks['disk1']}", "--replica-site", "site-b", "--capture", "nbd",
-        "--frequency", "continuous", "--json"))
+    disks = {
+        "disk0": make_disk(tmp_path / "disk0.img", 32 * MiB),
+        "disk1": make_disk(tmp_path / "disk1.img", 16 * MiB),
+    }
+    enabled = json.loads(
+        await cli(
+            agents.config("site-a"),
+            "enable",
+            vm,
+            "--disk",
+            f"disk0={disks['disk0']}",
+            "--disk",
+            f"disk1={disks['disk1']}",
+            "--replica-site",
+            "site-b",
+            "--capture",
+            "nbd",
+            "--frequency",
+            "continuous",
+            "--json",
+        )
+    )
     at_a = {disk: uris["unix"] for disk, uris in enabled["nbd"].items()}
     agents.start("site-a")
     agents.start("site-b")
@@ -194,8 +237,9 @@ async def test_planned_failover_and_back_moves_the_nbd_exports_with_the_primary(
         assert await served(at_a["disk0"]) == {"disk0": False, "disk1": False}
         await run("qemu-io", "-f", "raw", at_a["disk0"], "-c", "write -P 0xa1 1M 1M")
         await run("qemu-io", "-f", "raw", at_a["disk1"], "-c", "write -P 0xa2 0 64k")
-        attached, _, flags = await WireClient.open_export(at_a["disk0"].split("socket=")[1],
-                                                          "disk0")
+        attached, _, flags = await WireClient.open_export(
+            at_a["disk0"].split("socket=")[1], "disk0"
+        )
         assert not flags & wire.NBD_FLAG_READ_ONLY
 
         # Planned failover A -> B, A becoming B's replica.
@@ -217,14 +261,24 @@ async def test_planned_failover_and_back_moves_the_nbd_exports_with_the_primary(
         # new one cannot open them for writing.
         assert await attached.call(wire.NBD_CMD_READ, MiB, 4096) == (0, b"\xa1" * 4096)
         assert await attached.call(wire.NBD_CMD_WRITE, 0, 4096, b"\x33" * 4096) == (
-            wire.NBD_EPERM, b"")
+            wire.NBD_EPERM,
+            b"",
+        )
         await attached.close()
         assert await served(at_a["disk0"]) == {"disk0": True, "disk1": True}
-        await refuses_writes_serves_reads(at_a["disk0"], 0xa1, "1M", "1M")
+        await refuses_writes_serves_reads(at_a["disk0"], 0xA1, "1M", "1M")
 
         # B's writes reach A.
-        await run("qemu-io", "-f", "raw", at_b["disk0"], "-c", "write -P 0xb1 4M 2M",
-                  "-c", "write -z 1M 64k")
+        await run(
+            "qemu-io",
+            "-f",
+            "raw",
+            at_b["disk0"],
+            "-c",
+            "write -P 0xb1 4M 2M",
+            "-c",
+            "write -z 1M 64k",
+        )
         await run("qemu-io", "-f", "raw", at_b["disk1"], "-c", "write -P 0xb2 15M 1M")
         await wait(lambda: in_step(b, a, vm), "A to apply B's writes")
         for name, path in disks.items():
@@ -240,7 +294,7 @@ async def test_planned_failover_and_back_moves_the_nbd_exports_with_the_primary(
         await wait(lambda: _served_writable(at_a["disk0"]), "A to take writes again")
         assert await nbd_uris(agents, "site-a", vm) == at_a
         await run("qemu-io", "-f", "raw", at_a["disk0"], "-c", "write -P 0xc1 20M 1M")
-        await refuses_writes_serves_reads(at_b["disk1"], 0xb2, "15M", "1M")
+        await refuses_writes_serves_reads(at_b["disk1"], 0xB2, "15M", "1M")
         await wait(lambda: in_step(a, b, vm), "B to apply A's writes")
         for name, path in disks.items():
             await identical(path, replica_disks[name])
@@ -252,15 +306,31 @@ async def _served_writable(uri: str) -> bool:
 
 
 async def test_unplanned_failover_after_a_sigkill_then_reverse_sends_only_what_diverged(
-        tmp_path: Path, sites: SiteFactory, agents: Agents, unique: Callable[[str], str],
-        ) -> None:
+    tmp_path: Path,
+    sites: SiteFactory,
+    agents: Agents,
+    unique: Callable[[str], str],
+) -> None:
     """A's agent is killed in a cycle whose writes went past the change-log budget: the big
     write lives only in the dirty-block map. A still reports it when it returns."""
     vm = unique("vm")
     disk = make_disk(tmp_path / "disk0.img", 16 * MiB)  # change-log budget: 1.6 MiB
-    enabled = json.loads(await cli(
-        agents.config("site-a"), "enable", vm, "--disk", f"disk0={disk}",
-        "--replica-site", "site-b", "--capture", "nbd", "--frequency", "30", "--json"))
+    enabled = json.loads(
+        await cli(
+            agents.config("site-a"),
+            "enable",
+            vm,
+            "--disk",
+            f"disk0={disk}",
+            "--replica-site",
+            "site-b",
+            "--capture",
+            "nbd",
+            "--frequency",
+            "30",
+            "--json",
+        )
+    )
     at_a = enabled["nbd"]["disk0"]["unix"]
     agents.start("site-a")
     agents.start("site-b")
@@ -276,8 +346,18 @@ async def test_unplanned_failover_after_a_sigkill_then_reverse_sends_only_what_d
         await wait(lambda: in_step(a, b, vm), "the first cycle to be applied")
         # Unshipped: 64 KiB in the change log, then 4 MiB in one request (past the budget:
         # to the image and the dirty-block map only), flushed; then the agent dies.
-        await run("qemu-io", "-f", "raw", at_a, "-c", "write -P 0x6b 12M 64k",
-                  "-c", "write -P 0x5a 1M 4M", "-c", "flush")
+        await run(
+            "qemu-io",
+            "-f",
+            "raw",
+            at_a,
+            "-c",
+            "write -P 0x6b 12M 64k",
+            "-c",
+            "write -P 0x5a 1M 4M",
+            "-c",
+            "flush",
+        )
         agents.kill("site-a")
         changelog = a.config.vm_folder(vm) / "changelog"
         assert (changelog / "dirty.map").stat().st_size > 0
@@ -294,7 +374,7 @@ async def test_unplanned_failover_after_a_sigkill_then_reverse_sends_only_what_d
             return (await a.catalog.vm(vm)).role == "replica"
 
         await wait(demoted, "A to stand down as B's replica")
-        await refuses_writes_serves_reads(at_a, 0x5a, "1M", "4M")
+        await refuses_writes_serves_reads(at_a, 0x5A, "1M", "4M")
 
         output = await cli(agents.config("site-b"), "reverse", vm)
         match = re.search(r"(\d+) bytes diverged, (\d+) bytes sent", output)
@@ -313,22 +393,38 @@ async def journal_since(site: Site, vm: str, offset: int) -> list[JournalEvent]:
 
 
 async def test_three_sites_only_the_named_replica_takes_over_and_the_other_follows(
-        tmp_path: Path, sites: SiteFactory, agents: Agents, unique: Callable[[str], str],
-        ) -> None:
+    tmp_path: Path,
+    sites: SiteFactory,
+    agents: Agents,
+    unique: Callable[[str], str],
+) -> None:
     """A replicates to B and C. A planned failover to B: only B takes over, C follows B at
     the cycle it holds (no seed, no resync). Then B hands over to C by name (``--to``): A,
     although caught up too, only follows."""
     vm = unique("vm")
     disk = make_disk(tmp_path / "disk0.img", 16 * MiB)
-    enabled = json.loads(await cli(
-        agents.config("site-a"), "enable", vm, "--disk", f"disk0={disk}",
-        "--replica-site", "site-b", "--replica-site", "site-c", "--capture", "nbd",
-        "--frequency", "continuous", "--json"))
+    enabled = json.loads(
+        await cli(
+            agents.config("site-a"),
+            "enable",
+            vm,
+            "--disk",
+            f"disk0={disk}",
+            "--replica-site",
+            "site-b",
+            "--replica-site",
+            "site-c",
+            "--capture",
+            "nbd",
+            "--frequency",
+            "continuous",
+            "--json",
+        )
+    )
     at_a = enabled["nbd"]["disk0"]["unix"]
     for name in ("site-a", "site-b", "site-c"):
         agents.start(name)
-    async with sites.site("site-a") as a, sites.site("site-b") as b, \
-            sites.site("site-c") as c:
+    async with sites.site("site-a") as a, sites.site("site-b") as b, sites.site("site-c") as c:
         every = {"a": a, "b": b, "c": c}
         wait = functools.partial(until, sites=every, vm=vm)
         await wait(lambda: in_step(a, b, vm), "B to replicate the VM")
@@ -350,7 +446,10 @@ async def test_three_sites_only_the_named_replica_takes_over_and_the_other_follo
         await wait(lambda: in_step(b, c, vm), "C to apply B's cycles")
         c_row = await status(agents, "site-c", vm)
         assert (c_row["role"], c_row["partner_site"], c_row["state"]) == (
-            "replica", "site-b", "replicating")
+            "replica",
+            "site-b",
+            "replicating",
+        )
         image_b = (await disks_of(b, vm))["disk0"]
         for follower in (a, c):
             await identical(image_b, (await disks_of(follower, vm))["disk0"])
@@ -362,8 +461,7 @@ async def test_three_sites_only_the_named_replica_takes_over_and_the_other_follo
         assert prepared.target == "site-b"
 
         # B hands over to C, the site named second; A is as caught up as C but only follows.
-        await cli(agents.config("site-b"), "failover", "planned", vm, "--reverse",
-                  "--to", "site-c")
+        await cli(agents.config("site-b"), "failover", "planned", vm, "--reverse", "--to", "site-c")
 
         async def c_primary() -> bool:
             return await roles(every, vm) == {"a": "replica", "b": "replica", "c": "primary"}
@@ -379,5 +477,5 @@ async def test_three_sites_only_the_named_replica_takes_over_and_the_other_follo
             await identical(image_c, (await disks_of(follower, vm))["disk0"])
         a_row = await status(agents, "site-a", vm)
         assert (a_row["partner_site"], a_row["state"]) == ("site-c", "replicating")
-        await refuses_writes_serves_reads(at_a, 0xc1, "8M", "1M")
-        await refuses_writes_serves_reads(at_b, 0xb1, "4M", "1M")
+        await refuses_writes_serves_reads(at_a, 0xC1, "8M", "1M")
+        await refuses_writes_serves_reads(at_b, 0xB1, "4M", "1M")

@@ -39,8 +39,17 @@ async def run_primary_until_killed(config: Path, vm: str, cycles: int) -> dict[i
     Returns, for each shipped cycle, how many operations it holds.
     """
     worker = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.e2e.primary_worker", str(config), vm, str(SEED), "0",
-        cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        sys.executable,
+        "-m",
+        "tests.e2e.primary_worker",
+        str(config),
+        vm,
+        str(SEED),
+        "0",
+        cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     assert worker.stdout is not None
     flushed, at_cut, after = 0, {}, 0
     try:
@@ -64,7 +73,8 @@ async def run_primary_until_killed(config: Path, vm: str, cycles: int) -> dict[i
 
 
 async def test_unplanned_failover_after_sigkill_lands_on_recorded_points(
-        sites: SiteFactory, vm: VmFactory) -> None:
+    sites: SiteFactory, vm: VmFactory
+) -> None:
     config_a = sites.config_file("site-a")
     b = sites.site("site-b")
     async with sites.site("site-a") as a:
@@ -80,8 +90,10 @@ async def test_unplanned_failover_after_sigkill_lands_on_recorded_points(
             await replica.catch_up()
 
         def replica_digests() -> dict[str, str]:
-            return {name: sha256_of(b.config.vm_folder(vm_name) / "disks" / f"{name}.img")
-                    for name in DISKS}
+            return {
+                name: sha256_of(b.config.vm_folder(vm_name) / "disks" / f"{name}.img")
+                for name in DISKS
+            }
 
         cycles = sorted(at_cut)
         older = cycles[1]

@@ -81,8 +81,10 @@ DISKS: Final = {"disk0": MiB, "disk1": 512 * KiB}
 EPOCH: Final = 1
 DATA_DIR: Final = Path(__file__).resolve().parents[1] / "data" / "journal"
 RESYNC, ERROR = ReplicationState.RESYNCHRONIZATION_REQUIRED, ReplicationState.ERROR
-NAME_RULE: Final = ("is not allowed: use 1-64 letters, digits, '-' or '_', starting with a "
-                    "letter or digit (no dots, slashes or spaces)")
+NAME_RULE: Final = (
+    "is not allowed: use 1-64 letters, digits, '-' or '_', starting with a "
+    "letter or digit (no dots, slashes or spaces)"
+)
 
 
 @dataclass
@@ -96,13 +98,17 @@ class Pair:
     disks: dict[str, dict[str, Path]]
 
 
-async def _start_primaries(site_a: Site, vm: VmFactory, stack: AsyncExitStack,
-                           ) -> tuple[dict[str, PrimaryVm], dict[str, dict[str, Path]]]:
+async def _start_primaries(
+    site_a: Site,
+    vm: VmFactory,
+    stack: AsyncExitStack,
+) -> tuple[dict[str, PrimaryVm], dict[str, dict[str, Path]]]:
     """Enable, seed and ship one good cycle for each VM."""
     primaries, disks = {}, {}
     for name in (BAD, GOOD):
-        enabled = await vm(site_a, DISKS, VmSettings(frequency_seconds=30), name=name,
-                           create_images=False)
+        enabled = await vm(
+            site_a, DISKS, VmSettings(frequency_seconds=30), name=name, create_images=False
+        )
         disks[name] = enabled.disks
         primary = await stack.enter_async_context(site_a.primary(enabled.record))
         await primary.capture.write("disk0", 0, os.urandom(256 * KiB))
@@ -147,21 +153,31 @@ class Forged:
 def _batch(cycle: int, writes: list[tuple[str, int, bytes]]) -> tuple[WriteBatch, list[Extent]]:
     extents, payload = [], b""
     for disk, offset, data in writes:
-        extents.append(Extent(disk, offset, len(data), ExtentKind.DATA, len(payload),
-                              zlib.crc32(data)))
+        extents.append(
+            Extent(disk, offset, len(data), ExtentKind.DATA, len(payload), zlib.crc32(data))
+        )
         payload += data
     return WriteBatch(BAD, EPOCH, cycle, 0, tuple(extents), Compression.NONE, payload), extents
 
 
-def _commit(cycle: int, extents: list[Extent], previous: bytes,
-            hashed: list[Extent] | None = None) -> CycleCommit:
+def _commit(
+    cycle: int, extents: list[Extent], previous: bytes, hashed: list[Extent] | None = None
+) -> CycleCommit:
     return CycleCommit(
-        vm=BAD, epoch=EPOCH, cycle=cycle, started_at_ms=1, cut_at_ms=2, batches=1,
-        extents=len(extents), bytes_written=sum(e.length for e in extents), payload_bytes=0,
+        vm=BAD,
+        epoch=EPOCH,
+        cycle=cycle,
+        started_at_ms=1,
+        cut_at_ms=2,
+        batches=1,
+        extents=len(extents),
+        bytes_written=sum(e.length for e in extents),
+        payload_bytes=0,
         consistency=Consistency.CRASH,
         disks=tuple(DiskSize(name, size) for name, size in DISKS.items()),
         previous_hash=previous,
-        cycle_hash=cycle_hash(previous, EPOCH, cycle, extents if hashed is None else hashed))
+        cycle_hash=cycle_hash(previous, EPOCH, cycle, extents if hashed is None else hashed),
+    )
 
 
 def _valid_writes() -> list[tuple[str, int, bytes]]:
@@ -172,66 +188,106 @@ def forge(case: str, cycle: int, previous: bytes) -> Forged:
     """The bad transaction of ``case`` for a replica that applied up to ``cycle - 1``."""
     if case == "skipped-cycle":
         batch, extents = _batch(cycle + 1, _valid_writes())
-        return Forged([encode(batch), encode(_commit(cycle + 1, extents, previous))], 0, RESYNC,
-                      f"expected a batch of cycle {cycle} in epoch {EPOCH}, got cycle "
-                      f"{cycle + 1} of epoch {EPOCH} (a gap or a replay in the journal)")
+        return Forged(
+            [encode(batch), encode(_commit(cycle + 1, extents, previous))],
+            0,
+            RESYNC,
+            f"expected a batch of cycle {cycle} in epoch {EPOCH}, got cycle "
+            f"{cycle + 1} of epoch {EPOCH} (a gap or a replay in the journal)",
+        )
     if case == "bad-checksum":
         batch, extents = _batch(cycle, _valid_writes())
         payload = bytearray(batch.payload)
         payload[8192 + 100] ^= 0x01  # one bit of the second extent flips in transit
-        corrupt = WriteBatch(BAD, EPOCH, cycle, 0, batch.extents, Compression.NONE,
-                             bytes(payload))
-        return Forged([encode(corrupt), encode(_commit(cycle, extents, previous))], 1, RESYNC,
-                      f"cycle {cycle} batch 0: checksum mismatch for 4096 bytes at 8192 of disk "
-                      "'disk1'")
+        corrupt = WriteBatch(BAD, EPOCH, cycle, 0, batch.extents, Compression.NONE, bytes(payload))
+        return Forged(
+            [encode(corrupt), encode(_commit(cycle, extents, previous))],
+            1,
+            RESYNC,
+            f"cycle {cycle} batch 0: checksum mismatch for 4096 bytes at 8192 of disk 'disk1'",
+        )
     if case in ("not-avro", "truncated-avro"):
         name = "not_avro.bin" if case == "not-avro" else "truncated_write_batch.bin"
         batch, extents = _batch(cycle, _valid_writes())
-        problem = ("record of 83 bytes starts with 7B 22, expected the Avro single-object "
-                   "marker C3 01; it is not a vmreplica record or is corrupted"
-                   if case == "not-avro" else
-                   "WriteBatch record of 2068 bytes is truncated: its body ends before the "
-                   "record is complete")
-        return Forged([encode(batch), (DATA_DIR / name).read_bytes(),
-                       encode(_commit(cycle, extents, previous))], 1, ERROR,
-                      f"undecodable record: {problem}")
+        problem = (
+            "record of 83 bytes starts with 7B 22, expected the Avro single-object "
+            "marker C3 01; it is not a vmreplica record or is corrupted"
+            if case == "not-avro"
+            else "WriteBatch record of 2068 bytes is truncated: its body ends before the "
+            "record is complete"
+        )
+        return Forged(
+            [
+                encode(batch),
+                (DATA_DIR / name).read_bytes(),
+                encode(_commit(cycle, extents, previous)),
+            ],
+            1,
+            ERROR,
+            f"undecodable record: {problem}",
+        )
     if case == "past-end":
         size = DISKS["disk1"]
         writes = [*_valid_writes(), ("disk1", size - 4096, os.urandom(8192))]
         batch, extents = _batch(cycle, writes)
-        return Forged([encode(batch), encode(_commit(cycle, extents, previous))], 1, ERROR,
-                      f"cycle {cycle} batch 0: extent of 8192 bytes at {size - 4096} lies past "
-                      f"the end of disk 'disk1' ({size} bytes)")
+        return Forged(
+            [encode(batch), encode(_commit(cycle, extents, previous))],
+            1,
+            ERROR,
+            f"cycle {cycle} batch 0: extent of 8192 bytes at {size - 4096} lies past "
+            f"the end of disk 'disk1' ({size} bytes)",
+        )
     if case == "broken-chain":
         batch, extents = _batch(cycle, _valid_writes())
         other = hashlib.sha256(b"another history").digest()
-        return Forged([encode(batch), encode(_commit(cycle, extents, other))], 1, RESYNC,
-                      f"cycle {cycle} does not chain to the cycle this replica applied last "
-                      "(previous hash differs): the journal was rewritten or another primary "
-                      "wrote it")
+        return Forged(
+            [encode(batch), encode(_commit(cycle, extents, other))],
+            1,
+            RESYNC,
+            f"cycle {cycle} does not chain to the cycle this replica applied last "
+            "(previous hash differs): the journal was rewritten or another primary "
+            "wrote it",
+        )
     if case == "altered-records":
         batch, extents = _batch(cycle, _valid_writes())
-        moved = [Extent(e.disk, e.offset + 4096, e.length, e.kind, e.payload_offset, e.crc32)
-                 for e in extents]  # the commit was hashed over other offsets
-        return Forged([encode(batch), encode(_commit(cycle, extents, previous, moved))], 1,
-                      RESYNC, f"cycle {cycle}: hash chain mismatch; its records were altered")
+        moved = [
+            Extent(e.disk, e.offset + 4096, e.length, e.kind, e.payload_offset, e.crc32)
+            for e in extents
+        ]  # the commit was hashed over other offsets
+        return Forged(
+            [encode(batch), encode(_commit(cycle, extents, previous, moved))],
+            1,
+            RESYNC,
+            f"cycle {cycle}: hash chain mismatch; its records were altered",
+        )
     if case == "config-escape":
-        config = VmConfig(BAD, EPOCH, (DiskSize("../../../../x", MiB),), 30, 0, None, "site-a",
-                          1)
-        return Forged([encode(config)], 0, ERROR, "invalid VmConfig record: disks[0]: disk "
-                      f"name '../../../../x' {NAME_RULE}")
+        config = VmConfig(BAD, EPOCH, (DiskSize("../../../../x", MiB),), 30, 0, None, "site-a", 1)
+        return Forged(
+            [encode(config)],
+            0,
+            ERROR,
+            f"invalid VmConfig record: disks[0]: disk name '../../../../x' {NAME_RULE}",
+        )
     if case == "negative-offset":
         batch, extents = _batch(cycle, [*_valid_writes(), ("disk1", -4096, os.urandom(4096))])
         # The chain cannot even hash a negative offset: the commit covers the valid extents.
-        return Forged([encode(batch), encode(_commit(cycle, extents[:2], previous))], 0, ERROR,
-                      "invalid WriteBatch record: extents[2]: offset -4096 is negative")
+        return Forged(
+            [encode(batch), encode(_commit(cycle, extents[:2], previous))],
+            0,
+            ERROR,
+            "invalid WriteBatch record: extents[2]: offset -4096 is negative",
+        )
     if case == "absurd-length":
         batch, extents = _batch(cycle, _valid_writes())
         extents.append(Extent("disk0", 0, 2**62, ExtentKind.ZERO, 0, 0))
         huge = WriteBatch(BAD, EPOCH, cycle, 0, tuple(extents), Compression.NONE, batch.payload)
-        return Forged([encode(huge), encode(_commit(cycle, extents, previous))], 0, ERROR,
-                      "invalid WriteBatch record: extents[2]: 4611686018427387904 bytes at 0 "
-                      "end beyond the largest disk vmreplica accepts (64 TiB)")
+        return Forged(
+            [encode(huge), encode(_commit(cycle, extents, previous))],
+            0,
+            ERROR,
+            "invalid WriteBatch record: extents[2]: 4611686018427387904 bytes at 0 "
+            "end beyond the largest disk vmreplica accepts (64 TiB)",
+        )
     raise AssertionError(case)
 
 
@@ -254,18 +310,30 @@ class ReplicaState:
 async def _replica_state(catalog: Catalog, folder: Path) -> ReplicaState:
     return ReplicaState(
         {name: sha256_of(image_path(folder, name)) for name in DISKS},
-        await catalog.position(BAD), [p.cycle for p in await catalog.points(BAD)],
-        sorted(p.name for p in (folder / "undo").glob("*")))
+        await catalog.position(BAD),
+        [p.cycle for p in await catalog.points(BAD)],
+        sorted(p.name for p in (folder / "undo").glob("*")),
+    )
 
 
-CASES: Final = ("skipped-cycle", "bad-checksum", "not-avro", "truncated-avro", "past-end",
-                "broken-chain", "altered-records", "config-escape", "negative-offset",
-                "absurd-length")
+CASES: Final = (
+    "skipped-cycle",
+    "bad-checksum",
+    "not-avro",
+    "truncated-avro",
+    "past-end",
+    "broken-chain",
+    "altered-records",
+    "config-escape",
+    "negative-offset",
+    "absurd-length",
+)
 
 
 @pytest.mark.parametrize("case", CASES)
 async def test_bad_event_stops_only_its_vm_and_changes_no_byte(
-        site_pair: SitePair, vm: VmFactory, case: str) -> None:
+    site_pair: SitePair, vm: VmFactory, case: str
+) -> None:
     """The forged transaction is refused whole, with the exact state and message."""
     async with two_vms(site_pair, vm) as pair:
         catalog = pair.site_b.catalog
@@ -298,8 +366,9 @@ async def test_bad_event_stops_only_its_vm_and_changes_no_byte(
         shipped = await good.replicate()
         assert await pair.replicas[GOOD].catch_up() == shipped[-1].cycle
         assert pair.replicas[GOOD].violation is None
-        assert ({name: sha256_of(image) for name, image in pair.replicas[GOOD].images.items()}
-                == {name: sha256_of(path) for name, path in pair.disks[GOOD].items()})
+        assert {name: sha256_of(image) for name, image in pair.replicas[GOOD].images.items()} == {
+            name: sha256_of(path) for name, path in pair.disks[GOOD].items()
+        }
         assert (await catalog.vm(GOOD)).state is ReplicationState.REPLICATING
 
 
@@ -310,16 +379,22 @@ def _start_agent(config_file: Path, log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "vmreplica.cli", "agent", "--config", str(config_file)],
-            stdout=out, stderr=subprocess.STDOUT)
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def _tail(log: Path) -> str:
     return log.read_text()[-3000:]
 
 
-async def _wait_for(check: Callable[[], Awaitable[bool]], what: str,
-                    agent: subprocess.Popen[bytes], log: Path,
-                    timeout_seconds: float = 60.0) -> None:
+async def _wait_for(
+    check: Callable[[], Awaitable[bool]],
+    what: str,
+    agent: subprocess.Popen[bytes],
+    log: Path,
+    timeout_seconds: float = 60.0,
+) -> None:
     deadline = time.monotonic() + timeout_seconds
     while not await check():
         assert agent.poll() is None, f"the agent exited: {_tail(log)}"
@@ -328,7 +403,8 @@ async def _wait_for(check: Callable[[], Awaitable[bool]], what: str,
 
 
 async def test_agent_keeps_replicating_the_healthy_vm_after_a_bad_event(
-        tmp_path: Path, sites: SiteFactory, vm: VmFactory) -> None:
+    tmp_path: Path, sites: SiteFactory, vm: VmFactory
+) -> None:
     """A real agent process: the bad VM stops with "resynchronization required", the good
     one applies three more cycles, and the bad VM's images do not change."""
     config_b = sites.config("site-b")
@@ -340,23 +416,30 @@ async def test_agent_keeps_replicating_the_healthy_vm_after_a_bad_event(
         agent = _start_agent(config_file, log)
         try:
             async with Catalog(config_b.catalog_path) as catalog:
+
                 def applied(name: str, cycle: int) -> Callable[[], Awaitable[bool]]:
                     async def check() -> bool:
                         if await catalog.find_vm(name) is None:
                             return False
                         position = await catalog.position(name)
                         return position is not None and position.cycle == cycle
+
                     return check
 
                 for name, position in shipped.items():
                     assert position is not None
-                    await _wait_for(applied(name, position.cycle), f"{name} at cycle "
-                                    f"{position.cycle}", agent, log)
+                    await _wait_for(
+                        applied(name, position.cycle),
+                        f"{name} at cycle {position.cycle}",
+                        agent,
+                        log,
+                    )
                 folder = config_b.vm_folder(BAD)
                 before = await _replica_state(catalog, folder)
                 assert before.position is not None
-                forged = forge("broken-chain", before.position.cycle + 1,
-                               before.position.cycle_hash)
+                forged = forge(
+                    "broken-chain", before.position.cycle + 1, before.position.cycle_hash
+                )
                 offsets = await publish_forged(site_a, forged)
 
                 async def refused() -> bool:
@@ -365,7 +448,8 @@ async def test_agent_keeps_replicating_the_healthy_vm_after_a_bad_event(
                 await _wait_for(refused, "the bad VM to be stopped", agent, log)
                 record = await catalog.vm(BAD)
                 assert record.state_message == (
-                    f"VM 'bad', journal offset {offsets[forged.culprit]}: {forged.message}")
+                    f"VM 'bad', journal offset {offsets[forged.culprit]}: {forged.message}"
+                )
 
                 # The bad VM's real primary ships its next cycle; the agent still applies
                 # nothing of it, however often it looks at the VM again.
@@ -378,8 +462,9 @@ async def test_agent_keeps_replicating_the_healthy_vm_after_a_bad_event(
                     last = (await good.replicate())[-1].cycle
                 await _wait_for(applied(GOOD, last), f"good at cycle {last}", agent, log)
                 good_folder = config_b.vm_folder(GOOD)
-                assert ({name: sha256_of(image_path(good_folder, name)) for name in DISKS}
-                        == {name: sha256_of(path) for name, path in disks[GOOD].items()})
+                assert {name: sha256_of(image_path(good_folder, name)) for name in DISKS} == {
+                    name: sha256_of(path) for name, path in disks[GOOD].items()
+                }
                 assert (await catalog.vm(GOOD)).state is ReplicationState.REPLICATING
                 assert (await catalog.vm(BAD)).state is forged.state
                 assert await _replica_state(catalog, folder) == before
@@ -409,25 +494,46 @@ def forged_vms(outside: Path) -> list[ForgedVm]:
     """``outside`` is a folder beside the site roots: an absolute name pointing into it."""
     escape = str(outside / "abs" / "x")
     return [
-        ForgedVm("evil-dotdot", (DiskSize("../../x", MiB),),
-                 f"disks[0]: disk name '../../x' {NAME_RULE}"),
-        ForgedVm("evil-out", (DiskSize("disk0", MiB), DiskSize("../../../../x", MiB)),
-                 f"disks[1]: disk name '../../../../x' {NAME_RULE}"),
-        ForgedVm("evil-abs", (DiskSize("/abs/x", MiB),),
-                 f"disks[0]: disk name '/abs/x' {NAME_RULE}"),
-        ForgedVm("evil-abs-here", (DiskSize(escape, MiB),),
-                 f"disks[0]: disk name {shown_name(escape)} {NAME_RULE}"),
-        ForgedVm("evil-nul", (DiskSize("x\x00y", MiB),),
-                 f"disks[0]: disk name 'x\\x00y' {NAME_RULE}"),
-        ForgedVm("evil-long", (DiskSize("x" * 1000, MiB),),
-                 f"disks[0]: disk name '{'x' * 40}'... (1000 characters) {NAME_RULE}"),
-        ForgedVm("evil-huge", (DiskSize("disk0", 2**62),),
-                 "disks[0].size_bytes is 4611686018427387904 bytes, larger than the largest "
-                 "disk vmreplica accepts (64 TiB)"),
-        ForgedVm("evil-negative", (DiskSize("disk0", -MiB),),
-                 "disks[0].size_bytes is -1048576 bytes: a size cannot be negative"),
-        ForgedVm("evil-many", tuple(DiskSize(f"d{i}", MiB) for i in range(1000)),
-                 "disks holds 1000 items; allowed: 1 to 256"),
+        ForgedVm(
+            "evil-dotdot", (DiskSize("../../x", MiB),), f"disks[0]: disk name '../../x' {NAME_RULE}"
+        ),
+        ForgedVm(
+            "evil-out",
+            (DiskSize("disk0", MiB), DiskSize("../../../../x", MiB)),
+            f"disks[1]: disk name '../../../../x' {NAME_RULE}",
+        ),
+        ForgedVm(
+            "evil-abs", (DiskSize("/abs/x", MiB),), f"disks[0]: disk name '/abs/x' {NAME_RULE}"
+        ),
+        ForgedVm(
+            "evil-abs-here",
+            (DiskSize(escape, MiB),),
+            f"disks[0]: disk name {shown_name(escape)} {NAME_RULE}",
+        ),
+        ForgedVm(
+            "evil-nul", (DiskSize("x\x00y", MiB),), f"disks[0]: disk name 'x\\x00y' {NAME_RULE}"
+        ),
+        ForgedVm(
+            "evil-long",
+            (DiskSize("x" * 1000, MiB),),
+            f"disks[0]: disk name '{'x' * 40}'... (1000 characters) {NAME_RULE}",
+        ),
+        ForgedVm(
+            "evil-huge",
+            (DiskSize("disk0", 2**62),),
+            "disks[0].size_bytes is 4611686018427387904 bytes, larger than the largest "
+            "disk vmreplica accepts (64 TiB)",
+        ),
+        ForgedVm(
+            "evil-negative",
+            (DiskSize("disk0", -MiB),),
+            "disks[0].size_bytes is -1048576 bytes: a size cannot be negative",
+        ),
+        ForgedVm(
+            "evil-many",
+            tuple(DiskSize(f"d{i}", MiB) for i in range(1000)),
+            "disks holds 1000 items; allowed: 1 to 256",
+        ),
         ForgedVm("evil-other", (DiskSize("disk0", MiB),), "", config_vm=GOOD),
     ]
 
@@ -435,8 +541,10 @@ def forged_vms(outside: Path) -> list[ForgedVm]:
 def refusal(forged: ForgedVm, offset: int) -> str:
     """What the replica site says about ``forged``, its VmConfig at journal ``offset``."""
     if forged.config_vm is not None:
-        return (f"VM {forged.vm!r}, journal offset {offset}: VmConfig describes VM "
-                f"{forged.config_vm!r}, not the journal's VM")
+        return (
+            f"VM {forged.vm!r}, journal offset {offset}: VmConfig describes VM "
+            f"{forged.config_vm!r}, not the journal's VM"
+        )
     return f"VM {forged.vm!r}, journal offset {offset}: invalid VmConfig record: {forged.problem}"
 
 
@@ -450,8 +558,11 @@ async def publish_forged_vm(site: Site, forged: ForgedVm) -> int:
     config = VmConfig(vm, EPOCH, forged.disks, 30, 0, None, "site-a", 1)
     done = SeedChunk(vm, EPOCH, "", 0, 0, Compression.NONE, b"", 0, "forged", True)
     async with JournalPublisher(site.connection, f"forger-{uuid.uuid4().hex}") as forger:
-        offsets = await forger.publish(site.journal_topic(forged.vm), forged.vm.encode(),
-                                       [encode(start), encode(config), encode(done)])
+        offsets = await forger.publish(
+            site.journal_topic(forged.vm),
+            forged.vm.encode(),
+            [encode(start), encode(config), encode(done)],
+        )
     return offsets[1]
 
 
@@ -489,13 +600,15 @@ def check_nothing_of_them_exists(root: Path) -> None:
     assert sorted(path.name for path in (root / "vms").iterdir()) == [BAD, GOOD]
     for name in (BAD, GOOD):
         assert sorted(path.name for path in (root / "vms" / name / "disks").iterdir()) == [
-            f"{disk}.img" for disk in DISKS]
+            f"{disk}.img" for disk in DISKS
+        ]
     assert [path for path in root.rglob("*") if path.name.startswith(("x", "evil"))] == []
     assert not Path("/abs").exists()
 
 
 async def test_forged_vm_configs_are_refused_at_discovery_and_write_nothing(
-        tmp_path: Path, site_pair: SitePair, vm: VmFactory) -> None:
+    tmp_path: Path, site_pair: SitePair, vm: VmFactory
+) -> None:
     """Bad disk names and sizes in the VmConfig of journals a forger created: the replica site
     adopts none of them, says why naming the offset, creates no file anywhere (the tree beside
     its root is byte for byte the same, nothing under its root is named after them, ``/abs``
@@ -521,8 +634,9 @@ async def test_forged_vm_configs_are_refused_at_discovery_and_write_nothing(
             replica = await stack.enter_async_context(await site_b.replica(record))
             await replica.catch_up()
             assert replica.violation is None
-            assert ({name: sha256_of(image) for name, image in replica.images.items()}
-                    == {name: sha256_of(path) for name, path in disks[record.name].items()})
+            assert {name: sha256_of(image) for name, image in replica.images.items()} == {
+                name: sha256_of(path) for name, path in disks[record.name].items()
+            }
         assert await site_b.discover() == []  # and asking again changes nothing
         assert site_b.refused == expected
 
@@ -533,7 +647,8 @@ async def test_forged_vm_configs_are_refused_at_discovery_and_write_nothing(
 
 
 async def test_agent_refuses_forged_vm_configs_and_keeps_replicating(
-        tmp_path: Path, sites: SiteFactory, vm: VmFactory) -> None:
+    tmp_path: Path, sites: SiteFactory, vm: VmFactory
+) -> None:
     """A real agent process: forged journals appear while it replicates; it logs each refusal
     once, creates nothing for them, and applies the good VM's next cycles; no traceback."""
     config_b = sites.config("site-b")
@@ -546,6 +661,7 @@ async def test_agent_refuses_forged_vm_configs_and_keeps_replicating(
         agent = _start_agent(config_file, log)
         try:
             async with Catalog(config_b.catalog_path) as catalog:
+
                 async def applied(cycle: int) -> bool:
                     if await catalog.find_vm(GOOD) is None:
                         return False
@@ -559,8 +675,11 @@ async def test_agent_refuses_forged_vm_configs_and_keeps_replicating(
                 offsets = {f.vm: await publish_forged_vm(site_a, f) for f in forged}
                 busy = (config_b.root, site_a.config.root, tmp_path / "disks", log)
                 before = snapshot(tmp_path, *busy)
-                expected = [f"not adopting the VM of journal {site_a.journal_topic(f.vm)}: "
-                            f"{refusal(f, offsets[f.vm])}" for f in forged]
+                expected = [
+                    f"not adopting the VM of journal {site_a.journal_topic(f.vm)}: "
+                    f"{refusal(f, offsets[f.vm])}"
+                    for f in forged
+                ]
 
                 async def all_refused() -> bool:
                     text = log.read_text()
@@ -574,9 +693,9 @@ async def test_agent_refuses_forged_vm_configs_and_keeps_replicating(
                 await _wait_for(lambda: applied(last), f"good at cycle {last}", agent, log)
                 await asyncio.sleep(DISCOVERY_SECONDS + 0.5)  # another look at the topics
                 assert sorted(r.name for r in await catalog.vms()) == [BAD, GOOD]
-                assert ({name: sha256_of(image_path(config_b.vm_folder(GOOD), name))
-                         for name in DISKS}
-                        == {name: sha256_of(path) for name, path in disks[GOOD].items()})
+                assert {
+                    name: sha256_of(image_path(config_b.vm_folder(GOOD), name)) for name in DISKS
+                } == {name: sha256_of(path) for name, path in disks[GOOD].items()}
                 assert (await catalog.vm(GOOD)).state is ReplicationState.REPLICATING
         finally:
             agent.send_signal(signal.SIGTERM)

@@ -27,8 +27,14 @@ def vmreplica(home: Path, *args: str, path: str | None = None) -> subprocess.Com
     env = {**os.environ, "VMREPLICA_HOME": str(home)}
     if path is not None:
         env["PATH"] = path
-    return subprocess.run([sys.executable, "-m", "vmreplica.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "vmreplica.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def our_jvms(home: Path) -> list[int]:
@@ -54,8 +60,9 @@ def test_broker_up_is_listed_by_kcat_and_down_leaves_nothing(tmp_path: Path) -> 
         status = json.loads(vmreplica(tmp_path, "broker", "status", "--json").stdout)
         assert status["running"] is True
         assert status["bootstrap_servers"] == bootstrap
-        listing = subprocess.run(["kcat", "-L", "-b", bootstrap], capture_output=True,
-                                 text=True, timeout=60, check=True).stdout
+        listing = subprocess.run(
+            ["kcat", "-L", "-b", bootstrap], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
         assert "1 brokers:" in listing
         assert f"broker 1 at {bootstrap}" in listing
         assert len(our_jvms(tmp_path)) == 1
@@ -73,8 +80,7 @@ def test_broker_up_without_java_names_what_is_missing(tmp_path: Path) -> None:
     bare = tmp_path / "bin"
     bare.mkdir()
     (bare / "python").symlink_to(sys.executable)
-    result = vmreplica(tmp_path, "broker", "up", "--port", str(free_base_port()),
-                       path=str(bare))
+    result = vmreplica(tmp_path, "broker", "up", "--port", str(free_base_port()), path=str(bare))
     assert result.returncode == 1
     message = " ".join(result.stderr.split())
     assert "java is not on PATH" in message

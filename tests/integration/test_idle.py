@@ -43,8 +43,9 @@ RPO_LIMIT_SECONDS: Final = 2.0
 SAMPLE_SECONDS: Final = 2.5
 
 
-async def wait_until(check: Callable[[], Awaitable[bool]], what: str,
-                     timeout_seconds: float = 60.0) -> float:
+async def wait_until(
+    check: Callable[[], Awaitable[bool]], what: str, timeout_seconds: float = 60.0
+) -> float:
     """Poll ``check`` every 50 ms; return the seconds it took."""
     started = time.monotonic()
     while not await check():
@@ -75,18 +76,25 @@ async def status(site: Site, vm: str) -> VmStatus:
 
 async def primary_replicating(site: Site, vm: str) -> bool:
     record = await site.catalog.vm(vm)
-    return record.state is ReplicationState.REPLICATING and (
-        await site.catalog.position(vm)) is not None
+    return (
+        record.state is ReplicationState.REPLICATING
+        and (await site.catalog.position(vm)) is not None
+    )
 
 
 async def test_an_idle_vm_publishes_nothing_and_stays_up_to_date(
-        sites: SiteFactory, vm: VmFactory, bootstrap_servers: str,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    sites: SiteFactory, vm: VmFactory, bootstrap_servers: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     site_a = await sites.start("site-a")
     site_b = await sites.start("site-b", metrics_port=0)
     assert site_a.config.heartbeat_seconds == 30.0  # the default: what users get
-    name = (await vm(site_a, {"disk0": 1024 * KiB},
-                     VmSettings(frequency_seconds=0, continuous_points_hours=1))).name
+    name = (
+        await vm(
+            site_a,
+            {"disk0": 1024 * KiB},
+            VmSettings(frequency_seconds=0, continuous_points_hours=1),
+        )
+    ).name
     topic = site_a.journal_topic(name)
     agent_a, agent_b = Agent(site_a), Agent(site_b)
     tasks = [asyncio.create_task(agent.run()) for agent in (agent_a, agent_b)]
@@ -99,13 +107,18 @@ async def test_an_idle_vm_publishes_nothing_and_stays_up_to_date(
 
         def gauge_rpo() -> float | None:
             return agent_b.metrics.registry.get_sample_value(
-                "vmreplica_rpo_seconds", {"site": "site-b", "vm": name, "role": "replica"})
+                "vmreplica_rpo_seconds", {"site": "site-b", "vm": name, "role": "replica"}
+            )
 
         async def told_idle() -> bool:  # the replica heard that nothing waits, and shows it
             heartbeat = await site_b.catalog.last_heartbeat(name)
             rpo = gauge_rpo()
-            return (heartbeat is not None and heartbeat.idle and rpo is not None
-                    and rpo <= RPO_LIMIT_SECONDS)
+            return (
+                heartbeat is not None
+                and heartbeat.idle
+                and rpo is not None
+                and rpo <= RPO_LIMIT_SECONDS
+            )
 
         await wait_until(lambda: primary_replicating(site_a, name), "the seed")
         await primary.capture.write("disk0", 0, b"\x5a" * (64 * KiB))
@@ -122,16 +135,16 @@ async def test_an_idle_vm_publishes_nothing_and_stays_up_to_date(
         deadline = time.monotonic() + IDLE_SECONDS
         while (left := deadline - time.monotonic()) > 0:
             await asyncio.sleep(min(SAMPLE_SECONDS, left))
-            samples.append((await status(site_a, name), await status(site_b, name),
-                            gauge_rpo()))
+            samples.append((await status(site_a, name), await status(site_b, name), gauge_rpo()))
         after = await end_offset(bootstrap_servers, topic)
         with capsys.disabled():
-            print(f"\nidle for {IDLE_SECONDS:.0f} s: the journal's end offset moved "
-                  f"{after - before} ({before} -> {after})")
+            print(
+                f"\nidle for {IDLE_SECONDS:.0f} s: the journal's end offset moved "
+                f"{after - before} ({before} -> {after})"
+            )
         assert after - before <= MAX_IDLE_OFFSETS
         assert await site_a.catalog.position(name) == shipped  # no cycle
-        assert (await site_b.catalog.count_points(name), undo_files(site_b, name)) == (
-            points, undo)
+        assert (await site_b.catalog.count_points(name), undo_files(site_b, name)) == (points, undo)
         for at_a, at_b, rpo in samples:
             for seen in (at_a, at_b):
                 assert seen.record.state is ReplicationState.REPLICATING
@@ -141,8 +154,12 @@ async def test_an_idle_vm_publishes_nothing_and_stays_up_to_date(
                 assert seen.seconds_behind <= RPO_LIMIT_SECONDS, seen
             assert rpo is not None
             assert rpo <= RPO_LIMIT_SECONDS
-        assert agent_b.metrics.registry.get_sample_value(
-            "vmreplica_cycles_missed_total", {"site": "site-b", "vm": name}) == 0
+        assert (
+            agent_b.metrics.registry.get_sample_value(
+                "vmreplica_cycles_missed_total", {"site": "site-b", "vm": name}
+            )
+            == 0
+        )
 
         # A write after the idle stretch ships at the next check, a second later at most.
         written = time.monotonic()
@@ -159,8 +176,10 @@ async def test_an_idle_vm_publishes_nothing_and_stays_up_to_date(
         await wait_until(lambda: applied(cycle), f"cycle {cycle} at the replica")
         applied_after = time.monotonic() - written
         with capsys.disabled():
-            print(f"a write after the idle stretch: shipped after {shipped_after:.2f} s, "
-                  f"applied after {applied_after:.2f} s")
+            print(
+                f"a write after the idle stretch: shipped after {shipped_after:.2f} s, "
+                f"applied after {applied_after:.2f} s"
+            )
         assert shipped_after < 2.5
         assert applied_after < 3.0
         after_write = await status(site_b, name)
@@ -171,4 +190,3 @@ async def test_an_idle_vm_publishes_nothing_and_stays_up_to_date(
         for agent in (agent_a, agent_b):
             agent.stop()
         await asyncio.gather(*tasks)
-

@@ -35,7 +35,8 @@ def plain_readers() -> dict[bytes, tuple[str, Any]]:
 
 
 async def test_a_shipped_cycle_decodes_with_plain_fastavro(
-        sites: SiteFactory, vm: VmFactory, kafka: KafkaConnection) -> None:
+    sites: SiteFactory, vm: VmFactory, kafka: KafkaConnection
+) -> None:
     async with sites.site("site-a") as site:
         record = (await vm(site, {"disk0": 4 * 1024 * 1024}, VmSettings())).record
         async with site.primary(record) as primary:
@@ -51,8 +52,10 @@ async def test_a_shipped_cycle_decodes_with_plain_fastavro(
             for message in await reader.fetch(0.5):
                 assert message.value[:2] == b"\xc3\x01"
                 name, schema = readers[message.value[2:10]]
-                body = cast(dict[str, Any], fastavro.schemaless_reader(
-                    io.BytesIO(message.value[10:]), schema))
+                body = cast(
+                    dict[str, Any],
+                    fastavro.schemaless_reader(io.BytesIO(message.value[10:]), schema),
+                )
                 names.append(name)
                 if name == "WriteBatch":
                     assert body["vm"] == record.name

@@ -33,7 +33,8 @@ async def read_all(kafka: KafkaConnection, topic: str, *, expect: int) -> list[b
 
 
 async def test_journal_topic_is_created_with_explicit_configs(
-        topic_admin: TopicAdmin, unique: Callable[[str], str]) -> None:
+    topic_admin: TopicAdmin, unique: Callable[[str], str]
+) -> None:
     name = journal_topic(unique("vm"))
     spec = journal_spec(name, replication_factor=1, retention_hours=48)
 
@@ -47,11 +48,15 @@ async def test_journal_topic_is_created_with_explicit_configs(
 
 
 async def test_committed_transaction_is_seen_whole_and_open_one_not_at_all(
-        kafka: KafkaConnection, topic_admin: TopicAdmin, unique: Callable[[str], str]) -> None:
+    kafka: KafkaConnection, topic_admin: TopicAdmin, unique: Callable[[str], str]
+) -> None:
     topic = journal_topic(unique("vm"))
     await topic_admin.ensure_topic(journal_spec(topic, 1))
-    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers,
-                                transactional_id=unique("txn"), enable_idempotence=True)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=kafka.bootstrap_servers,
+        transactional_id=unique("txn"),
+        enable_idempotence=True,
+    )
     await producer.start()
     try:
         await producer.begin_transaction()
@@ -68,11 +73,15 @@ async def test_committed_transaction_is_seen_whole_and_open_one_not_at_all(
 
 
 async def test_aborted_transaction_is_never_seen(
-        kafka: KafkaConnection, topic_admin: TopicAdmin, unique: Callable[[str], str]) -> None:
+    kafka: KafkaConnection, topic_admin: TopicAdmin, unique: Callable[[str], str]
+) -> None:
     topic = journal_topic(unique("vm"))
     await topic_admin.ensure_topic(journal_spec(topic, 1))
-    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers,
-                                transactional_id=unique("txn"), enable_idempotence=True)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=kafka.bootstrap_servers,
+        transactional_id=unique("txn"),
+        enable_idempotence=True,
+    )
     await producer.start()
     try:
         await producer.begin_transaction()
@@ -90,7 +99,8 @@ async def test_aborted_transaction_is_never_seen(
 
 
 async def test_second_producer_with_same_transactional_id_fences_the_first(
-        kafka: KafkaConnection, topic_admin: TopicAdmin, unique: Callable[[str], str]) -> None:
+    kafka: KafkaConnection, topic_admin: TopicAdmin, unique: Callable[[str], str]
+) -> None:
     topic = journal_topic(unique("vm"))
     await topic_admin.ensure_topic(journal_spec(topic, 1))
     shared_id = unique("vm-primary")

@@ -36,10 +36,13 @@ from vmreplica.domain.states import synced_at_ms
 from vmreplica.runtime.agent import Agent
 from vmreplica.runtime.metrics import CycleStat
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(shutil.which("promtool") is None
-                                 or shutil.which("prometheus") is None,
-                                 reason="needs Prometheus (promtool and the server)")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        shutil.which("promtool") is None or shutil.which("prometheus") is None,
+        reason="needs Prometheus (promtool and the server)",
+    ),
+]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KiB = 1024
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -51,16 +54,20 @@ def scrape(url: str) -> str:
 
 
 def samples(text: str) -> Samples:
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(found: Samples, name: str, **labels: str) -> float | None:
     return found.get((name, frozenset(labels.items())))
 
 
-async def wait_for(url: str, ready: Callable[[Samples], bool], what: str,
-                   timeout_seconds: float = 60.0) -> str:
+async def wait_for(
+    url: str, ready: Callable[[Samples], bool], what: str, timeout_seconds: float = 60.0
+) -> str:
     deadline = time.monotonic() + timeout_seconds
     while True:
         text = await asyncio.to_thread(scrape, url)
@@ -112,12 +119,14 @@ async def keep_writing(agent: Agent, vm: str) -> None:
 @pytest.fixture
 async def pair(sites: SiteFactory, vm: VmFactory) -> AsyncIterator[Pair]:
     site_a = await sites.start("site-a", metrics_port=0, heartbeat_seconds=1.0)
-    site_b = await sites.start("site-b", metrics_port=0, metrics_address="0.0.0.0",
-                               heartbeat_seconds=1.0)
+    site_b = await sites.start(
+        "site-b", metrics_port=0, metrics_address="0.0.0.0", heartbeat_seconds=1.0
+    )
     name = (await vm(site_a, {"disk0": 1024 * KiB}, VmSettings(frequency_seconds=0))).name
     agent_a, agent_b = Agent(site_a), Agent(site_b)
-    running = Pair(agent_a, agent_b, name,
-                   [asyncio.create_task(agent.run()) for agent in (agent_a, agent_b)])
+    running = Pair(
+        agent_a, agent_b, name, [asyncio.create_task(agent.run()) for agent in (agent_a, agent_b)]
+    )
     try:
         primary = await agent_a.primary(name, 60)
         await primary.capture.write("disk0", 0, b"\x5a" * (64 * KiB))
@@ -133,8 +142,9 @@ async def pair(sites: SiteFactory, vm: VmFactory) -> AsyncIterator[Pair]:
             running.writer.cancel()
         for agent in (agent_a, agent_b):
             agent.stop()
-        await asyncio.gather(*running.tasks, *[running.writer] if running.writer else [],
-                             return_exceptions=True)
+        await asyncio.gather(
+            *running.tasks, *[running.writer] if running.writer else [], return_exceptions=True
+        )
 
 
 async def test_a_replicating_pair_counts_real_cycles_and_passes_promtool(pair: Pair) -> None:
@@ -142,14 +152,22 @@ async def test_a_replicating_pair_counts_real_cycles_and_passes_promtool(pair: P
     agent_a, agent_b = pair.agent_a, pair.agent_b
     a = {"site": "site-a", "vm": name}
     b = {"site": "site-b", "vm": name}
-    text_a = await wait_for(pair.url_a, lambda found: (
-        (value(found, "vmreplica_cycles_shipped_total", **a) or 0) >= 3
-        and (value(found, "vmreplica_written_bytes_total", **a) or 0) >= 64 * KiB),
-        "site A to ship three cycles")
-    text_b = await wait_for(pair.url_b, lambda found: (
-        (value(found, "vmreplica_cycles_applied_total", **b) or 0) >= 3
-        and value(found, "vmreplica_rpo_seconds", **b, role="replica") is not None),
-        "site B to apply three cycles")
+    text_a = await wait_for(
+        pair.url_a,
+        lambda found: (
+            (value(found, "vmreplica_cycles_shipped_total", **a) or 0) >= 3
+            and (value(found, "vmreplica_written_bytes_total", **a) or 0) >= 64 * KiB
+        ),
+        "site A to ship three cycles",
+    )
+    text_b = await wait_for(
+        pair.url_b,
+        lambda found: (
+            (value(found, "vmreplica_cycles_applied_total", **b) or 0) >= 3
+            and value(found, "vmreplica_rpo_seconds", **b, role="replica") is not None
+        ),
+        "site B to apply three cycles",
+    )
     for agent in (agent_a, agent_b):
         await pair.stop(agent)
 
@@ -171,26 +189,44 @@ async def test_a_replicating_pair_counts_real_cycles_and_passes_promtool(pair: P
         assert rpo is not None
         assert 0 <= rpo < 30, rpo  # a cycle a second: the newest write is seconds old
         assert value(found, "vmreplica_cycle_interval_seconds", **labels) == 1
-        assert value(found, "vmreplica_cycles_failed_total", site=labels["site"],
-                     vm=name, reason="network") == 0
-    assert value(found_a, "vmreplica_agent_info", site="site-a",
-                 version=importlib.metadata.version("vmreplica")) == 1
+        assert (
+            value(
+                found,
+                "vmreplica_cycles_failed_total",
+                site=labels["site"],
+                vm=name,
+                reason="network",
+            )
+            == 0
+        )
+    assert (
+        value(
+            found_a,
+            "vmreplica_agent_info",
+            site="site-a",
+            version=importlib.metadata.version("vmreplica"),
+        )
+        == 1
+    )
 
     # Every counted cycle is a row of the catalog's statistics, and every row up to the last
     # refresh is counted: the counters count real, durable events, each once.
-    for agent, counter, size in ((agent_a, "vmreplica_cycles_shipped_total",
-                                  "vmreplica_sent_bytes_total"),
-                                 (agent_b, "vmreplica_cycles_applied_total",
-                                  "vmreplica_applied_bytes_total")):
+    for agent, counter, size in (
+        (agent_a, "vmreplica_cycles_shipped_total", "vmreplica_sent_bytes_total"),
+        (agent_b, "vmreplica_cycles_applied_total", "vmreplica_applied_bytes_total"),
+    ):
         metrics = agent.metrics
-        rows = [CycleStat(*row) for row in
-                await agent.site.catalog.cycle_stats(name, metrics.started_ms)]
+        rows = [
+            CycleStat(*row)
+            for row in await agent.site.catalog.cycle_stats(name, metrics.started_ms)
+        ]
         counted = [row for row in rows if row.done_at_ms <= metrics.since_ms(name)]
         labels = {"site": agent.site.config.site, "vm": name}
         assert len(counted) >= 3
         assert metrics.registry.get_sample_value(counter, labels) == len(counted)
         assert metrics.registry.get_sample_value(size, labels) == sum(
-            row.size_bytes for row in counted)
+            row.size_bytes for row in counted
+        )
 
     check_with_promtool(text_a)
     check_with_promtool(text_b)
@@ -198,8 +234,9 @@ async def test_a_replicating_pair_counts_real_cycles_and_passes_promtool(pair: P
 
 def check_with_promtool(text: str) -> None:
     """Prometheus's own linter finds nothing in a real scrape."""
-    checked = subprocess.run(["promtool", "check", "metrics"], input=text, text=True,
-                             capture_output=True, check=False)
+    checked = subprocess.run(
+        ["promtool", "check", "metrics"], input=text, text=True, capture_output=True, check=False
+    )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert checked.stdout + checked.stderr == ""
 
@@ -211,23 +248,30 @@ class PrometheusServer:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = int(probe.getsockname()[1])
-        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                  "rule_files": [str(REPO_ROOT / "deploy" / "prometheus" / "alerts.yml")],
-                  "scrape_configs": [{"job_name": "vmreplica",
-                                      "static_configs": [{"targets": targets}]}]}
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(REPO_ROOT / "deploy" / "prometheus" / "alerts.yml")],
+            "scrape_configs": [{"job_name": "vmreplica", "static_configs": [{"targets": targets}]}],
+        }
         (folder / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
         self.log = (folder / "prometheus.log").open("wb")
         self.process = subprocess.Popen(
-            ["prometheus", f"--config.file={folder / 'prometheus.yml'}",
-             f"--storage.tsdb.path={folder / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                "prometheus",
+                f"--config.file={folder / 'prometheus.yml'}",
+                f"--storage.tsdb.path={folder / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
 
     def ready(self) -> bool:
         if self.process.poll() is not None:
             self.log.flush()
-            raise AssertionError(f"prometheus exited with {self.process.returncode}; see "
-                                 f"{self.log.name}")
+            raise AssertionError(
+                f"prometheus exited with {self.process.returncode}; see {self.log.name}"
+            )
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=5):
                 return True
@@ -241,8 +285,10 @@ class PrometheusServer:
 
     def query(self, promql: str) -> list[tuple[dict[str, str], float, float]]:
         """(labels, evaluation time, value) of each sample of an instant query."""
-        return [(r["metric"], float(r["value"][0]), float(r["value"][1]))
-                for r in self.api("query", query=promql)["result"]]
+        return [
+            (r["metric"], float(r["value"][0]), float(r["value"][1]))
+            for r in self.api("query", query=promql)["result"]
+        ]
 
     def one(self, promql: str) -> float | None:
         found = self.query(promql)
@@ -264,7 +310,8 @@ async def until(check: Callable[[], bool], what: str, timeout_seconds: float = 6
 
 
 async def test_a_prometheus_server_scrapes_the_pair_and_evaluates_the_rules(
-        pair: Pair, sites: SiteFactory, tmp_path: Path) -> None:
+    pair: Pair, sites: SiteFactory, tmp_path: Path
+) -> None:
     name = pair.vm
     target_a = pair.url_a.removeprefix("http://").removesuffix("/metrics")
     target_b = pair.url_b.removeprefix("http://").removesuffix("/metrics")
@@ -272,13 +319,20 @@ async def test_a_prometheus_server_scrapes_the_pair_and_evaluates_the_rules(
     b = f'site="site-b", vm="{name}"'
     try:
         await until(prometheus.ready, "Prometheus to start")
-        await until(lambda: (prometheus.one(f"vmreplica_cycles_applied_total{{{b}}}") or 0) >= 3,
-                    "Prometheus to see three cycles applied")
+        await until(
+            lambda: (prometheus.one(f"vmreplica_cycles_applied_total{{{b}}}") or 0) >= 3,
+            "Prometheus to see three cycles applied",
+        )
         rules = [rule for group in prometheus.api("rules")["groups"] for rule in group["rules"]]
         assert {rule["name"] for rule in rules} == {
-            "VmReplicationRpoExceeded", "VmReplicationMissedCycles",
-            "VmReplicationResyncRequired", "VmReplicationAgentDown",
-            "VmReplicationFailuresIncreasing", "VmReplicationCritical", "VmReplicationWarning"}
+            "VmReplicationRpoExceeded",
+            "VmReplicationMissedCycles",
+            "VmReplicationResyncRequired",
+            "VmReplicationAgentDown",
+            "VmReplicationFailuresIncreasing",
+            "VmReplicationCritical",
+            "VmReplicationWarning",
+        }
         assert {rule["health"] for rule in rules} == {"ok"}, rules
 
         # The primary's agent stops: nothing more ships, the replica applies the rest, and what
@@ -292,28 +346,50 @@ async def test_a_prometheus_server_scrapes_the_pair_and_evaluates_the_rules(
         def settled() -> bool:
             applied = prometheus.one(f"vmreplica_cycles_applied_total{{{b}}}")
             counted = metrics_b.registry.get_sample_value(
-                "vmreplica_cycles_applied_total", {"site": "site-b", "vm": name})
-            return (prometheus.one(f'vmreplica_last_cycle{{{b}, role="replica"}}')
-                    == shipped.cycle and applied is not None and applied == counted)
+                "vmreplica_cycles_applied_total", {"site": "site-b", "vm": name}
+            )
+            return (
+                prometheus.one(f'vmreplica_last_cycle{{{b}, role="replica"}}') == shipped.cycle
+                and applied is not None
+                and applied == counted
+            )
 
         await until(settled, f"the replica to apply through cycle {shipped.cycle}")
         rows = [CycleStat(*row) for row in await catalog_b.cycle_stats(name, metrics_b.started_ms)]
         assert prometheus.one(f"vmreplica_cycles_applied_total{{{b}}}") == len(rows)
         assert prometheus.one(f"vmreplica_applied_bytes_total{{{b}}}") == sum(
-            row.size_bytes for row in rows)
+            row.size_bytes for row in rows
+        )
         status = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "vmreplica.cli", "status", name, "--json", "--config",
-             str(sites.config_file("site-b", metrics_port=0, metrics_address="0.0.0.0",
-                                   heartbeat_seconds=1.0))],
-            capture_output=True, text=True, check=True, timeout=60)
+            [
+                sys.executable,
+                "-m",
+                "vmreplica.cli",
+                "status",
+                name,
+                "--json",
+                "--config",
+                str(
+                    sites.config_file(
+                        "site-b", metrics_port=0, metrics_address="0.0.0.0", heartbeat_seconds=1.0
+                    )
+                ),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
         [replica] = json.loads(status.stdout)
         assert replica["last_applied_cycle"] == shipped.cycle
-        assert prometheus.one(f'vmreplica_last_cycle{{{b}, role="replica"}}') == (
-            replica["last_applied_cycle"])
+        assert (
+            prometheus.one(f'vmreplica_last_cycle{{{b}, role="replica"}}')
+            == (replica["last_applied_cycle"])
+        )
         assert prometheus.one(f'vmreplica_vm_state{{{b}, state="{replica["state"]}"}}') == 1
         assert prometheus.one(f'vmreplica_vm_health{{{b}, health="{replica["health"]}"}}') == 1
-        assert prometheus.one(f'vmreplica_recovery_points{{{b}}}') == replica["recovery_points"]
+        assert prometheus.one(f"vmreplica_recovery_points{{{b}}}") == replica["recovery_points"]
 
         # The RPO Prometheus stored is the time since the replica was last in sync when it
         # scraped (at most a scrape interval and a little before the query): the last applied
@@ -326,9 +402,15 @@ async def test_a_prometheus_server_scrapes_the_pair_and_evaluates_the_rules(
         assert 0 <= (at - synced / 1000) - rpo < 3, (at, synced, rpo)
 
         # Prometheus can no longer scrape site A: the agent-down alert is pending (for 2m).
-        await until(lambda: prometheus.one(
-            f'ALERTS{{alertname="VmReplicationAgentDown", instance="{target_a}"}}') == 1,
-            "VmReplicationAgentDown to be pending")
+        await until(
+            lambda: (
+                prometheus.one(
+                    f'ALERTS{{alertname="VmReplicationAgentDown", instance="{target_a}"}}'
+                )
+                == 1
+            ),
+            "VmReplicationAgentDown to be pending",
+        )
         [(labels, _, _)] = prometheus.query('ALERTS{alertname="VmReplicationAgentDown"}')
         assert labels["alertstate"] == "pending"
         assert prometheus.one(f'up{{instance="{target_b}"}}') == 1

@@ -34,15 +34,22 @@ def readme_example() -> str:
 
 
 def test_the_readme_python_example_ships_a_cycle_the_replica_applies(
-        tmp_path: Path, bootstrap_servers: str, unique: Callable[[str], str]) -> None:
+    tmp_path: Path, bootstrap_servers: str, unique: Callable[[str], str]
+) -> None:
     sites = SiteFactory(tmp_path / "sites", bootstrap_servers, unique("tg"))
     sites.config_file("site-a", to=tmp_path / "site.toml")
     with (tmp_path / "system.img").open("wb") as image:
         image.truncate(DISK_BYTES)
 
     (tmp_path / "example.py").write_text(readme_example())
-    ran = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=240, check=False)
+    ran = subprocess.run(
+        [sys.executable, "example.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     assert ran.returncode == 0, ran.stderr
 
     async def replicated() -> None:

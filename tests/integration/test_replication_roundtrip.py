@@ -16,10 +16,12 @@ MiB = 1024 * 1024
 
 
 async def test_two_disk_vm_replicates_to_identical_images(
-        site_pair: SitePair, vm: VmFactory) -> None:
+    site_pair: SitePair, vm: VmFactory
+) -> None:
     site_a, site_b = site_pair.a, site_pair.b
-    enabled = await vm(site_a, {"disk0": 8 * MiB, "disk1": 8 * MiB},
-                       VmSettings(frequency_seconds=30))
+    enabled = await vm(
+        site_a, {"disk0": 8 * MiB, "disk1": 8 * MiB}, VmSettings(frequency_seconds=30)
+    )
     vm_name, disks = enabled.name, enabled.disks
     async with site_a.primary(enabled.record) as primary:
         await primary.capture.write("disk0", 0, os.urandom(MiB))

@@ -66,8 +66,9 @@ class Running:
 
 @asynccontextmanager
 async def running_vm(site_pair: SitePair, vm: VmFactory) -> AsyncIterator[Running]:
-    enabled = await vm(site_pair.a, DISKS, VmSettings(frequency_seconds=30,
-                                                      continuous_points_hours=1))
+    enabled = await vm(
+        site_pair.a, DISKS, VmSettings(frequency_seconds=30, continuous_points_hours=1)
+    )
     async with site_pair.a.primary(enabled.record) as primary:
         rng = random.Random(7)
         for disk, size in DISKS.items():
@@ -80,8 +81,7 @@ async def running_vm(site_pair: SitePair, vm: VmFactory) -> AsyncIterator[Runnin
         async with await site_pair.b.replica(record) as replica:
             await replica.catch_up()
             assert replica.violation is None
-            yield Running(enabled.name, site_pair.a, site_pair.b, primary, replica,
-                          enabled.disks)
+            yield Running(enabled.name, site_pair.a, site_pair.b, primary, replica, enabled.disks)
 
 
 def digests(images: dict[str, Path]) -> dict[str, str]:
@@ -122,12 +122,12 @@ async def write_meanwhile(primary: PrimaryVm, done: asyncio.Event) -> int:
 
 
 async def epoch_starts(site: Site, vm: str) -> list[EpochStart]:
-    return [event async for _, event in journal_events(site, vm)
-            if isinstance(event, EpochStart)]
+    return [event async for _, event in journal_events(site, vm) if isinstance(event, EpochStart)]
 
 
 async def test_a_corrupted_replica_is_repaired_while_the_vm_writes(
-        site_pair: SitePair, vm: VmFactory) -> None:
+    site_pair: SitePair, vm: VmFactory
+) -> None:
     async with running_vm(site_pair, vm) as run:
         images = replica_images(run)
         assert digests(images) == digests(run.disks)
@@ -154,17 +154,25 @@ async def test_a_corrupted_replica_is_repaired_while_the_vm_writes(
         assert written > 20
 
         assert digests(images) == digests(run.disks)
-        print(f"resync: {corrupted} bytes corrupted, {finished.differing_bytes} differed, "
-              f"{finished.resent_bytes} resent, {finished.sent_bytes} sent on the wire "
-              f"(disks: {sum(DISKS.values())} bytes)")
+        print(
+            f"resync: {corrupted} bytes corrupted, {finished.differing_bytes} differed, "
+            f"{finished.resent_bytes} resent, {finished.sent_bytes} sent on the wire "
+            f"(disks: {sum(DISKS.values())} bytes)"
+        )
         assert finished.phase == "done"
         assert finished.examined_bytes == sum(DISKS.values())
         # Blocks of 64 KiB differ: the four corrupted ones, and those the VM wrote since the
         # replica's digests (the primary's image is compared as it is, live).
-        differing = {disk: [range(low, high) for low, high in pairs]
-                     for disk, pairs in finished.differing.items()}
-        for disk, offset in (("disk0", 0), ("disk0", 3 * MiB), ("disk0", 7 * MiB),
-                             ("disk1", 2 * MiB)):
+        differing = {
+            disk: [range(low, high) for low, high in pairs]
+            for disk, pairs in finished.differing.items()
+        }
+        for disk, offset in (
+            ("disk0", 0),
+            ("disk0", 3 * MiB),
+            ("disk0", 7 * MiB),
+            ("disk1", 2 * MiB),
+        ):
             assert any(offset in block for block in differing[disk]), (disk, offset)
         assert finished.differing_bytes >= 4 * 64 * KiB
         assert load_job(run.a.config.vm_folder(run.vm)) == finished
@@ -182,21 +190,36 @@ def forged_gap(vm: str, cycle: int, previous: bytes) -> list[bytes]:
     data = b"\x5a" * 8192
     extent = Extent("disk0", 0, len(data), ExtentKind.DATA, 0, zlib.crc32(data))
     batch = WriteBatch(vm, 1, cycle + 1, 0, (extent,), Compression.NONE, data)
-    commit = CycleCommit(vm, 1, cycle + 1, 1, 2, 1, 1, len(data), len(data),
-                         Consistency.CRASH,
-                         tuple(DiskSize(name, size) for name, size in DISKS.items()),
-                         previous, b"\x00" * 32)
+    commit = CycleCommit(
+        vm,
+        1,
+        cycle + 1,
+        1,
+        2,
+        1,
+        1,
+        len(data),
+        len(data),
+        Consistency.CRASH,
+        tuple(DiskSize(name, size) for name, size in DISKS.items()),
+        previous,
+        b"\x00" * 32,
+    )
     return [encode(batch), encode(commit)]
 
 
 async def test_a_replica_stopped_by_a_journal_violation_leaves_it_through_a_resync(
-        site_pair: SitePair, vm: VmFactory) -> None:
+    site_pair: SitePair, vm: VmFactory
+) -> None:
     async with running_vm(site_pair, vm) as run:
         position = await run.b.catalog.position(run.vm)
         assert position is not None
         async with JournalPublisher(run.a.connection, f"forger-{uuid.uuid4().hex}") as forger:
-            await forger.publish(run.a.journal_topic(run.vm), run.vm.encode(),
-                                 forged_gap(run.vm, position.cycle + 1, position.cycle_hash))
+            await forger.publish(
+                run.a.journal_topic(run.vm),
+                run.vm.encode(),
+                forged_gap(run.vm, position.cycle + 1, position.cycle_hash),
+            )
         await run.replica.catch_up()
         record = await run.b.catalog.vm(run.vm)
         assert record.state is ReplicationState.RESYNCHRONIZATION_REQUIRED
@@ -220,8 +243,10 @@ async def test_a_replica_stopped_by_a_journal_violation_leaves_it_through_a_resy
             done.set()
             await replica
         await run.replica.catch_up()
-        print(f"after a violation: {finished.differing_bytes} bytes differed, "
-              f"{finished.resent_bytes} resent, {finished.sent_bytes} sent")
+        print(
+            f"after a violation: {finished.differing_bytes} bytes differed, "
+            f"{finished.resent_bytes} resent, {finished.sent_bytes} sent"
+        )
         assert digests(replica_images(run)) == digests(run.disks)
         assert run.replica.violation is None
         record = await run.b.catalog.vm(run.vm)
@@ -235,7 +260,8 @@ async def test_a_replica_stopped_by_a_journal_violation_leaves_it_through_a_resy
 
 
 async def test_digests_that_do_not_fit_the_disk_are_refused(
-        site_pair: SitePair, vm: VmFactory) -> None:
+    site_pair: SitePair, vm: VmFactory
+) -> None:
     async with running_vm(site_pair, vm) as run:
         position = await run.a.catalog.position(run.vm)
         assert position is not None
@@ -246,9 +272,15 @@ async def test_digests_that_do_not_fit_the_disk_are_refused(
         try:
             for name, size in DISKS.items():
                 count = (size // (64 * KiB)) - (8 if name == "disk0" else 0)
-                await status.publish(run.a.status_topic(run.vm), run.vm.encode(), encode(
-                    DigestMap(run.vm, 1, "site-b", name, position.cycle, 64 * KiB,
-                              bytes(16 * count))))
+                await status.publish(
+                    run.a.status_topic(run.vm),
+                    run.vm.encode(),
+                    encode(
+                        DigestMap(
+                            run.vm, 1, "site-b", name, position.cycle, 64 * KiB, bytes(16 * count)
+                        )
+                    ),
+                )
         finally:
             await status.stop()
         with pytest.raises(ResyncRefused) as refused:
@@ -258,7 +290,8 @@ async def test_digests_that_do_not_fit_the_disk_are_refused(
             f"{position.cycle}) hold 1920 bytes (120 digests of 16 bytes) but a disk of "
             f"{DISKS['disk0']} bytes in blocks of 65536 needs 128; they were refused and "
             "nothing was sent. Operator action: check that the disk has the same size on both "
-            "sites (a resize that did not replicate), then resync again")
+            "sites (a resize that did not replicate), then resync again"
+        )
         assert str(refused.value) == message
         job = load_job(run.a.config.vm_folder(run.vm))
         assert job is not None

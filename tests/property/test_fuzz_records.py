@@ -82,11 +82,40 @@ SEED_EXAMPLES: Final = 1_000
 MIN_CYCLE_RECORDS: Final = 10_000
 """The cycle test alone feeds at least this many records through decode, rules and apply."""
 
-NAMES: Final = ("../../x", "/abs/x", "x\x00y", "x" * 1000, "", ".", "disk0", "disk1", VM,
-                "site-b", "d\n", "vm-other")
+NAMES: Final = (
+    "../../x",
+    "/abs/x",
+    "x\x00y",
+    "x" * 1000,
+    "",
+    ".",
+    "disk0",
+    "disk1",
+    VM,
+    "site-b",
+    "d\n",
+    "vm-other",
+)
 """Hostile names, and real ones in the wrong place."""
-SIZES: Final = (0, 1, -1, -4096, 511, 512, 4096, 2**31 - 1, -(2**31), 2**32, 2**46, 2**62,
-                2**63 - 1, -(2**63), DISKS["disk0"], DISKS["disk1"], DISKS["disk1"] + 1)
+SIZES: Final = (
+    0,
+    1,
+    -1,
+    -4096,
+    511,
+    512,
+    4096,
+    2**31 - 1,
+    -(2**31),
+    2**32,
+    2**46,
+    2**62,
+    2**63 - 1,
+    -(2**63),
+    DISKS["disk0"],
+    DISKS["disk1"],
+    DISKS["disk1"] + 1,
+)
 """Numbers around the edges: of the disks, of Avro int and long, of the bounds."""
 FINGERPRINTS: Final = [codec.fingerprint(name) for name in codec.schema_names()]
 
@@ -96,13 +125,15 @@ class Replica:
 
     def __init__(self, folder: Path, *, seeding: bool) -> None:
         self.loop = asyncio.new_event_loop()
-        self.images = {name: DiskImage.create(folder / f"{name}.img", size)
-                       for name, size in DISKS.items()}
+        self.images = {
+            name: DiskImage.create(folder / f"{name}.img", size) for name, size in DISKS.items()
+        }
         self.expected = {name: bytearray(size) for name, size in DISKS.items()}
         self.catalog = Catalog(folder / "catalog.db")
         self.loop.run_until_complete(self._start(folder, seeding))
-        self.materializer = Materializer(VM, self.images, folder / "undo", self.catalog,
-                                         RetentionPolicy("latest"), site="site-b")
+        self.materializer = Materializer(
+            VM, self.images, folder / "undo", self.catalog, RetentionPolicy("latest"), site="site-b"
+        )
         self.materializer.cursor = ReplicaCursor(EPOCH, 0, GENESIS_HASH, 0, seeding=seeding)
         self.seeding = seeding
         self.next_offset = 0
@@ -112,11 +143,21 @@ class Replica:
 
     async def _start(self, folder: Path, seeding: bool) -> None:
         await self.catalog.start()
-        state = (ReplicationState.INITIAL_REPLICATION_IN_PROGRESS if seeding
-                 else ReplicationState.REPLICATING)
-        await self.catalog.add_vm(VM, "replica", "default", "site-a", VmSettings(),
-                                  [DiskRecord(name, str(folder / f"{name}.img"), size)
-                                   for name, size in DISKS.items()], state, EPOCH)
+        state = (
+            ReplicationState.INITIAL_REPLICATION_IN_PROGRESS
+            if seeding
+            else ReplicationState.REPLICATING
+        )
+        await self.catalog.add_vm(
+            VM,
+            "replica",
+            "default",
+            "site-a",
+            VmSettings(),
+            [DiskRecord(name, str(folder / f"{name}.img"), size) for name, size in DISKS.items()],
+            state,
+            EPOCH,
+        )
 
     def close(self) -> None:
         for image in self.images.values():
@@ -125,8 +166,10 @@ class Replica:
         self.loop.close()
 
     def digests(self) -> dict[str, str]:
-        return {name: hashlib.sha256(image.read(0, image.size)).hexdigest()
-                for name, image in self.images.items()}
+        return {
+            name: hashlib.sha256(image.read(0, image.size)).hexdigest()
+            for name, image in self.images.items()
+        }
 
     def expected_digests(self) -> dict[str, str]:
         return {name: hashlib.sha256(data).hexdigest() for name, data in self.expected.items()}
@@ -136,8 +179,10 @@ class Replica:
 
         Any other exception propagates and fails the property.
         """
-        records = [JournalRecord(self.next_offset + i, VM.encode(), value, 0)
-                   for i, value in enumerate(values)]
+        records = [
+            JournalRecord(self.next_offset + i, VM.encode(), value, 0)
+            for i, value in enumerate(values)
+        ]
         self.next_offset += len(values)
         self.counts["records"] += len(values)
         cursor = self.materializer.cursor  # each example starts from a replica at rest
@@ -154,8 +199,10 @@ class Replica:
         assert refused.vm == VM
         assert refused.offset in {record.offset for record in records}
         assert str(refused).startswith(f"VM {VM!r}, journal offset {refused.offset}: ")
-        assert refused.state in (ReplicationState.ERROR,
-                                 ReplicationState.RESYNCHRONIZATION_REQUIRED)
+        assert refused.state in (
+            ReplicationState.ERROR,
+            ReplicationState.RESYNCHRONIZATION_REQUIRED,
+        )
         self.counts["refused"] += 1
         self.causes[type(refused.__cause__).__name__ if refused.__cause__ else "rule"] += 1
         return refused
@@ -180,19 +227,21 @@ def changes(draw: st.DrawFn) -> Change:
     size = DISKS[disk]
     length = draw(st.integers(1, 3 * BLOCK))
     offset = draw(st.one_of(st.integers(0, size - length), st.just(size - length)))
-    kind = draw(st.sampled_from([ExtentKind.DATA, ExtentKind.DATA, ExtentKind.ZERO,
-                                 ExtentKind.TRIM]))
+    kind = draw(
+        st.sampled_from([ExtentKind.DATA, ExtentKind.DATA, ExtentKind.ZERO, ExtentKind.TRIM])
+    )
     if kind is not ExtentKind.DATA:
         return Change(disk, offset, kind=kind, length=length)
     fill = draw(st.integers(0, 255))
-    data = draw(st.one_of(st.just(bytes([fill]) * length),
-                          st.binary(min_size=length, max_size=length)))
+    data = draw(
+        st.one_of(st.just(bytes([fill]) * length), st.binary(min_size=length, max_size=length))
+    )
     return Change(disk, offset, data)
 
 
 def apply_change(content: dict[str, bytearray], change: Change) -> None:
     data = change.data if change.kind is ExtentKind.DATA else bytes(change.size)
-    content[change.disk][change.offset:change.offset + change.size] = data
+    content[change.disk][change.offset : change.offset + change.size] = data
 
 
 # --- breaking ------------------------------------------------------------------------------
@@ -206,29 +255,37 @@ class Draw(Protocol):
     def __call__(self, strategy: st.SearchStrategy[T], label: Any = None) -> T: ...
 
 
-
 def hostile(draw: Draw, value: Any) -> Any:
     """A value of the same Avro type as ``value``, chosen to hurt."""
     if isinstance(value, bool):
         return not value
     if isinstance(value, int):
-        return draw(st.one_of(st.sampled_from(SIZES), st.just(value + 1), st.just(value - 1),
-                              st.integers(-(2**63), 2**63 - 1)))
+        return draw(
+            st.one_of(
+                st.sampled_from(SIZES),
+                st.just(value + 1),
+                st.just(value - 1),
+                st.integers(-(2**63), 2**63 - 1),
+            )
+        )
     if isinstance(value, str):
         return draw(st.one_of(st.sampled_from(NAMES), st.text(max_size=70)))
     if isinstance(value, bytes):
-        return draw(st.one_of(st.just(b""), st.binary(max_size=40), st.just(value[:-1]),
-                              st.just(value + b"\0")))
+        return draw(
+            st.one_of(
+                st.just(b""), st.binary(max_size=40), st.just(value[:-1]), st.just(value + b"\0")
+            )
+        )
     if isinstance(value, tuple):
         if not value:
             return value
         index = draw(st.integers(0, len(value) - 1))
         how = draw(st.sampled_from(["field", "drop", "repeat"]))
         if how == "drop":
-            return value[:index] + value[index + 1:]
+            return value[:index] + value[index + 1 :]
         if how == "repeat":
             return value + (value[index],) * draw(st.integers(1, 3))
-        return (*value[:index], mutate_fields(draw, value[index]), *value[index + 1:])
+        return (*value[:index], mutate_fields(draw, value[index]), *value[index + 1 :])
     if value is None:
         return None
     if dataclasses.is_dataclass(value):
@@ -259,18 +316,19 @@ data generation as flaky."""
 
 
 def mutate_bytes(draw: Draw, value: bytes) -> bytes:
-    how = draw(st.sampled_from(["flip", "overwrite", "insert", "delete", "truncate",
-                                "fingerprint"]))
+    how = draw(
+        st.sampled_from(["flip", "overwrite", "insert", "delete", "truncate", "fingerprint"])
+    )
     data = bytearray(value)
     at = draw(st.integers(0, ANY_INDEX)) % max(len(data), 1)
     if how == "flip" and data:
         data[at] ^= 1 << draw(st.integers(0, 7))
     elif how == "overwrite":
-        data[at:at + 4] = draw(st.binary(min_size=1, max_size=4))
+        data[at : at + 4] = draw(st.binary(min_size=1, max_size=4))
     elif how == "insert":
         data[at:at] = draw(st.binary(min_size=1, max_size=8))
     elif how == "delete":
-        del data[at:at + draw(st.integers(1, 8))]
+        del data[at : at + draw(st.integers(1, 8))]
     elif how == "truncate":
         del data[at:]
     else:  # the body read as another kind of record
@@ -278,13 +336,17 @@ def mutate_bytes(draw: Draw, value: bytes) -> bytes:
     return bytes(data)
 
 
-def mutate(draw: Draw, events: list[Event], values: list[bytes],
-           history: list[bytes]) -> list[bytes]:
+def mutate(
+    draw: Draw, events: list[Event], values: list[bytes], history: list[bytes]
+) -> list[bytes]:
     """One to three breakages of the records about to be fed."""
     values = list(values)
     for _ in range(draw(st.integers(1, 3))):
-        how = draw(st.sampled_from(["field", "field", "bytes", "bytes", "drop", "duplicate",
-                                    "swap", "replay"]))
+        how = draw(
+            st.sampled_from(
+                ["field", "field", "bytes", "bytes", "drop", "duplicate", "swap", "replay"]
+            )
+        )
         at = draw(st.integers(0, ANY_INDEX)) % max(len(values), 1)
         if how == "field" and at < min(len(events), len(values)):
             values[at] = encodable(mutate_fields(draw, events[at])) or values[at]
@@ -317,17 +379,25 @@ def test_fuzzed_cycles_apply_whole_or_not_at_all(caplog: pytest.LogCaptureFixtur
     history: list[bytes] = []
     with replica(seeding=False) as site, caplog.at_level(logging.WARNING):
 
-        @settings(max_examples=CYCLE_EXAMPLES, deadline=None, database=None,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @settings(
+            max_examples=CYCLE_EXAMPLES,
+            deadline=None,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )
         @given(cycles(), st.data())
         def run(batches: list[list[Change]], data: st.DataObject) -> None:
             cursor = site.materializer.cursor
             cycle = cursor.cycle + 1
             compression = data.draw(st.sampled_from(list(Compression)))
-            built: list[WriteBatch] = [write_batch(VM, EPOCH, cycle, index, batch, compression)
-                                       for index, batch in enumerate(batches)]
-            events: list[Event] = [*built, cycle_commit(VM, EPOCH, cycle, built,
-                                                        cursor.cycle_hash, DISKS)]
+            built: list[WriteBatch] = [
+                write_batch(VM, EPOCH, cycle, index, batch, compression)
+                for index, batch in enumerate(batches)
+            ]
+            events: list[Event] = [
+                *built,
+                cycle_commit(VM, EPOCH, cycle, built, cursor.cycle_hash, DISKS),
+            ]
             if data.draw(st.booleans()):
                 events.insert(0, Heartbeat(VM, EPOCH, "site-a", 1_000, cycle - 1))
             values = [codec.encode(event) for event in events]
@@ -353,8 +423,7 @@ def test_fuzzed_cycles_apply_whole_or_not_at_all(caplog: pytest.LogCaptureFixtur
         counts, causes = site.counts, site.causes
     assert not [record for record in caplog.records if record.exc_info]
     assert "Traceback" not in caplog.text
-    print(f"fuzzed cycles: {counts}, refused by {dict(causes)}, "
-          f"{time.monotonic() - started:.1f} s")
+    print(f"fuzzed cycles: {counts}, refused by {dict(causes)}, {time.monotonic() - started:.1f} s")
     assert counts["records"] >= MIN_CYCLE_RECORDS, counts
 
 
@@ -362,21 +431,39 @@ def test_fuzzed_cycles_apply_whole_or_not_at_all(caplog: pytest.LogCaptureFixtur
 def seed_chunks(draw: st.DrawFn) -> SeedChunk:
     change = draw(changes().filter(lambda change: change.kind is ExtentKind.DATA))
     compression = draw(st.sampled_from(list(Compression)))
-    payload = (zstandard.ZstdCompressor().compress(change.data)
-               if compression is Compression.ZSTD else change.data)
-    return SeedChunk(VM, EPOCH, change.disk, change.offset, len(change.data), compression,
-                     payload, zlib.crc32(change.data), "fuzz-1", False)
+    payload = (
+        zstandard.ZstdCompressor().compress(change.data)
+        if compression is Compression.ZSTD
+        else change.data
+    )
+    return SeedChunk(
+        VM,
+        EPOCH,
+        change.disk,
+        change.offset,
+        len(change.data),
+        compression,
+        payload,
+        zlib.crc32(change.data),
+        "fuzz-1",
+        False,
+    )
 
 
 def test_fuzzed_seed_chunks_apply_as_decoded_or_not_at_all(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """A seed chunk is written the moment it is read, unchained: whatever is accepted is
     exactly what the record says after decoding, and a refused one writes nothing."""
     started = time.monotonic()
     with replica(seeding=True) as site, caplog.at_level(logging.WARNING):
 
-        @settings(max_examples=SEED_EXAMPLES, deadline=None, database=None,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @settings(
+            max_examples=SEED_EXAMPLES,
+            deadline=None,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )
         @given(seed_chunks(), st.data())
         def run(chunk: SeedChunk, data: st.DataObject) -> None:
             values = [codec.encode(chunk)]
@@ -392,7 +479,7 @@ def test_fuzzed_seed_chunks_apply_as_decoded_or_not_at_all(
                 with contextlib.suppress(CorruptEventError):
                     raw = PayloadUnpacker().unpack(event.compression, event.payload, event.length)
                     candidate = {name: bytearray(data) for name, data in site.expected.items()}
-                    candidate[event.disk][event.offset:event.offset + len(raw)] = raw
+                    candidate[event.disk][event.offset : event.offset + len(raw)] = raw
             violation = site.feed(values)
             after = site.digests()
             if violation is not None or after == before:
@@ -408,5 +495,7 @@ def test_fuzzed_seed_chunks_apply_as_decoded_or_not_at_all(
         counts, causes = site.counts, site.causes
     assert not [record for record in caplog.records if record.exc_info]
     assert "Traceback" not in caplog.text
-    print(f"fuzzed seed chunks: {counts}, refused by {dict(causes)}, "
-          f"{time.monotonic() - started:.1f} s")
+    print(
+        f"fuzzed seed chunks: {counts}, refused by {dict(causes)}, "
+        f"{time.monotonic() - started:.1f} s"
+    )

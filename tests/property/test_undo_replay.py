@@ -65,8 +65,14 @@ def changes(draw: st.DrawFn) -> Change:
     length = draw(st.integers(1, 2 * BLOCK + 100))
     at_end = draw(st.booleans())
     offset = size - length if at_end else draw(st.integers(0, size - length))
-    return Change(draw(st.sampled_from(KINDS)), disk, offset, length,
-                  draw(st.sampled_from(PATTERNS)), draw(st.integers(0, 2**16)))
+    return Change(
+        draw(st.sampled_from(KINDS)),
+        disk,
+        offset,
+        length,
+        draw(st.sampled_from(PATTERNS)),
+        draw(st.integers(0, 2**16)),
+    )
 
 
 @dataclass(frozen=True)
@@ -97,8 +103,9 @@ def apply_cycle(log: UndoLog, images: dict[str, DiskImage], number: int, cycle: 
 
 
 def create_images(folder: Path) -> dict[str, DiskImage]:
-    return {disk: DiskImage.create(folder / f"{disk}.img", size)
-            for disk, size in DISK_SIZES.items()}
+    return {
+        disk: DiskImage.create(folder / f"{disk}.img", size) for disk, size in DISK_SIZES.items()
+    }
 
 
 @settings(max_examples=60, deadline=None)
@@ -128,8 +135,9 @@ def test_every_point_rebuilds_to_its_digests(history: list[Cycle]) -> None:
 
 @settings(max_examples=80, deadline=None)
 @given(st.lists(cycles, max_size=4), cycles, st.data())
-def test_rollback_of_a_partly_applied_cycle(history: list[Cycle], last: Cycle,
-                                            data: st.DataObject) -> None:
+def test_rollback_of_a_partly_applied_cycle(
+    history: list[Cycle], last: Cycle, data: st.DataObject
+) -> None:
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
         images = create_images(folder)

@@ -74,11 +74,18 @@ def file_device(folder: Path) -> Iterator[Implementation]:
     path = folder / "disk0.raw"
     path.write_bytes(content(1))
     with contextlib.ExitStack() as opened:
+
         def read_only() -> BlockDevice:
             return opened.enter_context(FileBlockDevice(path, read_only=True))
 
-        yield Implementation(opened.enter_context(FileBlockDevice(path)), content(1), path,
-                             read_only, errno.EBADF, "Bad file descriptor")
+        yield Implementation(
+            opened.enter_context(FileBlockDevice(path)),
+            content(1),
+            path,
+            read_only,
+            errno.EBADF,
+            "Bad file descriptor",
+        )
 
 
 @contextlib.contextmanager
@@ -93,8 +100,7 @@ def journaling_device(folder: Path) -> Iterator[Implementation]:
         return device
 
     try:
-        yield Implementation(device, content(2), path, fenced, errno.EPERM,
-                             "site-b is primary now")
+        yield Implementation(device, content(2), path, fenced, errno.EPERM, "site-b is primary now")
     finally:
         capture.close()
 
@@ -112,8 +118,8 @@ def view_disk(folder: Path) -> Iterator[Implementation]:
     undo = UndoWriter(folder / "undo", 2)
     initial = bytearray(head)
     for offset, length in POINT_RANGES:
-        undo.add(EXPORT, offset, at_point[offset:offset + length])
-        initial[offset:offset + length] = at_point[offset:offset + length]
+        undo.add(EXPORT, offset, at_point[offset : offset + length])
+        initial[offset : offset + length] = at_point[offset : offset + length]
     undo.seal()
     with DiskImage.open(head_path) as image:
         view = PointView({EXPORT: image}, UndoLog(folder / "undo"), 1, 2, folder / "scratch")
@@ -124,7 +130,10 @@ def view_disk(folder: Path) -> Iterator[Implementation]:
 
 
 IMPLEMENTATIONS: Final[dict[str, Builder]] = {
-    "file": file_device, "journaling": journaling_device, "view": view_disk}
+    "file": file_device,
+    "journaling": journaling_device,
+    "view": view_disk,
+}
 
 
 @pytest.fixture(params=list(IMPLEMENTATIONS))
@@ -144,17 +153,18 @@ class Model:
         self.data = bytearray(initial)
 
     def write(self, offset: int, data: bytes) -> None:
-        self.data[offset:offset + len(data)] = data
+        self.data[offset : offset + len(data)] = data
 
     def zero(self, offset: int, length: int) -> None:
-        self.data[offset:offset + length] = bytes(length)
+        self.data[offset : offset + length] = bytes(length)
 
 
 # --- what every device does ----------------------------------------------------------------
 
 
 async def test_it_is_a_block_device_of_fixed_size_with_its_content(
-        implementation: Implementation) -> None:
+    implementation: Implementation,
+) -> None:
     device = implementation.device
     assert isinstance(device, BlockDevice)
     assert device.size == SIZE
@@ -186,7 +196,8 @@ async def test_a_read_returns_the_last_completed_write(implementation: Implement
 @pytest.mark.parametrize("fua", [False, True])
 @pytest.mark.parametrize("may_trim", [True, False])
 async def test_written_zeroes_read_back_as_zeros_and_nothing_else_changes(
-        implementation: Implementation, may_trim: bool, fua: bool) -> None:
+    implementation: Implementation, may_trim: bool, fua: bool
+) -> None:
     device, model = implementation.device, Model(implementation.initial)
     for offset, length in ((0, 8 * KiB), (12 * KiB + 5, 70 * KiB + 3), (SIZE - 700, 700)):
         await device.write_zeroes(offset, length, fua=fua, may_trim=may_trim)
@@ -195,7 +206,8 @@ async def test_written_zeroes_read_back_as_zeros_and_nothing_else_changes(
 
 
 async def test_a_trimmed_range_reads_as_zeros_and_nothing_else_changes(
-        implementation: Implementation) -> None:
+    implementation: Implementation,
+) -> None:
     """NBD leaves a trimmed range's content unspecified; vmreplica needs zeros, because the
     replica punches a hole for a TRIM and both sites' images must hash alike."""
     device, model = implementation.device, Model(implementation.initial)
@@ -226,7 +238,8 @@ def synced_inodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 async def test_flush_makes_every_completed_write_durable_in_its_file(
-        implementation: Implementation, synced_inodes: list[int]) -> None:
+    implementation: Implementation, synced_inodes: list[int]
+) -> None:
     device, model = implementation.device, Model(implementation.initial)
     await device.write(4 * KiB, b"\x5a" * 5000, fua=False)
     await device.write_zeroes(40 * KiB, 4096, fua=False, may_trim=True)
@@ -244,7 +257,8 @@ async def test_flush_makes_every_completed_write_durable_in_its_file(
 
 
 async def test_a_fua_write_is_durable_when_it_returns(
-        implementation: Implementation, synced_inodes: list[int]) -> None:
+    implementation: Implementation, synced_inodes: list[int]
+) -> None:
     if implementation.backing is None:
         pytest.skip("a view keeps nothing: FUA has nothing to make durable")
     device = implementation.device
@@ -257,7 +271,8 @@ async def test_a_fua_write_is_durable_when_it_returns(
 
 
 async def test_a_device_told_to_refuse_writes_refuses_them_and_still_reads(
-        implementation: Implementation) -> None:
+    implementation: Implementation,
+) -> None:
     if implementation.refusing is None:
         pytest.skip("a test-failover view is writable by design (its writes go to scratch)")
     device = implementation.refusing()
@@ -286,10 +301,15 @@ def socket_path() -> Iterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def served(implementation: Implementation, socket_path: str, *, read_only: bool = False,
-                 ) -> AsyncIterator[tuple[NbdServer, WireClient]]:
-    server = NbdServer({EXPORT: implementation.device}, unix_path=socket_path,
-                       read_only={EXPORT: read_only})
+async def served(
+    implementation: Implementation,
+    socket_path: str,
+    *,
+    read_only: bool = False,
+) -> AsyncIterator[tuple[NbdServer, WireClient]]:
+    server = NbdServer(
+        {EXPORT: implementation.device}, unix_path=socket_path, read_only={EXPORT: read_only}
+    )
     async with server:
         client, size, _ = await WireClient.open_export(socket_path, EXPORT)
         assert size == SIZE
@@ -300,18 +320,23 @@ async def served(implementation: Implementation, socket_path: str, *, read_only:
 
 
 async def test_requests_past_the_end_never_reach_the_device(
-        implementation: Implementation, socket_path: str) -> None:
+    implementation: Implementation, socket_path: str
+) -> None:
     async with served(implementation, socket_path) as (_, client):
         assert await client.call(wire.NBD_CMD_READ, SIZE - 512, 1024) == (wire.NBD_EINVAL, b"")
         assert await client.call(wire.NBD_CMD_WRITE, SIZE - 512, 1024, b"\x09" * 1024) == (
-            wire.NBD_ENOSPC, b"")
+            wire.NBD_ENOSPC,
+            b"",
+        )
         assert await client.call(wire.NBD_CMD_WRITE_ZEROES, SIZE, 4096) == (wire.NBD_ENOSPC, b"")
         assert await client.call(wire.NBD_CMD_TRIM, 2**40, 4096) == (wire.NBD_EINVAL, b"")
         assert await read_all(implementation.device) == implementation.initial
         # the last byte itself is in range
         assert await client.call(wire.NBD_CMD_WRITE, SIZE - 1, 1, b"\x09") == (0, b"")
         assert await client.call(wire.NBD_CMD_READ, SIZE - 2, 2) == (
-            0, implementation.initial[-2:-1] + b"\x09")
+            0,
+            implementation.initial[-2:-1] + b"\x09",
+        )
         await client.call(wire.NBD_CMD_FLUSH, 0, 0)
     if implementation.backing is not None:
         assert implementation.backing.stat().st_size == SIZE
@@ -319,18 +344,19 @@ async def test_requests_past_the_end_never_reach_the_device(
 
 @pytest.mark.parametrize("how", ["read-only export", "fenced export"])
 async def test_a_read_only_or_fenced_export_refuses_every_write_with_eperm(
-        implementation: Implementation, socket_path: str, how: str) -> None:
-    async with served(implementation, socket_path,
-                      read_only=how == "read-only export") as (server, client):
+    implementation: Implementation, socket_path: str, how: str
+) -> None:
+    async with served(implementation, socket_path, read_only=how == "read-only export") as (
+        server,
+        client,
+    ):
         if how == "fenced export":
             server.refuse_writes(EXPORT, "site-b is primary now")
-        assert await client.call(wire.NBD_CMD_WRITE, 0, 512, b"\x01" * 512) == (
-            wire.NBD_EPERM, b"")
+        assert await client.call(wire.NBD_CMD_WRITE, 0, 512, b"\x01" * 512) == (wire.NBD_EPERM, b"")
         assert await client.call(wire.NBD_CMD_WRITE_ZEROES, 0, 4096) == (wire.NBD_EPERM, b"")
         assert await client.call(wire.NBD_CMD_TRIM, 0, 4096) == (wire.NBD_EPERM, b"")
         assert await client.call(wire.NBD_CMD_FLUSH, 0, 0) == (0, b"")
-        assert await client.call(wire.NBD_CMD_READ, 0, 4096) == (
-            0, implementation.initial[:4096])
+        assert await client.call(wire.NBD_CMD_READ, 0, 4096) == (0, implementation.initial[:4096])
     assert await read_all(implementation.device) == implementation.initial
 
 
@@ -342,12 +368,17 @@ def changes(draw: st.DrawFn) -> tuple[str, int, int, bool]:
     """(kind, offset, length, flag): a write (flag: FUA), zeroes (flag: may trim), a trim."""
     offset = draw(st.integers(0, SIZE - 1))
     length = draw(st.integers(1, min(SIZE - offset, 20 * KiB)))
-    return draw(st.sampled_from(["write", "write", "zeroes", "trim"])), offset, length, draw(
-        st.booleans())
+    return (
+        draw(st.sampled_from(["write", "write", "zeroes", "trim"])),
+        offset,
+        length,
+        draw(st.booleans()),
+    )
 
 
-async def _replay(build: Builder, folder: Path, steps: list[tuple[str, int, int, bool]],
-                  seed: int) -> None:
+async def _replay(
+    build: Builder, folder: Path, steps: list[tuple[str, int, int, bool]], seed: int
+) -> None:
     with build(folder) as implementation:
         device, model = implementation.device, Model(implementation.initial)
         rng = random.Random(seed)
@@ -372,7 +403,8 @@ async def _replay(build: Builder, folder: Path, steps: list[tuple[str, int, int,
 @settings(max_examples=30, deadline=None)
 @given(steps=st.lists(changes(), min_size=1, max_size=25), seed=st.integers(0, 2**32))
 def test_any_sequence_of_changes_reads_back_like_a_model(
-        build: Builder, steps: list[tuple[str, int, int, bool]], seed: int) -> None:
+    build: Builder, steps: list[tuple[str, int, int, bool]], seed: int
+) -> None:
     with tempfile.TemporaryDirectory(prefix="device-") as folder:
         asyncio.run(_replay(build, Path(folder), steps, seed))
 

@@ -38,8 +38,13 @@ def replay(segments: list[Segment], target: bytearray, disk: int = 0) -> None:
 
 
 def new_vm(tmp_path: Path, budget: int | None = None, redo: bool = True) -> CapturedVm:
-    return CapturedVm("vm", [("disk0", tmp_path / "disk0.img", DISK)], tmp_path / "log",
-                      budget_bytes=budget, redo=redo)
+    return CapturedVm(
+        "vm",
+        [("disk0", tmp_path / "disk0.img", DISK)],
+        tmp_path / "log",
+        budget_bytes=budget,
+        redo=redo,
+    )
 
 
 def sealed(vm: CapturedVm) -> list[Segment]:
@@ -92,7 +97,8 @@ async def test_prepare_cut_copies_ahead_and_later_writes_are_recopied(tmp_path: 
 
 
 async def test_dirty_map_survives_a_crash_and_redo_keeps_newer_image_content(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     vm = new_vm(tmp_path, budget=128 * 1024)
     await vm.write("disk0", 0, b"a" * 65536)  # logged
     await vm.write("disk0", 65536, b"b" * 65536)  # logged
@@ -117,8 +123,7 @@ async def test_dirty_map_survives_a_crash_and_redo_keeps_newer_image_content(
     reopened.close()
 
 
-async def test_concurrent_flushes_share_a_round_and_cover_earlier_writes(
-        tmp_path: Path) -> None:
+async def test_concurrent_flushes_share_a_round_and_cover_earlier_writes(tmp_path: Path) -> None:
     vm = new_vm(tmp_path)
     await vm.write("disk0", 0, b"x" * 4096)
     await asyncio.gather(*(vm.flush() for _ in range(20)))
@@ -141,13 +146,13 @@ async def test_journaling_device_logs_writes_and_refuses_when_fenced(tmp_path: P
     assert raised.value.errno == errno.EPERM
     vm.cut()
     [segment] = sealed(vm)
-    assert [r.kind for r in segment.records] == [RecordKind.WRITE, RecordKind.ZERO,
-                                                 RecordKind.TRIM]
+    assert [r.kind for r in segment.records] == [RecordKind.WRITE, RecordKind.ZERO, RecordKind.TRIM]
     vm.close()
 
 
 async def test_scan_feeds_changed_blocks_and_invalidates_after_a_failed_step(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     vm = new_vm(tmp_path, redo=False)
     folder = tmp_path / "scan"
     scanner = ChangeScanner(vm, folder)

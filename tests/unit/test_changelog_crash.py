@@ -21,7 +21,8 @@ class Killed(BaseException):
 
 
 def test_kill_between_creating_a_segment_and_writing_its_header(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The sealed cycle survives whole, and the next segment is created again on open."""
     log = ChangeLog(tmp_path)
     log.open(first_cycle=7)
@@ -52,11 +53,12 @@ def test_kill_between_creating_a_segment_and_writing_its_header(
     segments = reopened.open()
     assert [s.cycle for s in segments] == [7, 8]
     assert [(r.kind, r.disk, r.offset, r.length) for r in segments[0].records] == [
-        (RecordKind.WRITE, 1, 4096, 4096), (RecordKind.ZERO, 0, 0, 512)]
+        (RecordKind.WRITE, 1, 4096, 4096),
+        (RecordKind.ZERO, 0, 0, 512),
+    ]
     assert segments[0].cut == CutMark(False, 1, 2)
     assert segments[1].records == ()
     assert reopened.cycle == 8
     assert reopened.recovered_unclean
-    assert sorted(p.name for p in tmp_path.glob("*.hrl")) == [
-        f"{7:020d}.hrl", f"{8:020d}.hrl"]
+    assert sorted(p.name for p in tmp_path.glob("*.hrl")) == [f"{7:020d}.hrl", f"{8:020d}.hrl"]
     reopened.close()

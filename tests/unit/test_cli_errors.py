@@ -16,8 +16,9 @@ Invoke = Callable[..., tuple[int, str]]
 @pytest.fixture
 def run(tmp_path: Path) -> Invoke:
     config = tmp_path / "site.toml"
-    config.write_text(f'site = "site-a"\nroot = "{tmp_path / "root"}"\n'
-                      'bootstrap_servers = "127.0.0.1:1"\n')
+    config.write_text(
+        f'site = "site-a"\nroot = "{tmp_path / "root"}"\nbootstrap_servers = "127.0.0.1:1"\n'
+    )
     disk = tmp_path / "disk0.img"
     disk.write_bytes(bytes(4096))
 
@@ -29,28 +30,57 @@ def run(tmp_path: Path) -> Invoke:
     return invoke
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["enable", "../etc", "--disk", "d=/x", "--replica-site", "b"],
-     "VM name '../etc' is not allowed"),
-    (["enable", "vm", "--disk", "d0", "--replica-site", "b"],
-     "--disk 'd0': expected NAME=PATH"),
-    (["enable", "vm", "--disk", "d0=/nonexistent.img", "--replica-site", "b"],
-     "/nonexistent.img is not a file"),
-    (["enable", "vm", "--disk", "a/b=/x.img", "--replica-site", "b"],
-     "disk name 'a/b' is not allowed"),
-    (["enable", "vm", "--disk", "d0=/x.img", "--replica-site", "site-a"],
-     "cannot replicate to its own site"),
-    (["enable", "vm", "--disk", "d0=/x.img", "--replica-site", "b", "--frequency", "60"],
-     "--frequency must be 30, 300, 900 or continuous"),
-    (["enable", "vm", "--disk", "d0=/x.img", "--replica-site", "b", "--recovery-history", "4",
-      "--app-consistent-hours", "6"],
-     "application-consistent points every 6 hours would fall outside a recovery history of 4 "
-     "hours"),
-    (["enable", "vm", "--disk", "d0=/x.img", "--replica-site", "b", "--exclude-disk", "d9"],
-     "--exclude-disk 'd9' names no --disk"),
-    (["points", "list", "ghost"], "VM 'ghost' is not replicated at this site"),
-    (["failover", "complete", "ghost"], "VM 'ghost' is not replicated at this site"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["enable", "../etc", "--disk", "d=/x", "--replica-site", "b"],
+            "VM name '../etc' is not allowed",
+        ),
+        (
+            ["enable", "vm", "--disk", "d0", "--replica-site", "b"],
+            "--disk 'd0': expected NAME=PATH",
+        ),
+        (
+            ["enable", "vm", "--disk", "d0=/nonexistent.img", "--replica-site", "b"],
+            "/nonexistent.img is not a file",
+        ),
+        (
+            ["enable", "vm", "--disk", "a/b=/x.img", "--replica-site", "b"],
+            "disk name 'a/b' is not allowed",
+        ),
+        (
+            ["enable", "vm", "--disk", "d0=/x.img", "--replica-site", "site-a"],
+            "cannot replicate to its own site",
+        ),
+        (
+            ["enable", "vm", "--disk", "d0=/x.img", "--replica-site", "b", "--frequency", "60"],
+            "--frequency must be 30, 300, 900 or continuous",
+        ),
+        (
+            [
+                "enable",
+                "vm",
+                "--disk",
+                "d0=/x.img",
+                "--replica-site",
+                "b",
+                "--recovery-history",
+                "4",
+                "--app-consistent-hours",
+                "6",
+            ],
+            "application-consistent points every 6 hours would fall outside "
+            "a recovery history of 4 hours",
+        ),
+        (
+            ["enable", "vm", "--disk", "d0=/x.img", "--replica-site", "b", "--exclude-disk", "d9"],
+            "--exclude-disk 'd9' names no --disk",
+        ),
+        (["points", "list", "ghost"], "VM 'ghost' is not replicated at this site"),
+        (["failover", "complete", "ghost"], "VM 'ghost' is not replicated at this site"),
+    ],
+)
 def test_mistakes_get_one_clear_message(run: Invoke, args: list[str], message: str) -> None:
     code, output = run(*args)
     assert code == 2
@@ -64,5 +94,4 @@ def test_bad_configuration_file_is_named(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["status", "--config", str(config)])
     assert result.exit_code == 2
     assert "invalid site configuration in" in result.output
-    assert "site or trust group name 'has space' is not allowed" in " ".join(
-        result.output.split())
+    assert "site or trust group name 'has space' is not allowed" in " ".join(result.output.split())

@@ -155,8 +155,14 @@ SAMPLES: tuple[Event, ...] = (
         at_ms=1_700_000_040_000,
     ),
     # Added with resynchronization: its golden record is the first release of its schema.
-    DigestRequest(vm="vm-01", epoch=2, site="site-a", replica_sites=("site-b", "site-c"),
-                  reason="requested by the operator", at_ms=1_700_000_050_000),
+    DigestRequest(
+        vm="vm-01",
+        epoch=2,
+        site="site-a",
+        replica_sites=("site-b", "site-c"),
+        reason="requested by the operator",
+        at_ms=1_700_000_050_000,
+    ),
 )
 """One event of every kind, with awkward values: big offsets, empty and None fields, -1."""
 

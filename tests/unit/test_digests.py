@@ -22,8 +22,7 @@ BLOCK = 64 * 1024
 def test_block_digest_is_truncated_sha256_with_a_short_block_padded() -> None:
     data = os.urandom(BLOCK)
     assert block_digest(data, BLOCK) == hashlib.sha256(data).digest()[:DIGEST_BYTES]
-    assert block_digest(data[:100], BLOCK) == block_digest(data[:100] + bytes(BLOCK - 100),
-                                                           BLOCK)
+    assert block_digest(data[:100], BLOCK) == block_digest(data[:100] + bytes(BLOCK - 100), BLOCK)
     assert block_digest(b"", BLOCK) == zero_digest(BLOCK) == block_digest(bytes(BLOCK), BLOCK)
 
 
@@ -35,8 +34,10 @@ def test_image_digests_equal_reading_every_block(tmp_path: Path) -> None:
         image.write(7 * BLOCK, bytes(BLOCK))  # written zeros: allocated, same digest as a hole
         image.write(size - 11, b"end of disk")
         assert data_block_ranges(image, BLOCK)[0] == (1, 5)
-        expected = b"".join(block_digest(image.read(offset, min(BLOCK, size - offset)), BLOCK)
-                            for offset in range(0, size, BLOCK))
+        expected = b"".join(
+            block_digest(image.read(offset, min(BLOCK, size - offset)), BLOCK)
+            for offset in range(0, size, BLOCK)
+        )
     digests = image_digests(path, BLOCK)
     assert digests == expected
     assert len(digests) == 11 * DIGEST_BYTES

@@ -13,28 +13,39 @@ from vmreplica.schemas.events import FailoverPrepared
 
 
 def record(role: Role, partner: str, *others: str) -> VmRecord:
-    return VmRecord("web01", role, "tg", partner,
-                    VmSettings(capture="nbd", also_replicate_to=others), 3,
-                    ReplicationState.REPLICATING, "", 0,
-                    (DiskRecord("system", "/x/system.img", 1 << 20),))
+    return VmRecord(
+        "web01",
+        role,
+        "tg",
+        partner,
+        VmSettings(capture="nbd", also_replicate_to=others),
+        3,
+        ReplicationState.REPLICATING,
+        "",
+        0,
+        (DiskRecord("system", "/x/system.img", 1 << 20),),
+    )
 
 
-@pytest.mark.parametrize(("here", "before", "primary", "partner", "others"), [
-    # A (primary, replica B, also C) fails over to B: the planned default.
-    ("site-b", record("replica", "site-a", "site-c"), "site-b", "site-a", ("site-c",)),
-    ("site-a", record("primary", "site-b", "site-c"), "site-b", "site-b", ("site-c",)),
-    ("site-c", record("replica", "site-a", "site-b"), "site-b", "site-b", ("site-a",)),
-    # ... or to C, the site named second.
-    ("site-c", record("replica", "site-a", "site-b"), "site-c", "site-a", ("site-b",)),
-    ("site-a", record("primary", "site-b", "site-c"), "site-c", "site-c", ("site-b",)),
-    ("site-b", record("replica", "site-a", "site-c"), "site-c", "site-c", ("site-a",)),
-    # Two sites: nothing else to follow.
-    ("site-b", record("replica", "site-a"), "site-b", "site-a", ()),
-    ("site-a", record("primary", "site-b"), "site-b", "site-b", ()),
-])
+@pytest.mark.parametrize(
+    ("here", "before", "primary", "partner", "others"),
+    [
+        # A (primary, replica B, also C) fails over to B: the planned default.
+        ("site-b", record("replica", "site-a", "site-c"), "site-b", "site-a", ("site-c",)),
+        ("site-a", record("primary", "site-b", "site-c"), "site-b", "site-b", ("site-c",)),
+        ("site-c", record("replica", "site-a", "site-b"), "site-b", "site-b", ("site-a",)),
+        # ... or to C, the site named second.
+        ("site-c", record("replica", "site-a", "site-b"), "site-c", "site-a", ("site-b",)),
+        ("site-a", record("primary", "site-b", "site-c"), "site-c", "site-c", ("site-b",)),
+        ("site-b", record("replica", "site-a", "site-c"), "site-c", "site-c", ("site-a",)),
+        # Two sites: nothing else to follow.
+        ("site-b", record("replica", "site-a"), "site-b", "site-a", ()),
+        ("site-a", record("primary", "site-b"), "site-b", "site-b", ()),
+    ],
+)
 def test_every_site_regroups_around_the_new_primary(
-        here: str, before: VmRecord, primary: str, partner: str,
-        others: tuple[str, ...]) -> None:
+    here: str, before: VmRecord, primary: str, partner: str, others: tuple[str, ...]
+) -> None:
     got_partner, settings = regroup(before, here, primary)
     assert (got_partner, settings.also_replicate_to) == (partner, others)
     assert settings.capture == "nbd"  # everything else is kept

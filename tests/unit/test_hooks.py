@@ -17,8 +17,7 @@ from vmreplica.storage.hooks import OUTPUT_TAIL_BYTES, hook_command, run_hook
 async def test_vm_is_replaced_shell_quoted(tmp_path: Path) -> None:
     out = tmp_path / "out"
     vm = "web 01; touch pwned $(id) 'x'"
-    await run_hook(f"printf '%s\\n' {{vm}} > {out}", "stop", vm=vm, site="site-a",
-                   disks={})
+    await run_hook(f"printf '%s\\n' {{vm}} > {out}", "stop", vm=vm, site="site-a", disks={})
     assert out.read_text() == vm + "\n"  # one argument, nothing run
     assert not (tmp_path / "pwned").exists()
     assert hook_command("virsh shutdown {vm}", "a'b") == "virsh shutdown 'a'\"'\"'b'"
@@ -26,11 +25,16 @@ async def test_vm_is_replaced_shell_quoted(tmp_path: Path) -> None:
 
 async def test_environment_names_vm_site_phase_and_disks(tmp_path: Path) -> None:
     out = tmp_path / "env"
-    await run_hook(f'echo "$VMREPLICA_VM|$VMREPLICA_SITE|$VMREPLICA_HOOK|$VMREPLICA_DISKS|'
-                   f'$HOME" > {out}', "pre-cut", vm="vm1", site="site-b",
-                   disks={"disk0": "/images/a.img", "disk1": "/images/b.img"})
-    assert out.read_text() == (f"vm1|site-b|pre-cut|disk0=/images/a.img disk1=/images/b.img|"
-                               f"{os.environ.get('HOME', '')}\n")
+    await run_hook(
+        f'echo "$VMREPLICA_VM|$VMREPLICA_SITE|$VMREPLICA_HOOK|$VMREPLICA_DISKS|$HOME" > {out}',
+        "pre-cut",
+        vm="vm1",
+        site="site-b",
+        disks={"disk0": "/images/a.img", "disk1": "/images/b.img"},
+    )
+    assert out.read_text() == (
+        f"vm1|site-b|pre-cut|disk0=/images/a.img disk1=/images/b.img|{os.environ.get('HOME', '')}\n"
+    )
 
 
 async def test_stdin_is_empty(tmp_path: Path) -> None:
@@ -41,8 +45,13 @@ async def test_stdin_is_empty(tmp_path: Path) -> None:
 
 async def test_failure_carries_exit_code_and_the_tail_of_the_output() -> None:
     with pytest.raises(HookError) as caught:
-        await run_hook("echo starting; head -c 2000 /dev/zero | tr '\\0' x; echo; "
-                       "echo 'domain not found' >&2; exit 3", "stop", vm="vm1", site="s")
+        await run_hook(
+            "echo starting; head -c 2000 /dev/zero | tr '\\0' x; echo; "
+            "echo 'domain not found' >&2; exit 3",
+            "stop",
+            vm="vm1",
+            site="s",
+        )
     message = str(caught.value)
     assert message.startswith("VM 'vm1': stop hook ")
     tail = message.split(" exited with 3: ", 1)[1]
@@ -60,12 +69,19 @@ async def test_timeout_kills_the_hook_and_everything_it_started(tmp_path: Path) 
     pid_file = tmp_path / "child.pid"
     started = time.monotonic()
     with pytest.raises(HookError) as caught:
-        await run_hook(f"echo frozen; sleep 60 & echo $! > {pid_file}; wait", "pre-cut",
-                       vm="vm", site="s", timeout_seconds=0.5)
+        await run_hook(
+            f"echo frozen; sleep 60 & echo $! > {pid_file}; wait",
+            "pre-cut",
+            vm="vm",
+            site="s",
+            timeout_seconds=0.5,
+        )
     assert time.monotonic() - started < 10
-    assert str(caught.value) == ("VM 'vm': pre-cut hook "
-                                 f"'echo frozen; sleep 60 & echo $! > {pid_file}; wait' did not "
-                                 "finish within 0.5 s and was killed: frozen")
+    assert str(caught.value) == (
+        "VM 'vm': pre-cut hook "
+        f"'echo frozen; sleep 60 & echo $! > {pid_file}; wait' did not "
+        "finish within 0.5 s and was killed: frozen"
+    )
     child = int(pid_file.read_text())
     for _ in range(100):  # the grandchild is gone too (reaped by init)
         if _state(child) in ("gone", "Z"):
@@ -79,8 +95,9 @@ async def test_a_program_left_running_does_not_hold_the_hook(tmp_path: Path) -> 
     """A start hook may leave the VM running: the hook is done when its shell exits."""
     pid_file = tmp_path / "vm.pid"
     started = time.monotonic()
-    await run_hook(f"sleep 30 & echo $! > {pid_file}", "start", vm="vm", site="s",
-                   timeout_seconds=20)
+    await run_hook(
+        f"sleep 30 & echo $! > {pid_file}", "start", vm="vm", site="s", timeout_seconds=20
+    )
     assert time.monotonic() - started < 10
     child = int(pid_file.read_text())
     assert _state(child) not in ("gone", "Z")

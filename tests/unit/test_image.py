@@ -57,14 +57,21 @@ def test_out_of_bounds_names_disk_offset_length_and_size(disk: DiskImage) -> Non
     error = raised.value
     assert isinstance(error, JournalIntegrityError)
     assert (error.path, error.offset, error.length, error.size) == (
-        str(disk.path), 16 * MIB - 2, 3, 16 * MIB)
+        str(disk.path),
+        16 * MIB - 2,
+        3,
+        16 * MIB,
+    )
     assert str(error) == (
         f"{disk.path}: range at offset {16 * MIB - 2} of 3 bytes is outside the disk of "
         f"{16 * MIB} bytes. Operator action: check that the disk was resized on both sites, "
         "then resynchronize it."
     )
-    for bad in (lambda: disk.read(-1, 1), lambda: disk.zero(16 * MIB, 1),
-                lambda: disk.trim(0, 16 * MIB + 1)):
+    for bad in (
+        lambda: disk.read(-1, 1),
+        lambda: disk.zero(16 * MIB, 1),
+        lambda: disk.trim(0, 16 * MIB + 1),
+    ):
         with pytest.raises(OutOfBoundsError):
             bad()
     assert os.stat(disk.path).st_size == 16 * MIB
@@ -74,8 +81,10 @@ def test_allocated_extents_and_zero_punch_holes(disk: DiskImage) -> None:
     disk.write(BLOCK, b"x" * 2 * BLOCK)
     disk.write(8 * MIB, b"y" * BLOCK)
     assert list(disk.allocated_extents()) == [(BLOCK, 2 * BLOCK), (8 * MIB, BLOCK)]
-    assert list(disk.allocated_extents(2 * BLOCK, 8 * MIB)) == [(2 * BLOCK, BLOCK),
-                                                               (8 * MIB, BLOCK)]
+    assert list(disk.allocated_extents(2 * BLOCK, 8 * MIB)) == [
+        (2 * BLOCK, BLOCK),
+        (8 * MIB, BLOCK),
+    ]
     disk.zero(BLOCK, BLOCK)
     disk.trim(8 * MIB, BLOCK)
     assert list(disk.allocated_extents()) == [(2 * BLOCK, BLOCK)]
@@ -88,8 +97,7 @@ def test_zero_of_a_partial_block_keeps_the_rest(disk: DiskImage) -> None:
     assert disk.read(0, BLOCK) == b"a" * 100 + bytes(10) + b"a" * (BLOCK - 110)
 
 
-def test_zero_falls_back_to_writing_zeros(disk: DiskImage,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_zero_falls_back_to_writing_zeros(disk: DiskImage, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(safefile, "_fallocate", None)
     disk.write(0, b"z" * (IO_CHUNK_BYTES + 10))
     disk.zero(5, IO_CHUNK_BYTES)
@@ -143,8 +151,10 @@ def test_sparse_copy_keeps_content_and_holes(disk: DiskImage, tmp_path: Path) ->
 
 
 def test_copy_allocated_refuses_other_sizes(disk: DiskImage, tmp_path: Path) -> None:
-    with DiskImage.create(tmp_path / "small.img", 10) as small, \
-            pytest.raises(ConfigurationError, match="the sizes differ"):
+    with (
+        DiskImage.create(tmp_path / "small.img", 10) as small,
+        pytest.raises(ConfigurationError, match="the sizes differ"),
+    ):
         copy_allocated(disk, small)
 
 

@@ -56,4 +56,5 @@ def test_start_up_error_falls_back_to_the_jvms_output(tmp_path: Path) -> None:
     (tmp_path / "server.log").write_text("")
     (tmp_path / "stdout.log").write_text("Error: Could not find or load main class kafka.Kafka\n")
     assert _what_node_said(tmp_path).endswith(
-        "its output ends:\nError: Could not find or load main class kafka.Kafka")
+        "its output ends:\nError: Could not find or load main class kafka.Kafka"
+    )

@@ -37,29 +37,53 @@ class Clock:
         return self.ms / 1000
 
 
-def record(role: Role = "primary", state: ReplicationState = ReplicationState.REPLICATING,
-           frequency: int = 30, epoch: int = 1) -> VmRecord:
-    return VmRecord("web", role, "tg", "site-b", VmSettings(frequency_seconds=frequency),
-                    epoch, state, "", START_MS, (DiskRecord("disk0", "/d.img", 4096),))
+def record(
+    role: Role = "primary",
+    state: ReplicationState = ReplicationState.REPLICATING,
+    frequency: int = 30,
+    epoch: int = 1,
+) -> VmRecord:
+    return VmRecord(
+        "web",
+        role,
+        "tg",
+        "site-b",
+        VmSettings(frequency_seconds=frequency),
+        epoch,
+        state,
+        "",
+        START_MS,
+        (DiskRecord("disk0", "/d.img", 4096),),
+    )
 
 
-def status(vm: VmRecord, cycle: int | None = None, health: Health = Health.NORMAL,
-           synced_ms: int | None = None, idle: bool = False) -> VmStatus:
+def status(
+    vm: VmRecord,
+    cycle: int | None = None,
+    health: Health = Health.NORMAL,
+    synced_ms: int | None = None,
+    idle: bool = False,
+) -> VmStatus:
     """``synced_ms``: when the site last held every write; ``idle``: the primary heartbeats
     and says nothing waits (what :func:`vm_status` works out from the catalog)."""
     progress: PrimaryProgress | ReplicaProgress = (
-        PrimaryProgress(cycle, 512, None, None) if vm.role == "primary"
-        else ReplicaProgress(cycle, 3))
-    return VmStatus(vm, CaptureStatus("api"), HealthReport(health, ()), None, 0, progress,
-                    synced_ms, idle)
+        PrimaryProgress(cycle, 512, None, None)
+        if vm.role == "primary"
+        else ReplicaProgress(cycle, 3)
+    )
+    return VmStatus(
+        vm, CaptureStatus("api"), HealthReport(health, ()), None, 0, progress, synced_ms, idle
+    )
 
 
 def stat(cycle: int, done_ms: int, latency_ms: int = 400, size: int = 1000) -> CycleStat:
     return CycleStat(cycle, done_ms - latency_ms, done_ms, size)
 
 
-@pytest.mark.parametrize(("gap", "missed"), [
-    (0.0, 0), (30.0, 0), (44.9, 0), (45.0, 1), (60.0, 1), (74.0, 1), (75.0, 2), (3600.0, 119)])
+@pytest.mark.parametrize(
+    ("gap", "missed"),
+    [(0.0, 0), (30.0, 0), (44.9, 0), (45.0, 1), (60.0, 1), (74.0, 1), (75.0, 2), (3600.0, 119)],
+)
 def test_a_cycle_is_missed_once_it_is_half_an_interval_overdue(gap: float, missed: int) -> None:
     assert missed_intervals(gap, 30.0) == missed
 
@@ -98,14 +122,17 @@ def test_no_cycle_is_missed_while_none_is_due() -> None:
     assert tally.missed_cycles([], START_MS + 3_650_000, 30.0, expected=True) == 1
 
 
-@pytest.mark.parametrize(("error", "reason"), [
-    (BrokerError("broker away"), "network"),
-    (FencedError("a newer primary"), "fenced"),
-    (HookError("pre-cut hook exited 1"), "hook"),
-    (JournalViolation("web", 7, "gap", ReplicationState.ERROR), "journal"),
-    (CorruptEventError("bad CRC"), "journal"),
-    (ReplicationError("something else"), "replication"),
-])
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (BrokerError("broker away"), "network"),
+        (FencedError("a newer primary"), "fenced"),
+        (HookError("pre-cut hook exited 1"), "hook"),
+        (JournalViolation("web", 7, "gap", ReplicationState.ERROR), "journal"),
+        (CorruptEventError("bad CRC"), "journal"),
+        (ReplicationError("something else"), "replication"),
+    ],
+)
 def test_failures_are_counted_by_reason(error: ReplicationError, reason: str) -> None:
     assert failure_reason(error) == reason
 
@@ -114,8 +141,11 @@ def test_shipped_cycles_count_once_with_latency_bytes_and_rpo() -> None:
     clock = Clock(START_MS)
     metrics = SiteMetrics("site-a", clock)
     vm = record()
-    rows = [stat(1, START_MS - 10_000), stat(2, START_MS + 20_000, latency_ms=1500, size=700),
-            stat(3, START_MS + 50_000, size=300)]
+    rows = [
+        stat(1, START_MS - 10_000),
+        stat(2, START_MS + 20_000, latency_ms=1500, size=700),
+        stat(3, START_MS + 50_000, size=300),
+    ]
     clock.ms = START_MS + 52_000
     position = Position(1, 3, bytes(32), 40, START_MS + 50_000)
     synced = rows[-1].cut_at_ms
@@ -133,12 +163,19 @@ def test_shipped_cycles_count_once_with_latency_bytes_and_rpo() -> None:
     assert sample("vmreplica_cycle_ship_latency_seconds_bucket", {**labels, "le": "0.5"}) == 1
     assert sample("vmreplica_cycles_missed_total", labels) == 0
     assert sample("vmreplica_cycles_failed_total", {**labels, "reason": "network"}) == 0
-    assert sample("vmreplica_failover_actions_total",  # at 0 before its first event
-                  {**labels, "action": "planned", "outcome": "done"}) == 0
+    assert (
+        sample(
+            "vmreplica_failover_actions_total",  # at 0 before its first event
+            {**labels, "action": "planned", "outcome": "done"},
+        )
+        == 0
+    )
     with_role = {**labels, "role": "primary"}
     assert sample("vmreplica_last_cycle", with_role) == 3
-    assert sample("vmreplica_last_successful_cycle_timestamp_seconds", with_role) == (
-        START_MS + 50_000) / 1000
+    assert (
+        sample("vmreplica_last_successful_cycle_timestamp_seconds", with_role)
+        == (START_MS + 50_000) / 1000
+    )
     assert sample("vmreplica_rpo_seconds", with_role) == pytest.approx(2.4)
     assert sample("vmreplica_pending_bytes", with_role) == 512
     assert sample("vmreplica_recovery_points", with_role) is None
@@ -157,8 +194,11 @@ def test_applied_cycles_apply_time_failures_and_failovers() -> None:
     vm = record("replica")
     clock.ms += 31_000
     rows = [stat(1, START_MS + 30_000, latency_ms=2_000, size=4096)]
-    metrics.update(status(vm, 1, synced_ms=rows[0].cut_at_ms), rows,
-                   Position(1, 1, bytes(32), 9, START_MS + 30_000))
+    metrics.update(
+        status(vm, 1, synced_ms=rows[0].cut_at_ms),
+        rows,
+        Position(1, 1, bytes(32), 9, START_MS + 30_000),
+    )
     metrics.applied("web", 0.3, 3)
     metrics.failed("web", "network")
     metrics.failover("web", "unplanned", "refused")
@@ -170,8 +210,13 @@ def test_applied_cycles_apply_time_failures_and_failovers() -> None:
     assert sample("vmreplica_cycle_apply_duration_seconds_count", labels) == 3
     assert sample("vmreplica_cycle_apply_duration_seconds_sum", labels) == pytest.approx(0.3)
     assert sample("vmreplica_cycles_failed_total", {**labels, "reason": "network"}) == 1
-    assert sample("vmreplica_failover_actions_total",
-                  {**labels, "action": "unplanned", "outcome": "refused"}) == 1
+    assert (
+        sample(
+            "vmreplica_failover_actions_total",
+            {**labels, "action": "unplanned", "outcome": "refused"},
+        )
+        == 1
+    )
     with_role = {**labels, "role": "replica"}
     assert sample("vmreplica_recovery_points", with_role) == 3
     assert sample("vmreplica_pending_bytes", with_role) is None
@@ -184,10 +229,13 @@ def test_state_and_health_are_labels_and_a_role_change_leaves_no_stale_series() 
     metrics.update(status(vm, health=Health.CRITICAL))
     sample = metrics.registry.get_sample_value
     primary = {"site": "site-a", "vm": "web", "role": "primary"}
-    states = {s.value: sample("vmreplica_vm_state", {**primary, "state": s.value})
-              for s in ReplicationState}
-    assert states == {s.value: float(s is ReplicationState.RESYNCHRONIZATION_REQUIRED)
-                      for s in ReplicationState}
+    states = {
+        s.value: sample("vmreplica_vm_state", {**primary, "state": s.value})
+        for s in ReplicationState
+    }
+    assert states == {
+        s.value: float(s is ReplicationState.RESYNCHRONIZATION_REQUIRED) for s in ReplicationState
+    }
     assert sample("vmreplica_vm_health", {**primary, "health": "critical"}) == 1
     assert sample("vmreplica_vm_health", {**primary, "health": "normal"}) == 0
     assert sample("vmreplica_rpo_seconds", primary) is None  # no cycle yet: no RPO
@@ -204,8 +252,11 @@ def test_a_vm_removed_from_the_catalog_loses_every_series() -> None:
     metrics.failover("web", "planned")
     metrics.failover("ghost", "unplanned", "failed")  # a request for a VM never in the catalog
     metrics.retain([])
-    names = {sample.labels.get("vm") for family in metrics.registry.collect()
-             for sample in family.samples}
+    names = {
+        sample.labels.get("vm")
+        for family in metrics.registry.collect()
+        for sample in family.samples
+    }
     assert names & {"web", "ghost"} == set()
 
 
@@ -219,8 +270,10 @@ def test_a_taken_metrics_port_is_one_line_naming_the_setting() -> None:
             metrics.serve(port, "127.0.0.1")
     message = str(raised.value)
     assert "\n" not in message
-    assert message.startswith(f"cannot listen on 127.0.0.1 port {port} (`metrics_port`): "
-                              "Address already in use. Operator action: stop the process")
+    assert message.startswith(
+        f"cannot listen on 127.0.0.1 port {port} (`metrics_port`): "
+        "Address already in use. Operator action: stop the process"
+    )
     assert "set `metrics_port` to a free port" in message
 
 

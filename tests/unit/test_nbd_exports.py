@@ -21,10 +21,21 @@ from .test_nbd_protocol import WireClient
 
 
 def record(vm: str = "web01") -> VmRecord:
-    return VmRecord(vm, "primary", "default", "site-b", VmSettings(capture="nbd"), 1,
-                    ReplicationState.REPLICATING, "", 0,
-                    (DiskRecord("system", "/x/system.img", 1 << 20),
-                     DiskRecord("data", "/x/data.img", 1 << 20)))
+    return VmRecord(
+        vm,
+        "primary",
+        "default",
+        "site-b",
+        VmSettings(capture="nbd"),
+        1,
+        ReplicationState.REPLICATING,
+        "",
+        0,
+        (
+            DiskRecord("system", "/x/system.img", 1 << 20),
+            DiskRecord("data", "/x/data.img", 1 << 20),
+        ),
+    )
 
 
 def test_uris_per_disk_on_the_vm_socket_and_optionally_tcp() -> None:
@@ -32,7 +43,8 @@ def test_uris_per_disk_on_the_vm_socket_and_optionally_tcp() -> None:
     uris = nbd_uris(config, record())
     assert uris["system"] == {
         "unix": "nbd+unix:///system?socket=/var/lib/vmreplica/vms/web01/nbd.sock",
-        "tcp": "nbd://127.0.0.1:10809/web01.system"}
+        "tcp": "nbd://127.0.0.1:10809/web01.system",
+    }
     assert set(uris) == {"system", "data"}
     short = SiteConfig(root=Path("/var/lib/vmreplica"), nbd_socket_dir=Path("/run/vmr"))
     assert socket_path(short, "web01") == Path("/run/vmr/web01.sock")
@@ -52,8 +64,7 @@ def test_tcp_host_must_be_loopback() -> None:
 
 
 async def test_a_stale_socket_is_replaced_and_a_live_one_is_not(tmp_path: Path) -> None:
-    capture = CapturedVm("web01", [("system", tmp_path / "system.img", 1 << 20)],
-                         tmp_path / "log")
+    capture = CapturedVm("web01", [("system", tmp_path / "system.img", 1 << 20)], tmp_path / "log")
     with tempfile.TemporaryDirectory(prefix="nbdx-") as folder:
         path = Path(folder) / "web01.sock"
         stale = socket.socket(socket.AF_UNIX)
@@ -72,7 +83,8 @@ async def test_a_stale_socket_is_replaced_and_a_live_one_is_not(tmp_path: Path) 
 
 
 async def test_exports_outlive_the_capture_refusing_writes_and_come_back_writable(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """A role change keeps the client's connection: reads go on, writes get EPERM, then a new
     capture (this site primary again) takes writes on the same export."""
     image = tmp_path / "system.img"
@@ -90,9 +102,13 @@ async def test_exports_outlive_the_capture_refusing_writes_and_come_back_writabl
             capture.close()  # the old primary's capture closes; the export stays
             assert exports.write_refusal == "site-b is the primary now"
             assert await client.call(wire.NBD_CMD_READ, 0, 8192) == (
-                0, b"\x11" * 4096 + b"\x22" * 4096)
+                0,
+                b"\x11" * 4096 + b"\x22" * 4096,
+            )
             assert await client.call(wire.NBD_CMD_WRITE, 0, 4096, b"\x33" * 4096) == (
-                wire.NBD_EPERM, b"")
+                wire.NBD_EPERM,
+                b"",
+            )
             fresh, _, flags = await WireClient.open_export(str(path), "system")
             assert flags & wire.NBD_FLAG_READ_ONLY
             await fresh.close()

@@ -36,8 +36,10 @@ def test_packing_can_be_switched_off_and_raw_payloads_are_not_copied() -> None:
 def test_the_zstd_frame_is_a_plain_one_any_zstd_reads() -> None:
     _, packed = PayloadPacker().pack(TEXT)
     assert zstandard.ZstdDecompressor().decompress(packed) == TEXT
-    assert PayloadUnpacker().unpack(Compression.ZSTD, zstandard.ZstdCompressor().compress(TEXT)) \
+    assert (
+        PayloadUnpacker().unpack(Compression.ZSTD, zstandard.ZstdCompressor().compress(TEXT))
         == TEXT
+    )
 
 
 def test_a_garbled_frame_is_a_corrupt_event_with_zstds_message() -> None:
@@ -66,20 +68,30 @@ def test_verify_checks_length_and_crc32() -> None:
 
 
 def test_a_batch_that_does_not_decompress_is_a_violation_naming_it() -> None:
-    batch = WriteBatch("vm", 1, 5, 0, (Extent("sda", 0, 4, ExtentKind.DATA, 0, 0),),
-                       Compression.ZSTD, b"garbage")
+    batch = WriteBatch(
+        "vm", 1, 5, 0, (Extent("sda", 0, 4, ExtentKind.DATA, 0, 0),), Compression.ZSTD, b"garbage"
+    )
     with pytest.raises(JournalViolation) as raised:
         decode_cycle("vm", 42, [batch], {"sda": 4096})
-    assert str(raised.value) == ("VM 'vm', journal offset 42: cycle 5 batch 0: payload does not "
-                                 "decompress (error determining content size from frame header)")
+    assert str(raised.value) == (
+        "VM 'vm', journal offset 42: cycle 5 batch 0: payload does not "
+        "decompress (error determining content size from frame header)"
+    )
     assert isinstance(raised.value.__cause__, CorruptEventError)
 
 
 def test_decode_cycle_reuses_the_unpacker_it_is_given() -> None:
     data = TEXT[:8192]
     compression, packed = PayloadPacker().pack(data)
-    batch = WriteBatch("vm", 1, 5, 0, (Extent("sda", 4096, 8192, ExtentKind.DATA, 0,
-                                              checksum(data)),), compression, packed)
+    batch = WriteBatch(
+        "vm",
+        1,
+        5,
+        0,
+        (Extent("sda", 4096, 8192, ExtentKind.DATA, 0, checksum(data)),),
+        compression,
+        packed,
+    )
     unpacker = PayloadUnpacker()
     for _ in range(2):
         [extent] = decode_cycle("vm", 1, [batch], {"sda": 65536}, unpacker)

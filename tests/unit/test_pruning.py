@@ -39,58 +39,87 @@ DISK_BYTES: Final = 64 * 1024
 
 
 async def _one_vm(catalog: Catalog) -> None:
-    await catalog.add_vm(VM, "replica", "tg", "site-a", VmSettings(),
-                         [DiskRecord("disk0", "/nowhere/web.img", DISK_BYTES)],
-                         ReplicationState.REPLICATING)
+    await catalog.add_vm(
+        VM,
+        "replica",
+        "tg",
+        "site-a",
+        VmSettings(),
+        [DiskRecord("disk0", "/nowhere/web.img", DISK_BYTES)],
+        ReplicationState.REPLICATING,
+    )
 
 
 # Cycle statistics --------------------------------------------------------------------------------
 
+
 async def test_cycle_statistics_older_than_the_horizon_go_and_the_newest_stays(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     assert CYCLE_STATS_HOURS == 2
     start = 1_800_000_000_000
     async with Catalog(tmp_path / "catalog.sqlite") as catalog:
         await _one_vm(catalog)
         for cycle in range(1, 101):  # a cycle every 5 minutes for 8 h 15 min
             done = start + cycle * 5 * MINUTE_MS
-            await catalog.advance_position(VM, Position(1, cycle, bytes(32), cycle, done),
-                                           cut_at_ms=done - 100, size_bytes=cycle,
-                                           started_at_ms=done - 5 * MINUTE_MS)
+            await catalog.advance_position(
+                VM,
+                Position(1, cycle, bytes(32), cycle, done),
+                cut_at_ms=done - 100,
+                size_bytes=cycle,
+                started_at_ms=done - 5 * MINUTE_MS,
+            )
         rows = await catalog.cycle_stats(VM, 0)
         # the last two hours: cycles 77-100 (cycle 76 was done exactly two hours before 100)
         assert [row[0] for row in rows] == list(range(76, 101))
-        assert rows[-1] == (100, start + 500 * MINUTE_MS - 100, start + 500 * MINUTE_MS, 100,
-                            start + 495 * MINUTE_MS)
+        assert rows[-1] == (
+            100,
+            start + 500 * MINUTE_MS - 100,
+            start + 500 * MINUTE_MS,
+            100,
+            start + 495 * MINUTE_MS,
+        )
 
         # An idle VM ships nothing for a day: its last cycle stays, and the window finds it.
         later = start + 500 * MINUTE_MS + 24 * HOUR_MS
-        assert [row[0] for row in await catalog.cycle_stats(VM, later - HOUR_MS,
-                                                            previous=True)] == [100]
+        assert [
+            row[0] for row in await catalog.cycle_stats(VM, later - HOUR_MS, previous=True)
+        ] == [100]
         assert await catalog.cycle_stats(VM, later - HOUR_MS) == []
         # A cycle then prunes everything older than two hours but itself.
-        await catalog.advance_position(VM, Position(1, 101, bytes(32), 101, later),
-                                       cut_at_ms=later - 100, size_bytes=1)
+        await catalog.advance_position(
+            VM, Position(1, 101, bytes(32), 101, later), cut_at_ms=later - 100, size_bytes=1
+        )
         assert [row[0] for row in await catalog.cycle_stats(VM, 0)] == [101]
 
 
 async def test_a_catalog_from_before_gets_the_start_time_column(tmp_path: Path) -> None:
     path = tmp_path / "catalog.sqlite"
     with sqlite3.connect(path) as old:
-        old.execute("CREATE TABLE cycle_stat (vm TEXT NOT NULL, cycle INTEGER NOT NULL,"
-                    " cut_at_ms INTEGER NOT NULL, done_at_ms INTEGER NOT NULL,"
-                    " bytes INTEGER NOT NULL, PRIMARY KEY (vm, cycle))")
+        old.execute(
+            "CREATE TABLE cycle_stat (vm TEXT NOT NULL, cycle INTEGER NOT NULL,"
+            " cut_at_ms INTEGER NOT NULL, done_at_ms INTEGER NOT NULL,"
+            " bytes INTEGER NOT NULL, PRIMARY KEY (vm, cycle))"
+        )
         old.execute("INSERT INTO cycle_stat VALUES ('web', 3, 1000, 2000, 10)")
     async with Catalog(path) as catalog:
         await _one_vm(catalog)
         assert await catalog.cycle_stats(VM, 0) == [(3, 1000, 2000, 10, None)]
-        await catalog.advance_position(VM, Position(1, 4, bytes(32), 40, 3000),
-                                       cut_at_ms=2500, size_bytes=20, started_at_ms=2100)
-        assert await catalog.cycle_stats(VM, 0) == [(3, 1000, 2000, 10, None),
-                                                    (4, 2500, 3000, 20, 2100)]
+        await catalog.advance_position(
+            VM,
+            Position(1, 4, bytes(32), 40, 3000),
+            cut_at_ms=2500,
+            size_bytes=20,
+            started_at_ms=2100,
+        )
+        assert await catalog.cycle_stats(VM, 0) == [
+            (3, 1000, 2000, 10, None),
+            (4, 2500, 3000, 20, 2100),
+        ]
 
 
 # Recovery points ---------------------------------------------------------------------------------
+
 
 def _point(cycle: int, cut_at_ms: int) -> RecoveryPoint:
     return RecoveryPoint(cycle, 1, cycle * 2, cut_at_ms)
@@ -102,7 +131,8 @@ async def _insert_points(catalog: Catalog, points: Iterator[RecoveryPoint]) -> N
     await catalog.db.executemany(
         "INSERT INTO recovery_point (vm, cycle, epoch, journal_offset, cut_at_ms, consistency)"
         " VALUES (?, ?, ?, ?, ?, 'crash')",
-        ((VM, p.cycle, p.epoch, p.journal_offset, p.cut_at_ms) for p in points))
+        ((VM, p.cycle, p.epoch, p.journal_offset, p.cut_at_ms) for p in points),
+    )
     await catalog.db.execute("COMMIT")
 
 
@@ -120,7 +150,12 @@ async def test_keeping_more_points_than_sqlite_takes_parameters(tmp_path: Path) 
 
         assert await catalog.count_points(VM) == len(kept)
         assert [p.cycle for p in await catalog.points(VM, cut_before_ms=5001)] == [
-            1000, 2000, 3000, 4000, 5000]
+            1000,
+            2000,
+            3000,
+            4000,
+            5000,
+        ]
         assert await catalog.oldest_point(VM) == 1000
 
 
@@ -136,6 +171,7 @@ async def test_keeping_points_among_the_older_ones_leaves_the_rest(tmp_path: Pat
 
 # The materialiser's prune: continuous protection ------------------------------------------------
 
+
 class CountingCatalog(Catalog):
     """A catalog that counts the recovery points it reads."""
 
@@ -147,20 +183,30 @@ class CountingCatalog(Catalog):
         return found
 
 
-def _records(cycle: int, cut_at_ms: int, previous_hash: bytes,
-             offset: int) -> tuple[list[JournalRecord], bytes]:
+def _records(
+    cycle: int, cut_at_ms: int, previous_hash: bytes, offset: int
+) -> tuple[list[JournalRecord], bytes]:
     """Cycle ``cycle`` (one 4 KiB write) as the journal holds it, at ``offset``."""
-    batch = write_batch(VM, 1, cycle, 0, [Change("disk0", (cycle % 16) * 4096,
-                                                  bytes([cycle % 251]) * 4096)])
-    commit = replace(cycle_commit(VM, 1, cycle, [batch], previous_hash, {"disk0": DISK_BYTES}),
-                     started_at_ms=cut_at_ms - 1000, cut_at_ms=cut_at_ms)
-    return ([JournalRecord(offset, VM.encode(), encode(batch), cut_at_ms),
-             JournalRecord(offset + 1, VM.encode(), encode(commit), cut_at_ms)],
-            commit.cycle_hash)
+    batch = write_batch(
+        VM, 1, cycle, 0, [Change("disk0", (cycle % 16) * 4096, bytes([cycle % 251]) * 4096)]
+    )
+    commit = replace(
+        cycle_commit(VM, 1, cycle, [batch], previous_hash, {"disk0": DISK_BYTES}),
+        started_at_ms=cut_at_ms - 1000,
+        cut_at_ms=cut_at_ms,
+    )
+    return (
+        [
+            JournalRecord(offset, VM.encode(), encode(batch), cut_at_ms),
+            JournalRecord(offset + 1, VM.encode(), encode(commit), cut_at_ms),
+        ],
+        commit.cycle_hash,
+    )
 
 
 async def test_continuous_protection_prunes_what_aged_out_and_looks_at_nothing_else(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     listings = 0
     files = UndoLog._files
 
@@ -202,13 +248,15 @@ async def test_continuous_protection_prunes_what_aged_out_and_looks_at_nothing_e
 
 
 async def test_an_idle_heartbeat_counts_only_when_the_replica_holds_its_cycle(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     async with Catalog(tmp_path / "catalog.sqlite") as catalog:
         await _one_vm(catalog)
         await catalog.advance_position(VM, Position(1, 0, GENESIS_HASH, 0, 1))
         image = DiskImage.create(tmp_path / "disk0.img", DISK_BYTES)
-        materializer = Materializer(VM, {"disk0": image}, tmp_path / "undo", catalog,
-                                    RetentionPolicy())
+        materializer = Materializer(
+            VM, {"disk0": image}, tmp_path / "undo", catalog, RetentionPolicy()
+        )
         await materializer.recover()
         records, _ = _records(1, 5_000, GENESIS_HASH, 0)
         await materializer.apply_records(records)

@@ -15,8 +15,13 @@ NOW_MS = 1_000 * HOUR_MS + 30 * MINUTE_MS
 
 
 def point(cycle: int, cut_at_ms: int, consistency: str = "crash") -> RecoveryPoint:
-    return RecoveryPoint(cycle=cycle, epoch=1, journal_offset=cycle * 10, cut_at_ms=cut_at_ms,
-                         consistency=Consistency.parse(consistency))
+    return RecoveryPoint(
+        cycle=cycle,
+        epoch=1,
+        journal_offset=cycle * 10,
+        cut_at_ms=cut_at_ms,
+        consistency=Consistency.parse(consistency),
+    )
 
 
 def every_ten_minutes(hours: int) -> list[RecoveryPoint]:
@@ -25,22 +30,41 @@ def every_ten_minutes(hours: int) -> list[RecoveryPoint]:
     return [point(cycle, NOW_MS - (count - cycle) * 10 * MINUTE_MS) for cycle in range(count + 1)]
 
 
-@pytest.mark.parametrize(("arguments", "message"), [
-    ({"mode": "hourly", "hours": 25}, "recovery history must be 0-24 hours, got 25"),
-    ({"mode": "hourly", "hours": -1}, "recovery history must be 0-24 hours, got -1"),
-    ({"mode": "weekly"},
-     "retention mode must be 'latest', 'hourly' or 'every_cycle', got 'weekly'"),
-    ({"mode": "latest", "hours": 4}, "retention mode 'latest' keeps no history, but hours is 4: "
-     "set hours to 0, or use mode 'hourly' or 'every_cycle'"),
-    ({"mode": "every_cycle", "hours": 0}, "retention mode 'every_cycle' needs 1-24 hours of "
-     "history; use mode 'latest' to keep only the newest point"),
-    ({"mode": "latest", "app_consistent_hours": 4}, "application-consistent points need recovery "
-     "history: use mode 'hourly' or 'every_cycle'"),
-    ({"mode": "hourly", "hours": 24, "app_consistent_hours": 13}, "application-consistent points "
-     "must come every 1-12 hours, got 13"),
-    ({"mode": "hourly", "hours": 4, "app_consistent_hours": 6}, "application-consistent points "
-     "every 6 hours would fall outside a recovery history of 4 hours: raise hours to at least 6"),
-])
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"mode": "hourly", "hours": 25}, "recovery history must be 0-24 hours, got 25"),
+        ({"mode": "hourly", "hours": -1}, "recovery history must be 0-24 hours, got -1"),
+        (
+            {"mode": "weekly"},
+            "retention mode must be 'latest', 'hourly' or 'every_cycle', got 'weekly'",
+        ),
+        (
+            {"mode": "latest", "hours": 4},
+            "retention mode 'latest' keeps no history, but hours is 4: "
+            "set hours to 0, or use mode 'hourly' or 'every_cycle'",
+        ),
+        (
+            {"mode": "every_cycle", "hours": 0},
+            "retention mode 'every_cycle' needs 1-24 hours of "
+            "history; use mode 'latest' to keep only the newest point",
+        ),
+        (
+            {"mode": "latest", "app_consistent_hours": 4},
+            "application-consistent points need recovery "
+            "history: use mode 'hourly' or 'every_cycle'",
+        ),
+        (
+            {"mode": "hourly", "hours": 24, "app_consistent_hours": 13},
+            "application-consistent points must come every 1-12 hours, got 13",
+        ),
+        (
+            {"mode": "hourly", "hours": 4, "app_consistent_hours": 6},
+            "application-consistent points every 6 hours would fall outside "
+            "a recovery history of 4 hours: raise hours to at least 6",
+        ),
+    ],
+)
 def test_invalid_policies_are_refused(arguments: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigurationError) as raised:
         RetentionPolicy(**arguments)  # type: ignore[arg-type]
@@ -48,8 +72,9 @@ def test_invalid_policies_are_refused(arguments: dict[str, object], message: str
 
 
 def test_invalid_consistency_is_refused() -> None:
-    with pytest.raises(ConfigurationError, match="consistency must be 'crash' or 'application', "
-                       "got 'vss'"):
+    with pytest.raises(
+        ConfigurationError, match="consistency must be 'crash' or 'application', got 'vss'"
+    ):
         point(1, 0, "vss")
 
 
@@ -95,8 +120,7 @@ def test_hourly_keeps_application_consistent_points_at_their_cadence() -> None:
     # application-consistent point is kept, so 997:10 goes and 997:20 stays.
     for cycle in (4, 16, 17):
         candidates[cycle] = point(cycle, candidates[cycle].cut_at_ms, "application")
-    kept = select_points(candidates, RetentionPolicy("hourly", 6, app_consistent_hours=2),
-                         NOW_MS)
+    kept = select_points(candidates, RetentionPolicy("hourly", 6, app_consistent_hours=2), NOW_MS)
     assert [p.cycle for p in kept] == [2, 4, 8, 14, 17, 20, 26, 32, 36]
     without = select_points(candidates, RetentionPolicy("hourly", 6), NOW_MS)
     assert [p.cycle for p in without] == [2, 8, 14, 20, 26, 32, 36]

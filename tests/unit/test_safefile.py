@@ -31,6 +31,7 @@ from vmreplica.storage.safefile import (
 def test_replace_atomically_replaces_whole(tmp_path: Path) -> None:
     target = tmp_path / "state.bin"
     target.write_bytes(b"old")
+
     def write(temporary: Path) -> None:
         temporary.write_bytes(b"new")
 
@@ -118,7 +119,8 @@ def filled(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("code", [errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS])
 def test_zero_range_writes_zeros_where_holes_cannot_be_punched(
-        filled: Path, code: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    filled: Path, code: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[int] = []
     monkeypatch.setattr(safefile, "_fallocate", _failing_fallocate(code, calls))
     fd = os.open(filled, os.O_RDWR)
@@ -128,12 +130,12 @@ def test_zero_range_writes_zeros_where_holes_cannot_be_punched(
         os.close(fd)
     assert calls == [4096]
     content = filled.read_bytes()
-    assert content == (b"\xee" * 4096 + bytes(ZERO_FILL_BYTES + 10)
-                       + b"\xee" * (4096 - 10))
+    assert content == (b"\xee" * 4096 + bytes(ZERO_FILL_BYTES + 10) + b"\xee" * (4096 - 10))
 
 
 def test_zero_range_without_punching_never_asks_for_a_hole(
-        filled: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    filled: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[int] = []
     monkeypatch.setattr(safefile, "_fallocate", _failing_fallocate(errno.EINVAL, calls))
     fd = os.open(filled, os.O_RDWR)
@@ -146,8 +148,7 @@ def test_zero_range_without_punching_never_asks_for_a_hole(
     assert filled.read_bytes()[:101] == bytes(100) + b"\xee"
 
 
-def test_other_fallocate_errors_are_raised(filled: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_other_fallocate_errors_are_raised(filled: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(safefile, "_fallocate", _failing_fallocate(errno.EIO, []))
     fd = os.open(filled, os.O_RDWR)
     try:
@@ -172,7 +173,8 @@ def test_zero_range_punches_a_hole_where_it_can(filled: Path) -> None:
 
 
 def test_disk_image_and_file_device_share_the_fallback(
-        filled: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    filled: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[int] = []
     monkeypatch.setattr(safefile, "_fallocate", _failing_fallocate(errno.EINVAL, calls))
     with DiskImage.open(filled) as image:
@@ -183,7 +185,8 @@ def test_disk_image_and_file_device_share_the_fallback(
 
 
 async def test_file_device_falls_back_once_and_stops_asking(
-        filled: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    filled: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[int] = []
     monkeypatch.setattr(safefile, "_fallocate", _failing_fallocate(errno.EINVAL, calls))
     with FileBlockDevice(filled) as device:
@@ -192,5 +195,6 @@ async def test_file_device_falls_back_once_and_stops_asking(
         await device.write_zeroes(16384, 4096, fua=True, may_trim=False)
     assert calls == [0]
     content = await asyncio.to_thread(filled.read_bytes)
-    assert content[:20480] == (bytes(4096) + b"\xee" * 4096 + bytes(4096) + b"\xee" * 4096
-                               + bytes(4096))
+    assert content[:20480] == (
+        bytes(4096) + b"\xee" * 4096 + bytes(4096) + b"\xee" * 4096 + bytes(4096)
+    )

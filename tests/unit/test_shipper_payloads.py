@@ -35,8 +35,9 @@ def test_incompressible_payloads_are_sent_raw_and_compressible_ones_compressed()
     packer = PayloadPacker()
     noise = os.urandom(4 * MiB)
     assert packer.pack(noise) == (Compression.NONE, noise)
-    text = b"".join(b"block %08d of a file system full of ordinary text\n" % i
-                    for i in range(80_000))
+    text = b"".join(
+        b"block %08d of a file system full of ordinary text\n" % i for i in range(80_000)
+    )
     compression, packed = packer.pack(text)
     assert compression is Compression.ZSTD
     assert zstandard.ZstdDecompressor().decompress(packed) == text
@@ -50,7 +51,8 @@ def test_incompressible_payloads_are_sent_raw_and_compressible_ones_compressed()
 
 
 def test_extents_carry_the_newest_data_with_checksums_and_zero_writes_become_zero_extents(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     log = ChangeLog(tmp_path)
     log.open()
     first, newest = os.urandom(MiB), os.urandom(64 * 1024)
@@ -68,12 +70,12 @@ def test_extents_carry_the_newest_data_with_checksums_and_zero_writes_become_zer
         for extent in extents:
             kinds.append((extent.disk, extent.offset, extent.kind))
             if extent.kind is ExtentKind.DATA:
-                data = payload[extent.payload_offset:extent.payload_offset + extent.length]
+                data = payload[extent.payload_offset : extent.payload_offset + extent.length]
                 assert zlib.crc32(data) == extent.crc32
                 content[(extent.disk, extent.offset)] = data
     log.close()
     assert ("a", 2 * MiB, ExtentKind.ZERO) in kinds
     assert content[("a", 0)] == first[:4096]
     assert content[("a", 4096)] == newest
-    assert content[("a", 4096 + len(newest))] == first[4096 + len(newest):]
+    assert content[("a", 4096 + len(newest))] == first[4096 + len(newest) :]
     assert sum(len(data) for (disk, _), data in content.items() if disk == "b") == 5 * MiB

@@ -40,8 +40,9 @@ def disk(tmp_path: Path) -> Iterator[DiskImage]:
         yield created
 
 
-def write_cycle(log: UndoLog, image: DiskImage, cycle: int,
-                writes: list[tuple[int, bytes]]) -> None:
+def write_cycle(
+    log: UndoLog, image: DiskImage, cycle: int, writes: list[tuple[int, bytes]]
+) -> None:
     """Apply one cycle the way the materialiser does: capture, seal, then write."""
     with log.writer(cycle) as writer:
         for offset, data in writes:
@@ -77,7 +78,9 @@ def test_large_ranges_are_split_into_bounded_records(log: UndoLog) -> None:
         writer.add("sda", 50, data)
         assert writer.seal().records == 2
     assert [(record.offset, len(record.data)) for record in log.records(1)] == [
-        (50, RECORD_DATA_MAX_BYTES), (50 + RECORD_DATA_MAX_BYTES, 10)]
+        (50, RECORD_DATA_MAX_BYTES),
+        (50 + RECORD_DATA_MAX_BYTES, 10),
+    ]
 
 
 def test_capture_reads_only_allocated_extents(log: UndoLog, disk: DiskImage) -> None:
@@ -86,7 +89,10 @@ def test_capture_reads_only_allocated_extents(log: UndoLog, disk: DiskImage) -> 
         writer.capture("sda", disk, BLOCK, 4 * BLOCK)
         writer.seal()
     assert [(r.offset, r.data) for r in log.records(1)] == [
-        (BLOCK, bytes(2 * BLOCK)), (3 * BLOCK, b"d" * BLOCK), (4 * BLOCK, bytes(BLOCK))]
+        (BLOCK, bytes(2 * BLOCK)),
+        (3 * BLOCK, b"d" * BLOCK),
+        (4 * BLOCK, bytes(BLOCK)),
+    ]
 
 
 def test_status_missing_incomplete_complete(log: UndoLog) -> None:
@@ -103,8 +109,9 @@ def test_status_missing_incomplete_complete(log: UndoLog) -> None:
     with pytest.raises(UndoCorruptError) as raised:
         list(log.records(1))
     assert (raised.value.path, raised.value.position) == (str(log.path_of(1)), 0)
-    assert raised.value.problem == ("the file has no valid trailer (the cycle's capture was "
-                                    "interrupted)")
+    assert raised.value.problem == (
+        "the file has no valid trailer (the cycle's capture was interrupted)"
+    )
     with pytest.raises(UndoCorruptError, match="the undo log of cycle 3 is missing"):
         list(log.records(3))
 
@@ -177,8 +184,7 @@ def test_rollback_restores_and_is_idempotent(log: UndoLog, disk: DiskImage) -> N
     assert list(disk.allocated_extents()) == [(0, 3 * BLOCK)]
 
 
-def test_rollback_applies_overlapping_records_newest_first(log: UndoLog,
-                                                          disk: DiskImage) -> None:
+def test_rollback_applies_overlapping_records_newest_first(log: UndoLog, disk: DiskImage) -> None:
     disk.write(0, b"o" * 2 * BLOCK)
     before = sha256_of(disk)
     with log.writer(1) as writer:
@@ -227,11 +233,15 @@ def test_overlay_read_merges_over_head(disk: DiskImage) -> None:
     assert overlay.read("sdb", 0, 3, disk) == b"hhh"
 
 
-def test_points_are_rebuilt_from_head_and_newer_undo(log: UndoLog, disk: DiskImage,
-                                                     tmp_path: Path) -> None:
+def test_points_are_rebuilt_from_head_and_newer_undo(
+    log: UndoLog, disk: DiskImage, tmp_path: Path
+) -> None:
     digests = [sha256_of(disk)]
-    cycles = [[(0, b"1" * BLOCK)], [(BLOCK // 2, b"2" * BLOCK), (10 * BLOCK, b"x" * 7)],
-              [(0, b"3" * 100), (63 * BLOCK, b"e" * BLOCK)]]
+    cycles = [
+        [(0, b"1" * BLOCK)],
+        [(BLOCK // 2, b"2" * BLOCK), (10 * BLOCK, b"x" * 7)],
+        [(0, b"3" * 100), (63 * BLOCK, b"e" * BLOCK)],
+    ]
     for cycle, writes in enumerate(cycles, start=1):
         write_cycle(log, disk, cycle, writes)
         digests.append(sha256_of(disk))
@@ -241,12 +251,17 @@ def test_points_are_rebuilt_from_head_and_newer_undo(log: UndoLog, disk: DiskIma
         materialize_point({"sda": disk}, overlay, {"sda": out})
         assert sha256_of(out) == digests[point]
     assert log.overlay_at(3, 3) == {}
-    assert [offset for offset, _ in log.overlay_at(0, 3)["sda"]] == [0, BLOCK, 10 * BLOCK,
-                                                                    63 * BLOCK]
+    assert [offset for offset, _ in log.overlay_at(0, 3)["sda"]] == [
+        0,
+        BLOCK,
+        10 * BLOCK,
+        63 * BLOCK,
+    ]
 
 
-def test_overlay_at_checks_its_arguments_and_needs_every_undo(log: UndoLog,
-                                                               disk: DiskImage) -> None:
+def test_overlay_at_checks_its_arguments_and_needs_every_undo(
+    log: UndoLog, disk: DiskImage
+) -> None:
     write_cycle(log, disk, 1, [(0, b"x")])
     write_cycle(log, disk, 2, [(0, b"y")])
     with pytest.raises(ConfigurationError, match="must be between 0 and the head cycle 2"):

@@ -72,8 +72,10 @@ async def through_agent(mailbox: Mailbox, request: FailoverRequest) -> str:
         if done.status == "refused":
             raise refused(done.result)
         await asyncio.sleep(REQUEST_POLL_SECONDS)
-    raise refused(f"the agent did not carry out {request.kind} of VM {request.vm!r} "
-                          f"within {REQUEST_TIMEOUT_SECONDS:.0f} s; see its log")
+    raise refused(
+        f"the agent did not carry out {request.kind} of VM {request.vm!r} "
+        f"within {REQUEST_TIMEOUT_SECONDS:.0f} s; see its log"
+    )
 
 
 def _run(config_path: Path | None, request: FailoverRequest) -> None:
@@ -83,8 +85,11 @@ def _run(config_path: Path | None, request: FailoverRequest) -> None:
 class FailoverGroup(click.Group):
     """``vmreplica failover VM`` is the unplanned failover; the other words are subcommands."""
 
-    def resolve_command(self, ctx: click.Context, args: list[str],
-                        ) -> tuple[str | None, click.Command | None, list[str]]:
+    def resolve_command(
+        self,
+        ctx: click.Context,
+        args: list[str],
+    ) -> tuple[str | None, click.Command | None, list[str]]:
         if args and args[0] not in self.commands and not args[0].startswith("-"):
             return "unplanned", self.commands["unplanned"], args
         return super().resolve_command(ctx, args)
@@ -97,8 +102,12 @@ def failover() -> None:
 
 @failover.command("unplanned")
 @click.argument("vm")
-@click.option("--point", default="latest", show_default=True,
-              help="Recovery point: a cycle number, latest, or latest-app-consistent.")
+@click.option(
+    "--point",
+    default="latest",
+    show_default=True,
+    help="Recovery point: a cycle number, latest, or latest-app-consistent.",
+)
 @click.option("--force", is_flag=True, help="Even though the primary still heartbeats.")
 @config_option
 @reported
@@ -111,18 +120,25 @@ def unplanned(vm: str, point: str, force: bool, config_path: Path | None) -> Non
 @click.argument("vm")
 @click.option("--reverse", is_flag=True, help="Make this site the new primary's replica.")
 @click.option("--start", is_flag=True, help="Start the VM at the replica site afterwards.")
-@click.option("--verify", is_flag=True,
-              help="Also compare full-disk digests before the replica takes over.")
-@click.option("--to", "target", default="",
-              help="The replica site that takes over (default: the one `enable` named); the "
-                   "VM's other replica sites follow it.")
+@click.option(
+    "--verify", is_flag=True, help="Also compare full-disk digests before the replica takes over."
+)
+@click.option(
+    "--to",
+    "target",
+    default="",
+    help="The replica site that takes over (default: the one `enable` named); the "
+    "VM's other replica sites follow it.",
+)
 @config_option
 @reported
-def planned(vm: str, reverse: bool, start: bool, verify: bool, target: str,
-            config_path: Path | None) -> None:
+def planned(
+    vm: str, reverse: bool, start: bool, verify: bool, target: str, config_path: Path | None
+) -> None:
     """On the primary: ship the final cycle; the replica takes over with no data loss."""
-    _run(config_path, PlannedFailover(vm, reverse=reverse, start=start, verify=verify,
-                                      target=target))
+    _run(
+        config_path, PlannedFailover(vm, reverse=reverse, start=start, verify=verify, target=target)
+    )
 
 
 @failover.command("complete")
@@ -156,14 +172,18 @@ def test(vm: str, point: str, config_path: Path | None, as_json: bool) -> None:
     async def request(site: Site) -> dict[str, Any]:
         record = await site.catalog.vm(vm)
         if record.role != "replica":
-            raise ConfigurationError(f"VM {vm!r} is primary here; test failover runs on its "
-                                     "replica site")
+            raise ConfigurationError(
+                f"VM {vm!r} is primary here; test failover runs on its replica site"
+            )
         if await site.catalog.test_failover(vm) is not None:
-            raise ConfigurationError(f"VM {vm!r} already has a test failover; stop it first "
-                                     f"(`vmreplica failover stop-test {vm}`)")
+            raise ConfigurationError(
+                f"VM {vm!r} already has a test failover; stop it first "
+                f"(`vmreplica failover stop-test {vm}`)"
+            )
         if not await _agent_running(site):
-            raise ConfigurationError("test failover is served by the agent: start "
-                                     "`vmreplica agent` at this site first")
+            raise ConfigurationError(
+                "test failover is served by the agent: start `vmreplica agent` at this site first"
+            )
         chosen = choose_point(await site.catalog.points(vm), point)
         started = time.monotonic()
         await site.catalog.set_test_failover(vm, chosen.cycle, "requested")
@@ -173,8 +193,12 @@ def test(vm: str, point: str, config_path: Path | None, as_json: bool) -> None:
                 if found[1] == "failed":
                     await site.catalog.clear_test_failover(vm)
                     raise ConfigurationError(f"test failover of {vm!r} failed: {found[2]}")
-                return {"vm": f"{vm} - Test", "point": chosen.cycle,
-                        "uris": found[2].split(), "seconds": time.monotonic() - started}
+                return {
+                    "vm": f"{vm} - Test",
+                    "point": chosen.cycle,
+                    "uris": found[2].split(),
+                    "seconds": time.monotonic() - started,
+                }
             await asyncio.sleep(0.05)
         raise ConfigurationError("the agent did not start the test failover in time")
 
@@ -182,8 +206,9 @@ def test(vm: str, point: str, config_path: Path | None, as_json: bool) -> None:
     if as_json:
         emit_json(result)
         return
-    console.print(f"[bold]{result['vm']}[/] at point {result['point']} is ready in "
-                  f"{result['seconds']:.2f} s:")
+    console.print(
+        f"[bold]{result['vm']}[/] at point {result['point']} is ready in {result['seconds']:.2f} s:"
+    )
     for uri in result["uris"]:
         click.echo(f"  {uri}")
 
@@ -211,9 +236,12 @@ def stop_test(vm: str, config_path: Path | None) -> None:
 
 @click.command("reverse")
 @click.argument("vm")
-@click.option("--full-copy", is_flag=True,
-              help="Send every disk whole instead of waiting for the old primary to report "
-                   "what diverged (for an old primary that cannot report).")
+@click.option(
+    "--full-copy",
+    is_flag=True,
+    help="Send every disk whole instead of waiting for the old primary to report "
+    "what diverged (for an old primary that cannot report).",
+)
 @config_option
 @reported
 def reverse(vm: str, full_copy: bool, config_path: Path | None) -> None:
@@ -224,24 +252,40 @@ def reverse(vm: str, full_copy: bool, config_path: Path | None) -> None:
 @click.command("extend")
 @click.argument("vm")
 @click.option("--to", "to_site", required=True, help="The site that keeps the further replica.")
-@click.option("--frequency", type=click.Choice([str(s) for s in EXTENDED_FREQUENCIES_SECONDS]),
-              default="300",
-              show_default=True, help="Seconds between relays of the applied cycles.")
-@click.option("--trust-group", default=None,
-              help="The hop's trust group (default: this site's, suffixed -ext).")
-@click.option("--bootstrap-servers", default=None,
-              help="The hop's Kafka cluster (default: this site's).")
+@click.option(
+    "--frequency",
+    type=click.Choice([str(s) for s in EXTENDED_FREQUENCIES_SECONDS]),
+    default="300",
+    show_default=True,
+    help="Seconds between relays of the applied cycles.",
+)
+@click.option(
+    "--trust-group",
+    default=None,
+    help="The hop's trust group (default: this site's, suffixed -ext).",
+)
+@click.option(
+    "--bootstrap-servers", default=None, help="The hop's Kafka cluster (default: this site's)."
+)
 @config_option
 @reported
-def extend(vm: str, to_site: str, frequency: str, trust_group: str | None,
-           bootstrap_servers: str | None, config_path: Path | None) -> None:
+def extend(
+    vm: str,
+    to_site: str,
+    frequency: str,
+    trust_group: str | None,
+    bootstrap_servers: str | None,
+    config_path: Path | None,
+) -> None:
     """On a replica site: replicate VM further, to a third site (extended replication)."""
 
     async def record(site: Site) -> str:
         hop = await extend_vm(site, vm, to_site, int(frequency), trust_group, bootstrap_servers)
-        return (f"VM {vm} extends to {to_site} through trust group {hop.trust_group} at "
-                f"{hop.bootstrap_servers}, every {hop.frequency_seconds} s; the agent seeds "
-                f"the hop, and {to_site} replicates it as any VM of that trust group")
+        return (
+            f"VM {vm} extends to {to_site} through trust group {hop.trust_group} at "
+            f"{hop.bootstrap_servers}, every {hop.frequency_seconds} s; the agent seeds "
+            f"the hop, and {to_site} replicates it as any VM of that trust group"
+        )
 
     click.echo(with_site(config_path, record))
 

@@ -32,10 +32,16 @@ def broker() -> None:
 
 
 @broker.command("up")
-@click.option("--brokers", type=click.Choice(["1", "3"]), default="1", show_default=True,
-              help="Nodes to start (3 for replication factor 3).")
-@click.option("--port", type=int, default=None,
-              help="Base port (default 19092 or $VMREPLICA_BROKER_PORT).")
+@click.option(
+    "--brokers",
+    type=click.Choice(["1", "3"]),
+    default="1",
+    show_default=True,
+    help="Nodes to start (3 for replication factor 3).",
+)
+@click.option(
+    "--port", type=int, default=None, help="Base port (default 19092 or $VMREPLICA_BROKER_PORT)."
+)
 @reported
 def broker_up(brokers: str, port: int | None) -> None:
     """Resolve Kafka with Maven, start it on loopback and wait until it answers."""
@@ -57,12 +63,26 @@ def broker_status(as_json: bool) -> None:
     if as_json:
         emit_json(status)
         return
-    table = Table("node", "pid", "alive", "port", "log", title=(
-        f"Kafka at {status['bootstrap_servers']}" if status["bootstrap_servers"]
-        else "no local Kafka running"))
+    table = Table(
+        "node",
+        "pid",
+        "alive",
+        "port",
+        "log",
+        title=(
+            f"Kafka at {status['bootstrap_servers']}"
+            if status["bootstrap_servers"]
+            else "no local Kafka running"
+        ),
+    )
     for node in status["nodes"]:  # type: ignore[attr-defined]
-        table.add_row(str(node["node_id"]), str(node["pid"]), str(node["alive"]),
-                      str(node["port"]), node["log"])
+        table.add_row(
+            str(node["node_id"]),
+            str(node["pid"]),
+            str(node["alive"]),
+            str(node["port"]),
+            node["log"],
+        )
     console.print(table)
 
 

@@ -41,8 +41,12 @@ from vmreplica.runtime.status import (
 T = TypeVar("T")
 
 config_option = click.option(
-    "--config", "config_path", type=click.Path(path_type=Path), default=None,
-    help="Site configuration (TOML). Default: $VMREPLICA_CONFIG, then VMREPLICA_* variables.")
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Site configuration (TOML). Default: $VMREPLICA_CONFIG, then VMREPLICA_* variables.",
+)
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
@@ -58,61 +62,128 @@ def with_site(config_path: Path | None, action: Callable[[Site], Awaitable[T]]) 
 
 @click.command()
 @click.argument("vm")
-@click.option("--disk", "disks", multiple=True, required=True, metavar="NAME=PATH",
-              help="A disk of the VM and its raw image; repeat for each disk.")
-@click.option("--replica-site", "replica_sites", required=True, multiple=True,
-              help="The site that keeps the replica; repeat to fan out to several sites.")
-@click.option("--frequency", default="300", show_default=True,
-              help="Seconds between cycles: 30, 300, 900, or continuous.")
-@click.option("--recovery-history", type=click.IntRange(0, MAX_HISTORY_HOURS), default=0,
-              show_default=True,
-              help="Additional hourly recovery points to keep (0: latest only).")
-@click.option("--app-consistent-hours", type=click.IntRange(1, MAX_APP_CONSISTENT_HOURS),
-              default=None,
-              help="Every how many hours a cut is application-consistent.")
-@click.option("--continuous-points-hours", type=click.IntRange(1, MAX_HISTORY_HOURS),
-              default=None,
-              help="Keep every cycle of the last N hours as a recovery point.")
+@click.option(
+    "--disk",
+    "disks",
+    multiple=True,
+    required=True,
+    metavar="NAME=PATH",
+    help="A disk of the VM and its raw image; repeat for each disk.",
+)
+@click.option(
+    "--replica-site",
+    "replica_sites",
+    required=True,
+    multiple=True,
+    help="The site that keeps the replica; repeat to fan out to several sites.",
+)
+@click.option(
+    "--frequency",
+    default="300",
+    show_default=True,
+    help="Seconds between cycles: 30, 300, 900, or continuous.",
+)
+@click.option(
+    "--recovery-history",
+    type=click.IntRange(0, MAX_HISTORY_HOURS),
+    default=0,
+    show_default=True,
+    help="Additional hourly recovery points to keep (0: latest only).",
+)
+@click.option(
+    "--app-consistent-hours",
+    type=click.IntRange(1, MAX_APP_CONSISTENT_HOURS),
+    default=None,
+    help="Every how many hours a cut is application-consistent.",
+)
+@click.option(
+    "--continuous-points-hours",
+    type=click.IntRange(1, MAX_HISTORY_HOURS),
+    default=None,
+    help="Keep every cycle of the last N hours as a recovery point.",
+)
 @click.option("--compression", type=click.Choice(["on", "off"]), default="on", show_default=True)
-@click.option("--capture", type=click.Choice(["api", "nbd", "scan"]), default="api",
-              show_default=True, help="How writes are captured on this primary.")
+@click.option(
+    "--capture",
+    type=click.Choice(["api", "nbd", "scan"]),
+    default="api",
+    show_default=True,
+    help="How writes are captured on this primary.",
+)
 @click.option("--exclude-disk", "excluded", multiple=True, help="A disk not to replicate.")
-@click.option("--changelog-budget", default=None, metavar="SIZE",
-              help="Largest change log per cycle before capture tracks dirty blocks instead "
-                   "(e.g. 2G; default: a tenth of the VM's disks).")
-@click.option("--pre-cut-hook", default=None, metavar="COMMAND",
-              help="--capture scan: shell command run before each scan (fsfreeze, pause).")
-@click.option("--post-cut-hook", default=None, metavar="COMMAND",
-              help="--capture scan: shell command run after each scan (thaw, resume).")
-@click.option("--auto-resync/--no-auto-resync", default=True, show_default=True,
-              help="Resynchronize a replica stopped by a journal violation without waiting "
-                   "for `vmreplica resync` (off: the primary's health turns critical).")
+@click.option(
+    "--changelog-budget",
+    default=None,
+    metavar="SIZE",
+    help="Largest change log per cycle before capture tracks dirty blocks instead "
+    "(e.g. 2G; default: a tenth of the VM's disks).",
+)
+@click.option(
+    "--pre-cut-hook",
+    default=None,
+    metavar="COMMAND",
+    help="--capture scan: shell command run before each scan (fsfreeze, pause).",
+)
+@click.option(
+    "--post-cut-hook",
+    default=None,
+    metavar="COMMAND",
+    help="--capture scan: shell command run after each scan (thaw, resume).",
+)
+@click.option(
+    "--auto-resync/--no-auto-resync",
+    default=True,
+    show_default=True,
+    help="Resynchronize a replica stopped by a journal violation without waiting "
+    "for `vmreplica resync` (off: the primary's health turns critical).",
+)
 @config_option
 @json_option
 @reported
-def enable(vm: str, disks: tuple[str, ...], replica_sites: tuple[str, ...], frequency: str,
-           recovery_history: int, app_consistent_hours: int | None,
-           continuous_points_hours: int | None, compression: str, capture: str,
-           excluded: tuple[str, ...], changelog_budget: str | None, pre_cut_hook: str | None,
-           post_cut_hook: str | None, auto_resync: bool, config_path: Path | None,
-           as_json: bool) -> None:
+def enable(
+    vm: str,
+    disks: tuple[str, ...],
+    replica_sites: tuple[str, ...],
+    frequency: str,
+    recovery_history: int,
+    app_consistent_hours: int | None,
+    continuous_points_hours: int | None,
+    compression: str,
+    capture: str,
+    excluded: tuple[str, ...],
+    changelog_budget: str | None,
+    pre_cut_hook: str | None,
+    post_cut_hook: str | None,
+    auto_resync: bool,
+    config_path: Path | None,
+    as_json: bool,
+) -> None:
     """Enable replication of VM to another site (Enable-VMReplication).
 
     With --capture nbd, the agent serves each disk over NBD and the hypervisor must use that
     export as the disk: the URIs to attach are printed (and shown by `status --json`).
     """
     if (pre_cut_hook or post_cut_hook) and capture != "scan":
-        raise ConfigurationError("--pre-cut-hook and --post-cut-hook run around the change "
-                                 "scan; they need --capture scan")
+        raise ConfigurationError(
+            "--pre-cut-hook and --post-cut-hook run around the change "
+            "scan; they need --capture scan"
+        )
     settings = VmSettings(
         frequency_seconds=parse_frequency(frequency, "--frequency"),
-        recovery_history=recovery_history, app_consistent_hours=app_consistent_hours,
-        continuous_points_hours=continuous_points_hours, compression=compression == "on",
+        recovery_history=recovery_history,
+        app_consistent_hours=app_consistent_hours,
+        continuous_points_hours=continuous_points_hours,
+        compression=compression == "on",
         capture=capture,  # type: ignore[arg-type]  # click.Choice guarantees the literal
-        excluded_disks=excluded, also_replicate_to=tuple(dict.fromkeys(replica_sites[1:])),
-        changelog_budget_bytes=None if changelog_budget is None else parse_size(
-            "--changelog-budget", changelog_budget),
-        pre_cut_hook=pre_cut_hook, post_cut_hook=post_cut_hook, auto_resync=auto_resync)
+        excluded_disks=excluded,
+        also_replicate_to=tuple(dict.fromkeys(replica_sites[1:])),
+        changelog_budget_bytes=None
+        if changelog_budget is None
+        else parse_size("--changelog-budget", changelog_budget),
+        pre_cut_hook=pre_cut_hook,
+        post_cut_hook=post_cut_hook,
+        auto_resync=auto_resync,
+    )
     parsed = parse_disks(disks)
     for name in excluded:
         if name not in parsed:
@@ -126,11 +197,15 @@ def enable(vm: str, disks: tuple[str, ...], replica_sites: tuple[str, ...], freq
     if as_json:
         emit_json(vm_json(record) | capture_json(captured))
         return
-    console.print(f"VM [bold]{vm}[/] will replicate to {replica_site}: "
-                  f"{record.state.value}. Start `vmreplica agent` to begin.")
+    console.print(
+        f"VM [bold]{vm}[/] will replicate to {replica_site}: "
+        f"{record.state.value}. Start `vmreplica agent` to begin."
+    )
     if captured.nbd is not None:
-        console.print("The agent serves its disks over NBD while it runs; attach the "
-                      "hypervisor to these (see README, \"Attaching the hypervisor\"):")
+        console.print(
+            "The agent serves its disks over NBD while it runs; attach the "
+            'hypervisor to these (see README, "Attaching the hypervisor"):'
+        )
         for disk, uris in captured.nbd.items():
             for uri in uris.values():
                 console.print(f"  {disk}: {uri}", highlight=False, soft_wrap=True)
@@ -146,8 +221,9 @@ def parse_size(option: str, text: str) -> int:
     unit = value[-1:] if value[-1:] in units else ""
     number = value[: len(value) - len(unit)]
     if not number.isdigit() or int(number) <= 0:
-        raise ConfigurationError(f"{option} {text!r}: expected a size such as 512M, 2G or a "
-                                 "number of bytes")
+        raise ConfigurationError(
+            f"{option} {text!r}: expected a size such as 512M, 2G or a number of bytes"
+        )
     return int(number) * units[unit]
 
 
@@ -162,8 +238,9 @@ def agent(config_path: Path | None, log_level: str) -> None:
     signal.signal(signal.SIGTERM, lambda signum, _: early.append(signum))
     from vmreplica.runtime.agent import Agent, check_folders  # noqa: PLC0415
 
-    logging.basicConfig(level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     config = load_config(config_path)
     check_folders(config)
 
@@ -191,13 +268,28 @@ def status(vm: str | None, config_path: Path | None, as_json: bool) -> None:
     if as_json:
         emit_json(rows)
         return
-    table = Table("VM", "role", "state", "health", "sent", "applied", "behind (s)",
-                  "pending", title="vmreplica status")
+    table = Table(
+        "VM",
+        "role",
+        "state",
+        "health",
+        "sent",
+        "applied",
+        "behind (s)",
+        "pending",
+        title="vmreplica status",
+    )
     for row in rows:
-        table.add_row(row["vm"], row["role"], row["state"], row["health"],
-                      str(row.get("last_sent_cycle", "")),
-                      str(row.get("last_applied_cycle", row.get("replica_cycle", ""))),
-                      str(row["seconds_behind"]), str(row.get("pending_bytes", "")))
+        table.add_row(
+            row["vm"],
+            row["role"],
+            row["state"],
+            row["health"],
+            str(row.get("last_sent_cycle", "")),
+            str(row.get("last_applied_cycle", row.get("replica_cycle", ""))),
+            str(row["seconds_behind"]),
+            str(row.get("pending_bytes", "")),
+        )
     console.print(table)
     for status in statuses:  # a running resync, with its progress
         if status.resync is not None and status.resync.active:
@@ -219,9 +311,16 @@ def points_list(vm: str, config_path: Path | None, as_json: bool) -> None:
 
     async def collect(site: Site) -> list[dict[str, Any]]:
         await site.catalog.vm(vm)
-        return [{"point": p.cycle, "epoch": p.epoch, "offset": p.journal_offset,
-                 "cut_at_ms": p.cut_at_ms, "consistency": p.consistency.value}
-                for p in await site.catalog.points(vm)]
+        return [
+            {
+                "point": p.cycle,
+                "epoch": p.epoch,
+                "offset": p.journal_offset,
+                "cut_at_ms": p.cut_at_ms,
+                "consistency": p.consistency.value,
+            }
+            for p in await site.catalog.points(vm)
+        ]
 
     rows = with_site(config_path, collect)
     if as_json:
@@ -241,8 +340,9 @@ def points_list(vm: str, config_path: Path | None, as_json: bool) -> None:
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="raw", show_default=True)
 @config_option
 @reported
-def points_export(vm: str, point: str, destination: Path, fmt: str,
-                  config_path: Path | None) -> None:
+def points_export(
+    vm: str, point: str, destination: Path, fmt: str, config_path: Path | None
+) -> None:
     """Write VM's disks as they were at POINT (a cycle, or latest) into DESTINATION/."""
 
     async def export(site: Site) -> list[Path]:
@@ -255,8 +355,7 @@ def points_export(vm: str, point: str, destination: Path, fmt: str,
             position = await site.catalog.position(vm)
             head = position.cycle if position else chosen.cycle
             images = {d.name: Path(d.path) for d in record.disks}
-            return export_point(images, folder / "undo", chosen, head, destination,
-                                fmt)  # type: ignore[arg-type]
+            return export_point(images, folder / "undo", chosen, head, destination, fmt)  # type: ignore[arg-type]
 
     for path in with_site(config_path, export):
         click.echo(path)
@@ -264,11 +363,17 @@ def points_export(vm: str, point: str, destination: Path, fmt: str,
 
 def vm_json(record: VmRecord) -> dict[str, Any]:
     """A relationship as `enable --json` and `status --json` print it."""
-    return {"vm": record.name, "role": record.role, "state": record.state.value,
-            "message": record.state_message, "epoch": record.epoch,
-            "partner_site": record.partner_site,
-            "disks": [{"name": d.name, "path": d.path, "size_bytes": d.size_bytes}
-                      for d in record.disks]}
+    return {
+        "vm": record.name,
+        "role": record.role,
+        "state": record.state.value,
+        "message": record.state_message,
+        "epoch": record.epoch,
+        "partner_site": record.partner_site,
+        "disks": [
+            {"name": d.name, "path": d.path, "size_bytes": d.size_bytes} for d in record.disks
+        ],
+    }
 
 
 def capture_json(capture: CaptureStatus) -> dict[str, Any]:
@@ -285,23 +390,32 @@ def capture_json(capture: CaptureStatus) -> dict[str, Any]:
 
 def status_json(status: VmStatus) -> dict[str, Any]:
     """One VM of `status --json`. Scripts read these keys: tests/unit/test_status.py pins them."""
-    row = vm_json(status.record) | capture_json(status.capture) | {
-        "health": status.report.health.value, "health_reasons": list(status.report.reasons),
-        "seconds_behind": status.seconds_behind, "cycles_in_window": status.cycles_in_window,
-    }
+    row = (
+        vm_json(status.record)
+        | capture_json(status.capture)
+        | {
+            "health": status.report.health.value,
+            "health_reasons": list(status.report.reasons),
+            "seconds_behind": status.seconds_behind,
+            "cycles_in_window": status.cycles_in_window,
+        }
+    )
     progress = status.progress
     if status.resync is not None:
         row["resync"] = status.resync.figures()
     if isinstance(progress, PrimaryProgress):
-        return row | {"pending_bytes": progress.pending_bytes,
-                      "replica_cycle": progress.replica_cycle,
-                      "replica_applied_at_ms": progress.replica_applied_at_ms,
-                      "last_sent_cycle": progress.last_sent_cycle}
-    return row | {"last_applied_cycle": progress.last_applied_cycle,
-                  "recovery_points": progress.recovery_points}
+        return row | {
+            "pending_bytes": progress.pending_bytes,
+            "replica_cycle": progress.replica_cycle,
+            "replica_applied_at_ms": progress.replica_applied_at_ms,
+            "last_sent_cycle": progress.last_sent_cycle,
+        }
+    return row | {
+        "last_applied_cycle": progress.last_applied_cycle,
+        "recovery_points": progress.recovery_points,
+    }
 
 
 def register(main: click.Group) -> None:
     for command in (enable, agent, status, points):
         main.add_command(command)
-

@@ -47,8 +47,9 @@ def parse_at(text: str, now: datetime | None = None) -> int:
             if moment.tzinfo is None:
                 moment = moment.astimezone()
     except ValueError:
-        raise ConfigurationError(f"--at {text!r}: expected HH:MM or a date and time such as "
-                                 "2026-12-01T18:30") from None
+        raise ConfigurationError(
+            f"--at {text!r}: expected HH:MM or a date and time such as 2026-12-01T18:30"
+        ) from None
     if moment < now - timedelta(minutes=1):
         raise ConfigurationError(f"--at {text!r} is in the past ({moment.isoformat()})")
     return int(moment.timestamp() * 1000)
@@ -57,8 +58,14 @@ def parse_at(text: str, now: datetime | None = None) -> int:
 async def _wait_until_done(site: Site, vm: str) -> ResyncJob:
     """Poll the job file until the agent's run ends, drawing its progress on stderr."""
     folder = site.config.vm_folder(vm)
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  console=errors, transient=True, disable=not errors.is_terminal) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        console=errors,
+        transient=True,
+        disable=not errors.is_terminal,
+    ) as bar:
         task = bar.add_task(f"resync of {vm}", total=None)
         while True:
             job = load_job(folder)
@@ -66,26 +73,49 @@ async def _wait_until_done(site: Site, vm: str) -> ResyncJob:
                 raise ResyncRefused(f"the resync of VM {vm!r} disappeared while it ran")
             if not job.active:
                 return job
-            bar.update(task, description=f"resync of {vm}: {job.phase}",
-                       total=job.total_bytes or None, completed=job.examined_bytes)
+            bar.update(
+                task,
+                description=f"resync of {vm}: {job.phase}",
+                total=job.total_bytes or None,
+                completed=job.examined_bytes,
+            )
             await asyncio.sleep(WAIT_POLL_SECONDS)
 
 
 @click.command()
 @click.argument("vm")
-@click.option("--site", "target", default="", metavar="SITE",
-              help="The replica site to resynchronize (default: the VM's replica site).")
-@click.option("--at", "at", default=None, metavar="TIME",
-              help="Not before TIME: HH:MM (the next one) or an ISO date and time. The agent "
-                   "runs it then.")
-@click.option("--wait", is_flag=True,
-              help="Wait until the resync ends, with a progress bar, and print its figures.")
+@click.option(
+    "--site",
+    "target",
+    default="",
+    metavar="SITE",
+    help="The replica site to resynchronize (default: the VM's replica site).",
+)
+@click.option(
+    "--at",
+    "at",
+    default=None,
+    metavar="TIME",
+    help="Not before TIME: HH:MM (the next one) or an ISO date and time. The agent runs it then.",
+)
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Wait until the resync ends, with a progress bar, and print its figures.",
+)
 @click.option("--cancel", is_flag=True, help="Stop the running resync (until it sends).")
 @config_option
 @json_option
 @reported
-def resync(vm: str, target: str, at: str | None, wait: bool, cancel: bool,
-           config_path: Path | None, as_json: bool) -> None:
+def resync(
+    vm: str,
+    target: str,
+    at: str | None,
+    wait: bool,
+    cancel: bool,
+    config_path: Path | None,
+    as_json: bool,
+) -> None:
     """On the primary: compare block digests with VM's replica and send only the blocks that
     differ, while the VM keeps running (Resume-VMReplication -Resynchronize)."""
     if cancel and (at or target):
@@ -106,9 +136,11 @@ def resync(vm: str, target: str, at: str | None, wait: bool, cancel: bool,
                 return job.summary(), job
             return said, load_job(site.config.vm_folder(vm))
         if request.at_ms:
-            raise ConfigurationError(f"--at leaves the resync to this site's agent, which is not "
-                                     f"running: start `vmreplica agent`, or resync {vm} now "
-                                     "without --at")
+            raise ConfigurationError(
+                f"--at leaves the resync to this site's agent, which is not "
+                f"running: start `vmreplica agent`, or resync {vm} now "
+                "without --at"
+            )
         said = await carry_out(site, request)
         return said, load_job(site.config.vm_folder(vm))
 

@@ -44,6 +44,7 @@ ERROR entries, enough for Kafka's chain of causes (a bind failure takes four).""
 _LOG_ENTRY: Final = re.compile(r"^\[[^]]+\] (?P<level>[A-Z]+) ")
 """The start of one entry in deploy/kafka/log4j2.yaml's pattern, ``[%d] %p %m (%c)%n``."""
 
+
 @dataclass(frozen=True)
 class NodeState:
     """One JVM we started."""
@@ -149,8 +150,13 @@ class LocalCluster:
         if state is None:
             return {"running": False, "bootstrap_servers": None, "nodes": []}
         nodes = [
-            {"node_id": n.node_id, "pid": n.pid, "alive": _ours(n.pid),
-             "port": n.broker_port, "log": str(Path(n.directory) / "logs" / "server.log")}
+            {
+                "node_id": n.node_id,
+                "pid": n.pid,
+                "alive": _ours(n.pid),
+                "port": n.broker_port,
+                "log": str(Path(n.directory) / "logs" / "server.log"),
+            }
             for n in state.nodes
         ]
         return {
@@ -200,26 +206,46 @@ class LocalCluster:
             (directory / "logs").mkdir(parents=True)
             properties = directory / "server.properties"
             properties.write_text(_properties(node_id, brokers, self.base_port, directory))
-            jvm = [java, JVM_HEAP, "-XX:+UseG1GC", f"-D{NODE_MARKER}={node_id}",
-                   f"-Dlog4j2.configurationFile={log_config}",
-                   f"-Dkafka.logs.dir={directory / 'logs'}", "-cp", f"{libs}/*"]
+            jvm = [
+                java,
+                JVM_HEAP,
+                "-XX:+UseG1GC",
+                f"-D{NODE_MARKER}={node_id}",
+                f"-Dlog4j2.configurationFile={log_config}",
+                f"-Dkafka.logs.dir={directory / 'logs'}",
+                "-cp",
+                f"{libs}/*",
+            ]
             formatted = subprocess.run(
-                [*jvm, "kafka.tools.StorageTool", "format", "-t", cluster_id,
-                 "-c", str(properties), "--ignore-formatted"],
-                capture_output=True, text=True, check=False,
+                [
+                    *jvm,
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "-t",
+                    cluster_id,
+                    "-c",
+                    str(properties),
+                    "--ignore-formatted",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if formatted.returncode != 0:
                 raise BrokerError(f"formatting KRaft storage failed:\n{formatted.stderr[-2000:]}")
             with (directory / "logs" / "stdout.log").open("wb") as out:
                 process = subprocess.Popen(
                     [*jvm, "kafka.Kafka", str(properties)],
-                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
                     start_new_session=True,
                 )
             processes.append(process)
             broker_port, controller_port = ports[2 * (node_id - 1) : 2 * node_id]
-            nodes.append(NodeState(node_id, process.pid, broker_port, controller_port,
-                                   str(directory)))
+            nodes.append(
+                NodeState(node_id, process.pid, broker_port, controller_port, str(directory))
+            )
         state = ClusterState(
             cluster_id,
             ",".join(f"127.0.0.1:{node.broker_port}" for node in nodes),
@@ -243,8 +269,10 @@ class LocalCluster:
         while True:
             for node, process in zip(state.nodes, processes, strict=True):
                 if process.poll() is not None:
-                    raise BrokerError(f"Kafka node {node.node_id} exited during start-up; "
-                                      + _what_node_said(Path(node.directory) / "logs"))
+                    raise BrokerError(
+                        f"Kafka node {node.node_id} exited during start-up; "
+                        + _what_node_said(Path(node.directory) / "logs")
+                    )
             if all(_port_open(node.broker_port) for node in state.nodes):
                 try:
                     if count_brokers(state.bootstrap_servers) >= len(state.nodes):
@@ -310,8 +338,11 @@ def _what_node_said(logs: Path) -> str:
         return f"Kafka logged these errors (in {server_log}):\n" + "\n".join(quoted)
     stdout_log = logs / "stdout.log"
     tail = stdout_log.read_text(errors="replace")[-2000:].strip() if stdout_log.is_file() else ""
-    return (f"{server_log} holds no error; its output ends:\n{tail}" if tail
-            else f"it logged no error; see {logs}")
+    return (
+        f"{server_log} holds no error; its output ends:\n{tail}"
+        if tail
+        else f"it logged no error; see {logs}"
+    )
 
 
 def _cluster_id() -> str:

@@ -48,8 +48,10 @@ console = Console()
 
 def _site_file(folder: Path, name: str, bootstrap: str) -> Path:
     path = folder / f"{name}.toml"
-    path.write_text(f'site = "{name}"\nroot = "{folder / name}"\n'
-                    f'bootstrap_servers = "{bootstrap}"\nheartbeat_seconds = 1.0\n')
+    path.write_text(
+        f'site = "{name}"\nroot = "{folder / name}"\n'
+        f'bootstrap_servers = "{bootstrap}"\nheartbeat_seconds = 1.0\n'
+    )
     return path
 
 
@@ -72,14 +74,23 @@ async def _write_through_nbd(vm: CapturedVm, socket: Path, rng: random.Random) -
     qemu_io = shutil.which("qemu-io")
     if qemu_io is None:
         return
-    async with NbdServer({disk: JournalingDevice(vm, disk) for disk in vm.disk_names},
-                         unix_path=socket) as server:
+    async with NbdServer(
+        {disk: JournalingDevice(vm, disk) for disk in vm.disk_names}, unix_path=socket
+    ) as server:
         offset = rng.randrange(0, DISK_BYTES - MiB, 65536)
         pattern = rng.randrange(1, 255)
         process = await asyncio.create_subprocess_exec(
-            qemu_io, "-f", "raw", server.uri("data"), "-c",
-            f"write -P {pattern} {offset} 1M", "-c", "flush",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            qemu_io,
+            "-f",
+            "raw",
+            server.uri("data"),
+            "-c",
+            f"write -P {pattern} {offset} 1M",
+            "-c",
+            "flush",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
         _, error = await process.communicate()
         if process.returncode != 0:
             raise RuntimeError(f"qemu-io failed: {error.decode()}")
@@ -104,32 +115,49 @@ class TourResult:
     points: list[int] = field(default_factory=list)
 
 
-async def _replicate(work: Path, config_a: Path, config_b: Path,
-                     disks: dict[str, Path]) -> TourResult:
+async def _replicate(
+    work: Path, config_a: Path, config_b: Path, disks: dict[str, Path]
+) -> TourResult:
     """Enable, seed, ship cycles from site A; wait until site B's agent applied them all."""
     result = TourResult()
     rng = random.Random(2026)
     async with Site(load_config(config_a)) as site_a, Site(load_config(config_b)) as site_b:
-        record = await site_a.enable(VM, disks, "site-b", VmSettings(
-            frequency_seconds=30, continuous_points_hours=1))
-        console.print(f"[bold]site-a[/]: enabled {VM} with disks system, data "
-                      f"({DISK_BYTES // MiB} MiB each), every cycle kept as a recovery point")
+        record = await site_a.enable(
+            VM, disks, "site-b", VmSettings(frequency_seconds=30, continuous_points_hours=1)
+        )
+        console.print(
+            f"[bold]site-a[/]: enabled {VM} with disks system, data "
+            f"({DISK_BYTES // MiB} MiB each), every cycle kept as a recovery point"
+        )
         async with site_a.primary(record) as primary:
             vm = primary.capture
             for disk, offset, data in _workload(rng):
-                await (vm.write(disk, offset, data) if isinstance(data, bytes)
-                       else vm.zero(disk, offset, data))
+                await (
+                    vm.write(disk, offset, data)
+                    if isinstance(data, bytes)
+                    else vm.zero(disk, offset, data)
+                )
             seed = await primary.initial_replication()
-            console.print(f"[bold]site-a[/]: initial replication sent "
-                          f"{seed.bytes_sent / MiB:.1f} MiB of {seed.bytes_examined / MiB:.0f}"
-                          " MiB (sparse-aware)")
-            console.print("[bold]site-a[/]: each cycle's writes go through the capture API"
-                          + (" and, with qemu-io, through the VM's NBD export"
-                             if shutil.which("qemu-io") else " (qemu-io not installed: no NBD)"))
+            console.print(
+                f"[bold]site-a[/]: initial replication sent "
+                f"{seed.bytes_sent / MiB:.1f} MiB of {seed.bytes_examined / MiB:.0f}"
+                " MiB (sparse-aware)"
+            )
+            console.print(
+                "[bold]site-a[/]: each cycle's writes go through the capture API"
+                + (
+                    " and, with qemu-io, through the VM's NBD export"
+                    if shutil.which("qemu-io")
+                    else " (qemu-io not installed: no NBD)"
+                )
+            )
             for _ in range(CYCLES):
                 for disk, offset, data in _workload(rng):
-                    await (vm.write(disk, offset, data) if isinstance(data, bytes)
-                           else vm.zero(disk, offset, data))
+                    await (
+                        vm.write(disk, offset, data)
+                        if isinstance(data, bytes)
+                        else vm.zero(disk, offset, data)
+                    )
                 await vm.flush()
                 await _write_through_nbd(vm, work / "web01.sock", rng)
                 for cycle in await primary.replicate():
@@ -137,14 +165,18 @@ async def _replicate(work: Path, config_a: Path, config_b: Path,
                     console.print(
                         f"[bold]site-a[/]: cycle {cycle.cycle} shipped — {cycle.extents} "
                         f"extents, {cycle.bytes_written / MiB:.1f} MiB written, "
-                        f"{cycle.wire_bytes / MiB:.1f} MiB on the wire")
+                        f"{cycle.wire_bytes / MiB:.1f} MiB on the wire"
+                    )
         last = max(result.digests)
         await _wait_applied(site_b, last)
-        result.replica = {d.name: sha256_of(Path(d.path))
-                          for d in (await site_b.catalog.vm(VM)).disks}
+        result.replica = {
+            d.name: sha256_of(Path(d.path)) for d in (await site_b.catalog.vm(VM)).disks
+        }
         result.points = [p.cycle for p in await site_b.catalog.points(VM)]
-    console.print(f"[bold]site-b[/]: applied through cycle {last}; recovery points: "
-                  f"{', '.join(map(str, result.points))}")
+    console.print(
+        f"[bold]site-b[/]: applied through cycle {last}; recovery points: "
+        f"{', '.join(map(str, result.points))}"
+    )
     return result
 
 
@@ -158,28 +190,53 @@ def _tour(work: Path, bootstrap: str) -> bool:
             file.truncate(DISK_BYTES)
     env = {**os.environ, "VMREPLICA_CONFIG": str(config_b)}
     with (work / "site-b-agent.log").open("wb") as agent_log:
-        replica_agent = subprocess.Popen([sys.executable, "-m", "vmreplica.cli", "agent"],
-                                         env=env, stdout=agent_log, stderr=subprocess.STDOUT)
+        replica_agent = subprocess.Popen(
+            [sys.executable, "-m", "vmreplica.cli", "agent"],
+            env=env,
+            stdout=agent_log,
+            stderr=subprocess.STDOUT,
+        )
         console.print(f"[bold]site-b[/]: replica agent running (pid {replica_agent.pid})")
         try:
             result = asyncio.run(_replicate(work, config_a, config_b, disks))
             older = result.points[len(result.points) // 2]
             export_dir = work / "export"
-            subprocess.run([sys.executable, "-m", "vmreplica.cli", "points", "export", VM,
-                            str(older), str(export_dir)], env=env, check=True,
-                           stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "vmreplica.cli",
+                    "points",
+                    "export",
+                    VM,
+                    str(older),
+                    str(export_dir),
+                ],
+                env=env,
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             exported = {name: sha256_of(export_dir / f"{name}.raw") for name in disks}
         finally:
             replica_agent.terminate()
             replica_agent.wait(timeout=30)
     last = max(result.digests)
-    table = Table("disk", "primary (latest)", "replica (latest)",
-                  f"primary @ cycle {older}", f"exported point {older}",
-                  title="sha256 digests (first 16 hex digits)")
+    table = Table(
+        "disk",
+        "primary (latest)",
+        "replica (latest)",
+        f"primary @ cycle {older}",
+        f"exported point {older}",
+        title="sha256 digests (first 16 hex digits)",
+    )
     ok = True
     for name in disks:
-        row = [result.digests[last][name], result.replica[name], result.digests[older][name],
-               exported[name]]
+        row = [
+            result.digests[last][name],
+            result.replica[name],
+            result.digests[older][name],
+            exported[name],
+        ]
         ok &= row[0] == row[1] and row[2] == row[3]
         table.add_row(name, *(d[:16] for d in row))
     console.print(table)
@@ -189,8 +246,11 @@ def _tour(work: Path, bootstrap: str) -> bool:
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="vmreplica-demo-"))
     external = os.environ.get("VMREPLICA_BOOTSTRAP_SERVERS")
-    cluster = None if external else LocalCluster(
-        home=work / "kafka", base_port=free_base_port(preferred=DEMO_BROKER_PORT))
+    cluster = (
+        None
+        if external
+        else LocalCluster(home=work / "kafka", base_port=free_base_port(preferred=DEMO_BROKER_PORT))
+    )
     try:
         if cluster is not None:
             with console.status("starting a local Apache Kafka broker…"):
@@ -203,8 +263,11 @@ def main() -> int:
         if cluster is not None:
             cluster.down()
         shutil.rmtree(work, ignore_errors=True)
-    console.print("[bold green]replica identical to the primary at every compared point[/]"
-                  if ok else "[bold red]digest mismatch[/]")
+    console.print(
+        "[bold green]replica identical to the primary at every compared point[/]"
+        if ok
+        else "[bold red]digest mismatch[/]"
+    )
     return 0 if ok else 1
 
 

@@ -73,7 +73,8 @@ async def tour(config_a: Path, config_b: Path, vm: str, console: Console) -> boo
             assert view is not None
             equal = all(
                 view.read(d.name, 0, 4 * MiB) == replica.images[d.name].read(0, 4 * MiB)
-                for d in (await b.catalog.vm(vm)).disks)
+                for d in (await b.catalog.vm(vm)).disks
+            )
             await service.stop()
         steps.check("test failover", "test VM vs replica at the latest point", equal)
 
@@ -82,19 +83,26 @@ async def tour(config_a: Path, config_b: Path, vm: str, console: Console) -> boo
         at_stop = await _digests(a, vm)
         await _catch_up(b, vm)
         await failover.promote(b, vm, prepared=prepared)
-        steps.check("planned failover", "new primary B vs A at shutdown",
-                    await _digests(b, vm) == at_stop)
+        steps.check(
+            "planned failover", "new primary B vs A at shutdown", await _digests(b, vm) == at_stop
+        )
         assert await failover.follow_takeover(a, vm)
         await _write(b, vm, "data", 0, MiB)
         await _catch_up(a, vm)
-        steps.check("reverse replication", "A (replica) vs B after B's writes",
-                    await _digests(a, vm) == await _digests(b, vm))
+        steps.check(
+            "reverse replication",
+            "A (replica) vs B after B's writes",
+            await _digests(a, vm) == await _digests(b, vm),
+        )
         prepared = await failover.prepare_planned(b, vm, reverse=True)
         await _catch_up(a, vm)
         await failover.promote(a, vm, prepared=prepared)
         assert await failover.follow_takeover(b, vm)
-        steps.check("planned failover back", "A (primary again) vs B",
-                    await _digests(a, vm) == await _digests(b, vm))
+        steps.check(
+            "planned failover back",
+            "A (primary again) vs B",
+            await _digests(a, vm) == await _digests(b, vm),
+        )
         console.print("[bold]planned failover[/]: A → B → A, zero data loss")
 
         # Unplanned: A writes something that never ships, then is lost.
@@ -105,8 +113,11 @@ async def tour(config_a: Path, config_b: Path, vm: str, console: Console) -> boo
             await primary.capture.write("system", 8 * MiB, os.urandom(256 * 1024))
             await primary.capture.flush()
         await failover.promote(b, vm, point="latest", force=True)
-        steps.check("unplanned failover", "B at the latest point vs the replica before",
-                    await _digests(b, vm) == at_latest)
+        steps.check(
+            "unplanned failover",
+            "B at the latest point vs the replica before",
+            await _digests(b, vm) == at_latest,
+        )
         await failover.complete(b, vm)
         await _write_unshipped(b, vm)
 
@@ -116,10 +127,15 @@ async def tour(config_a: Path, config_b: Path, vm: str, console: Console) -> boo
         diverged = await failover.demote(a, vm, found[1], found[0])
         result = await failover.reverse(b, vm)
         await _catch_up(a, vm)
-        console.print(f"[bold]reverse[/]: {result.diverged_bytes} bytes diverged (A: "
-                      f"{diverged}), {result.sent_bytes} bytes sent — no full copy")
-        steps.check("old primary reversed", "A (replica) vs B (primary)",
-                    await _digests(a, vm) == await _digests(b, vm))
+        console.print(
+            f"[bold]reverse[/]: {result.diverged_bytes} bytes diverged (A: "
+            f"{diverged}), {result.sent_bytes} bytes sent — no full copy"
+        )
+        steps.check(
+            "old primary reversed",
+            "A (replica) vs B (primary)",
+            await _digests(a, vm) == await _digests(b, vm),
+        )
     console.print(steps.table())
     return steps.ok
 

@@ -87,9 +87,19 @@ def resolve_kafka() -> Path:
     staging = Path(tempfile.mkdtemp(prefix="libs.partial-", dir=libs.parent))
     try:
         result = subprocess.run(
-            [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
-             f"-DoutputDirectory={staging}", "-DincludeScope=runtime"],
-            capture_output=True, text=True, check=False,
+            [
+                mvn,
+                "-q",
+                "-B",
+                "-f",
+                str(pom),
+                "dependency:copy-dependencies",
+                f"-DoutputDirectory={staging}",
+                "-DincludeScope=runtime",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode != 0 or not any(staging.glob("kafka_2.13-*.jar")):
             tail = (result.stdout + result.stderr).strip().splitlines()[-15:]

@@ -42,7 +42,8 @@ def check_frequency(seconds: int) -> int:
     """:raises ConfigurationError: not one of :data:`FREQUENCIES_SECONDS`."""
     if seconds not in FREQUENCIES_SECONDS:
         raise ConfigurationError(
-            f"replication frequency must be 30, 300, 900 seconds or continuous, not {seconds}")
+            f"replication frequency must be 30, 300, 900 seconds or continuous, not {seconds}"
+        )
     return seconds
 
 
@@ -50,7 +51,8 @@ def check_extended_frequency(seconds: int) -> int:
     """:raises ConfigurationError: not one of :data:`EXTENDED_FREQUENCIES_SECONDS`."""
     if seconds not in EXTENDED_FREQUENCIES_SECONDS:
         raise ConfigurationError(
-            f"extended replication runs every 300 or 900 seconds, not {seconds}")
+            f"extended replication runs every 300 or 900 seconds, not {seconds}"
+        )
     return seconds
 
 
@@ -70,11 +72,13 @@ def check_app_consistent_hours(every: int, history_hours: int) -> int:
     if not 1 <= every <= MAX_APP_CONSISTENT_HOURS:
         raise ConfigurationError(
             f"application-consistent points must come every 1-{MAX_APP_CONSISTENT_HOURS} "
-            f"hours, got {every}")
+            f"hours, got {every}"
+        )
     if every > history_hours:
         raise ConfigurationError(
             f"application-consistent points every {every} hours would fall outside a "
-            f"recovery history of {history_hours} hours: raise hours to at least {every}")
+            f"recovery history of {history_hours} hours: raise hours to at least {every}"
+        )
     return every
 
 
@@ -99,7 +103,8 @@ class Consistency(StrEnum):
             return cls(text)
         except ValueError:
             raise ConfigurationError(
-                f"consistency must be 'crash' or 'application', got {text!r}") from None
+                f"consistency must be 'crash' or 'application', got {text!r}"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -139,8 +144,9 @@ class VmSettings:
         if self.continuous_points_hours is not None:
             check_history_hours(self.continuous_points_hours, "continuous recovery points")
         if self.app_consistent_hours is not None:
-            check_app_consistent_hours(self.app_consistent_hours,
-                                       self.continuous_points_hours or self.recovery_history)
+            check_app_consistent_hours(
+                self.app_consistent_hours, self.continuous_points_hours or self.recovery_history
+            )
         return self
 
     def to_json(self) -> str:
@@ -196,8 +202,10 @@ class Position:
         """True when recording this position after ``current`` would move the VM back."""
         if self.epoch < current.epoch or self.cycle < current.cycle:
             return True
-        return ((self.epoch, self.cycle) == (current.epoch, current.cycle)
-                and self.next_offset < current.next_offset)
+        return (self.epoch, self.cycle) == (
+            current.epoch,
+            current.cycle,
+        ) and self.next_offset < current.next_offset
 
     def __str__(self) -> str:
         return f"epoch {self.epoch}, cycle {self.cycle}, offset {self.next_offset}"

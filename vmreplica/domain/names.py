@@ -42,17 +42,20 @@ def shown_name(name: object) -> str:
     return f"{name[:SHOWN_NAME_CHARS]!r}... ({len(name)} characters)"
 
 
-def journal_topic(vm: str, trust_group: str = DEFAULT_TRUST_GROUP,
-                  prefix: str = DEFAULT_PREFIX) -> str:
+def journal_topic(
+    vm: str, trust_group: str = DEFAULT_TRUST_GROUP, prefix: str = DEFAULT_PREFIX
+) -> str:
     return f"{prefix}.{check_name('trust group', trust_group)}.{check_name('VM', vm)}.journal"
 
 
-def status_topic(vm: str, trust_group: str = DEFAULT_TRUST_GROUP,
-                 prefix: str = DEFAULT_PREFIX) -> str:
+def status_topic(
+    vm: str, trust_group: str = DEFAULT_TRUST_GROUP, prefix: str = DEFAULT_PREFIX
+) -> str:
     return f"{prefix}.{check_name('trust group', trust_group)}.{check_name('VM', vm)}.status"
 
 
-def transactional_id(vm: str, trust_group: str = DEFAULT_TRUST_GROUP,
-                     prefix: str = DEFAULT_PREFIX) -> str:
+def transactional_id(
+    vm: str, trust_group: str = DEFAULT_TRUST_GROUP, prefix: str = DEFAULT_PREFIX
+) -> str:
     """The same at every site, so the broker fences a stale primary when a new one starts."""
     return f"{prefix}.{check_name('trust group', trust_group)}.{check_name('VM', vm)}.primary"

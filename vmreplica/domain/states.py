@@ -65,21 +65,24 @@ heartbeat is a hiccup, three are an outage (an unplanned failover refuses while 
 LATENCY_WARNING_SECONDS: Final = 300
 """Hyper-V: average latency above five minutes is no longer normal."""
 
-_CRITICAL_STATES: Final = frozenset({ReplicationState.RESYNCHRONIZATION_REQUIRED,
-                                     ReplicationState.ERROR})
+_CRITICAL_STATES: Final = frozenset(
+    {ReplicationState.RESYNCHRONIZATION_REQUIRED, ReplicationState.ERROR}
+)
 CYCLES_EXPECTED_STATES: Final = frozenset({ReplicationState.REPLICATING, ReplicationState.ERROR})
 """States in which writes that wait are due to ship every interval; in the others (initial
 replication, suspended, failed over, resync required…) an interval without a cycle is not a
 missed cycle."""
-_WARNING_STATES: Final = frozenset({
-    ReplicationState.READY_FOR_INITIAL_REPLICATION,
-    ReplicationState.INITIAL_REPLICATION_IN_PROGRESS,
-    ReplicationState.WAITING_FOR_INITIAL_REPLICATION,
-    ReplicationState.SUSPENDED,
-    ReplicationState.FAILED_OVER_WAITING_COMPLETION,
-    ReplicationState.FAILED_OVER,
-    ReplicationState.RESYNCHRONIZING,
-})
+_WARNING_STATES: Final = frozenset(
+    {
+        ReplicationState.READY_FOR_INITIAL_REPLICATION,
+        ReplicationState.INITIAL_REPLICATION_IN_PROGRESS,
+        ReplicationState.WAITING_FOR_INITIAL_REPLICATION,
+        ReplicationState.SUSPENDED,
+        ReplicationState.FAILED_OVER_WAITING_COMPLETION,
+        ReplicationState.FAILED_OVER,
+        ReplicationState.RESYNCHRONIZING,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -114,12 +117,15 @@ def assess(state: ReplicationState, stats: WindowStats) -> HealthReport:
     if state in _WARNING_STATES:
         reasons.append(f"state is {state.value}")
     if stats.expected_cycles and stats.missed_cycles / stats.expected_cycles > (
-            MISSED_CYCLES_WARNING_RATIO):
+        MISSED_CYCLES_WARNING_RATIO
+    ):
         reasons.append(f"{stats.missed_cycles} of {stats.expected_cycles} cycles missed")
     if stats.seconds_behind is not None and stats.seconds_behind > STALE_CYCLE_WARNING_SECONDS:
         reasons.append(f"{stats.seconds_behind / 60:.0f} minutes behind the primary")
-    if (stats.average_latency_seconds is not None
-            and stats.average_latency_seconds > LATENCY_WARNING_SECONDS):
+    if (
+        stats.average_latency_seconds is not None
+        and stats.average_latency_seconds > LATENCY_WARNING_SECONDS
+    ):
         reasons.append(f"average latency {stats.average_latency_seconds:.0f} s")
     return HealthReport(Health.WARNING if reasons else Health.NORMAL, tuple(reasons))
 
@@ -143,21 +149,25 @@ class LastHeartbeat:
 
 def primary_live(heard_at_ms: int | None, now_ms: int, heartbeat_seconds: float) -> bool:
     """The primary heartbeated within :data:`LIVENESS_HEARTBEATS` intervals of ``now_ms``."""
-    return (heard_at_ms is not None
-            and now_ms - heard_at_ms < LIVENESS_HEARTBEATS * heartbeat_seconds * 1000)
+    return (
+        heard_at_ms is not None
+        and now_ms - heard_at_ms < LIVENESS_HEARTBEATS * heartbeat_seconds * 1000
+    )
 
 
 def synced_at_ms(last_cut_ms: int | None, heartbeat: LastHeartbeat | None) -> int | None:
     """The newest instant at which the site is known to hold every write the primary had: the
     cut of the last cycle done, or a later instant at which the primary said nothing waited.
     None before the first of either."""
-    known = [ms for ms in (last_cut_ms, heartbeat.idle_at_ms if heartbeat else None)
-             if ms is not None]
+    known = [
+        ms for ms in (last_cut_ms, heartbeat.idle_at_ms if heartbeat else None) if ms is not None
+    ]
     return max(known, default=None)
 
 
-def rpo_seconds(now_ms: int, synced_ms: int | None, interval_seconds: float,
-                idle: bool) -> float | None:
+def rpo_seconds(
+    now_ms: int, synced_ms: int | None, interval_seconds: float, idle: bool
+) -> float | None:
     """Seconds of writes the site may lack: the time since it was last in sync.
 
     ``idle``: the primary is live and its last heartbeat said nothing waited. A write made since
@@ -180,8 +190,13 @@ def missed_intervals(gap_seconds: float, interval: float) -> int:
     return max(0, math.floor(gap_seconds / interval - 0.5))
 
 
-def waiting_ms(previous_done_ms: int, previous_cut_ms: int, idle_at_ms: int | None,
-               done_ms: int, since_ms: int = 0) -> int:
+def waiting_ms(
+    previous_done_ms: int,
+    previous_cut_ms: int,
+    idle_at_ms: int | None,
+    done_ms: int,
+    since_ms: int = 0,
+) -> int:
     """How long writes waited for the cycle done at ``done_ms`` (or, for the cycle not yet
     done, until ``done_ms`` = now), counted from ``since_ms`` at the earliest.
 

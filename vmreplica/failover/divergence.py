@@ -56,19 +56,31 @@ Ranges = dict[str, IntervalSet]
 """Byte ranges per disk name."""
 
 
-async def journal_ranges(site: Site, vm: str, after_cycle: int, ranges: Ranges, *,
-                         epoch: int | None = None, min_epoch: int = 0, start: int = 0) -> int:
+async def journal_ranges(
+    site: Site,
+    vm: str,
+    after_cycle: int,
+    ranges: Ranges,
+    *,
+    epoch: int | None = None,
+    min_epoch: int = 0,
+    start: int = 0,
+) -> int:
     """Add the ranges written by cycles numbered after ``after_cycle`` to ``ranges``: of
     ``epoch`` only, or of every epoch from ``min_epoch`` on, reading the journal from offset
     ``start`` to its end. Returns the offset to read from next time."""
     next_offset = start
     async for offset, event in journal_events(site, vm, start):
         next_offset = offset + 1
-        if (isinstance(event, WriteBatch) and event.cycle > after_cycle
-                and (event.epoch == epoch if epoch is not None else event.epoch >= min_epoch)):
+        if (
+            isinstance(event, WriteBatch)
+            and event.cycle > after_cycle
+            and (event.epoch == epoch if epoch is not None else event.epoch >= min_epoch)
+        ):
             for extent in event.extents:
                 ranges.setdefault(extent.disk, IntervalSet()).add(
-                    extent.offset, extent.offset + extent.length)
+                    extent.offset, extent.offset + extent.length
+                )
     return next_offset
 
 
@@ -85,15 +97,18 @@ def changelog_ranges(folder: Path, disks: Sequence[DiskRecord], ranges: Ranges) 
         for entry in read_segment(path, repair=True).records:
             if entry.kind in (RecordKind.WRITE, RecordKind.ZERO, RecordKind.TRIM):
                 ranges.setdefault(names[entry.disk], IntervalSet()).add(
-                    entry.offset, entry.offset + entry.length)
+                    entry.offset, entry.offset + entry.length
+                )
     try:
         dirty = DirtyMap.load(folder / DIRTY_MAP_NAME)
     except JournalIntegrityError as error:
         raise ChangeLogCorrupt(str(error)) from error
     for index, block in dirty or ():
         if index >= len(disks):
-            raise ChangeLogCorrupt(f"dirty-block map {folder / DIRTY_MAP_NAME} names disk "
-                                   f"{index}; the VM has {len(disks)}")
+            raise ChangeLogCorrupt(
+                f"dirty-block map {folder / DIRTY_MAP_NAME} names disk "
+                f"{index}; the VM has {len(disks)}"
+            )
         start = block * DIRTY_BLOCK_BYTES
         end = min(start + DIRTY_BLOCK_BYTES, disks[index].size_bytes)
         if start < end:
@@ -104,8 +119,9 @@ def byte_ranges(ranges: IntervalSet) -> tuple[ByteRange, ...]:
     """``ranges`` as a ResyncRequest carries them: at most :data:`MAX_RESYNC_RANGES`."""
     pairs = list(zip(ranges.starts, ranges.ends, strict=True))
     while len(pairs) > MAX_RESYNC_RANGES:
-        pairs = [(pairs[i][0], pairs[min(i + 1, len(pairs) - 1)][1])
-                 for i in range(0, len(pairs), 2)]
+        pairs = [
+            (pairs[i][0], pairs[min(i + 1, len(pairs) - 1)][1]) for i in range(0, len(pairs), 2)
+        ]
     return tuple(ByteRange(start, end - start) for start, end in pairs)
 
 
@@ -116,13 +132,16 @@ def check_digest_map(vm: str, disk: DiskRecord, theirs: DigestMap) -> None:
         nothing may be sent from it.
     """
     low, high = DIGEST_BLOCK_BYTES_RANGE
-    where = (f"VM {vm!r}: the block digests of disk {disk.name!r} from site {theirs.site} "
-             f"(cycle {theirs.cycle})")
+    where = (
+        f"VM {vm!r}: the block digests of disk {disk.name!r} from site {theirs.site} "
+        f"(cycle {theirs.cycle})"
+    )
     if not low <= theirs.block_size <= high or theirs.block_size % low:
         raise ResyncRefused(
             f"{where} use blocks of {theirs.block_size} bytes, not a multiple of {low} up to "
             f"{high}; they were refused and nothing was sent. Operator action: check that "
-            f"both sites run the same vmreplica release, then resync again")
+            f"both sites run the same vmreplica release, then resync again"
+        )
     expected = digest_count(disk.size_bytes, theirs.block_size)
     if len(theirs.digests) != expected * DIGEST_BYTES:
         count = f"{len(theirs.digests) / DIGEST_BYTES:g}"
@@ -131,11 +150,13 @@ def check_digest_map(vm: str, disk: DiskRecord, theirs: DigestMap) -> None:
             f"bytes) but a disk of {disk.size_bytes} bytes in blocks of {theirs.block_size} "
             f"needs {expected}; they were refused and nothing was sent. Operator action: "
             f"check that the disk has the same size on both sites (a resize that did not "
-            f"replicate), then resync again")
+            f"replicate), then resync again"
+        )
 
 
-def differing_ranges(vm: str, disk: DiskRecord, theirs: DigestMap,
-                     progress: Callable[[int], None] | None = None) -> IntervalSet:
+def differing_ranges(
+    vm: str, disk: DiskRecord, theirs: DigestMap, progress: Callable[[int], None] | None = None
+) -> IntervalSet:
     """The blocks of ``disk`` (this site's image) whose digests differ from ``theirs``.
 
     Reads every allocated block of the image: run it off the event loop. ``progress`` gets the
@@ -152,8 +173,9 @@ def differing_ranges(vm: str, disk: DiskRecord, theirs: DigestMap,
     return ranges
 
 
-async def report_divergence(site: Site, record: VmRecord, start: EpochStart,
-                            diverged: Ranges | None) -> None:
+async def report_divergence(
+    site: Site, record: VmRecord, start: EpochStart, diverged: Ranges | None
+) -> None:
     """Tell the new primary of ``start`` what this old primary wrote after its starting point.
 
     ``diverged`` known: one ResyncRequest per disk, with no range for a disk that did not
@@ -167,23 +189,37 @@ async def report_divergence(site: Site, record: VmRecord, start: EpochStart,
     try:
         events: list[ResyncRequest | DigestMap]
         if diverged is not None:
-            events = [ResyncRequest(vm, start.epoch, site.config.site,
-                                    f"diverged after cycle {point}", disk.name,
-                                    byte_ranges(diverged.get(disk.name, IntervalSet())),
-                                    now_ms())
-                      for disk in record.disks]
+            events = [
+                ResyncRequest(
+                    vm,
+                    start.epoch,
+                    site.config.site,
+                    f"diverged after cycle {point}",
+                    disk.name,
+                    byte_ranges(diverged.get(disk.name, IntervalSet())),
+                    now_ms(),
+                )
+                for disk in record.disks
+            ]
         else:
-            events = list(digest_maps(vm, start.epoch, site.config.site, point,
-                                      [(d.name, Path(d.path), d.size_bytes)
-                                       for d in record.disks]))
+            events = list(
+                digest_maps(
+                    vm,
+                    start.epoch,
+                    site.config.site,
+                    point,
+                    [(d.name, Path(d.path), d.size_bytes) for d in record.disks],
+                )
+            )
         for event in events:
             await status.publish(site.status_topic(vm), vm.encode(), encode(event))
     finally:
         await status.stop()
 
 
-async def reported_ranges(site: Site, record: VmRecord, replica_site: str,
-                          wait_seconds: float = 0.0) -> Ranges | None:
+async def reported_ranges(
+    site: Site, record: VmRecord, replica_site: str, wait_seconds: float = 0.0
+) -> Ranges | None:
     """Ranges the returning old primary reported for this epoch: as ResyncRequests, or else
     as DigestMaps compared block by block with this site's disks; None when it sent neither.
 
@@ -215,8 +251,7 @@ async def reported_ranges(site: Site, record: VmRecord, replica_site: str,
                     maps[event.disk] = event
             if disks <= set(requests) or disks <= set(maps):
                 break  # a complete report: one per disk
-            if (loop.time() >= deadline
-                    and await reader.position() >= await reader.end_offset()):
+            if loop.time() >= deadline and await reader.position() >= await reader.end_offset():
                 break  # what arrived in time (an older agent reports diverged disks only)
     if requests:
         return requests

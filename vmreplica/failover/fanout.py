@@ -59,7 +59,8 @@ def check_target(record: VmRecord, target: str) -> str:
     if target not in sites:
         raise ConfigurationError(
             f"site {target!r} is not a replica site of VM {record.name!r}; its replica sites "
-            f"are {', '.join(sites)}. The VM stays primary here")
+            f"are {', '.join(sites)}. The VM stays primary here"
+        )
     return target
 
 
@@ -80,6 +81,12 @@ async def follow_new_primary(site: Site, vm: str, start_offset: int) -> EpochSta
         return None
     partner, settings = regroup(record, here, start.primary_site)
     await site.catalog.change_role(
-        vm, "replica", partner, max(record.epoch, start.epoch), record.state,
-        f"following site {partner}, primary since epoch {start.epoch}", settings=settings)
+        vm,
+        "replica",
+        partner,
+        max(record.epoch, start.epoch),
+        record.state,
+        f"following site {partner}, primary since epoch {start.epoch}",
+        settings=settings,
+    )
     return start

@@ -17,8 +17,11 @@ from vmreplica.schemas.codec import decode_journal, encode
 from vmreplica.schemas.events import EpochStart, JournalEvent
 
 
-async def journal_events(site: Site, vm: str, start: int = 0,
-                         ) -> AsyncGenerator[tuple[int, JournalEvent], None]:
+async def journal_events(
+    site: Site,
+    vm: str,
+    start: int = 0,
+) -> AsyncGenerator[tuple[int, JournalEvent], None]:
     """Every committed journal event of ``vm`` from offset ``start`` to the current end."""
     async for record in read_to_end(site.connection, site.journal_topic(vm), start):
         yield record.offset, decode_journal(record.value)
@@ -36,9 +39,12 @@ async def newest_epoch(site: Site, vm: str, start: int) -> tuple[int, EpochStart
 async def publish_epoch(site: Site, record: VmRecord, start: EpochStart) -> int:
     """Publish an EpochStart with the VM's shared transactional id (fencing the old primary);
     returns its offset."""
-    publisher = JournalPublisher(site.connection, transactional_id(
-        record.name, site.config.trust_group, site.config.topic_prefix))
+    publisher = JournalPublisher(
+        site.connection,
+        transactional_id(record.name, site.config.trust_group, site.config.topic_prefix),
+    )
     async with publisher:
-        offsets = await publisher.publish(site.journal_topic(record.name),
-                                          record.name.encode(), [encode(start)])
+        offsets = await publisher.publish(
+            site.journal_topic(record.name), record.name.encode(), [encode(start)]
+        )
     return offsets[-1]

@@ -44,12 +44,19 @@ async def run_stop_hook(site: Site, vm: str) -> None:
         return
     record = await site.catalog.vm(vm)
     try:
-        await run_hook(command, "stop", vm=vm, site=site.config.site,
-                       disks={d.name: d.path for d in record.disks})
+        await run_hook(
+            command,
+            "stop",
+            vm=vm,
+            site=site.config.site,
+            disks={d.name: d.path for d in record.disks},
+        )
     except HookError as error:
-        raise FailoverRefused(f"{error}. The planned failover did not start. Operator action: "
-                              "stop the VM by other means (or fix vm_stop_command), then "
-                              "retry") from error
+        raise FailoverRefused(
+            f"{error}. The planned failover did not start. Operator action: "
+            "stop the VM by other means (or fix vm_stop_command), then "
+            "retry"
+        ) from error
 
 
 async def run_start_hook(site: Site, record: VmRecord) -> None:
@@ -61,12 +68,19 @@ async def run_start_hook(site: Site, record: VmRecord) -> None:
     if not command:
         return
     try:
-        await run_hook(command, "start", vm=record.name, site=site.config.site,
-                       disks={d.name: d.path for d in record.disks})
+        await run_hook(
+            command,
+            "start",
+            vm=record.name,
+            site=site.config.site,
+            disks={d.name: d.path for d in record.disks},
+        )
     except HookError as error:
-        raise FailoverRefused(f"{error}. This site took VM {record.name!r} over as its primary "
-                              "but did not start it. Operator action: start the VM by "
-                              "hand") from error
+        raise FailoverRefused(
+            f"{error}. This site took VM {record.name!r} over as its primary "
+            "but did not start it. Operator action: start the VM by "
+            "hand"
+        ) from error
 
 
 async def check_planned(site: Site, vm: str, target: str = "") -> str:
@@ -79,15 +93,22 @@ async def check_planned(site: Site, vm: str, target: str = "") -> str:
     """
     record = await site.catalog.vm(vm)
     if record.role != "primary" or record.state is not ReplicationState.REPLICATING:
-        raise FailoverRefused(f"VM {vm!r} is {record.role} here in state "
-                              f"{record.state.value!r}; planned failover starts on a "
-                              "replicating primary")
+        raise FailoverRefused(
+            f"VM {vm!r} is {record.role} here in state "
+            f"{record.state.value!r}; planned failover starts on a "
+            "replicating primary"
+        )
     return check_target(record, target)
 
 
-async def prepare_planned(site: Site, vm: str, reverse: bool = False,
-                          start_vm: bool = False, verify: bool = False,
-                          target: str = "") -> FailoverPrepared:
+async def prepare_planned(
+    site: Site,
+    vm: str,
+    reverse: bool = False,
+    start_vm: bool = False,
+    verify: bool = False,
+    target: str = "",
+) -> FailoverPrepared:
     """Planned failover, on the primary: ship the final cycle and mark the VM prepared.
 
     The VM must already be stopped (the hypervisor adapter does that): writes are refused from
@@ -103,13 +124,24 @@ async def prepare_planned(site: Site, vm: str, reverse: bool = False,
         if position is None:
             raise FailoverRefused(f"VM {vm!r} has not finished initial replication")
         digests = primary.disk_digests() if verify else ()
-        prepared = FailoverPrepared(vm, record.epoch, position.cycle, position.cycle_hash,
-                                    now_ms(), site.config.site, start_vm, digests, target)
+        prepared = FailoverPrepared(
+            vm,
+            record.epoch,
+            position.cycle,
+            position.cycle_hash,
+            now_ms(),
+            site.config.site,
+            start_vm,
+            digests,
+            target,
+        )
         await primary.publish(prepared)
     await site.catalog.set_reverse_wanted(vm, reverse)
-    await site.catalog.set_state(vm, ReplicationState.PREPARED_FOR_PLANNED_FAILOVER,
-                                 f"final cycle {position.cycle} shipped; waiting for "
-                                 f"{target} to take over")
+    await site.catalog.set_state(
+        vm,
+        ReplicationState.PREPARED_FOR_PLANNED_FAILOVER,
+        f"final cycle {position.cycle} shipped; waiting for {target} to take over",
+    )
     return prepared
 
 
@@ -118,8 +150,9 @@ def takes_over(prepared: FailoverPrepared, here: str) -> bool:
     return prepared.target in ("", here)
 
 
-def check_takeover(record: VmRecord, position: Position, prepared: FailoverPrepared,
-                   here: str = "") -> None:
+def check_takeover(
+    record: VmRecord, position: Position, prepared: FailoverPrepared, here: str = ""
+) -> None:
     """On the replica: it is the site the failover names, it stands exactly at the prepared
     final cycle, and (``--verify``) its disks have the digests the primary sent.
 
@@ -128,12 +161,15 @@ def check_takeover(record: VmRecord, position: Position, prepared: FailoverPrepa
     """
     vm = record.name
     if here and not takes_over(prepared, here):
-        raise FailoverRefused(f"VM {vm!r}: the planned failover hands over to site "
-                              f"{prepared.target}, not to {here}; this site follows it")
+        raise FailoverRefused(
+            f"VM {vm!r}: the planned failover hands over to site "
+            f"{prepared.target}, not to {here}; this site follows it"
+        )
     if (position.cycle, position.cycle_hash) != (prepared.final_cycle, prepared.cycle_hash):
         raise FailoverRefused(
             f"VM {vm!r}: the replica is at cycle {position.cycle} but the primary prepared "
-            f"cycle {prepared.final_cycle}; let it catch up and retry")
+            f"cycle {prepared.final_cycle}; let it catch up and retry"
+        )
     for digest in prepared.disk_sha256:  # --verify: a full compare on top of the chain
         path = next(d.path for d in record.disks if d.name == digest.name)
         if sha256_of(path) != digest.sha256:
@@ -141,7 +177,8 @@ def check_takeover(record: VmRecord, position: Position, prepared: FailoverPrepa
                 f"VM {vm!r}: disk {digest.name!r} differs from the primary's at cycle "
                 f"{prepared.final_cycle} although the hash chain matched. Operator action: "
                 f"cancel the failover on the primary (`vmreplica failover cancel {vm}`), then "
-                f"`vmreplica resync {vm}` there")
+                f"`vmreplica resync {vm}` there"
+            )
 
 
 async def cancel_planned(site: Site, vm: str) -> None:
@@ -153,8 +190,9 @@ async def cancel_planned(site: Site, vm: str) -> None:
     record = await site.catalog.vm(vm)
     found = await newest_epoch(site, vm, 0)
     if found is not None and found[1].epoch > record.epoch:
-        raise FailoverRefused(f"too late: site {found[1].primary_site} took over VM {vm!r} in "
-                              f"epoch {found[1].epoch}")
+        raise FailoverRefused(
+            f"too late: site {found[1].primary_site} took over VM {vm!r} in epoch {found[1].epoch}"
+        )
     async with site.primary(record) as primary:
         await primary.replicate(force=True)
     await site.catalog.set_reverse_wanted(vm, False)
@@ -192,10 +230,13 @@ async def follow_takeover(site: Site, vm: str) -> bool:
         return True
     record = await site.catalog.vm(vm)
     await report_divergence(site, record, start, {})
-    await site.catalog.set_state(vm, ReplicationState.FAILED_OVER,
-                                 f"site {start.primary_site} is primary since epoch "
-                                 f"{start.epoch}; `vmreplica reverse {vm}` there makes "
-                                 "this site its replica")
+    await site.catalog.set_state(
+        vm,
+        ReplicationState.FAILED_OVER,
+        f"site {start.primary_site} is primary since epoch "
+        f"{start.epoch}; `vmreplica reverse {vm}` there makes "
+        "this site its replica",
+    )
     return True
 
 

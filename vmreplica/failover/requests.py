@@ -104,18 +104,35 @@ class Resynchronize:
 RESYNC_DIGESTS_TIMEOUT_SECONDS: Final = 600.0
 """Without an agent, a resync waits this long for the replica's digests, then stays pending."""
 
-FailoverRequest = (PlannedFailover | UnplannedFailover | CompleteFailover | CancelFailover
-                   | ReverseReplication | Resynchronize)
+FailoverRequest = (
+    PlannedFailover
+    | UnplannedFailover
+    | CompleteFailover
+    | CancelFailover
+    | ReverseReplication
+    | Resynchronize
+)
 
 REQUEST_TYPES: Final[dict[str, type[FailoverRequest]]] = {
-    kind.kind: kind for kind in (PlannedFailover, UnplannedFailover, CompleteFailover,
-                                 CancelFailover, ReverseReplication, Resynchronize)}
+    kind.kind: kind
+    for kind in (
+        PlannedFailover,
+        UnplannedFailover,
+        CompleteFailover,
+        CancelFailover,
+        ReverseReplication,
+        Resynchronize,
+    )
+}
 
 
 def request_fields(request: FailoverRequest) -> dict[str, bool | str | int]:
     """The request's options (every field but ``vm``), as the mailbox stores them."""
-    return {field.name: getattr(request, field.name) for field in dataclasses.fields(request)
-            if field.name != "vm"}
+    return {
+        field.name: getattr(request, field.name)
+        for field in dataclasses.fields(request)
+        if field.name != "vm"
+    }
 
 
 def request_from(kind: str, vm: str, fields: object) -> FailoverRequest:
@@ -125,22 +142,32 @@ def request_from(kind: str, vm: str, fields: object) -> FailoverRequest:
     """
     request_type = REQUEST_TYPES.get(kind)
     if request_type is None:
-        raise ConfigurationError(f"unknown failover request {kind!r} for VM {vm!r}; this "
-                                 f"version knows {', '.join(sorted(REQUEST_TYPES))}")
+        raise ConfigurationError(
+            f"unknown failover request {kind!r} for VM {vm!r}; this "
+            f"version knows {', '.join(sorted(REQUEST_TYPES))}"
+        )
     if not isinstance(fields, dict):
-        raise ConfigurationError(f"failover request {kind!r} for VM {vm!r}: its options are "
-                                 f"not a JSON object: {fields!r}")
+        raise ConfigurationError(
+            f"failover request {kind!r} for VM {vm!r}: its options are "
+            f"not a JSON object: {fields!r}"
+        )
     hints = typing.get_type_hints(request_type)
-    options = {field.name: hints[field.name] for field in dataclasses.fields(request_type)
-               if field.name != "vm"}
+    options = {
+        field.name: hints[field.name]
+        for field in dataclasses.fields(request_type)
+        if field.name != "vm"
+    }
     for name, value in fields.items():
         expected = options.get(name)
         if expected is None:
-            raise ConfigurationError(f"failover request {kind!r} for VM {vm!r} has an unknown "
-                                     f"option {name!r}")
+            raise ConfigurationError(
+                f"failover request {kind!r} for VM {vm!r} has an unknown option {name!r}"
+            )
         if type(value) is not expected:
-            raise ConfigurationError(f"failover request {kind!r} for VM {vm!r}: option "
-                                     f"{name!r} must be a {expected.__name__}, not {value!r}")
+            raise ConfigurationError(
+                f"failover request {kind!r} for VM {vm!r}: option "
+                f"{name!r} must be a {expected.__name__}, not {value!r}"
+            )
     return request_type(vm, **fields)
 
 
@@ -165,15 +192,20 @@ async def carry_out(site: Site, request: FailoverRequest) -> str:
         case PlannedFailover():
             target = await check_planned(site, vm, request.target)  # before the VM stops
             await run_stop_hook(site, vm)
-            prepared = await prepare_planned(site, vm, request.reverse, request.start,
-                                             request.verify, target)
-            return (f"VM {vm} prepared for planned failover at cycle {prepared.final_cycle}; "
-                    f"site {target} takes over once it applied that cycle")
+            prepared = await prepare_planned(
+                site, vm, request.reverse, request.start, request.verify, target
+            )
+            return (
+                f"VM {vm} prepared for planned failover at cycle {prepared.final_cycle}; "
+                f"site {target} takes over once it applied that cycle"
+            )
         case UnplannedFailover():
             start = await promote(site, vm, point=request.point, force=request.force)
-            return (f"VM {vm} failed over at cycle {start.start_cycle - 1} (epoch "
-                    f"{start.epoch}); `vmreplica failover complete` keeps it, `... cancel` "
-                    "goes back")
+            return (
+                f"VM {vm} failed over at cycle {start.start_cycle - 1} (epoch "
+                f"{start.epoch}); `vmreplica failover complete` keeps it, `... cancel` "
+                "goes back"
+            )
         case CompleteFailover():
             await complete(site, vm)
             return f"failover of VM {vm} completed; other recovery points deleted"
@@ -186,14 +218,22 @@ async def carry_out(site: Site, request: FailoverRequest) -> str:
             return f"failover of VM {vm} cancelled; replaying the journal"
         case ReverseReplication():
             result = await reverse(site, vm, full_copy=request.full_copy)
-            return (f"VM {vm} replicates to its old primary again: {result.diverged_bytes} "
-                    f"bytes diverged, {result.sent_bytes} bytes sent in cycle {result.cycle}"
-                    + (" (full copy, as asked)" if result.full_copy else ""))
+            return (
+                f"VM {vm} replicates to its old primary again: {result.diverged_bytes} "
+                f"bytes diverged, {result.sent_bytes} bytes sent in cycle {result.cycle}"
+                + (" (full copy, as asked)" if result.full_copy else "")
+            )
         case Resynchronize(cancel=True):
             return (await cancel_resync(site, vm)).summary()
         case Resynchronize():
-            return (await resync_here(site, vm, request.site, not_before_ms=request.at_ms,
-                                      digests_timeout_seconds=RESYNC_DIGESTS_TIMEOUT_SECONDS,
-                                      )).summary()
+            return (
+                await resync_here(
+                    site,
+                    vm,
+                    request.site,
+                    not_before_ms=request.at_ms,
+                    digests_timeout_seconds=RESYNC_DIGESTS_TIMEOUT_SECONDS,
+                )
+            ).summary()
         case _:
             assert_never(request)

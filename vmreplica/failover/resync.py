@@ -83,13 +83,26 @@ could not publish them, a request lost with a broker)."""
 PROGRESS_SAVE_SECONDS: Final = 1.0
 """How often the compare writes its progress to the job file, for `vmreplica status`."""
 
-Phase = Literal["scheduled", "requested", "awaiting digests", "comparing", "sending", "done",
-                "refused", "cancelled"]
-ACTIVE_PHASES: Final = frozenset({"scheduled", "requested", "awaiting digests", "comparing",
-                                  "sending"})
-STARTING_STATES: Final = frozenset({ReplicationState.REPLICATING,
-                                    ReplicationState.RESYNCHRONIZATION_REQUIRED,
-                                    ReplicationState.RESYNCHRONIZING})
+Phase = Literal[
+    "scheduled",
+    "requested",
+    "awaiting digests",
+    "comparing",
+    "sending",
+    "done",
+    "refused",
+    "cancelled",
+]
+ACTIVE_PHASES: Final = frozenset(
+    {"scheduled", "requested", "awaiting digests", "comparing", "sending"}
+)
+STARTING_STATES: Final = frozenset(
+    {
+        ReplicationState.REPLICATING,
+        ReplicationState.RESYNCHRONIZATION_REQUIRED,
+        ReplicationState.RESYNCHRONIZING,
+    }
+)
 """Primary states a resync may start from: replicating, told by a replica that it needs one,
 or resynchronizing with no job left (its file removed by hand)."""
 
@@ -166,26 +179,34 @@ class ResyncJob:
         """:raises ConfigurationError: not a job this release wrote."""
         try:
             fields: dict[str, Any] = json.loads(text)
-            fields["differing"] = {disk: [(int(low), int(high)) for low, high in ranges]
-                                   for disk, ranges in fields.get("differing", {}).items()}
+            fields["differing"] = {
+                disk: [(int(low), int(high)) for low, high in ranges]
+                for disk, ranges in fields.get("differing", {}).items()
+            }
             return cls(**fields)
         except (ValueError, TypeError) as error:
-            raise ConfigurationError(f"unreadable resync job: {error}. Operator action: "
-                                     f"remove the VM's {JOB_FILE} and start the resync "
-                                     "again") from error
+            raise ConfigurationError(
+                f"unreadable resync job: {error}. Operator action: "
+                f"remove the VM's {JOB_FILE} and start the resync "
+                "again"
+            ) from error
 
     def summary(self) -> str:
         """One line for the CLI and the log."""
         head = f"resync of VM {self.vm} to {self.target}"
         if self.phase == "done":
-            return (f"{head} done: {self.target} equals this site at cycle {self.cycle}; "
-                    f"{self.examined_bytes} bytes examined, {self.differing_bytes} differed, "
-                    f"{self.resent_bytes} resent, {self.sent_bytes} bytes sent")
+            return (
+                f"{head} done: {self.target} equals this site at cycle {self.cycle}; "
+                f"{self.examined_bytes} bytes examined, {self.differing_bytes} differed, "
+                f"{self.resent_bytes} resent, {self.sent_bytes} bytes sent"
+            )
         if self.phase in ("refused", "cancelled"):
             return f"{head} {self.phase}: {self.message}"
         if self.phase == "comparing":
-            return (f"{head}: comparing, {self.examined_bytes} of {self.total_bytes} bytes "
-                    f"examined, {self.differing_bytes} differ so far")
+            return (
+                f"{head}: comparing, {self.examined_bytes} of {self.total_bytes} bytes "
+                f"examined, {self.differing_bytes} differ so far"
+            )
         return f"{head}: {self.phase}" + (f" ({self.message})" if self.message else "")
 
 
@@ -220,9 +241,11 @@ def running(folder: Path) -> Iterator[None]:
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ResyncBusy(f"the resync of VM {folder.name!r} is being run by another "
-                                "process (an agent or another `vmreplica resync`); "
-                                "`vmreplica status` shows its progress") from None
+            raise ResyncBusy(
+                f"the resync of VM {folder.name!r} is being run by another "
+                "process (an agent or another `vmreplica resync`); "
+                "`vmreplica status` shows its progress"
+            ) from None
         try:
             yield
         finally:
@@ -244,9 +267,16 @@ async def status_end(site: Site, vm: str) -> int:
         return await reader.end_offset()
 
 
-async def accept_resync(site: Site, vm: str, target: str = "", reason: str = "",
-                        *, status_from: int | None = None, not_before_ms: int = 0,
-                        automatic: bool = False) -> ResyncJob:
+async def accept_resync(
+    site: Site,
+    vm: str,
+    target: str = "",
+    reason: str = "",
+    *,
+    status_from: int | None = None,
+    not_before_ms: int = 0,
+    automatic: bool = False,
+) -> ResyncJob:
     """Step 1: check the request and record the job; the VM's primary worker runs it.
 
     ``target`` defaults to the VM's replica site; ``status_from`` to the status topic's end
@@ -260,32 +290,44 @@ async def accept_resync(site: Site, vm: str, target: str = "", reason: str = "",
     if record.role != "primary":
         raise ConfigurationError(
             f"VM {vm!r} is a replica at site {site.config.site}; a resync starts on its "
-            f"primary: run `vmreplica resync {vm}` at {record.partner_site}")
+            f"primary: run `vmreplica resync {vm}` at {record.partner_site}"
+        )
     replicas = (record.partner_site, *record.settings.also_replicate_to)
     target = target or record.partner_site
     if target not in replicas:
-        raise ConfigurationError(f"site {target!r} keeps no replica of VM {vm!r}; its replica "
-                                 f"sites are {', '.join(replicas)}")
+        raise ConfigurationError(
+            f"site {target!r} keeps no replica of VM {vm!r}; its replica "
+            f"sites are {', '.join(replicas)}"
+        )
     folder = site.config.vm_folder(vm)
     current = load_job(folder)
     if current is not None and current.active:
-        raise ResyncRefused(f"a resync of VM {vm!r} to {current.target} is already running "
-                            f"({current.phase}); one at a time. `vmreplica status {vm}` shows "
-                            "its progress")
+        raise ResyncRefused(
+            f"a resync of VM {vm!r} to {current.target} is already running "
+            f"({current.phase}); one at a time. `vmreplica status {vm}` shows "
+            "its progress"
+        )
     if record.state not in STARTING_STATES:
         raise ResyncRefused(
             f"VM {vm!r} is {record.state.value!r} here; a resync starts on a replicating VM "
-            "(let its initial replication finish, or complete its failover and reverse it)")
+            "(let its initial replication finish, or complete its failover and reverse it)"
+        )
     needed = automatic or record.state is ReplicationState.RESYNCHRONIZATION_REQUIRED
-    job = ResyncJob(vm, target, reason or "requested by the operator", now_ms(),
-                    record.epoch,
-                    status_from if status_from is not None else await status_end(site, vm),
-                    "scheduled" if not_before_ms > now_ms() else "requested",
-                    automatic=automatic,
-                    resume_state=(ReplicationState.RESYNCHRONIZATION_REQUIRED if needed
-                                  else ReplicationState.REPLICATING).value,
-                    not_before_ms=not_before_ms,
-                    total_bytes=sum(d.size_bytes for d in record.disks))
+    job = ResyncJob(
+        vm,
+        target,
+        reason or "requested by the operator",
+        now_ms(),
+        record.epoch,
+        status_from if status_from is not None else await status_end(site, vm),
+        "scheduled" if not_before_ms > now_ms() else "requested",
+        automatic=automatic,
+        resume_state=(
+            ReplicationState.RESYNCHRONIZATION_REQUIRED if needed else ReplicationState.REPLICATING
+        ).value,
+        not_before_ms=not_before_ms,
+        total_bytes=sum(d.size_bytes for d in record.disks),
+    )
     save_job(folder, job)
     await site.catalog.set_state(vm, ReplicationState.RESYNCHRONIZING, job.summary())
     return job
@@ -295,8 +337,9 @@ class ResyncRun:
     """Steps 2-5 of one job, with the VM's open :class:`PrimaryVm`; resumes where the job
     file says. ``await ResyncRun(site, primary).run()``."""
 
-    def __init__(self, site: Site, primary: PrimaryVm,
-                 digests_timeout_seconds: float | None = None) -> None:
+    def __init__(
+        self, site: Site, primary: PrimaryVm, digests_timeout_seconds: float | None = None
+    ) -> None:
         self.site = site
         self.primary = primary
         self.vm = primary.name
@@ -345,11 +388,21 @@ class ResyncRun:
 
     async def _ask(self) -> None:
         """Step 2: the DigestRequest (again, after a kill that may have lost it)."""
-        await self.primary.publish(DigestRequest(
-            self.vm, self.primary.record.epoch, self.site.config.site, (self.job.target,),
-            self.job.reason, now_ms()))
-        self._save(phase="awaiting digests", asked_ms=now_ms(),
-                   message=f"waiting for the block digests of {self.job.target}")
+        await self.primary.publish(
+            DigestRequest(
+                self.vm,
+                self.primary.record.epoch,
+                self.site.config.site,
+                (self.job.target,),
+                self.job.reason,
+                now_ms(),
+            )
+        )
+        self._save(
+            phase="awaiting digests",
+            asked_ms=now_ms(),
+            message=f"waiting for the block digests of {self.job.target}",
+        )
         log.info("VM %s: asked %s for block digests", self.vm, self.job.target)
 
     async def _digests(self, record: VmRecord) -> dict[str, DigestMap]:
@@ -362,8 +415,9 @@ class ResyncRun:
         positions: dict[tuple[int, int], ReplicaPosition] = {}
         disks = {d.name: d for d in record.disks}
         while True:
-            async for message in read_to_end(self.site.connection,
-                                             self.site.status_topic(self.vm), offset):
+            async for message in read_to_end(
+                self.site.connection, self.site.status_topic(self.vm), offset
+            ):
                 offset = message.offset + 1
                 try:
                     event = decode_status(message.value)
@@ -379,7 +433,8 @@ class ResyncRun:
                             f"VM {self.vm!r}: site {event.site} sent block digests of a disk "
                             f"{event.disk!r} that this VM does not have (its disks are "
                             f"{', '.join(disks)}); nothing was sent. Operator action: check "
-                            "that both sites replicate the same VM, then resync again")
+                            "that both sites replicate the same VM, then resync again"
+                        )
                     sets.setdefault((event.epoch, event.cycle), {})[event.disk] = event
                     newest[(event.epoch, event.cycle)] = message.offset
             complete = [key for key, maps in sets.items() if len(maps) == len(disks)]
@@ -387,19 +442,20 @@ class ResyncRun:
                 key = max(complete, key=newest.__getitem__)
                 return await self._take(record, sets[key], positions.get(key))
             waited = time.monotonic() - started
-            if (self.digests_timeout_seconds is not None
-                    and waited > self.digests_timeout_seconds):
+            if self.digests_timeout_seconds is not None and waited > self.digests_timeout_seconds:
                 raise DigestsNotYet(
                     f"VM {self.vm!r}: site {self.job.target} sent no block digests within "
                     f"{self.digests_timeout_seconds:.0f} s (is its agent running?). The resync "
                     "stays pending: it continues when `vmreplica agent` runs here, or with "
-                    f"`vmreplica resync {self.vm}` again")
+                    f"`vmreplica resync {self.vm}` again"
+                )
             if now_ms() - self.job.asked_ms > REASK_SECONDS * 1000:
                 await self._ask()
             await asyncio.sleep(DIGESTS_POLL_SECONDS)
 
-    async def _take(self, record: VmRecord, maps: dict[str, DigestMap],
-                    position: ReplicaPosition | None) -> dict[str, DigestMap]:
+    async def _take(
+        self, record: VmRecord, maps: dict[str, DigestMap], position: ReplicaPosition | None
+    ) -> dict[str, DigestMap]:
         """Check the set fits this VM before anything is compared or sent."""
         shipped = await self.site.catalog.position(self.vm)
         for disk in record.disks:
@@ -410,11 +466,18 @@ class ResyncRun:
                 f"VM {self.vm!r}: site {some.site} sent block digests as of cycle {some.cycle} "
                 f"of epoch {some.epoch}, ahead of what this primary shipped (cycle "
                 f"{shipped.cycle if shipped else None} of epoch {record.epoch}); nothing was "
-                "sent. Operator action: check that no other primary writes this VM's journal")
+                "sent. Operator action: check that no other primary writes this VM's journal"
+            )
         journal_from = position.offset + 1 if position is not None and position.offset >= 0 else 0
-        self._save(phase="comparing", digest_epoch=some.epoch, digest_cycle=some.cycle,
-                   journal_from=journal_from, examined_bytes=0, differing_bytes=0,
-                   message=f"comparing with the digests of cycle {some.cycle}")
+        self._save(
+            phase="comparing",
+            digest_epoch=some.epoch,
+            digest_cycle=some.cycle,
+            journal_from=journal_from,
+            examined_bytes=0,
+            differing_bytes=0,
+            message=f"comparing with the digests of cycle {some.cycle}",
+        )
         return maps
 
     async def _compare(self, record: VmRecord, maps: Mapping[str, DigestMap]) -> None:
@@ -430,21 +493,28 @@ class ResyncRun:
                 def progress(offset: int, base: int = base) -> None:
                     examined[0] = base + offset
 
-                ranges = await asyncio.to_thread(differing_ranges, self.vm, disk,
-                                                 maps[disk.name], progress)
+                ranges = await asyncio.to_thread(
+                    differing_ranges, self.vm, disk, maps[disk.name], progress
+                )
                 differing[disk.name] = list(zip(ranges.starts, ranges.ends, strict=True))
                 done_before += disk.size_bytes
-                self.job = replace(self.job, differing_bytes=self.job.differing_bytes
-                                   + ranges.total())
+                self.job = replace(
+                    self.job, differing_bytes=self.job.differing_bytes + ranges.total()
+                )
         finally:
             saver.cancel()
             await asyncio.gather(saver, return_exceptions=True)
         total = sum(high - low for pairs in differing.values() for low, high in pairs)
-        self._save(phase="sending", examined_bytes=done_before, differing_bytes=total,
-                   differing=differing,
-                   message=f"sending the {total} bytes that differ")
-        log.info("VM %s: %d of %d bytes differ from %s", self.vm, total, done_before,
-                 self.job.target)
+        self._save(
+            phase="sending",
+            examined_bytes=done_before,
+            differing_bytes=total,
+            differing=differing,
+            message=f"sending the {total} bytes that differ",
+        )
+        log.info(
+            "VM %s: %d of %d bytes differ from %s", self.vm, total, done_before, self.job.target
+        )
 
     async def _save_progress(self, examined: list[int]) -> None:
         while True:
@@ -456,8 +526,11 @@ class ResyncRun:
         published = await self._resync_epoch()
         position = await self.site.catalog.position(self.vm)
         if published is not None:
-            if position is None or position.epoch < published.epoch or (
-                    position.cycle < published.start_cycle):
+            if (
+                position is None
+                or position.epoch < published.epoch
+                or (position.cycle < published.start_cycle)
+            ):
                 await self.primary.replicate(force=True)  # the content waits in the open cycle
             await self._done(published, 0, [])
             return
@@ -465,34 +538,53 @@ class ResyncRun:
         ranges = _ranges(job.differing)
         # Most of the journal after the digests is read before the cycle lock is taken; only
         # what ships meanwhile is read under it.
-        read_from = await journal_ranges(self.site, self.vm, job.digest_cycle, ranges,
-                                         min_epoch=job.digest_epoch, start=job.journal_from)
+        read_from = await journal_ranges(
+            self.site,
+            self.vm,
+            job.digest_cycle,
+            ranges,
+            min_epoch=job.digest_epoch,
+            start=job.journal_from,
+        )
 
         async def to_resend() -> Ranges:
-            await journal_ranges(self.site, self.vm, job.digest_cycle, ranges,
-                                 min_epoch=job.digest_epoch, start=read_from)
+            await journal_ranges(
+                self.site,
+                self.vm,
+                job.digest_cycle,
+                ranges,
+                min_epoch=job.digest_epoch,
+                start=read_from,
+            )
             return ranges
 
-        resent = await self.primary.resend_in_new_epoch((job.target,), f"resync of {job.target}",
-                                                        to_resend)
+        resent = await self.primary.resend_in_new_epoch(
+            (job.target,), f"resync of {job.target}", to_resend
+        )
         await self._done(resent.start, resent.resent_bytes, resent.shipped)
 
     async def _resync_epoch(self) -> EpochStart | None:
         """This job's EpochStart, if a kill came after it was published."""
         found = None
         async for _, event in journal_events(self.site, self.vm, self.job.journal_from):
-            if (isinstance(event, EpochStart) and event.epoch > self.job.base_epoch
-                    and event.primary_site == self.site.config.site
-                    and self.job.target in event.resync_sites):
+            if (
+                isinstance(event, EpochStart)
+                and event.epoch > self.job.base_epoch
+                and event.primary_site == self.site.config.site
+                and self.job.target in event.resync_sites
+            ):
                 found = event
         return found
 
-    async def _done(self, start: EpochStart, resent: int,
-                    shipped: Sequence[ShippedCycle]) -> None:
+    async def _done(self, start: EpochStart, resent: int, shipped: Sequence[ShippedCycle]) -> None:
         last = shipped[-1] if shipped else None
-        self.job = replace(self.job, epoch=start.epoch, cycle=start.start_cycle,
-                           resent_bytes=resent or self.job.resent_bytes,
-                           sent_bytes=last.wire_bytes if last is not None else 0)
+        self.job = replace(
+            self.job,
+            epoch=start.epoch,
+            cycle=start.start_cycle,
+            resent_bytes=resent or self.job.resent_bytes,
+            sent_bytes=last.wire_bytes if last is not None else 0,
+        )
         await self._finish("done", "")
 
     async def _finish(self, phase: Phase, message: str) -> None:
@@ -500,11 +592,11 @@ class ResyncRun:
         and finishes again, instead of a finished job under a state that never ends."""
         job = replace(self.job, phase=phase, message=message, finished_ms=now_ms())
         if phase == "done":
-            await self.site.catalog.set_state(self.vm, ReplicationState.REPLICATING,
-                                              job.summary())
+            await self.site.catalog.set_state(self.vm, ReplicationState.REPLICATING, job.summary())
         else:
-            await self.site.catalog.set_state(self.vm, ReplicationState(job.resume_state),
-                                              after_refusal(job))
+            await self.site.catalog.set_state(
+                self.vm, ReplicationState(job.resume_state), after_refusal(job)
+            )
         self.job = job
         save_job(self.folder, job)
         log.info("VM %s: %s", self.vm, job.summary())
@@ -520,12 +612,14 @@ async def cancel_resync(site: Site, vm: str) -> ResyncJob:
     if job is None or not job.active:
         raise ResyncRefused(f"no resync of VM {vm!r} is running")
     if job.phase == "sending":
-        raise ResyncRefused(f"the resync of VM {vm!r} is sending the blocks that differ; it "
-                            "cannot be cancelled now, and ends in a moment")
-    cancelled = replace(job, phase="cancelled", message="cancelled by the operator",
-                        finished_ms=now_ms())
-    await site.catalog.set_state(vm, ReplicationState(job.resume_state),
-                                 after_refusal(cancelled))
+        raise ResyncRefused(
+            f"the resync of VM {vm!r} is sending the blocks that differ; it "
+            "cannot be cancelled now, and ends in a moment"
+        )
+    cancelled = replace(
+        job, phase="cancelled", message="cancelled by the operator", finished_ms=now_ms()
+    )
+    await site.catalog.set_state(vm, ReplicationState(job.resume_state), after_refusal(cancelled))
     save_job(folder, cancelled)
     return cancelled
 
@@ -534,13 +628,20 @@ def after_refusal(job: ResyncJob) -> str:
     """The primary's state message once ``job`` was refused or cancelled."""
     if job.resume_state == ReplicationState.REPLICATING.value:
         return f"{job.summary()}; replicating as before"
-    return (f"{job.summary()}; {job.target} still needs a resynchronization: run "
-            f"`vmreplica resync {job.vm}` once the cause is fixed")
+    return (
+        f"{job.summary()}; {job.target} still needs a resynchronization: run "
+        f"`vmreplica resync {job.vm}` once the cause is fixed"
+    )
 
 
-async def resync_here(site: Site, vm: str, target: str = "", *,
-                      digests_timeout_seconds: float | None = None,
-                      not_before_ms: int = 0) -> ResyncJob:
+async def resync_here(
+    site: Site,
+    vm: str,
+    target: str = "",
+    *,
+    digests_timeout_seconds: float | None = None,
+    not_before_ms: int = 0,
+) -> ResyncJob:
     """A whole resync in this process (no agent runs): accept it, or continue the one pending,
     and run it to its end with the VM's primary opened here."""
     folder = site.config.vm_folder(vm)
@@ -549,8 +650,10 @@ async def resync_here(site: Site, vm: str, target: str = "", *,
         if current is None or not current.active:
             await accept_resync(site, vm, target, not_before_ms=not_before_ms)
         elif target and target != current.target:
-            raise ResyncRefused(f"a resync of VM {vm!r} to {current.target} is pending; it "
-                                "must end before another starts")
+            raise ResyncRefused(
+                f"a resync of VM {vm!r} to {current.target} is pending; it "
+                "must end before another starts"
+            )
         record = await site.catalog.vm(vm)
         async with site.primary(record) as primary:
             return await ResyncRun(site, primary, digests_timeout_seconds).run()
@@ -562,4 +665,3 @@ def job_or_none(site: Site, vm: str) -> ResyncJob | None:
         return load_job(site.config.vm_folder(vm))
     except ConfigurationError:
         return None
-

@@ -74,23 +74,38 @@ async def demote(site: Site, vm: str, start: EpochStart, start_offset: int) -> i
     # A reverse that did not wait for this report (``--full-copy``) already started its
     # epoch, naming this site: read from that epoch's start, so the resync applies.
     resync_now = site.config.site in start.resync_sites
-    moved = Position(start.epoch, point, start.last_cycle_hash,
-                     start_offset if resync_now else start_offset + 1, now_ms())
+    moved = Position(
+        start.epoch,
+        point,
+        start.last_cycle_hash,
+        start_offset if resync_now else start_offset + 1,
+        now_ms(),
+    )
     partner, settings = regroup(record, site.config.site, start.primary_site)
     await site.catalog.change_role(
-        vm, "replica", partner, start.epoch,
+        vm,
+        "replica",
+        partner,
+        start.epoch,
         ReplicationState.REPLICATING if in_sync else ReplicationState.RESYNCHRONIZATION_REQUIRED,
         f"site {start.primary_site} is primary since epoch {start.epoch}"
         + ("" if in_sync else f"; {total} bytes diverged: run `vmreplica reverse {vm}` there"),
-        position=moved if shipped <= point
-        else Rewind(moved, f"cycles {point + 1}-{shipped} shipped here never reached "
-                    f"{start.primary_site}, primary since epoch {start.epoch}"),
-        failover_point=None if in_sync else point, settings=settings)
+        position=moved
+        if shipped <= point
+        else Rewind(
+            moved,
+            f"cycles {point + 1}-{shipped} shipped here never reached "
+            f"{start.primary_site}, primary since epoch {start.epoch}",
+        ),
+        failover_point=None if in_sync else point,
+        settings=settings,
+    )
     return total
 
 
-async def reverse(site: Site, vm: str, *, full_copy: bool = False,
-                  wait_seconds: float = REPORT_WAIT_SECONDS) -> ReverseResult:
+async def reverse(
+    site: Site, vm: str, *, full_copy: bool = False, wait_seconds: float = REPORT_WAIT_SECONDS
+) -> ReverseResult:
     """On the new primary: make the old primary (the partner site) a replica again.
 
     Sends one cycle, in a new epoch naming the old primary in ``resync_sites``, holding the
@@ -104,9 +119,13 @@ async def reverse(site: Site, vm: str, *, full_copy: bool = False,
     """
     record = await site.catalog.vm(vm)
     if record.role != "primary" or record.state not in (
-            ReplicationState.FAILED_OVER, ReplicationState.REPLICATING):
-        raise FailoverRefused(f"VM {vm!r} is {record.role} in state {record.state.value!r}; "
-                              "reverse runs on a failed-over primary (complete it first)")
+        ReplicationState.FAILED_OVER,
+        ReplicationState.REPLICATING,
+    ):
+        raise FailoverRefused(
+            f"VM {vm!r} is {record.role} in state {record.state.value!r}; "
+            "reverse runs on a failed-over primary (complete it first)"
+        )
     position = await site.catalog.position(vm)
     if position is None:
         raise JournalIntegrityError(f"VM {vm!r} has no position")
@@ -120,7 +139,8 @@ async def reverse(site: Site, vm: str, *, full_copy: bool = False,
                 f"that never reached this site (waited {wait_seconds:.0f} s). Its agent "
                 f"reports them as soon as it runs and sees epoch {record.epoch}. Operator "
                 f"action: start the agent at {old_primary} and run reverse again, or "
-                "`vmreplica reverse --full-copy` to send every disk whole")
+                "`vmreplica reverse --full-copy` to send every disk whole"
+            )
         ranges = reported
     point = await site.catalog.failover_point(vm)
     changelog = site.config.vm_folder(vm) / "changelog"
@@ -137,10 +157,16 @@ async def reverse(site: Site, vm: str, *, full_copy: bool = False,
             return ranges
 
         resent = await primary.resend_in_new_epoch((old_primary,), "reverse", diverged_ranges)
-    await site.catalog.change_role(vm, "primary", old_primary, resent.start.epoch,
-                                   ReplicationState.REPLICATING,
-                                   f"replicating to {old_primary} again")
+    await site.catalog.change_role(
+        vm,
+        "primary",
+        old_primary,
+        resent.start.epoch,
+        ReplicationState.REPLICATING,
+        f"replicating to {old_primary} again",
+    )
     diverged = sum(r.total() for r in ranges.values())
     sent = sum(cycle.wire_bytes for cycle in resent.shipped)
-    return ReverseResult(diverged, sent, resent.shipped[-1].cycle if resent.shipped
-                         else position.cycle, full_copy)
+    return ReverseResult(
+        diverged, sent, resent.shipped[-1].cycle if resent.shipped else position.cycle, full_copy
+    )

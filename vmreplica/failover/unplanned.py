@@ -40,8 +40,14 @@ from vmreplica.storage.digests import image_digests
 from vmreplica.storage.image import DiskImage
 
 
-async def promote(site: Site, vm: str, *, prepared: FailoverPrepared | None = None,
-                  point: str = "latest", force: bool = False) -> EpochStart:
+async def promote(
+    site: Site,
+    vm: str,
+    *,
+    prepared: FailoverPrepared | None = None,
+    point: str = "latest",
+    force: bool = False,
+) -> EpochStart:
     """Make this replica site the VM's primary in a new epoch.
 
     Planned (``prepared`` given): the replica must stand exactly at the final cycle with the
@@ -60,18 +66,23 @@ async def promote(site: Site, vm: str, *, prepared: FailoverPrepared | None = No
         cycle, cycle_hash, reason = position.cycle, position.cycle_hash, "planned failover"
     else:
         seen = await site.catalog.primary_seen_ms(vm)
-        if (not force and seen is not None
-                and primary_live(seen, now_ms(), site.config.heartbeat_seconds)):
+        if (
+            not force
+            and seen is not None
+            and primary_live(seen, now_ms(), site.config.heartbeat_seconds)
+        ):
             raise FailoverRefused(
                 f"the primary of VM {vm!r} ({record.partner_site}) heartbeated "
                 f"{(now_ms() - seen) / 1000:.0f} s ago; it is still running. Use a planned "
-                "failover from the primary, or --force if it is really gone")
+                "failover from the primary, or --force if it is really gone"
+            )
         chosen = choose_point(points, point)
         cycle, cycle_hash = chosen.cycle, chosen.cycle_hash
         reason = f"unplanned failover to cycle {cycle}"
     epoch = max([record.epoch, *await site.catalog.canceled_epochs(vm)]) + 1
-    start = EpochStart(vm, epoch, record.epoch, site.config.site, cycle + 1, reason, now_ms(),
-                       cycle_hash)
+    start = EpochStart(
+        vm, epoch, record.epoch, site.config.site, cycle + 1, reason, now_ms(), cycle_hash
+    )
     offset = await publish_epoch(site, record, start)  # the old primary is fenced from here
     undo = UndoLog(site.config.vm_folder(vm) / "undo")
     if cycle < position.cycle:
@@ -83,14 +94,25 @@ async def promote(site: Site, vm: str, *, prepared: FailoverPrepared | None = No
     partner, settings = regroup(record, site.config.site, site.config.site)
     if settings.capture == "scan":
         await asyncio.to_thread(record_scan_baseline, site.config.vm_folder(vm), record)
-    state = (ReplicationState.REPLICATING if prepared is not None
-             else ReplicationState.FAILED_OVER_WAITING_COMPLETION)
+    state = (
+        ReplicationState.REPLICATING
+        if prepared is not None
+        else ReplicationState.FAILED_OVER_WAITING_COMPLETION
+    )
     moved = Position(epoch, cycle, cycle_hash, offset + 1, now_ms())
     await site.catalog.change_role(
-        vm, "primary", partner, epoch, state, reason,
-        position=moved if cycle >= position.cycle
+        vm,
+        "primary",
+        partner,
+        epoch,
+        state,
+        reason,
+        position=moved
+        if cycle >= position.cycle
         else Rewind(moved, f"{reason}, back from cycle {position.cycle}"),
-        failover_point=None if prepared is not None else cycle, settings=settings)
+        failover_point=None if prepared is not None else cycle,
+        settings=settings,
+    )
     # Undo of cycles up to the point stays valid until the failed-over VM writes: it lets a
     # cancelled failover be retried at an older point.
     for later in undo.cycles():
@@ -125,12 +147,16 @@ async def complete(site: Site, vm: str) -> None:
     """Keep the failed-over point for good: prune every other recovery point (no way back)."""
     record = await site.catalog.vm(vm)
     if record.state is not ReplicationState.FAILED_OVER_WAITING_COMPLETION:
-        raise FailoverRefused(f"VM {vm!r} is {record.state.value!r}, not failed over waiting "
-                              "completion")
+        raise FailoverRefused(
+            f"VM {vm!r} is {record.state.value!r}, not failed over waiting completion"
+        )
     await site.catalog.keep_points(vm, [])
     UndoLog(site.config.vm_folder(vm) / "undo").discard_through(2**62)
-    await site.catalog.set_state(vm, ReplicationState.FAILED_OVER,
-                                 f"failed over at cycle {await site.catalog.failover_point(vm)}")
+    await site.catalog.set_state(
+        vm,
+        ReplicationState.FAILED_OVER,
+        f"failed over at cycle {await site.catalog.failover_point(vm)}",
+    )
 
 
 async def cancel(site: Site, vm: str) -> None:
@@ -141,20 +167,29 @@ async def cancel(site: Site, vm: str) -> None:
     record = await site.catalog.vm(vm)
     point = await site.catalog.failover_point(vm)
     if record.state is not ReplicationState.FAILED_OVER_WAITING_COMPLETION or point is None:
-        raise FailoverRefused(f"VM {vm!r} is {record.state.value!r}; only a failover waiting "
-                              "completion can be cancelled")
+        raise FailoverRefused(
+            f"VM {vm!r} is {record.state.value!r}; only a failover waiting "
+            "completion can be cancelled"
+        )
     changelog = site.config.vm_folder(vm) / "changelog"
     written = sum(len(read_segment(p, repair=True).records) for p in changelog.glob("*.hrl"))
     if written:
         raise FailoverRefused(
             f"VM {vm!r} has made {written} writes since the failover; cancelling would lose "
-            "them. Complete the failover instead")
+            "them. Complete the failover instead"
+        )
     stored = {p.cycle: p for p in await site.catalog.points(vm)}[point]
     await site.catalog.cancel_epoch(vm, record.epoch)
     shutil.rmtree(changelog, ignore_errors=True)
     await site.catalog.change_role(
-        vm, "replica", record.partner_site, stored.epoch, ReplicationState.REPLICATING,
+        vm,
+        "replica",
+        record.partner_site,
+        stored.epoch,
+        ReplicationState.REPLICATING,
         f"failover cancelled; replaying the journal after cycle {point}",
-        position=Rewind(Position(stored.epoch, point, stored.cycle_hash,
-                                 stored.journal_offset + 1, now_ms()),
-                        f"failover cancelled: back to cycle {point} of epoch {stored.epoch}"))
+        position=Rewind(
+            Position(stored.epoch, point, stored.cycle_hash, stored.journal_offset + 1, now_ms()),
+            f"failover cancelled: back to cycle {point} of epoch {stored.epoch}",
+        ),
+    )

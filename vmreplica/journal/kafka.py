@@ -59,8 +59,12 @@ class KafkaConnection:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def options(self) -> dict[str, Any]:
-        return {"bootstrap_servers": self.bootstrap_servers, "client_id": self.client_id,
-                "request_timeout_ms": REQUEST_TIMEOUT_MS, **self.extra}
+        return {
+            "bootstrap_servers": self.bootstrap_servers,
+            "client_id": self.client_id,
+            "request_timeout_ms": REQUEST_TIMEOUT_MS,
+            **self.extra,
+        }
 
 
 def _translate(error: BaseException, doing: str) -> BrokerError:
@@ -70,8 +74,10 @@ def _translate(error: BaseException, doing: str) -> BrokerError:
             "(a newer primary for this VM). This site must stop publishing for it."
         )
     if isinstance(error, KafkaConnectionError):
-        return BrokerError(f"{doing}: cannot reach Kafka ({error}). Check that the brokers "
-                           "are up (`vmreplica broker status`) and the bootstrap servers.")
+        return BrokerError(
+            f"{doing}: cannot reach Kafka ({error}). Check that the brokers "
+            "are up (`vmreplica broker status`) and the bootstrap servers."
+        )
     return BrokerError(f"{doing}: {type(error).__name__}: {error}")
 
 
@@ -125,9 +131,12 @@ class TopicAdmin:
 
     async def ensure_topic(self, spec: TopicSpec) -> bool:
         """Create the topic unless it exists; True when this call created it."""
-        topic = NewTopic(spec.name, num_partitions=1,
-                         replication_factor=spec.replication_factor,
-                         topic_configs=dict(spec.configs))
+        topic = NewTopic(
+            spec.name,
+            num_partitions=1,
+            replication_factor=spec.replication_factor,
+            topic_configs=dict(spec.configs),
+        )
         try:
             response = await self._admin.create_topics([topic])
         except TopicAlreadyExistsError:
@@ -153,7 +162,8 @@ class TopicAdmin:
         while True:
             try:
                 responses = await self._admin.describe_configs(
-                    [ConfigResource(ConfigResourceType.TOPIC, name)])
+                    [ConfigResource(ConfigResourceType.TOPIC, name)]
+                )
             except KafkaError as error:
                 raise _translate(error, f"describing topic {name}") from error
             configs: dict[str, str] = {}
@@ -164,8 +174,10 @@ class TopicAdmin:
                     if error_code == _UNKNOWN_TOPIC_OR_PARTITION and loop.time() < deadline:
                         unknown = True
                     elif error_code != 0:
-                        raise BrokerError(f"describing topic {name}: error code {error_code} "
-                                          f"{error_message or '(no message)'}")
+                        raise BrokerError(
+                            f"describing topic {name}: error code {error_code} "
+                            f"{error_message or '(no message)'}"
+                        )
                     for entry in resource[4]:
                         configs[entry[0]] = entry[1]
             if not unknown:
@@ -219,8 +231,12 @@ class JournalPublisher:
         await self.start()
         return self
 
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                        trace: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
         await self.stop()
 
     async def publish(self, topic: str, key: bytes, values: Iterable[bytes]) -> list[int]:
@@ -279,8 +295,9 @@ class JournalReader:
     that the applied position and the image are recorded together.
     """
 
-    def __init__(self, connection: KafkaConnection, topic: str,
-                 max_fetch_bytes: int = FETCH_MAX_BYTES) -> None:
+    def __init__(
+        self, connection: KafkaConnection, topic: str, max_fetch_bytes: int = FETCH_MAX_BYTES
+    ) -> None:
         tune_allocator()
         self.topic = topic
         self._partition = TopicPartition(topic, 0)
@@ -324,16 +341,22 @@ class JournalReader:
     def seek(self, offset: int) -> None:
         self._consumer.seek(self._partition, offset)
 
-    async def fetch(self, timeout_seconds: float = 1.0, max_records: int | None = None,
-                    ) -> list[JournalRecord]:
+    async def fetch(
+        self,
+        timeout_seconds: float = 1.0,
+        max_records: int | None = None,
+    ) -> list[JournalRecord]:
         """The next committed records, possibly none when ``timeout_seconds`` passes."""
         try:
             batches = await self._consumer.getmany(
-                self._partition, timeout_ms=int(timeout_seconds * 1000), max_records=max_records)
+                self._partition, timeout_ms=int(timeout_seconds * 1000), max_records=max_records
+            )
         except KafkaError as error:
             raise _translate(error, f"reading {self.topic}") from error
-        return [JournalRecord(m.offset, m.key, m.value, m.timestamp)
-                for m in batches.get(self._partition, [])]
+        return [
+            JournalRecord(m.offset, m.key, m.value, m.timestamp)
+            for m in batches.get(self._partition, [])
+        ]
 
     async def position(self) -> int:
         """The offset of the next record this reader will return (past transaction markers)."""
@@ -351,8 +374,9 @@ class JournalReader:
         return int(offsets[self._partition])
 
 
-async def read_to_end(connection: KafkaConnection, topic: str, start: int = 0, *,
-                      last: int | None = None) -> AsyncGenerator[JournalRecord, None]:
+async def read_to_end(
+    connection: KafkaConnection, topic: str, start: int = 0, *, last: int | None = None
+) -> AsyncGenerator[JournalRecord, None]:
     """Committed records of ``topic`` from offset ``start`` (or only the ``last`` offsets) up
     to its end as of this call. Callers that may stop early wrap it in
     ``contextlib.aclosing`` so the reader is closed at once."""
@@ -371,8 +395,9 @@ class StatusPublisher:
     """A plain (non-transactional, idempotent) producer for status and heartbeat records."""
 
     def __init__(self, connection: KafkaConnection) -> None:
-        self._producer = AIOKafkaProducer(**connection.options(), acks="all",
-                                          enable_idempotence=True)
+        self._producer = AIOKafkaProducer(
+            **connection.options(), acks="all", enable_idempotence=True
+        )
         self._started = False
 
     async def start(self) -> None:
@@ -390,8 +415,7 @@ class StatusPublisher:
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> int:
         try:
-            metadata = await self._producer.send_and_wait(topic, value=value, key=key,
-                                                          partition=0)
+            metadata = await self._producer.send_and_wait(topic, value=value, key=key, partition=0)
         except KafkaError as error:
             raise _translate(error, f"publishing to {topic}") from error
         return int(metadata.offset)

@@ -230,7 +230,8 @@ def _remove_stale_socket(path: str) -> None:
         else:
             raise ConfigurationError(
                 f"another process already serves NBD on {path}; stop it first (two agents on "
-                "one site root?)")
+                "one site root?)"
+            )
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 

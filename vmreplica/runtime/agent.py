@@ -124,7 +124,8 @@ def check_folders(config: SiteConfig) -> None:
             raise ConfigurationError(
                 f"`nbd_socket_dir` {socket_dir}: too long for a Unix socket ({shortest} bytes "
                 f"with a one-letter VM name, {UNIX_PATH_MAX_BYTES} allowed). Operator action: "
-                "set `nbd_socket_dir` to a short folder such as /run/vmreplica.")
+                "set `nbd_socket_dir` to a short folder such as /run/vmreplica."
+            )
 
 
 def _usable_folder(setting: str, path: os.PathLike[str], what: str) -> None:
@@ -132,19 +133,22 @@ def _usable_folder(setting: str, path: os.PathLike[str], what: str) -> None:
     if os.path.lexists(folder) and not os.path.isdir(folder):
         raise ConfigurationError(
             f"`{setting}` {folder}: {what} is a file, not a folder. Operator action: set "
-            f"`{setting}` to a folder, or move the file away.")
+            f"`{setting}` to a folder, or move the file away."
+        )
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as error:
         raise ConfigurationError(
             f"`{setting}` {folder}: cannot create {what}: {error.strerror or error}. Operator "
             f"action: create it for this user (uid {os.getuid()}), or set `{setting}` to a "
-            "folder it can write.") from None
+            "folder it can write."
+        ) from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigurationError(
             f"`{setting}` {folder}: {what} is not writable by this user (uid {os.getuid()}). "
             f"Operator action: give it write access, or set `{setting}` to a folder it can "
-            "write.")
+            "write."
+        )
 
 
 class Agent:
@@ -302,8 +306,10 @@ class Agent:
                 await worker.stop()  # so that it cannot write the job again
             return (await cancel_resync(self.site, vm)).summary()
         job = await accept_resync(self.site, vm, request.site, not_before_ms=request.at_ms)
-        return (f"{job.summary()}; this site's agent runs it while the VM keeps replicating: "
-                f"`vmreplica status {vm}` shows its progress")
+        return (
+            f"{job.summary()}; this site's agent runs it while the VM keeps replicating: "
+            f"`vmreplica status {vm}` shows its progress"
+        )
 
     async def _start_new_workers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -327,7 +333,8 @@ class Agent:
             self._ended[record.name] = (loop.time() + 10**9, generation, RETRY_SECONDS)
             work = self._primary if record.role == "primary" else self._replica
             self._tasks[record.name] = asyncio.create_task(
-                self._guarded(record, work), name=f"vm-{record.name}")
+                self._guarded(record, work), name=f"vm-{record.name}"
+            )
 
     async def _superseded(self, record: VmRecord, error: SupersededError) -> None:
         """A newer epoch exists: a prepared primary follows the takeover, a returning one
@@ -340,11 +347,14 @@ class Agent:
         else:
             diverged = await demote(self.site, record.name, error.start, error.offset)
             self.metrics.failover(record.name, "stand_down")
-            log.warning("VM %s: now a replica of %s; %d bytes diverged", record.name,
-                        error.start.primary_site, diverged)
+            log.warning(
+                "VM %s: now a replica of %s; %d bytes diverged",
+                record.name,
+                error.start.primary_site,
+                diverged,
+            )
 
-    async def _guarded(self, record: VmRecord,
-                       work: Callable[[VmRecord], Awaitable[None]]) -> None:
+    async def _guarded(self, record: VmRecord, work: Callable[[VmRecord], Awaitable[None]]) -> None:
         wait = RETRY_SECONDS
         try:
             await work(record)
@@ -397,15 +407,22 @@ class Agent:
         start = await follow_new_primary(self.site, vm, start_offset)
         if start is None:
             return
-        log.info("VM %s: site %s took over in epoch %d; this replica follows it",
-                 vm, start.primary_site, start.epoch)
+        log.info(
+            "VM %s: site %s took over in epoch %d; this replica follows it",
+            vm,
+            start.primary_site,
+            start.epoch,
+        )
         await self._serve_replica(await self.site.catalog.vm(vm))
 
     async def _apply(self, replica: ReplicaVm) -> None:
         """One step of the replica; the time it spent applying goes to the cycles it applied,
         and a journal violation it met is counted as a failure once."""
-        cycle, spent, violation = (replica.materializer.cursor.cycle, replica.apply_seconds,
-                                   replica.violation)
+        cycle, spent, violation = (
+            replica.materializer.cursor.cycle,
+            replica.apply_seconds,
+            replica.violation,
+        )
         await replica.step()
         if replica.violation is not None and replica.violation is not violation:
             self.metrics.failed(replica.name, "journal")
@@ -417,13 +434,20 @@ class Agent:
         """The primary prepared a planned failover to this site, and nothing after it
         cancelled it (the VM's other replica sites only follow)."""
         prepared = replica.materializer.prepared
-        return (prepared is not None and takes_over(prepared, self.site.config.site)
-                and await replica.reader.position() >= await replica.reader.end_offset())
+        return (
+            prepared is not None
+            and takes_over(prepared, self.site.config.site)
+            and await replica.reader.position() >= await replica.reader.end_offset()
+        )
 
     async def _serve_replica(self, record: VmRecord) -> None:
-        await self._serve_fenced(record, (
-            f"VM {record.name!r} is a replica at site {self.site.config.site}; its primary is "
-            f"site {record.partner_site}, whose exports take the VM's writes"))
+        await self._serve_fenced(
+            record,
+            (
+                f"VM {record.name!r} is a replica at site {self.site.config.site}; its primary is "
+                f"site {record.partner_site}, whose exports take the VM's writes"
+            ),
+        )
 
     async def _serve_fenced(self, record: VmRecord, reason: str) -> None:
         """Serve the images read-only; failing to (a socket path too long, taken) is logged,
@@ -440,8 +464,9 @@ class Agent:
             return None
         exports = self.exports.get(record.name)
         if exports is None:
-            exports = VmExports(record.name, socket_path(self.site.config, record.name),
-                                self.nbd_tcp)
+            exports = VmExports(
+                record.name, socket_path(self.site.config, record.name), self.nbd_tcp
+            )
             await exports.start()
             self.exports[record.name] = exports
         return exports
@@ -462,13 +487,21 @@ class Agent:
             await exports.stop()
 
     async def _primary(self, record: VmRecord) -> None:
-        if record.state in (ReplicationState.PREPARED_FOR_PLANNED_FAILOVER,
-                            ReplicationState.FAILED_OVER):
-            if (record.state is ReplicationState.PREPARED_FOR_PLANNED_FAILOVER
-                    or await self.site.catalog.failover_point(record.name) is None):
-                await self._serve(record, (
-                    f"VM {record.name!r} is being handed over by site {self.site.config.site} "
-                    f"({record.state.value}); write to the new primary's exports"))
+        if record.state in (
+            ReplicationState.PREPARED_FOR_PLANNED_FAILOVER,
+            ReplicationState.FAILED_OVER,
+        ):
+            if (
+                record.state is ReplicationState.PREPARED_FOR_PLANNED_FAILOVER
+                or await self.site.catalog.failover_point(record.name) is None
+            ):
+                await self._serve(
+                    record,
+                    (
+                        f"VM {record.name!r} is being handed over by site {self.site.config.site} "
+                        f"({record.state.value}); write to the new primary's exports"
+                    ),
+                )
             if await self._follow(record):
                 return
         async with self.site.primary(record) as primary:
@@ -484,8 +517,10 @@ class Agent:
         self.fronts[record.name] = front
         resync = self.resyncs[record.name] = ResyncWorker(self.site, primary)
         try:
-            if record.state in (ReplicationState.READY_FOR_INITIAL_REPLICATION,
-                                ReplicationState.INITIAL_REPLICATION_IN_PROGRESS):
+            if record.state in (
+                ReplicationState.READY_FOR_INITIAL_REPLICATION,
+                ReplicationState.INITIAL_REPLICATION_IN_PROGRESS,
+            ):
                 await front.initial_replication()
             await self._cycles(primary, resync)
         finally:
@@ -502,8 +537,9 @@ class Agent:
         try:
             await server.start()
         except OSError as error:
-            raise cannot_listen("nbd_tcp_port", "nbd_tcp_host", config.nbd_tcp_port,
-                                config.nbd_tcp_host, error) from None
+            raise cannot_listen(
+                "nbd_tcp_port", "nbd_tcp_host", config.nbd_tcp_port, config.nbd_tcp_host, error
+            ) from None
         self.nbd_tcp = server
         log.info("serving NBD exports on %s as <vm>.<disk>", server.tcp_address)
 
@@ -561,9 +597,10 @@ class Agent:
             resync.poll()
             await resync.watch()
             now = loop.time()
-            due = now >= next_cut or (settings.frequency_seconds == 0 and
-                                      primary.capture.log.segment_bytes
-                                      >= settings.continuous_max_bytes)
+            due = now >= next_cut or (
+                settings.frequency_seconds == 0
+                and primary.capture.log.segment_bytes >= settings.continuous_max_bytes
+            )
             if due:
                 if await self._shipping(primary):
                     await self._replicate(primary)
@@ -582,8 +619,10 @@ class Agent:
     async def _shipping(self, primary: PrimaryVm) -> bool:
         """A failed-over primary captures but ships nothing until it is reversed."""
         state = (await self.site.catalog.vm(primary.name)).state
-        return state not in (ReplicationState.FAILED_OVER,
-                             ReplicationState.FAILED_OVER_WAITING_COMPLETION)
+        return state not in (
+            ReplicationState.FAILED_OVER,
+            ReplicationState.FAILED_OVER_WAITING_COMPLETION,
+        )
 
 
 class ResyncWorker:
@@ -626,25 +665,38 @@ class ResyncWorker:
                 return
             for target in (record.partner_site, *record.settings.also_replicate_to):
                 position = self.positions.get(target)
-                if (position is None or position.state
-                        != ReplicationState.RESYNCHRONIZATION_REQUIRED.value):
+                if (
+                    position is None
+                    or position.state != ReplicationState.RESYNCHRONIZATION_REQUIRED.value
+                ):
                     continue
-                if (job is not None and job.target == target and job.epoch is not None
-                        and position.epoch < job.epoch):
+                if (
+                    job is not None
+                    and job.target == target
+                    and job.epoch is not None
+                    and position.epoch < job.epoch
+                ):
                     continue  # said before the last resync of it was applied
                 reason = self.reasons.get(target, "it stopped at a journal violation")
                 if record.settings.auto_resync:
                     started = await accept_resync(
-                        self.site, vm, target, f"automatic: {target} needs it ({reason})",
-                        automatic=True)
+                        self.site,
+                        vm,
+                        target,
+                        f"automatic: {target} needs it ({reason})",
+                        automatic=True,
+                    )
                     log.warning("VM %s: %s", vm, started.summary())
                 else:
                     await self.site.catalog.set_state(
-                        vm, ReplicationState.RESYNCHRONIZATION_REQUIRED,
+                        vm,
+                        ReplicationState.RESYNCHRONIZATION_REQUIRED,
                         f"replica site {target} needs a resynchronization ({reason}); "
-                        f"automatic resync is off for this VM: run `vmreplica resync {vm}`")
-                    log.error("VM %s: replica site %s needs a resynchronization: %s", vm,
-                              target, reason)
+                        f"automatic resync is off for this VM: run `vmreplica resync {vm}`",
+                    )
+                    log.error(
+                        "VM %s: replica site %s needs a resynchronization: %s", vm, target, reason
+                    )
                 return
         except ReplicationError as error:
             log.warning("VM %s: could not check its replicas for a resync: %s", vm, error)
@@ -694,8 +746,9 @@ class ResyncWorker:
         except ResyncRefused as refusal:
             log.error("VM %s: resync refused: %s", vm, refusal)
         except ReplicationError as error:
-            log.warning("VM %s: resync interrupted, retried in %.0f s: %s", vm, RETRY_SECONDS,
-                        error)
+            log.warning(
+                "VM %s: resync interrupted, retried in %.0f s: %s", vm, RETRY_SECONDS, error
+            )
             self.next_check = asyncio.get_running_loop().time() + RETRY_SECONDS
         except Exception:  # a bug must not take the VM's cycles down with it
             log.exception("VM %s: resync failed; retried in %.0f s", vm, HELD_SECONDS)
@@ -737,17 +790,18 @@ class HopRelay:
             self.relay = relay
             if await self.site.catalog.extension_offset(self.vm) is None:
                 sent = await relay.seed()
-                log.info("VM %s: extended to %s, seed sent %d bytes", self.vm,
-                         extension.to_site, sent)
+                log.info(
+                    "VM %s: extended to %s, seed sent %d bytes", self.vm, extension.to_site, sent
+                )
         if loop.time() >= self.next_relay:
             self.next_relay = loop.time() + self.relay.extension.frequency_seconds
             cycles = await self.relay.relay()
             if cycles:
-                log.info("VM %s: relayed cycles %s to %s", self.vm, cycles,
-                         self.relay.extension.to_site)
+                log.info(
+                    "VM %s: relayed cycles %s to %s", self.vm, cycles, self.relay.extension.to_site
+                )
 
     async def stop(self) -> None:
         if self.relay is not None:
             relay, self.relay = self.relay, None
             await relay.__aexit__()
-

@@ -57,9 +57,14 @@ class Extension:
     frequency_seconds: int
 
 
-async def extend(site: Site, vm: str, to_site: str, frequency_seconds: int = 300,
-                 trust_group: str | None = None,
-                 bootstrap_servers: str | None = None) -> Extension:
+async def extend(
+    site: Site,
+    vm: str,
+    to_site: str,
+    frequency_seconds: int = 300,
+    trust_group: str | None = None,
+    bootstrap_servers: str | None = None,
+) -> Extension:
     """Record that this replica site extends ``vm`` to ``to_site`` (the agent then seeds and
     relays). The hop's trust group defaults to ``<trust group>-ext``, so its topic never
     collides with the journal it is fed from.
@@ -68,15 +73,18 @@ async def extend(site: Site, vm: str, to_site: str, frequency_seconds: int = 300
     """
     record = await site.catalog.vm(vm)
     if record.role != "replica":
-        raise ConfigurationError(f"VM {vm!r} is primary at this site; extended replication "
-                                 "runs on a replica site")
+        raise ConfigurationError(
+            f"VM {vm!r} is primary at this site; extended replication runs on a replica site"
+        )
     check_extended_frequency(frequency_seconds)
     names.check_name("site", to_site)
     group = names.check_name("trust group", trust_group or f"{site.config.trust_group}-ext")
     servers = bootstrap_servers or site.config.bootstrap_servers
     if group == site.config.trust_group and servers == site.config.bootstrap_servers:
-        raise ConfigurationError("the extended hop needs another trust group or another Kafka "
-                                 "cluster: its journal would be the one it is fed from")
+        raise ConfigurationError(
+            "the extended hop needs another trust group or another Kafka "
+            "cluster: its journal would be the one it is fed from"
+        )
     if await site.catalog.extension(vm) is not None:
         raise ConfigurationError(f"VM {vm!r} is already extended from this site")
     await site.catalog.add_extension(vm, to_site, group, servers, frequency_seconds)
@@ -94,21 +102,28 @@ class ExtendedReplication:
     def __init__(self, site: Site, extension: Extension) -> None:
         self.site = site
         self.extension = extension
-        self.connection = KafkaConnection(extension.bootstrap_servers,
-                                          client_id=f"{site.config.site}-extend")
+        self.connection = KafkaConnection(
+            extension.bootstrap_servers, client_id=f"{site.config.site}-extend"
+        )
         prefix = site.config.topic_prefix
         self.topic = names.journal_topic(extension.vm, extension.trust_group, prefix)
-        self.publisher = JournalPublisher(self.connection, names.transactional_id(
-            extension.vm, extension.trust_group, prefix))
+        self.publisher = JournalPublisher(
+            self.connection, names.transactional_id(extension.vm, extension.trust_group, prefix)
+        )
 
     async def __aenter__(self) -> ExtendedReplication:
         async with TopicAdmin(self.connection) as admin:
-            await admin.ensure_topic(topics.journal_spec(
-                self.topic, self.site.config.replication_factor))
-            await admin.ensure_topic(topics.status_spec(
-                names.status_topic(self.extension.vm, self.extension.trust_group,
-                                    self.site.config.topic_prefix),
-                self.site.config.replication_factor))
+            await admin.ensure_topic(
+                topics.journal_spec(self.topic, self.site.config.replication_factor)
+            )
+            await admin.ensure_topic(
+                topics.status_spec(
+                    names.status_topic(
+                        self.extension.vm, self.extension.trust_group, self.site.config.topic_prefix
+                    ),
+                    self.site.config.replication_factor,
+                )
+            )
         await self.publisher.start()
         return self
 
@@ -125,11 +140,27 @@ class ExtendedReplication:
             if position is None:
                 raise ConfigurationError(f"VM {vm!r} has no applied cycle to extend from yet")
             disks = tuple(DiskSize(d.name, d.size_bytes) for d in record.disks)
-            start = EpochStart(vm, position.epoch, position.epoch, self.site.config.site,
-                               position.cycle + 1, "extended replication", now_ms(),
-                               position.cycle_hash)
-            config = VmConfig(vm, position.epoch, disks, self.extension.frequency_seconds, 0,
-                              None, self.site.config.site, now_ms(), (self.extension.to_site,))
+            start = EpochStart(
+                vm,
+                position.epoch,
+                position.epoch,
+                self.site.config.site,
+                position.cycle + 1,
+                "extended replication",
+                now_ms(),
+                position.cycle_hash,
+            )
+            config = VmConfig(
+                vm,
+                position.epoch,
+                disks,
+                self.extension.frequency_seconds,
+                0,
+                None,
+                self.site.config.site,
+                now_ms(),
+                (self.extension.to_site,),
+            )
             await self.publisher.publish(self.topic, key, [encode(start), encode(config)])
             seeder = Seeder(self.publisher, self.topic, vm, position.epoch, f"{vm}-extend")
             for disk in record.disks:
@@ -169,8 +200,9 @@ class ExtendedReplication:
                         pending.append(message.value)
                     if isinstance(event, CycleCommit):
                         if event.cycle > already:
-                            await self.publisher.publish(self.topic, vm.encode(),
-                                                         [*pending, message.value])
+                            await self.publisher.publish(
+                                self.topic, vm.encode(), [*pending, message.value]
+                            )
                             relayed.append(event.cycle)
                         pending = []
                         await self.site.catalog.set_extension_offset(vm, message.offset + 1)

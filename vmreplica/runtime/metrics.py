@@ -66,19 +66,49 @@ from vmreplica.runtime.status import PrimaryProgress, VmStatus, interval_seconds
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 PREFIX: Final = "vmreplica"
-LATENCY_BUCKETS_SECONDS: Final = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-                                  900.0, 1800.0, 3600.0)
+LATENCY_BUCKETS_SECONDS: Final = (
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    900.0,
+    1800.0,
+    3600.0,
+)
 """Cut to shipped or applied: well under a second on a quiet link, up to Hyper-V's one-hour
 warning when replication stalls."""
-APPLY_BUCKETS_SECONDS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                                30.0, 60.0)
+APPLY_BUCKETS_SECONDS: Final = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 """Applying one cycle: milliseconds for a few blocks, a minute for a cycle of gigabytes."""
 FAILURE_REASONS: Final = ("network", "fenced", "hook", "journal", "replication")
 """Why a cycle failed, counted apart as Hyper-V counts network, replication and
 application-consistency failures apart."""
 FAILOVER_ACTIONS: Final = (
     *((kind, outcome) for kind in REQUEST_TYPES for outcome in ("done", "refused", "failed")),
-    ("takeover", "done"), ("follow", "done"), ("stand_down", "done"))
+    ("takeover", "done"),
+    ("follow", "done"),
+    ("stand_down", "done"),
+)
 """(action, outcome) of failover actions: what the CLI asks the agent (each done, refused as
 not allowed now, or failed as a mistake), and the role changes the agent makes by itself."""
 
@@ -159,14 +189,22 @@ class CycleTally:
         ordered = sorted(stats, key=_order)
         new = [s for s in ordered if _order(s) > self.seen]
         if self.last is None:
-            self.last = max((s for s in ordered if _order(s) <= self.seen), key=_order,
-                            default=None)
+            self.last = max(
+                (s for s in ordered if _order(s) <= self.seen), key=_order, default=None
+            )
         if new:
             self.seen = _order(new[-1])
         return new
 
-    def missed_cycles(self, new: Sequence[CycleStat], now_ms: int, interval: float,
-                      expected: bool, idle: bool = False, idle_at_ms: int | None = None) -> int:
+    def missed_cycles(
+        self,
+        new: Sequence[CycleStat],
+        now_ms: int,
+        interval: float,
+        expected: bool,
+        idle: bool = False,
+        idle_at_ms: int | None = None,
+    ) -> int:
         """Cycles missed since the last call, given the ``new`` cycles done meanwhile.
 
         ``expected``: the VM's state is one where waiting writes are due every ``interval``;
@@ -179,8 +217,13 @@ class CycleTally:
         counted = 0
         for stat in new:
             if expected and self.last is not None:  # after no cycle, the wait is not known
-                waited = waiting_ms(self.last.done_at_ms, self.last.cut_at_ms,
-                                    stat.started_at_ms, stat.done_at_ms, self.anchor_ms)
+                waited = waiting_ms(
+                    self.last.done_at_ms,
+                    self.last.cut_at_ms,
+                    stat.started_at_ms,
+                    stat.done_at_ms,
+                    self.anchor_ms,
+                )
                 counted += max(0, missed_intervals(waited / 1000, interval) - self.missed)
             self.last, self.missed = stat, 0
         if not expected:
@@ -190,8 +233,11 @@ class CycleTally:
         if idle:
             return counted
         last = self.last
-        waited = (now_ms - self.anchor_ms if last is None else
-                  waiting_ms(last.done_at_ms, last.cut_at_ms, idle_at_ms, now_ms, self.anchor_ms))
+        waited = (
+            now_ms - self.anchor_ms
+            if last is None
+            else waiting_ms(last.done_at_ms, last.cut_at_ms, idle_at_ms, now_ms, self.anchor_ms)
+        )
         overdue = missed_intervals(waited / 1000, interval)
         if overdue > self.missed:
             counted += overdue - self.missed
@@ -234,32 +280,55 @@ class VmSnapshot(Collector):
 
     def collect(self) -> Iterable[Metric]:
         labels = ["site", "vm", "role"]
-        state = GaugeMetricFamily(f"{PREFIX}_vm_state", "1 for the VM's current replication "
-                                  "state, 0 for the others.", labels=[*labels, "state"])
-        health = GaugeMetricFamily(f"{PREFIX}_vm_health", "1 for the VM's current health "
-                                   "(Hyper-V's rules), 0 for the others.",
-                                   labels=[*labels, "health"])
-        epoch = GaugeMetricFamily(f"{PREFIX}_epoch", "The VM's epoch: it grows at every "
-                                  "failover or role change.", labels=labels)
-        interval = GaugeMetricFamily(f"{PREFIX}_cycle_interval_seconds", "Replication "
-                                     "interval: a cycle is due this often.", labels=labels)
-        cycle = GaugeMetricFamily(f"{PREFIX}_last_cycle", "Number of the last cycle shipped "
-                                  "(primary) or applied (replica).", labels=labels)
+        state = GaugeMetricFamily(
+            f"{PREFIX}_vm_state",
+            "1 for the VM's current replication state, 0 for the others.",
+            labels=[*labels, "state"],
+        )
+        health = GaugeMetricFamily(
+            f"{PREFIX}_vm_health",
+            "1 for the VM's current health (Hyper-V's rules), 0 for the others.",
+            labels=[*labels, "health"],
+        )
+        epoch = GaugeMetricFamily(
+            f"{PREFIX}_epoch",
+            "The VM's epoch: it grows at every failover or role change.",
+            labels=labels,
+        )
+        interval = GaugeMetricFamily(
+            f"{PREFIX}_cycle_interval_seconds",
+            "Replication interval: a cycle is due this often.",
+            labels=labels,
+        )
+        cycle = GaugeMetricFamily(
+            f"{PREFIX}_last_cycle",
+            "Number of the last cycle shipped (primary) or applied (replica).",
+            labels=labels,
+        )
         success = GaugeMetricFamily(
-            f"{PREFIX}_last_successful_cycle_timestamp_seconds", "When the last cycle was "
-            "shipped (primary) or applied (replica), Unix time.", labels=labels)
+            f"{PREFIX}_last_successful_cycle_timestamp_seconds",
+            "When the last cycle was shipped (primary) or applied (replica), Unix time.",
+            labels=labels,
+        )
         rpo = GaugeMetricFamily(
-            f"{PREFIX}_rpo_seconds", "Writes the site may lack, in seconds: now minus the last "
+            f"{PREFIX}_rpo_seconds",
+            "Writes the site may lack, in seconds: now minus the last "
             "instant it held every write of the primary (the cut of the last cycle shipped or "
             "applied, or an idle heartbeat); at most one interval while the primary heartbeats "
-            "with nothing waiting.", labels=labels)
-        pending = GaugeMetricFamily(f"{PREFIX}_pending_bytes", "Change-log bytes not yet "
-                                    "shipped (primary).", labels=labels)
-        points = GaugeMetricFamily(f"{PREFIX}_recovery_points", "Recovery points kept "
-                                   "(replica).", labels=labels)
-        window = GaugeMetricFamily(f"{PREFIX}_cycles_in_window", "Cycles done in the one-hour "
-                                   "monitoring window, from the catalog (survives restarts).",
-                                   labels=labels)
+            "with nothing waiting.",
+            labels=labels,
+        )
+        pending = GaugeMetricFamily(
+            f"{PREFIX}_pending_bytes", "Change-log bytes not yet shipped (primary).", labels=labels
+        )
+        points = GaugeMetricFamily(
+            f"{PREFIX}_recovery_points", "Recovery points kept (replica).", labels=labels
+        )
+        window = GaugeMetricFamily(
+            f"{PREFIX}_cycles_in_window",
+            "Cycles done in the one-hour monitoring window, from the catalog (survives restarts).",
+            labels=labels,
+        )
         now = self.clock()
         now_ms = int(now * 1000)
         for vm, gauges in sorted(self.vms.items()):
@@ -303,41 +372,85 @@ class SiteMetrics:
         ProcessCollector(registry=self.registry)
         vm = ("site", "vm")
         reg = self.registry
-        self.shipped = Counter(f"{PREFIX}_cycles_shipped_total", "Cycles the primary shipped "
-                               "(committed to the journal).", vm, registry=reg)
-        self.applied_cycles = Counter(f"{PREFIX}_cycles_applied_total", "Cycles the replica "
-                                      "applied, durably.", vm, registry=reg)
-        self.missed = Counter(f"{PREFIX}_cycles_missed_total", "Replication intervals that "
-                              "passed without a cycle while one was due.", vm, registry=reg)
-        self.failures = Counter(f"{PREFIX}_cycles_failed_total", "Cycles (or replication "
-                                "attempts) that failed, by reason.", [*vm, "reason"],
-                                registry=reg)
-        self.written_bytes = Counter(f"{PREFIX}_written_bytes_total", "Bytes of the VM's "
-                                     "disks its shipped cycles cover (rewrites within a cycle "
-                                     "once; zeroed and trimmed ranges included).", vm,
-                                     registry=reg)
-        self.sent_bytes = Counter(f"{PREFIX}_sent_bytes_total", "Bytes the primary sent to the "
-                                  "journal (compressed payload and record framing).", vm,
-                                  registry=reg)
-        self.applied_bytes = Counter(f"{PREFIX}_applied_bytes_total", "Payload bytes of the "
-                                     "cycles the replica applied (as sent, compressed).", vm,
-                                     registry=reg)
-        self.failovers = Counter(f"{PREFIX}_failover_actions_total", "Failover actions this "
-                                 "agent carried out, by action and outcome.",
-                                 [*vm, "action", "outcome"], registry=reg)
-        self.ship_latency = Histogram(f"{PREFIX}_cycle_ship_latency_seconds", "From a cycle's "
-                                      "cut to its commit in the journal (primary).", vm,
-                                      buckets=LATENCY_BUCKETS_SECONDS, registry=reg)
-        self.apply_latency = Histogram(f"{PREFIX}_cycle_apply_latency_seconds", "From a "
-                                       "cycle's cut on the primary to applied and durable on "
-                                       "the replica (the two sites' clocks included).", vm,
-                                       buckets=LATENCY_BUCKETS_SECONDS, registry=reg)
-        self.apply_time = Histogram(f"{PREFIX}_cycle_apply_duration_seconds", "Time the "
-                                    "replica spent applying a cycle (check, undo log, write, "
-                                    "fsync, record).", vm, buckets=APPLY_BUCKETS_SECONDS,
-                                    registry=reg)
-        info = Gauge(f"{PREFIX}_agent_info", "Always 1: the agent's site and version.",
-                     ["site", "version"], registry=reg)
+        self.shipped = Counter(
+            f"{PREFIX}_cycles_shipped_total",
+            "Cycles the primary shipped (committed to the journal).",
+            vm,
+            registry=reg,
+        )
+        self.applied_cycles = Counter(
+            f"{PREFIX}_cycles_applied_total",
+            "Cycles the replica applied, durably.",
+            vm,
+            registry=reg,
+        )
+        self.missed = Counter(
+            f"{PREFIX}_cycles_missed_total",
+            "Replication intervals that passed without a cycle while one was due.",
+            vm,
+            registry=reg,
+        )
+        self.failures = Counter(
+            f"{PREFIX}_cycles_failed_total",
+            "Cycles (or replication attempts) that failed, by reason.",
+            [*vm, "reason"],
+            registry=reg,
+        )
+        self.written_bytes = Counter(
+            f"{PREFIX}_written_bytes_total",
+            "Bytes of the VM's "
+            "disks its shipped cycles cover (rewrites within a cycle "
+            "once; zeroed and trimmed ranges included).",
+            vm,
+            registry=reg,
+        )
+        self.sent_bytes = Counter(
+            f"{PREFIX}_sent_bytes_total",
+            "Bytes the primary sent to the journal (compressed payload and record framing).",
+            vm,
+            registry=reg,
+        )
+        self.applied_bytes = Counter(
+            f"{PREFIX}_applied_bytes_total",
+            "Payload bytes of the cycles the replica applied (as sent, compressed).",
+            vm,
+            registry=reg,
+        )
+        self.failovers = Counter(
+            f"{PREFIX}_failover_actions_total",
+            "Failover actions this agent carried out, by action and outcome.",
+            [*vm, "action", "outcome"],
+            registry=reg,
+        )
+        self.ship_latency = Histogram(
+            f"{PREFIX}_cycle_ship_latency_seconds",
+            "From a cycle's cut to its commit in the journal (primary).",
+            vm,
+            buckets=LATENCY_BUCKETS_SECONDS,
+            registry=reg,
+        )
+        self.apply_latency = Histogram(
+            f"{PREFIX}_cycle_apply_latency_seconds",
+            "From a "
+            "cycle's cut on the primary to applied and durable on "
+            "the replica (the two sites' clocks included).",
+            vm,
+            buckets=LATENCY_BUCKETS_SECONDS,
+            registry=reg,
+        )
+        self.apply_time = Histogram(
+            f"{PREFIX}_cycle_apply_duration_seconds",
+            "Time the replica spent applying a cycle (check, undo log, write, fsync, record).",
+            vm,
+            buckets=APPLY_BUCKETS_SECONDS,
+            registry=reg,
+        )
+        info = Gauge(
+            f"{PREFIX}_agent_info",
+            "Always 1: the agent's site and version.",
+            ["site", "version"],
+            registry=reg,
+        )
         info.labels(site, importlib.metadata.version("vmreplica")).set(1)
         self._tallies: dict[str, CycleTally] = {}
         self._actions: dict[str, set[tuple[str, str]]] = {}
@@ -345,8 +458,13 @@ class SiteMetrics:
 
     # Snapshot and cycles, from the catalog ----------------------------------------------------
 
-    def update(self, status: VmStatus, stats: Sequence[CycleStat] = (),
-               position: Position | None = None, now_ms: int | None = None) -> None:
+    def update(
+        self,
+        status: VmStatus,
+        stats: Sequence[CycleStat] = (),
+        position: Position | None = None,
+        now_ms: int | None = None,
+    ) -> None:
         """Set the VM's gauges from its status and count the cycles in ``stats`` not yet seen.
 
         ``stats`` are the catalog's cycle statistics from :meth:`since_ms` on, and those of
@@ -372,26 +490,42 @@ class SiteMetrics:
                 self.applied_cycles.labels(self.site, vm).inc()
                 self.applied_bytes.labels(self.site, vm).inc(stat.size_bytes)
                 self.apply_latency.labels(self.site, vm).observe(stat.latency_seconds)
-        missed = tally.missed_cycles(new, now, interval,
-                                     record.state in CYCLES_EXPECTED_STATES, status.idle,
-                                     status.synced_at_ms)
+        missed = tally.missed_cycles(
+            new,
+            now,
+            interval,
+            record.state in CYCLES_EXPECTED_STATES,
+            status.idle,
+            status.synced_at_ms,
+        )
         if missed:
             self.missed.labels(self.site, vm).inc(missed)
         success_ms = None
         if position is not None and position.cycle > 0:
             success_ms = position.at_ms
-            last = max((s for s in stats if s.cycle == position.cycle),
-                       key=lambda s: s.done_at_ms, default=None)
+            last = max(
+                (s for s in stats if s.cycle == position.cycle),
+                key=lambda s: s.done_at_ms,
+                default=None,
+            )
             if last is not None:
                 success_ms = last.done_at_ms
         progress = status.progress
         vms = dict(self.snapshot.vms)
         vms[vm] = VmGauges(
-            record.role, record.state, status.report.health, record.epoch, interval,
-            status.last_cycle, success_ms, status.synced_at_ms, status.idle,
+            record.role,
+            record.state,
+            status.report.health,
+            record.epoch,
+            interval,
+            status.last_cycle,
+            success_ms,
+            status.synced_at_ms,
+            status.idle,
             progress.pending_bytes if isinstance(progress, PrimaryProgress) else None,
             None if isinstance(progress, PrimaryProgress) else progress.recovery_points,
-            status.cycles_in_window)
+            status.cycles_in_window,
+        )
         self.snapshot.vms = vms
 
     def since_ms(self, vm: str) -> int:
@@ -404,9 +538,17 @@ class SiteMetrics:
         keep = set(vms)
         for vm in (set(self._tallies) | set(self._actions)) - keep:
             self._tallies.pop(vm, None)
-            for metric in (self.shipped, self.applied_cycles, self.missed, self.written_bytes,
-                           self.sent_bytes, self.applied_bytes, self.ship_latency,
-                           self.apply_latency, self.apply_time):
+            for metric in (
+                self.shipped,
+                self.applied_cycles,
+                self.missed,
+                self.written_bytes,
+                self.sent_bytes,
+                self.applied_bytes,
+                self.ship_latency,
+                self.apply_latency,
+                self.apply_time,
+            ):
                 with contextlib.suppress(KeyError):
                     metric.remove(self.site, vm)
             for reason in FAILURE_REASONS:
@@ -420,9 +562,17 @@ class SiteMetrics:
     def _touch(self, vm: str) -> None:
         """Create the VM's series at zero, so that ``increase()`` sees their first event (a
         series that first appears at 1 looks to Prometheus as if nothing happened)."""
-        for metric in (self.shipped, self.applied_cycles, self.missed, self.written_bytes,
-                       self.sent_bytes, self.applied_bytes, self.ship_latency,
-                       self.apply_latency, self.apply_time):
+        for metric in (
+            self.shipped,
+            self.applied_cycles,
+            self.missed,
+            self.written_bytes,
+            self.sent_bytes,
+            self.applied_bytes,
+            self.ship_latency,
+            self.apply_latency,
+            self.apply_time,
+        ):
             metric.labels(self.site, vm)
         for reason in FAILURE_REASONS:
             self.failures.labels(self.site, vm, reason)
@@ -459,8 +609,7 @@ class SiteMetrics:
         try:
             self._server = start_http_server(port, addr=address, registry=self.registry)
         except OSError as error:
-            raise cannot_listen("metrics_port", "metrics_address", port, address,
-                                error) from None
+            raise cannot_listen("metrics_port", "metrics_address", port, address, error) from None
         host = f"[{address}]" if ":" in address else address
         return f"http://{host}:{self._server[0].server_port}/metrics"
 
@@ -471,4 +620,3 @@ class SiteMetrics:
             server.shutdown()
             server.server_close()
             thread.join()
-

@@ -57,8 +57,12 @@ class Site:
         await self.start()
         return self
 
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                        trace: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
         await self.stop()
 
     def journal_topic(self, vm: str) -> str:
@@ -67,8 +71,14 @@ class Site:
     def status_topic(self, vm: str) -> str:
         return names.status_topic(vm, self.config.trust_group, self.config.topic_prefix)
 
-    async def enable(self, vm: str, disks: Mapping[str, Path], replica_site: str,
-                     settings: VmSettings, sizes: Mapping[str, int] | None = None) -> VmRecord:
+    async def enable(
+        self,
+        vm: str,
+        disks: Mapping[str, Path],
+        replica_site: str,
+        settings: VmSettings,
+        sizes: Mapping[str, int] | None = None,
+    ) -> VmRecord:
         """Start replicating ``vm`` to ``replica_site`` (Enable-VMReplication).
 
         Disk images must exist, unless ``sizes`` gives a size to create them with.
@@ -81,8 +91,9 @@ class Site:
         for target in (replica_site, *settings.also_replicate_to):
             names.check_name("site", target)
             if target == self.config.site:
-                raise ConfigurationError(f"VM {vm!r} cannot replicate to its own site "
-                                         f"{target!r}; name the replica site")
+                raise ConfigurationError(
+                    f"VM {vm!r} cannot replicate to its own site {target!r}; name the replica site"
+                )
         settings.validate()
         records = []
         for name, path in disks.items():
@@ -95,7 +106,8 @@ class Site:
                 if not image.is_file():
                     raise ConfigurationError(
                         f"disk {name!r} of VM {vm!r}: {image} is not a file. Give the path of "
-                        "the VM's raw disk image")
+                        "the VM's raw disk image"
+                    )
                 size = image.stat().st_size
             records.append(DiskRecord(name, str(image), size))
         if not records:
@@ -103,42 +115,66 @@ class Site:
         if len({r.path for r in records}) != len(records):
             raise ConfigurationError(f"VM {vm!r}: two disks name the same image file")
         await self.ensure_topics(vm)
-        await self.catalog.add_vm(vm, "primary", self.config.trust_group, replica_site,
-                                  settings, records,
-                                  ReplicationState.READY_FOR_INITIAL_REPLICATION)
+        await self.catalog.add_vm(
+            vm,
+            "primary",
+            self.config.trust_group,
+            replica_site,
+            settings,
+            records,
+            ReplicationState.READY_FOR_INITIAL_REPLICATION,
+        )
         return await self.catalog.vm(vm)
 
     async def ensure_topics(self, vm: str) -> None:
-        history = (await self.catalog.find_vm(vm))
+        history = await self.catalog.find_vm(vm)
         hours = history.settings.recovery_history if history else 0
         async with TopicAdmin(self.connection) as admin:
-            await admin.ensure_topic(topics.journal_spec(
-                self.journal_topic(vm), self.config.replication_factor, hours + 1))
-            await admin.ensure_topic(topics.status_spec(
-                self.status_topic(vm), self.config.replication_factor))
+            await admin.ensure_topic(
+                topics.journal_spec(
+                    self.journal_topic(vm), self.config.replication_factor, hours + 1
+                )
+            )
+            await admin.ensure_topic(
+                topics.status_spec(self.status_topic(vm), self.config.replication_factor)
+            )
 
     def primary(self, record: VmRecord) -> PrimaryVm:
         """The primary-side worker of a VM this site is primary for (not yet started)."""
         if record.role != "primary":
-            raise ConfigurationError(f"VM {record.name!r} is a replica at site "
-                                     f"{self.config.site!r}, not its primary")
-        return PrimaryVm(record, self.config.site, self.config.vm_folder(record.name),
-                         self.connection, self.catalog, self.journal_topic(record.name),
-                         names.transactional_id(record.name, self.config.trust_group,
-                                                 self.config.topic_prefix))
+            raise ConfigurationError(
+                f"VM {record.name!r} is a replica at site {self.config.site!r}, not its primary"
+            )
+        return PrimaryVm(
+            record,
+            self.config.site,
+            self.config.vm_folder(record.name),
+            self.connection,
+            self.catalog,
+            self.journal_topic(record.name),
+            names.transactional_id(record.name, self.config.trust_group, self.config.topic_prefix),
+        )
 
     async def replica(self, record: VmRecord) -> ReplicaVm:
         """The replica-side worker of a VM this site is replica for (not yet started)."""
         if record.role != "replica":
-            raise ConfigurationError(f"VM {record.name!r} is primary at site "
-                                     f"{self.config.site!r}, not a replica")
+            raise ConfigurationError(
+                f"VM {record.name!r} is primary at site {self.config.site!r}, not a replica"
+            )
         if self._status is None:
             status = StatusPublisher(self.connection)
             await status.start()
             self._status = status
-        return ReplicaVm(record, self.config.site, self.config.vm_folder(record.name),
-                         self.connection, self.catalog, self.journal_topic(record.name),
-                         self.status_topic(record.name), self._status)
+        return ReplicaVm(
+            record,
+            self.config.site,
+            self.config.vm_folder(record.name),
+            self.connection,
+            self.catalog,
+            self.journal_topic(record.name),
+            self.status_topic(record.name),
+            self._status,
+        )
 
     async def discover(self) -> list[VmRecord]:
         """Adopt VMs whose journal names this site's trust group and an accepted primary.
@@ -151,8 +187,9 @@ class Site:
         """
         prefix = f"{self.config.topic_prefix}.{self.config.trust_group}."
         async with TopicAdmin(self.connection) as admin:
-            journals = [t for t in await admin.topics()
-                        if t.startswith(prefix) and t.endswith(".journal")]
+            journals = [
+                t for t in await admin.topics() if t.startswith(prefix) and t.endswith(".journal")
+            ]
         adopted = []
         for topic in sorted(journals):
             vm = topic.removeprefix(prefix).removesuffix(".journal")
@@ -193,8 +230,9 @@ class Site:
         """
         check_event(config)
         folder = self.config.vm_folder(config.vm)
-        disks = [DiskRecord(d.name, str(image_path(folder, d.name)), d.size_bytes)
-                 for d in config.disks]
+        disks = [
+            DiskRecord(d.name, str(image_path(folder, d.name)), d.size_bytes) for d in config.disks
+        ]
         settings = VmSettings(
             frequency_seconds=config.frequency_seconds,
             recovery_history=config.recovery_history,
@@ -203,12 +241,21 @@ class Site:
             compression=config.compression,
             capture=config.capture,  # type: ignore[arg-type]  # check_event checked it
             continuous_max_bytes=config.continuous_max_bytes,
-            also_replicate_to=tuple(s for s in config.replica_sites
-                                    if s not in (self.config.site, config.primary_site)),
-            changelog_budget_bytes=config.changelog_budget_bytes)
-        await self.catalog.add_vm(config.vm, "replica", self.config.trust_group,
-                                  config.primary_site, settings, disks,
-                                  ReplicationState.WAITING_FOR_INITIAL_REPLICATION, config.epoch)
+            also_replicate_to=tuple(
+                s for s in config.replica_sites if s not in (self.config.site, config.primary_site)
+            ),
+            changelog_budget_bytes=config.changelog_budget_bytes,
+        )
+        await self.catalog.add_vm(
+            config.vm,
+            "replica",
+            self.config.trust_group,
+            config.primary_site,
+            settings,
+            disks,
+            ReplicationState.WAITING_FOR_INITIAL_REPLICATION,
+            config.epoch,
+        )
         return await self.catalog.vm(config.vm)
 
     async def _first_config(self, topic: str, vm: str) -> VmConfig | None:
@@ -222,13 +269,17 @@ class Site:
                 try:
                     event = decode_journal(record.value)
                 except DecodeError as error:
-                    raise JournalViolation(vm, record.offset, str(error),
-                                           ReplicationState.ERROR) from error
+                    raise JournalViolation(
+                        vm, record.offset, str(error), ReplicationState.ERROR
+                    ) from error
                 if isinstance(event, VmConfig):
                     if event.vm != vm:
-                        raise JournalViolation(vm, record.offset, f"VmConfig describes VM "
-                                               f"{event.vm!r}, not the journal's VM",
-                                               ReplicationState.ERROR)
+                        raise JournalViolation(
+                            vm,
+                            record.offset,
+                            f"VmConfig describes VM {event.vm!r}, not the journal's VM",
+                            ReplicationState.ERROR,
+                        )
                     return event
         return None
 
@@ -242,8 +293,9 @@ def parse_disks(specs: Sequence[str]) -> dict[str, Path]:
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
-            raise ConfigurationError(f"--disk {spec!r}: expected NAME=PATH, e.g. "
-                                     "--disk disk0=/var/lib/vms/web.img")
+            raise ConfigurationError(
+                f"--disk {spec!r}: expected NAME=PATH, e.g. --disk disk0=/var/lib/vms/web.img"
+            )
         if name in disks:
             raise ConfigurationError(f"--disk {name!r} is given twice")
         disks[names.check_name("disk", name)] = Path(os.path.expanduser(path))

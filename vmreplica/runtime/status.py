@@ -120,8 +120,9 @@ def capture_status(config: SiteConfig, record: VmRecord) -> CaptureStatus:
     mode = record.settings.capture
     if record.role == "primary" and mode == "nbd":
         try:
-            return CaptureStatus(mode, str(socket_path(config, record.name)),
-                                 nbd_uris(config, record))
+            return CaptureStatus(
+                mode, str(socket_path(config, record.name)), nbd_uris(config, record)
+            )
         except ConfigurationError as error:  # the agent refuses to serve it for this reason
             return CaptureStatus(mode, nbd_error=str(error))
     return CaptureStatus(mode)
@@ -147,9 +148,14 @@ class _Row:
     started_ms: int | None
 
 
-def missed_in_window(rows: Sequence[tuple[int, int, int, int, int | None]], since_ms: int,
-                     now_ms: int, interval: float, waiting_since: tuple[int, int] | None,
-                     idle_at_ms: int | None) -> int:
+def missed_in_window(
+    rows: Sequence[tuple[int, int, int, int, int | None]],
+    since_ms: int,
+    now_ms: int,
+    interval: float,
+    waiting_since: tuple[int, int] | None,
+    idle_at_ms: int | None,
+) -> int:
     """Cycles missed from ``since_ms`` to ``now_ms``: while writes waited, an interval without
     a cycle beyond the first (:func:`~vmreplica.domain.states.waiting_ms`).
 
@@ -162,13 +168,15 @@ def missed_in_window(rows: Sequence[tuple[int, int, int, int, int | None]], sinc
     missed = 0
     for previous, cycle in pairwise(cycles):
         if cycle.done_ms >= since_ms:
-            waited = waiting_ms(previous.done_ms, previous.cut_ms, cycle.started_ms,
-                                cycle.done_ms, since_ms)
+            waited = waiting_ms(
+                previous.done_ms, previous.cut_ms, cycle.started_ms, cycle.done_ms, since_ms
+            )
             missed += missed_intervals(waited / 1000, interval)
     if waiting_since is not None:
         done, cut = waiting_since
-        missed += missed_intervals(waiting_ms(done, cut, idle_at_ms, now_ms, since_ms) / 1000,
-                                   interval)
+        missed += missed_intervals(
+            waiting_ms(done, cut, idle_at_ms, now_ms, since_ms) / 1000, interval
+        )
     return missed
 
 
@@ -195,28 +203,53 @@ async def vm_status(site: Site, record: VmRecord, with_replica: bool = True) -> 
             waiting_since = rows[-1][2], rows[-1][1]
         elif position is not None:  # seeded, no cycle yet
             waiting_since = position.at_ms, position.at_ms
-    missed = missed_in_window(rows, max(window_start, record.state_changed_ms), now_ms,
-                              interval, waiting_since,
-                              heartbeat.idle_at_ms if heartbeat else None)
+    missed = missed_in_window(
+        rows,
+        max(window_start, record.state_changed_ms),
+        now_ms,
+        interval,
+        waiting_since,
+        heartbeat.idle_at_ms if heartbeat else None,
+    )
     latencies = [(done - cut) / 1000 for _, cut, done, _, _ in window]
-    report = assess(record.state, WindowStats(
-        len(window) + missed, len(window), rpo,
-        sum(latencies) / len(latencies) if latencies else None))
+    report = assess(
+        record.state,
+        WindowStats(
+            len(window) + missed,
+            len(window),
+            rpo,
+            sum(latencies) / len(latencies) if latencies else None,
+        ),
+    )
     cycle = position.cycle if position else None
     progress: PrimaryProgress | ReplicaProgress
     if record.role == "primary":
         changelog = site.config.vm_folder(record.name) / "changelog"
         replica = await _latest_replica_position(site, record.name) if with_replica else None
-        progress = PrimaryProgress(cycle, pending_bytes(changelog),
-                                   replica.cycle if replica else None,
-                                   replica.applied_at_ms if replica else None)
+        progress = PrimaryProgress(
+            cycle,
+            pending_bytes(changelog),
+            replica.cycle if replica else None,
+            replica.applied_at_ms if replica else None,
+        )
     else:
         progress = ReplicaProgress(cycle, await catalog.count_points(record.name))
-    return VmStatus(record, capture_status(site.config, record), report,
-                    None if rpo is None else round(rpo, 1), len(window), progress, synced,
-                    idle, job_or_none(site, record.name) if record.role == "primary" else None)
+    return VmStatus(
+        record,
+        capture_status(site.config, record),
+        report,
+        None if rpo is None else round(rpo, 1),
+        len(window),
+        progress,
+        synced,
+        idle,
+        job_or_none(site, record.name) if record.role == "primary" else None,
+    )
 
 
 def _idle(heartbeat: LastHeartbeat | None, now_ms: int, heartbeat_seconds: float) -> bool:
-    return (heartbeat is not None and heartbeat.idle
-            and primary_live(heartbeat.at_ms, now_ms, heartbeat_seconds))
+    return (
+        heartbeat is not None
+        and heartbeat.idle
+        and primary_live(heartbeat.at_ms, now_ms, heartbeat_seconds)
+    )

@@ -164,8 +164,12 @@ class Catalog:
         await self.start()
         return self
 
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                        trace: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
         await self.stop()
 
     @property
@@ -174,8 +178,11 @@ class Catalog:
             raise RuntimeError("catalog is not open")
         return self._db
 
-    async def _transaction(self, statements: Sequence[tuple[str, Sequence[Any]]],
-                           before: Callable[[], Awaitable[None]] | None = None) -> None:
+    async def _transaction(
+        self,
+        statements: Sequence[tuple[str, Sequence[Any]]],
+        before: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         """Run ``statements`` atomically: all of them are durable, or none.
 
         ``before`` runs first inside the transaction, so what it reads cannot change before the
@@ -188,8 +195,11 @@ class Catalog:
         """
         await asyncio.shield(self._run_transaction(statements, before))
 
-    async def _run_transaction(self, statements: Sequence[tuple[str, Sequence[Any]]],
-                               before: Callable[[], Awaitable[None]] | None) -> None:
+    async def _run_transaction(
+        self,
+        statements: Sequence[tuple[str, Sequence[Any]]],
+        before: Callable[[], Awaitable[None]] | None,
+    ) -> None:
         async with self._writing:
             await self.db.execute("BEGIN IMMEDIATE")
             try:
@@ -202,44 +212,81 @@ class Catalog:
                 raise
             await self.db.execute("COMMIT")
 
-    async def add_vm(self, name: str, role: Role, trust_group: str, partner_site: str,
-                     settings: VmSettings, disks: Sequence[DiskRecord], state: ReplicationState,
-                     epoch: int = 1) -> None:
+    async def add_vm(
+        self,
+        name: str,
+        role: Role,
+        trust_group: str,
+        partner_site: str,
+        settings: VmSettings,
+        disks: Sequence[DiskRecord],
+        state: ReplicationState,
+        epoch: int = 1,
+    ) -> None:
         """Record a new relationship. :raises ConfigurationError: the VM is already known."""
         if await self.find_vm(name) is not None:
             raise ConfigurationError(
                 f"VM {name!r} is already enabled for replication at this site "
-                "(`vmreplica status` shows it)")
-        statements: list[tuple[str, Sequence[Any]]] = [(
-            "INSERT INTO vm (name, role, trust_group, partner_site, settings, epoch, state,"
-            " state_changed_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (name, role, trust_group, partner_site, settings.to_json(), epoch, state.value,
-             now_ms()))]
-        statements += [("INSERT INTO disk (vm, name, path, size_bytes, position)"
-                         " VALUES (?, ?, ?, ?, ?)", (name, d.name, d.path, d.size_bytes, i))
-                       for i, d in enumerate(disks)]
+                "(`vmreplica status` shows it)"
+            )
+        statements: list[tuple[str, Sequence[Any]]] = [
+            (
+                "INSERT INTO vm (name, role, trust_group, partner_site, settings, epoch, state,"
+                " state_changed_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    name,
+                    role,
+                    trust_group,
+                    partner_site,
+                    settings.to_json(),
+                    epoch,
+                    state.value,
+                    now_ms(),
+                ),
+            )
+        ]
+        statements += [
+            (
+                "INSERT INTO disk (vm, name, path, size_bytes, position) VALUES (?, ?, ?, ?, ?)",
+                (name, d.name, d.path, d.size_bytes, i),
+            )
+            for i, d in enumerate(disks)
+        ]
         await self._transaction(statements)
 
     async def find_vm(self, name: str) -> VmRecord | None:
         async with self.db.execute(
-                "SELECT name, role, trust_group, partner_site, settings, epoch, state,"
-                " state_message, state_changed_ms FROM vm WHERE name = ?", (name,)) as cursor:
+            "SELECT name, role, trust_group, partner_site, settings, epoch, state,"
+            " state_message, state_changed_ms FROM vm WHERE name = ?",
+            (name,),
+        ) as cursor:
             row = await cursor.fetchone()
         if row is None:
             return None
         async with self.db.execute(
-                "SELECT name, path, size_bytes FROM disk WHERE vm = ? ORDER BY position",
-                (name,)) as cursor:
+            "SELECT name, path, size_bytes FROM disk WHERE vm = ? ORDER BY position", (name,)
+        ) as cursor:
             disks = tuple(DiskRecord(*d) for d in await cursor.fetchall())
-        return VmRecord(row[0], row[1], row[2], row[3], VmSettings.from_json(row[4]), row[5],
-                        ReplicationState(row[6]), row[7], row[8], disks)
+        return VmRecord(
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            VmSettings.from_json(row[4]),
+            row[5],
+            ReplicationState(row[6]),
+            row[7],
+            row[8],
+            disks,
+        )
 
     async def vm(self, name: str) -> VmRecord:
         """:raises ConfigurationError: the VM is not enabled at this site."""
         record = await self.find_vm(name)
         if record is None:
             raise ConfigurationError(
-                f"VM {name!r} is not replicated at this site; `vmreplica status` lists the VMs")
+                f"VM {name!r} is not replicated at this site; `vmreplica status` lists the VMs"
+            )
         return record
 
     async def vms(self) -> list[VmRecord]:
@@ -248,23 +295,37 @@ class Catalog:
         return [await self.vm(name) for name in names]
 
     async def set_state(self, name: str, state: ReplicationState, message: str = "") -> None:
-        await self._transaction([(
-            "UPDATE vm SET state = ?, state_message = ?, state_changed_ms = ? WHERE name = ?",
-            (state.value, message, now_ms(), name))])
+        await self._transaction(
+            [
+                (
+                    "UPDATE vm SET state = ?, state_message = ?, state_changed_ms = ?"
+                    " WHERE name = ?",
+                    (state.value, message, now_ms(), name),
+                )
+            ]
+        )
 
     async def set_epoch(self, name: str, epoch: int) -> None:
         await self._transaction([("UPDATE vm SET epoch = ? WHERE name = ?", (epoch, name))])
 
     async def position(self, name: str) -> Position | None:
         async with self.db.execute(
-                "SELECT epoch, cycle, cycle_hash, next_offset, at_ms FROM position WHERE vm = ?",
-                (name,)) as cursor:
+            "SELECT epoch, cycle, cycle_hash, next_offset, at_ms FROM position WHERE vm = ?",
+            (name,),
+        ) as cursor:
             row = await cursor.fetchone()
         return None if row is None else Position(row[0], row[1], bytes(row[2]), row[3], row[4])
 
-    async def advance_position(self, name: str, position: Position, *,
-                               point: RecoveryPoint | None = None, cut_at_ms: int | None = None,
-                               size_bytes: int = 0, started_at_ms: int | None = None) -> None:
+    async def advance_position(
+        self,
+        name: str,
+        position: Position,
+        *,
+        point: RecoveryPoint | None = None,
+        cut_at_ms: int | None = None,
+        size_bytes: int = 0,
+        started_at_ms: int | None = None,
+    ) -> None:
         """Durably move a VM's position forward: a cycle shipped (primary) or applied (replica),
         or more of the journal read at the same cycle.
 
@@ -279,19 +340,34 @@ class Catalog:
         """
         statements = [self._position_statement(name, position)]
         if point is not None:
-            statements.append((
-                "INSERT OR REPLACE INTO recovery_point (vm, cycle, epoch, journal_offset,"
-                " cut_at_ms, consistency, cycle_hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (name, point.cycle, point.epoch, point.journal_offset, point.cut_at_ms,
-                 point.consistency.value, point.cycle_hash)))
+            statements.append(
+                (
+                    "INSERT OR REPLACE INTO recovery_point (vm, cycle, epoch, journal_offset,"
+                    " cut_at_ms, consistency, cycle_hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        name,
+                        point.cycle,
+                        point.epoch,
+                        point.journal_offset,
+                        point.cut_at_ms,
+                        point.consistency.value,
+                        point.cycle_hash,
+                    ),
+                )
+            )
         if cut_at_ms is not None and position.cycle > 0:
             statements += [
-                ("INSERT OR REPLACE INTO cycle_stat (vm, cycle, cut_at_ms, done_at_ms, bytes,"
-                 " started_at_ms) VALUES (?, ?, ?, ?, ?, ?)",
-                 (name, position.cycle, cut_at_ms, position.at_ms, size_bytes, started_at_ms)),
-                ("DELETE FROM cycle_stat WHERE vm = ? AND done_at_ms < ? AND cycle <> ?",
-                 (name, position.at_ms - CYCLE_STATS_HOURS * HOUR_MS, position.cycle)),
-                ("UPDATE heartbeat SET idle_at_ms = NULL, idle = 0 WHERE vm = ?", (name,))]
+                (
+                    "INSERT OR REPLACE INTO cycle_stat (vm, cycle, cut_at_ms, done_at_ms, bytes,"
+                    " started_at_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                    (name, position.cycle, cut_at_ms, position.at_ms, size_bytes, started_at_ms),
+                ),
+                (
+                    "DELETE FROM cycle_stat WHERE vm = ? AND done_at_ms < ? AND cycle <> ?",
+                    (name, position.at_ms - CYCLE_STATS_HOURS * HOUR_MS, position.cycle),
+                ),
+                ("UPDATE heartbeat SET idle_at_ms = NULL, idle = 0 WHERE vm = ?", (name,)),
+            ]
         await self._transaction(statements, self._forward_only(name, position))
 
     async def rewind_position(self, name: str, position: Position, reason: str) -> None:
@@ -304,33 +380,48 @@ class Catalog:
 
     @staticmethod
     def _position_statement(name: str, position: Position) -> tuple[str, Sequence[Any]]:
-        return ("INSERT INTO position (vm, epoch, cycle, cycle_hash, next_offset, at_ms)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(vm) DO UPDATE SET epoch = excluded.epoch,"
-                " cycle = excluded.cycle, cycle_hash = excluded.cycle_hash,"
-                " next_offset = excluded.next_offset, at_ms = excluded.at_ms",
-                (name, position.epoch, position.cycle, position.cycle_hash,
-                 position.next_offset, position.at_ms))
+        return (
+            "INSERT INTO position (vm, epoch, cycle, cycle_hash, next_offset, at_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(vm) DO UPDATE SET epoch = excluded.epoch,"
+            " cycle = excluded.cycle, cycle_hash = excluded.cycle_hash,"
+            " next_offset = excluded.next_offset, at_ms = excluded.at_ms",
+            (
+                name,
+                position.epoch,
+                position.cycle,
+                position.cycle_hash,
+                position.next_offset,
+                position.at_ms,
+            ),
+        )
 
     def _forward_only(self, name: str, position: Position) -> Callable[[], Awaitable[None]]:
         async def check() -> None:
             current = await self.position(name)
             if current is not None and position.moves_back_from(current):
                 raise PositionRegressedError(name, current, position)
+
         return check
 
-    async def _rewind(self, name: str, rewind: Rewind,
-                      statements: list[tuple[str, Sequence[Any]]]) -> None:
+    async def _rewind(
+        self, name: str, rewind: Rewind, statements: list[tuple[str, Sequence[Any]]]
+    ) -> None:
         """Run ``statements`` and the rewind in one transaction, then log what moved back."""
         before: list[Position | None] = []
 
         async def remember() -> None:
             before.append(await self.position(name))
 
-        await self._transaction([*statements, self._position_statement(name, rewind.position)],
-                                remember)
-        log.warning("VM %s: position rewound from (%s) to (%s): %s", name,
-                    before[0] if before[0] is not None else "none", rewind.position,
-                    rewind.reason)
+        await self._transaction(
+            [*statements, self._position_statement(name, rewind.position)], remember
+        )
+        log.warning(
+            "VM %s: position rewound from (%s) to (%s): %s",
+            name,
+            before[0] if before[0] is not None else "none",
+            rewind.position,
+            rewind.reason,
+        )
 
     async def points(self, name: str, cut_before_ms: int | None = None) -> list[RecoveryPoint]:
         """The VM's recovery points, oldest first; only those cut before ``cut_before_ms``
@@ -340,26 +431,33 @@ class Catalog:
             where += " AND cut_at_ms < ?"
             parameters.append(cut_before_ms)
         async with self.db.execute(
-                "SELECT cycle, epoch, journal_offset, cut_at_ms, consistency, cycle_hash"
-                f" FROM recovery_point WHERE {where} ORDER BY cycle", parameters) as cursor:
-            return [RecoveryPoint(r[0], r[1], r[2], r[3], Consistency.parse(r[4]), bytes(r[5]))
-                    for r in await cursor.fetchall()]
+            "SELECT cycle, epoch, journal_offset, cut_at_ms, consistency, cycle_hash"
+            f" FROM recovery_point WHERE {where} ORDER BY cycle",
+            parameters,
+        ) as cursor:
+            return [
+                RecoveryPoint(r[0], r[1], r[2], r[3], Consistency.parse(r[4]), bytes(r[5]))
+                for r in await cursor.fetchall()
+            ]
 
     async def count_points(self, name: str) -> int:
-        async with self.db.execute("SELECT COUNT(*) FROM recovery_point WHERE vm = ?",
-                                   (name,)) as cursor:
+        async with self.db.execute(
+            "SELECT COUNT(*) FROM recovery_point WHERE vm = ?", (name,)
+        ) as cursor:
             row = await cursor.fetchone()
         return 0 if row is None else int(row[0])
 
     async def oldest_point(self, name: str) -> int | None:
         """The cycle of the VM's oldest recovery point, None without any."""
-        async with self.db.execute("SELECT MIN(cycle) FROM recovery_point WHERE vm = ?",
-                                   (name,)) as cursor:
+        async with self.db.execute(
+            "SELECT MIN(cycle) FROM recovery_point WHERE vm = ?", (name,)
+        ) as cursor:
             row = await cursor.fetchone()
         return None if row is None or row[0] is None else int(row[0])
 
-    async def keep_points(self, name: str, cycles: Sequence[int], *,
-                          cut_before_ms: int | None = None) -> None:
+    async def keep_points(
+        self, name: str, cycles: Sequence[int], *, cut_before_ms: int | None = None
+    ) -> None:
         """Forget every recovery point of ``name`` but ``cycles``; with ``cut_before_ms``, only
         among the points cut before it (the others stay whatever ``cycles`` says).
 
@@ -387,42 +485,59 @@ class Catalog:
             await self._transaction(statements)
 
     async def drop_points_after(self, name: str, cycle: int) -> None:
-        await self._transaction([(
-            "DELETE FROM recovery_point WHERE vm = ? AND cycle > ?", (name, cycle))])
+        await self._transaction(
+            [("DELETE FROM recovery_point WHERE vm = ? AND cycle > ?", (name, cycle))]
+        )
 
     async def seed_progress(self, name: str) -> dict[str, int]:
         async with self.db.execute(
-                "SELECT disk, next_offset FROM seed_progress WHERE vm = ?", (name,)) as cursor:
+            "SELECT disk, next_offset FROM seed_progress WHERE vm = ?", (name,)
+        ) as cursor:
             return {row[0]: row[1] for row in await cursor.fetchall()}
 
     async def set_seed_progress(self, name: str, disk: str, next_offset: int) -> None:
-        await self._transaction([(
-            "INSERT OR REPLACE INTO seed_progress (vm, disk, next_offset) VALUES (?, ?, ?)",
-            (name, disk, next_offset))])
+        await self._transaction(
+            [
+                (
+                    "INSERT OR REPLACE INTO seed_progress (vm, disk, next_offset) VALUES (?, ?, ?)",
+                    (name, disk, next_offset),
+                )
+            ]
+        )
 
-    async def cycle_stats(self, name: str, since_ms: int, *, previous: bool = False,
-                          ) -> list[tuple[int, int, int, int, int | None]]:
+    async def cycle_stats(
+        self,
+        name: str,
+        since_ms: int,
+        *,
+        previous: bool = False,
+    ) -> list[tuple[int, int, int, int, int | None]]:
         """(cycle, cut_at_ms, done_at_ms, bytes, started_at_ms) of cycles done since
         ``since_ms``, oldest first; with ``previous``, the last cycle done before it first.
 
         ``started_at_ms`` is None for cycles recorded before it was kept.
         """
-        query = ("SELECT cycle, cut_at_ms, done_at_ms, bytes, started_at_ms FROM cycle_stat"
-                 " WHERE vm = ? AND done_at_ms {} ? ORDER BY {} LIMIT ?")
+        query = (
+            "SELECT cycle, cut_at_ms, done_at_ms, bytes, started_at_ms FROM cycle_stat"
+            " WHERE vm = ? AND done_at_ms {} ? ORDER BY {} LIMIT ?"
+        )
         rows: list[Any] = []
         if previous:
-            async with self.db.execute(query.format("<", "done_at_ms DESC, cycle DESC"),
-                                       (name, since_ms, 1)) as cursor:
+            async with self.db.execute(
+                query.format("<", "done_at_ms DESC, cycle DESC"), (name, since_ms, 1)
+            ) as cursor:
                 rows += await cursor.fetchall()
-        async with self.db.execute(query.format(">=", "done_at_ms, cycle"),
-                                   (name, since_ms, -1)) as cursor:
+        async with self.db.execute(
+            query.format(">=", "done_at_ms, cycle"), (name, since_ms, -1)
+        ) as cursor:
             rows += await cursor.fetchall()
         return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
     # Heartbeats --------------------------------------------------------------------------------
 
-    async def record_heartbeat(self, name: str, at_ms: int, idle_at_ms: int | None, *,
-                               from_primary_site: bool = False) -> None:
+    async def record_heartbeat(
+        self, name: str, at_ms: int, idle_at_ms: int | None, *, from_primary_site: bool = False
+    ) -> None:
         """Remember a heartbeat of the VM's primary: when it was sent and, if nothing waited to
         ship, the instant it says so (``idle_at_ms``). A later cycle supersedes the latter
         (:meth:`advance_position`).
@@ -430,31 +545,42 @@ class Catalog:
         ``from_primary_site``: a replica read it in the journal; it is then also what an
         unplanned failover checks (:meth:`primary_seen_ms`). A primary records its own.
         """
-        statements: list[tuple[str, Sequence[Any]]] = [(
-            "INSERT INTO heartbeat (vm, at_ms, idle_at_ms, idle) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT(vm) DO UPDATE SET at_ms = excluded.at_ms,"
-            " idle_at_ms = COALESCE(excluded.idle_at_ms, heartbeat.idle_at_ms),"
-            " idle = excluded.idle", (name, at_ms, idle_at_ms, int(idle_at_ms is not None)))]
+        statements: list[tuple[str, Sequence[Any]]] = [
+            (
+                "INSERT INTO heartbeat (vm, at_ms, idle_at_ms, idle) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT(vm) DO UPDATE SET at_ms = excluded.at_ms,"
+                " idle_at_ms = COALESCE(excluded.idle_at_ms, heartbeat.idle_at_ms),"
+                " idle = excluded.idle",
+                (name, at_ms, idle_at_ms, int(idle_at_ms is not None)),
+            )
+        ]
         if from_primary_site:
-            statements.append(("UPDATE vm SET primary_seen_ms = ? WHERE name = ?",
-                               (at_ms, name)))
+            statements.append(("UPDATE vm SET primary_seen_ms = ? WHERE name = ?", (at_ms, name)))
         await self._transaction(statements)
 
     async def last_heartbeat(self, name: str) -> LastHeartbeat | None:
         """What the VM's primary last said in a heartbeat, None before any (in this role)."""
-        async with self.db.execute("SELECT at_ms, idle_at_ms, idle FROM heartbeat WHERE vm = ?",
-                                   (name,)) as cursor:
+        async with self.db.execute(
+            "SELECT at_ms, idle_at_ms, idle FROM heartbeat WHERE vm = ?", (name,)
+        ) as cursor:
             row = await cursor.fetchone()
         return None if row is None else LastHeartbeat(int(row[0]), row[1], bool(row[2]))
 
     # Role changes (failover) -------------------------------------------------------------------
 
-    async def change_role(self, name: str, role: Role, partner_site: str, epoch: int,
-                          state: ReplicationState, message: str,
-                          disks: Sequence[DiskRecord] | None = None,
-                          position: Position | Rewind | None = None,
-                          failover_point: int | None = None,
-                          settings: VmSettings | None = None) -> None:
+    async def change_role(
+        self,
+        name: str,
+        role: Role,
+        partner_site: str,
+        epoch: int,
+        state: ReplicationState,
+        message: str,
+        disks: Sequence[DiskRecord] | None = None,
+        position: Position | Rewind | None = None,
+        failover_point: int | None = None,
+        settings: VmSettings | None = None,
+    ) -> None:
         """Switch a VM's role in one transaction; bumps its generation so running workers stop.
 
         A ``position`` must move forward (as :meth:`advance_position`); a :class:`Rewind` may go
@@ -462,20 +588,29 @@ class Catalog:
 
         :raises PositionRegressedError: a plain ``position`` is behind the recorded one.
         """
-        statements: list[tuple[str, Sequence[Any]]] = [(
-            "UPDATE vm SET role = ?, partner_site = ?, epoch = ?, state = ?, state_message = ?,"
-            " state_changed_ms = ?, generation = generation + 1, failover_point = ?"
-            " WHERE name = ?",
-            (role, partner_site, epoch, state.value, message, now_ms(), failover_point, name)),
-            ("DELETE FROM heartbeat WHERE vm = ?", (name,))]  # the old primary's words
+        statements: list[tuple[str, Sequence[Any]]] = [
+            (
+                "UPDATE vm SET role = ?, partner_site = ?, epoch = ?, state = ?, state_message = ?,"
+                " state_changed_ms = ?, generation = generation + 1, failover_point = ?"
+                " WHERE name = ?",
+                (role, partner_site, epoch, state.value, message, now_ms(), failover_point, name),
+            ),
+            ("DELETE FROM heartbeat WHERE vm = ?", (name,)),
+        ]  # the old primary's words
         if settings is not None:  # who the VM's other sites are changes with its primary
-            statements.append(("UPDATE vm SET settings = ? WHERE name = ?",
-                               (settings.to_json(), name)))
+            statements.append(
+                ("UPDATE vm SET settings = ? WHERE name = ?", (settings.to_json(), name))
+            )
         if disks is not None:
             statements.append(("DELETE FROM disk WHERE vm = ?", (name,)))
-            statements += [("INSERT INTO disk (vm, name, path, size_bytes, position)"
-                            " VALUES (?, ?, ?, ?, ?)", (name, d.name, d.path, d.size_bytes, i))
-                           for i, d in enumerate(disks)]
+            statements += [
+                (
+                    "INSERT INTO disk (vm, name, path, size_bytes, position)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (name, d.name, d.path, d.size_bytes, i),
+                )
+                for i, d in enumerate(disks)
+            ]
         if isinstance(position, Rewind):
             await self._rewind(name, position, statements)
         elif position is not None:
@@ -490,52 +625,65 @@ class Catalog:
         return -1 if row is None else int(row[0])
 
     async def failover_point(self, name: str) -> int | None:
-        async with self.db.execute("SELECT failover_point FROM vm WHERE name = ?",
-                                   (name,)) as cursor:
+        async with self.db.execute(
+            "SELECT failover_point FROM vm WHERE name = ?", (name,)
+        ) as cursor:
             row = await cursor.fetchone()
         return None if row is None or row[0] is None else int(row[0])
 
     async def set_reverse_wanted(self, name: str, wanted: bool) -> None:
-        await self._transaction([("UPDATE vm SET reverse_wanted = ? WHERE name = ?",
-                                  (int(wanted), name))])
+        await self._transaction(
+            [("UPDATE vm SET reverse_wanted = ? WHERE name = ?", (int(wanted), name))]
+        )
 
     async def reverse_wanted(self, name: str) -> bool:
-        async with self.db.execute("SELECT reverse_wanted FROM vm WHERE name = ?",
-                                   (name,)) as cursor:
+        async with self.db.execute(
+            "SELECT reverse_wanted FROM vm WHERE name = ?", (name,)
+        ) as cursor:
             row = await cursor.fetchone()
         return bool(row and row[0])
 
     async def set_failover_point(self, name: str, cycle: int | None) -> None:
-        await self._transaction([("UPDATE vm SET failover_point = ? WHERE name = ?",
-                                  (cycle, name))])
+        await self._transaction(
+            [("UPDATE vm SET failover_point = ? WHERE name = ?", (cycle, name))]
+        )
 
     async def primary_seen_ms(self, name: str) -> int | None:
-        async with self.db.execute("SELECT primary_seen_ms FROM vm WHERE name = ?",
-                                   (name,)) as cursor:
+        async with self.db.execute(
+            "SELECT primary_seen_ms FROM vm WHERE name = ?", (name,)
+        ) as cursor:
             row = await cursor.fetchone()
         return None if row is None or row[0] is None else int(row[0])
 
     async def cancel_epoch(self, name: str, epoch: int) -> None:
-        await self._transaction([("INSERT OR IGNORE INTO canceled_epoch (vm, epoch)"
-                                  " VALUES (?, ?)", (name, epoch))])
+        await self._transaction(
+            [("INSERT OR IGNORE INTO canceled_epoch (vm, epoch) VALUES (?, ?)", (name, epoch))]
+        )
 
     async def canceled_epochs(self, name: str) -> set[int]:
-        async with self.db.execute("SELECT epoch FROM canceled_epoch WHERE vm = ?",
-                                   (name,)) as cursor:
+        async with self.db.execute(
+            "SELECT epoch FROM canceled_epoch WHERE vm = ?", (name,)
+        ) as cursor:
             return {int(row[0]) for row in await cursor.fetchall()}
 
     # Test failover -----------------------------------------------------------------------------
 
-    async def set_test_failover(self, name: str, point: int, status: str,
-                                detail: str = "") -> None:
-        await self._transaction([(
-            "INSERT OR REPLACE INTO test_failover (vm, point, status, detail, created_ms)"
-            " VALUES (?, ?, ?, ?, ?)", (name, point, status, detail, now_ms()))])
+    async def set_test_failover(self, name: str, point: int, status: str, detail: str = "") -> None:
+        await self._transaction(
+            [
+                (
+                    "INSERT OR REPLACE INTO test_failover (vm, point, status, detail, created_ms)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (name, point, status, detail, now_ms()),
+                )
+            ]
+        )
 
     async def test_failover(self, name: str) -> tuple[int, str, str] | None:
         """(point, status, detail) of the VM's test failover, if one exists."""
-        async with self.db.execute("SELECT point, status, detail FROM test_failover"
-                                   " WHERE vm = ?", (name,)) as cursor:
+        async with self.db.execute(
+            "SELECT point, status, detail FROM test_failover WHERE vm = ?", (name,)
+        ) as cursor:
             row = await cursor.fetchone()
         return None if row is None else (int(row[0]), str(row[1]), str(row[2]))
 
@@ -544,28 +692,42 @@ class Catalog:
 
     # Extended replication ----------------------------------------------------------------------
 
-    async def add_extension(self, vm: str, to_site: str, trust_group: str,
-                            bootstrap_servers: str, frequency_seconds: int) -> None:
-        await self._transaction([(
-            "INSERT INTO extension (vm, to_site, trust_group, bootstrap_servers,"
-            " frequency_seconds) VALUES (?, ?, ?, ?, ?)",
-            (vm, to_site, trust_group, bootstrap_servers, frequency_seconds))])
+    async def add_extension(
+        self,
+        vm: str,
+        to_site: str,
+        trust_group: str,
+        bootstrap_servers: str,
+        frequency_seconds: int,
+    ) -> None:
+        await self._transaction(
+            [
+                (
+                    "INSERT INTO extension (vm, to_site, trust_group, bootstrap_servers,"
+                    " frequency_seconds) VALUES (?, ?, ?, ?, ?)",
+                    (vm, to_site, trust_group, bootstrap_servers, frequency_seconds),
+                )
+            ]
+        )
 
     async def extension(self, vm: str) -> tuple[str, str, str, int] | None:
         """(to_site, trust_group, bootstrap_servers, frequency_seconds) of ``vm``'s hop."""
         async with self.db.execute(
-                "SELECT to_site, trust_group, bootstrap_servers, frequency_seconds"
-                " FROM extension WHERE vm = ?", (vm,)) as cursor:
+            "SELECT to_site, trust_group, bootstrap_servers, frequency_seconds"
+            " FROM extension WHERE vm = ?",
+            (vm,),
+        ) as cursor:
             row = await cursor.fetchone()
         return None if row is None else (str(row[0]), str(row[1]), str(row[2]), int(row[3]))
 
     async def set_extension_offset(self, vm: str, offset: int) -> None:
-        await self._transaction([("UPDATE extension SET upstream_offset = ? WHERE vm = ?",
-                                  (offset, vm))])
+        await self._transaction(
+            [("UPDATE extension SET upstream_offset = ? WHERE vm = ?", (offset, vm))]
+        )
 
     async def extension_offset(self, vm: str) -> int | None:
-        async with self.db.execute("SELECT upstream_offset FROM extension WHERE vm = ?",
-                                   (vm,)) as cursor:
+        async with self.db.execute(
+            "SELECT upstream_offset FROM extension WHERE vm = ?", (vm,)
+        ) as cursor:
             row = await cursor.fetchone()
         return None if row is None or row[0] is None else int(row[0])
-

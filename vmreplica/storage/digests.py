@@ -78,8 +78,9 @@ def data_block_ranges(image: DiskImage, block_bytes: int) -> list[tuple[int, int
     return ranges
 
 
-def image_digests(path: str | Path, block_bytes: int,
-                  progress: Callable[[int], None] | None = None) -> bytes:
+def image_digests(
+    path: str | Path, block_bytes: int, progress: Callable[[int], None] | None = None
+) -> bytes:
     """The digest of every block of the image at ``path``, concatenated in block order.
 
     Holes are hashed as zeros without reading them. ``progress``, if given, is called now and
@@ -93,7 +94,8 @@ def image_digests(path: str | Path, block_bytes: int,
                 offset = number * block_bytes
                 data = image.read(offset, min(block_bytes, image.size - offset))
                 out[number * DIGEST_BYTES : (number + 1) * DIGEST_BYTES] = block_digest(
-                    data, block_bytes)
+                    data, block_bytes
+                )
                 if progress is not None and number % PROGRESS_BLOCKS == 0:
                     progress(offset)
         if progress is not None:
@@ -107,6 +109,9 @@ def differing_blocks(ours: bytes, theirs: bytes) -> list[int]:
     Blocks present in only one of them (disks of different sizes) count as differing.
     """
     count = max(len(ours), len(theirs)) // DIGEST_BYTES
-    return [number for number in range(count)
-            if ours[number * DIGEST_BYTES : (number + 1) * DIGEST_BYTES]
-            != theirs[number * DIGEST_BYTES : (number + 1) * DIGEST_BYTES]]
+    return [
+        number
+        for number in range(count)
+        if ours[number * DIGEST_BYTES : (number + 1) * DIGEST_BYTES]
+        != theirs[number * DIGEST_BYTES : (number + 1) * DIGEST_BYTES]
+    ]

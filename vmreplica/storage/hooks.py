@@ -44,16 +44,28 @@ def hook_command(command: str, vm: str) -> str:
     return command.replace("{vm}", shlex.quote(vm))
 
 
-def hook_environment(vm: str, site: str, phase: HookPhase,
-                     disks: Mapping[str, str]) -> dict[str, str]:
+def hook_environment(
+    vm: str, site: str, phase: HookPhase, disks: Mapping[str, str]
+) -> dict[str, str]:
     """The agent's environment plus what a hook is told about its VM."""
-    return {**os.environ, "VMREPLICA_VM": vm, "VMREPLICA_SITE": site, "VMREPLICA_HOOK": phase,
-            "VMREPLICA_DISKS": " ".join(f"{name}={path}" for name, path in disks.items())}
+    return {
+        **os.environ,
+        "VMREPLICA_VM": vm,
+        "VMREPLICA_SITE": site,
+        "VMREPLICA_HOOK": phase,
+        "VMREPLICA_DISKS": " ".join(f"{name}={path}" for name, path in disks.items()),
+    }
 
 
-async def run_hook(command: str, phase: HookPhase, *, vm: str, site: str,
-                   disks: Mapping[str, str] | None = None,
-                   timeout_seconds: float = HOOK_TIMEOUT_SECONDS) -> None:
+async def run_hook(
+    command: str,
+    phase: HookPhase,
+    *,
+    vm: str,
+    site: str,
+    disks: Mapping[str, str] | None = None,
+    timeout_seconds: float = HOOK_TIMEOUT_SECONDS,
+) -> None:
     """Run one hook to its end (see the module docstring for the rules).
 
     :raises HookError: it exited non-zero, was killed by a signal, or did not finish within
@@ -63,17 +75,23 @@ async def run_hook(command: str, phase: HookPhase, *, vm: str, site: str,
     # running holds it, and asyncio's wait() waits for the pipe as well as for the process.
     with tempfile.TemporaryFile(prefix="vmreplica-hook-") as output:
         process = await asyncio.create_subprocess_shell(
-            hook_command(command, vm), env=hook_environment(vm, site, phase, disks or {}),
-            stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True)
+            hook_command(command, vm),
+            env=hook_environment(vm, site, phase, disks or {}),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=output,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             await asyncio.wait_for(process.wait(), timeout_seconds)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
-            raise HookError(f"VM {vm!r}: {phase} hook {command!r} did not finish within "
-                            f"{timeout_seconds:g} s and was killed{_tail(output)}") from None
+            raise HookError(
+                f"VM {vm!r}: {phase} hook {command!r} did not finish within "
+                f"{timeout_seconds:g} s and was killed{_tail(output)}"
+            ) from None
         code = process.returncode
         if code:
             how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"

@@ -146,8 +146,9 @@ class DiskImage:
         os.ftruncate(self._fd, new_size)
         self._size = new_size
 
-    def allocated_extents(self, offset: int = 0, length: int | None = None) -> Iterator[
-            tuple[int, int]]:
+    def allocated_extents(
+        self, offset: int = 0, length: int | None = None
+    ) -> Iterator[tuple[int, int]]:
         """Yield ``(offset, length)`` of the data regions within a range (default: the disk).
 
         Holes are skipped using ``SEEK_DATA``/``SEEK_HOLE``; where the file system cannot say,
@@ -185,8 +186,12 @@ class DiskImage:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:

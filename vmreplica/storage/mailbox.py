@@ -94,8 +94,12 @@ class Mailbox:
         await self.start()
         return self
 
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                        trace: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
         await self.stop()
 
     @property
@@ -110,41 +114,47 @@ class Mailbox:
         """Leave a request for the agent; returns its id. Each statement commits on its own."""
         cursor = await self._connection.execute(
             "INSERT INTO request (vm, action, arguments, created_ms) VALUES (?, ?, ?, ?)",
-            (vm, kind, json.dumps(dict(fields), sort_keys=True), now_ms()))
+            (vm, kind, json.dumps(dict(fields), sort_keys=True), now_ms()),
+        )
         return int(cursor.lastrowid or 0)
 
     async def pending(self) -> list[PostedRequest]:
         """Requests not yet carried out, oldest first."""
         async with self._connection.execute(
-                "SELECT id, vm, action, arguments, status, result FROM request"
-                " WHERE status = 'pending' ORDER BY id") as cursor:
+            "SELECT id, vm, action, arguments, status, result FROM request"
+            " WHERE status = 'pending' ORDER BY id"
+        ) as cursor:
             return [_posted(row) for row in await cursor.fetchall()]
 
     async def request(self, request_id: int) -> PostedRequest:
         """:raises ConfigurationError: no request has that id."""
         async with self._connection.execute(
-                "SELECT id, vm, action, arguments, status, result FROM request WHERE id = ?",
-                (request_id,)) as cursor:
+            "SELECT id, vm, action, arguments, status, result FROM request WHERE id = ?",
+            (request_id,),
+        ) as cursor:
             row = await cursor.fetchone()
         if row is None:
             raise ConfigurationError(f"no request {request_id} in {self.path}")
         return _posted(row)
 
     async def finish(self, request_id: int, status: RequestStatus, result: str) -> None:
-        await self._connection.execute("UPDATE request SET status = ?, result = ? WHERE id = ?",
-                                       (status, result, request_id))
+        await self._connection.execute(
+            "UPDATE request SET status = ?, result = ? WHERE id = ?", (status, result, request_id)
+        )
 
     # Liveness of the site's agent ---------------------------------------------------------------
 
     async def agent_alive(self, site: str, pid: int) -> None:
         await self._connection.execute(
             "INSERT OR REPLACE INTO agent (site, pid, seen_ms) VALUES (?, ?, ?)",
-            (site, pid, now_ms()))
+            (site, pid, now_ms()),
+        )
 
     async def agent_seen_ms(self, site: str) -> int | None:
         """When the agent of ``site`` last stamped its row; None if none or its process is gone."""
-        async with self._connection.execute("SELECT pid, seen_ms FROM agent WHERE site = ?",
-                                            (site,)) as cursor:
+        async with self._connection.execute(
+            "SELECT pid, seen_ms FROM agent WHERE site = ?", (site,)
+        ) as cursor:
             row = await cursor.fetchone()
         if row is None or not _process_alive(int(row[0])):
             return None
@@ -164,5 +174,6 @@ def _posted(row: aiosqlite.Row) -> PostedRequest:
         fields: object = json.loads(row[3])
     except ValueError:
         fields = row[3]
-    return PostedRequest(int(row[0]), str(row[1]), str(row[2]), fields,
-                         cast(RequestStatus, row[4]), str(row[5]))
+    return PostedRequest(
+        int(row[0]), str(row[1]), str(row[2]), fields, cast(RequestStatus, row[4]), str(row[5])
+    )

@@ -88,8 +88,9 @@ def _write_all(fd: int, parts: Iterable[bytes | bytearray | memoryview]) -> None
             done += os.write(fd, view[done:])
 
 
-def create_for_append(path: str | os.PathLike[str],
-                      parts: Iterable[bytes | bytearray | memoryview]) -> int:
+def create_for_append(
+    path: str | os.PathLike[str], parts: Iterable[bytes | bytearray | memoryview]
+) -> int:
     """Replace ``path`` atomically with ``parts``; return a descriptor that appends to it.
 
     For append-only files whose first bytes (a header) must never be seen torn: the name only
@@ -99,8 +100,9 @@ def create_for_append(path: str | os.PathLike[str],
     opened: list[int] = []
 
     def write(temporary: Path) -> None:
-        fd = os.open(temporary,
-                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fd = os.open(
+            temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600
+        )
         opened.append(fd)
         _write_all(fd, parts)
 
