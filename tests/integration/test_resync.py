@@ -27,7 +27,8 @@ from vmreplica.domain.model import VmSettings
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import ResyncRefused
 from vmreplica.failover import journal_events
-from vmreplica.failover.resync import ResyncRun, accept_resync, load_job
+from vmreplica.failover.resync import ResyncRun, accept_resync
+from vmreplica.failover.resync_job import load_job
 from vmreplica.journal.kafka import JournalPublisher, StatusPublisher
 from vmreplica.producers.primary import PrimaryVm
 from vmreplica.runtime.site import Site

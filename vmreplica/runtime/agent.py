@@ -63,11 +63,8 @@ from vmreplica.failover.requests import (
     Resynchronize,
     posted_request,
 )
-from vmreplica.failover.resync import (
-    accept_resync,
-    cancel_resync,
-    load_job,
-)
+from vmreplica.failover.resync import accept_resync, cancel_resync
+from vmreplica.failover.resync_job import load_job
 from vmreplica.nbd.server import NbdServer
 from vmreplica.producers.capture_front import CaptureFront
 from vmreplica.producers.nbd_exports import VmExports, socket_path

@@ -9,7 +9,8 @@ from typing import Final
 
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import ConfigurationError, ReplicationError, ResyncRefused
-from vmreplica.failover.resync import ResyncBusy, ResyncRun, accept_resync, load_job, running
+from vmreplica.failover.resync import ResyncRun, accept_resync
+from vmreplica.failover.resync_job import ResyncBusy, load_job, running
 from vmreplica.journal.kafka import JournalReader
 from vmreplica.producers.primary import PrimaryVm
 from vmreplica.runtime.pacing import HELD_SECONDS, RETRY_SECONDS
