@@ -35,6 +35,18 @@ LOGIN_TIMEOUT_MS: Final = 10_000
 """How long the start-up login check waits for one broker to answer."""
 
 
+@contextlib.contextmanager
+def _quiet_aiokafka() -> Iterator[None]:
+    """aiokafka logs a failed connection itself; the caller reports it in one line instead."""
+    logger = logging.getLogger("aiokafka")  # its modules' loggers inherit its level
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 @dataclass(frozen=True)
 class ClientSecurity:
     """TLS and SASL settings of every Kafka client of one process (PLAINTEXT: none)."""
@@ -67,9 +79,10 @@ class ClientSecurity:
         :raises ConfigurationError: a certificate, key or CA file cannot be read.
         """
         try:
-            context: ssl.SSLContext = create_ssl_context(
-                cafile=self.ca_file, certfile=self.cert_file, keyfile=self.key_file
-            )
+            with _quiet_aiokafka():  # it logs every CA file it loads, once per client
+                context: ssl.SSLContext = create_ssl_context(
+                    cafile=self.ca_file, certfile=self.cert_file, keyfile=self.key_file
+                )
             return context
         except (OSError, ssl.SSLError) as error:
             files = ", ".join(
@@ -99,17 +112,6 @@ class ClientSecurity:
             options["sasl_plain_username"] = self.username
             options["sasl_plain_password"] = self.password
         return options
-
-
-@contextlib.contextmanager
-def _quiet_aiokafka() -> Iterator[None]:
-    """aiokafka logs a failed connection itself; the caller reports it in one line instead."""
-    logger = logging.getLogger("aiokafka")
-    disabled, logger.disabled = logger.disabled, True
-    try:
-        yield
-    finally:
-        logger.disabled = disabled
 
 
 async def check_login(bootstrap_servers: str, security: ClientSecurity, client_id: str) -> None:
