@@ -7,21 +7,26 @@ the end of the session.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # hypothesis is imported eagerly: its pytest plugin otherwise imports it at session end, where
 # CPython 3.11 has been seen failing with "AST constructor recursion depth mismatch".
 import hypothesis  # noqa: F401
 import pytest
 
-from vmreplica.devtools.cluster import LocalCluster
+from vmreplica.devtools.cluster import ClusterState, LocalCluster
 from vmreplica.devtools.ports import free_base_port
 from vmreplica.journal.kafka import KafkaConnection, TopicAdmin
+
+if TYPE_CHECKING:
+    from tests.fixtures import SecuredKafka
 
 pytest_plugins = ["tests.fixtures"]
 
@@ -39,24 +44,39 @@ def _stop_orphaned_test_brokers() -> None:
             shutil.rmtree(home, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def bootstrap_servers() -> Iterator[str]:
-    existing = os.environ.get("VMREPLICA_TEST_BOOTSTRAP")
-    if existing:
-        yield existing
-        return
+@contextlib.contextmanager
+def throwaway_cluster(*, secure: bool) -> Iterator[ClusterState]:
+    """A single-node cluster of this test process, on free ports, removed afterwards."""
     _stop_orphaned_test_brokers()
     port = free_base_port()
     home = Path(tempfile.gettempdir()) / f"vmreplica-test-kafka-{port}"
     home.mkdir(parents=True, exist_ok=True)
     (home / "owner.pid").write_text(str(os.getpid()))
     cluster = LocalCluster(home=home, base_port=port)
-    state = cluster.up(1)
     try:
-        yield state.bootstrap_servers
+        yield cluster.up(1, secure=secure)
     finally:
         cluster.down()
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def bootstrap_servers() -> Iterator[str]:
+    existing = os.environ.get("VMREPLICA_TEST_BOOTSTRAP")
+    if existing:
+        yield existing
+        return
+    with throwaway_cluster(secure=False) as state:
+        yield state.bootstrap_servers
+
+
+@pytest.fixture(scope="module")
+def secured_kafka() -> Iterator[SecuredKafka]:
+    """A secured single node (``broker up --secure``) shared by the tests of one module."""
+    from tests.fixtures import SecuredKafka  # noqa: PLC0415 — a plugin, imported once registered
+
+    with throwaway_cluster(secure=True) as state:
+        yield SecuredKafka(state)
 
 
 @pytest.fixture(scope="session")

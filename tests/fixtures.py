@@ -8,7 +8,11 @@ Registered from ``tests/conftest.py`` (``pytest_plugins``), so every test can as
 - ``site_pair``: sites A (``site-a``) and B (``site-b``) of that factory, started;
 - ``vm``: enables a VM on a site, with disks of given sizes and settings (:class:`VmFactory`);
 - ``site_folder``: where site roots and configuration files go (``tmp_path``); a module whose
-  sites serve NBD on Unix sockets overrides it with a shorter folder.
+  sites serve NBD on Unix sockets overrides it with a shorter folder;
+- ``broker_security``: ``"plain"``; a module that overrides it with ``"secured"`` runs its
+  ``sites`` against a secured broker of its own (``secured_kafka``, one per module: TLS,
+  SCRAM, ACLs), each of sites ``site-a``, ``site-b`` and ``site-c`` logging in as its own
+  Kafka user with the rights of the test's trust group only.
 
 :class:`SiteFactory` and :func:`enable_vm` also work without pytest's fixtures, for a test that
 runs its own event loop per hypothesis example.
@@ -28,8 +32,11 @@ from typing import Any, Protocol
 import pytest
 
 from vmreplica.config import SiteConfig
+from vmreplica.devtools.cluster import ClusterState
 from vmreplica.domain.model import VmRecord, VmSettings
+from vmreplica.journal.kafka import KafkaConnection
 from vmreplica.runtime.site import Site
+from vmreplica.security.sites import SiteAccess, add_site
 
 
 class SiteFactory:
@@ -40,15 +47,38 @@ class SiteFactory:
     another group).
     """
 
-    def __init__(self, folder: Path, bootstrap_servers: str, trust_group: str) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        bootstrap_servers: str,
+        trust_group: str,
+        secured: SecuredKafka | None = None,
+    ) -> None:
         self.folder = folder
         self.bootstrap_servers = bootstrap_servers
         self.trust_group = trust_group
+        self.secured = secured
+        self.access: dict[str, SiteAccess] = {}
+        """Each site's Kafka identity on a secured broker (see :meth:`add_principal`)."""
         self._started: list[Site] = []
+
+    async def add_principal(self, name: str, trust_group: str | None = None) -> SiteAccess:
+        """Give site ``name`` its own Kafka user with the rights of ``trust_group`` (the
+        factory's by default) on the secured broker."""
+        assert self.secured is not None, "a plain broker has no principals"
+        group = trust_group or self.trust_group
+        access = await self.secured.add_site(name, group, self.folder)
+        self.access[name] = access
+        return access
 
     def settings(self, name: str, **overrides: Any) -> dict[str, Any]:
         """The settings of site ``name``, as a configuration file would hold them."""
+        security: dict[str, Any] = {}
+        if self.secured is not None:
+            assert name in self.access, f"call `await sites.add_principal({name!r})` first"
+            security = dict(self.access[name].settings())
         return {
+            **security,
             "site": name,
             "root": self.folder / name,
             "bootstrap_servers": self.bootstrap_servers,
@@ -187,11 +217,64 @@ def site_folder(tmp_path: Path) -> Path:
     return tmp_path
 
 
+class SecuredKafka:
+    """A secured test broker (``broker up --secure``) and its admin."""
+
+    def __init__(self, state: ClusterState) -> None:
+        assert state.secured is not None
+        self.state = state
+        self.files = state.secured
+        self.bootstrap_servers = state.bootstrap_servers
+        self.ca_file = state.secured.ca_file
+
+    def admin(self) -> KafkaConnection:
+        return self.state.connection("vmreplica-tests-admin")
+
+    async def add_site(self, site: str, trust_group: str, folder: Path) -> SiteAccess:
+        """User ``<site>-<trust group>`` (unique to the test) with the group's rights; its
+        password file goes in ``folder``."""
+        user = f"{site}-{trust_group}"
+        return await add_site(
+            self.admin(),
+            self.ca_file,
+            site,
+            trust_group,
+            folder / f"{user}.password",
+            user=user,
+        )
+
+
+SECURED_SITES = ("site-a", "site-b", "site-c")
+"""The sites a secured ``sites`` factory gives a principal before the test starts."""
+
+
+@pytest.fixture
+def broker_security() -> str:
+    """``plain``, or ``secured`` where a module overrides this fixture."""
+    return "plain"
+
+
+@pytest.fixture
+def site_broker(broker_security: str, request: pytest.FixtureRequest) -> SecuredKafka | str:
+    """The broker of the test's sites: a secured one, or the bootstrap servers of the plain
+    one (started here, outside the event loop: starting a broker waits synchronously)."""
+    if broker_security == "secured":
+        secured: SecuredKafka = request.getfixturevalue("secured_kafka")
+        return secured
+    bootstrap_servers: str = request.getfixturevalue("bootstrap_servers")
+    return bootstrap_servers
+
+
 @pytest.fixture
 async def sites(
-    site_folder: Path, bootstrap_servers: str, unique: Callable[[str], str]
+    site_folder: Path, unique: Callable[[str], str], site_broker: SecuredKafka | str
 ) -> AsyncIterator[SiteFactory]:
-    factory = SiteFactory(site_folder, bootstrap_servers, unique("tg"))
+    if isinstance(site_broker, SecuredKafka):
+        factory = SiteFactory(site_folder, site_broker.bootstrap_servers, unique("tg"), site_broker)
+        for name in SECURED_SITES:
+            await factory.add_principal(name)
+    else:
+        factory = SiteFactory(site_folder, site_broker, unique("tg"))
     yield factory
     await factory.stop()
 

@@ -14,11 +14,12 @@ import tomllib
 from pathlib import Path
 from typing import Any, Final
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from vmreplica.domain.names import DEFAULT_PREFIX, DEFAULT_TRUST_GROUP, check_name
 from vmreplica.errors import ConfigurationError
+from vmreplica.journal.credentials import ClientSecurity, SaslMechanism, SecurityProtocol
 
 DEFAULT_BOOTSTRAP_SERVERS: Final = "127.0.0.1:19092"
 """Where `vmreplica broker up` listens by default."""
@@ -75,6 +76,26 @@ class SiteConfig(BaseSettings):
     nbd_tcp_host: str = Field(
         default="127.0.0.1", description="Loopback address of the NBD TCP listener."
     )
+    security_protocol: SecurityProtocol = Field(
+        default="PLAINTEXT",
+        description="How clients reach Kafka: SASL_SSL for `broker up --secure`.",
+    )
+    sasl_mechanism: SaslMechanism = "SCRAM-SHA-512"
+    sasl_username: str | None = Field(default=None, description="This site's Kafka user.")
+    sasl_password_file: Path | None = Field(
+        default=None, description="File holding the user's password (mode 0600)."
+    )
+    sasl_password: SecretStr | None = Field(
+        default=None,
+        description="The password itself, for $VMREPLICA_SASL_PASSWORD (prefer the file).",
+    )
+    ssl_ca_file: Path | None = Field(
+        default=None, description="PEM CA that signed the brokers' certificates."
+    )
+    ssl_cert_file: Path | None = Field(
+        default=None, description="PEM client certificate, for brokers that require one."
+    )
+    ssl_key_file: Path | None = Field(default=None, description="PEM key of ssl_cert_file.")
     vm_stop_command: str | None = Field(
         default=None, description="Hypervisor hook run before a planned failover ({vm})."
     )
@@ -92,10 +113,26 @@ class SiteConfig(BaseSettings):
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
 
-    @field_validator("nbd_socket_dir")
+    @field_validator(
+        "nbd_socket_dir", "sasl_password_file", "ssl_ca_file", "ssl_cert_file", "ssl_key_file"
+    )
     @classmethod
     def _absolute_or_none(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _complete_security(self) -> SiteConfig:
+        if self.security_protocol.startswith("SASL_"):
+            if not self.sasl_username:
+                raise ValueError(f"security_protocol {self.security_protocol} needs sasl_username")
+            if (self.sasl_password_file is None) == (self.sasl_password is None):
+                raise ValueError(
+                    f"security_protocol {self.security_protocol} needs exactly one of "
+                    "sasl_password_file and $VMREPLICA_SASL_PASSWORD"
+                )
+        if (self.ssl_cert_file is None) != (self.ssl_key_file is None):
+            raise ValueError("ssl_cert_file and ssl_key_file go together")
+        return self
 
     @field_validator("nbd_tcp_host")
     @classmethod
@@ -130,6 +167,35 @@ class SiteConfig(BaseSettings):
     def vm_folder(self, vm: str) -> Path:
         return self.root / "vms" / check_name("VM", vm)
 
+    def client_security(self) -> ClientSecurity:
+        """The Kafka clients' TLS and SASL settings, the password read from its file.
+
+        :raises ConfigurationError: the password file cannot be read or is empty (one line).
+        """
+        password = None
+        if self.sasl_password is not None:
+            password = self.sasl_password.get_secret_value()
+        elif self.sasl_password_file is not None and self.security_protocol.startswith("SASL_"):
+            file = self.sasl_password_file
+            try:
+                password = file.read_text().strip()
+            except OSError as error:
+                raise ConfigurationError(
+                    f"cannot read sasl_password_file {file}: {error.strerror}. Operator "
+                    "action: point it at the file `vmreplica broker add-site` wrote"
+                ) from None
+            if not password:
+                raise ConfigurationError(f"sasl_password_file {file} is empty")
+        return ClientSecurity(
+            self.security_protocol,
+            self.sasl_mechanism,
+            self.sasl_username,
+            password,
+            self.ssl_ca_file,
+            self.ssl_cert_file,
+            self.ssl_key_file,
+        )
+
     def accepts(self, primary_site: str) -> bool:
         return "*" in self.allowed_primaries or primary_site in self.allowed_primaries
 
@@ -162,7 +228,8 @@ def load_config(path: Path | None = None, **overrides: Any) -> SiteConfig:
         return SiteConfig(**values)
     except ValidationError as error:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in error.errors()
         )
         source = f" in {path}" if path else ""
         raise ConfigurationError(f"invalid site configuration{source}: {problems}") from None

@@ -41,6 +41,15 @@ class BrokerError(ReplicationError, RuntimeError):
     retriable = True
 
 
+class AccessDenied(BrokerError):
+    """Kafka's ACLs refuse this principal a topic, group or transactional id.
+
+    Not retriable: only an operator granting access (or fixing the site's identity) helps.
+    """
+
+    retriable = False
+
+
 class FencedError(BrokerError):
     """Another producer with this VM's transactional id (a newer primary) has taken over.
 

@@ -1,4 +1,5 @@
-"""A VM's writes travel primary → Kafka → replica and come out as identical images."""
+"""A VM's writes travel primary → Kafka → replica and come out as identical images, through a
+plain broker and through a secured one (TLS, SCRAM, each site its own principal with ACLs)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ from vmreplica.storage.image import sha256_of
 
 pytestmark = pytest.mark.integration
 MiB = 1024 * 1024
+
+
+@pytest.fixture(params=["plain", "secured"])
+def broker_security(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 async def test_two_disk_vm_replicates_to_identical_images(

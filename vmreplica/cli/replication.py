@@ -236,6 +236,7 @@ def agent(config_path: Path | None, log_level: str) -> None:
     # A stop asked for while the agent starts up is honoured once it runs, not by dying.
     early: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, _: early.append(signum))
+    from vmreplica.journal.credentials import check_login  # noqa: PLC0415
     from vmreplica.runtime.agent import Agent  # noqa: PLC0415
     from vmreplica.runtime.folders import check_folders  # noqa: PLC0415
 
@@ -247,6 +248,9 @@ def agent(config_path: Path | None, log_level: str) -> None:
 
     async def run() -> None:
         async with Site(config) as site:
+            await check_login(
+                site.connection.bootstrap_servers, site.connection.security, config.site
+            )
             await Agent(site, early_signals=early).run()
 
     asyncio.run(run())

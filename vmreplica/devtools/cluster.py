@@ -22,12 +22,16 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from vmreplica.devtools.jars import deploy_dir, home_dir, require_program, resolve_kafka
 from vmreplica.devtools.ports import cluster_ports, port_free
 from vmreplica.errors import BrokerError
+from vmreplica.security.broker import SecuredBroker
 from vmreplica.storage.safefile import replace_atomically
+
+if TYPE_CHECKING:
+    from vmreplica.journal.kafka import KafkaConnection
 
 DEFAULT_BROKER_PORT: Final = 19092
 """Not 9092, so a Kafka the user already runs is left alone."""
@@ -63,6 +67,8 @@ class ClusterState:
     cluster_id: str
     bootstrap_servers: str
     nodes: tuple[NodeState, ...]
+    secure_folder: str | None = None
+    """The secured cluster's certificates and passwords (:class:`SecuredBroker`); None: plain."""
 
     @classmethod
     def load(cls, path: Path) -> ClusterState | None:
@@ -70,7 +76,20 @@ class ClusterState:
             return None
         raw = json.loads(path.read_text())
         nodes = tuple(NodeState(**node) for node in raw["nodes"])
-        return cls(raw["cluster_id"], raw["bootstrap_servers"], nodes)
+        return cls(raw["cluster_id"], raw["bootstrap_servers"], nodes, raw.get("secure_folder"))
+
+    @property
+    def secured(self) -> SecuredBroker | None:
+        return None if self.secure_folder is None else SecuredBroker(Path(self.secure_folder))
+
+    def connection(self, client_id: str = "vmreplica-broker") -> KafkaConnection:
+        """A connection to this cluster, as its admin when it is secured."""
+        from vmreplica.journal.kafka import KafkaConnection  # noqa: PLC0415 — keeps `down` light
+
+        secured = self.secured
+        if secured is None:
+            return KafkaConnection(self.bootstrap_servers, client_id)
+        return KafkaConnection(self.bootstrap_servers, client_id, security=secured.admin_security())
 
     def save(self, path: Path) -> None:
         text = json.dumps(asdict(self), indent=2)
@@ -97,7 +116,9 @@ def _port_open(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _properties(node_id: int, brokers: int, base_port: int, directory: Path) -> str:
+def _properties(
+    node_id: int, brokers: int, base_port: int, directory: Path, secured: SecuredBroker | None
+) -> str:
     ports = cluster_ports(base_port, brokers)
     broker_port, controller_port = ports[2 * (node_id - 1) : 2 * node_id]
     voters = ",".join(f"{i + 1}@127.0.0.1:{ports[2 * i + 1]}" for i in range(brokers))
@@ -125,6 +146,8 @@ def _properties(node_id: int, brokers: int, base_port: int, directory: Path) -> 
         "auto.create.topics.enable": "false",
         "log.segment.bytes": str(256 * 1024 * 1024),
     }
+    if secured is not None:
+        lines.update(secured.properties(broker_port, controller_port))
     return "".join(f"{key}={value}\n" for key, value in lines.items())
 
 
@@ -149,6 +172,7 @@ class LocalCluster:
         state = self.state()
         if state is None:
             return {"running": False, "bootstrap_servers": None, "nodes": []}
+        secured = state.secured
         nodes = [
             {
                 "node_id": n.node_id,
@@ -164,11 +188,16 @@ class LocalCluster:
             "bootstrap_servers": state.bootstrap_servers,
             "cluster_id": state.cluster_id,
             "nodes": nodes,
+            "security_protocol": "PLAINTEXT" if secured is None else "SASL_SSL",
+            "sasl_mechanism": None if secured is None else "SCRAM-SHA-512",
+            "ca_file": None if secured is None else str(secured.ca_file),
+            "admin_properties": None if secured is None else str(secured.admin_properties),
         }
 
-    def up(self, brokers: int = 1) -> ClusterState:
+    def up(self, brokers: int = 1, *, secure: bool = False) -> ClusterState:
         """Start ``brokers`` nodes (1 or 3) and return once every one answers.
 
+        ``secure``: TLS on every listener, SCRAM logins and ACLs (:mod:`vmreplica.security.broker`).
         Idempotent: when the same cluster is already running it is returned as is.
 
         :raises PrerequisiteMissingError: Java, Maven or the jars are unavailable.
@@ -178,10 +207,11 @@ class LocalCluster:
             raise BrokerError(f"--brokers must be 1 or 3, not {brokers}")
         existing = self.state()
         if existing is not None and self.running():
-            if len(existing.nodes) == brokers:
+            if len(existing.nodes) == brokers and (existing.secured is not None) == secure:
                 return existing
+            kind = "secured " if existing.secured is not None else ""
             raise BrokerError(
-                f"a {len(existing.nodes)}-node cluster is already running at "
+                f"a {kind}{len(existing.nodes)}-node cluster is already running at "
                 f"{existing.bootstrap_servers}; run `vmreplica broker down` first"
             )
         if existing is not None:
@@ -199,13 +229,18 @@ class LocalCluster:
         cluster_id = _cluster_id()
         shutil.rmtree(self.root, ignore_errors=True)
         self.root.mkdir(parents=True)
+        secured = SecuredBroker(self.root / "secure") if secure else None
+        if secured is not None:
+            secured.prepare()
         nodes = []
         processes = []
         for node_id in range(1, brokers + 1):
             directory = self.root / f"node-{node_id}"
             (directory / "logs").mkdir(parents=True)
             properties = directory / "server.properties"
-            properties.write_text(_properties(node_id, brokers, self.base_port, directory))
+            text = _properties(node_id, brokers, self.base_port, directory, secured)
+            properties.touch(mode=0o600)  # a secured node's holds its SCRAM password
+            properties.write_text(text)
             jvm = [
                 java,
                 JVM_HEAP,
@@ -226,6 +261,7 @@ class LocalCluster:
                     "-c",
                     str(properties),
                     "--ignore-formatted",
+                    *(secured.format_arguments() if secured is not None else []),
                 ],
                 capture_output=True,
                 text=True,
@@ -250,6 +286,7 @@ class LocalCluster:
             cluster_id,
             ",".join(f"127.0.0.1:{node.broker_port}" for node in nodes),
             tuple(nodes),
+            None if secured is None else str(secured.folder),
         )
         state.save(self.state_file)
         try:
@@ -275,7 +312,7 @@ class LocalCluster:
                     )
             if all(_port_open(node.broker_port) for node in state.nodes):
                 try:
-                    if count_brokers(state.bootstrap_servers) >= len(state.nodes):
+                    if count_brokers(state.connection()) >= len(state.nodes):
                         return
                 except BrokerError:
                     pass

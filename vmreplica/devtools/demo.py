@@ -2,7 +2,9 @@
 then fail it over every way (see :mod:`vmreplica.devtools.demo_failover`).
 
 Site A is the primary: this process writes a workload through the capture API and ships cycles.
-Site B is the replica: a real ``vmreplica agent`` process applies the journal. The demo records
+Site B is the replica: a real ``vmreplica agent`` process applies the journal. The broker is
+secured (``broker up --secure``): each site logs in as its own Kafka user, with ACLs for its
+trust group only. The demo records
 the primary's digests at every cycle boundary, waits for the replica, compares the digests,
 exports an older recovery point with ``vmreplica points export`` and checks it against the
 primary's digests at that cycle. Everything it starts, it stops; it exits non-zero on any
@@ -28,13 +30,15 @@ from rich.table import Table
 
 from vmreplica.config import load_config
 from vmreplica.devtools import demo_failover
-from vmreplica.devtools.cluster import LocalCluster
+from vmreplica.devtools.cluster import ClusterState, LocalCluster
 from vmreplica.devtools.ports import free_base_port
 from vmreplica.domain.model import VmSettings
+from vmreplica.domain.names import DEFAULT_TRUST_GROUP
 from vmreplica.nbd.server import NbdServer
 from vmreplica.producers.capture import CapturedVm
 from vmreplica.producers.journaling_device import JournalingDevice
 from vmreplica.runtime.site import Site
+from vmreplica.security.sites import add_site
 from vmreplica.storage.image import sha256_of
 
 MiB: Final = 1024 * 1024
@@ -46,13 +50,39 @@ VM: Final = "web01"
 console = Console()
 
 
-def _site_file(folder: Path, name: str, bootstrap: str) -> Path:
+def _site_file(folder: Path, name: str, bootstrap: str, security: dict[str, str]) -> Path:
     path = folder / f"{name}.toml"
     path.write_text(
         f'site = "{name}"\nroot = "{folder / name}"\n'
         f'bootstrap_servers = "{bootstrap}"\nheartbeat_seconds = 1.0\n'
+        + "".join(f'{key} = "{value}"\n' for key, value in security.items())
     )
     return path
+
+
+def _principals(state: ClusterState, work: Path) -> dict[str, dict[str, str]]:
+    """Each site's own Kafka user on the secured broker, with its trust group's ACLs only."""
+    secured = state.secured
+    if secured is None:
+        return {"site-a": {}, "site-b": {}}
+    settings = {}
+    for name in ("site-a", "site-b"):
+        access = asyncio.run(
+            add_site(
+                state.connection(),
+                secured.ca_file,
+                name,
+                DEFAULT_TRUST_GROUP,
+                work / f"{name}.password",
+            )
+        )
+        keys = ("security_protocol", "sasl_username", "sasl_password_file", "ssl_ca_file")
+        settings[name] = {key: access.settings()[key] for key in keys}
+    console.print(
+        "site-a and site-b log in as their own Kafka users (SCRAM-SHA-512 over TLS), each "
+        f"allowed only trust group {DEFAULT_TRUST_GROUP!r}'s topics and transactional ids"
+    )
+    return settings
 
 
 def _workload(rng: random.Random) -> list[tuple[str, int, bytes | int]]:
@@ -180,9 +210,9 @@ async def _replicate(
     return result
 
 
-def _tour(work: Path, bootstrap: str) -> bool:
-    config_a = _site_file(work, "site-a", bootstrap)
-    config_b = _site_file(work, "site-b", bootstrap)
+def _tour(work: Path, bootstrap: str, security: dict[str, dict[str, str]]) -> bool:
+    config_a = _site_file(work, "site-a", bootstrap, security["site-a"])
+    config_b = _site_file(work, "site-b", bootstrap, security["site-b"])
     disks = {"system": work / "vm" / "system.img", "data": work / "vm" / "data.img"}
     disks["system"].parent.mkdir(parents=True)
     for path in disks.values():
@@ -252,13 +282,19 @@ def main() -> int:
         else LocalCluster(home=work / "kafka", base_port=free_base_port(preferred=DEMO_BROKER_PORT))
     )
     try:
+        security: dict[str, dict[str, str]] = {"site-a": {}, "site-b": {}}
         if cluster is not None:
-            with console.status("starting a local Apache Kafka broker…"):
-                bootstrap = cluster.up(1).bootstrap_servers
-            console.print(f"Kafka (KRaft, single node) at {bootstrap}")
+            with console.status("starting a local, secured Apache Kafka broker…"):
+                state = cluster.up(1, secure=True)
+            bootstrap = state.bootstrap_servers
+            console.print(
+                f"Kafka (KRaft, single node; TLS on every listener, SCRAM logins, ACLs) at "
+                f"{bootstrap}"
+            )
+            security = _principals(state, work)
         else:
             bootstrap = str(external)
-        ok = _tour(work, bootstrap)
+        ok = _tour(work, bootstrap, security)
     finally:
         if cluster is not None:
             cluster.down()

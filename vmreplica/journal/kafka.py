@@ -17,21 +17,33 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
     InvalidProducerEpoch,
     KafkaConnectionError,
     KafkaError,
     ProducerFenced,
     TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
 )
 
-from vmreplica.errors import BrokerError, FencedError
+from vmreplica.errors import AccessDenied, BrokerError, FencedError
 from vmreplica.journal.allocator import tune_allocator
+from vmreplica.journal.credentials import ClientSecurity
 from vmreplica.service import Service
 
 TOPIC_PROPAGATION_SECONDS: Final = 10.0
 """How long a topic just created may stay unknown to the broker that is asked about it."""
 _UNKNOWN_TOPIC_OR_PARTITION: Final = 3
 """Kafka's error code for a topic this broker does not know (yet)."""
+_AUTHORIZATION_CODES: Final = {
+    TopicAuthorizationFailedError.errno: "the topic",
+    GroupAuthorizationFailedError.errno: "the consumer group",
+    ClusterAuthorizationFailedError.errno: "the cluster",
+    TransactionalIdAuthorizationFailed.errno: "the transactional id",
+}
+"""Kafka's error codes for an ACL refusal, and what was refused."""
 MAX_RECORD_BYTES: Final = 8 * 1024 * 1024
 """Producer request and topic ``max.message.bytes``: a write batch is packed to stay below it."""
 REQUEST_TIMEOUT_MS: Final = 30_000
@@ -52,22 +64,37 @@ delay (a whole second per read, each failover step reads the journal), not fewer
 
 @dataclass(frozen=True)
 class KafkaConnection:
-    """How to reach the cluster. Security settings join here (TLS, SASL/SCRAM)."""
+    """How to reach the cluster and who to be there: every client of this module is built
+    from :meth:`options`, so a secured site's producers, consumers and admin clients all use
+    its TLS and SASL settings."""
 
     bootstrap_servers: str
     client_id: str = "vmreplica"
     extra: Mapping[str, Any] = field(default_factory=dict)
+    security: ClientSecurity = field(default_factory=ClientSecurity)
 
     def options(self) -> dict[str, Any]:
         return {
             "bootstrap_servers": self.bootstrap_servers,
             "client_id": self.client_id,
             "request_timeout_ms": REQUEST_TIMEOUT_MS,
+            **self.security.options(),
             **self.extra,
         }
 
 
+def _refused(what: str, doing: str) -> AccessDenied:
+    return AccessDenied(
+        f"{doing}: Kafka's ACLs refuse this site access to {what}. Operator action: grant the "
+        "site's principal its trust group (`vmreplica broker add-site SITE --trust-group G`), "
+        "or check `sasl_username` and `trust_group` in the site configuration"
+    )
+
+
 def _translate(error: BaseException, doing: str) -> BrokerError:
+    code = getattr(error, "errno", None)
+    if isinstance(error, KafkaError) and code in _AUTHORIZATION_CODES:
+        return _refused(_AUTHORIZATION_CODES[code], doing)
     if isinstance(error, ProducerFenced | InvalidProducerEpoch):
         return FencedError(
             f"{doing}: another producer with the same transactional id has taken over "
@@ -81,8 +108,8 @@ def _translate(error: BaseException, doing: str) -> BrokerError:
     return BrokerError(f"{doing}: {type(error).__name__}: {error}")
 
 
-async def _count_brokers(bootstrap_servers: str) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=5000)
+async def _count_brokers(connection: KafkaConnection) -> int:
+    admin = AIOKafkaAdminClient(**{**connection.options(), "request_timeout_ms": 5000})
     try:
         await admin.start()
         cluster = await admin.describe_cluster()
@@ -93,9 +120,9 @@ async def _count_brokers(bootstrap_servers: str) -> int:
         await admin.close()
 
 
-def count_brokers(bootstrap_servers: str) -> int:
+def count_brokers(connection: KafkaConnection) -> int:
     """How many brokers the cluster reports (synchronous; for start-up checks)."""
-    return asyncio.run(_count_brokers(bootstrap_servers))
+    return asyncio.run(_count_brokers(connection))
 
 
 @dataclass(frozen=True)
@@ -139,6 +166,8 @@ class TopicAdmin(Service):
         for name, code, *rest in response.topic_errors:
             if code == TopicAlreadyExistsError.errno:
                 return False
+            if code in _AUTHORIZATION_CODES:
+                raise _refused(_AUTHORIZATION_CODES[code], f"creating topic {name}")
             if code != 0:
                 message = rest[0] if rest else ""
                 raise BrokerError(f"creating topic {name} failed with error code {code}: {message}")
@@ -166,6 +195,8 @@ class TopicAdmin(Service):
                     error_code, error_message = resource[0], resource[1]
                     if error_code == _UNKNOWN_TOPIC_OR_PARTITION and loop.time() < deadline:
                         unknown = True
+                    elif error_code in _AUTHORIZATION_CODES:
+                        raise _refused(_AUTHORIZATION_CODES[error_code], f"describing {name}")
                     elif error_code != 0:
                         raise BrokerError(
                             f"describing topic {name}: error code {error_code} "
@@ -292,16 +323,32 @@ class JournalReader(Service):
             group_id=None,
         )
         self._started = False
+        self._check_access = connection.security.protocol != "PLAINTEXT"
+        """Whether the broker may have ACLs: aiokafka's consumer only logs a topic it may not
+        read and returns nothing for ever, so the reader asks the metadata itself."""
+
+    def _refuse_unauthorized(self) -> None:
+        if self.topic in self._consumer._client.cluster.unauthorized_topics:
+            raise _refused("the topic", f"reading {self.topic}")
 
     async def start(self, offset: int | None = None) -> None:
-        """Connect and position at ``offset`` (the next record to read), or the beginning."""
+        """Connect and position at ``offset`` (the next record to read), or the beginning.
+
+        :raises AccessDenied: the ACLs do not let this site read the topic.
+        """
         try:
             await self._consumer.start()
             self._consumer.assign([self._partition])
+            if self._check_access:
+                await self._consumer._client.force_metadata_update()
+                self._refuse_unauthorized()
             if offset is None:
                 await self._consumer.seek_to_beginning(self._partition)
             else:
                 self._consumer.seek(self._partition, offset)
+        except AccessDenied:
+            await self._consumer.stop()
+            raise
         except (KafkaError, OSError) as error:
             await self._consumer.stop()
             raise _translate(error, f"reading {self.topic}") from error
@@ -327,6 +374,8 @@ class JournalReader(Service):
             )
         except KafkaError as error:
             raise _translate(error, f"reading {self.topic}") from error
+        if not batches and self._check_access:
+            self._refuse_unauthorized()  # access withdrawn while reading
         return [
             JournalRecord(m.offset, m.key, m.value, m.timestamp)
             for m in batches.get(self._partition, [])

@@ -108,7 +108,9 @@ class ExtendedReplication:
         self.site = site
         self.extension = extension
         self.connection = KafkaConnection(
-            extension.bootstrap_servers, client_id=f"{site.config.site}-extend"
+            extension.bootstrap_servers,
+            client_id=f"{site.config.site}-extend",
+            security=site.connection.security,
         )
         prefix = site.config.topic_prefix
         self.topic = names.journal_topic(extension.vm, extension.trust_group, prefix)

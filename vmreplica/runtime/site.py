@@ -36,7 +36,9 @@ class Site(Service):
 
     def __init__(self, config: SiteConfig) -> None:
         self.config = config
-        self.connection = KafkaConnection(config.bootstrap_servers, client_id=config.site)
+        self.connection = KafkaConnection(
+            config.bootstrap_servers, client_id=config.site, security=config.client_security()
+        )
         self.catalog = Catalog(config.catalog_path)
         self._status: StatusPublisher | None = None
         self.refused: dict[str, str] = {}
