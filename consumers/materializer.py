@@ -2,7 +2,8 @@
 
 Each committed cycle is applied in numbered durable steps:
 
-1. check it (epoch, sequence, hash chain, bounds, checksums: :mod:`journal_rules`);
+1. check it (signature: :mod:`vmreplica.security.authorization`; epoch, sequence, hash chain,
+   bounds, checksums: :mod:`journal_rules`);
 2. save the old content of every range it writes to the cycle's undo log, fsync the undo log;
 3. write the cycle into the images;
 4. fsync the images;
@@ -53,6 +54,7 @@ from vmreplica.schemas.events import (
     WriteBatch,
 )
 from vmreplica.schemas.payload import PayloadUnpacker, verify
+from vmreplica.security.authorization import JournalVerifier
 from vmreplica.storage.catalog import Catalog
 from vmreplica.storage.image import DiskImage
 
@@ -95,6 +97,7 @@ class Materializer:
         on_applied: Applied | None = None,
         site: str = "",
         on_digests_wanted: DigestsWanted | None = None,
+        verifier: JournalVerifier | None = None,
     ) -> None:
         self.vm = vm
         self.site = site
@@ -104,6 +107,8 @@ class Materializer:
         self.policy = policy
         self.on_applied = on_applied
         self.on_digests_wanted = on_digests_wanted
+        self.verifier = verifier
+        """Refuses records no trusted key signed (None: a tool that trusts the journal)."""
         self.views: list[PointView] = []
         """Open test-failover views; each keeps what a newer cycle overwrites."""
         self.cursor = ReplicaCursor(0, 0, GENESIS_HASH, 0, seeding=True)
@@ -186,6 +191,8 @@ class Materializer:
                     record.offset,
                 )
                 continue
+            if self.verifier is not None:  # before any value of the record is used
+                self.verifier.check(event, record.offset)
             if isinstance(event, DigestRequest):
                 await self._digests_wanted(event)
                 continue

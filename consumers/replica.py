@@ -42,6 +42,7 @@ from vmreplica.schemas.events import (
     ReplicaPosition,
     ResyncRequest,
 )
+from vmreplica.security.authorization import JournalVerifier
 from vmreplica.storage.catalog import Catalog
 from vmreplica.storage.digests import digest_block_bytes, image_digests
 from vmreplica.storage.image import DiskImage
@@ -133,6 +134,7 @@ class ReplicaVm:
         journal_topic: str,
         status_topic: str,
         status: StatusPublisher | None = None,
+        verifier: JournalVerifier | None = None,
     ) -> None:
         self.record = record
         self.site = site
@@ -150,6 +152,7 @@ class ReplicaVm:
             self._report,
             site,
             self._digests_wanted,
+            verifier,
         )
         self.reader = JournalReader(connection, journal_topic)
         self.violation: JournalViolation | None = None

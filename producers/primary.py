@@ -72,6 +72,7 @@ class PrimaryVm:
         catalog: Catalog,
         journal_topic: str,
         transactional_id: str,
+        encode: Callable[[JournalEvent], bytes] = encode,
     ) -> None:
         self.record = record
         self.site = site
@@ -86,7 +87,7 @@ class PrimaryVm:
             # A scan's records are copies of the image the guest may since have overwritten.
             redo=record.settings.capture != "scan",
         )
-        self.publisher = JournalPublisher(connection, transactional_id)
+        self.publisher = JournalPublisher(connection, transactional_id, encode)
         self.shipper = CycleShipper(
             record.name,
             journal_topic,
@@ -94,7 +95,11 @@ class PrimaryVm:
             self.publisher,
             catalog,
             CycleBuilder(
-                record.name, record.epoch, disk_sizes(self.capture), record.settings.compression
+                record.name,
+                record.epoch,
+                disk_sizes(self.capture),
+                record.settings.compression,
+                encode,
             ),
         )
         self._lock = asyncio.Lock()
@@ -280,7 +285,7 @@ class PrimaryVm:
 
     async def publish(self, event: JournalEvent) -> None:
         """Publish one event to the VM's journal outside any cycle (as its own transaction)."""
-        await self.publisher.publish(self.topic, self.name.encode(), [encode(event)])
+        await self.publisher.publish(self.topic, self.name.encode(), [self.publisher.encode(event)])
 
     # What failover asks of a primary (vmreplica/failover) --------------------------------------
 

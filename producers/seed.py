@@ -27,7 +27,6 @@ from vmreplica.domain.model import Position
 from vmreplica.journal.kafka import JournalPublisher
 from vmreplica.producers.capture import CapturedVm
 from vmreplica.schemas.chain import GENESIS_HASH
-from vmreplica.schemas.codec import encode
 from vmreplica.schemas.events import (
     Compression,
     DiskSize,
@@ -102,7 +101,7 @@ class Seeder:
         for offset, data in nonzero_chunks(image, start, SEED_CHUNK_BYTES):
             compression, packed = self._packer.pack(data)
             pending.append(
-                encode(
+                self.publisher.encode(
                     SeedChunk(
                         self.vm,
                         self.epoch,
@@ -137,7 +136,9 @@ class Seeder:
         final = SeedChunk(
             self.vm, self.epoch, "", 0, 0, Compression.NONE, b"", 0, self.seed_id, True
         )
-        offsets = await self.publisher.publish(self.topic, self._key, [encode(final)])
+        offsets = await self.publisher.publish(
+            self.topic, self._key, [self.publisher.encode(final)]
+        )
         return offsets[-1]
 
 
@@ -179,7 +180,9 @@ class InitialReplication:
                 now_ms(),
                 GENESIS_HASH,
             )
-            await self.publisher.publish(self.topic, key, [encode(start), encode(self.config)])
+            await self.publisher.publish(
+                self.topic, key, [self.publisher.encode(start), self.publisher.encode(self.config)]
+            )
             for name in vm.disk_names:  # step 2 is recorded with the start offsets
                 await self.catalog.set_seed_progress(vm.name, name, 0)
             await self.catalog.set_seed_progress(vm.name, "", first_cycle)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -39,6 +39,7 @@ from vmreplica.schemas.events import (
     DiskSize,
     Extent,
     ExtentKind,
+    JournalEvent,
     WriteBatch,
 )
 from vmreplica.schemas.payload import PayloadPacker, checksum
@@ -86,8 +87,17 @@ def _pieces(segment: Segment) -> list[Piece[LogRecord]]:
 class CycleBuilder:
     """Builds the records of one cycle from a sealed segment (pure apart from reading it)."""
 
-    def __init__(self, vm: str, epoch: int, disks: Sequence[DiskSize], compress: bool) -> None:
+    def __init__(
+        self,
+        vm: str,
+        epoch: int,
+        disks: Sequence[DiskSize],
+        compress: bool,
+        encode: Callable[[JournalEvent], bytes] = encode,
+    ) -> None:
         self.vm = vm
+        self.encode = encode
+        """Encodes (and, at a site, signs) each record."""
         self.epoch = epoch
         self.disks = tuple(disks)
         self._packer = PayloadPacker(compress)
@@ -156,7 +166,7 @@ class CycleBuilder:
         batches = payload_bytes = 0
         for extents, payload in self.extents_and_payloads(segment):
             compression, packed = self._packer.pack(payload)
-            record = encode(
+            record = self.encode(
                 WriteBatch(
                     self.vm, self.epoch, segment.cycle, batches, tuple(extents), compression, packed
                 )
@@ -183,7 +193,7 @@ class CycleBuilder:
             previous_hash=previous_hash,
             cycle_hash=cycle_hash(previous_hash, self.epoch, segment.cycle, all_extents),
         )
-        record = encode(commit)
+        record = self.encode(commit)
         tally.wire_bytes += len(record)
         tally.commit = commit
         yield record

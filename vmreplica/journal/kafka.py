@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Self
@@ -27,6 +27,8 @@ from aiokafka.errors import (
 
 from vmreplica.errors import BrokerError, FencedError
 from vmreplica.journal.allocator import tune_allocator
+from vmreplica.schemas.codec import encode
+from vmreplica.schemas.events import JournalEvent
 
 TOPIC_PROPAGATION_SECONDS: Final = 10.0
 """How long a topic just created may stay unknown to the broker that is asked about it."""
@@ -195,12 +197,21 @@ class JournalPublisher:
     """A transactional producer for one VM: each cycle is published as one transaction.
 
     Every site uses the same ``transactional_id`` for a VM, so initialising a producer at a new
-    primary fences the old one at the broker.
+    primary fences the old one at the broker. ``encode`` turns the site's events into records:
+    a site passes its signing key's (:meth:`vmreplica.security.signing.SiteKey.encode`); the
+    default writes them unsigned (tools and tests that play a forger).
     """
 
-    def __init__(self, connection: KafkaConnection, transactional_id: str) -> None:
+    def __init__(
+        self,
+        connection: KafkaConnection,
+        transactional_id: str,
+        encode: Callable[[JournalEvent], bytes] = encode,
+    ) -> None:
         tune_allocator()
         self.transactional_id = transactional_id
+        self.encode = encode
+        """How this publisher's site encodes (and signs) a journal event."""
         self._producer = AIOKafkaProducer(
             **connection.options(),
             transactional_id=transactional_id,

@@ -20,13 +20,19 @@ from vmreplica.consumers.replica import ReplicaVm, image_path
 from vmreplica.domain import names
 from vmreplica.domain.model import DiskRecord, VmRecord, VmSettings
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import ConfigurationError, DecodeError, JournalViolation
+from vmreplica.errors import (
+    ConfigurationError,
+    DecodeError,
+    JournalViolation,
+)
 from vmreplica.journal import topics
 from vmreplica.journal.kafka import KafkaConnection, StatusPublisher, TopicAdmin, read_to_end
 from vmreplica.producers.primary import PrimaryVm
 from vmreplica.schemas.codec import decode_journal
 from vmreplica.schemas.events import VmConfig
 from vmreplica.schemas.validation import check_event
+from vmreplica.security.authorization import AuthorizationStore, JournalVerifier
+from vmreplica.security.signing import SiteKey, load_site_key
 from vmreplica.storage.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -40,11 +46,15 @@ class Site:
         self.connection = KafkaConnection(config.bootstrap_servers, client_id=config.site)
         self.catalog = Catalog(config.catalog_path)
         self._status: StatusPublisher | None = None
+        self.authorization = AuthorizationStore(config.root)
+        """Which primaries this site accepts and their keys (:mod:`vmreplica.security`)."""
+        self._key: SiteKey | None = None
         self.refused: dict[str, str] = {}
         """Journals whose VM :meth:`discover` did not adopt, with the reason (topic → reason)."""
 
     async def start(self) -> None:
         self.config.root.mkdir(parents=True, exist_ok=True)
+        self._key = load_site_key(self.config.root)
         await self.catalog.start()
 
     async def stop(self) -> None:
@@ -64,6 +74,17 @@ class Site:
         trace: TracebackType | None,
     ) -> None:
         await self.stop()
+
+    @property
+    def key(self) -> SiteKey:
+        """This site's signing key (created on the site's first start)."""
+        if self._key is None:
+            self._key = load_site_key(self.config.root)
+        return self._key
+
+    def verifier(self, vm: str, primary_site: str) -> JournalVerifier:
+        """Checks the signatures of ``vm``'s journal against this site's authorization entries."""
+        return JournalVerifier(self.authorization, self.config.trust_group, vm, primary_site)
 
     def journal_topic(self, vm: str) -> str:
         return names.journal_topic(vm, self.config.trust_group, self.config.topic_prefix)
@@ -153,6 +174,7 @@ class Site:
             self.catalog,
             self.journal_topic(record.name),
             names.transactional_id(record.name, self.config.trust_group, self.config.topic_prefix),
+            self.key.encode,
         )
 
     async def replica(self, record: VmRecord) -> ReplicaVm:
@@ -174,6 +196,7 @@ class Site:
             self.journal_topic(record.name),
             self.status_topic(record.name),
             self._status,
+            self.verifier(record.name, record.partner_site),
         )
 
     async def discover(self) -> list[VmRecord]:
@@ -207,6 +230,10 @@ class Site:
                 continue
             if not self.config.accepts(config.primary_site):
                 continue
+            if self.authorization.entries() and not self.authorization.for_primary(
+                config.primary_site, self.config.trust_group
+            ):
+                continue
             adopted.append(await self.adopt(config))
             self.refused.pop(topic, None)
         return adopted
@@ -229,7 +256,8 @@ class Site:
             (:func:`~vmreplica.schemas.validation.check_vm_config`); nothing was created.
         """
         check_event(config)
-        folder = self.config.vm_folder(config.vm)
+        storage = self.authorization.storage_for(config.primary_site, self.config.trust_group)
+        folder = self.config.vm_folder(config.vm) if storage is None else storage / config.vm
         disks = [
             DiskRecord(d.name, str(image_path(folder, d.name)), d.size_bytes) for d in config.disks
         ]
@@ -264,10 +292,15 @@ class Site:
         :raises JournalViolation: a record before it, or it, is refused (naming its offset), or
             it describes another VM.
         """
+        verifier = self.verifier(vm, "")
         async with contextlib.aclosing(read_to_end(self.connection, topic)) as records:
             async for record in records:
                 try:
                     event = decode_journal(record.value)
+                    if isinstance(event, VmConfig):
+                        verifier.check(event, record.offset)
+                except JournalViolation:
+                    raise
                 except DecodeError as error:
                     raise JournalViolation(
                         vm, record.offset, str(error), ReplicationState.ERROR
