@@ -33,7 +33,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -56,6 +56,7 @@ PLAIN: Final = 1
 ENDORSED: Final = 2
 PLAIN_SIZE: Final = 1 + KEY_ID_BYTES + SIGNATURE_BYTES
 ENDORSED_SIZE: Final = PLAIN_SIZE + PUBLIC_KEY_BYTES + KEY_ID_BYTES + SIGNATURE_BYTES
+E = TypeVar("E", bound=JournalEvent)
 _RECORD_CONTEXT: Final = b"vmreplica journal record signature v1\0"
 _ROTATION_CONTEXT: Final = b"vmreplica site key rotation v1\0"
 
@@ -150,7 +151,7 @@ class SiteKey:
             return bytes([ENDORSED]) + self.id + signature + self.endorsement
         return bytes([PLAIN]) + self.id + signature
 
-    def sign(self, event: JournalEvent) -> JournalEvent:
+    def sign(self, event: E) -> E:
         """``event`` with its signature set (any signature it had is replaced)."""
         return dataclasses.replace(event, signature=self.sign_bytes(signed_message(event)))
 
