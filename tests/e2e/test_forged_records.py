@@ -75,6 +75,15 @@ async def _refused(site_b: Site, vm: str, offset: int) -> str:
     return message
 
 
+def _check_nothing_written(folder: Path, storage: Path, evil: str) -> None:
+    """No file of the forged VM: not where its disk names point, not in the storage."""
+    assert not Path("/abs/x").exists()
+    assert not (folder / "x").exists()
+    assert not (folder.parent / "x").exists()
+    assert not list(storage.rglob("*x*"))
+    assert not (storage / evil).exists()
+
+
 async def test_forged_records_change_no_byte_and_no_role(
     tmp_path: Path, sites: SiteFactory, vm: VmFactory
 ) -> None:
@@ -164,11 +173,7 @@ async def test_forged_records_change_no_byte_and_no_role(
                 assert await _replica_state(site_b, name) == before[name]
                 assert (await site_a.catalog.vm(name)).role == "primary"
             assert await site_b.catalog.find_vm(evil) is None
-            assert not os.path.exists("/abs/x")
-            assert not (tmp_path / "x").exists()
-            assert not (sites.folder / "x").exists()
-            assert not list(storage.rglob("*x*"))
-            assert not (storage / evil).exists()
+            _check_nothing_written(tmp_path, storage, evil)
             agent_a.stop()
             await running
     finally:
