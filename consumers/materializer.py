@@ -51,10 +51,12 @@ from vmreplica.schemas.events import (
     Heartbeat,
     JournalEvent,
     SeedChunk,
+    VmConfig,
     WriteBatch,
 )
 from vmreplica.schemas.payload import PayloadUnpacker, verify
 from vmreplica.security.authorization import JournalVerifier
+from vmreplica.security.encryption import VmKeyRing
 from vmreplica.storage.catalog import Catalog
 from vmreplica.storage.image import DiskImage
 
@@ -98,6 +100,7 @@ class Materializer:
         site: str = "",
         on_digests_wanted: DigestsWanted | None = None,
         verifier: JournalVerifier | None = None,
+        keys: VmKeyRing | None = None,
     ) -> None:
         self.vm = vm
         self.site = site
@@ -114,7 +117,9 @@ class Materializer:
         self.cursor = ReplicaCursor(0, 0, GENESIS_HASH, 0, seeding=True)
         self.prepared: FailoverPrepared | None = None
         """Set when the primary prepared a planned failover and this replica holds its cycle."""
-        self._payloads = PayloadUnpacker()
+        self.keys = keys
+        """The VM's payload keys at this site; learns those a verified VmConfig wraps for it."""
+        self._payloads = PayloadUnpacker(keys)
         self._undo_discarded_through: int | None = None
         """Every undo file up to this cycle is gone (None: not known yet; the folder is listed)."""
 
@@ -196,6 +201,9 @@ class Materializer:
             if isinstance(event, DigestRequest):
                 await self._digests_wanted(event)
                 continue
+            if isinstance(event, VmConfig) and self.keys is not None:
+                self._learn_keys(event, record.offset)
+                continue
             if self.cursor.awaiting_resync:
                 if isinstance(event, Heartbeat):  # an unplanned failover still asks for it
                     await self.catalog.record_heartbeat(
@@ -227,6 +235,15 @@ class Materializer:
                 self._prepared(event, record.offset)
         if seed_written:
             await self._record_seed_progress(records[-1].offset + 1)
+
+    def _learn_keys(self, config: VmConfig, offset: int) -> None:
+        """Keep the payload keys a (verified) VmConfig wraps for this site, before any payload
+        encrypted with them is read."""
+        assert self.keys is not None
+        try:
+            self.keys.learn(config, self.site)
+        except CorruptEventError as error:
+            raise JournalViolation(self.vm, offset, str(error), ReplicationState.ERROR) from error
 
     async def _heartbeat(self, event: Heartbeat) -> None:
         """The primary is alive; if it says nothing waited to ship, this replica — which holds
@@ -339,7 +356,7 @@ class Materializer:
         )
         target = self.images[chunk.disk]
         try:
-            data = self._payloads.unpack(chunk.compression, chunk.payload, chunk.length)
+            data = self._payloads.open(chunk, chunk.length)
         except CorruptEventError as error:
             raise JournalViolation(
                 self.vm, offset, f"seed chunk does not decompress: {error}", ReplicationState.ERROR

@@ -43,6 +43,7 @@ from vmreplica.schemas.events import (
     ResyncRequest,
 )
 from vmreplica.security.authorization import JournalVerifier
+from vmreplica.security.encryption import VmKeyRing
 from vmreplica.storage.catalog import Catalog
 from vmreplica.storage.digests import digest_block_bytes, image_digests
 from vmreplica.storage.image import DiskImage
@@ -135,6 +136,7 @@ class ReplicaVm:
         status_topic: str,
         status: StatusPublisher | None = None,
         verifier: JournalVerifier | None = None,
+        keys: VmKeyRing | None = None,
     ) -> None:
         self.record = record
         self.site = site
@@ -153,6 +155,7 @@ class ReplicaVm:
             site,
             self._digests_wanted,
             verifier,
+            keys,
         )
         self.reader = JournalReader(connection, journal_topic)
         self.violation: JournalViolation | None = None

@@ -34,7 +34,15 @@ from vmreplica.producers.changelog import HEADER_BYTES, SEGMENT_SUFFIX, read_seg
 from vmreplica.producers.seed import InitialReplication, Progress, SeedResult, disk_sizes
 from vmreplica.producers.shipper import CycleBuilder, CycleShipper, ShippedCycle
 from vmreplica.schemas.codec import decode_journal, encode
-from vmreplica.schemas.events import DiskDigest, EpochStart, Heartbeat, JournalEvent, VmConfig
+from vmreplica.schemas.events import (
+    DiskDigest,
+    EpochStart,
+    Heartbeat,
+    JournalEvent,
+    VmConfig,
+    WrappedKey,
+)
+from vmreplica.schemas.payload import PayloadCipher
 from vmreplica.storage.catalog import Catalog
 from vmreplica.storage.image import sha256_of
 
@@ -73,6 +81,8 @@ class PrimaryVm:
         journal_topic: str,
         transactional_id: str,
         encode: Callable[[JournalEvent], bytes] = encode,
+        cipher: PayloadCipher | None = None,
+        wrapped_keys: tuple[WrappedKey, ...] = (),
     ) -> None:
         self.record = record
         self.site = site
@@ -87,7 +97,9 @@ class PrimaryVm:
             # A scan's records are copies of the image the guest may since have overwritten.
             redo=record.settings.capture != "scan",
         )
-        self.publisher = JournalPublisher(connection, transactional_id, encode)
+        self.publisher = JournalPublisher(connection, transactional_id, encode, cipher)
+        self.wrapped_keys = wrapped_keys
+        """The VM's payload keys wrapped for its replica sites, published in its VmConfig."""
         self.shipper = CycleShipper(
             record.name,
             journal_topic,
@@ -100,6 +112,7 @@ class PrimaryVm:
                 disk_sizes(self.capture),
                 record.settings.compression,
                 encode,
+                cipher,
             ),
         )
         self._lock = asyncio.Lock()
@@ -219,6 +232,7 @@ class PrimaryVm:
             settings.compression,
             settings.continuous_max_bytes,
             settings.changelog_budget_bytes,
+            self.wrapped_keys,
         )
 
     async def initial_replication(self, progress: Progress | None = None) -> SeedResult:

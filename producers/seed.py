@@ -34,7 +34,7 @@ from vmreplica.schemas.events import (
     SeedChunk,
     VmConfig,
 )
-from vmreplica.schemas.payload import PayloadPacker, checksum
+from vmreplica.schemas.payload import PayloadPacker, checksum, seed_associated_data
 from vmreplica.storage.catalog import Catalog
 from vmreplica.storage.image import DiskImage, nonzero_chunks
 
@@ -79,7 +79,7 @@ class Seeder:
         """Payload bytes published so far (after compression)."""
         self.chunks = 0
         self._key = vm.encode()
-        self._packer = PayloadPacker()
+        self._packer = PayloadPacker(cipher=publisher.cipher)
 
     async def send_disk(
         self,
@@ -99,7 +99,15 @@ class Seeder:
         pending: list[bytes] = []
         pending_bytes = 0
         for offset, data in nonzero_chunks(image, start, SEED_CHUNK_BYTES):
-            compression, packed = self._packer.pack(data)
+            crc = checksum(data)
+            associated = (
+                seed_associated_data(
+                    self.vm, self.epoch, self.seed_id, disk, offset, len(data), crc
+                )
+                if self._packer.cipher is not None
+                else b""
+            )
+            compression, packed, encryption = self._packer.seal(data, associated)
             pending.append(
                 self.publisher.encode(
                     SeedChunk(
@@ -110,9 +118,10 @@ class Seeder:
                         len(data),
                         compression,
                         packed,
-                        checksum(data),
+                        crc,
                         self.seed_id,
                         False,
+                        encryption=encryption,
                     )
                 )
             )

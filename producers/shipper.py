@@ -42,7 +42,12 @@ from vmreplica.schemas.events import (
     JournalEvent,
     WriteBatch,
 )
-from vmreplica.schemas.payload import PayloadPacker, checksum
+from vmreplica.schemas.payload import (
+    PayloadCipher,
+    PayloadPacker,
+    batch_associated_data,
+    checksum,
+)
 from vmreplica.storage.catalog import Catalog
 from vmreplica.storage.image import is_zero
 
@@ -94,13 +99,14 @@ class CycleBuilder:
         disks: Sequence[DiskSize],
         compress: bool,
         encode: Callable[[JournalEvent], bytes] = encode,
+        cipher: PayloadCipher | None = None,
     ) -> None:
         self.vm = vm
         self.encode = encode
         """Encodes (and, at a site, signs) each record."""
         self.epoch = epoch
         self.disks = tuple(disks)
-        self._packer = PayloadPacker(compress)
+        self._packer = PayloadPacker(compress, cipher)
 
     def extents_and_payloads(self, segment: Segment) -> Iterator[tuple[list[Extent], bytes]]:
         """Groups of extents with their uncompressed payload, each group one WriteBatch."""
@@ -165,10 +171,22 @@ class CycleBuilder:
         all_extents = tally.extents
         batches = payload_bytes = 0
         for extents, payload in self.extents_and_payloads(segment):
-            compression, packed = self._packer.pack(payload)
+            associated = (
+                batch_associated_data(self.vm, self.epoch, segment.cycle, batches, extents)
+                if self._packer.cipher is not None
+                else b""
+            )
+            compression, packed, encryption = self._packer.seal(payload, associated)
             record = self.encode(
                 WriteBatch(
-                    self.vm, self.epoch, segment.cycle, batches, tuple(extents), compression, packed
+                    self.vm,
+                    self.epoch,
+                    segment.cycle,
+                    batches,
+                    tuple(extents),
+                    compression,
+                    packed,
+                    encryption=encryption,
                 )
             )
             batches += 1

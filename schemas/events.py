@@ -204,6 +204,16 @@ class DigestRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class WrappedKey:
+    """A VM's payload key, wrapped for one replica site (:mod:`vmreplica.security.encryption`)."""
+
+    site: str
+    key_id: str
+    ephemeral_public: bytes
+    wrapped: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class VmConfig:
     """Replication settings of a VM."""
 
@@ -228,6 +238,8 @@ class VmConfig:
     compression: bool = True
     continuous_max_bytes: int = 64 * 1024 * 1024
     changelog_budget_bytes: int | None = None
+    wrapped_keys: tuple[WrappedKey, ...] = ()
+    """The VM's payload keys for its replica sites; empty when payloads travel in clear."""
     signature: bytes | None = None
     """Ed25519 signature by the writing site (:mod:`vmreplica.security.signing`)."""
 

@@ -29,6 +29,7 @@ from vmreplica.errors import BrokerError, FencedError
 from vmreplica.journal.allocator import tune_allocator
 from vmreplica.schemas.codec import encode
 from vmreplica.schemas.events import JournalEvent
+from vmreplica.schemas.payload import PayloadCipher
 
 TOPIC_PROPAGATION_SECONDS: Final = 10.0
 """How long a topic just created may stay unknown to the broker that is asked about it."""
@@ -207,11 +208,14 @@ class JournalPublisher:
         connection: KafkaConnection,
         transactional_id: str,
         encode: Callable[[JournalEvent], bytes] = encode,
+        cipher: PayloadCipher | None = None,
     ) -> None:
         tune_allocator()
         self.transactional_id = transactional_id
         self.encode = encode
         """How this publisher's site encodes (and signs) a journal event."""
+        self.cipher = cipher
+        """Encrypts the VM's payloads, when its replication is encrypted."""
         self._producer = AIOKafkaProducer(
             **connection.options(),
             transactional_id=transactional_id,

@@ -29,10 +29,11 @@ from vmreplica.journal import topics
 from vmreplica.journal.kafka import KafkaConnection, StatusPublisher, TopicAdmin, read_to_end
 from vmreplica.producers.primary import PrimaryVm
 from vmreplica.schemas.codec import decode_journal
-from vmreplica.schemas.events import VmConfig
+from vmreplica.schemas.events import VmConfig, WrappedKey
 from vmreplica.schemas.validation import check_event
 from vmreplica.security.authorization import AuthorizationStore, JournalVerifier
-from vmreplica.security.signing import SiteKey, load_site_key
+from vmreplica.security.encryption import VmKeyRing
+from vmreplica.security.signing import SiteKey, load_site_key, parse_public_key
 from vmreplica.storage.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,29 @@ class Site:
         """Checks the signatures of ``vm``'s journal against this site's authorization entries."""
         return JournalVerifier(self.authorization, self.config.trust_group, vm, primary_site)
 
+    def key_recipients(self, vm: str, sites: Sequence[str]) -> dict[str, bytes]:
+        """The public key of each replica site of ``vm``, from this site's authorization
+        entries, to wrap the VM's payload keys for.
+
+        :raises ConfigurationError: a site has no entry here.
+        """
+        recipients = {}
+        for site in sites:
+            entries = self.authorization.for_primary(site, self.config.trust_group)
+            if not entries:
+                raise ConfigurationError(
+                    f"VM {vm!r} encrypts its payloads, but this site has no authorization entry "
+                    f"for replica site {site!r} to wrap the key for. Add one (reverse replication "
+                    f"needs it too): vmreplica authorization add --primary {site} --storage DIR "
+                    f"--key KEY, with KEY from `vmreplica key show` on {site}"
+                )
+            recipients[site] = parse_public_key(entries[0].keys[-1])
+        return recipients
+
+    def key_ring(self, vm: str) -> VmKeyRing:
+        """``vm``'s payload keys at this site (:mod:`vmreplica.security.encryption`)."""
+        return VmKeyRing(self.config.root, vm, self.key)
+
     def journal_topic(self, vm: str) -> str:
         return names.journal_topic(vm, self.config.trust_group, self.config.topic_prefix)
 
@@ -116,6 +140,8 @@ class Site:
                     f"VM {vm!r} cannot replicate to its own site {target!r}; name the replica site"
                 )
         settings.validate()
+        if settings.encrypt:  # refused now, not at the first cycle
+            self.key_recipients(vm, (replica_site, *settings.also_replicate_to))
         records = []
         for name, path in disks.items():
             if name in settings.excluded_disks:
@@ -166,6 +192,15 @@ class Site:
             raise ConfigurationError(
                 f"VM {record.name!r} is a replica at site {self.config.site!r}, not its primary"
             )
+        cipher: VmKeyRing | None = None
+        wrapped: tuple[WrappedKey, ...] = ()
+        if record.settings.encrypt:
+            ring = self.key_ring(record.name)
+            if ring.current() is None:
+                ring.rotate()
+            sites = (record.partner_site, *record.settings.also_replicate_to)
+            wrapped = ring.wrap_for(self.key_recipients(record.name, sites))
+            cipher = ring
         return PrimaryVm(
             record,
             self.config.site,
@@ -175,6 +210,8 @@ class Site:
             self.journal_topic(record.name),
             names.transactional_id(record.name, self.config.trust_group, self.config.topic_prefix),
             self.key.encode,
+            cipher,
+            wrapped,
         )
 
     async def replica(self, record: VmRecord) -> ReplicaVm:
@@ -197,6 +234,7 @@ class Site:
             self.status_topic(record.name),
             self._status,
             self.verifier(record.name, record.partner_site),
+            self.key_ring(record.name),
         )
 
     async def discover(self) -> list[VmRecord]:
@@ -273,6 +311,7 @@ class Site:
                 s for s in config.replica_sites if s not in (self.config.site, config.primary_site)
             ),
             changelog_budget_bytes=config.changelog_budget_bytes,
+            encrypt=bool(config.wrapped_keys),
         )
         await self.catalog.add_vm(
             config.vm,

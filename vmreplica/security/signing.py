@@ -101,10 +101,10 @@ def _write_private(path: Path, private: Ed25519PrivateKey) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_secret(path, pem)
+    write_secret(path, pem)
 
 
-def _write_secret(path: Path, data: bytes) -> None:
+def write_secret(path: Path, data: bytes) -> None:
     def write(temporary: Path) -> None:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as file:
@@ -192,7 +192,7 @@ def rotate_site_key(root: Path) -> tuple[SiteKey, bytes]:
     new_public = _raw_public(new)
     _write_private(folder / f"retired-{old.id.hex()}.pem", old.private)  # step 1
     endorsement = new_public + old.id + old.private.sign(_ROTATION_CONTEXT + new_public)
-    _write_secret(folder / ENDORSEMENT_FILE, endorsement)  # step 2
+    write_secret(folder / ENDORSEMENT_FILE, endorsement)  # step 2
     _write_private(folder / CURRENT_KEY_FILE, new)  # step 3
     return SiteKey(new, new_public, endorsement), old.public
 
