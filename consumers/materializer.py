@@ -197,7 +197,7 @@ class Materializer:
                 )
                 continue
             if self.verifier is not None:  # before any value of the record is used
-                self.verifier.check(event, record.offset)
+                self.verifier.check(event, record.offset, record.value)
             if isinstance(event, DigestRequest):
                 await self._digests_wanted(event)
                 continue

@@ -19,11 +19,17 @@ from vmreplica.errors import ConfigurationError, UntrustedRecordError
 from vmreplica.schemas.chain import GENESIS_HASH
 from vmreplica.schemas.codec import decode_journal, encode
 from vmreplica.schemas.events import (
+    JOURNAL_EVENT_TYPES,
+    Compression,
+    DigestRequest,
+    DiskResize,
     DiskSize,
+    Encryption,
     EpochStart,
     FailoverPrepared,
     Heartbeat,
     JournalEvent,
+    SeedChunk,
     VmConfig,
 )
 from vmreplica.security.authorization import (
@@ -37,6 +43,7 @@ from vmreplica.security.signing import (
     PLAIN,
     load_site_key,
     parse_public_key,
+    record_signed_message,
     rotate_site_key,
     signed_message,
 )
@@ -163,6 +170,44 @@ def test_a_rotated_key_is_learnt_from_its_endorsement_and_kept(tmp_path: Path) -
     fake = dataclasses.replace(forger, endorsement=new.endorsement)
     with pytest.raises(UntrustedRecordError):
         verifier.check(fake.sign(COMMIT), 10)
+
+
+SEED = SeedChunk("web01", 1, "system", 0, 4096, Compression.NONE, bytes(4096), 0, "s", False)
+ALL_KINDS = (
+    BATCH,
+    dataclasses.replace(BATCH, encryption=Encryption("AES-256-GCM", "k1", bytes(12))),
+    COMMIT,
+    SEED,
+    dataclasses.replace(SEED, encryption=Encryption("AES-256-GCM", "k1", bytes(12))),
+    EpochStart("web01", 2, 1, "site-a", 2, "failover", 1, COMMIT.cycle_hash, ("site-c",)),
+    PREPARED,
+    DigestRequest("web01", 1, "site-a", ("site-b",), "resync", 1),
+    CONFIG,
+    DiskResize("web01", 1, 2, "system", 1 << 20, 2 << 20),
+    Heartbeat("web01", 1, "site-a", 9, 1, 8),
+)
+
+
+def test_every_journal_kind_is_covered() -> None:
+    assert {type(event) for event in ALL_KINDS} == set(JOURNAL_EVENT_TYPES)
+
+
+@pytest.mark.parametrize("event", ALL_KINDS, ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize("rotated", [False, True])
+def test_the_spliced_signature_is_exactly_the_full_encoding(
+    tmp_path: Path, event: JournalEvent, rotated: bool
+) -> None:
+    """SiteKey.encode splices the signature into the unsigned encoding, and the verifier hashes
+    the received bytes without re-encoding: both must agree with the codec, for every kind."""
+    if rotated:
+        load_site_key(tmp_path)
+        rotate_site_key(tmp_path)
+    key = load_site_key(tmp_path)
+    record = key.encode(event)
+    decoded = decode_journal(record)
+    assert record == encode(decoded)
+    assert dataclasses.replace(decoded, signature=None) == event
+    assert record_signed_message(record, decoded) == signed_message(decoded)
 
 
 def test_the_signature_covers_the_unsigned_encoding(tmp_path: Path) -> None:

@@ -337,7 +337,7 @@ class Site:
                 try:
                     event = decode_journal(record.value)
                     if isinstance(event, VmConfig):
-                        verifier.check(event, record.offset)
+                        verifier.check(event, record.offset, record.value)
                 except JournalViolation:
                     raise
                 except DecodeError as error:

@@ -45,6 +45,7 @@ from vmreplica.security.signing import (
     key_id,
     parse_public_key,
     parse_signature,
+    record_signed_message,
     signed_message,
 )
 from vmreplica.storage.safefile import replace_atomically
@@ -276,8 +277,10 @@ class JournalVerifier:
         self.primary_site = primary_site
         """The VM's primary as far as verified records said; follows verified epochs."""
 
-    def check(self, event: JournalEvent, offset: int) -> None:
+    def check(self, event: JournalEvent, offset: int, record: bytes | None = None) -> None:
         """Return when ``event`` may be used; a verified EpochStart or VmConfig moves the primary.
+
+        ``record``, the bytes ``event`` was decoded from, spares encoding it again.
 
         :raises UntrustedRecordError: unsigned, badly signed, or signed by a key no entry lists
             for the site that speaks; nothing of the record may be used.
@@ -298,7 +301,7 @@ class JournalVerifier:
         signature = parse_signature(event.signature)
         if signature is None:
             raise self._refused(offset, f"{kind} has a signature in no known form")
-        message = signed_message(event)
+        message = (record and record_signed_message(record, event)) or signed_message(event)
         for entry in entries:
             known = entry.key_ids()
             public = known.get(signature.key_id)
