@@ -111,7 +111,7 @@ def decode_cycle(
     result: list[DecodedExtent] = []
     for batch in batches:
         try:
-            payload = unpacker.unpack(batch.compression, batch.payload)
+            payload = unpacker.open(batch)
         except CorruptEventError as error:
             raise JournalViolation(
                 vm,

@@ -2,7 +2,8 @@
 
 Each committed cycle is applied in numbered durable steps:
 
-1. check it (epoch, sequence, hash chain, bounds, checksums: :mod:`journal_rules`);
+1. check it (signature: :mod:`vmreplica.security.authorization`; epoch, sequence, hash chain,
+   bounds, checksums: :mod:`journal_rules`);
 2. save the old content of every range it writes to the cycle's undo log, fsync the undo log;
 3. write the cycle into the images;
 4. fsync the images;
@@ -50,9 +51,12 @@ from vmreplica.schemas.events import (
     Heartbeat,
     JournalEvent,
     SeedChunk,
+    VmConfig,
     WriteBatch,
 )
 from vmreplica.schemas.payload import PayloadUnpacker, verify
+from vmreplica.security.authorization import JournalVerifier
+from vmreplica.security.encryption import VmKeyRing
 from vmreplica.storage.catalog import Catalog
 from vmreplica.storage.image import DiskImage
 
@@ -95,6 +99,8 @@ class Materializer:
         on_applied: Applied | None = None,
         site: str = "",
         on_digests_wanted: DigestsWanted | None = None,
+        verifier: JournalVerifier | None = None,
+        keys: VmKeyRing | None = None,
     ) -> None:
         self.vm = vm
         self.site = site
@@ -104,12 +110,16 @@ class Materializer:
         self.policy = policy
         self.on_applied = on_applied
         self.on_digests_wanted = on_digests_wanted
+        self.verifier = verifier
+        """Refuses records no trusted key signed (None: a tool that trusts the journal)."""
         self.views: list[PointView] = []
         """Open test-failover views; each keeps what a newer cycle overwrites."""
         self.cursor = ReplicaCursor(0, 0, GENESIS_HASH, 0, seeding=True)
         self.prepared: FailoverPrepared | None = None
         """Set when the primary prepared a planned failover and this replica holds its cycle."""
-        self._payloads = PayloadUnpacker()
+        self.keys = keys
+        """The VM's payload keys at this site; learns those a verified VmConfig wraps for it."""
+        self._payloads = PayloadUnpacker(keys)
         self._undo_discarded_through: int | None = None
         """Every undo file up to this cycle is gone (None: not known yet; the folder is listed)."""
 
@@ -186,8 +196,13 @@ class Materializer:
                     record.offset,
                 )
                 continue
+            if self.verifier is not None:  # before any value of the record is used
+                self.verifier.check(event, record.offset, record.value)
             if isinstance(event, DigestRequest):
                 await self._digests_wanted(event)
+                continue
+            if isinstance(event, VmConfig) and self.keys is not None:
+                self._learn_keys(event, record.offset)
                 continue
             if self.cursor.awaiting_resync:
                 if isinstance(event, Heartbeat):  # an unplanned failover still asks for it
@@ -220,6 +235,15 @@ class Materializer:
                 self._prepared(event, record.offset)
         if seed_written:
             await self._record_seed_progress(records[-1].offset + 1)
+
+    def _learn_keys(self, config: VmConfig, offset: int) -> None:
+        """Keep the payload keys a (verified) VmConfig wraps for this site, before any payload
+        encrypted with them is read."""
+        assert self.keys is not None
+        try:
+            self.keys.learn(config, self.site)
+        except CorruptEventError as error:
+            raise JournalViolation(self.vm, offset, str(error), ReplicationState.ERROR) from error
 
     async def _heartbeat(self, event: Heartbeat) -> None:
         """The primary is alive; if it says nothing waited to ship, this replica — which holds
@@ -332,7 +356,7 @@ class Materializer:
         )
         target = self.images[chunk.disk]
         try:
-            data = self._payloads.unpack(chunk.compression, chunk.payload, chunk.length)
+            data = self._payloads.open(chunk, chunk.length)
         except CorruptEventError as error:
             raise JournalViolation(
                 self.vm, offset, f"seed chunk does not decompress: {error}", ReplicationState.ERROR

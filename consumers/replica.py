@@ -42,6 +42,8 @@ from vmreplica.schemas.events import (
     ReplicaPosition,
     ResyncRequest,
 )
+from vmreplica.security.authorization import JournalVerifier
+from vmreplica.security.encryption import VmKeyRing
 from vmreplica.service import Service
 from vmreplica.storage.catalog import Catalog
 from vmreplica.storage.digests import digest_block_bytes, image_digests
@@ -134,6 +136,8 @@ class ReplicaVm(Service):
         journal_topic: str,
         status_topic: str,
         status: StatusPublisher | None = None,
+        verifier: JournalVerifier | None = None,
+        keys: VmKeyRing | None = None,
     ) -> None:
         self.record = record
         self.site = site
@@ -151,6 +155,8 @@ class ReplicaVm(Service):
             self._report,
             site,
             self._digests_wanted,
+            verifier,
+            keys,
         )
         self.reader = JournalReader(connection, journal_topic)
         self.violation: JournalViolation | None = None

@@ -34,7 +34,15 @@ from vmreplica.producers.changelog import HEADER_BYTES, SEGMENT_SUFFIX, read_seg
 from vmreplica.producers.seed import InitialReplication, Progress, SeedResult, disk_sizes
 from vmreplica.producers.shipper import CycleBuilder, CycleShipper, ShippedCycle
 from vmreplica.schemas.codec import decode_journal, encode
-from vmreplica.schemas.events import DiskDigest, EpochStart, Heartbeat, JournalEvent, VmConfig
+from vmreplica.schemas.events import (
+    DiskDigest,
+    EpochStart,
+    Heartbeat,
+    JournalEvent,
+    VmConfig,
+    WrappedKey,
+)
+from vmreplica.schemas.payload import PayloadCipher
 from vmreplica.storage.catalog import Catalog
 from vmreplica.storage.image import sha256_of
 
@@ -72,6 +80,9 @@ class PrimaryVm:
         catalog: Catalog,
         journal_topic: str,
         transactional_id: str,
+        encode: Callable[[JournalEvent], bytes] = encode,
+        cipher: PayloadCipher | None = None,
+        wrapped_keys: tuple[WrappedKey, ...] = (),
     ) -> None:
         self.record = record
         self.site = site
@@ -86,7 +97,9 @@ class PrimaryVm:
             # A scan's records are copies of the image the guest may since have overwritten.
             redo=record.settings.capture != "scan",
         )
-        self.publisher = JournalPublisher(connection, transactional_id)
+        self.publisher = JournalPublisher(connection, transactional_id, encode, cipher)
+        self.wrapped_keys = wrapped_keys
+        """The VM's payload keys wrapped for its replica sites, published in its VmConfig."""
         self.shipper = CycleShipper(
             record.name,
             journal_topic,
@@ -94,7 +107,12 @@ class PrimaryVm:
             self.publisher,
             catalog,
             CycleBuilder(
-                record.name, record.epoch, disk_sizes(self.capture), record.settings.compression
+                record.name,
+                record.epoch,
+                disk_sizes(self.capture),
+                record.settings.compression,
+                encode,
+                cipher,
             ),
         )
         self._lock = asyncio.Lock()
@@ -214,6 +232,7 @@ class PrimaryVm:
             settings.compression,
             settings.continuous_max_bytes,
             settings.changelog_budget_bytes,
+            self.wrapped_keys,
         )
 
     async def initial_replication(self, progress: Progress | None = None) -> SeedResult:
@@ -280,7 +299,7 @@ class PrimaryVm:
 
     async def publish(self, event: JournalEvent) -> None:
         """Publish one event to the VM's journal outside any cycle (as its own transaction)."""
-        await self.publisher.publish(self.topic, self.name.encode(), [encode(event)])
+        await self.publisher.publish(self.topic, self.name.encode(), [self.publisher.encode(event)])
 
     # What failover asks of a primary (vmreplica/failover) --------------------------------------
 

@@ -27,7 +27,6 @@ from vmreplica.domain.model import Position
 from vmreplica.journal.kafka import JournalPublisher
 from vmreplica.producers.capture import CapturedVm
 from vmreplica.schemas.chain import GENESIS_HASH
-from vmreplica.schemas.codec import encode
 from vmreplica.schemas.events import (
     Compression,
     DiskSize,
@@ -35,7 +34,7 @@ from vmreplica.schemas.events import (
     SeedChunk,
     VmConfig,
 )
-from vmreplica.schemas.payload import PayloadPacker, checksum
+from vmreplica.schemas.payload import PayloadPacker, checksum, seed_associated_data
 from vmreplica.storage.catalog import Catalog
 from vmreplica.storage.image import DiskImage, nonzero_chunks
 
@@ -80,7 +79,7 @@ class Seeder:
         """Payload bytes published so far (after compression)."""
         self.chunks = 0
         self._key = vm.encode()
-        self._packer = PayloadPacker()
+        self._packer = PayloadPacker(cipher=publisher.cipher)
 
     async def send_disk(
         self,
@@ -100,9 +99,17 @@ class Seeder:
         pending: list[bytes] = []
         pending_bytes = 0
         for offset, data in nonzero_chunks(image, start, SEED_CHUNK_BYTES):
-            compression, packed = self._packer.pack(data)
+            crc = checksum(data)
+            associated = (
+                seed_associated_data(
+                    self.vm, self.epoch, self.seed_id, disk, offset, len(data), crc
+                )
+                if self._packer.cipher is not None
+                else b""
+            )
+            compression, packed, encryption = self._packer.seal(data, associated)
             pending.append(
-                encode(
+                self.publisher.encode(
                     SeedChunk(
                         self.vm,
                         self.epoch,
@@ -111,9 +118,10 @@ class Seeder:
                         len(data),
                         compression,
                         packed,
-                        checksum(data),
+                        crc,
                         self.seed_id,
                         False,
+                        encryption=encryption,
                     )
                 )
             )
@@ -137,7 +145,9 @@ class Seeder:
         final = SeedChunk(
             self.vm, self.epoch, "", 0, 0, Compression.NONE, b"", 0, self.seed_id, True
         )
-        offsets = await self.publisher.publish(self.topic, self._key, [encode(final)])
+        offsets = await self.publisher.publish(
+            self.topic, self._key, [self.publisher.encode(final)]
+        )
         return offsets[-1]
 
 
@@ -179,7 +189,9 @@ class InitialReplication:
                 now_ms(),
                 GENESIS_HASH,
             )
-            await self.publisher.publish(self.topic, key, [encode(start), encode(self.config)])
+            await self.publisher.publish(
+                self.topic, key, [self.publisher.encode(start), self.publisher.encode(self.config)]
+            )
             for name in vm.disk_names:  # step 2 is recorded with the start offsets
                 await self.catalog.set_seed_progress(vm.name, name, 0)
             await self.catalog.set_seed_progress(vm.name, "", first_cycle)

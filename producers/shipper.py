@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -39,9 +39,15 @@ from vmreplica.schemas.events import (
     DiskSize,
     Extent,
     ExtentKind,
+    JournalEvent,
     WriteBatch,
 )
-from vmreplica.schemas.payload import PayloadPacker, checksum
+from vmreplica.schemas.payload import (
+    PayloadCipher,
+    PayloadPacker,
+    batch_associated_data,
+    checksum,
+)
 from vmreplica.storage.catalog import Catalog
 from vmreplica.storage.image import is_zero
 
@@ -86,11 +92,21 @@ def _pieces(segment: Segment) -> list[Piece[LogRecord]]:
 class CycleBuilder:
     """Builds the records of one cycle from a sealed segment (pure apart from reading it)."""
 
-    def __init__(self, vm: str, epoch: int, disks: Sequence[DiskSize], compress: bool) -> None:
+    def __init__(
+        self,
+        vm: str,
+        epoch: int,
+        disks: Sequence[DiskSize],
+        compress: bool,
+        encode: Callable[[JournalEvent], bytes] = encode,
+        cipher: PayloadCipher | None = None,
+    ) -> None:
         self.vm = vm
+        self.encode = encode
+        """Encodes (and, at a site, signs) each record."""
         self.epoch = epoch
         self.disks = tuple(disks)
-        self._packer = PayloadPacker(compress)
+        self._packer = PayloadPacker(compress, cipher)
 
     def extents_and_payloads(self, segment: Segment) -> Iterator[tuple[list[Extent], bytes]]:
         """Groups of extents with their uncompressed payload, each group one WriteBatch."""
@@ -155,10 +171,22 @@ class CycleBuilder:
         all_extents = tally.extents
         batches = payload_bytes = 0
         for extents, payload in self.extents_and_payloads(segment):
-            compression, packed = self._packer.pack(payload)
-            record = encode(
+            associated = (
+                batch_associated_data(self.vm, self.epoch, segment.cycle, batches, extents)
+                if self._packer.cipher is not None
+                else b""
+            )
+            compression, packed, encryption = self._packer.seal(payload, associated)
+            record = self.encode(
                 WriteBatch(
-                    self.vm, self.epoch, segment.cycle, batches, tuple(extents), compression, packed
+                    self.vm,
+                    self.epoch,
+                    segment.cycle,
+                    batches,
+                    tuple(extents),
+                    compression,
+                    packed,
+                    encryption=encryption,
                 )
             )
             batches += 1
@@ -183,7 +211,7 @@ class CycleBuilder:
             previous_hash=previous_hash,
             cycle_hash=cycle_hash(previous_hash, self.epoch, segment.cycle, all_extents),
         )
-        record = encode(commit)
+        record = self.encode(commit)
         tally.wire_bytes += len(record)
         tally.commit = commit
         yield record

@@ -160,6 +160,8 @@ class EpochStart:
     last_cycle_hash: bytes
     resync_sites: tuple[str, ...] = ()
     """Replicas that diverged (a returning old primary) and resynchronize from this epoch."""
+    signature: bytes | None = None
+    """Ed25519 signature by the writing site (:mod:`vmreplica.security.signing`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +181,8 @@ class FailoverPrepared:
     target: str = ""
     """The replica site that takes over; the other replica sites follow it. Empty in records
     written before schema version 3: any caught-up replica may take over."""
+    signature: bytes | None = None
+    """Ed25519 signature by the writing site (:mod:`vmreplica.security.signing`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +199,18 @@ class DigestRequest:
     replica_sites: tuple[str, ...]
     reason: str
     at_ms: int
+    signature: bytes | None = None
+    """Ed25519 signature by the writing site (:mod:`vmreplica.security.signing`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WrappedKey:
+    """A VM's payload key, wrapped for one replica site (:mod:`vmreplica.security.encryption`)."""
+
+    site: str
+    key_id: str
+    ephemeral_public: bytes
+    wrapped: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +238,10 @@ class VmConfig:
     compression: bool = True
     continuous_max_bytes: int = 64 * 1024 * 1024
     changelog_budget_bytes: int | None = None
+    wrapped_keys: tuple[WrappedKey, ...] = ()
+    """The VM's payload keys for its replica sites; empty when payloads travel in clear."""
+    signature: bytes | None = None
+    """Ed25519 signature by the writing site (:mod:`vmreplica.security.signing`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +254,8 @@ class DiskResize:
     disk: str
     old_size: int
     new_size: int
+    signature: bytes | None = None
+    """Ed25519 signature by the writing site (:mod:`vmreplica.security.signing`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +272,8 @@ class Heartbeat:
     at_ms: int
     last_cycle: int
     idle_at_ms: int | None = None
+    signature: bytes | None = None
+    """Ed25519 signature by the writing site (:mod:`vmreplica.security.signing`)."""
 
 
 @dataclass(frozen=True, slots=True)

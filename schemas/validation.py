@@ -117,6 +117,8 @@ MAX_SIGNATURE_BYTES: Final = 512
 MAX_NONCE_BYTES: Final = 64
 """An encryption nonce: AES-GCM uses 12 bytes, XChaCha20-Poly1305 24."""
 MAX_LABEL_CHARS: Final = 128
+MAX_WRAPPED_KEYS: Final = 256
+"""Payload keys a VmConfig carries: a few sites times the keys kept through retention."""
 """Seed ids, algorithm names and key ids: short printable labels."""
 MAX_TEXT_CHARS: Final = 1024
 """Reasons shown to operators, stored with a VM's state and logged: one printable line."""
@@ -366,6 +368,16 @@ def check_vm_config(config: VmConfig) -> None:
         fields.number(
             "changelog_budget_bytes", config.changelog_budget_bytes, 1, MAX_DISK_BYTES, " bytes"
         )
+    if len(config.wrapped_keys) > MAX_WRAPPED_KEYS:
+        fields.fail(f"{len(config.wrapped_keys)} wrapped keys; at most {MAX_WRAPPED_KEYS}")
+    for index, wrapped in enumerate(config.wrapped_keys):
+        fields.name(f"wrapped_keys[{index}].site", "site", wrapped.site)
+        fields.text(f"wrapped_keys[{index}].key_id", wrapped.key_id, MAX_LABEL_CHARS, empty=False)
+        if len(wrapped.ephemeral_public) != 32 or len(wrapped.wrapped) != 48:
+            fields.fail(
+                f"wrapped_keys[{index}] holds {len(wrapped.ephemeral_public)} and "
+                f"{len(wrapped.wrapped)} bytes; a wrapped key is 32 and 48"
+            )
 
 
 def check_disk_resize(resize: DiskResize) -> None:

@@ -139,6 +139,25 @@ class JournalViolation(JournalIntegrityError):
         self.state = ReplicationState.RESYNCHRONIZATION_REQUIRED if state is None else state
 
 
+class UntrustedRecordError(JournalViolation):
+    """A journal record is unsigned, badly signed, or signed by a key that no authorization entry
+    of this site lists for the site it speaks for: it is refused before any byte of it is used,
+    and the VM stops in the error state with the record's offset in its message."""
+
+    def __init__(self, vm: str, offset: int, problem: str) -> None:
+        from vmreplica.domain.states import ReplicationState  # noqa: PLC0415 — bottom layer
+
+        super().__init__(
+            vm,
+            offset,
+            f"refused an untrusted record: {problem}. Nothing of it was applied. Operator "
+            "action: if the primary's key changed, add its new key with `vmreplica authorization "
+            "set --add-key`; otherwise someone without a trusted key wrote to the journal",
+            ReplicationState.ERROR,
+        )
+        self.problem = problem
+
+
 class PositionRegressedError(JournalIntegrityError):
     """A position write would move a VM back; nothing was recorded.
 

@@ -54,6 +54,7 @@ from vmreplica.errors import (
     DecodeError,
     JournalIntegrityError,
     JournalViolation,
+    UntrustedRecordError,
 )
 from vmreplica.journal.kafka import JournalRecord
 from vmreplica.schemas import codec
@@ -67,6 +68,8 @@ from vmreplica.schemas.events import (
     WriteBatch,
 )
 from vmreplica.schemas.payload import PayloadUnpacker
+from vmreplica.security.authorization import AuthorizationEntry, AuthorizationStore, JournalVerifier
+from vmreplica.security.signing import SiteKey, load_site_key
 from vmreplica.storage.catalog import Catalog
 from vmreplica.storage.image import DiskImage
 
@@ -79,6 +82,7 @@ DISKS: Final = {"disk0": 64 * 1024, "disk1": 12 * 1024 + 1234}
 """Two small disks (the second ends in a partial block), so a digest of both is cheap."""
 CYCLE_EXAMPLES: Final = 3_200
 SEED_EXAMPLES: Final = 1_000
+SIGNED_CYCLE_EXAMPLES: Final = 400
 MIN_CYCLE_RECORDS: Final = 10_000
 """The cycle test alone feeds at least this many records through decode, rules and apply."""
 
@@ -123,7 +127,7 @@ FINGERPRINTS: Final = [codec.fingerprint(name) for name in codec.schema_names()]
 class Replica:
     """A materialiser over real images and a real catalog, and the content it must hold."""
 
-    def __init__(self, folder: Path, *, seeding: bool) -> None:
+    def __init__(self, folder: Path, *, seeding: bool, signer: SiteKey | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self.images = {
             name: DiskImage.create(folder / f"{name}.img", size) for name, size in DISKS.items()
@@ -131,8 +135,19 @@ class Replica:
         self.expected = {name: bytearray(size) for name, size in DISKS.items()}
         self.catalog = Catalog(folder / "catalog.db")
         self.loop.run_until_complete(self._start(folder, seeding))
+        verifier = None
+        if signer is not None:  # site-b lists site-a's key: it verifies every record
+            store = AuthorizationStore(folder / "site-b")
+            store.add(AuthorizationEntry("site-a", "default", str(folder), (signer.public_text,)))
+            verifier = JournalVerifier(store, "default", VM, "site-a")
         self.materializer = Materializer(
-            VM, self.images, folder / "undo", self.catalog, RetentionPolicy("latest"), site="site-b"
+            VM,
+            self.images,
+            folder / "undo",
+            self.catalog,
+            RetentionPolicy("latest"),
+            site="site-b",
+            verifier=verifier,
         )
         self.materializer.cursor = ReplicaCursor(EPOCH, 0, GENESIS_HASH, 0, seeding=seeding)
         self.seeding = seeding
@@ -204,14 +219,17 @@ class Replica:
             ReplicationState.RESYNCHRONIZATION_REQUIRED,
         )
         self.counts["refused"] += 1
-        self.causes[type(refused.__cause__).__name__ if refused.__cause__ else "rule"] += 1
+        if isinstance(refused, UntrustedRecordError):
+            self.causes["UntrustedRecordError"] += 1
+        else:
+            self.causes[type(refused.__cause__).__name__ if refused.__cause__ else "rule"] += 1
         return refused
 
 
 @contextmanager
-def replica(seeding: bool) -> Iterator[Replica]:
+def replica(seeding: bool, signer: SiteKey | None = None) -> Iterator[Replica]:
     with tempfile.TemporaryDirectory(prefix="vmreplica-fuzz-") as folder:
-        made = Replica(Path(folder), seeding=seeding)
+        made = Replica(Path(folder), seeding=seeding, signer=signer)
         try:
             yield made
         finally:
@@ -337,16 +355,22 @@ def mutate_bytes(draw: Draw, value: bytes) -> bytes:
 
 
 def mutate(
-    draw: Draw, events: list[Event], values: list[bytes], history: list[bytes]
+    draw: Draw,
+    events: list[Event],
+    values: list[bytes],
+    history: list[bytes],
+    forger: SiteKey | None = None,
 ) -> list[bytes]:
-    """One to three breakages of the records about to be fed."""
+    """One to three breakages of the records about to be fed; with a ``forger``, also a record
+    re-signed by a key the replica does not trust."""
     values = list(values)
+    ways = ["field", "field", "bytes", "bytes", "drop", "duplicate", "swap", "replay"]
     for _ in range(draw(st.integers(1, 3))):
-        how = draw(
-            st.sampled_from(
-                ["field", "field", "bytes", "bytes", "drop", "duplicate", "swap", "replay"]
-            )
-        )
+        how = draw(st.sampled_from([*ways, "forge"] if forger else ways))
+        if how == "forge" and forger is not None:
+            at = draw(st.integers(0, len(events) - 1))
+            values[at] = forger.encode(events[at])  # type: ignore[arg-type]
+            continue
         at = draw(st.integers(0, ANY_INDEX)) % max(len(values), 1)
         if how == "field" and at < min(len(events), len(values)):
             values[at] = encodable(mutate_fields(draw, events[at])) or values[at]
@@ -372,59 +396,87 @@ def cycles(draw: st.DrawFn) -> list[list[Change]]:
     return draw(st.lists(st.lists(changes(), min_size=1, max_size=4), min_size=1, max_size=3))
 
 
+def _fuzz_cycles(
+    site: Replica,
+    examples: int,
+    signer: SiteKey | None = None,
+    forger: SiteKey | None = None,
+) -> None:
+    """Feed ``examples`` generated cycles (signed by ``signer`` when given), mostly broken."""
+    history: list[bytes] = []
+
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(cycles(), st.data())
+    def run(batches: list[list[Change]], data: st.DataObject) -> None:
+        cursor = site.materializer.cursor
+        cycle = cursor.cycle + 1
+        compression = data.draw(st.sampled_from(list(Compression)))
+        built: list[WriteBatch] = [
+            write_batch(VM, EPOCH, cycle, index, batch, compression)
+            for index, batch in enumerate(batches)
+        ]
+        events: list[Event] = [
+            *built,
+            cycle_commit(VM, EPOCH, cycle, built, cursor.cycle_hash, DISKS),
+        ]
+        if data.draw(st.booleans()):
+            events.insert(0, Heartbeat(VM, EPOCH, "site-a", 1_000, cycle - 1))
+        if signer is not None:
+            events = [signer.sign(event) for event in events]  # type: ignore[type-var]
+        values = [codec.encode(event) for event in events]
+        broken = data.draw(st.sampled_from([True, True, True, True, False]))
+        if broken:
+            values = mutate(data.draw, events, values, history, forger)
+            site.counts["broken examples"] += 1
+        history.extend(values[-2:])
+        del history[:-40]
+        before = site.digests()
+        violation = site.feed(values)
+        if site.materializer.cursor.cycle == cycle:
+            for batch in batches:
+                for change in batch:
+                    apply_change(site.expected, change)
+            site.counts["applied"] += 1
+        else:
+            assert site.digests() == before, violation
+            assert broken, violation  # an intact cycle always applies
+        assert site.digests() == site.expected_digests(), violation
+
+    run()
+
+
 def test_fuzzed_cycles_apply_whole_or_not_at_all(caplog: pytest.LogCaptureFixture) -> None:
     """Generated cycles, mostly broken: each applies exactly as generated or leaves every image
     digest as it was; nothing but a JournalViolation is raised."""
     started = time.monotonic()
-    history: list[bytes] = []
     with replica(seeding=False) as site, caplog.at_level(logging.WARNING):
-
-        @settings(
-            max_examples=CYCLE_EXAMPLES,
-            deadline=None,
-            database=None,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-        )
-        @given(cycles(), st.data())
-        def run(batches: list[list[Change]], data: st.DataObject) -> None:
-            cursor = site.materializer.cursor
-            cycle = cursor.cycle + 1
-            compression = data.draw(st.sampled_from(list(Compression)))
-            built: list[WriteBatch] = [
-                write_batch(VM, EPOCH, cycle, index, batch, compression)
-                for index, batch in enumerate(batches)
-            ]
-            events: list[Event] = [
-                *built,
-                cycle_commit(VM, EPOCH, cycle, built, cursor.cycle_hash, DISKS),
-            ]
-            if data.draw(st.booleans()):
-                events.insert(0, Heartbeat(VM, EPOCH, "site-a", 1_000, cycle - 1))
-            values = [codec.encode(event) for event in events]
-            broken = data.draw(st.sampled_from([True, True, True, True, False]))
-            if broken:
-                values = mutate(data.draw, events, values, history)
-                site.counts["broken examples"] += 1
-            history.extend(values[-2:])
-            del history[:-40]
-            before = site.digests()
-            violation = site.feed(values)
-            if site.materializer.cursor.cycle == cycle:
-                for batch in batches:
-                    for change in batch:
-                        apply_change(site.expected, change)
-                site.counts["applied"] += 1
-            else:
-                assert site.digests() == before, violation
-                assert broken, violation  # an intact cycle always applies
-            assert site.digests() == site.expected_digests(), violation
-
-        run()
+        _fuzz_cycles(site, CYCLE_EXAMPLES)
         counts, causes = site.counts, site.causes
     assert not [record for record in caplog.records if record.exc_info]
     assert "Traceback" not in caplog.text
     print(f"fuzzed cycles: {counts}, refused by {dict(causes)}, {time.monotonic() - started:.1f} s")
     assert counts["records"] >= MIN_CYCLE_RECORDS, counts
+
+
+def test_fuzzed_signed_cycles_apply_only_as_signed(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """The same at a verifying replica, cycles signed by the trusted primary: a field changed
+    after signing, a flipped byte, a record re-signed by a forger's key are refused before a
+    byte is written; an intact signed cycle always applies."""
+    signer, forger = load_site_key(tmp_path / "a"), load_site_key(tmp_path / "forger")
+    with replica(seeding=False, signer=signer) as site, caplog.at_level(logging.WARNING):
+        _fuzz_cycles(site, SIGNED_CYCLE_EXAMPLES, signer, forger)
+        counts, causes = site.counts, site.causes
+    assert not [record for record in caplog.records if record.exc_info]
+    print(f"fuzzed signed cycles: {counts}, refused by {dict(causes)}")
+    assert counts["applied"] > 0
+    assert causes["UntrustedRecordError"] > 0, causes
 
 
 @st.composite

@@ -94,7 +94,7 @@ def test_a_dataclass_that_does_not_mirror_its_schema_is_refused() -> None:
 
     assert str(error.value) == (
         "Heartbeat must be a dataclass with exactly the fields of io.vmreplica.journal.Heartbeat, "
-        "in order: vm, epoch, site, at_ms, last_cycle, last"
+        "in order: vm, epoch, site, at_ms, last_cycle, idle_at_ms, last"
     )
 
 

@@ -15,6 +15,7 @@ from rich.table import Table
 from vmreplica.cli import failover as cli_failover
 from vmreplica.cli import replication as cli_replication
 from vmreplica.cli import resync as cli_resync
+from vmreplica.cli import security as cli_security
 from vmreplica.cli.support import console, emit_json, errors, reported
 from vmreplica.domain.names import DEFAULT_PREFIX, DEFAULT_TRUST_GROUP
 from vmreplica.errors import ConfigurationError
@@ -29,6 +30,7 @@ def main() -> None:
 cli_replication.register(main)
 cli_failover.register(main)
 cli_resync.register(main)
+cli_security.register(main)
 
 
 @main.group()

@@ -104,6 +104,13 @@ def with_site(config_path: Path | None, action: Callable[[Site], Awaitable[T]]) 
 )
 @click.option("--compression", type=click.Choice(["on", "off"]), default="on", show_default=True)
 @click.option(
+    "--encrypt/--no-encrypt",
+    default=False,
+    show_default=True,
+    help="Encrypt payloads end to end (AES-256-GCM); needs an authorization entry holding "
+    "each replica site's key.",
+)
+@click.option(
     "--capture",
     type=click.Choice(["api", "nbd", "scan"]),
     default="api",
@@ -149,6 +156,7 @@ def enable(
     app_consistent_hours: int | None,
     continuous_points_hours: int | None,
     compression: str,
+    encrypt: bool,
     capture: str,
     excluded: tuple[str, ...],
     changelog_budget: str | None,
@@ -174,6 +182,7 @@ def enable(
         app_consistent_hours=app_consistent_hours,
         continuous_points_hours=continuous_points_hours,
         compression=compression == "on",
+        encrypt=encrypt,
         capture=capture,  # type: ignore[arg-type]  # click.Choice guarantees the literal
         excluded_disks=excluded,
         also_replicate_to=tuple(dict.fromkeys(replica_sites[1:])),

@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vmreplica.config import load_config
-from vmreplica.devtools import demo_failover
+from vmreplica.devtools import demo_failover, demo_security
 from vmreplica.devtools.cluster import ClusterState, LocalCluster
 from vmreplica.devtools.ports import free_base_port
 from vmreplica.domain.model import VmSettings
@@ -153,7 +153,10 @@ async def _replicate(
     rng = random.Random(2026)
     async with Site(load_config(config_a)) as site_a, Site(load_config(config_b)) as site_b:
         record = await site_a.enable(
-            VM, disks, "site-b", VmSettings(frequency_seconds=30, continuous_points_hours=1)
+            VM,
+            disks,
+            "site-b",
+            VmSettings(frequency_seconds=30, continuous_points_hours=1, encrypt=True),
         )
         console.print(
             f"[bold]site-a[/]: enabled {VM} with disks system, data "
@@ -218,6 +221,7 @@ def _tour(work: Path, bootstrap: str, security: dict[str, dict[str, str]]) -> bo
     for path in disks.values():
         with path.open("wb") as file:
             file.truncate(DISK_BYTES)
+    demo_security.trust_each_other(config_a, config_b, console)
     env = {**os.environ, "VMREPLICA_CONFIG": str(config_b)}
     with (work / "site-b-agent.log").open("wb") as agent_log:
         replica_agent = subprocess.Popen(
@@ -247,6 +251,9 @@ def _tour(work: Path, bootstrap: str, security: dict[str, dict[str, str]]) -> bo
                 stdout=subprocess.DEVNULL,
             )
             exported = {name: sha256_of(export_dir / f"{name}.raw") for name in disks}
+            refused = demo_security.forged_record_refused(
+                config_a, work / "site-b-agent.log", console
+            )
         finally:
             replica_agent.terminate()
             replica_agent.wait(timeout=30)
@@ -270,7 +277,7 @@ def _tour(work: Path, bootstrap: str, security: dict[str, dict[str, str]]) -> bo
         ok &= row[0] == row[1] and row[2] == row[3]
         table.add_row(name, *(d[:16] for d in row))
     console.print(table)
-    return asyncio.run(demo_failover.tour(config_a, config_b, VM, console)) and ok
+    return asyncio.run(demo_failover.tour(config_a, config_b, VM, console)) and ok and refused
 
 
 def main() -> int:

@@ -130,6 +130,9 @@ class VmSettings:
     post_cut_hook: str | None = None
     """Scan capture: shell command run after the scan, even if it failed (thaw, resume)."""
     auto_resync: bool = True
+    encrypt: bool = False
+    """Payloads are encrypted end to end (AES-256-GCM, keys wrapped for each replica site:
+    :mod:`vmreplica.security.encryption`)."""
     """A replica that reports it needs a resynchronization (a journal violation stopped it) is
     resynchronized without the operator; off, the primary's health turns critical instead."""
 

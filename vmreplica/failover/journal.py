@@ -13,7 +13,7 @@ from vmreplica.domain.model import VmRecord
 from vmreplica.domain.names import transactional_id
 from vmreplica.journal.kafka import JournalPublisher, read_to_end
 from vmreplica.runtime.site import Site
-from vmreplica.schemas.codec import decode_journal, encode
+from vmreplica.schemas.codec import decode_journal
 from vmreplica.schemas.events import EpochStart, JournalEvent
 
 
@@ -42,9 +42,10 @@ async def publish_epoch(site: Site, record: VmRecord, start: EpochStart) -> int:
     publisher = JournalPublisher(
         site.connection,
         transactional_id(record.name, site.config.trust_group, site.config.topic_prefix),
+        site.key.encode,
     )
     async with publisher:
         offsets = await publisher.publish(
-            site.journal_topic(record.name), record.name.encode(), [encode(start)]
+            site.journal_topic(record.name), record.name.encode(), [publisher.encode(start)]
         )
     return offsets[-1]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -31,6 +31,9 @@ from aiokafka.errors import (
 from vmreplica.errors import AccessDenied, BrokerError, FencedError
 from vmreplica.journal.allocator import tune_allocator
 from vmreplica.journal.credentials import ClientSecurity
+from vmreplica.schemas.codec import encode
+from vmreplica.schemas.events import JournalEvent
+from vmreplica.schemas.payload import PayloadCipher
 from vmreplica.service import Service
 
 TOPIC_PROPAGATION_SECONDS: Final = 10.0
@@ -219,12 +222,24 @@ class JournalPublisher(Service):
     """A transactional producer for one VM: each cycle is published as one transaction.
 
     Every site uses the same ``transactional_id`` for a VM, so initialising a producer at a new
-    primary fences the old one at the broker.
+    primary fences the old one at the broker. ``encode`` turns the site's events into records:
+    a site passes its signing key's (:meth:`vmreplica.security.signing.SiteKey.encode`); the
+    default writes them unsigned (tools and tests that play a forger).
     """
 
-    def __init__(self, connection: KafkaConnection, transactional_id: str) -> None:
+    def __init__(
+        self,
+        connection: KafkaConnection,
+        transactional_id: str,
+        encode: Callable[[JournalEvent], bytes] = encode,
+        cipher: PayloadCipher | None = None,
+    ) -> None:
         tune_allocator()
         self.transactional_id = transactional_id
+        self.encode = encode
+        """How this publisher's site encodes (and signs) a journal event."""
+        self.cipher = cipher
+        """Encrypts the VM's payloads, when its replication is encrypted."""
         self._producer = AIOKafkaProducer(
             **connection.options(),
             transactional_id=transactional_id,

@@ -38,7 +38,7 @@ from vmreplica.journal.kafka import (
 from vmreplica.producers.seed import Seeder
 from vmreplica.runtime.pacing import DISCOVERY_SECONDS
 from vmreplica.runtime.site import Site
-from vmreplica.schemas.codec import decode_journal, encode
+from vmreplica.schemas.codec import decode_journal
 from vmreplica.schemas.events import (
     CycleCommit,
     DiskSize,
@@ -115,7 +115,9 @@ class ExtendedReplication:
         prefix = site.config.topic_prefix
         self.topic = names.journal_topic(extension.vm, extension.trust_group, prefix)
         self.publisher = JournalPublisher(
-            self.connection, names.transactional_id(extension.vm, extension.trust_group, prefix)
+            self.connection,
+            names.transactional_id(extension.vm, extension.trust_group, prefix),
+            site.key.encode,
         )
 
     async def __aenter__(self) -> ExtendedReplication:
@@ -168,7 +170,9 @@ class ExtendedReplication:
                 now_ms(),
                 (self.extension.to_site,),
             )
-            await self.publisher.publish(self.topic, key, [encode(start), encode(config)])
+            await self.publisher.publish(
+                self.topic, key, [self.publisher.encode(start), self.publisher.encode(config)]
+            )
             seeder = Seeder(self.publisher, self.topic, vm, position.epoch, f"{vm}-extend")
             for disk in record.disks:
                 with DiskImage.open(disk.path, writable=False) as image:

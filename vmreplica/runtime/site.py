@@ -18,13 +18,20 @@ from vmreplica.consumers.replica import ReplicaVm, image_path
 from vmreplica.domain import names
 from vmreplica.domain.model import DiskRecord, VmRecord, VmSettings
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import ConfigurationError, DecodeError, JournalViolation
+from vmreplica.errors import (
+    ConfigurationError,
+    DecodeError,
+    JournalViolation,
+)
 from vmreplica.journal import topics
 from vmreplica.journal.kafka import KafkaConnection, StatusPublisher, TopicAdmin, read_to_end
 from vmreplica.producers.primary import PrimaryVm
 from vmreplica.schemas.codec import decode_journal
-from vmreplica.schemas.events import VmConfig
+from vmreplica.schemas.events import VmConfig, WrappedKey
 from vmreplica.schemas.validation import check_event
+from vmreplica.security.authorization import AuthorizationStore, JournalVerifier
+from vmreplica.security.encryption import VmKeyRing
+from vmreplica.security.signing import SiteKey, load_site_key, parse_public_key
 from vmreplica.service import Service
 from vmreplica.storage.catalog import Catalog
 
@@ -41,11 +48,15 @@ class Site(Service):
         )
         self.catalog = Catalog(config.catalog_path)
         self._status: StatusPublisher | None = None
+        self.authorization = AuthorizationStore(config.root)
+        """Which primaries this site accepts and their keys (:mod:`vmreplica.security`)."""
+        self._key: SiteKey | None = None
         self.refused: dict[str, str] = {}
         """Journals whose VM :meth:`discover` did not adopt, with the reason (topic → reason)."""
 
     async def start(self) -> None:
         self.config.root.mkdir(parents=True, exist_ok=True)
+        self._key = load_site_key(self.config.root)
         await self.catalog.start()
 
     async def stop(self) -> None:
@@ -53,6 +64,40 @@ class Site(Service):
             status, self._status = self._status, None
             await status.stop()
         await self.catalog.stop()
+
+    @property
+    def key(self) -> SiteKey:
+        """This site's signing key (created on the site's first start)."""
+        if self._key is None:
+            self._key = load_site_key(self.config.root)
+        return self._key
+
+    def verifier(self, vm: str, primary_site: str) -> JournalVerifier:
+        """Checks the signatures of ``vm``'s journal against this site's authorization entries."""
+        return JournalVerifier(self.authorization, self.config.trust_group, vm, primary_site)
+
+    def key_recipients(self, vm: str, sites: Sequence[str]) -> dict[str, bytes]:
+        """The public key of each replica site of ``vm``, from this site's authorization
+        entries, to wrap the VM's payload keys for.
+
+        :raises ConfigurationError: a site has no entry here.
+        """
+        recipients = {}
+        for site in sites:
+            entries = self.authorization.for_primary(site, self.config.trust_group)
+            if not entries:
+                raise ConfigurationError(
+                    f"VM {vm!r} encrypts its payloads, but this site has no authorization entry "
+                    f"for replica site {site!r} to wrap the key for. Add one (reverse replication "
+                    f"needs it too): vmreplica authorization add --primary {site} --storage DIR "
+                    f"--key KEY, with KEY from `vmreplica key show` on {site}"
+                )
+            recipients[site] = parse_public_key(entries[0].keys[-1])
+        return recipients
+
+    def key_ring(self, vm: str) -> VmKeyRing:
+        """``vm``'s payload keys at this site (:mod:`vmreplica.security.encryption`)."""
+        return VmKeyRing(self.config.root, vm, self.key)
 
     def journal_topic(self, vm: str) -> str:
         return names.journal_topic(vm, self.config.trust_group, self.config.topic_prefix)
@@ -84,6 +129,8 @@ class Site(Service):
                     f"VM {vm!r} cannot replicate to its own site {target!r}; name the replica site"
                 )
         settings.validate()
+        if settings.encrypt:  # refused now, not at the first cycle
+            self.key_recipients(vm, (replica_site, *settings.also_replicate_to))
         records = []
         for name, path in disks.items():
             if name in settings.excluded_disks:
@@ -134,6 +181,15 @@ class Site(Service):
             raise ConfigurationError(
                 f"VM {record.name!r} is a replica at site {self.config.site!r}, not its primary"
             )
+        cipher: VmKeyRing | None = None
+        wrapped: tuple[WrappedKey, ...] = ()
+        if record.settings.encrypt:
+            ring = self.key_ring(record.name)
+            if ring.current() is None:
+                ring.rotate()
+            sites = (record.partner_site, *record.settings.also_replicate_to)
+            wrapped = ring.wrap_for(self.key_recipients(record.name, sites))
+            cipher = ring
         return PrimaryVm(
             record,
             self.config.site,
@@ -142,6 +198,9 @@ class Site(Service):
             self.catalog,
             self.journal_topic(record.name),
             names.transactional_id(record.name, self.config.trust_group, self.config.topic_prefix),
+            self.key.encode,
+            cipher,
+            wrapped,
         )
 
     async def replica(self, record: VmRecord) -> ReplicaVm:
@@ -163,6 +222,8 @@ class Site(Service):
             self.journal_topic(record.name),
             self.status_topic(record.name),
             self._status,
+            self.verifier(record.name, record.partner_site),
+            self.key_ring(record.name),
         )
 
     async def discover(self) -> list[VmRecord]:
@@ -196,6 +257,10 @@ class Site(Service):
                 continue
             if not self.config.accepts(config.primary_site):
                 continue
+            if self.authorization.entries() and not self.authorization.for_primary(
+                config.primary_site, self.config.trust_group
+            ):
+                continue
             adopted.append(await self.adopt(config))
             self.refused.pop(topic, None)
         return adopted
@@ -218,7 +283,8 @@ class Site(Service):
             (:func:`~vmreplica.schemas.validation.check_vm_config`); nothing was created.
         """
         check_event(config)
-        folder = self.config.vm_folder(config.vm)
+        storage = self.authorization.storage_for(config.primary_site, self.config.trust_group)
+        folder = self.config.vm_folder(config.vm) if storage is None else storage / config.vm
         disks = [
             DiskRecord(d.name, str(image_path(folder, d.name)), d.size_bytes) for d in config.disks
         ]
@@ -234,6 +300,7 @@ class Site(Service):
                 s for s in config.replica_sites if s not in (self.config.site, config.primary_site)
             ),
             changelog_budget_bytes=config.changelog_budget_bytes,
+            encrypt=bool(config.wrapped_keys),
         )
         await self.catalog.add_vm(
             config.vm,
@@ -253,10 +320,15 @@ class Site(Service):
         :raises JournalViolation: a record before it, or it, is refused (naming its offset), or
             it describes another VM.
         """
+        verifier = self.verifier(vm, "")
         async with contextlib.aclosing(read_to_end(self.connection, topic)) as records:
             async for record in records:
                 try:
                     event = decode_journal(record.value)
+                    if isinstance(event, VmConfig):
+                        verifier.check(event, record.offset, record.value)
+                except JournalViolation:
+                    raise
                 except DecodeError as error:
                     raise JournalViolation(
                         vm, record.offset, str(error), ReplicationState.ERROR
