@@ -10,6 +10,7 @@ import click
 from rich.table import Table
 
 from vmreplica.cli import failover as cli_failover
+from vmreplica.cli import operations as cli_operations
 from vmreplica.cli import replication as cli_replication
 from vmreplica.cli import resync as cli_resync
 from vmreplica.cli.support import console, emit_json, errors, reported
@@ -24,6 +25,7 @@ def main() -> None:
 cli_replication.register(main)
 cli_failover.register(main)
 cli_resync.register(main)
+cli_operations.register(main)
 
 
 @main.group()

@@ -174,6 +174,7 @@ class Site:
             self.journal_topic(record.name),
             self.status_topic(record.name),
             self._status,
+            self.config.heartbeat_seconds,
         )
 
     async def discover(self) -> list[VmRecord]:
