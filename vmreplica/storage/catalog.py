@@ -783,9 +783,9 @@ class Catalog:
         await self._transaction(
             [
                 (
-                    "INSERT INTO event (vm, at_ms, event_id, level, message) SELECT vm, ?, ?, ?,"
-                    " 'test failover at point ' || point || ' stopped' FROM test_failover"
-                    " WHERE vm = ? AND status = 'ready'",
+                    "INSERT INTO event (vm, at_ms, event_id, level, message)"
+                    " SELECT vm, ?, ?, ?, 'test failover stopped' FROM test_failover"
+                    " WHERE vm = ? AND status IN ('ready', 'stopping')",
                     (
                         now_ms(),
                         int(EventId.TEST_FAILOVER_STOPPED),
