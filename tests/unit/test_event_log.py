@@ -15,9 +15,13 @@ import pytest
 from click.testing import CliRunner
 
 from vmreplica.cli.main import main
+from vmreplica.config import SiteConfig
 from vmreplica.domain.events import EventId, EventLevel
 from vmreplica.domain.model import Consistency, DiskRecord, Position, VmSettings
 from vmreplica.domain.states import ReplicationState
+from vmreplica.runtime.metrics import SiteMetrics
+from vmreplica.runtime.site import Site
+from vmreplica.runtime.status import vm_status
 from vmreplica.storage import history
 from vmreplica.storage.catalog import Catalog
 
@@ -281,3 +285,26 @@ def test_mistakes_and_refusals(tmp_path: Path, argv: list[str], code: int, messa
     assert result.exit_code == code, result.output
     assert message in " ".join(result.output.split())
     assert "Traceback" not in result.output
+
+
+async def test_the_metrics_show_the_durable_statistics(tmp_path: Path) -> None:
+    config = SiteConfig(site="site-b", root=tmp_path / "root", bootstrap_servers="127.0.0.1:1")
+    async with Site(config) as site:
+        await _add(site.catalog, "db", "replica")
+        await site.catalog.advance_position(
+            "db",
+            Position(1, 1, bytes(32), 5, NOW_MS - 1000),
+            cut_at_ms=NOW_MS - 2000,
+            size_bytes=10,
+            consistency=Consistency.APPLICATION,
+        )
+        await site.catalog.set_test_failover("db", 1, "ready", "nbd+unix:///disk0")
+        status = await vm_status(site, await site.catalog.vm("db"), with_replica=False)
+    metrics = SiteMetrics("site-b")
+    metrics.update(status)
+    labels = {"site": "site-b", "vm": "db", "role": "replica"}
+    sample = metrics.registry.get_sample_value
+    assert sample("vmreplica_last_app_consistent_timestamp_seconds", labels) == NOW_MS / 1000 - 2
+    assert sample("vmreplica_last_test_failover_timestamp_seconds", labels) == NOW_MS / 1000
+    assert status.statistics is not None
+    assert status.statistics.last_test_failover_ms == NOW_MS

@@ -176,7 +176,7 @@ async def vm_status(site: Site, record: VmRecord, with_replica: bool = True) -> 
         replica = await _latest_replica_position(site, record.name) if with_replica else None
         progress = PrimaryProgress(
             cycle,
-            facts.pending_bytes or 0,
+            statistics.pending_bytes or 0,
             replica.cycle if replica else None,
             replica.applied_at_ms if replica else None,
         )
