@@ -80,7 +80,7 @@ def statistics_table(rows: list[dict[str, Any]]) -> Table:
 
     line("state", "state")
     line("health", "health")
-    line("monitoring since (UTC)", "monitoring_start_ms", _stamp)
+    line("window start (UTC)", "monitoring_start_ms", _stamp)
     line("average size (bytes)", "average_size_bytes")
     line("maximum size (bytes)", "maximum_size_bytes")
     line("average latency (s)", "average_latency_seconds")
@@ -89,13 +89,14 @@ def statistics_table(rows: list[dict[str, Any]]) -> Table:
     line("missed cycles", "missed_cycles")
     for kind in FAILURE_COUNTS:
         table.add_row(
-            f"failed: {kind.replace('_', '-')}", *(str(r["failed_cycles"][kind]) for r in rows)
+            f"failed: {kind.replace('application_consistent', 'app-consistent')}",
+            *(str(r["failed_cycles"][kind]) for r in rows),
         )
     line("pending (bytes)", "pending_bytes")
     line("last replication (UTC)", "last_replication_ms", _stamp)
-    line("initial replication (bytes)", "initial_replication_bytes")
-    line("last app-consistent (UTC)", "last_app_consistent_ms", _stamp)
-    line("last test failover (UTC)", "last_test_failover_ms", _stamp)
+    line("initial size (bytes)", "initial_replication_bytes")
+    line("last app-consistent", "last_app_consistent_ms", _stamp)
+    line("last test failover", "last_test_failover_ms", _stamp)
     line("seconds behind", "seconds_behind")
     return table
 
