@@ -19,6 +19,7 @@ from vmreplica.config import SiteConfig
 from vmreplica.domain.events import EventId, EventLevel
 from vmreplica.domain.model import Consistency, DiskRecord, Position, VmSettings
 from vmreplica.domain.states import ReplicationState
+from vmreplica.errors import StateRefused
 from vmreplica.runtime.metrics import SiteMetrics
 from vmreplica.runtime.site import Site
 from vmreplica.runtime.status import vm_status
@@ -308,3 +309,18 @@ async def test_the_metrics_show_the_durable_statistics(tmp_path: Path) -> None:
     assert sample("vmreplica_last_test_failover_timestamp_seconds", labels) == NOW_MS / 1000
     assert status.statistics is not None
     assert status.statistics.last_test_failover_ms == NOW_MS
+
+
+async def test_a_state_change_from_an_expected_state_is_checked_in_its_transaction(
+    tmp_path: Path,
+) -> None:
+    async with Catalog(tmp_path / "c.sqlite") as catalog:
+        await _add(catalog)
+        await catalog.set_state("web", ReplicationState.ERROR, "broker away")
+        with pytest.raises(StateRefused) as refused:
+            await catalog.set_state(
+                "web", ReplicationState.SUSPENDED, expected=ReplicationState.REPLICATING
+            )
+        assert str(refused.value).startswith("VM 'web' is error, not replicating: nothing")
+        assert (await catalog.vm("web")).state is ReplicationState.ERROR
+        assert (await _ids(catalog))[-1] == EventId.STATE_ERROR  # no event for the refusal

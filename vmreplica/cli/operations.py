@@ -234,7 +234,12 @@ def suspend(vm: str, config_path: Path | None) -> None:
                 "can be suspended. Operator action: wait for it to replicate "
                 f"(`vmreplica status {vm}`)"
             )
-        await site.catalog.set_state(vm, ReplicationState.SUSPENDED, "suspended by the operator")
+        await site.catalog.set_state(
+            vm,
+            ReplicationState.SUSPENDED,
+            "suspended by the operator",
+            expected=ReplicationState.REPLICATING,
+        )
 
     with_site(config_path, run)
     click.echo(f"VM {vm} suspended: writes are kept and ship on `vmreplica resume {vm}`")
@@ -263,7 +268,12 @@ def resume(vm: str, config_path: Path | None) -> None:
                     else ""
                 )
             )
-        await site.catalog.set_state(vm, ReplicationState.REPLICATING, "resumed by the operator")
+        await site.catalog.set_state(
+            vm,
+            ReplicationState.REPLICATING,
+            "resumed by the operator",
+            expected=ReplicationState.SUSPENDED,
+        )
 
     with_site(config_path, run)
     click.echo(f"VM {vm} resumed: what was written meanwhile ships with the next cycle")

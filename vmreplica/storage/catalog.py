@@ -39,7 +39,7 @@ from vmreplica.domain.model import (
     VmSettings,
 )
 from vmreplica.domain.states import LastHeartbeat, ReplicationState
-from vmreplica.errors import ConfigurationError, PositionRegressedError
+from vmreplica.errors import ConfigurationError, PositionRegressedError, StateRefused
 from vmreplica.storage import history
 from vmreplica.storage.sqlite import open_database
 
@@ -316,9 +316,27 @@ class Catalog:
             names = [row[0] for row in await cursor.fetchall()]
         return [await self.vm(name) for name in names]
 
-    async def set_state(self, name: str, state: ReplicationState, message: str = "") -> None:
+    async def set_state(
+        self,
+        name: str,
+        state: ReplicationState,
+        message: str = "",
+        *,
+        expected: ReplicationState | None = None,
+    ) -> None:
         """Set the VM's state; entering another state than its current one is logged as an
-        event in the same transaction (:func:`history.state_event`)."""
+        event in the same transaction (:func:`history.state_event`).
+
+        :raises StateRefused: ``expected`` is given and the VM is in another state (checked in
+            the writing transaction, so no other change slips in between); nothing is written.
+        """
+
+        async def check() -> None:
+            if expected is not None:
+                current = (await self.vm(name)).state
+                if current is not expected:
+                    raise StateRefused(name, current, expected)
+
         await self._transaction(
             [
                 *history.state_event(name, state, message),
@@ -327,7 +345,8 @@ class Catalog:
                     " WHERE name = ?",
                     (state.value, message, now_ms(), name),
                 ),
-            ]
+            ],
+            check,
         )
 
     async def set_epoch(self, name: str, epoch: int) -> None:
