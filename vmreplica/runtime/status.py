@@ -31,7 +31,8 @@ from vmreplica.domain.statistics import (
     measure,
 )
 from vmreplica.errors import ConfigurationError
-from vmreplica.failover.resync import ResyncJob, job_or_none
+from vmreplica.failover.resync import job_or_none
+from vmreplica.failover.resync_job import ResyncJob
 from vmreplica.journal.kafka import read_to_end
 from vmreplica.producers.changelog import pending_bytes
 from vmreplica.producers.dirtymap import DIRTY_MAP_NAME
