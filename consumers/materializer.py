@@ -430,6 +430,7 @@ class Materializer:
             cut_at_ms=commit.cut_at_ms,
             size_bytes=commit.payload_bytes,
             started_at_ms=commit.started_at_ms,
+            consistency=point.consistency,
         )
         if cursor.resyncing:
             cursor.resyncing = False

@@ -20,6 +20,7 @@ Resynchronization, the replica's part (the primary's is ``vmreplica/failover/res
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -31,7 +32,8 @@ from vmreplica.consumers.retention import RetentionPolicy
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import VmRecord
 from vmreplica.domain.names import check_name
-from vmreplica.domain.states import ReplicationState
+from vmreplica.domain.states import Health, ReplicationState
+from vmreplica.domain.statistics import SiteFacts, measure
 from vmreplica.errors import BrokerError, ConfigurationError, JournalViolation
 from vmreplica.journal.kafka import JournalReader, KafkaConnection, StatusPublisher
 from vmreplica.schemas.codec import encode
@@ -47,6 +49,7 @@ from vmreplica.security.encryption import VmKeyRing
 from vmreplica.service import Service
 from vmreplica.storage.catalog import Catalog
 from vmreplica.storage.digests import digest_block_bytes, image_digests
+from vmreplica.storage.history import storage_free_ratio, window_inputs
 from vmreplica.storage.image import DiskImage
 
 log = logging.getLogger(__name__)
@@ -138,8 +141,11 @@ class ReplicaVm(Service):
         status: StatusPublisher | None = None,
         verifier: JournalVerifier | None = None,
         keys: VmKeyRing | None = None,
+        heartbeat_seconds: float = 30.0,
     ) -> None:
         self.record = record
+        self.heartbeat_seconds = heartbeat_seconds
+        """The site's heartbeat interval: how the published health judges the primary."""
         self.site = site
         self.folder = folder
         self.catalog = catalog
@@ -186,17 +192,34 @@ class ReplicaVm(Service):
             or not self.materializer.cursor.awaiting_resync
         )
 
+    async def standing(
+        self, state: ReplicationState | None = None
+    ) -> tuple[ReplicationState, Health]:
+        """This replica's state (the catalog's, unless ``state`` is about to be) and its health
+        by the same rules as `vmreplica status` (:func:`~vmreplica.domain.statistics.measure`):
+        what every status record it publishes carries."""
+        record = await self.catalog.vm(self.name)
+        if state is not None:
+            record = dataclasses.replace(record, state=state)
+        now = now_ms()
+        facts = SiteFacts(storage_free_ratio=storage_free_ratio(self.folder))
+        measured = measure(
+            await window_inputs(self.catalog, record, now), facts, now, self.heartbeat_seconds
+        )
+        return record.state, measured.report.health
+
     async def _report(self, commit: CycleCommit, offset: int) -> None:
         if self.status is None:
             return
+        state, health = await self.standing()
         position = ReplicaPosition(
             self.name,
             commit.epoch,
             self.site,
             commit.cycle,
             offset,
-            ReplicationState.REPLICATING.value,
-            "normal",
+            state.value,
+            health.value,
             now_ms(),
             now_ms(),
         )
@@ -241,7 +264,7 @@ class ReplicaVm(Service):
         """This replica's applied position (``offset``: its cycle's commit), in ``state``."""
         cursor = self.materializer.cursor
         position = await self.catalog.position(self.name)
-        health = "critical" if state is ReplicationState.RESYNCHRONIZATION_REQUIRED else "normal"
+        _, health = await self.standing(state)
         return ReplicaPosition(
             self.name,
             cursor.epoch,
@@ -249,7 +272,7 @@ class ReplicaVm(Service):
             cursor.cycle,
             position.next_offset - 1 if position is not None else -1,
             state.value,
-            health,
+            health.value,
             position.at_ms if position else 0,
             now_ms(),
         )

@@ -250,6 +250,7 @@ class PrimaryVm:
                 self.site,
             )
             result = await seed.run(progress)
+            await self.catalog.record_initial_replication(self.name, result.bytes_sent)
             await self.catalog.set_state(self.name, ReplicationState.REPLICATING)
             return result
 

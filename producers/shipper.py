@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from vmreplica.domain.clock import now_ms
+from vmreplica.domain.model import Consistency as DomainConsistency
 from vmreplica.domain.model import Position
 from vmreplica.errors import JournalIntegrityError
 from vmreplica.journal.kafka import JournalPublisher, KafkaConnection, read_to_end
@@ -286,6 +287,7 @@ class CycleShipper:
             cut_at_ms=commit.cut_at_ms,
             size_bytes=tally.wire_bytes,
             started_at_ms=commit.started_at_ms,
+            consistency=DomainConsistency[commit.consistency.name],
         )
         # Deleting a segment and fsyncing the folder is file-system work that need not hold up
         # the event loop (the VM's writes to the open segment go on meanwhile).

@@ -84,6 +84,19 @@ class ResyncRefused(ReplicationError, RuntimeError):
     was sent; the message says why and what to do."""
 
 
+class StateRefused(ReplicationError, RuntimeError):
+    """A change the VM's current state does not allow now (exit 1); nothing was changed."""
+
+    def __init__(self, vm: str, current: ReplicationState, expected: ReplicationState) -> None:
+        super().__init__(
+            f"VM {vm!r} is {current.value}, not {expected.value}: nothing was changed. "
+            f"Operator action: check `vmreplica status {vm}` and try again"
+        )
+        self.vm = vm
+        self.current = current
+        self.expected = expected
+
+
 class HookError(ReplicationError, RuntimeError):
     """A hypervisor hook failed or did not finish in time."""
 

@@ -390,6 +390,28 @@ async def test_a_prometheus_server_scrapes_the_pair_and_evaluates_the_rules(
         assert prometheus.one(f'vmreplica_vm_state{{{b}, state="{replica["state"]}"}}') == 1
         assert prometheus.one(f'vmreplica_vm_health{{{b}, health="{replica["health"]}"}}') == 1
         assert prometheus.one(f"vmreplica_recovery_points{{{b}}}") == replica["recovery_points"]
+        # ... and where `vmreplica measure --json` stands: one computation behind all three.
+        measure = await asyncio.to_thread(
+            subprocess.run,
+            [*status.args[:3], "measure", *status.args[4:]],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        [measured] = json.loads(measure.stdout)
+        assert measured["successful_cycles"] == replica["cycles_in_window"]
+        assert prometheus.one(f"vmreplica_cycles_in_window{{{b}}}") == measured["successful_cycles"]
+        assert (
+            prometheus.one(f"vmreplica_last_successful_cycle_timestamp_seconds{{{b}}}")
+            == measured["last_replication_ms"] / 1000
+        )
+        assert measured["health"] == replica["health"]
+        assert measured["failed_cycles"] == {
+            "network": 0,
+            "replication": 0,
+            "application_consistent": 0,
+        }
 
         # The RPO Prometheus stored is the time since the replica was last in sync when it
         # scraped (at most a scrape interval and a little before the query): the last applied

@@ -217,7 +217,10 @@ async def test_writes_that_wait_past_their_interval_are_missed_cycles(tmp_path: 
         status = await _status(site)  # waiting since five minutes: ten intervals, 9 missed
         assert not status.idle
         assert status.seconds_behind == 300.0
-        assert status.report.reasons == ("9 of 10 cycles missed",)
+        assert status.report.reasons == (
+            "9 of 10 cycles missed",
+            "RPO 300 s, above 210 s (three intervals of 30 s and two minutes)",
+        )
     finally:
         await site.stop()
 

@@ -271,7 +271,7 @@ def agent(config_path: Path | None, log_level: str) -> None:
 @json_option
 @reported
 def status(vm: str | None, config_path: Path | None, as_json: bool) -> None:
-    """State, health and position of each VM (Get-/Measure-VMReplication)."""
+    """State, health and position of each VM (Get-VMReplication); `measure` gives statistics."""
 
     async def collect(site: Site) -> list[VmStatus]:
         records = [await site.catalog.vm(vm)] if vm else await site.catalog.vms()

@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vmreplica.config import load_config
-from vmreplica.devtools import demo_failover, demo_security
+from vmreplica.devtools import demo_failover, demo_operations, demo_security
 from vmreplica.devtools.cluster import ClusterState, LocalCluster
 from vmreplica.devtools.ports import free_base_port
 from vmreplica.domain.model import VmSettings
@@ -277,7 +277,9 @@ def _tour(work: Path, bootstrap: str, security: dict[str, dict[str, str]]) -> bo
         ok &= row[0] == row[1] and row[2] == row[3]
         table.add_row(name, *(d[:16] for d in row))
     console.print(table)
-    return asyncio.run(demo_failover.tour(config_a, config_b, VM, console)) and ok and refused
+    ok = asyncio.run(demo_failover.tour(config_a, config_b, VM, console)) and ok and refused
+    demo_operations.closing(work, (config_a, config_b), console)
+    return ok
 
 
 def main() -> int:

@@ -64,6 +64,18 @@ LIVENESS_HEARTBEATS: Final = 3
 heartbeat is a hiccup, three are an outage (an unplanned failover refuses while it is live)."""
 LATENCY_WARNING_SECONDS: Final = 300
 """Hyper-V: average latency above five minutes is no longer normal."""
+RPO_WARNING_INTERVALS: Final = 3
+RPO_WARNING_GRACE_SECONDS: Final = 120
+"""An RPO above three intervals plus two minutes is a warning well before Hyper-V's hour: a
+cycle is due every interval, so three overdue are no hiccup (the `VmReplicationRpoExceeded`
+alert uses the same bound)."""
+PARTNER_UNREACHABLE_CRITICAL_SECONDS: Final = 900
+"""A replica that has heard nothing from its primary (no heartbeat, no cycle) for 15 minutes is
+critical: Hyper-V's "the primary cannot send"."""
+STORAGE_FREE_WARNING_RATIO: Final = 0.05
+STORAGE_FREE_CRITICAL_RATIO: Final = 0.02
+"""Free space of the site's storage root below 5 % is a warning, below 2 % critical: change
+logs, undo logs and images all grow there, and a write that finds it full stops replication."""
 
 _CRITICAL_STATES: Final = frozenset(
     {ReplicationState.RESYNCHRONIZATION_REQUIRED, ReplicationState.ERROR}
@@ -97,6 +109,15 @@ class WindowStats:
     successful_cycles: int
     seconds_behind: float | None
     average_latency_seconds: float | None
+    interval_seconds: float | None = None
+    """The VM's replication interval: with it, an RPO beyond :data:`RPO_WARNING_INTERVALS`
+    intervals (plus the grace) is a warning."""
+    partner_silent_seconds: float | None = None
+    """A replica: how long since it last heard from its primary (None: not judged)."""
+    storage_free_ratio: float | None = None
+    """Free share of the file system holding the site's storage root (None: not known)."""
+    over_budget: bool = False
+    """The primary's open cycle outgrew its change-log budget: capture tracks dirty blocks."""
 
     @property
     def missed_cycles(self) -> int:
@@ -110,9 +131,27 @@ class HealthReport:
 
 
 def assess(state: ReplicationState, stats: WindowStats) -> HealthReport:
-    """Health by Hyper-V's rules, with the reasons an operator needs to act on it."""
+    """Health by the rules of the README's table (Hyper-V's, and what this system adds), with
+    the reasons an operator needs to act on it.
+
+    Critical when any critical rule holds, naming only the critical reasons; otherwise Warning
+    with every warning reason, in a fixed order; otherwise Normal.
+    """
+    critical: list[str] = []
     if state in _CRITICAL_STATES:
-        return HealthReport(Health.CRITICAL, (f"state is {state.value}",))
+        critical.append(f"state is {state.value}")
+    if (
+        stats.partner_silent_seconds is not None
+        and stats.partner_silent_seconds > PARTNER_UNREACHABLE_CRITICAL_SECONDS
+    ):
+        critical.append(
+            f"nothing heard from the primary for {stats.partner_silent_seconds / 60:.0f} minutes"
+        )
+    free = stats.storage_free_ratio
+    if free is not None and free < STORAGE_FREE_CRITICAL_RATIO:
+        critical.append(f"storage root {free:.1%} free")
+    if critical:
+        return HealthReport(Health.CRITICAL, tuple(critical))
     reasons: list[str] = []
     if state in _WARNING_STATES:
         reasons.append(f"state is {state.value}")
@@ -120,14 +159,33 @@ def assess(state: ReplicationState, stats: WindowStats) -> HealthReport:
         MISSED_CYCLES_WARNING_RATIO
     ):
         reasons.append(f"{stats.missed_cycles} of {stats.expected_cycles} cycles missed")
-    if stats.seconds_behind is not None and stats.seconds_behind > STALE_CYCLE_WARNING_SECONDS:
-        reasons.append(f"{stats.seconds_behind / 60:.0f} minutes behind the primary")
+    behind = stats.seconds_behind
+    if behind is not None and behind > STALE_CYCLE_WARNING_SECONDS:
+        reasons.append(f"{behind / 60:.0f} minutes behind the primary")
+    elif (
+        behind is not None
+        and stats.interval_seconds is not None
+        and behind > rpo_bound_seconds(stats.interval_seconds)
+    ):
+        reasons.append(
+            f"RPO {behind:.0f} s, above {rpo_bound_seconds(stats.interval_seconds):.0f} s "
+            f"(three intervals of {stats.interval_seconds:.0f} s and two minutes)"
+        )
     if (
         stats.average_latency_seconds is not None
         and stats.average_latency_seconds > LATENCY_WARNING_SECONDS
     ):
         reasons.append(f"average latency {stats.average_latency_seconds:.0f} s")
+    if free is not None and free < STORAGE_FREE_WARNING_RATIO:
+        reasons.append(f"storage root {free:.1%} free")
+    if stats.over_budget:
+        reasons.append("change log over its budget: tracking dirty blocks until the cut")
     return HealthReport(Health.WARNING if reasons else Health.NORMAL, tuple(reasons))
+
+
+def rpo_bound_seconds(interval_seconds: float) -> float:
+    """The RPO above which a VM is no longer Normal (:data:`RPO_WARNING_INTERVALS`)."""
+    return RPO_WARNING_INTERVALS * interval_seconds + RPO_WARNING_GRACE_SECONDS
 
 
 # How far behind the primary a site is ------------------------------------------------------------

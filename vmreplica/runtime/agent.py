@@ -31,6 +31,7 @@ import contextlib
 import logging
 import os
 import signal
+import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final
@@ -193,6 +194,16 @@ class Agent:
             self.metrics.update(status, stats, position, now)
         self.metrics.retain(record.name for record in records)
 
+    async def _failed(self, vm: str, reason: str, message: str) -> None:
+        """A cycle or the VM's replication failed for ``reason``: counted in the metrics and
+        logged in the catalog's event log, which the statistics count (a failure of the log
+        itself is only logged: the VM's worker must not fail twice)."""
+        self.metrics.failed(vm, reason)
+        try:
+            await self.site.catalog.record_failure(vm, reason, message)
+        except sqlite3.Error as error:
+            log.warning("VM %s: could not log the failure in the catalog: %s", vm, error)
+
     async def _stop_worker(self, vm: str) -> None:
         task = self._tasks.pop(vm, None)
         if task is not None:
@@ -307,7 +318,7 @@ class Agent:
         except ReplicationError as error:
             if not isinstance(error, FencedError):  # fenced: no longer primary, stay read-only
                 await self._withdraw(record.name)
-            self.metrics.failed(record.name, failure_reason(error))
+            await self._failed(record.name, failure_reason(error), str(error))
             await self.site.catalog.set_state(record.name, ReplicationState.ERROR, str(error))
             log.error("VM %s: %s", record.name, error)
             if not error.retriable:
@@ -367,7 +378,7 @@ class Agent:
         )
         await replica.step()
         if replica.violation is not None and replica.violation is not violation:
-            self.metrics.failed(replica.name, "journal")
+            await self._failed(replica.name, "journal", str(replica.violation))
         applied = replica.materializer.cursor.cycle - cycle
         if applied > 0:
             self.metrics.applied(replica.name, replica.apply_seconds - spent, applied)
@@ -492,7 +503,7 @@ class Agent:
             checks = primary.checks
             shipped = await front.cycle()
             if primary.checks == checks:  # a cut hook failed: the front logged it, no cycle
-                self.metrics.failed(primary.name, "hook")
+                await self._failed(primary.name, "hook", "a cut hook failed: the cycle was skipped")
         else:
             shipped = await primary.replicate()
         for cycle in shipped:
@@ -559,9 +570,11 @@ class Agent:
             await self._replicate(primary)  # ship what was written before the stop
 
     async def _shipping(self, primary: PrimaryVm) -> bool:
-        """A failed-over primary captures but ships nothing until it is reversed."""
+        """A failed-over primary captures but ships nothing until it is reversed; a suspended
+        one until it is resumed."""
         state = (await self.site.catalog.vm(primary.name)).state
         return state not in (
             ReplicationState.FAILED_OVER,
             ReplicationState.FAILED_OVER_WAITING_COMPLETION,
+            ReplicationState.SUSPENDED,
         )

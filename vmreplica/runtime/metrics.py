@@ -264,6 +264,8 @@ class VmGauges:
     pending_bytes: int | None
     recovery_points: int | None
     cycles_in_window: int
+    last_app_consistent_ms: int | None = None
+    last_test_failover_ms: int | None = None
 
 
 class VmSnapshot(Collector):
@@ -329,6 +331,16 @@ class VmSnapshot(Collector):
             "Cycles done in the one-hour monitoring window, from the catalog (survives restarts).",
             labels=labels,
         )
+        app_consistent = GaugeMetricFamily(
+            f"{PREFIX}_last_app_consistent_timestamp_seconds",
+            "When the last application-consistent cycle was cut (Unix time).",
+            labels=labels,
+        )
+        test_failover = GaugeMetricFamily(
+            f"{PREFIX}_last_test_failover_timestamp_seconds",
+            "When the last test failover was started (Unix time, replica).",
+            labels=labels,
+        )
         now = self.clock()
         now_ms = int(now * 1000)
         for vm, gauges in sorted(self.vms.items()):
@@ -351,7 +363,24 @@ class VmSnapshot(Collector):
                 pending.add_metric(key, gauges.pending_bytes)
             if gauges.recovery_points is not None:
                 points.add_metric(key, gauges.recovery_points)
-        return [state, health, epoch, interval, cycle, success, rpo, pending, points, window]
+            if gauges.last_app_consistent_ms is not None:
+                app_consistent.add_metric(key, gauges.last_app_consistent_ms / 1000)
+            if gauges.last_test_failover_ms is not None:
+                test_failover.add_metric(key, gauges.last_test_failover_ms / 1000)
+        return [
+            state,
+            health,
+            epoch,
+            interval,
+            cycle,
+            success,
+            rpo,
+            pending,
+            points,
+            window,
+            app_consistent,
+            test_failover,
+        ]
 
 
 class SiteMetrics:
@@ -525,6 +554,8 @@ class SiteMetrics:
             progress.pending_bytes if isinstance(progress, PrimaryProgress) else None,
             None if isinstance(progress, PrimaryProgress) else progress.recovery_points,
             status.cycles_in_window,
+            status.statistics.last_app_consistent_ms if status.statistics else None,
+            status.statistics.last_test_failover_ms if status.statistics else None,
         )
         self.snapshot.vms = vms
 

@@ -224,6 +224,7 @@ class Site(Service):
             self._status,
             self.verifier(record.name, record.partner_site),
             self.key_ring(record.name),
+            self.config.heartbeat_seconds,
         )
 
     async def discover(self) -> list[VmRecord]:

@@ -16,45 +16,48 @@ the primary records its own heartbeats, the replica those it reads in the journa
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from itertools import pairwise
-from typing import Final
 
 from vmreplica.config import SiteConfig
-from vmreplica.domain.clock import HOUR_MS
 from vmreplica.domain.model import VmRecord
-from vmreplica.domain.states import (
-    CYCLES_EXPECTED_STATES,
-    HealthReport,
-    LastHeartbeat,
-    WindowStats,
-    assess,
-    missed_intervals,
-    primary_live,
-    rpo_seconds,
-    synced_at_ms,
-    waiting_ms,
+from vmreplica.domain.states import HealthReport, ReplicationState
+from vmreplica.domain.statistics import (
+    CONTINUOUS_INTERVAL_SECONDS,
+    MONITORING_WINDOW_MS,
+    ReplicationStatistics,
+    SiteFacts,
+    interval_seconds,
+    measure,
 )
 from vmreplica.errors import ConfigurationError
 from vmreplica.failover.resync import job_or_none
 from vmreplica.failover.resync_job import ResyncJob
 from vmreplica.journal.kafka import read_to_end
 from vmreplica.producers.changelog import pending_bytes
+from vmreplica.producers.dirtymap import DIRTY_MAP_NAME
 from vmreplica.producers.nbd_exports import nbd_uris, socket_path
 from vmreplica.runtime.site import Site
 from vmreplica.schemas.codec import decode_status
 from vmreplica.schemas.events import ReplicaPosition
+from vmreplica.storage.history import storage_free_ratio, window_inputs
 
-MONITORING_WINDOW_MS: Final = HOUR_MS
-"""Hyper-V's monitoring window: health counts the cycles of the last hour."""
-CONTINUOUS_INTERVAL_SECONDS: Final = 1.0
-"""Continuous replication looks for writes to ship every second (or sooner, by size)."""
+__all__ = [
+    "CONTINUOUS_INTERVAL_SECONDS",
+    "MONITORING_WINDOW_MS",
+    "CaptureStatus",
+    "PrimaryProgress",
+    "ReplicaProgress",
+    "VmStatus",
+    "capture_status",
+    "interval_seconds",
+    "vm_status",
+]
 
-
-def interval_seconds(frequency_seconds: int) -> float:
-    """Seconds between cycles for a VM's ``frequency_seconds`` (0: continuous)."""
-    return float(frequency_seconds) or CONTINUOUS_INTERVAL_SECONDS
+_SEEDING_STATES = (
+    ReplicationState.READY_FOR_INITIAL_REPLICATION,
+    ReplicationState.INITIAL_REPLICATION_IN_PROGRESS,
+)
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,8 @@ class VmStatus:
     resync: ResyncJob | None = None
     """The primary's resync: running (its phase and bytes examined, differing, sent), or the
     last one that ended."""
+    statistics: ReplicationStatistics | None = None
+    """Measure-VMReplication's figures over the window (:mod:`vmreplica.domain.statistics`)."""
 
     @property
     def last_cycle(self) -> int | None:
@@ -138,119 +143,56 @@ async def _latest_replica_position(site: Site, vm: str) -> ReplicaPosition | Non
     return latest
 
 
-@dataclass(frozen=True)
-class _Row:
-    """A cycle statistics row (:meth:`Catalog.cycle_stats`) by name."""
-
-    cycle: int
-    cut_ms: int
-    done_ms: int
-    size_bytes: int
-    started_ms: int | None
-
-
-def missed_in_window(
-    rows: Sequence[tuple[int, int, int, int, int | None]],
-    since_ms: int,
-    now_ms: int,
-    interval: float,
-    waiting_since: tuple[int, int] | None,
-    idle_at_ms: int | None,
-) -> int:
-    """Cycles missed from ``since_ms`` to ``now_ms``: while writes waited, an interval without
-    a cycle beyond the first (:func:`~vmreplica.domain.states.waiting_ms`).
-
-    ``rows`` are the cycles done from ``since_ms`` on, after the last one done before it (if
-    any). ``waiting_since`` is the (done, cut) time from which writes are waiting now, or None
-    when nothing is due (the primary is idle, or the state expects no cycle); ``idle_at_ms``
-    the primary's last idle instant after it.
-    """
-    cycles = [_Row(*row) for row in rows]
-    missed = 0
-    for previous, cycle in pairwise(cycles):
-        if cycle.done_ms >= since_ms:
-            waited = waiting_ms(
-                previous.done_ms, previous.cut_ms, cycle.started_ms, cycle.done_ms, since_ms
-            )
-            missed += missed_intervals(waited / 1000, interval)
-    if waiting_since is not None:
-        done, cut = waiting_since
-        missed += missed_intervals(
-            waiting_ms(done, cut, idle_at_ms, now_ms, since_ms) / 1000, interval
-        )
-    return missed
+async def site_facts(site: Site, record: VmRecord) -> SiteFacts:
+    """What the site's files say of ``record`` beside the catalog: a primary's pending
+    change-log bytes, the part of its disks a seed has not examined yet, whether its open
+    cycle outgrew the change-log budget; the storage root's free space."""
+    free = storage_free_ratio(site.config.root)
+    if record.role != "primary":
+        return SiteFacts(storage_free_ratio=free)
+    changelog = site.config.vm_folder(record.name) / "changelog"
+    unsent = 0
+    if record.state in _SEEDING_STATES:
+        done = await site.catalog.seed_progress(record.name)
+        unsent = sum(max(0, d.size_bytes - done.get(d.name, 0)) for d in record.disks)
+    return SiteFacts(pending_bytes(changelog), unsent, (changelog / DIRTY_MAP_NAME).exists(), free)
 
 
 async def vm_status(site: Site, record: VmRecord, with_replica: bool = True) -> VmStatus:
-    """Everything `vmreplica status` shows for one VM.
+    """Everything `vmreplica status` and `vmreplica measure` show for one VM.
 
     ``with_replica`` reads the position the replica last reported on the status topic (a
     primary only); the agent's metrics loop leaves it out.
     """
     now_ms = int(time.time() * 1000)
     catalog = site.catalog
-    position = await catalog.position(record.name)
-    window_start = now_ms - MONITORING_WINDOW_MS
-    rows = await catalog.cycle_stats(record.name, window_start, previous=True)
-    window = [row for row in rows if row[2] >= window_start]
-    heartbeat = await catalog.last_heartbeat(record.name)
-    interval = interval_seconds(record.settings.frequency_seconds)
-    idle = _idle(heartbeat, now_ms, site.config.heartbeat_seconds)
-    synced = synced_at_ms(rows[-1][1] if rows else None, heartbeat)
-    rpo = rpo_seconds(now_ms, synced, interval, idle)
-    waiting_since = None
-    if record.state in CYCLES_EXPECTED_STATES and not idle:
-        if rows:
-            waiting_since = rows[-1][2], rows[-1][1]
-        elif position is not None:  # seeded, no cycle yet
-            waiting_since = position.at_ms, position.at_ms
-    missed = missed_in_window(
-        rows,
-        max(window_start, record.state_changed_ms),
-        now_ms,
-        interval,
-        waiting_since,
-        heartbeat.idle_at_ms if heartbeat else None,
-    )
-    latencies = [(done - cut) / 1000 for _, cut, done, _, _ in window]
-    report = assess(
-        record.state,
-        WindowStats(
-            len(window) + missed,
-            len(window),
-            rpo,
-            sum(latencies) / len(latencies) if latencies else None,
-        ),
-    )
+    inputs = await window_inputs(catalog, record, now_ms)
+    facts = await site_facts(site, record)
+    measured = measure(inputs, facts, now_ms, site.config.heartbeat_seconds)
+    statistics = measured.statistics
+    position = inputs.position
     cycle = position.cycle if position else None
     progress: PrimaryProgress | ReplicaProgress
     if record.role == "primary":
-        changelog = site.config.vm_folder(record.name) / "changelog"
         replica = await _latest_replica_position(site, record.name) if with_replica else None
         progress = PrimaryProgress(
             cycle,
-            pending_bytes(changelog),
+            statistics.pending_bytes or 0,
             replica.cycle if replica else None,
             replica.applied_at_ms if replica else None,
         )
     else:
         progress = ReplicaProgress(cycle, await catalog.count_points(record.name))
+    rpo = measured.rpo_seconds
     return VmStatus(
         record,
         capture_status(site.config, record),
-        report,
+        measured.report,
         None if rpo is None else round(rpo, 1),
-        len(window),
+        statistics.successful_cycles,
         progress,
-        synced,
-        idle,
+        measured.synced_at_ms,
+        measured.idle,
         job_or_none(site, record.name) if record.role == "primary" else None,
-    )
-
-
-def _idle(heartbeat: LastHeartbeat | None, now_ms: int, heartbeat_seconds: float) -> bool:
-    return (
-        heartbeat is not None
-        and heartbeat.idle
-        and primary_live(heartbeat.at_ms, now_ms, heartbeat_seconds)
+        statistics,
     )

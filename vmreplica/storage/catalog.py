@@ -26,6 +26,7 @@ from typing import Any, Final
 import aiosqlite
 
 from vmreplica.domain.clock import HOUR_MS, now_ms
+from vmreplica.domain.events import EventId, EventLevel
 from vmreplica.domain.model import (
     Consistency,
     DiskRecord,
@@ -37,8 +38,9 @@ from vmreplica.domain.model import (
     VmSettings,
 )
 from vmreplica.domain.states import LastHeartbeat, ReplicationState
-from vmreplica.errors import ConfigurationError, PositionRegressedError
+from vmreplica.errors import ConfigurationError, PositionRegressedError, StateRefused
 from vmreplica.service import Service
+from vmreplica.storage import history
 from vmreplica.storage.sqlite import open_database
 
 log = logging.getLogger(__name__)
@@ -147,7 +149,7 @@ class Catalog(Service):
         """One connection serves every task: transactions must not interleave on it."""
 
     async def start(self) -> None:
-        self._db = await open_database(self.path, _SCHEMA)
+        self._db = await open_database(self.path, _SCHEMA + history.SCHEMA)
         for table, column, kind in _ADDED_COLUMNS:
             async with self._db.execute(f"PRAGMA table_info({table})") as cursor:
                 columns = {row[1] for row in await cursor.fetchall()}
@@ -240,7 +242,27 @@ class Catalog(Service):
             )
             for i, d in enumerate(disks)
         ]
+        statements += history.event(
+            name,
+            EventId.REPLICATION_ENABLED,
+            EventLevel.INFORMATION,
+            f"replication enabled: {role} here, partner site {partner_site}, {state.value}",
+        )
         await self._transaction(statements)
+
+    async def remove_vm(self, name: str) -> None:
+        """Forget a relationship at this site (its images and folders stay where they are)."""
+        await self._transaction(
+            [
+                ("DELETE FROM vm WHERE name = ?", (name,)),
+                *history.event(
+                    name,
+                    EventId.REPLICATION_REMOVED,
+                    EventLevel.WARNING,
+                    "replication removed at this site",
+                ),
+            ]
+        )
 
     async def find_vm(self, name: str) -> VmRecord | None:
         async with self.db.execute(
@@ -282,15 +304,37 @@ class Catalog(Service):
             names = [row[0] for row in await cursor.fetchall()]
         return [await self.vm(name) for name in names]
 
-    async def set_state(self, name: str, state: ReplicationState, message: str = "") -> None:
+    async def set_state(
+        self,
+        name: str,
+        state: ReplicationState,
+        message: str = "",
+        *,
+        expected: ReplicationState | None = None,
+    ) -> None:
+        """Set the VM's state; entering another state than its current one is logged as an
+        event in the same transaction (:func:`history.state_event`).
+
+        :raises StateRefused: ``expected`` is given and the VM is in another state (checked in
+            the writing transaction, so no other change slips in between); nothing is written.
+        """
+
+        async def check() -> None:
+            if expected is not None:
+                current = (await self.vm(name)).state
+                if current is not expected:
+                    raise StateRefused(name, current, expected)
+
         await self._transaction(
             [
+                *history.state_event(name, state, message),
                 (
                     "UPDATE vm SET state = ?, state_message = ?, state_changed_ms = ?"
                     " WHERE name = ?",
                     (state.value, message, now_ms(), name),
-                )
-            ]
+                ),
+            ],
+            check,
         )
 
     async def set_epoch(self, name: str, epoch: int) -> None:
@@ -313,6 +357,7 @@ class Catalog(Service):
         cut_at_ms: int | None = None,
         size_bytes: int = 0,
         started_at_ms: int | None = None,
+        consistency: Consistency = Consistency.CRASH,
     ) -> None:
         """Durably move a VM's position forward: a cycle shipped (primary) or applied (replica),
         or more of the journal read at the same cycle.
@@ -320,7 +365,8 @@ class Catalog(Service):
         With ``cut_at_ms``, ``position.cycle`` has just been done and its statistics (start and
         cut time, ``size_bytes``) are recorded, statistics older than :data:`CYCLE_STATS_HOURS`
         are pruned, and what the last heartbeat said about waiting writes is superseded by the
-        cycle; with ``point``, the cycle's recovery point. All of it lands in one SQLite
+        cycle (an application-consistent cut is remembered as the last one); with ``point``,
+        the cycle's recovery point. All of it lands in one SQLite
         transaction.
 
         :raises PositionRegressedError: ``position`` is behind the recorded one (see
@@ -356,6 +402,8 @@ class Catalog(Service):
                 ),
                 ("UPDATE heartbeat SET idle_at_ms = NULL, idle = 0 WHERE vm = ?", (name,)),
             ]
+            if consistency is Consistency.APPLICATION:
+                statements.append(history.statistic(name, "last_app_consistent_ms", cut_at_ms))
         await self._transaction(statements, self._forward_only(name, position))
 
     async def rewind_position(self, name: str, position: Position, reason: str) -> None:
@@ -521,6 +569,42 @@ class Catalog(Service):
             rows += await cursor.fetchall()
         return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
+    # Events and statistics -------------------------------------------------------------------
+
+    async def record_failure(self, name: str, reason: str, message: str) -> None:
+        """Log a failed cycle or replication attempt (``reason``: a ``reason`` label of
+        ``vmreplica_cycles_failed_total``); the statistics count these events."""
+        await self._transaction(history.failure_event(name, reason, message))
+
+    async def record_initial_replication(self, name: str, size_bytes: int) -> None:
+        """The initial replication ended, having sent ``size_bytes``: remember and log it."""
+        at = now_ms()
+        await self._transaction(
+            [
+                history.statistic(name, "initial_replication_bytes", size_bytes),
+                history.statistic(name, "initial_replication_at_ms", at),
+                *history.event(
+                    name,
+                    EventId.INITIAL_REPLICATION_COMPLETED,
+                    EventLevel.INFORMATION,
+                    f"initial replication completed: {size_bytes} bytes sent",
+                ),
+            ]
+        )
+
+    async def reset_statistics(self, name: str) -> int:
+        """Start the VM's monitoring window now (Reset-VMReplicationStatistics); return now."""
+        at = now_ms()
+        await self._transaction(
+            [
+                history.statistic(name, "reset_at_ms", at),
+                *history.event(
+                    name, EventId.STATISTICS_RESET, EventLevel.INFORMATION, "statistics reset"
+                ),
+            ]
+        )
+        return at
+
     # Heartbeats --------------------------------------------------------------------------------
 
     async def record_heartbeat(
@@ -577,6 +661,14 @@ class Catalog(Service):
         :raises PositionRegressedError: a plain ``position`` is behind the recorded one.
         """
         statements: list[tuple[str, Sequence[Any]]] = [
+            *history.state_event(name, state, message),
+            *history.event(
+                name,
+                EventId.BECAME_PRIMARY if role == "primary" else EventId.BECAME_REPLICA,
+                EventLevel.WARNING,
+                f"now {role} in epoch {epoch}, partner site {partner_site}"
+                + (f": {message}" if message else ""),
+            ),
             (
                 "UPDATE vm SET role = ?, partner_site = ?, epoch = ?, state = ?, state_message = ?,"
                 " state_changed_ms = ?, generation = generation + 1, failover_point = ?"
@@ -657,15 +749,33 @@ class Catalog(Service):
     # Test failover -----------------------------------------------------------------------------
 
     async def set_test_failover(self, name: str, point: int, status: str, detail: str = "") -> None:
-        await self._transaction(
-            [
-                (
-                    "INSERT OR REPLACE INTO test_failover (vm, point, status, detail, created_ms)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (name, point, status, detail, now_ms()),
-                )
+        """Record the VM's test failover; ``ready`` (its disks are served) and ``failed`` are
+        logged as events, and ``ready`` is the last test failover's time."""
+        statements: list[tuple[str, Sequence[Any]]] = [
+            (
+                "INSERT OR REPLACE INTO test_failover (vm, point, status, detail, created_ms)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (name, point, status, detail, now_ms()),
+            )
+        ]
+        if status == "ready":
+            statements += [
+                history.statistic(name, "last_test_failover_ms", now_ms()),
+                *history.event(
+                    name,
+                    EventId.TEST_FAILOVER_STARTED,
+                    EventLevel.INFORMATION,
+                    f"test failover at point {point}: {detail}",
+                ),
             ]
-        )
+        elif status == "failed":
+            statements += history.event(
+                name,
+                EventId.TEST_FAILOVER_FAILED,
+                EventLevel.ERROR,
+                f"test failover at point {point} failed: {detail}",
+            )
+        await self._transaction(statements)
 
     async def test_failover(self, name: str) -> tuple[int, str, str] | None:
         """(point, status, detail) of the VM's test failover, if one exists."""
@@ -676,7 +786,23 @@ class Catalog(Service):
         return None if row is None else (int(row[0]), str(row[1]), str(row[2]))
 
     async def clear_test_failover(self, name: str) -> None:
-        await self._transaction([("DELETE FROM test_failover WHERE vm = ?", (name,))])
+        """Forget the VM's test failover; one that was served is logged as stopped."""
+        await self._transaction(
+            [
+                (
+                    "INSERT INTO event (vm, at_ms, event_id, level, message)"
+                    " SELECT vm, ?, ?, ?, 'test failover stopped' FROM test_failover"
+                    " WHERE vm = ? AND status IN ('ready', 'stopping')",
+                    (
+                        now_ms(),
+                        int(EventId.TEST_FAILOVER_STOPPED),
+                        EventLevel.INFORMATION.value,
+                        name,
+                    ),
+                ),
+                ("DELETE FROM test_failover WHERE vm = ?", (name,)),
+            ]
+        )
 
     # Extended replication ----------------------------------------------------------------------
 
