@@ -29,6 +29,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final
 
+import aiosqlite
+
 from vmreplica.config import SiteConfig, cannot_listen
 from vmreplica.consumers.drill import FailoverDrill
 from vmreplica.consumers.replica import ReplicaVm
@@ -36,6 +38,7 @@ from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import VmRecord
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import (
+    BrokerError,
     ConfigurationError,
     FencedError,
     ReplicationError,
@@ -73,6 +76,7 @@ from vmreplica.producers.nbd_exports import UNIX_PATH_MAX_BYTES, VmExports, sock
 from vmreplica.producers.primary import PrimaryVm
 from vmreplica.runtime.extension import ExtendedReplication, load_extension
 from vmreplica.runtime.metrics import CycleStat, SiteMetrics, failure_reason
+from vmreplica.runtime.outage import Backoff, PublishOutage
 from vmreplica.runtime.site import Site
 from vmreplica.runtime.status import vm_status
 from vmreplica.schemas.codec import decode_status
@@ -181,6 +185,10 @@ class Agent:
         """Where the CLI leaves failover requests, and where the agent says it is alive."""
         self.resyncs: dict[str, ResyncWorker] = {}
         """The resync runner of each open primary."""
+        self._backoff: dict[str, Backoff] = {}
+        """Each VM's retry delays while its worker keeps ending on retriable errors."""
+        self._retrying: dict[str, str] = {}
+        """VMs whose worker ended on a retriable error, with it, until a new worker succeeds."""
 
     def stop(self) -> None:
         self.stopping.set()
@@ -355,7 +363,15 @@ class Agent:
             )
 
     async def _guarded(self, record: VmRecord, work: Callable[[VmRecord], Awaitable[None]]) -> None:
+        """Run a VM's worker; on an error, record it in the VM's state (health critical, the
+        message as reason) and say how long until the worker is started again: a retriable
+        error (Kafka away, a full disk) after a back-off that doubles up to
+        :data:`RETRY_SECONDS` and starts afresh once a worker ran that long; any other after
+        :data:`HELD_SECONDS`, or when the VM's role changes."""
         wait = RETRY_SECONDS
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        backoff = self._backoff.setdefault(record.name, Backoff(longest=RETRY_SECONDS))
         try:
             await work(record)
         except asyncio.CancelledError:
@@ -366,14 +382,38 @@ class Agent:
             if not isinstance(error, FencedError):  # fenced: no longer primary, stay read-only
                 await self._withdraw(record.name)
             self.metrics.failed(record.name, failure_reason(error))
-            await self.site.catalog.set_state(record.name, ReplicationState.ERROR, str(error))
-            log.error("VM %s: %s", record.name, error)
-            if not error.retriable:
+            if error.retriable:
+                if loop.time() - started > RETRY_SECONDS:
+                    backoff.reset()
+                wait = backoff.next_delay()
+                self._retrying[record.name] = str(error)
+            else:
                 wait = HELD_SECONDS
+            try:
+                await self.site.catalog.set_state(record.name, ReplicationState.ERROR, str(error))
+            except aiosqlite.Error as failure:  # a full disk may refuse even this
+                log.warning("VM %s: could not record its state: %s", record.name, failure)
+            log.error(
+                "VM %s: %s%s", record.name, error, f" (retried in {wait:.0f} s)" * error.retriable
+            )
         finally:
             ended = self._ended.get(record.name)
             if ended is not None:
                 self._ended[record.name] = (asyncio.get_running_loop().time(), ended[1], wait)
+
+    async def _resumed(self, vm: str) -> None:
+        """The VM's worker, started again after a retriable error, did its work: its state,
+        still the error's, is replicating again."""
+        error = self._retrying.pop(vm, None)
+        if error is None:
+            return
+        self._backoff.pop(vm, None)
+        record = await self.site.catalog.vm(vm)
+        if record.state is ReplicationState.ERROR:
+            await self.site.catalog.set_state(
+                vm, ReplicationState.REPLICATING, f"resumed by itself after: {error}"
+            )
+            log.info("VM %s: resumed by itself", vm)
 
     async def _replica(self, record: VmRecord) -> None:
         """Apply the journal; serve a test failover if asked; take over when a planned failover
@@ -387,6 +427,8 @@ class Agent:
                     cursor = replica.materializer.cursor
                     epoch, before = cursor.epoch, cursor.next_offset
                     await self._apply(replica)
+                    if replica.violation is None:
+                        await self._resumed(record.name)
                     if replica.materializer.cursor.epoch != epoch:
                         await self._follow_new_primary(record.name, before)
                     await drill.poll()
@@ -593,28 +635,45 @@ class Agent:
         loop = asyncio.get_running_loop()
         next_cut = loop.time() + period
         next_beat = loop.time()
+        outage = PublishOutage(self.site.catalog, primary)
         while not self.stopping.is_set():
             resync.poll()
             await resync.watch()
             now = loop.time()
-            due = now >= next_cut or (
-                settings.frequency_seconds == 0
-                and primary.capture.log.segment_bytes >= settings.continuous_max_bytes
-            )
-            if due:
-                if await self._shipping(primary):
-                    await self._replicate(primary)
-                next_cut = now + period
-            if now >= next_beat or primary.idle_unannounced:
-                await primary.heartbeat()
-                next_beat = loop.time() + self.site.config.heartbeat_seconds
+            try:
+                if outage.ongoing:  # the capture goes on; cycles wait for Kafka
+                    if not outage.due() or not await outage.retry():
+                        await self._pause(min(outage.retry_at - now, RESYNC_CHECK_SECONDS))
+                        continue
+                    next_cut = next_beat = now
+                due = now >= next_cut or (
+                    settings.frequency_seconds == 0
+                    and primary.capture.log.segment_bytes >= settings.continuous_max_bytes
+                )
+                if due:
+                    if await self._shipping(primary):
+                        await self._replicate(primary)
+                    next_cut = now + period
+                if now >= next_beat or primary.idle_unannounced:
+                    await primary.heartbeat()
+                    next_beat = loop.time() + self.site.config.heartbeat_seconds
+            except BrokerError as error:  # a FencedError is raised again: not an outage
+                if not outage.ongoing:
+                    self.metrics.failed(primary.name, failure_reason(error))
+                await outage.failed(error)
+                continue
+            await self._resumed(primary.name)
             wait = max(0.05, min(next_cut, next_beat, now + RESYNC_CHECK_SECONDS) - loop.time())
             if settings.frequency_seconds == 0:
                 wait = min(wait, 0.1)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), wait)
-        if await self._shipping(primary):
+            await self._pause(wait)
+        if not outage.ongoing and await self._shipping(primary):
             await self._replicate(primary)  # ship what was written before the stop
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if the agent is told to stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), max(0.05, seconds))
 
     async def _shipping(self, primary: PrimaryVm) -> bool:
         """A failed-over primary captures but ships nothing until it is reversed."""

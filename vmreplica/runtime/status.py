@@ -15,6 +15,7 @@ the primary records its own heartbeats, the replica those it reads in the journa
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,10 +34,11 @@ from vmreplica.domain.states import (
     missed_intervals,
     primary_live,
     rpo_seconds,
+    silence,
     synced_at_ms,
     waiting_ms,
 )
-from vmreplica.errors import ConfigurationError
+from vmreplica.errors import BrokerError, ConfigurationError
 from vmreplica.failover.resync import ResyncJob, job_or_none
 from vmreplica.journal.kafka import read_to_end
 from vmreplica.producers.changelog import pending_bytes
@@ -47,6 +49,9 @@ from vmreplica.schemas.events import ReplicaPosition
 
 MONITORING_WINDOW_MS: Final = HOUR_MS
 """Hyper-V's monitoring window: health counts the cycles of the last hour."""
+REPLICA_POSITION_TIMEOUT_SECONDS: Final = 5.0
+"""How long `status` waits for the status topic, on a primary, before it shows no replica
+position: Kafka may be down, which is when the rest of what `status` says matters most."""
 CONTINUOUS_INTERVAL_SECONDS: Final = 1.0
 """Continuous replication looks for writes to ship every second (or sooner, by size)."""
 
@@ -129,11 +134,17 @@ def capture_status(config: SiteConfig, record: VmRecord) -> CaptureStatus:
 
 
 async def _latest_replica_position(site: Site, vm: str) -> ReplicaPosition | None:
+    """What the replica last said on the status topic; None when Kafka does not answer within
+    :data:`REPLICA_POSITION_TIMEOUT_SECONDS` (status must work while Kafka is away)."""
     latest: ReplicaPosition | None = None
-    async for record in read_to_end(site.connection, site.status_topic(vm), last=20):
-        event = decode_status(record.value)
-        if isinstance(event, ReplicaPosition):
-            latest = event
+    try:
+        async with asyncio.timeout(REPLICA_POSITION_TIMEOUT_SECONDS):
+            async for record in read_to_end(site.connection, site.status_topic(vm), last=20):
+                event = decode_status(record.value)
+                if isinstance(event, ReplicaPosition):
+                    latest = event
+    except (TimeoutError, BrokerError):
+        return latest
     return latest
 
 
@@ -212,6 +223,11 @@ async def vm_status(site: Site, record: VmRecord, with_replica: bool = True) -> 
         heartbeat.idle_at_ms if heartbeat else None,
     )
     latencies = [(done - cut) / 1000 for _, cut, done, _, _ in window]
+    silent = None
+    if record.state in CYCLES_EXPECTED_STATES and heartbeat is not None:
+        silent = silence(
+            record.role, record.partner_site, heartbeat.at_ms, now_ms, site.config.heartbeat_seconds
+        )
     report = assess(
         record.state,
         WindowStats(
@@ -219,7 +235,9 @@ async def vm_status(site: Site, record: VmRecord, with_replica: bool = True) -> 
             len(window),
             rpo,
             sum(latencies) / len(latencies) if latencies else None,
+            silent,
         ),
+        record.state_message,
     )
     cycle = position.cycle if position else None
     progress: PrimaryProgress | ReplicaProgress
