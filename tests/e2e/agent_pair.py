@@ -284,7 +284,12 @@ async def replicating_pair(
             )
 
         await wait_until(seeded, "the replica to be seeded", 120)
-        yield pair
+        try:
+            yield pair
+        except BaseException:  # what the agents said is the first thing one wants to read
+            for agent in (agent_a, agent_b):
+                print(f"--- {agent.log} (end) ---\n{agent.output()[-5000:]}")
+            raise
     finally:
         await agent_a.stop()
         await agent_b.stop()

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import signal
+import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final
@@ -43,6 +44,7 @@ from vmreplica.errors import (
     FencedError,
     ReplicationError,
     ResyncRefused,
+    StorageFullError,
     SupersededError,
 )
 from vmreplica.failover import (
@@ -82,6 +84,8 @@ from vmreplica.runtime.status import vm_status
 from vmreplica.schemas.codec import decode_status
 from vmreplica.schemas.events import ReplicaPosition, ResyncRequest
 from vmreplica.storage.mailbox import Mailbox
+from vmreplica.storage.reserve import SpaceReserve
+from vmreplica.storage.safefile import no_space
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +191,8 @@ class Agent:
         """The resync runner of each open primary."""
         self._backoff: dict[str, Backoff] = {}
         """Each VM's retry delays while its worker keeps ending on retriable errors."""
+        self.reserve = SpaceReserve(site.config.root)
+        """Space held back so that a full disk can still be recorded in the catalog."""
         self._retrying: dict[str, str] = {}
         """VMs whose worker ended on a retriable error, with it, until a new worker succeeds."""
 
@@ -217,11 +223,21 @@ class Agent:
     async def _run_until_stopped(self) -> None:
         await self.mailbox.start()
         try:
+            self.reserve.take()
             while not self.stopping.is_set():
-                await self.mailbox.agent_alive(self.site.config.site, os.getpid())
-                await self._refresh_metrics()
-                await self._carry_out_requests()
-                await self._start_new_workers()
+                try:
+                    await self.mailbox.agent_alive(self.site.config.site, os.getpid())
+                    await self._refresh_metrics()
+                    await self._carry_out_requests()
+                    await self._start_new_workers()
+                except (OSError, sqlite3.Error) as error:
+                    problem = no_space(error)
+                    if problem is None:
+                        raise
+                    # The VMs' workers report the full disk in their states; this loop only
+                    # waits for room, its catalog writes being retried at the next turn.
+                    if not self.reserve.release():
+                        log.warning("the site's catalog cannot be written: %s", problem)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), REQUEST_POLL_SECONDS)
         finally:
@@ -389,6 +405,8 @@ class Agent:
                 self._retrying[record.name] = str(error)
             else:
                 wait = HELD_SECONDS
+            if isinstance(error, StorageFullError):
+                self.reserve.release()  # room to record the state, on the full file system
             try:
                 await self.site.catalog.set_state(record.name, ReplicationState.ERROR, str(error))
             except aiosqlite.Error as failure:  # a full disk may refuse even this
@@ -408,6 +426,7 @@ class Agent:
         if error is None:
             return
         self._backoff.pop(vm, None)
+        self.reserve.take()
         record = await self.site.catalog.vm(vm)
         if record.state is ReplicationState.ERROR:
             await self.site.catalog.set_state(
