@@ -681,6 +681,15 @@ class Agent:
                     self.metrics.failed(primary.name, failure_reason(error))
                 await outage.failed(error)
                 continue
+            except (OSError, sqlite3.Error) as error:
+                problem = no_space(error)
+                if problem is None:
+                    raise
+                folder = str(primary.capture.log.folder)
+                await outage.failed(
+                    StorageFullError(primary.name, folder, "cutting a cycle", problem)
+                )
+                continue
             await self._resumed(primary.name)
             wait = max(0.05, min(next_cut, next_beat, now + RESYNC_CHECK_SECONDS) - loop.time())
             if settings.frequency_seconds == 0:

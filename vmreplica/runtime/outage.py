@@ -16,6 +16,10 @@ agent does not end the VM's worker on a broker error. :class:`PublishOutage` ins
    one that did not is sent again under the same number;
 4. once that succeeds, the state is *replicating* again and the cycles that waited ship, in
    order, at the next cut.
+
+A cut that finds the change log's file system full (copying a degraded cycle's dirty blocks into
+it) is handled the same way: the capture goes on — a full change log degrades to the
+dirty-block map, which needs no room per write — and the cut is tried again.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Final
 
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import BrokerError, FencedError
+from vmreplica.errors import BrokerError, FencedError, ReplicationError, StorageFullError
 from vmreplica.producers.changelog import pending_bytes
 from vmreplica.producers.primary import PrimaryVm
 from vmreplica.storage.catalog import Catalog
@@ -71,6 +75,8 @@ class PublishOutage:
         self.retry_at = 0.0
         """Event-loop time of the next attempt."""
         self._backoff = Backoff()
+        self._storage = False
+        """The last failure was a full file system, not Kafka."""
 
     @property
     def ongoing(self) -> bool:
@@ -79,8 +85,9 @@ class PublishOutage:
     def due(self) -> bool:
         return asyncio.get_running_loop().time() >= self.retry_at
 
-    async def failed(self, error: BrokerError) -> None:
-        """Record a failed publish (steps 1 and 2 of the module docstring).
+    async def failed(self, error: ReplicationError) -> None:
+        """Record a failed publish, or a cut that found the change log's file system full
+        (steps 1 and 2 of the module docstring).
 
         :raises FencedError: ``error`` says a newer primary exists: not an outage.
         """
@@ -92,18 +99,25 @@ class PublishOutage:
         first = self.since_ms is None
         if first:
             self.since_ms = now_ms()
-        waiting = pending_bytes(self.primary.capture.log.folder)
-        message = (
-            f"Kafka has not acknowledged this site's records since "
-            f"{_clock(self.since_ms or now_ms())}: {error} The VM keeps running: its writes "
-            f"wait in the change log ({waiting} bytes) and ship, in order, when Kafka answers; "
-            f"retrying every {MAX_RETRY_SECONDS:.0f} s at most."
-        )
+        self._storage = isinstance(error, StorageFullError)
+        if self._storage:
+            message = (
+                f"{error} Meanwhile the VM keeps running: its writes are tracked in the "
+                "dirty-block map, and the cycle is cut and shipped once it fits."
+            )
+        else:
+            waiting = pending_bytes(self.primary.capture.log.folder)
+            message = (
+                f"Kafka has not acknowledged this site's records since "
+                f"{_clock(self.since_ms or now_ms())}: {error} The VM keeps running: its "
+                f"writes wait in the change log ({waiting} bytes) and ship, in order, when "
+                f"Kafka answers; retrying every {MAX_RETRY_SECONDS:.0f} s at most."
+            )
         await self.catalog.set_state(vm, ReplicationState.ERROR, message)
         if first:
             log.warning("VM %s: %s", vm, message)
         else:
-            log.info("VM %s: Kafka still away (%s); next attempt in %.0f s", vm, error, delay)
+            log.info("VM %s: still failing (%s); next attempt in %.0f s", vm, error, delay)
 
     async def retry(self) -> bool:
         """Steps 3 and 4 of the module docstring; True when Kafka answered again.
@@ -119,7 +133,11 @@ class PublishOutage:
         seconds = (now_ms() - (self.since_ms or now_ms())) / 1000
         self.since_ms = None
         self._backoff.reset()
-        message = f"Kafka answered again after {seconds:.0f} s away; the cycles that waited ship"
+        message = (
+            f"the change log's file system had no room for {seconds:.0f} s; the cut is tried again"
+            if self._storage
+            else f"Kafka answered again after {seconds:.0f} s away; the cycles that waited ship"
+        )
         await self.catalog.set_state(self.primary.name, ReplicationState.REPLICATING, message)
         log.info("VM %s: %s", self.primary.name, message)
         return True
