@@ -16,6 +16,11 @@ Each committed cycle is applied in numbered durable steps:
 crash between 2 and 5, and rolling it back returns the images to the recorded cycle exactly.
 Reading resumes at the recorded offset, so the cycle is applied again from the journal. At any
 instant the images therefore equal the primary's disks at some cycle boundary.
+
+A full file system at any step (ENOSPC, SQLite's "disk is full") is the same case as a crash:
+the error ends the VM's worker, and the next one recovers exactly as above — a partial undo log
+is discarded, a sealed one rolled back — so nothing of the cycle stays applied, and the cycle
+is applied again once space is freed (:class:`~vmreplica.errors.StorageFullError`).
 """
 
 from __future__ import annotations
@@ -397,17 +402,17 @@ class Materializer:
             cursor.cycle_hash,
         )
         extents = decode_cycle(self.vm, record.offset, cursor.pending, sizes, self._payloads)
-        writer = UndoWriter(self.undo.folder, commit.cycle)  # step 2
-        for extent in extents:
-            image = self.images[extent.disk]
-            if not self.views:  # holes are recorded as zeros without reading them
-                writer.capture(extent.disk, image, extent.offset, extent.length)
-                continue
-            old = image.read(extent.offset, extent.length)
-            writer.add(extent.disk, extent.offset, old)
-            for view in self.views:  # test failovers stay at their point
-                view.preserve(extent.disk, extent.offset, old)
-        writer.seal()
+        with UndoWriter(self.undo.folder, commit.cycle) as writer:  # step 2
+            for extent in extents:
+                image = self.images[extent.disk]
+                if not self.views:  # holes are recorded as zeros without reading them
+                    writer.capture(extent.disk, image, extent.offset, extent.length)
+                    continue
+                old = image.read(extent.offset, extent.length)
+                writer.add(extent.disk, extent.offset, old)
+                for view in self.views:  # test failovers stay at their point
+                    view.preserve(extent.disk, extent.offset, old)
+            writer.seal()
         for extent in extents:  # step 3
             _write(self.images[extent.disk], extent)
         for image in self.images.values():  # step 4

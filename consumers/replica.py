@@ -20,10 +20,12 @@ Resynchronization, the replica's part (the primary's is ``vmreplica/failover/res
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from vmreplica.consumers.materializer import Materializer
@@ -34,7 +36,13 @@ from vmreplica.domain.model import VmRecord
 from vmreplica.domain.names import check_name
 from vmreplica.domain.states import Health, ReplicationState
 from vmreplica.domain.statistics import SiteFacts, measure
-from vmreplica.errors import BrokerError, ConfigurationError, JournalViolation
+from vmreplica.errors import (
+    BrokerError,
+    ConfigurationError,
+    JournalViolation,
+    ReplicationError,
+    StorageFullError,
+)
 from vmreplica.journal.kafka import JournalReader, KafkaConnection, StatusPublisher
 from vmreplica.schemas.codec import encode
 from vmreplica.schemas.events import (
@@ -51,6 +59,7 @@ from vmreplica.storage.catalog import Catalog
 from vmreplica.storage.digests import digest_block_bytes, image_digests
 from vmreplica.storage.history import storage_free_ratio, window_inputs
 from vmreplica.storage.image import DiskImage
+from vmreplica.storage.safefile import no_space
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +184,24 @@ class ReplicaVm(Service):
         return self.record.name
 
     async def start(self) -> None:
-        cursor = await self.materializer.recover()
+        """Recover (roll back a cycle cut short by a crash or a full disk), then read on.
+
+        :raises StorageFullError: the roll-back itself found the file system full.
+        """
+        with self._space("rolling back an interrupted cycle"):
+            cursor = await self.materializer.recover()
         await self.reader.start(cursor.next_offset)
+
+    @contextlib.contextmanager
+    def _space(self, doing: str) -> Iterator[None]:
+        """A full file system under ``doing`` becomes a :class:`StorageFullError`."""
+        try:
+            yield
+        except (OSError, sqlite3.Error) as error:
+            problem = no_space(error)
+            if problem is None:
+                raise
+            raise StorageFullError(self.name, str(self.folder), doing, problem) from error
 
     async def stop(self) -> None:
         await self.reader.stop()
@@ -325,12 +350,20 @@ class ReplicaVm(Service):
         if not records:
             return 0
         started = time.monotonic()
+        cycle = self.materializer.cursor.cycle + 1
         try:
-            with apply_lock(self.folder):
+            with self._space(f"applying cycle {cycle}"), apply_lock(self.folder):
                 try:
                     await self.materializer.apply_records(records)
                 finally:
                     self.apply_seconds += time.monotonic() - started
+        except StorageFullError:
+            # Give back at once the space the cut-short cycle took (its undo log), so that the
+            # error can be recorded in the catalog, on the same file system; the images return
+            # to the last applied cycle. Failing that, the next start does the same.
+            with contextlib.suppress(OSError, sqlite3.Error, ReplicationError):
+                await self.materializer.recover()
+            raise
         except JournalViolation as violation:
             self.violation = violation
             await self.catalog.set_state(self.name, violation.state, str(violation))

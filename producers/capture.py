@@ -37,6 +37,7 @@ from vmreplica.errors import (
 from vmreplica.producers.changelog import ChangeLog, CutMark, RecordKind, Segment
 from vmreplica.producers.dirtymap import DIRTY_MAP_NAME, DIRTY_RUN_BLOCKS, DirtyMap
 from vmreplica.storage.image import DiskImage
+from vmreplica.storage.safefile import NO_SPACE_ERRNOS
 
 log = logging.getLogger(__name__)
 
@@ -171,16 +172,18 @@ class CapturedVm:
                 f"{self.disk_names[index]!r} of VM {self.name!r} ({size} bytes)"
             )
 
-    def _degrade(self) -> DirtyMap:
-        """The open segment reached its budget: track dirty blocks until the cut."""
+    def _degrade(self, why: str) -> DirtyMap:
+        """The open segment reached its budget, or the change log's file system is full (the
+        same answer: the dirty-block map costs a bit per block, not the data): track dirty
+        blocks until the cut."""
         self.dirty = DirtyMap.create(self._dirty_path, self.log.cycle)
         self.degraded_cycles += 1
         log.warning(
-            "VM %s: change log reached its budget of %d bytes in cycle %d; tracking "
-            "dirty blocks until the cut, which ships them from the images",
+            "VM %s: change log stops taking data in cycle %d: %s; tracking dirty blocks "
+            "until the cut, which ships them from the images",
             self.name,
-            self.budget_bytes,
             self.log.cycle,
+            why,
         )
         return self.dirty
 
@@ -199,10 +202,17 @@ class CapturedVm:
         if dirty is None:
             log = self.log
             if log.segment_bytes + length <= self.budget_bytes:
-                log.write(index, offset, data)
-                self._pwrite(index, offset, data, length)
-                return
-            dirty = self._degrade()
+                try:
+                    log.write(index, offset, data)
+                except OSError as error:
+                    if error.errno not in NO_SPACE_ERRNOS:
+                        raise
+                    dirty = self._degrade(f"its file system is full ({error.strerror})")
+                else:
+                    self._pwrite(index, offset, data, length)
+                    return
+            else:
+                dirty = self._degrade(f"it reached its budget of {self.budget_bytes} bytes")
         dirty.mark(index, offset, length)
         self._pwrite(index, offset, data, length)
         dirty.uncopy(index, offset, length)

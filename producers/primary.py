@@ -27,8 +27,8 @@ from vmreplica.domain.clock import now_ms
 from vmreplica.domain.intervals import IntervalSet
 from vmreplica.domain.model import VmRecord
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import FencedError, SupersededError
-from vmreplica.journal.kafka import JournalPublisher, KafkaConnection, read_to_end
+from vmreplica.errors import BrokerError, FencedError, SupersededError
+from vmreplica.journal.kafka import STALL_SECONDS, JournalPublisher, KafkaConnection, read_to_end
 from vmreplica.producers.capture import CapturedVm
 from vmreplica.producers.changelog import HEADER_BYTES, SEGMENT_SUFFIX, read_segment
 from vmreplica.producers.seed import InitialReplication, Progress, SeedResult, disk_sizes
@@ -176,6 +176,29 @@ class PrimaryVm:
         :raises SupersededError: the journal has a newer epoch: another site is primary now.
             Nothing was published; initialising our producer would have fenced the new primary.
         """
+        await self._connect(self.publisher.start)
+
+    async def reconnect(self) -> None:
+        """After a publish failed on Kafka's side (the brokers, or the link to them, away):
+        check again that no newer primary exists, restart the publisher — the broker then
+        settles the transaction the failed publish left open — and reconcile with the journal,
+        so a cycle that committed although its publish failed is adopted, not sent twice.
+
+        :raises BrokerError: Kafka still does not answer (within twice
+            :data:`~vmreplica.journal.kafka.STALL_SECONDS`).
+        :raises SupersededError: another site started a newer epoch meanwhile.
+        """
+        async with self._lock:
+            try:
+                async with asyncio.timeout(2 * STALL_SECONDS):
+                    await self._connect(self.publisher.restart)
+            except TimeoutError:
+                raise BrokerError(
+                    f"VM {self.name!r}: reading its journal back: Kafka did not answer within "
+                    f"{2 * STALL_SECONDS:.0f} s"
+                ) from None
+
+    async def _connect(self, open_publisher: Callable[[], Awaitable[None]]) -> None:
         position = await self.catalog.position(self.name)
         if position is not None:
             newer = await self._newer_epoch(position.next_offset)
@@ -185,7 +208,7 @@ class PrimaryVm:
             elif newer is not None:
                 self.capture.fenced_reason = f"site {newer[0].primary_site} is primary now"
                 raise SupersededError(self.name, *newer)
-        await self.publisher.start()
+        await open_publisher()
         if position is not None:
             position = await self.shipper.reconcile(self.connection)
             log = self.capture.log

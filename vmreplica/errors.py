@@ -97,6 +97,23 @@ class StateRefused(ReplicationError, RuntimeError):
         self.expected = expected
 
 
+class StorageFullError(ReplicationError, RuntimeError):
+    """A file system this site writes to is full. Nothing of the work in hand was kept (a cycle
+    is applied whole or not at all); it is retried by itself, and goes through once space is
+    freed."""
+
+    retriable = True
+
+    def __init__(self, vm: str, folder: str, doing: str, problem: str) -> None:
+        super().__init__(
+            f"VM {vm!r}: no space left on the file system of {folder} ({problem}, {doing}); "
+            "replication of the VM is paused and nothing of it was half done. Operator action: "
+            "free space there (or grow the file system) and it resumes by itself."
+        )
+        self.vm = vm
+        self.folder = folder
+
+
 class HookError(ReplicationError, RuntimeError):
     """A hypervisor hook failed or did not finish in time."""
 

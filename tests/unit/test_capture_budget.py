@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from vmreplica.producers.capture import CapturedVm, default_budget
-from vmreplica.producers.changelog import RecordKind, Segment
+from vmreplica.producers.changelog import ChangeLog, RecordKind, Segment
 from vmreplica.producers.dirtymap import DIRTY_BLOCK_BYTES
 from vmreplica.producers.journaling_device import JournalingDevice
 from vmreplica.producers.scan import INVALID_DIGEST, ChangeScanner, hashes_path, load_hashes
@@ -77,6 +77,32 @@ async def test_over_budget_cycle_ships_dirty_blocks_and_replica_matches(tmp_path
     # The next cycle journals normally again.
     await vm.write("disk0", 0, b"n" * 4096)
     assert vm.dirty is None
+    vm.close()
+
+
+async def test_a_full_change_log_disk_degrades_to_the_dirty_block_map(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No room for the change log's records: the guest's writes still succeed, into the image,
+    tracked by the dirty-block map, and the cut ships exactly what they changed."""
+    vm = new_vm(tmp_path)
+    replica = bytearray(DISK)
+    await vm.write("disk0", 0, b"a" * 4096)  # journaled
+
+    def full(*_: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(ChangeLog, "write", full)
+        await vm.write("disk0", 3 * DIRTY_BLOCK_BYTES, b"b" * 8192)
+        await vm.write("disk0", 100, b"c" * 100)
+        assert vm.dirty is not None
+        await vm.flush()
+    vm.cut()
+    assert vm.last_cut_dirty_bytes > 0
+    replay(sealed(vm), replica)
+    assert bytes(replica) == vm.images[0].read(0, DISK)
+    assert replica[100:200] == b"c" * 100
     vm.close()
 
 

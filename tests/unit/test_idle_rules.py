@@ -164,7 +164,11 @@ async def test_a_silent_primary_falls_behind_from_its_last_word(tmp_path: Path) 
         # nothing is known since its last word: every interval since counts as missed
         assert status.report == (await _status(site)).report
         assert status.report.health is Health.WARNING
-        assert status.report.reasons == ("99 of 99 cycles missed",)
+        assert status.report.reasons == (
+            "no heartbeat from primary site site-a for 100 s: the primary, its link to Kafka, "
+            "or Kafka itself is down",
+            "99 of 99 cycles missed",
+        )
     finally:
         await site.stop()
 

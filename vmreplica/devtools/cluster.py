@@ -20,13 +20,14 @@ import socket
 import subprocess
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from vmreplica.devtools.jars import deploy_dir, home_dir, require_program, resolve_kafka
 from vmreplica.devtools.ports import cluster_ports, port_free
-from vmreplica.errors import BrokerError
+from vmreplica.errors import BrokerError, ConfigurationError
 from vmreplica.security.broker import SecuredBroker
 from vmreplica.storage.safefile import replace_atomically
 
@@ -45,6 +46,8 @@ NODE_MARKER: Final = "vmreplica.devtools.cluster.node"
 ERROR_LINES_QUOTED: Final = 20
 """How many lines of a failed node's server.log a start-up error quotes: the last few whole
 ERROR entries, enough for Kafka's chain of causes (a bind failure takes four)."""
+ROUTED_PORT_OFFSET: Final = 2
+"""A node's routed listener is its broker port + 2, advertised at + 3 (see :func:`routed_ports`)."""
 _LOG_ENTRY: Final = re.compile(r"^\[[^]]+\] (?P<level>[A-Z]+) ")
 """The start of one entry in deploy/kafka/log4j2.yaml's pattern, ``[%d] %p %m (%c)%n``."""
 
@@ -58,6 +61,10 @@ class NodeState:
     broker_port: int
     controller_port: int
     directory: str
+    routed_port: int | None = None
+    """The node's second listener (``up(..., routed=True)``), where a proxy forwards to."""
+    routed_advertised_port: int | None = None
+    """Where that listener is advertised: the proxy's port, which the caller listens on."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,15 @@ class ClusterState:
     nodes: tuple[NodeState, ...]
     secure_folder: str | None = None
     """The secured cluster's certificates and passwords (:class:`SecuredBroker`); None: plain."""
+
+    @property
+    def routed_bootstrap_servers(self) -> str | None:
+        """The advertised addresses of the routed listener, if the cluster has one: a client
+        bootstrapped there is told only those addresses, so all its traffic takes that route."""
+        ports = [node.routed_advertised_port for node in self.nodes]
+        if None in ports:
+            return None
+        return ",".join(f"127.0.0.1:{port}" for port in ports)
 
     @classmethod
     def load(cls, path: Path) -> ClusterState | None:
@@ -116,22 +132,41 @@ def _port_open(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
+def routed_ports(broker_port: int) -> tuple[int, int]:
+    """A node's routed listener and the port it is advertised at, in the node's port block
+    (:data:`~vmreplica.devtools.ports.PORT_STRIDE_PER_NODE` ports, two taken by Kafka)."""
+    return broker_port + ROUTED_PORT_OFFSET, broker_port + ROUTED_PORT_OFFSET + 1
+
+
 def _properties(
-    node_id: int, brokers: int, base_port: int, directory: Path, secured: SecuredBroker | None
+    node_id: int,
+    brokers: int,
+    base_port: int,
+    directory: Path,
+    secured: SecuredBroker | None,
+    routed: bool = False,
 ) -> str:
     ports = cluster_ports(base_port, brokers)
     broker_port, controller_port = ports[2 * (node_id - 1) : 2 * node_id]
     voters = ",".join(f"{i + 1}@127.0.0.1:{ports[2 * i + 1]}" for i in range(brokers))
     replication = min(brokers, 3)
+    listeners = f"PLAINTEXT://127.0.0.1:{broker_port},CONTROLLER://127.0.0.1:{controller_port}"
+    advertised = f"PLAINTEXT://127.0.0.1:{broker_port}"
+    protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+    if routed:
+        port, advertised_port = routed_ports(broker_port)
+        listeners += f",ROUTED://127.0.0.1:{port}"
+        advertised += f",ROUTED://127.0.0.1:{advertised_port}"
+        protocols += ",ROUTED:PLAINTEXT"
     lines = {
         "process.roles": "broker,controller",
         "node.id": str(node_id),
         "controller.quorum.voters": voters,
-        "listeners": f"PLAINTEXT://127.0.0.1:{broker_port},CONTROLLER://127.0.0.1:{controller_port}",
-        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{broker_port}",
+        "listeners": listeners,
+        "advertised.listeners": advertised,
         "controller.listener.names": "CONTROLLER",
         "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "listener.security.protocol.map": protocols,
         "log.dirs": str(directory / "data"),
         "num.partitions": "1",
         "offsets.topic.replication.factor": str(replication),
@@ -194,15 +229,24 @@ class LocalCluster:
             "admin_properties": None if secured is None else str(secured.admin_properties),
         }
 
-    def up(self, brokers: int = 1, *, secure: bool = False) -> ClusterState:
+    def up(self, brokers: int = 1, *, secure: bool = False, routed: bool = False) -> ClusterState:
         """Start ``brokers`` nodes (1 or 3) and return once every one answers.
 
         ``secure``: TLS on every listener, SCRAM logins and ACLs (:mod:`vmreplica.security.broker`).
         Idempotent: when the same cluster is already running it is returned as is.
+        ``routed`` gives every node a second listener, advertised at another port of its block
+        (:func:`routed_ports`): a client bootstrapped at
+        :attr:`ClusterState.routed_bootstrap_servers` reaches the cluster only through whatever
+        the caller runs on those ports (a test's proxy, to cut one site's link to Kafka).
 
         :raises PrerequisiteMissingError: Java, Maven or the jars are unavailable.
         :raises BrokerError: a node died or did not answer in time; its log is named.
         """
+        if secure and routed:
+            raise ConfigurationError(
+                "a routed listener (for a test's proxy) is made for plain clusters only; "
+                "start the cluster with either secure or routed"
+            )
         if brokers not in (1, 3):
             raise BrokerError(f"--brokers must be 1 or 3, not {brokers}")
         existing = self.state()
@@ -217,15 +261,14 @@ class LocalCluster:
         if existing is not None:
             self.down()
         ports = cluster_ports(self.base_port, brokers)
+        if routed:
+            ports += [p for port in ports[::2] for p in routed_ports(port)]
         for port in ports:
             if not port_free(port):
                 raise BrokerError(
                     f"port {port} on 127.0.0.1 is already in use; choose another base port "
                     "with VMREPLICA_BROKER_PORT or `vmreplica broker up --port N`"
                 )
-        libs = resolve_kafka()
-        java = require_program("java", "Java 17 or newer")
-        log_config = deploy_dir() / "kafka" / "log4j2.yaml"
         cluster_id = _cluster_id()
         shutil.rmtree(self.root, ignore_errors=True)
         self.root.mkdir(parents=True)
@@ -238,22 +281,12 @@ class LocalCluster:
             directory = self.root / f"node-{node_id}"
             (directory / "logs").mkdir(parents=True)
             properties = directory / "server.properties"
-            text = _properties(node_id, brokers, self.base_port, directory, secured)
+            text = _properties(node_id, brokers, self.base_port, directory, secured, routed)
             properties.touch(mode=0o600)  # a secured node's holds its SCRAM password
             properties.write_text(text)
-            jvm = [
-                java,
-                JVM_HEAP,
-                "-XX:+UseG1GC",
-                f"-D{NODE_MARKER}={node_id}",
-                f"-Dlog4j2.configurationFile={log_config}",
-                f"-Dkafka.logs.dir={directory / 'logs'}",
-                "-cp",
-                f"{libs}/*",
-            ]
             formatted = subprocess.run(
                 [
-                    *jvm,
+                    *_jvm(node_id, directory),
                     "kafka.tools.StorageTool",
                     "format",
                     "-t",
@@ -269,18 +302,22 @@ class LocalCluster:
             )
             if formatted.returncode != 0:
                 raise BrokerError(f"formatting KRaft storage failed:\n{formatted.stderr[-2000:]}")
-            with (directory / "logs" / "stdout.log").open("wb") as out:
-                process = subprocess.Popen(
-                    [*jvm, "kafka.Kafka", str(properties)],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
+            process = _launch(node_id, directory)
             processes.append(process)
-            broker_port, controller_port = ports[2 * (node_id - 1) : 2 * node_id]
+            broker_port, controller_port = cluster_ports(self.base_port, brokers)[
+                2 * (node_id - 1) : 2 * node_id
+            ]
+            routed_port, advertised_port = routed_ports(broker_port) if routed else (None, None)
             nodes.append(
-                NodeState(node_id, process.pid, broker_port, controller_port, str(directory))
+                NodeState(
+                    node_id,
+                    process.pid,
+                    broker_port,
+                    controller_port,
+                    str(directory),
+                    routed_port,
+                    advertised_port,
+                )
             )
         state = ClusterState(
             cluster_id,
@@ -299,13 +336,53 @@ class LocalCluster:
             raise
         return state
 
+    def stop_nodes(self, node_ids: Sequence[int] | None = None, *, kill: bool = False) -> None:
+        """Stop some nodes (all by default) and keep their data, so :meth:`start_nodes` brings
+        them back as they were: how a test takes a broker away. ``kill`` sends SIGKILL (a
+        crash) instead of SIGTERM (a controlled shutdown)."""
+        state = self._require_state()
+        pids = [
+            node.pid
+            for node in state.nodes
+            if (node_ids is None or node.node_id in node_ids) and _ours(node.pid)
+        ]
+        _stop(pids, signal.SIGKILL if kill else signal.SIGTERM)
+
+    def start_nodes(self) -> ClusterState:
+        """Start again every node of the cluster that is not running, on its data, and return
+        once the whole cluster answers.
+
+        :raises BrokerError: a node died or did not answer in time; its log is named.
+        """
+        state = self._require_state()
+        nodes = []
+        processes = []
+        for node in state.nodes:
+            if not _ours(node.pid):
+                process = _launch(node.node_id, Path(node.directory))
+                processes.append(process)
+                node = replace(node, pid=process.pid)  # noqa: PLW2901 — the restarted node
+            nodes.append(node)
+        state = replace(state, nodes=tuple(nodes))
+        state.save(self.state_file)
+        self._wait_ready(state, processes)
+        return state
+
+    def _require_state(self) -> ClusterState:
+        state = self.state()
+        if state is None:
+            raise BrokerError(f"no cluster was started under {self.root}; run `broker up` first")
+        return state
+
     def _wait_ready(self, state: ClusterState, processes: list[subprocess.Popen[bytes]]) -> None:
         from vmreplica.journal.kafka import count_brokers  # noqa: PLC0415 — keeps `broker down` light
 
         deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
         while True:
-            for node, process in zip(state.nodes, processes, strict=True):
+            by_pid = {node.pid: node for node in state.nodes}
+            for process in processes:
                 if process.poll() is not None:
+                    node = by_pid[process.pid]
                     raise BrokerError(
                         f"Kafka node {node.node_id} exited during start-up; "
                         + _what_node_said(Path(node.directory) / "logs")
@@ -332,18 +409,53 @@ class LocalCluster:
         if state is None:
             return []
         pids = [node.pid for node in state.nodes if _ours(node.pid)]
-        for pid in pids:
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + SHUTDOWN_TIMEOUT_SECONDS
-        while any(_ours(pid) for pid in pids) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for pid in pids:
-            if _ours(pid):
-                os.kill(pid, signal.SIGKILL)
-        while any(_ours(pid) for pid in pids):
-            time.sleep(0.1)
+        _stop(pids, signal.SIGTERM)
         self.state_file.unlink(missing_ok=True)
         return pids
+
+
+def _jvm(node_id: int, directory: Path) -> list[str]:
+    """The JVM command line of a node, up to its main class."""
+    libs = resolve_kafka()
+    java = require_program("java", "Java 17 or newer")
+    log_config = deploy_dir() / "kafka" / "log4j2.yaml"
+    return [
+        java,
+        JVM_HEAP,
+        "-XX:+UseG1GC",
+        f"-D{NODE_MARKER}={node_id}",
+        f"-Dlog4j2.configurationFile={log_config}",
+        f"-Dkafka.logs.dir={directory / 'logs'}",
+        "-cp",
+        f"{libs}/*",
+    ]
+
+
+def _launch(node_id: int, directory: Path) -> subprocess.Popen[bytes]:
+    """Start a node on its formatted storage, in its own session, output to its logs."""
+    with (directory / "logs" / "stdout.log").open("ab") as out:
+        return subprocess.Popen(
+            [*_jvm(node_id, directory), "kafka.Kafka", str(directory / "server.properties")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def _stop(pids: Sequence[int], signum: int) -> None:
+    """Signal our nodes ``pids``, SIGKILL those still up after the shutdown timeout, and return
+    once all are gone."""
+    for pid in pids:
+        os.kill(pid, signum)
+    deadline = time.monotonic() + SHUTDOWN_TIMEOUT_SECONDS
+    while any(_ours(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in pids:
+        if _ours(pid):
+            os.kill(pid, signal.SIGKILL)
+    while any(_ours(pid) for pid in pids):
+        time.sleep(0.1)
 
 
 def _what_node_said(logs: Path) -> str:

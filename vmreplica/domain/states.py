@@ -118,6 +118,8 @@ class WindowStats:
     """Free share of the file system holding the site's storage root (None: not known)."""
     over_budget: bool = False
     """The primary's open cycle outgrew its change-log budget: capture tracks dirty blocks."""
+    silence: str | None = None
+    """Why the primary's heartbeats stopped coming, while cycles are due (:func:`silence`)."""
 
     @property
     def missed_cycles(self) -> int:
@@ -130,16 +132,18 @@ class HealthReport:
     reasons: tuple[str, ...]
 
 
-def assess(state: ReplicationState, stats: WindowStats) -> HealthReport:
+def assess(state: ReplicationState, stats: WindowStats, message: str = "") -> HealthReport:
     """Health by the rules of the README's table (Hyper-V's, and what this system adds), with
     the reasons an operator needs to act on it.
 
     Critical when any critical rule holds, naming only the critical reasons; otherwise Warning
-    with every warning reason, in a fixed order; otherwise Normal.
+    with every warning reason, in a fixed order; otherwise Normal. ``message`` is what the
+    state's last change said; a critical state gives it as its reason (what failed, and what to
+    do), since the state's name alone does not say.
     """
     critical: list[str] = []
     if state in _CRITICAL_STATES:
-        critical.append(f"state is {state.value}")
+        critical.append(f"state is {state.value}" + (f": {message}" if message else ""))
     if (
         stats.partner_silent_seconds is not None
         and stats.partner_silent_seconds > PARTNER_UNREACHABLE_CRITICAL_SECONDS
@@ -153,6 +157,8 @@ def assess(state: ReplicationState, stats: WindowStats) -> HealthReport:
     if critical:
         return HealthReport(Health.CRITICAL, tuple(critical))
     reasons: list[str] = []
+    if stats.silence is not None:
+        reasons.append(stats.silence)
     if state in _WARNING_STATES:
         reasons.append(f"state is {state.value}")
     if stats.expected_cycles and stats.missed_cycles / stats.expected_cycles > (
@@ -210,6 +216,30 @@ def primary_live(heard_at_ms: int | None, now_ms: int, heartbeat_seconds: float)
     return (
         heard_at_ms is not None
         and now_ms - heard_at_ms < LIVENESS_HEARTBEATS * heartbeat_seconds * 1000
+    )
+
+
+def silence(
+    role: str, partner_site: str, heard_at_ms: int | None, now_ms: int, heartbeat_seconds: float
+) -> str | None:
+    """Why no heartbeat came for :data:`LIVENESS_HEARTBEATS` intervals, or None while the
+    primary is live (or was never heard: nothing was expected yet).
+
+    On a replica the primary, its link to Kafka or Kafka itself is down; on the primary, the
+    heartbeats it publishes are not acknowledged (the brokers or the link to them are down, or
+    the agent is not running).
+    """
+    if heard_at_ms is None or primary_live(heard_at_ms, now_ms, heartbeat_seconds):
+        return None
+    seconds = (now_ms - heard_at_ms) / 1000
+    if role == "primary":
+        return (
+            f"no heartbeat acknowledged by Kafka for {seconds:.0f} s: the brokers or this "
+            "site's link to them are down, or the agent is not running"
+        )
+    return (
+        f"no heartbeat from primary site {partner_site} for {seconds:.0f} s: the primary, its "
+        "link to Kafka, or Kafka itself is down"
     )
 
 

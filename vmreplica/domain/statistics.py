@@ -32,6 +32,7 @@ from vmreplica.domain.states import (
     missed_intervals,
     primary_live,
     rpo_seconds,
+    silence,
     synced_at_ms,
     waiting_ms,
 )
@@ -247,6 +248,11 @@ def measure(
         ]
         if heard:
             silent = max(0.0, (now_ms - max(heard)) / 1000)
+    silence_reason = None
+    if record.state in CYCLES_EXPECTED_STATES and heartbeat is not None:
+        silence_reason = silence(
+            record.role, record.partner_site, heartbeat.at_ms, now_ms, heartbeat_seconds
+        )
     report = assess(
         record.state,
         WindowStats(
@@ -254,11 +260,13 @@ def measure(
             len(window),
             rpo,
             average_latency,
-            interval,
-            silent,
-            facts.storage_free_ratio,
-            facts.over_budget,
+            interval_seconds=interval,
+            partner_silent_seconds=silent,
+            storage_free_ratio=facts.storage_free_ratio,
+            over_budget=facts.over_budget,
+            silence=silence_reason,
         ),
+        record.state_message,
     )
     durable = inputs.durable
     pending = None

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -36,6 +36,8 @@ from vmreplica.schemas.events import JournalEvent
 from vmreplica.schemas.payload import PayloadCipher
 from vmreplica.service import Service
 
+T = TypeVar("T")
+
 TOPIC_PROPAGATION_SECONDS: Final = 10.0
 """How long a topic just created may stay unknown to the broker that is asked about it."""
 _UNKNOWN_TOPIC_OR_PARTITION: Final = 3
@@ -52,6 +54,11 @@ MAX_RECORD_BYTES: Final = 8 * 1024 * 1024
 REQUEST_TIMEOUT_MS: Final = 30_000
 TRANSACTION_TIMEOUT_MS: Final = 60_000
 """Long enough for a 15-minute cycle's worth of batches to be sent on a slow link."""
+STALL_SECONDS: Final = 20.0
+"""A transaction that makes no progress this long (no record acknowledged, no commit) fails
+with :class:`BrokerError`, well before the broker's ``transaction.timeout.ms`` would abort it and
+fence the producer. aiokafka itself retries for ever while the brokers, or the link to them, are
+away; the caller restarts the publisher (:meth:`JournalPublisher.restart`) and tries again."""
 SENDER_YIELDS: Final = 4
 """Event-loop turns given to aiokafka's sender after each record is queued: enough for it to
 wake, drain the batch and write the request, so the broker stores record N while record N+1 is
@@ -240,18 +247,22 @@ class JournalPublisher(Service):
         """How this publisher's site encodes (and signs) a journal event."""
         self.cipher = cipher
         """Encrypts the VM's payloads, when its replication is encrypted."""
-        self._producer = AIOKafkaProducer(
-            **connection.options(),
-            transactional_id=transactional_id,
+        self._connection = connection
+        self._producer = self._new_producer()
+        self._started = False
+        self._one_transaction_at_a_time = asyncio.Lock()
+        """Heartbeats and cycles share the producer; Kafka allows one open transaction."""
+
+    def _new_producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            **self._connection.options(),
+            transactional_id=self.transactional_id,
             enable_idempotence=True,
             acks="all",
             max_request_size=MAX_RECORD_BYTES,
             transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
             linger_ms=0,
         )
-        self._started = False
-        self._one_transaction_at_a_time = asyncio.Lock()
-        """Heartbeats and cycles share the producer; Kafka allows one open transaction."""
 
     async def start(self) -> None:
         try:
@@ -262,9 +273,36 @@ class JournalPublisher(Service):
         self._started = True
 
     async def stop(self) -> None:
+        """Close the producer; one whose brokers do not answer is abandoned after
+        :data:`STALL_SECONDS` (its unsent records were never acknowledged, so never counted)."""
         if self._started:
             self._started = False
-            await self._producer.stop()
+            try:
+                async with asyncio.timeout(STALL_SECONDS):
+                    await self._producer.stop()
+            except (TimeoutError, KafkaError, OSError):
+                pass
+
+    async def restart(self) -> None:
+        """A new producer with the same ``transactional_id``, after a failed publish: its
+        initialisation makes the broker finish the transaction the old one left open —
+        committing it if its commit had been written, aborting it otherwise — so the journal
+        then says which it was (the caller reconciles with it).
+
+        :raises BrokerError: the brokers still do not answer (within :data:`STALL_SECONDS`).
+        """
+        async with self._one_transaction_at_a_time:
+            await self.stop()
+            self._producer = self._new_producer()
+            try:
+                async with asyncio.timeout(STALL_SECONDS):
+                    await self.start()
+            except TimeoutError:
+                await self.stop()
+                raise BrokerError(
+                    f"starting producer {self.transactional_id}: Kafka did not answer within "
+                    f"{STALL_SECONDS:.0f} s. Check that the brokers are up and reachable."
+                ) from None
 
     async def publish(self, topic: str, key: bytes, values: Iterable[bytes]) -> list[int]:
         """Publish ``values`` in order as one transaction and return their offsets.
@@ -288,21 +326,39 @@ class JournalPublisher(Service):
             try:
                 futures = []
                 for value in values:
-                    futures.append(await producer.send(topic, value=value, key=key, partition=0))
+                    sent = producer.send(topic, value=value, key=key, partition=0)
+                    futures.append(await _progress(sent, topic))
                     for _ in range(SENDER_YIELDS):  # let the sender start on it
                         await asyncio.sleep(0)
-                metadata = await asyncio.gather(*futures)
-                await producer.commit_transaction()
+                metadata = [await _progress(future, topic) for future in futures]
+                await _progress(producer.commit_transaction(), topic)
             except BaseException as error:
                 # A fenced producer is in a fatal state and cannot abort; the broker aborts its
                 # open transaction when the new producer initialises.
-                if not isinstance(error, ProducerFenced | InvalidProducerEpoch):
-                    with contextlib.suppress(KafkaError, AssertionError):
-                        await producer.abort_transaction()
+                if not isinstance(error, ProducerFenced | InvalidProducerEpoch | BrokerError):
+                    with contextlib.suppress(KafkaError, AssertionError, TimeoutError):
+                        async with asyncio.timeout(STALL_SECONDS):
+                            await producer.abort_transaction()
                 raise
         except KafkaError as error:
             raise _translate(error, f"publishing a transaction to {topic}") from error
         return [record.offset for record in metadata]
+
+
+async def _progress(step: Awaitable[T], topic: str) -> T:
+    """One step of a transaction, which must end within :data:`STALL_SECONDS`.
+
+    :raises BrokerError: it did not; the transaction's outcome is unknown until the publisher
+        is restarted (:meth:`JournalPublisher.restart`).
+    """
+    try:
+        async with asyncio.timeout(STALL_SECONDS):
+            return await step
+    except TimeoutError:
+        raise BrokerError(
+            f"publishing a transaction to {topic}: Kafka acknowledged nothing for "
+            f"{STALL_SECONDS:.0f} s. Check that the brokers are up and this site reaches them."
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -452,8 +508,11 @@ class StatusPublisher:
             await self._producer.stop()
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> int:
+        """Publish one record; :raises BrokerError: not acknowledged (within
+        :data:`STALL_SECONDS`: the brokers or the link to them are away)."""
+        sent = self._producer.send_and_wait(topic, value=value, key=key, partition=0)
         try:
-            metadata = await self._producer.send_and_wait(topic, value=value, key=key, partition=0)
+            metadata = await _progress(sent, topic)
         except KafkaError as error:
             raise _translate(error, f"publishing to {topic}") from error
         return int(metadata.offset)

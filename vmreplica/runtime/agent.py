@@ -36,6 +36,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final
 
+import aiosqlite
+
 from vmreplica.config import cannot_listen
 from vmreplica.consumers.drill import FailoverDrill
 from vmreplica.consumers.replica import ReplicaVm
@@ -43,9 +45,11 @@ from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import VmRecord
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import (
+    BrokerError,
     ConfigurationError,
     FencedError,
     ReplicationError,
+    StorageFullError,
     SupersededError,
 )
 from vmreplica.failover import (
@@ -72,11 +76,14 @@ from vmreplica.producers.nbd_exports import VmExports, socket_path
 from vmreplica.producers.primary import PrimaryVm
 from vmreplica.runtime.extension import HopRelay
 from vmreplica.runtime.metrics import CycleStat, SiteMetrics, failure_reason
+from vmreplica.runtime.outage import Backoff, PublishOutage
 from vmreplica.runtime.pacing import DISCOVERY_SECONDS, HELD_SECONDS, RETRY_SECONDS
 from vmreplica.runtime.resync_worker import RESYNC_CHECK_SECONDS, ResyncWorker
 from vmreplica.runtime.site import Site
 from vmreplica.runtime.status import vm_status
 from vmreplica.storage.mailbox import Mailbox
+from vmreplica.storage.reserve import SpaceReserve
+from vmreplica.storage.safefile import no_space
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +131,12 @@ class Agent:
         """Where the CLI leaves failover requests, and where the agent says it is alive."""
         self.resyncs: dict[str, ResyncWorker] = {}
         """The resync runner of each open primary."""
+        self._backoff: dict[str, Backoff] = {}
+        """Each VM's retry delays while its worker keeps ending on retriable errors."""
+        self.reserve = SpaceReserve(site.config.root)
+        """Space held back so that a full disk can still be recorded in the catalog."""
+        self._retrying: dict[str, str] = {}
+        """VMs whose worker ended on a retriable error, with it, until a new worker succeeds."""
 
     def stop(self) -> None:
         self.stopping.set()
@@ -152,11 +165,21 @@ class Agent:
     async def _run_until_stopped(self) -> None:
         await self.mailbox.start()
         try:
+            self.reserve.take()
             while not self.stopping.is_set():
-                await self.mailbox.agent_alive(self.site.config.site, os.getpid())
-                await self._refresh_metrics()
-                await self._carry_out_requests()
-                await self._start_new_workers()
+                try:
+                    await self.mailbox.agent_alive(self.site.config.site, os.getpid())
+                    await self._refresh_metrics()
+                    await self._carry_out_requests()
+                    await self._start_new_workers()
+                except (OSError, sqlite3.Error) as error:
+                    problem = no_space(error)
+                    if problem is None:
+                        raise
+                    # The VMs' workers report the full disk in their states; this loop only
+                    # waits for room, its catalog writes being retried at the next turn.
+                    if not self.reserve.release():
+                        log.warning("the site's catalog cannot be written: %s", problem)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), REQUEST_POLL_SECONDS)
         finally:
@@ -308,7 +331,15 @@ class Agent:
             )
 
     async def _guarded(self, record: VmRecord, work: Callable[[VmRecord], Awaitable[None]]) -> None:
+        """Run a VM's worker; on an error, record it in the VM's state (health critical, the
+        message as reason) and say how long until the worker is started again: a retriable
+        error (Kafka away, a full disk) after a back-off that doubles up to
+        :data:`RETRY_SECONDS` and starts afresh once a worker ran that long; any other after
+        :data:`HELD_SECONDS`, or when the VM's role changes."""
         wait = RETRY_SECONDS
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        backoff = self._backoff.setdefault(record.name, Backoff(longest=RETRY_SECONDS))
         try:
             await work(record)
         except asyncio.CancelledError:
@@ -318,15 +349,42 @@ class Agent:
         except ReplicationError as error:
             if not isinstance(error, FencedError):  # fenced: no longer primary, stay read-only
                 await self._withdraw(record.name)
+            if isinstance(error, StorageFullError):
+                self.reserve.release()  # room to record the state, on the full file system
             await self._failed(record.name, failure_reason(error), str(error))
-            await self.site.catalog.set_state(record.name, ReplicationState.ERROR, str(error))
-            log.error("VM %s: %s", record.name, error)
-            if not error.retriable:
+            if error.retriable:
+                if loop.time() - started > RETRY_SECONDS:
+                    backoff.reset()
+                wait = backoff.next_delay()
+                self._retrying[record.name] = str(error)
+            else:
                 wait = HELD_SECONDS
+            try:
+                await self.site.catalog.set_state(record.name, ReplicationState.ERROR, str(error))
+            except aiosqlite.Error as failure:  # a full disk may refuse even this
+                log.warning("VM %s: could not record its state: %s", record.name, failure)
+            log.error(
+                "VM %s: %s%s", record.name, error, f" (retried in {wait:.0f} s)" * error.retriable
+            )
         finally:
             ended = self._ended.get(record.name)
             if ended is not None:
                 self._ended[record.name] = (asyncio.get_running_loop().time(), ended[1], wait)
+
+    async def _resumed(self, vm: str) -> None:
+        """The VM's worker, started again after a retriable error, did its work: its state,
+        still the error's, is replicating again."""
+        error = self._retrying.pop(vm, None)
+        if error is None:
+            return
+        self._backoff.pop(vm, None)
+        self.reserve.take()
+        record = await self.site.catalog.vm(vm)
+        if record.state is ReplicationState.ERROR:
+            await self.site.catalog.set_state(
+                vm, ReplicationState.REPLICATING, f"resumed by itself after: {error}"
+            )
+            log.info("VM %s: resumed by itself", vm)
 
     async def _replica(self, record: VmRecord) -> None:
         """Apply the journal; serve a test failover if asked; take over when a planned failover
@@ -340,6 +398,8 @@ class Agent:
                     cursor = replica.materializer.cursor
                     epoch, before = cursor.epoch, cursor.next_offset
                     await self._apply(replica)
+                    if replica.violation is None:
+                        await self._resumed(record.name)
                     if replica.materializer.cursor.epoch != epoch:
                         await self._follow_new_primary(record.name, before)
                     await drill.poll()
@@ -546,28 +606,54 @@ class Agent:
         loop = asyncio.get_running_loop()
         next_cut = loop.time() + period
         next_beat = loop.time()
+        outage = PublishOutage(self.site.catalog, primary)
         while not self.stopping.is_set():
             resync.poll()
             await resync.watch()
             now = loop.time()
-            due = now >= next_cut or (
-                settings.frequency_seconds == 0
-                and primary.capture.log.segment_bytes >= settings.continuous_max_bytes
-            )
-            if due:
-                if await self._shipping(primary):
-                    await self._replicate(primary)
-                next_cut = now + period
-            if now >= next_beat or primary.idle_unannounced:
-                await primary.heartbeat()
-                next_beat = loop.time() + self.site.config.heartbeat_seconds
+            try:
+                if outage.ongoing:  # the capture goes on; cycles wait for Kafka
+                    if not outage.due() or not await outage.retry():
+                        await self._pause(min(outage.retry_at - now, RESYNC_CHECK_SECONDS))
+                        continue
+                    next_cut = next_beat = now
+                due = now >= next_cut or (
+                    settings.frequency_seconds == 0
+                    and primary.capture.log.segment_bytes >= settings.continuous_max_bytes
+                )
+                if due:
+                    if await self._shipping(primary):
+                        await self._replicate(primary)
+                    next_cut = now + period
+                if now >= next_beat or primary.idle_unannounced:
+                    await primary.heartbeat()
+                    next_beat = loop.time() + self.site.config.heartbeat_seconds
+            except BrokerError as error:  # a FencedError is raised again: not an outage
+                if not outage.ongoing:
+                    self.metrics.failed(primary.name, failure_reason(error))
+                await outage.failed(error)
+                continue
+            except (OSError, sqlite3.Error) as error:
+                problem = no_space(error)
+                if problem is None:
+                    raise
+                folder = str(primary.capture.log.folder)
+                await outage.failed(
+                    StorageFullError(primary.name, folder, "cutting a cycle", problem)
+                )
+                continue
+            await self._resumed(primary.name)
             wait = max(0.05, min(next_cut, next_beat, now + RESYNC_CHECK_SECONDS) - loop.time())
             if settings.frequency_seconds == 0:
                 wait = min(wait, 0.1)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), wait)
-        if await self._shipping(primary):
+            await self._pause(wait)
+        if not outage.ongoing and await self._shipping(primary):
             await self._replicate(primary)  # ship what was written before the stop
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if the agent is told to stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), max(0.05, seconds))
 
     async def _shipping(self, primary: PrimaryVm) -> bool:
         """A failed-over primary captures but ships nothing until it is reversed; a suspended

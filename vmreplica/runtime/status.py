@@ -15,9 +15,11 @@ the primary records its own heartbeats, the replica those it reads in the journa
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from vmreplica.config import SiteConfig
 from vmreplica.domain.model import VmRecord
@@ -30,7 +32,7 @@ from vmreplica.domain.statistics import (
     interval_seconds,
     measure,
 )
-from vmreplica.errors import ConfigurationError
+from vmreplica.errors import BrokerError, ConfigurationError
 from vmreplica.failover.resync import job_or_none
 from vmreplica.failover.resync_job import ResyncJob
 from vmreplica.journal.kafka import read_to_end
@@ -53,6 +55,10 @@ __all__ = [
     "interval_seconds",
     "vm_status",
 ]
+
+REPLICA_POSITION_TIMEOUT_SECONDS: Final = 5.0
+"""How long `status` waits for the status topic, on a primary, before it shows no replica
+position: Kafka may be down, which is when the rest of what `status` says matters most."""
 
 _SEEDING_STATES = (
     ReplicationState.READY_FOR_INITIAL_REPLICATION,
@@ -135,11 +141,17 @@ def capture_status(config: SiteConfig, record: VmRecord) -> CaptureStatus:
 
 
 async def _latest_replica_position(site: Site, vm: str) -> ReplicaPosition | None:
+    """What the replica last said on the status topic; None when Kafka does not answer within
+    :data:`REPLICA_POSITION_TIMEOUT_SECONDS` (status must work while Kafka is away)."""
     latest: ReplicaPosition | None = None
-    async for record in read_to_end(site.connection, site.status_topic(vm), last=20):
-        event = decode_status(record.value)
-        if isinstance(event, ReplicaPosition):
-            latest = event
+    try:
+        async with asyncio.timeout(REPLICA_POSITION_TIMEOUT_SECONDS):
+            async for record in read_to_end(site.connection, site.status_topic(vm), last=20):
+                event = decode_status(record.value)
+                if isinstance(event, ReplicaPosition):
+                    latest = event
+    except (TimeoutError, BrokerError):
+        return latest
     return latest
 
 

@@ -17,7 +17,9 @@ time), and recovery points are pruned by ranges of cycles, never one SQL paramet
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from itertools import pairwise
 from pathlib import Path
@@ -197,10 +199,13 @@ class Catalog(Service):
                     await before()
                 for sql, parameters in statements:
                     await self.db.execute(sql, parameters)
+                # A COMMIT that fails (SQLITE_FULL: the disk is full) leaves the transaction
+                # open; it is rolled back like any other failure, or the next BEGIN would fail.
+                await self.db.execute("COMMIT")
             except BaseException:
-                await self.db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    await self.db.execute("ROLLBACK")
                 raise
-            await self.db.execute("COMMIT")
 
     async def add_vm(
         self,

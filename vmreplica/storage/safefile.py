@@ -6,6 +6,8 @@
 - **Durable folder entries** (:func:`fsync_directory`): creating, renaming or removing a file
   is itself only durable once its folder is fsynced.
 - **Locks** (:func:`exclusive_lock`): ``flock`` on a lock file, between processes of one machine.
+- **A full file system** (:func:`no_space`): what ENOSPC, a quota, or SQLite's "database or
+  disk is full" look like, so that callers can pause instead of failing.
 - **Holes** (:func:`punch_hole`, :func:`write_zeros`, :func:`zero_range`): make a range of a file
   read as zeros, releasing its storage where the file system can (``fallocate(2)`` with
   ``FALLOC_FL_PUNCH_HOLE``) and writing zeros where it cannot.
@@ -22,6 +24,7 @@ import ctypes.util
 import errno
 import fcntl
 import os
+import sqlite3
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -41,6 +44,23 @@ for in-bounds, non-empty ranges, so it cannot mean a bad argument."""
 
 Writer = Callable[[Path], None]
 """Creates the new content of a file at the temporary path it is given."""
+
+
+NO_SPACE_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def no_space(error: BaseException) -> str | None:
+    """What says the file system is full in ``error`` (``os.strerror``, or SQLite's message), or
+    None when it is another error. Looks through ``__cause__`` chains."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in NO_SPACE_ERRNOS:
+            return os.strerror(error.errno)
+        if isinstance(error, sqlite3.Error) and getattr(error, "sqlite_errorcode", None) == (
+            sqlite3.SQLITE_FULL
+        ):
+            return str(error)
+        error = error.__cause__  # type: ignore[assignment]
+    return None
 
 
 def fsync_directory(path: str | os.PathLike[str]) -> None:
