@@ -133,7 +133,11 @@ class ReplicaVm:
         journal_topic: str,
         status_topic: str,
         status: StatusPublisher | None = None,
+        *,
+        connect: bool = True,
     ) -> None:
+        """``connect=False``: :meth:`start` opens the images only (test failovers and views
+        work without a broker); :meth:`connect` joins the journal later."""
         self.record = record
         self.site = site
         self.folder = folder
@@ -152,6 +156,11 @@ class ReplicaVm:
             self._digests_wanted,
         )
         self.reader = JournalReader(connection, journal_topic)
+        self.connected = False
+        """Reading the journal (and reporting on the status topic)."""
+        self._connection = connection
+        self._journal_topic = journal_topic
+        self._connect_at_start = connect
         self.violation: JournalViolation | None = None
         self.apply_seconds = 0.0
         """Time spent applying fetched records so far (the agent's apply-time metric)."""
@@ -162,8 +171,29 @@ class ReplicaVm:
         return self.record.name
 
     async def start(self) -> None:
-        cursor = await self.materializer.recover()
-        await self.reader.start(cursor.next_offset)
+        await self.materializer.recover()
+        if self._connect_at_start:
+            await self.connect()
+
+    async def connect(self) -> None:
+        """Join the journal where the images stand (the last applied cycle): a cycle fetched
+        in part before a disconnect is read again whole.
+
+        :raises BrokerError: no broker answered; call again later.
+        """
+        if self.status is not None:
+            await self.status.start()
+        reader = JournalReader(self._connection, self._journal_topic)
+        cursor = self.materializer.cursor
+        cursor.pending.clear()
+        await reader.start(cursor.next_offset)
+        await self.reader.stop()
+        self.reader, self.connected = reader, True
+
+    async def disconnect(self) -> None:
+        """Stop reading (Kafka went away); the images stay open, :meth:`connect` resumes."""
+        self.connected = False
+        await self.reader.stop()
 
     async def stop(self) -> None:
         await self.reader.stop()

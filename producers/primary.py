@@ -72,8 +72,16 @@ class PrimaryVm:
         catalog: Catalog,
         journal_topic: str,
         transactional_id: str,
+        *,
+        connect: bool = True,
     ) -> None:
+        """``connect=False``: :meth:`start` opens the capture only and publishes nothing, for
+        a primary whose epoch is not yet in the journal (a failover with no broker
+        reachable); :meth:`connect` joins the journal later."""
         self.record = record
+        self.connected = False
+        """The journal is joined: this primary may publish (its epoch is in the journal)."""
+        self._connect_at_start = connect
         self.site = site
         self.catalog = catalog
         self.connection = connection
@@ -152,6 +160,21 @@ class PrimaryVm:
         return not self._said_idle and self.idle_at_ms() is not None
 
     async def start(self) -> None:
+        """Open the VM: :meth:`connect`, unless it was made with ``connect=False`` (then the
+        capture alone runs, and nothing is published until :meth:`connect`)."""
+        if self._connect_at_start:
+            await self.connect()
+            return
+        position = await self.catalog.position(self.name)
+        if position is not None:  # the writes captured meanwhile belong to the next cycle
+            self._number_open_cycle(position.cycle + 1)
+
+    def _number_open_cycle(self, cycle: int) -> None:
+        log = self.capture.log
+        if not any(True for _ in log.sealed_segments()) and log.cycle != cycle:
+            log.renumber_open_segment(cycle)
+
+    async def connect(self) -> None:
         """Check no newer primary exists, initialise the publisher (fencing any older producer
         of this VM), reconcile shipped cycles and number the open cycle.
 
@@ -170,9 +193,8 @@ class PrimaryVm:
         await self.publisher.start()
         if position is not None:
             position = await self.shipper.reconcile(self.connection)
-            log = self.capture.log
-            if not any(True for _ in log.sealed_segments()) and log.cycle != position.cycle + 1:
-                log.renumber_open_segment(position.cycle + 1)
+            self._number_open_cycle(position.cycle + 1)
+        self.connected = True
 
     async def _newer_epoch(self, start: int) -> tuple[EpochStart, int] | None:
         found = None

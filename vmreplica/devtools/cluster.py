@@ -20,7 +20,7 @@ import socket
 import subprocess
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Final
 
@@ -193,9 +193,7 @@ class LocalCluster:
                     f"port {port} on 127.0.0.1 is already in use; choose another base port "
                     "with VMREPLICA_BROKER_PORT or `vmreplica broker up --port N`"
                 )
-        libs = resolve_kafka()
-        java = require_program("java", "Java 17 or newer")
-        log_config = deploy_dir() / "kafka" / "log4j2.yaml"
+        resolve_kafka()  # before anything is removed: a missing prerequisite changes nothing
         cluster_id = _cluster_id()
         shutil.rmtree(self.root, ignore_errors=True)
         self.root.mkdir(parents=True)
@@ -206,16 +204,7 @@ class LocalCluster:
             (directory / "logs").mkdir(parents=True)
             properties = directory / "server.properties"
             properties.write_text(_properties(node_id, brokers, self.base_port, directory))
-            jvm = [
-                java,
-                JVM_HEAP,
-                "-XX:+UseG1GC",
-                f"-D{NODE_MARKER}={node_id}",
-                f"-Dlog4j2.configurationFile={log_config}",
-                f"-Dkafka.logs.dir={directory / 'logs'}",
-                "-cp",
-                f"{libs}/*",
-            ]
+            jvm = _jvm(node_id, directory)
             formatted = subprocess.run(
                 [
                     *jvm,
@@ -233,14 +222,7 @@ class LocalCluster:
             )
             if formatted.returncode != 0:
                 raise BrokerError(f"formatting KRaft storage failed:\n{formatted.stderr[-2000:]}")
-            with (directory / "logs" / "stdout.log").open("wb") as out:
-                process = subprocess.Popen(
-                    [*jvm, "kafka.Kafka", str(properties)],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
+            process = _start_node(node_id, directory)
             processes.append(process)
             broker_port, controller_port = ports[2 * (node_id - 1) : 2 * node_id]
             nodes.append(
@@ -259,6 +241,34 @@ class LocalCluster:
                 process.kill()
                 process.wait()
             self.state_file.unlink(missing_ok=True)
+            raise
+        return state
+
+    def restart(self) -> ClusterState:
+        """Start again, on their own data and ports, the nodes of the cluster ``up`` started
+        that are no longer running (killed, crashed); return once every node answers. What
+        the cluster had committed is there again, as after a power cut.
+
+        :raises BrokerError: nothing was started here, or a node did not come back.
+        """
+        state = self.state()
+        if state is None:
+            raise BrokerError(f"no cluster was started under {self.root}; run `up` first")
+        nodes, processes = [], []
+        for node in state.nodes:
+            if _ours(node.pid):
+                raise BrokerError(f"Kafka node {node.node_id} (pid {node.pid}) is still running")
+            process = _start_node(node.node_id, Path(node.directory))
+            processes.append(process)
+            nodes.append(replace(node, pid=process.pid))
+        state = replace(state, nodes=tuple(nodes))
+        state.save(self.state_file)
+        try:
+            self._wait_ready(state, processes)
+        except BaseException:
+            for process in processes:
+                process.kill()
+                process.wait()
             raise
         return state
 
@@ -307,6 +317,34 @@ class LocalCluster:
             time.sleep(0.1)
         self.state_file.unlink(missing_ok=True)
         return pids
+
+
+def _jvm(node_id: int, directory: Path) -> list[str]:
+    """The Java command line of a node, up to its main class."""
+    java = require_program("java", "Java 17 or newer")
+    log_config = deploy_dir() / "kafka" / "log4j2.yaml"
+    return [
+        java,
+        JVM_HEAP,
+        "-XX:+UseG1GC",
+        f"-D{NODE_MARKER}={node_id}",
+        f"-Dlog4j2.configurationFile={log_config}",
+        f"-Dkafka.logs.dir={directory / 'logs'}",
+        "-cp",
+        f"{resolve_kafka()}/*",
+    ]
+
+
+def _start_node(node_id: int, directory: Path) -> subprocess.Popen[bytes]:
+    """Start the node whose ``server.properties`` and data are in ``directory``."""
+    with (directory / "logs" / "stdout.log").open("ab") as out:
+        return subprocess.Popen(
+            [*_jvm(node_id, directory), "kafka.Kafka", str(directory / "server.properties")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
 
 def _what_node_said(logs: Path) -> str:

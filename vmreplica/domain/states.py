@@ -109,11 +109,53 @@ class HealthReport:
     reasons: tuple[str, ...]
 
 
-def assess(state: ReplicationState, stats: WindowStats) -> HealthReport:
-    """Health by Hyper-V's rules, with the reasons an operator needs to act on it."""
+@dataclass(frozen=True)
+class KafkaOutage:
+    """The site's agent cannot reach Kafka: since when, and what it last met."""
+
+    since_ms: int
+    message: str
+
+
+@dataclass(frozen=True)
+class CutOff:
+    """What an outage means for one VM's health: the reason to show, and whether it is
+    critical yet (:func:`cut_off`)."""
+
+    reason: str
+    critical: bool
+
+
+def cut_off(
+    outage: KafkaOutage,
+    now_ms: int,
+    heartbeat_seconds: float,
+    partner: str,
+    partner_heard_ms: int | None,
+) -> CutOff:
+    """A site cut off from Kafka neither sends nor receives: a warning at first, critical once
+    it lasted :data:`LIVENESS_HEARTBEATS` heartbeat intervals (what makes a primary count as
+    gone). The reason says since when, and when the partner site was last heard of."""
+    seconds = max(0.0, (now_ms - outage.since_ms) / 1000)
+    heard = (
+        f" (last heard {(now_ms - partner_heard_ms) / 1000:.0f} s ago)"
+        if partner_heard_ms is not None
+        else ""
+    )
+    return CutOff(
+        f"Kafka unreachable for {seconds:.0f} s, and with it partner site {partner}{heard}: "
+        f"{outage.message}",
+        seconds >= LIVENESS_HEARTBEATS * heartbeat_seconds,
+    )
+
+
+def assess(state: ReplicationState, stats: WindowStats, cut: CutOff | None = None) -> HealthReport:
+    """Health by Hyper-V's rules, with the reasons an operator needs to act on it; ``cut``:
+    the site cannot reach Kafka (:func:`cut_off`), which comes first among the reasons."""
     if state in _CRITICAL_STATES:
-        return HealthReport(Health.CRITICAL, (f"state is {state.value}",))
-    reasons: list[str] = []
+        said = (f"state is {state.value}",)
+        return HealthReport(Health.CRITICAL, said if cut is None else (cut.reason, *said))
+    reasons: list[str] = [] if cut is None else [cut.reason]
     if state in _WARNING_STATES:
         reasons.append(f"state is {state.value}")
     if stats.expected_cycles and stats.missed_cycles / stats.expected_cycles > (
@@ -127,6 +169,8 @@ def assess(state: ReplicationState, stats: WindowStats) -> HealthReport:
         and stats.average_latency_seconds > LATENCY_WARNING_SECONDS
     ):
         reasons.append(f"average latency {stats.average_latency_seconds:.0f} s")
+    if cut is not None and cut.critical:
+        return HealthReport(Health.CRITICAL, tuple(reasons))
     return HealthReport(Health.WARNING if reasons else Health.NORMAL, tuple(reasons))
 
 

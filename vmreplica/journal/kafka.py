@@ -21,11 +21,15 @@ from aiokafka.errors import (
     InvalidProducerEpoch,
     KafkaConnectionError,
     KafkaError,
+    KafkaTimeoutError,
+    NoBrokersAvailable,
+    NodeNotReadyError,
     ProducerFenced,
+    RequestTimedOutError,
     TopicAlreadyExistsError,
 )
 
-from vmreplica.errors import BrokerError, FencedError
+from vmreplica.errors import BrokerError, BrokerUnreachable, FencedError
 from vmreplica.journal.allocator import tune_allocator
 
 TOPIC_PROPAGATION_SECONDS: Final = 10.0
@@ -73,8 +77,17 @@ def _translate(error: BaseException, doing: str) -> BrokerError:
             f"{doing}: another producer with the same transactional id has taken over "
             "(a newer primary for this VM). This site must stop publishing for it."
         )
-    if isinstance(error, KafkaConnectionError):
-        return BrokerError(
+    if isinstance(
+        error,
+        KafkaConnectionError
+        | KafkaTimeoutError
+        | NoBrokersAvailable
+        | NodeNotReadyError
+        | RequestTimedOutError
+        | TimeoutError
+        | OSError,
+    ):
+        return BrokerUnreachable(
             f"{doing}: cannot reach Kafka ({error}). Check that the brokers "
             "are up (`vmreplica broker status`) and the bootstrap servers."
         )
@@ -392,28 +405,40 @@ async def read_to_end(
 
 
 class StatusPublisher:
-    """A plain (non-transactional, idempotent) producer for status and heartbeat records."""
+    """A plain (non-transactional, idempotent) producer for status and heartbeat records.
+
+    Shared by the replica VMs of a site: :meth:`start` connects it once (again after a failed
+    start: a site may come up while Kafka is down); until then :meth:`publish` refuses.
+    """
 
     def __init__(self, connection: KafkaConnection) -> None:
-        self._producer = AIOKafkaProducer(
-            **connection.options(), acks="all", enable_idempotence=True
-        )
-        self._started = False
+        self._connection = connection
+        self._producer: AIOKafkaProducer | None = None
+        self._starting = asyncio.Lock()
 
     async def start(self) -> None:
-        try:
-            await self._producer.start()
-        except (KafkaError, OSError) as error:
-            await self._producer.stop()
-            raise _translate(error, "starting the status producer") from error
-        self._started = True
+        """Connect, unless connected. :raises BrokerError: no broker answered."""
+        async with self._starting:
+            if self._producer is not None:
+                return
+            producer = AIOKafkaProducer(
+                **self._connection.options(), acks="all", enable_idempotence=True
+            )
+            try:
+                await producer.start()
+            except (KafkaError, OSError) as error:
+                await producer.stop()
+                raise _translate(error, "starting the status producer") from error
+            self._producer = producer
 
     async def stop(self) -> None:
-        if self._started:
-            self._started = False
-            await self._producer.stop()
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            await producer.stop()
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> int:
+        if self._producer is None:
+            raise BrokerUnreachable(f"publishing to {topic}: the status producer is not connected")
         try:
             metadata = await self._producer.send_and_wait(topic, value=value, key=key, partition=0)
         except KafkaError as error:

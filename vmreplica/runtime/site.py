@@ -139,8 +139,9 @@ class Site:
                 topics.status_spec(self.status_topic(vm), self.config.replication_factor)
             )
 
-    def primary(self, record: VmRecord) -> PrimaryVm:
-        """The primary-side worker of a VM this site is primary for (not yet started)."""
+    def primary(self, record: VmRecord, *, connect: bool = True) -> PrimaryVm:
+        """The primary-side worker of a VM this site is primary for (not yet started);
+        ``connect=False``: it captures but joins the journal only on ``connect()``."""
         if record.role != "primary":
             raise ConfigurationError(
                 f"VM {record.name!r} is a replica at site {self.config.site!r}, not its primary"
@@ -153,18 +154,18 @@ class Site:
             self.catalog,
             self.journal_topic(record.name),
             names.transactional_id(record.name, self.config.trust_group, self.config.topic_prefix),
+            connect=connect,
         )
 
-    async def replica(self, record: VmRecord) -> ReplicaVm:
-        """The replica-side worker of a VM this site is replica for (not yet started)."""
+    async def replica(self, record: VmRecord, *, connect: bool = True) -> ReplicaVm:
+        """The replica-side worker of a VM this site is replica for (not yet started);
+        ``connect=False``: it opens the images but joins the journal only on ``connect()``."""
         if record.role != "replica":
             raise ConfigurationError(
                 f"VM {record.name!r} is primary at site {self.config.site!r}, not a replica"
             )
         if self._status is None:
-            status = StatusPublisher(self.connection)
-            await status.start()
-            self._status = status
+            self._status = StatusPublisher(self.connection)
         return ReplicaVm(
             record,
             self.config.site,
@@ -174,6 +175,7 @@ class Site:
             self.journal_topic(record.name),
             self.status_topic(record.name),
             self._status,
+            connect=connect,
         )
 
     async def discover(self) -> list[VmRecord]:

@@ -27,16 +27,18 @@ from vmreplica.domain.model import VmRecord
 from vmreplica.domain.states import (
     CYCLES_EXPECTED_STATES,
     HealthReport,
+    KafkaOutage,
     LastHeartbeat,
     WindowStats,
     assess,
+    cut_off,
     missed_intervals,
     primary_live,
     rpo_seconds,
     synced_at_ms,
     waiting_ms,
 )
-from vmreplica.errors import ConfigurationError
+from vmreplica.errors import BrokerUnreachable, ConfigurationError
 from vmreplica.failover.resync import ResyncJob, job_or_none
 from vmreplica.journal.kafka import read_to_end
 from vmreplica.producers.changelog import pending_bytes
@@ -129,11 +131,16 @@ def capture_status(config: SiteConfig, record: VmRecord) -> CaptureStatus:
 
 
 async def _latest_replica_position(site: Site, vm: str) -> ReplicaPosition | None:
+    """What the replica last reported on the status topic; None when it said nothing yet, or
+    Kafka cannot be reached (the health then says so, from the agent's record)."""
     latest: ReplicaPosition | None = None
-    async for record in read_to_end(site.connection, site.status_topic(vm), last=20):
-        event = decode_status(record.value)
-        if isinstance(event, ReplicaPosition):
-            latest = event
+    try:
+        async for record in read_to_end(site.connection, site.status_topic(vm), last=20):
+            event = decode_status(record.value)
+            if isinstance(event, ReplicaPosition):
+                latest = event
+    except BrokerUnreachable:
+        return None
     return latest
 
 
@@ -180,11 +187,18 @@ def missed_in_window(
     return missed
 
 
-async def vm_status(site: Site, record: VmRecord, with_replica: bool = True) -> VmStatus:
+async def vm_status(
+    site: Site,
+    record: VmRecord,
+    with_replica: bool = True,
+    outage: KafkaOutage | None = None,
+) -> VmStatus:
     """Everything `vmreplica status` shows for one VM.
 
     ``with_replica`` reads the position the replica last reported on the status topic (a
-    primary only); the agent's metrics loop leaves it out.
+    primary only); the agent's metrics loop leaves it out. ``outage``: the site's agent cannot
+    reach Kafka (:meth:`~vmreplica.storage.mailbox.Mailbox.kafka_outage`), which the health
+    says rather than a bare error.
     """
     now_ms = int(time.time() * 1000)
     catalog = site.catalog
@@ -212,6 +226,10 @@ async def vm_status(site: Site, record: VmRecord, with_replica: bool = True) -> 
         heartbeat.idle_at_ms if heartbeat else None,
     )
     latencies = [(done - cut) / 1000 for _, cut, done, _, _ in window]
+    cut = None
+    if outage is not None:
+        heard = await catalog.primary_seen_ms(record.name) if record.role == "replica" else None
+        cut = cut_off(outage, now_ms, site.config.heartbeat_seconds, record.partner_site, heard)
     report = assess(
         record.state,
         WindowStats(
@@ -220,6 +238,7 @@ async def vm_status(site: Site, record: VmRecord, with_replica: bool = True) -> 
             rpo,
             sum(latencies) / len(latencies) if latencies else None,
         ),
+        cut,
     )
     cycle = position.cycle if position else None
     progress: PrimaryProgress | ReplicaProgress
