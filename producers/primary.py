@@ -198,7 +198,10 @@ class PrimaryVm:
 
     async def _newer_epoch(self, start: int) -> tuple[EpochStart, int] | None:
         found = None
-        async for record in read_to_end(self.connection, self.topic, start):
+        # Past the journal's end: this site's position is another cluster's (it was pointed at
+        # this one after a failover elsewhere), so every epoch here counts.
+        records = read_to_end(self.connection, self.topic, start, past_end_reads_all=True)
+        async for record in records:
             event = decode_journal(record.value)
             if isinstance(event, EpochStart) and event.epoch > self.record.epoch:
                 found = (event, record.offset)

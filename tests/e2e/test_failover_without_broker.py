@@ -21,17 +21,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import os
-import shutil
-import signal
-import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.clients import require, run, wait_until
+from tests.e2e.clients import require, run
+from tests.e2e.lost_site import (
+    SlowBeatAgents,
+    bootstrap_of,
+    kill_broker,
+    own_broker,
+    vmreplica,
+)
 from tests.e2e.test_nbd_capture import identical, make_disk
 from tests.e2e.test_role_swap import (
     Agents,
@@ -45,14 +47,11 @@ from tests.e2e.test_role_swap import (
 )
 from tests.fixtures import SiteFactory
 from vmreplica.devtools.cluster import LocalCluster
-from vmreplica.devtools.ports import free_base_port
 from vmreplica.failover import journal_events
 from vmreplica.schemas.events import EpochStart
 
 pytestmark = pytest.mark.e2e
 MiB = 1024 * 1024
-HEARTBEAT_SECONDS = 4.0
-"""A's heartbeats: an unplanned failover is refused for three of them after the last."""
 
 
 @pytest.fixture
@@ -62,61 +61,13 @@ def site_folder(short_dir: Path) -> Path:
 
 @pytest.fixture
 def broker() -> Iterator[LocalCluster]:
-    """A broker of this test's own, which it kills and restarts (the session's is shared)."""
-    port = free_base_port()
-    home = Path(tempfile.gettempdir()) / f"vmreplica-test-kafka-{port}"
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "owner.pid").write_text(str(os.getpid()))  # conftest stops it if we die
-    cluster = LocalCluster(home=home, base_port=port)
-    cluster.up(1)
-    try:
+    with own_broker() as cluster:
         yield cluster
-    finally:
-        cluster.down()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture
 def bootstrap_servers(broker: LocalCluster) -> str:
-    state = broker.state()
-    assert state is not None
-    return state.bootstrap_servers
-
-
-class SlowBeatAgents(Agents):
-    """Agents whose primary heartbeats every :data:`HEARTBEAT_SECONDS`."""
-
-    def config(self, site: str) -> Path:
-        return self.sites.config_file(site, heartbeat_seconds=HEARTBEAT_SECONDS)
-
-
-async def kill_broker(broker: LocalCluster) -> None:
-    state = broker.state()
-    assert state is not None
-    for node in state.nodes:
-        os.kill(node.pid, signal.SIGKILL)
-    await wait_until(lambda: _dead(broker), "the killed broker to be gone", 30)
-
-
-async def _dead(broker: LocalCluster) -> bool:
-    return not broker.running()
-
-
-async def vmreplica(agents: Agents, site: str, *args: str) -> tuple[int, str]:
-    """`vmreplica ARGS` at ``site``, which may fail: its exit status and all it printed."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "vmreplica.cli",
-        *args,
-        "--config",
-        str(agents.config(site)),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await asyncio.wait_for(process.communicate(), 120)
-    assert process.returncode is not None
-    return process.returncode, output.decode()
+    return bootstrap_of(broker)
 
 
 async def test_failover_with_the_only_broker_dead_then_fence_and_reverse_once_it_returns(

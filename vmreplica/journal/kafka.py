@@ -388,14 +388,27 @@ class JournalReader:
 
 
 async def read_to_end(
-    connection: KafkaConnection, topic: str, start: int = 0, *, last: int | None = None
+    connection: KafkaConnection,
+    topic: str,
+    start: int = 0,
+    *,
+    last: int | None = None,
+    past_end_reads_all: bool = False,
 ) -> AsyncGenerator[JournalRecord, None]:
     """Committed records of ``topic`` from offset ``start`` (or only the ``last`` offsets) up
     to its end as of this call. Callers that may stop early wrap it in
-    ``contextlib.aclosing`` so the reader is closed at once."""
+    ``contextlib.aclosing`` so the reader is closed at once.
+
+    ``past_end_reads_all``: a ``start`` past the topic's end was recorded in another copy of
+    it (another cluster's, or before the topic was recreated): read it all instead of nothing.
+    """
     async with JournalReader(connection, topic) as reader:
         end = await reader.end_offset()
-        reader.seek(max(0, end - last) if last is not None else start)
+        if last is not None:
+            start = max(0, end - last)
+        elif past_end_reads_all and start > end:
+            start = 0
+        reader.seek(start)
         # Transaction markers take offsets but are never returned: progress is the position.
         while await reader.position() < end:
             for record in await reader.fetch(READ_TO_END_FETCH_SECONDS):

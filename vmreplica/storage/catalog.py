@@ -644,17 +644,19 @@ class Catalog:
             row = await cursor.fetchone()
         return None if row is None else bytes(row[0])
 
-    async def epoch_published(self, name: str, position: Position) -> None:
+    async def epoch_published(self, name: str, position: Position | Rewind) -> None:
         """The pending EpochStart is in the journal: forget it and record ``position`` (its
-        offset + 1 as the next offset), in one transaction.
+        offset + 1 as the next offset), in one transaction; a :class:`Rewind` when that
+        journal is another cluster's, whose offsets start afresh.
 
-        :raises PositionRegressedError: ``position`` is behind the recorded one.
+        :raises PositionRegressedError: a plain ``position`` is behind the recorded one.
         """
+        forget = ("DELETE FROM pending_epoch WHERE vm = ?", (name,))
+        if isinstance(position, Rewind):
+            await self._rewind(name, position, [forget])
+            return
         await self._transaction(
-            [
-                ("DELETE FROM pending_epoch WHERE vm = ?", (name,)),
-                self._position_statement(name, position),
-            ],
+            [forget, self._position_statement(name, position)],
             self._forward_only(name, position),
         )
 
