@@ -5,7 +5,7 @@ on a broker this test starts for itself). Then A's agent and the broker are SIGK
 On B, with no broker at all:
 
 - `status` says Kafka is unreachable (the health's reason), not a bare error;
-- a test failover serves the latest point, equal to A's last replicated image;
+- `points export` and a test failover give the latest point, equal to A's last replicated image;
 - `failover` without ``--force`` is refused while A's last heartbeat is recent; with ``--force``
   the VM comes up at B at the latest point, equal to A's last replicated image, and the output
   says the old primary was not fenced and by which epoch it will be;
@@ -146,7 +146,14 @@ async def _scenario(
         assert row["state"] == "replicating", row
         assert row["health"] in ("warning", "critical"), row
 
-        # A test failover works without a broker, at A's last replicated image.
+        # So does exporting the latest point, and a test failover, at A's last replicated image.
+        code, output = await vmreplica(
+            agents, "site-b", "points", "export", vm, "latest", str(tmp_path / "export")
+        )
+        assert code == 0, output
+        for name, path in disks.items():
+            await identical(path, tmp_path / "export" / f"{name}.raw")
+
         code, output = await vmreplica(agents, "site-b", "failover", "test", vm, "--json")
         assert code == 0, output
         drill = json.loads(output)

@@ -169,6 +169,7 @@ class Agent:
         """When each VM's worker last ended, at which catalog generation, and how long it waits
         before it is started again at the same generation."""
         self._next_discovery = 0.0
+        self._discovery: asyncio.Task[None] | None = None
         self._next_metrics = 0.0
         self.metrics = SiteMetrics(site.config.site)
         self.metrics_url: str | None = None
@@ -230,6 +231,9 @@ class Agent:
         finally:
             # Workers see ``stopping`` and end by themselves first: a primary ships what was
             # written before the stop. Only one that does not end in time is cancelled.
+            if self._discovery is not None:
+                self._discovery.cancel()
+                await asyncio.gather(self._discovery, return_exceptions=True)
             tasks = list(self._tasks.values())
             if tasks and self.stopping.is_set():
                 await asyncio.wait(tasks, timeout=STOP_GRACE_SECONDS)
@@ -323,18 +327,25 @@ class Agent:
             f"`vmreplica status {vm}` shows its progress"
         )
 
+    async def _discover(self) -> None:
+        """Adopt newly published VMs; also how the agent learns that Kafka is (un)reachable.
+        A task of its own: a broker that does not answer must not hold up the mailbox (a
+        failover is asked for exactly then) or the agent's liveness stamp."""
+        try:
+            await self.site.discover()
+        except BrokerUnreachable as error:
+            await self._unreachable(error)
+        except ReplicationError as error:
+            log.warning("discovery failed: %s", error)
+        else:
+            await self._reachable()
+
     async def _start_new_workers(self) -> None:
         loop = asyncio.get_running_loop()
-        if loop.time() >= self._next_discovery:
+        discovering = self._discovery is not None and not self._discovery.done()
+        if loop.time() >= self._next_discovery and not discovering:
             self._next_discovery = loop.time() + DISCOVERY_SECONDS
-            try:
-                await self.site.discover()
-            except BrokerUnreachable as error:
-                await self._unreachable(error)
-            except ReplicationError as error:
-                log.warning("discovery failed: %s", error)
-            else:
-                await self._reachable()
+            self._discovery = asyncio.create_task(self._discover(), name="discovery")
         for listed in await self.site.catalog.vms():
             generation = await self.site.catalog.generation(listed.name)
             task = self._tasks.get(listed.name)
