@@ -151,7 +151,11 @@ class ReplicaVm(Service):
         verifier: JournalVerifier | None = None,
         keys: VmKeyRing | None = None,
         heartbeat_seconds: float = 30.0,
+        *,
+        connect: bool = True,
     ) -> None:
+        """``connect=False``: :meth:`start` opens the images only (test failovers and views
+        work without a broker); :meth:`connect` joins the journal later."""
         self.record = record
         self.heartbeat_seconds = heartbeat_seconds
         """The site's heartbeat interval: how the published health judges the primary."""
@@ -174,6 +178,11 @@ class ReplicaVm(Service):
             keys,
         )
         self.reader = JournalReader(connection, journal_topic)
+        self.connected = False
+        """Reading the journal (and reporting on the status topic)."""
+        self._connection = connection
+        self._journal_topic = journal_topic
+        self._connect_at_start = connect
         self.violation: JournalViolation | None = None
         self.apply_seconds = 0.0
         """Time spent applying fetched records so far (the agent's apply-time metric)."""
@@ -189,8 +198,29 @@ class ReplicaVm(Service):
         :raises StorageFullError: the roll-back itself found the file system full.
         """
         with self._space("rolling back an interrupted cycle"):
-            cursor = await self.materializer.recover()
-        await self.reader.start(cursor.next_offset)
+            await self.materializer.recover()
+        if self._connect_at_start:
+            await self.connect()
+
+    async def connect(self) -> None:
+        """Join the journal where the images stand (the last applied cycle): a cycle fetched
+        in part before a disconnect is read again whole.
+
+        :raises BrokerError: no broker answered; call again later.
+        """
+        if self.status is not None:
+            await self.status.start()
+        reader = JournalReader(self._connection, self._journal_topic)
+        cursor = self.materializer.cursor
+        cursor.pending.clear()
+        await reader.start(cursor.next_offset)
+        await self.reader.stop()
+        self.reader, self.connected = reader, True
+
+    async def disconnect(self) -> None:
+        """Stop reading (Kafka went away); the images stay open, :meth:`connect` resumes."""
+        self.connected = False
+        await self.reader.stop()
 
     @contextlib.contextmanager
     def _space(self, doing: str) -> Iterator[None]:

@@ -83,8 +83,16 @@ class PrimaryVm:
         encode: Callable[[JournalEvent], bytes] = encode,
         cipher: PayloadCipher | None = None,
         wrapped_keys: tuple[WrappedKey, ...] = (),
+        *,
+        connect: bool = True,
     ) -> None:
+        """``connect=False``: :meth:`start` opens the capture only and publishes nothing, for
+        a primary whose epoch is not yet in the journal (a failover with no broker
+        reachable); :meth:`connect` joins the journal later."""
         self.record = record
+        self.connected = False
+        """The journal is joined: this primary may publish (its epoch is in the journal)."""
+        self._connect_at_start = connect
         self.site = site
         self.catalog = catalog
         self.connection = connection
@@ -170,6 +178,21 @@ class PrimaryVm:
         return not self._said_idle and self.idle_at_ms() is not None
 
     async def start(self) -> None:
+        """Open the VM: :meth:`connect`, unless it was made with ``connect=False`` (then the
+        capture alone runs, and nothing is published until :meth:`connect`)."""
+        if self._connect_at_start:
+            await self.connect()
+            return
+        position = await self.catalog.position(self.name)
+        if position is not None:  # the writes captured meanwhile belong to the next cycle
+            self._number_open_cycle(position.cycle + 1)
+
+    def _number_open_cycle(self, cycle: int) -> None:
+        log = self.capture.log
+        if not any(True for _ in log.sealed_segments()) and log.cycle != cycle:
+            log.renumber_open_segment(cycle)
+
+    async def connect(self) -> None:
         """Check no newer primary exists, initialise the publisher (fencing any older producer
         of this VM), reconcile shipped cycles and number the open cycle.
 
@@ -211,13 +234,15 @@ class PrimaryVm:
         await open_publisher()
         if position is not None:
             position = await self.shipper.reconcile(self.connection)
-            log = self.capture.log
-            if not any(True for _ in log.sealed_segments()) and log.cycle != position.cycle + 1:
-                log.renumber_open_segment(position.cycle + 1)
+            self._number_open_cycle(position.cycle + 1)
+        self.connected = True
 
     async def _newer_epoch(self, start: int) -> tuple[EpochStart, int] | None:
         found = None
-        async for record in read_to_end(self.connection, self.topic, start):
+        # Past the journal's end: this site's position is another cluster's (it was pointed at
+        # this one after a failover elsewhere), so every epoch here counts.
+        records = read_to_end(self.connection, self.topic, start, past_end_reads_all=True)
+        async for record in records:
             event = decode_journal(record.value)
             if isinstance(event, EpochStart) and event.epoch > self.record.epoch:
                 found = (event, record.offset)

@@ -50,6 +50,13 @@ class AccessDenied(BrokerError):
     retriable = False
 
 
+class BrokerUnreachable(BrokerError):
+    """No broker of the cluster answered (refused, timed out): the site is cut off from Kafka.
+
+    What works without a broker — failover, points, views — goes on; what publishes waits.
+    """
+
+
 class FencedError(BrokerError):
     """Another producer with this VM's transactional id (a newer primary) has taken over.
 

@@ -37,6 +37,7 @@ from vmreplica.runtime.status import (
     capture_status,
     vm_status,
 )
+from vmreplica.storage.mailbox import Mailbox
 
 T = TypeVar("T")
 
@@ -275,7 +276,9 @@ def status(vm: str | None, config_path: Path | None, as_json: bool) -> None:
 
     async def collect(site: Site) -> list[VmStatus]:
         records = [await site.catalog.vm(vm)] if vm else await site.catalog.vms()
-        return [await vm_status(site, record) for record in records]
+        async with Mailbox(site.config.catalog_path) as mailbox:
+            outage = await mailbox.kafka_outage(site.config.site)
+        return [await vm_status(site, record, outage=outage) for record in records]
 
     statuses = with_site(config_path, collect)
     rows = [status_json(status) for status in statuses]

@@ -258,6 +258,7 @@ class LocalCluster:
                 f"a {kind}{len(existing.nodes)}-node cluster is already running at "
                 f"{existing.bootstrap_servers}; run `vmreplica broker down` first"
             )
+        resolve_kafka()  # before anything is removed: a missing prerequisite changes nothing
         if existing is not None:
             self.down()
         ports = cluster_ports(self.base_port, brokers)

@@ -132,14 +132,57 @@ class HealthReport:
     reasons: tuple[str, ...]
 
 
-def assess(state: ReplicationState, stats: WindowStats, message: str = "") -> HealthReport:
+@dataclass(frozen=True)
+class KafkaOutage:
+    """The site's agent cannot reach Kafka: since when, and what it last met."""
+
+    since_ms: int
+    message: str
+
+
+@dataclass(frozen=True)
+class CutOff:
+    """What an outage means for one VM's health: the reason to show, and whether it is
+    critical yet (:func:`cut_off`)."""
+
+    reason: str
+    critical: bool
+
+
+def cut_off(
+    outage: KafkaOutage,
+    now_ms: int,
+    heartbeat_seconds: float,
+    partner: str,
+    partner_heard_ms: int | None,
+) -> CutOff:
+    """A site cut off from Kafka neither sends nor receives: a warning at first, critical once
+    it lasted :data:`LIVENESS_HEARTBEATS` heartbeat intervals (what makes a primary count as
+    gone). The reason says since when, and when the partner site was last heard of."""
+    seconds = max(0.0, (now_ms - outage.since_ms) / 1000)
+    heard = (
+        f" (last heard {(now_ms - partner_heard_ms) / 1000:.0f} s ago)"
+        if partner_heard_ms is not None
+        else ""
+    )
+    return CutOff(
+        f"Kafka unreachable for {seconds:.0f} s, and with it partner site {partner}{heard}: "
+        f"{outage.message}",
+        seconds >= LIVENESS_HEARTBEATS * heartbeat_seconds,
+    )
+
+
+def assess(
+    state: ReplicationState, stats: WindowStats, message: str = "", cut: CutOff | None = None
+) -> HealthReport:
     """Health by the rules of the README's table (Hyper-V's, and what this system adds), with
     the reasons an operator needs to act on it.
 
     Critical when any critical rule holds, naming only the critical reasons; otherwise Warning
     with every warning reason, in a fixed order; otherwise Normal. ``message`` is what the
     state's last change said; a critical state gives it as its reason (what failed, and what to
-    do), since the state's name alone does not say.
+    do), since the state's name alone does not say. ``cut``: the site cannot reach Kafka
+    (:func:`cut_off`): its reason comes first, and makes the health critical once it lasted.
     """
     critical: list[str] = []
     if state in _CRITICAL_STATES:
@@ -155,9 +198,11 @@ def assess(state: ReplicationState, stats: WindowStats, message: str = "") -> He
     if free is not None and free < STORAGE_FREE_CRITICAL_RATIO:
         critical.append(f"storage root {free:.1%} free")
     if critical:
-        return HealthReport(Health.CRITICAL, tuple(critical))
-    reasons: list[str] = []
-    if stats.silence is not None:
+        return HealthReport(
+            Health.CRITICAL, tuple(critical if cut is None else [cut.reason, *critical])
+        )
+    reasons: list[str] = [] if cut is None else [cut.reason]
+    if stats.silence is not None and cut is None:  # cut off, the silence is no news
         reasons.append(stats.silence)
     if state in _WARNING_STATES:
         reasons.append(f"state is {state.value}")
@@ -186,6 +231,8 @@ def assess(state: ReplicationState, stats: WindowStats, message: str = "") -> He
         reasons.append(f"storage root {free:.1%} free")
     if stats.over_budget:
         reasons.append("change log over its budget: tracking dirty blocks until the cut")
+    if cut is not None and cut.critical:
+        return HealthReport(Health.CRITICAL, tuple(reasons))
     return HealthReport(Health.WARNING if reasons else Health.NORMAL, tuple(reasons))
 
 

@@ -24,6 +24,7 @@ from vmreplica.domain.events import FAILURE_KINDS, EventId
 from vmreplica.domain.model import Position, VmRecord
 from vmreplica.domain.states import (
     CYCLES_EXPECTED_STATES,
+    CutOff,
     HealthReport,
     LastHeartbeat,
     ReplicationState,
@@ -201,8 +202,10 @@ def measure(
     facts: SiteFacts,
     now_ms: int,
     heartbeat_seconds: float,
+    cut: CutOff | None = None,
 ) -> Measurement:
-    """The VM's statistics and health at ``now_ms`` (see the module's docstring)."""
+    """The VM's statistics and health at ``now_ms`` (see the module's docstring); ``cut``: the
+    site cannot reach Kafka (:func:`~vmreplica.domain.states.cut_off`)."""
     record, rows, position, heartbeat = (
         inputs.record,
         inputs.rows,
@@ -267,6 +270,7 @@ def measure(
             silence=silence_reason,
         ),
         record.state_message,
+        cut,
     )
     durable = inputs.durable
     pending = None

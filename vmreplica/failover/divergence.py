@@ -33,7 +33,14 @@ from vmreplica.producers.changelog import RecordKind, read_segment
 from vmreplica.producers.dirtymap import DIRTY_BLOCK_BYTES, DIRTY_MAP_NAME, DirtyMap
 from vmreplica.runtime.site import Site
 from vmreplica.schemas.codec import decode_status, encode
-from vmreplica.schemas.events import ByteRange, DigestMap, EpochStart, ResyncRequest, WriteBatch
+from vmreplica.schemas.events import (
+    ByteRange,
+    CycleCommit,
+    DigestMap,
+    EpochStart,
+    ResyncRequest,
+    WriteBatch,
+)
 from vmreplica.schemas.validation import MAX_DIGEST_BLOCK_BYTES, MIN_DIGEST_BLOCK_BYTES
 from vmreplica.storage.digests import (
     DIGEST_BYTES,
@@ -65,13 +72,22 @@ async def journal_ranges(
     epoch: int | None = None,
     min_epoch: int = 0,
     start: int = 0,
+    committed: set[int] | None = None,
 ) -> int:
     """Add the ranges written by cycles numbered after ``after_cycle`` to ``ranges``: of
     ``epoch`` only, or of every epoch from ``min_epoch`` on, reading the journal from offset
-    ``start`` to its end. Returns the offset to read from next time."""
+    ``start`` to its end. Returns the offset to read from next time; ``committed`` collects
+    the numbers of those cycles whose commit the journal holds."""
     next_offset = start
     async for offset, event in journal_events(site, vm, start):
         next_offset = offset + 1
+        if (
+            committed is not None
+            and isinstance(event, CycleCommit)
+            and event.cycle > after_cycle
+            and (event.epoch == epoch if epoch is not None else event.epoch >= min_epoch)
+        ):
+            committed.add(event.cycle)
         if (
             isinstance(event, WriteBatch)
             and event.cycle > after_cycle

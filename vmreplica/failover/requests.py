@@ -27,6 +27,7 @@ from vmreplica.failover.resync import cancel_resync, resync_here
 from vmreplica.failover.reverse import reverse
 from vmreplica.failover.unplanned import cancel, complete, promote
 from vmreplica.runtime.site import Site
+from vmreplica.schemas.events import EpochStart
 from vmreplica.storage.mailbox import Mailbox, PostedRequest
 
 
@@ -181,6 +182,22 @@ def posted_request(posted: PostedRequest) -> FailoverRequest:
     return request_from(posted.kind, posted.vm, posted.fields)
 
 
+def fencing_said(old_primary: str, start: EpochStart, published: bool, site: Site) -> str:
+    """What an unplanned failover says about the old primary: fenced or, with no broker
+    reachable, not yet — and when it will be."""
+    if published:
+        return (
+            f"the old primary ({old_primary}) is fenced: epoch {start.epoch} is in the journal "
+            "and its producer can no longer publish."
+        )
+    return (
+        f"the old primary ({old_primary}) was not fenced: no broker reachable "
+        f"({site.config.bootstrap_servers}); it will be fenced when it next reaches the "
+        f"cluster, by epoch {start.epoch}, which this site's agent publishes as soon as a "
+        "broker answers (until then this site ships nothing)."
+    )
+
+
 async def carry_out(site: Site, request: FailoverRequest) -> str:
     """Carry out ``request`` at this site (the VM to itself); return what to print.
 
@@ -200,11 +217,13 @@ async def carry_out(site: Site, request: FailoverRequest) -> str:
                 f"site {target} takes over once it applied that cycle"
             )
         case UnplannedFailover():
+            record = await site.catalog.vm(vm)
             start = await promote(site, vm, point=request.point, force=request.force)
+            published = await site.catalog.pending_epoch(vm) is None
             return (
                 f"VM {vm} failed over at cycle {start.start_cycle - 1} (epoch "
-                f"{start.epoch}); `vmreplica failover complete` keeps it, `... cancel` "
-                "goes back"
+                f"{start.epoch}); {fencing_said(record.partner_site, start, published, site)} "
+                "`vmreplica failover complete` keeps it, `... cancel` goes back"
             )
         case CompleteFailover():
             await complete(site, vm)

@@ -57,8 +57,9 @@ async def demote(site: Site, vm: str, start: EpochStart, start_offset: int) -> i
     shipped = position.cycle if position is not None else 0
     point = start.start_cycle - 1
     diverged: Ranges = {}
+    committed: set[int] = set()
     if shipped > point:
-        await journal_ranges(site, vm, point, diverged, epoch=record.epoch)
+        await journal_ranges(site, vm, point, diverged, epoch=record.epoch, committed=committed)
     changelog = site.config.vm_folder(vm) / "changelog"
     try:
         if not changelog.is_dir():
@@ -67,6 +68,10 @@ async def demote(site: Site, vm: str, start: EpochStart, start_offset: int) -> i
         known = True
     except ChangeLogCorrupt:
         known = False  # the reverse falls back to comparing block digests
+    if not committed >= set(range(point + 1, shipped + 1)):
+        # Cycles this site shipped are not in this journal (it is another cluster's, the
+        # lost one had them): what they wrote is not known here, so digests decide.
+        known = False
     total = sum(ranges.total() for ranges in diverged.values())
     in_sync = known and total == 0 and shipped == point
     await report_divergence(site, record, start, diverged if known else None)

@@ -12,14 +12,27 @@ as the old primary published them (VmConfig), ``capture`` among them, so the age
 same NBD export names, or scans — from block digests taken at the takeover point
 (:func:`record_scan_baseline`), so its first scan sends only what the VM wrote since.
 
-Crash safety: the epoch is published before anything changes locally; the roll-back is
-idempotent (head plus the undo of every later cycle); the catalog switches role in one
-transaction; undo logs are discarded last.
+No broker is needed: the takeover is recorded here first and published second, so a site
+whose Kafka went down with the primary's site can still fail over. Steps:
+
+1. roll the images back to the point (idempotent: head plus the undo of every later cycle);
+2. switch role in one catalog transaction, the new EpochStart kept in it as *pending*
+   (:meth:`~vmreplica.storage.catalog.Catalog.change_role`) — from here this site is primary;
+3. discard the undo logs this failover no longer needs;
+4. publish the EpochStart (:func:`~vmreplica.failover.journal.publish_pending`): the old
+   primary's producer is fenced at the broker from then on. With no broker answering it stays
+   pending, and the agent publishes it as soon as one does (the new primary captures and serves
+   the VM meanwhile, shipping nothing until the epoch is out).
+
+A crash before 2 leaves a replica (run the failover again); after 2, a primary whose agent
+publishes the pending epoch — or finds it already in the journal (a crash between 4 and its
+record) and only records its offset.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 from pathlib import Path
 
@@ -28,16 +41,19 @@ from vmreplica.consumers.undo import UndoLog
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import Position, Rewind, VmRecord
 from vmreplica.domain.states import ReplicationState, primary_live
-from vmreplica.errors import FailoverRefused
+from vmreplica.errors import BrokerUnreachable, FailoverRefused
 from vmreplica.failover.fanout import regroup
-from vmreplica.failover.journal import publish_epoch
+from vmreplica.failover.journal import publish_pending
 from vmreplica.failover.planned import check_takeover, run_start_hook
 from vmreplica.producers.changelog import read_segment
 from vmreplica.producers.scan import SCAN_BLOCK_BYTES, hashes_path, save_hashes
 from vmreplica.runtime.site import Site
+from vmreplica.schemas.codec import encode
 from vmreplica.schemas.events import EpochStart, FailoverPrepared
 from vmreplica.storage.digests import image_digests
 from vmreplica.storage.image import DiskImage
+
+log = logging.getLogger(__name__)
 
 
 async def promote(
@@ -83,10 +99,9 @@ async def promote(
     start = EpochStart(
         vm, epoch, record.epoch, site.config.site, cycle + 1, reason, now_ms(), cycle_hash
     )
-    offset = await publish_epoch(site, record, start)  # the old primary is fenced from here
     undo = UndoLog(site.config.vm_folder(vm) / "undo")
     if cycle < position.cycle:
-        _roll_back(record, undo, cycle, position.cycle)
+        _roll_back(record, undo, cycle, position.cycle)  # step 1
         await site.catalog.drop_points_after(vm, cycle)
     if prepared is not None:  # a primary has no recovery points of its own
         await site.catalog.keep_points(vm, [])
@@ -99,8 +114,9 @@ async def promote(
         if prepared is not None
         else ReplicationState.FAILED_OVER_WAITING_COMPLETION
     )
-    moved = Position(epoch, cycle, cycle_hash, offset + 1, now_ms())
-    await site.catalog.change_role(
+    # Until the EpochStart is published, the journal is known up to where this replica read.
+    moved = Position(epoch, cycle, cycle_hash, position.next_offset, now_ms())
+    await site.catalog.change_role(  # step 2
         vm,
         "primary",
         partner,
@@ -112,12 +128,23 @@ async def promote(
         else Rewind(moved, f"{reason}, back from cycle {position.cycle}"),
         failover_point=None if prepared is not None else cycle,
         settings=settings,
+        pending_epoch=encode(start),
     )
     # Undo of cycles up to the point stays valid until the failed-over VM writes: it lets a
     # cancelled failover be retried at an older point.
-    for later in undo.cycles():
+    for later in undo.cycles():  # step 3
         if prepared is not None or later > cycle:
             undo.discard(later)
+    try:
+        await publish_pending(site, vm)  # step 4: the old primary is fenced from here
+    except BrokerUnreachable as error:
+        log.warning(
+            "VM %s: primary here in epoch %d, not yet published (%s); the agent publishes it "
+            "as soon as a broker answers",
+            vm,
+            epoch,
+            error,
+        )
     if prepared is not None and prepared.start_vm:
         await run_start_hook(site, record)
     return start

@@ -22,13 +22,17 @@ from aiokafka.errors import (
     InvalidProducerEpoch,
     KafkaConnectionError,
     KafkaError,
+    KafkaTimeoutError,
+    NoBrokersAvailable,
+    NodeNotReadyError,
     ProducerFenced,
+    RequestTimedOutError,
     TopicAlreadyExistsError,
     TopicAuthorizationFailedError,
     TransactionalIdAuthorizationFailed,
 )
 
-from vmreplica.errors import AccessDenied, BrokerError, FencedError
+from vmreplica.errors import AccessDenied, BrokerError, BrokerUnreachable, FencedError
 from vmreplica.journal.allocator import tune_allocator
 from vmreplica.journal.credentials import ClientSecurity
 from vmreplica.schemas.codec import encode
@@ -110,8 +114,17 @@ def _translate(error: BaseException, doing: str) -> BrokerError:
             f"{doing}: another producer with the same transactional id has taken over "
             "(a newer primary for this VM). This site must stop publishing for it."
         )
-    if isinstance(error, KafkaConnectionError):
-        return BrokerError(
+    if isinstance(
+        error,
+        KafkaConnectionError
+        | KafkaTimeoutError
+        | NoBrokersAvailable
+        | NodeNotReadyError
+        | RequestTimedOutError
+        | TimeoutError
+        | OSError,
+    ):
+        return BrokerUnreachable(
             f"{doing}: cannot reach Kafka ({error}). Check that the brokers "
             "are up (`vmreplica broker status`) and the bootstrap servers."
         )
@@ -299,7 +312,7 @@ class JournalPublisher(Service):
                     await self.start()
             except TimeoutError:
                 await self.stop()
-                raise BrokerError(
+                raise BrokerUnreachable(
                     f"starting producer {self.transactional_id}: Kafka did not answer within "
                     f"{STALL_SECONDS:.0f} s. Check that the brokers are up and reachable."
                 ) from None
@@ -355,7 +368,7 @@ async def _progress(step: Awaitable[T], topic: str) -> T:
         async with asyncio.timeout(STALL_SECONDS):
             return await step
     except TimeoutError:
-        raise BrokerError(
+        raise BrokerUnreachable(
             f"publishing a transaction to {topic}: Kafka acknowledged nothing for "
             f"{STALL_SECONDS:.0f} s. Check that the brokers are up and this site reaches them."
         ) from None
@@ -469,14 +482,27 @@ class JournalReader(Service):
 
 
 async def read_to_end(
-    connection: KafkaConnection, topic: str, start: int = 0, *, last: int | None = None
+    connection: KafkaConnection,
+    topic: str,
+    start: int = 0,
+    *,
+    last: int | None = None,
+    past_end_reads_all: bool = False,
 ) -> AsyncGenerator[JournalRecord, None]:
     """Committed records of ``topic`` from offset ``start`` (or only the ``last`` offsets) up
     to its end as of this call. Callers that may stop early wrap it in
-    ``contextlib.aclosing`` so the reader is closed at once."""
+    ``contextlib.aclosing`` so the reader is closed at once.
+
+    ``past_end_reads_all``: a ``start`` past the topic's end was recorded in another copy of
+    it (another cluster's, or before the topic was recreated): read it all instead of nothing.
+    """
     async with JournalReader(connection, topic) as reader:
         end = await reader.end_offset()
-        reader.seek(max(0, end - last) if last is not None else start)
+        if last is not None:
+            start = max(0, end - last)
+        elif past_end_reads_all and start > end:
+            start = 0
+        reader.seek(start)
         # Transaction markers take offsets but are never returned: progress is the position.
         while await reader.position() < end:
             for record in await reader.fetch(READ_TO_END_FETCH_SECONDS):
@@ -486,30 +512,42 @@ async def read_to_end(
 
 
 class StatusPublisher:
-    """A plain (non-transactional, idempotent) producer for status and heartbeat records."""
+    """A plain (non-transactional, idempotent) producer for status and heartbeat records.
+
+    Shared by the replica VMs of a site: :meth:`start` connects it once (again after a failed
+    start: a site may come up while Kafka is down); until then :meth:`publish` refuses.
+    """
 
     def __init__(self, connection: KafkaConnection) -> None:
-        self._producer = AIOKafkaProducer(
-            **connection.options(), acks="all", enable_idempotence=True
-        )
-        self._started = False
+        self._connection = connection
+        self._producer: AIOKafkaProducer | None = None
+        self._starting = asyncio.Lock()
 
     async def start(self) -> None:
-        try:
-            await self._producer.start()
-        except (KafkaError, OSError) as error:
-            await self._producer.stop()
-            raise _translate(error, "starting the status producer") from error
-        self._started = True
+        """Connect, unless connected. :raises BrokerError: no broker answered."""
+        async with self._starting:
+            if self._producer is not None:
+                return
+            producer = AIOKafkaProducer(
+                **self._connection.options(), acks="all", enable_idempotence=True
+            )
+            try:
+                await producer.start()
+            except (KafkaError, OSError) as error:
+                await producer.stop()
+                raise _translate(error, "starting the status producer") from error
+            self._producer = producer
 
     async def stop(self) -> None:
-        if self._started:
-            self._started = False
-            await self._producer.stop()
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            await producer.stop()
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> int:
         """Publish one record; :raises BrokerError: not acknowledged (within
         :data:`STALL_SECONDS`: the brokers or the link to them are away)."""
+        if self._producer is None:
+            raise BrokerUnreachable(f"publishing to {topic}: the status producer is not connected")
         sent = self._producer.send_and_wait(topic, value=value, key=key, partition=0)
         try:
             metadata = await _progress(sent, topic)

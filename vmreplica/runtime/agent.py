@@ -46,6 +46,7 @@ from vmreplica.domain.model import VmRecord
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import (
     BrokerError,
+    BrokerUnreachable,
     ConfigurationError,
     FencedError,
     ReplicationError,
@@ -61,6 +62,7 @@ from vmreplica.failover import (
     promote,
     takes_over,
 )
+from vmreplica.failover.journal import pending_start, publish_pending
 from vmreplica.failover.planned import check_planned
 from vmreplica.failover.requests import (
     FailoverRequest,
@@ -99,6 +101,9 @@ mailbox's ten seconds of liveness)."""
 STOP_GRACE_SECONDS: Final = 20.0
 """On a stop, how long the workers get to end by themselves (a primary's final cycle) before
 they are cancelled."""
+PUBLISH_RETRY_SECONDS: Final = 2.0
+"""While Kafka is away, a primary whose epoch is not yet in the journal (a failover with no
+broker reachable) tries to publish it this often, and a replica to join its journal."""
 
 
 class Agent:
@@ -114,6 +119,7 @@ class Agent:
         """When each VM's worker last ended, at which catalog generation, and how long it waits
         before it is started again at the same generation."""
         self._next_discovery = 0.0
+        self._discovery: asyncio.Task[None] | None = None
         self._next_metrics = 0.0
         self.metrics = SiteMetrics(site.config.site)
         self.metrics_url: str | None = None
@@ -137,6 +143,12 @@ class Agent:
         """Space held back so that a full disk can still be recorded in the catalog."""
         self._retrying: dict[str, str] = {}
         """VMs whose worker ended on a retriable error, with it, until a new worker succeeds."""
+        self._cut_off: str | None = ""
+        """Why Kafka was last found unreachable; None while it answers ("": not known yet, so
+        the first answer clears an outage an earlier run of the agent recorded)."""
+        self._next_publish: dict[str, float] = {}
+        """When each VM cut off from Kafka next tries again (to publish a pending epoch, or
+        to join the journal)."""
 
     def stop(self) -> None:
         self.stopping.set()
@@ -185,6 +197,9 @@ class Agent:
         finally:
             # Workers see ``stopping`` and end by themselves first: a primary ships what was
             # written before the stop. Only one that does not end in time is cancelled.
+            if self._discovery is not None:
+                self._discovery.cancel()
+                await asyncio.gather(self._discovery, return_exceptions=True)
             tasks = list(self._tasks.values())
             if tasks and self.stopping.is_set():
                 await asyncio.wait(tasks, timeout=STOP_GRACE_SECONDS)
@@ -207,8 +222,9 @@ class Agent:
         catalog = self.site.catalog
         now = now_ms()
         records = await catalog.vms()
+        outage = await self.mailbox.kafka_outage(self.site.config.site)
         for record in records:
-            status = await vm_status(self.site, record, with_replica=False)
+            status = await vm_status(self.site, record, with_replica=False, outage=outage)
             position = await catalog.position(record.name)
             since = self.metrics.since_ms(record.name)
             if position is not None:  # the current cycle's row too: its cut time is the RPO's
@@ -287,14 +303,25 @@ class Agent:
             f"`vmreplica status {vm}` shows its progress"
         )
 
+    async def _discover(self) -> None:
+        """Adopt newly published VMs; also how the agent learns that Kafka is (un)reachable.
+        A task of its own: a broker that does not answer must not hold up the mailbox (a
+        failover is asked for exactly then) or the agent's liveness stamp."""
+        try:
+            await self.site.discover()
+        except BrokerUnreachable as error:
+            await self._unreachable(error)
+        except ReplicationError as error:
+            log.warning("discovery failed: %s", error)
+        else:
+            await self._reachable()
+
     async def _start_new_workers(self) -> None:
         loop = asyncio.get_running_loop()
-        if loop.time() >= self._next_discovery:
+        discovering = self._discovery is not None and not self._discovery.done()
+        if loop.time() >= self._next_discovery and not discovering:
             self._next_discovery = loop.time() + DISCOVERY_SECONDS
-            try:
-                await self.site.discover()
-            except ReplicationError as error:
-                log.warning("discovery failed: %s", error)
+            self._discovery = asyncio.create_task(self._discover(), name="discovery")
         for listed in await self.site.catalog.vms():
             generation = await self.site.catalog.generation(listed.name)
             task = self._tasks.get(listed.name)
@@ -311,6 +338,19 @@ class Agent:
             self._tasks[record.name] = asyncio.create_task(
                 self._guarded(record, work), name=f"vm-{record.name}"
             )
+
+    async def _unreachable(self, error: BrokerUnreachable) -> None:
+        """Kafka cannot be reached: `status` says so (health, with the reason) from now on."""
+        if not self._cut_off:
+            log.warning("Kafka unreachable: %s", error)
+        self._cut_off = str(error)
+        await self.mailbox.kafka_unreachable(self.site.config.site, str(error))
+
+    async def _reachable(self) -> None:
+        if self._cut_off is not None:
+            log.info("Kafka reachable again")
+            self._cut_off = None
+            await self.mailbox.kafka_reachable(self.site.config.site)
 
     async def _superseded(self, record: VmRecord, error: SupersededError) -> None:
         """A newer epoch exists: a prepared primary follows the takeover, a returning one
@@ -346,6 +386,12 @@ class Agent:
             raise
         except SupersededError as error:
             await self._superseded(record, error)
+        except BrokerUnreachable as error:  # not the VM's fault: its state stays, health says
+            if record.role == "primary":
+                await self._withdraw(record.name)
+            self.metrics.failed(record.name, "network")
+            await self._unreachable(error)
+            log.error("VM %s: %s", record.name, error)
         except ReplicationError as error:
             if not isinstance(error, FencedError):  # fenced: no longer primary, stay read-only
                 await self._withdraw(record.name)
@@ -389,23 +435,29 @@ class Agent:
     async def _replica(self, record: VmRecord) -> None:
         """Apply the journal; serve a test failover if asked; take over when a planned failover
         names this site; follow another replica site that took over."""
-        async with await self.site.replica(record) as replica:
+        async with await self.site.replica(record, connect=False) as replica:
             await self._serve_replica(record)
             drill = FailoverDrill(self.site.catalog, replica)
             hop = HopRelay(self.site, record.name)
             try:
                 while not self.stopping.is_set() and not replica.stopped:
-                    cursor = replica.materializer.cursor
-                    epoch, before = cursor.epoch, cursor.next_offset
-                    await self._apply(replica)
-                    if replica.violation is None:
-                        await self._resumed(record.name)
-                    if replica.materializer.cursor.epoch != epoch:
-                        await self._follow_new_primary(record.name, before)
-                    await drill.poll()
-                    await hop.poll()
-                    if await self._prepared_and_caught_up(replica):
-                        break
+                    await drill.poll()  # a test failover needs no broker
+                    if not await self._connected(replica):
+                        continue
+                    try:
+                        cursor = replica.materializer.cursor
+                        epoch, before = cursor.epoch, cursor.next_offset
+                        await self._apply(replica)
+                        if replica.violation is None:
+                            await self._resumed(record.name)
+                        if replica.materializer.cursor.epoch != epoch:
+                            await self._follow_new_primary(record.name, before)
+                        await hop.poll()
+                        if await self._prepared_and_caught_up(replica):
+                            break
+                    except BrokerUnreachable as error:
+                        await self._unreachable(error)
+                        await replica.disconnect()
             finally:
                 await drill.stop()
                 await hop.stop()
@@ -414,6 +466,24 @@ class Agent:
             start = await promote(self.site, record.name, prepared=prepared)
             self.metrics.failover(record.name, "takeover")
             log.info("VM %s: took over as primary in epoch %d", record.name, start.epoch)
+
+    async def _connected(self, replica: ReplicaVm) -> bool:
+        """Join the journal if not yet joined; False (after a pause) while Kafka is away: the
+        replica then serves its images and test failovers, and applies nothing."""
+        if replica.connected:
+            return True
+        loop = asyncio.get_running_loop()
+        due = self._next_publish.get(replica.name, 0.0)
+        if loop.time() >= due:
+            self._next_publish[replica.name] = loop.time() + PUBLISH_RETRY_SECONDS
+            try:
+                await replica.connect()
+                return True
+            except BrokerUnreachable as error:
+                await self._unreachable(error)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), REQUEST_POLL_SECONDS)
+        return False
 
     async def _follow_new_primary(self, vm: str, start_offset: int) -> None:
         """This replica applied a new epoch: if another replica site took over, follow it."""
@@ -517,7 +587,8 @@ class Agent:
                 )
             if await self._follow(record):
                 return
-        async with self.site.primary(record) as primary:
+        unpublished = await self._publish_epoch(record.name)
+        async with self.site.primary(record, connect=not unpublished) as primary:
             # Started only now, and taken by the capture before anything else runs: a client
             # never finds the socket of an opening primary serving nothing or read-only.
             exports = await self._exports(record)
@@ -541,6 +612,33 @@ class Agent:
             del self.resyncs[record.name]
             del self.primaries[record.name]
             del self.fronts[record.name]
+
+    async def _publish_epoch(self, vm: str) -> bool:
+        """Publish the epoch a failover left pending for ``vm`` (no broker answered then);
+        True while it is still pending. The VM is served and captured meanwhile, shipping
+        nothing: an old primary that reaches the cluster first is fenced once it is out.
+
+        :raises SupersededError: another site started the same or a newer epoch meanwhile.
+        """
+        start = await pending_start(self.site, vm)
+        if start is None:
+            return False
+        self._next_publish[vm] = asyncio.get_running_loop().time() + PUBLISH_RETRY_SECONDS
+        try:
+            offset = await publish_pending(self.site, vm)
+        except BrokerUnreachable as error:
+            await self._unreachable(error)
+            return True
+        await self._reachable()
+        log.warning(
+            "VM %s: epoch %d published at journal offset %s; the old primary (%s) is fenced "
+            "when it next reaches the cluster",
+            vm,
+            start.epoch,
+            offset,
+            (await self.site.catalog.vm(vm)).partner_site,
+        )
+        return False
 
     async def _start_nbd_tcp(self) -> None:
         config = self.site.config
@@ -608,6 +706,14 @@ class Agent:
         next_beat = loop.time()
         outage = PublishOutage(self.site.catalog, primary)
         while not self.stopping.is_set():
+            if not primary.connected:  # its epoch waits for a broker: capture only
+                due = self._next_publish.get(primary.name, 0.0)
+                if loop.time() >= due and not await self._publish_epoch(primary.name):
+                    await primary.connect()
+                    next_beat = loop.time()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), 0.2)
+                continue
             resync.poll()
             await resync.watch()
             now = loop.time()
@@ -631,6 +737,8 @@ class Agent:
             except BrokerError as error:  # a FencedError is raised again: not an outage
                 if not outage.ongoing:
                     self.metrics.failed(primary.name, failure_reason(error))
+                if isinstance(error, BrokerUnreachable):
+                    await self._unreachable(error)  # `status` says so, for every VM
                 await outage.failed(error)
                 continue
             except (OSError, sqlite3.Error) as error:
@@ -656,10 +764,10 @@ class Agent:
             await asyncio.wait_for(self.stopping.wait(), max(0.05, seconds))
 
     async def _shipping(self, primary: PrimaryVm) -> bool:
-        """A failed-over primary captures but ships nothing until it is reversed; a suspended
-        one until it is resumed."""
+        """A failed-over primary captures but ships nothing until it is reversed, a suspended
+        one until it is resumed, one whose epoch is not yet published until it is."""
         state = (await self.site.catalog.vm(primary.name)).state
-        return state not in (
+        return primary.connected and state not in (
             ReplicationState.FAILED_OVER,
             ReplicationState.FAILED_OVER_WAITING_COMPLETION,
             ReplicationState.SUSPENDED,

@@ -175,8 +175,9 @@ class Site(Service):
                 topics.status_spec(self.status_topic(vm), self.config.replication_factor)
             )
 
-    def primary(self, record: VmRecord) -> PrimaryVm:
-        """The primary-side worker of a VM this site is primary for (not yet started)."""
+    def primary(self, record: VmRecord, *, connect: bool = True) -> PrimaryVm:
+        """The primary-side worker of a VM this site is primary for (not yet started);
+        ``connect=False``: it captures but joins the journal only on ``connect()``."""
         if record.role != "primary":
             raise ConfigurationError(
                 f"VM {record.name!r} is a replica at site {self.config.site!r}, not its primary"
@@ -201,18 +202,18 @@ class Site(Service):
             self.key.encode,
             cipher,
             wrapped,
+            connect=connect,
         )
 
-    async def replica(self, record: VmRecord) -> ReplicaVm:
-        """The replica-side worker of a VM this site is replica for (not yet started)."""
+    async def replica(self, record: VmRecord, *, connect: bool = True) -> ReplicaVm:
+        """The replica-side worker of a VM this site is replica for (not yet started);
+        ``connect=False``: it opens the images but joins the journal only on ``connect()``."""
         if record.role != "replica":
             raise ConfigurationError(
                 f"VM {record.name!r} is primary at site {self.config.site!r}, not a replica"
             )
         if self._status is None:
-            status = StatusPublisher(self.connection)
-            await status.start()
-            self._status = status
+            self._status = StatusPublisher(self.connection)
         return ReplicaVm(
             record,
             self.config.site,
@@ -225,6 +226,7 @@ class Site(Service):
             self.verifier(record.name, record.partner_site),
             self.key_ring(record.name),
             self.config.heartbeat_seconds,
+            connect=connect,
         )
 
     async def discover(self) -> list[VmRecord]:

@@ -23,7 +23,7 @@ from typing import Final
 
 from vmreplica.config import SiteConfig
 from vmreplica.domain.model import VmRecord
-from vmreplica.domain.states import HealthReport, ReplicationState
+from vmreplica.domain.states import HealthReport, KafkaOutage, ReplicationState, cut_off
 from vmreplica.domain.statistics import (
     CONTINUOUS_INTERVAL_SECONDS,
     MONITORING_WINDOW_MS,
@@ -170,17 +170,28 @@ async def site_facts(site: Site, record: VmRecord) -> SiteFacts:
     return SiteFacts(pending_bytes(changelog), unsent, (changelog / DIRTY_MAP_NAME).exists(), free)
 
 
-async def vm_status(site: Site, record: VmRecord, with_replica: bool = True) -> VmStatus:
+async def vm_status(
+    site: Site,
+    record: VmRecord,
+    with_replica: bool = True,
+    outage: KafkaOutage | None = None,
+) -> VmStatus:
     """Everything `vmreplica status` and `vmreplica measure` show for one VM.
 
     ``with_replica`` reads the position the replica last reported on the status topic (a
-    primary only); the agent's metrics loop leaves it out.
+    primary only); the agent's metrics loop leaves it out. ``outage``: the site's agent cannot
+    reach Kafka (:meth:`~vmreplica.storage.mailbox.Mailbox.kafka_outage`), which the health
+    says rather than a bare error.
     """
     now_ms = int(time.time() * 1000)
     catalog = site.catalog
     inputs = await window_inputs(catalog, record, now_ms)
     facts = await site_facts(site, record)
-    measured = measure(inputs, facts, now_ms, site.config.heartbeat_seconds)
+    cut = None
+    if outage is not None:
+        heard = await catalog.primary_seen_ms(record.name) if record.role == "replica" else None
+        cut = cut_off(outage, now_ms, site.config.heartbeat_seconds, record.partner_site, heard)
+    measured = measure(inputs, facts, now_ms, site.config.heartbeat_seconds, cut)
     statistics = measured.statistics
     position = inputs.position
     cycle = position.cycle if position else None

@@ -130,6 +130,11 @@ CREATE TABLE IF NOT EXISTS cycle_stat (
     PRIMARY KEY (vm, cycle)
 );
 CREATE INDEX IF NOT EXISTS cycle_stat_done ON cycle_stat (vm, done_at_ms);
+CREATE TABLE IF NOT EXISTS pending_epoch (
+    vm TEXT PRIMARY KEY REFERENCES vm(name) ON DELETE CASCADE,
+    event BLOB NOT NULL,
+    recorded_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS heartbeat (
     vm TEXT PRIMARY KEY REFERENCES vm(name) ON DELETE CASCADE,
     at_ms INTEGER NOT NULL,
@@ -657,11 +662,14 @@ class Catalog(Service):
         position: Position | Rewind | None = None,
         failover_point: int | None = None,
         settings: VmSettings | None = None,
+        pending_epoch: bytes | None = None,
     ) -> None:
         """Switch a VM's role in one transaction; bumps its generation so running workers stop.
 
         A ``position`` must move forward (as :meth:`advance_position`); a :class:`Rewind` may go
-        back, for its reason (as :meth:`rewind_position`).
+        back, for its reason (as :meth:`rewind_position`). ``pending_epoch``: the encoded
+        EpochStart of the new role, still to be published (:meth:`pending_epoch`); a role
+        change without one drops any still pending (that epoch no longer stands).
 
         :raises PositionRegressedError: a plain ``position`` is behind the recorded one.
         """
@@ -680,8 +688,16 @@ class Catalog(Service):
                 " WHERE name = ?",
                 (role, partner_site, epoch, state.value, message, now_ms(), failover_point, name),
             ),
-            ("DELETE FROM heartbeat WHERE vm = ?", (name,)),
-        ]  # the old primary's words
+            ("DELETE FROM heartbeat WHERE vm = ?", (name,)),  # the old primary's words
+            ("DELETE FROM pending_epoch WHERE vm = ?", (name,)),
+        ]
+        if pending_epoch is not None:
+            statements.append(
+                (
+                    "INSERT INTO pending_epoch (vm, event, recorded_ms) VALUES (?, ?, ?)",
+                    (name, pending_epoch, now_ms()),
+                )
+            )
         if settings is not None:  # who the VM's other sites are changes with its primary
             statements.append(
                 ("UPDATE vm SET settings = ? WHERE name = ?", (settings.to_json(), name))
@@ -703,6 +719,31 @@ class Catalog(Service):
             await self._transaction(statements, self._forward_only(name, position))
         else:
             await self._transaction(statements)
+
+    async def pending_epoch(self, name: str) -> bytes | None:
+        """The encoded EpochStart a failover recorded here but has not published yet (no
+        broker answered), or None."""
+        async with self.db.execute(
+            "SELECT event FROM pending_epoch WHERE vm = ?", (name,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else bytes(row[0])
+
+    async def epoch_published(self, name: str, position: Position | Rewind) -> None:
+        """The pending EpochStart is in the journal: forget it and record ``position`` (its
+        offset + 1 as the next offset), in one transaction; a :class:`Rewind` when that
+        journal is another cluster's, whose offsets start afresh.
+
+        :raises PositionRegressedError: a plain ``position`` is behind the recorded one.
+        """
+        forget = ("DELETE FROM pending_epoch WHERE vm = ?", (name,))
+        if isinstance(position, Rewind):
+            await self._rewind(name, position, [forget])
+            return
+        await self._transaction(
+            [forget, self._position_statement(name, position)],
+            self._forward_only(name, position),
+        )
 
     async def generation(self, name: str) -> int:
         async with self.db.execute("SELECT generation FROM vm WHERE name = ?", (name,)) as cursor:

@@ -3,7 +3,8 @@
 A role change needs its VM to itself, so while a site's agent runs, the CLI does not fail a VM
 over itself: it posts a request here, the agent carries it out between two steps of that VM and
 writes the outcome back, and the CLI, polling, prints it. The agent also stamps its row in the
-``agent`` table every poll, so a CLI can tell whether one runs.
+``agent`` table every poll, so a CLI can tell whether one runs, and records in ``kafka_outage``
+since when it cannot reach Kafka (what `vmreplica status` says instead of a bare error).
 
 The mailbox knows nothing of what a request means: it keeps a *kind* (``planned``, ``reverse``
 …) and the request's fields as a JSON object, both written and read by
@@ -26,6 +27,7 @@ from typing import Any, Final, Literal, cast
 import aiosqlite
 
 from vmreplica.domain.clock import now_ms
+from vmreplica.domain.states import KafkaOutage
 from vmreplica.errors import ConfigurationError
 from vmreplica.service import Service
 from vmreplica.storage.sqlite import open_database
@@ -51,6 +53,11 @@ CREATE TABLE IF NOT EXISTS agent (
     site TEXT PRIMARY KEY,
     pid INTEGER NOT NULL,
     seen_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS kafka_outage (
+    site TEXT PRIMARY KEY,
+    since_ms INTEGER NOT NULL,
+    message TEXT NOT NULL
 );
 """
 
@@ -155,6 +162,32 @@ class Mailbox(Service):
 
     async def agent_gone(self, site: str) -> None:
         await self._connection.execute("DELETE FROM agent WHERE site = ?", (site,))
+        await self._connection.execute("DELETE FROM kafka_outage WHERE site = ?", (site,))
+
+    # What the site's agent last found of Kafka --------------------------------------------------
+
+    async def kafka_unreachable(self, site: str, message: str) -> None:
+        """The agent of ``site`` could not reach Kafka, saying ``message``; an outage already
+        recorded keeps its start."""
+        await self._connection.execute(
+            "INSERT INTO kafka_outage (site, since_ms, message) VALUES (?, ?, ?)"
+            " ON CONFLICT(site) DO UPDATE SET message = excluded.message",
+            (site, now_ms(), message),
+        )
+
+    async def kafka_reachable(self, site: str) -> None:
+        await self._connection.execute("DELETE FROM kafka_outage WHERE site = ?", (site,))
+
+    async def kafka_outage(self, site: str) -> KafkaOutage | None:
+        """Since when the running agent of ``site`` cannot reach Kafka, and what it last met;
+        None when it can, or no agent runs (then nobody knows)."""
+        if not await self.agent_running(site):
+            return None
+        async with self._connection.execute(
+            "SELECT since_ms, message FROM kafka_outage WHERE site = ?", (site,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else KafkaOutage(int(row[0]), str(row[1]))
 
 
 def _posted(row: aiosqlite.Row) -> PostedRequest:
