@@ -51,11 +51,13 @@ from vmreplica.failover import (
     promote,
     takes_over,
 )
-from vmreplica.failover.planned import check_planned
+from vmreplica.failover.planned import check_planned, prepare_planned, resume_vm, stop_vm
 from vmreplica.failover.requests import (
+    CancelFailover,
     FailoverRequest,
     PlannedFailover,
     Resynchronize,
+    planned_done,
     posted_request,
 )
 from vmreplica.failover.resync import (
@@ -66,8 +68,10 @@ from vmreplica.failover.resync import (
     load_job,
     running,
 )
+from vmreplica.hypervisor import hypervisor_for
 from vmreplica.journal.kafka import JournalReader
 from vmreplica.nbd.server import NbdServer
+from vmreplica.producers.app_consistent import AppConsistentSchedule
 from vmreplica.producers.capture_front import CaptureFront
 from vmreplica.producers.nbd_exports import UNIX_PATH_MAX_BYTES, VmExports, socket_path
 from vmreplica.producers.primary import PrimaryVm
@@ -101,6 +105,9 @@ mailbox's ten seconds of liveness)."""
 STOP_GRACE_SECONDS: Final = 20.0
 """On a stop, how long the workers get to end by themselves (a primary's final cycle) before
 they are cancelled."""
+CAPTURE_WAIT_SECONDS: Final = 30.0
+"""How long a VM to resume (a planned failover refused after its stop, or cancelled) waits for
+its worker to capture its writes again."""
 RESYNC_CHECK_SECONDS: Final = 1.0
 """How often a primary worker looks for a pending resync job."""
 RESYNC_WATCH_SECONDS: Final = 5.0
@@ -293,11 +300,18 @@ class Agent:
             await self.mailbox.agent_alive(self.site.config.site, os.getpid())
 
     async def _carry_out(self, request: FailoverRequest) -> str:
-        if isinstance(request, PlannedFailover):  # a bad target leaves the VM capturing
-            await check_planned(self.site, request.vm, request.target)
+        if isinstance(request, PlannedFailover):
+            return await self._planned(request)
         if not isinstance(request, Resynchronize):
+            record = await self.site.catalog.vm(request.vm)
+            resumes = isinstance(request, CancelFailover) and (
+                record.state is ReplicationState.PREPARED_FOR_PLANNED_FAILOVER
+            )
             await self._stop_worker(request.vm)
-            return await carry_out(self.site, request)
+            result = await carry_out(self.site, request, resume=False)
+            if resumes:
+                await self._resume_when_captured(request.vm, "planned failover cancelled")
+            return result
         vm = request.vm
         if request.cancel:
             job = load_job(self.site.config.vm_folder(vm))
@@ -310,6 +324,42 @@ class Agent:
             f"{job.summary()}; this site's agent runs it while the VM keeps replicating: "
             f"`vmreplica status {vm}` shows its progress"
         )
+
+    async def _planned(self, request: PlannedFailover) -> str:
+        """Planned failover, in this order: the target is checked (a bad one leaves the VM
+        as it was); the VM is stopped through its hypervisor adapter while its worker still
+        captures, so every write it made is journaled; only then does the worker stop (the
+        exports turn read-only) and the final cycle ship. A refusal after the stop resumes the
+        VM once its worker captures again."""
+        vm = request.vm
+        target = await check_planned(self.site, vm, request.target)
+        await stop_vm(self.site, vm)
+        await self._stop_worker(vm)
+        try:
+            prepared = await prepare_planned(
+                self.site, vm, request.reverse, request.start, request.verify, target
+            )
+        except ReplicationError:
+            await self._resume_when_captured(vm, "the planned failover failed after the VM stopped")
+            raise
+        return planned_done(prepared)
+
+    async def _resume_when_captured(self, vm: str, why: str) -> None:
+        """Resume a stopped VM, once its worker captures its writes again (a VM resumed
+        before would meet exports that refuse its writes)."""
+        await self._start_new_workers()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CAPTURE_WAIT_SECONDS
+        while vm not in self.fronts:
+            if loop.time() > deadline:
+                log.error(
+                    "VM %s: %s, but its capture did not restart within %g s; not resuming it. "
+                    "Operator action: `vmreplica status %s`, then resume it by hand",
+                    vm, why, CAPTURE_WAIT_SECONDS, vm,
+                )  # fmt: skip
+                return
+            await asyncio.sleep(0.05)
+        await resume_vm(self.site, vm, why)
 
     async def _start_new_workers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -543,16 +593,21 @@ class Agent:
         self.nbd_tcp = server
         log.info("serving NBD exports on %s as <vm>.<disk>", server.tcp_address)
 
-    async def _replicate(self, primary: PrimaryVm) -> None:
-        """One cycle, through the VM's capture front (scan, hooks, off-loop copies) if open."""
+    async def _replicate(self, primary: PrimaryVm, app_consistent: bool = False) -> None:
+        """One cycle, through the VM's capture front (scan, hooks, off-loop copies) if open;
+        ``app_consistent``: with the guest frozen through its hypervisor adapter (a failed
+        freeze is counted, and the cycle is cut crash-consistent all the same)."""
         front = self.fronts.get(primary.name)
         if front is not None:
             checks = primary.checks
-            shipped = await front.cycle()
+            quiesce = hypervisor_for(self.site.config, primary.record) if app_consistent else None
+            shipped = await front.cycle(quiesce)
             if primary.checks == checks:  # a cut hook failed: the front logged it, no cycle
                 self.metrics.failed(primary.name, "hook")
+            if front.freeze_error is not None:
+                self.metrics.failed(primary.name, "freeze")
         else:
-            shipped = await primary.replicate()
+            shipped = await primary.replicate(app_consistent)
         for cycle in shipped:
             self.metrics.written(primary.name, cycle.bytes_written)
 
@@ -593,17 +648,27 @@ class Agent:
         loop = asyncio.get_running_loop()
         next_cut = loop.time() + period
         next_beat = loop.time()
+        schedule = AppConsistentSchedule(
+            self.site.config.vm_folder(primary.name), settings.app_consistent_hours
+        )
         while not self.stopping.is_set():
             resync.poll()
             await resync.watch()
             now = loop.time()
-            due = now >= next_cut or (
-                settings.frequency_seconds == 0
-                and primary.capture.log.segment_bytes >= settings.continuous_max_bytes
+            app_consistent = schedule.due(now_ms())
+            due = (
+                app_consistent
+                or now >= next_cut
+                or (
+                    settings.frequency_seconds == 0
+                    and primary.capture.log.segment_bytes >= settings.continuous_max_bytes
+                )
             )
             if due:
                 if await self._shipping(primary):
-                    await self._replicate(primary)
+                    if app_consistent:
+                        schedule.attempted(now_ms())
+                    await self._replicate(primary, app_consistent)
                 next_cut = now + period
             if now >= next_beat or primary.idle_unannounced:
                 await primary.heartbeat()
