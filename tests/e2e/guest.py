@@ -8,10 +8,12 @@ The guest's ``/init`` does one job per boot, chosen on the kernel command line
 - ``format``: ``mke2fs -t ext4`` on ``/dev/vda``, then as ``write``;
 - ``write``: mount, write ``vmr.files`` files of random data named ``vmr.tag``-N, append their
   SHA-256 to ``/SUMS``, ``sync``, print ``VMR-SYNCED <tag>``, then idle (the test stops it);
-- ``check``: ``e2fsck -f -y`` (``VMR-FSCK <exit code>``), mount, ``sha256sum -c /SUMS``
-  (``VMR-SUMS <exit code> <files>``), then as ``write`` if ``vmr.tag`` is set, else power off;
-- ``stream``: mount, then write file after file, each followed by ``sync`` and
-  ``VMR-FILE <name> <sha256>``, until killed.
+- ``check``: ``e2fsck -f -y`` (its output as ``fsck:`` lines, then ``VMR-FSCK <exit code>``),
+  mount, ``VMR-HAS <name> <sha256>`` for every file (then ``VMR-LISTED``), ``sha256sum -c
+  /SUMS`` if there is one (``VMR-SUMS <exit code> <files>``); then as ``stream`` if
+  ``vmr.stream=1``, as ``write`` if ``vmr.tag`` is set, else power off;
+- ``stream``: ``mke2fs``, mount, then write file after file (``<tag>-N``), each followed by
+  ``sync`` and ``VMR-FILE <name> <sha256>``, until stopped or killed.
 
 A guest agent written in shell runs beside: it answers ``guest-sync`` and freezes and thaws
 ``/mnt`` (busybox ``fsfreeze``) for ``guest-fsfreeze-freeze`` and ``-thaw`` on the virtio-serial
@@ -107,6 +109,15 @@ write_files() {
   echo "VMR-SYNCED $TAG $(wc -l < /mnt/SUMS)"
   while true; do sleep 60; done
 }
+stream_files() {
+  n=0
+  while true; do
+    dd if=/dev/urandom of=/mnt/$TAG-$n bs=1024 count="$SIZE" 2>/dev/null
+    sync
+    echo "VMR-FILE $TAG-$n $(sha256sum < /mnt/$TAG-$n | cut -d' ' -f1)"
+    n=$((n+1))
+  done
+}
 case "$MODE" in
   format)
     /sbin/mke2fs -q -F -t ext4 /dev/vda && echo VMR-FORMATTED
@@ -120,22 +131,24 @@ case "$MODE" in
     sed 's/^/fsck: /' /tmp/fsck.log
     echo "VMR-FSCK $rc"
     mount -t ext4 /dev/vda /mnt || echo VMR-ERROR mount
-    (cd /mnt && sha256sum -c SUMS > /tmp/sums.log 2>&1); rc=$?
-    grep -v ': OK$' /tmp/sums.log | sed 's/^/sums: /'
-    echo "VMR-SUMS $rc $(wc -l < /mnt/SUMS)"
+    for f in /mnt/*; do
+      [ -f "$f" ] && echo "VMR-HAS ${f#/mnt/} $(sha256sum < "$f" | cut -d' ' -f1)"
+    done
+    echo VMR-LISTED
+    if [ -f /mnt/SUMS ]; then
+      (cd /mnt && sha256sum -c SUMS > /tmp/sums.log 2>&1); rc=$?
+      grep -v ': OK$' /tmp/sums.log | sed 's/^/sums: /'
+      echo "VMR-SUMS $rc $(wc -l < /mnt/SUMS)"
+    fi
+    if [ "$(arg stream)" = 1 ]; then stream_files; fi
     if [ -n "$TAG" ]; then write_files; fi
     umount /mnt; sync
     echo VMR-DONE
     poweroff -f ;;
   stream)
+    /sbin/mke2fs -q -F -t ext4 /dev/vda && echo VMR-FORMATTED
     mount -t ext4 /dev/vda /mnt || echo VMR-ERROR mount
-    n=0
-    while true; do
-      dd if=/dev/urandom of=/mnt/s-$n bs=1024 count="$SIZE" 2>/dev/null
-      sync
-      echo "VMR-FILE s-$n $(sha256sum /mnt/s-$n | cut -d' ' -f1)"
-      n=$((n+1))
-    done ;;
+    stream_files ;;
 esac
 echo "VMR-ERROR unknown mode $MODE"
 poweroff -f
@@ -238,13 +251,13 @@ class Guest:
         tag: str = "",
         files: int = 4,
         kib: int = 256,
+        stream: bool = False,
     ) -> None:
         self.console = folder / f"{name}.console"
         self.qmp = folder / f"{name}.qmp"
         self.ga = folder / f"{name}.ga"
-        args = f"vmr.mode={mode} vmr.files={files} vmr.kib={kib}" + (
-            f" vmr.tag={tag}" if tag else ""
-        )
+        args = f"vmr.mode={mode} vmr.files={files} vmr.kib={kib} vmr.stream={int(stream)}"
+        args += f" vmr.tag={tag}" if tag else ""
         self.argv = [
             "qemu-system-x86_64",
             "-machine", "q35,accel=tcg",
@@ -285,6 +298,10 @@ class Guest:
     def markers(self, prefix: str) -> list[list[str]]:
         """The fields of every ``VMR-<prefix>`` line the guest printed so far."""
         return [line.split()[1:] for line in self.lines() if line.startswith(f"VMR-{prefix}")]
+
+    def files(self, prefix: str = "FILE") -> dict[str, str]:
+        """Name -> SHA-256 of the ``VMR-FILE`` (or ``VMR-HAS``) lines printed so far."""
+        return {fields[0]: fields[1] for fields in self.markers(prefix) if len(fields) == 2}
 
     async def wait_for(self, prefix: str, seconds: float = BOOT_TIMEOUT_SECONDS) -> list[str]:
         """The fields of the first ``VMR-<prefix>`` line; fails with the console's tail."""
