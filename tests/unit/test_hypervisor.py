@@ -24,6 +24,7 @@ from vmreplica.domain.model import DiskRecord, VmRecord, VmSettings
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import ConfigurationError, FailoverRefused, HypervisorError
 from vmreplica.failover import PlannedFailover, carry_out
+from vmreplica.failover.planned import start_vm
 from vmreplica.hypervisor import (
     HookHypervisor,
     LibvirtHypervisor,
@@ -332,3 +333,29 @@ async def test_a_vm_that_cannot_be_stopped_refuses_the_planned_failover(
         "other means (or fix vm_stop_command or --hypervisor), then retry"
     )
     assert (await site.catalog.vm("vm1")).state is ReplicationState.REPLICATING
+
+
+async def test_a_vm_that_does_not_start_after_a_takeover_is_reported_not_undone(
+    tmp_path: Path,
+) -> None:
+    config = SiteConfig(
+        site="site-b",
+        root=tmp_path,
+        bootstrap_servers="127.0.0.1:1",
+        vm_start_command="echo 'domain not found' >&2; exit 3",
+    )
+    async with Site(config) as site:
+        await site.catalog.add_vm(
+            "vm1", "primary", "tg", "site-a", VmSettings(),
+            [DiskRecord("disk0", str(tmp_path / "d.img"), 4096)],
+            ReplicationState.REPLICATING,
+        )  # fmt: skip
+        await start_vm(site, await site.catalog.vm("vm1"))
+        record = await site.catalog.vm("vm1")
+    assert record.role == "primary"
+    assert record.state is ReplicationState.REPLICATING
+    assert record.state_message == (
+        "VM 'vm1': start hook \"echo 'domain not found' >&2; exit 3\" exited with 3: domain not "
+        "found. This site took VM 'vm1' over as its primary but did not start it. Operator "
+        "action: start the VM by hand"
+    )

@@ -87,18 +87,19 @@ async def power_off_vm(site: Site, record: VmRecord) -> None:
 
 async def start_vm(site: Site, record: VmRecord) -> None:
     """``--start``, after the replica took over: start the VM through its adapter here
-    (``vm_start_command`` without one).
-
-    :raises FailoverRefused: the call failed or timed out (this site is primary all the same).
-    """
+    (``vm_start_command`` without one). A failure does not undo the takeover, nor stop this
+    site capturing as the new primary: it is logged and becomes the VM's state message, which
+    `vmreplica status` shows until the next state change."""
     try:
         await hypervisor_for(site.config, record).start()
     except HookError as error:
-        raise FailoverRefused(
-            f"{error}. This site took VM {record.name!r} over as its primary "
-            "but did not start it. Operator action: start the VM by "
-            "hand"
-        ) from error
+        message = (
+            f"{error}. This site took VM {record.name!r} over as its primary but did not start "
+            "it. Operator action: start the VM by hand"
+        )
+        log.error("%s", message)
+        current = await site.catalog.vm(record.name)
+        await site.catalog.set_state(record.name, current.state, message)
 
 
 async def check_planned(site: Site, vm: str, target: str = "") -> str:
