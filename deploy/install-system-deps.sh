@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages vmreplica's demo and tests use, when they are missing:
 # Java and Maven (to run Kafka from Maven Central jars), qemu-utils (qemu-img, qemu-io),
-# nbdkit and libnbd-bin (nbdinfo, nbdcopy), fio, kcat, and prometheus (promtool).
+# nbdkit and libnbd-bin (nbdinfo, nbdcopy), fio, kcat, prometheus (promtool), and for the guest
+# test (tests/e2e/test_guest.py) qemu-system-x86, a Debian kernel and busybox-static.
 # Debian/Ubuntu only; elsewhere it names what to install and exits non-zero. When every program
 # is on PATH it returns at once, so `make` can call it every time.
 set -euo pipefail
@@ -9,12 +10,15 @@ set -euo pipefail
 declare -A provides=(
   [java]=openjdk-17-jre-headless [mvn]=maven [qemu-img]=qemu-utils [qemu-io]=qemu-utils
   [nbdkit]=nbdkit [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [fio]=fio [kcat]=kcat
-  [promtool]=prometheus [qemu-nbd]=qemu-utils
+  [promtool]=prometheus [qemu-nbd]=qemu-utils [qemu-system-x86_64]=qemu-system-x86
+  [busybox]=busybox-static [e2fsck]=e2fsprogs
 )
 missing=()
 for program in "${!provides[@]}"; do
-  command -v "$program" >/dev/null 2>&1 || missing+=("${provides[$program]}")
+  command -v "$program" >/dev/null 2>&1 || [ -x "/sbin/$program" ] || missing+=("${provides[$program]}")
 done
+# Files rather than programs: the guest test boots the distribution's kernel.
+compgen -G '/boot/vmlinuz-*' >/dev/null || missing+=(linux-image-amd64)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 # A package can be installed while its program is not on this PATH (a program in /usr/sbin, for

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol
 
 from vmreplica.config import SiteConfig
 from vmreplica.domain.states import ReplicationState
@@ -29,6 +30,15 @@ from vmreplica.producers.shipper import ShippedCycle
 from vmreplica.storage.hooks import run_hook
 
 log = logging.getLogger(__name__)
+
+
+class Quiescer(Protocol):
+    """What quiesces the guest around an application-consistent cut: its hypervisor adapter
+    (:class:`vmreplica.hypervisor.Hypervisor`)."""
+
+    async def freeze(self) -> None: ...
+
+    async def thaw(self) -> None: ...
 
 
 class CaptureFront:
@@ -51,6 +61,9 @@ class CaptureFront:
         self._tcp_server = tcp_server
         self._own_exports = False
         self._refusing = False
+        self.freeze_error: str | None = None
+        """Why the last application-consistent cycle asked of :meth:`cycle` is crash-consistent
+        (its freeze or thaw failed), or None."""
 
     async def __aenter__(self) -> CaptureFront:
         primary = self.primary
@@ -117,11 +130,41 @@ class CaptureFront:
         async with self.scanner.recording_seed(resumed):
             await primary.initial_replication()
 
-    async def cycle(self) -> list[ShippedCycle]:
-        """Cut and ship one cycle the way this capture mode needs. Empty if a hook failed."""
+    async def cycle(self, quiesce: Quiescer | None = None) -> list[ShippedCycle]:
+        """Cut and ship one cycle the way this capture mode needs. Empty if a cut hook failed
+        (or nothing waited to ship).
+
+        With ``quiesce`` the cycle is application-consistent: the guest's file systems are
+        frozen, the cycle is cut (scanned first, with ``--capture scan``), the guest is thawed
+        and the cycle ships marked so. A freeze that fails or times out leaves
+        :attr:`freeze_error` saying why, and the cycle is cut all the same, crash-consistent.
+        """
         primary = self.primary
         capture = primary.capture
         self.check_fenced()
+        self.freeze_error = None
+        frozen = False
+        if quiesce is not None:
+            try:
+                await quiesce.freeze()
+                frozen = True
+            except HookError as error:
+                self.freeze_error = str(error)
+                log.error("%s; this cycle is cut crash-consistent", error)
+        thawed = quiesce is None
+
+        async def thaw() -> None:
+            nonlocal thawed
+            if thawed or quiesce is None:
+                return
+            thawed = True
+            try:  # after a failed freeze too: one that timed out may have frozen the guest
+                await quiesce.thaw()
+            except HookError as error:
+                if frozen:
+                    self.freeze_error = str(error)
+                    log.error("%s; the guest may still be frozen", error)
+
         try:
             if self.scanner is not None:
                 if not await self._scan():
@@ -129,16 +172,19 @@ class CaptureFront:
             else:
                 await capture.prepare_cut()
                 await capture.flush()
-            shipped = await primary.replicate()
+            shipped = await primary.replicate(frozen, after_cut=thaw)
         except FencedError:
             self.check_fenced()
             raise
+        finally:
+            await thaw()
         for cycle in shipped:
             dirty = capture.last_cut_dirty_bytes
             log.info(
-                "VM %s: cycle %d shipped: %d extents, %d bytes written, %d bytes on the wire%s",
+                "VM %s: cycle %d shipped%s: %d extents, %d bytes written, %d bytes on the wire%s",
                 primary.name,
                 cycle.cycle,
+                " (application-consistent)" if frozen else "",
                 cycle.extents,
                 cycle.bytes_written,
                 cycle.wire_bytes,

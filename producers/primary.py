@@ -303,7 +303,11 @@ class PrimaryVm:
             return result
 
     async def replicate(
-        self, application_consistent: bool = False, *, force: bool = False
+        self,
+        application_consistent: bool = False,
+        *,
+        force: bool = False,
+        after_cut: Callable[[], Awaitable[None]] | None = None,
     ) -> list[ShippedCycle]:
         """Cut a cycle now and ship every sealed cycle; what the scheduler calls each period.
 
@@ -311,7 +315,8 @@ class PrimaryVm:
         (:meth:`changes_waiting`): an idle VM costs no journal record, undo file or recovery
         point. An application-consistent cut is always made (the point is wanted), and
         ``force`` makes an empty cycle on purpose (cancelling a planned failover: a replica
-        that sees a cycle after the prepare stays a replica).
+        that sees a cycle after the prepare stays a replica). ``after_cut`` runs right after
+        the cut, before the cycle ships (thawing a guest frozen for the cut).
         """
         async with self._lock:
             self.checks += 1
@@ -320,6 +325,8 @@ class PrimaryVm:
                 return []
             self.capture.cut(application_consistent)
             self._said_idle = False
+            if after_cut is not None:
+                await after_cut()
             try:
                 shipped = await self.shipper.ship_sealed()
             except FencedError:

@@ -17,6 +17,7 @@ from typing import Any, Final
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from vmreplica.domain.hypervisor import parse_hypervisor
 from vmreplica.domain.names import DEFAULT_PREFIX, DEFAULT_TRUST_GROUP, check_name
 from vmreplica.errors import ConfigurationError
 from vmreplica.journal.credentials import ClientSecurity, SaslMechanism, SecurityProtocol
@@ -102,11 +103,27 @@ class SiteConfig(BaseSettings):
     vm_start_command: str | None = Field(
         default=None, description="Hypervisor hook run by `failover planned --start` ({vm})."
     )
+    hypervisor: str | None = Field(
+        default=None,
+        description="Hypervisor adapter of every VM of this site without its own "
+        "--hypervisor: qemu:<qmp socket>[,ga=<guest agent socket>] or libvirt:<domain> "
+        "({vm}: the VM's name). Takes the place of vm_stop_command and vm_start_command.",
+    )
 
     @field_validator("site", "trust_group", "topic_prefix")
     @classmethod
     def _safe_name(cls, value: str) -> str:
         return check_name("site or trust group", value)
+
+    @field_validator("hypervisor")
+    @classmethod
+    def _hypervisor(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_hypervisor(value, option="hypervisor")
+            except ConfigurationError as error:
+                raise ValueError(str(error)) from None
+        return value
 
     @field_validator("root")
     @classmethod

@@ -127,6 +127,11 @@ class HookError(ReplicationError, RuntimeError):
     retriable = True
 
 
+class HypervisorError(HookError):
+    """A hypervisor adapter's call (QMP, the guest agent, ``virsh``) failed, was refused, or did
+    not answer in time; the message names the call, the socket or domain, and what to do."""
+
+
 class ScanStopped(ReplicationError):
     """A change scan was cancelled; what it appended stays in the open segment."""
 

@@ -235,8 +235,8 @@ async def test_a_failing_stop_hook_refuses_the_planned_failover(tmp_path: Path) 
             await carry_out(site, PlannedFailover("vm1", reverse=True))
         assert str(caught.value) == (
             f"VM 'vm1': stop hook {config.vm_stop_command!r} exited with 4: no such domain. "
-            "The planned failover did not start. Operator action: stop the VM by other means "
-            "(or fix vm_stop_command), then retry"
+            "The planned failover did not start; VM 'vm1' stays primary here. Operator action: "
+            "stop the VM by other means (or fix vm_stop_command or --hypervisor), then retry"
         )
         assert isinstance(caught.value.__cause__, HookError)
         assert seen.read_text() == "vm1 stop site-a\n"

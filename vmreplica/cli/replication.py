@@ -20,6 +20,7 @@ from rich.table import Table
 from vmreplica.cli.support import console, emit_json, reported
 from vmreplica.config import load_config
 from vmreplica.consumers.points import FORMATS, apply_lock, choose_point, export_point
+from vmreplica.domain.hypervisor import parse_hypervisor
 from vmreplica.domain.model import (
     MAX_APP_CONSISTENT_HOURS,
     MAX_HISTORY_HOURS,
@@ -130,13 +131,22 @@ def with_site(config_path: Path | None, action: Callable[[Site], Awaitable[T]]) 
     "--pre-cut-hook",
     default=None,
     metavar="COMMAND",
-    help="--capture scan: shell command run before each scan (fsfreeze, pause).",
+    help="Shell command run before each scan (--capture scan), or before each "
+    "application-consistent cut (fsfreeze, pause).",
 )
 @click.option(
     "--post-cut-hook",
     default=None,
     metavar="COMMAND",
-    help="--capture scan: shell command run after each scan (thaw, resume).",
+    help="Shell command run after each scan or application-consistent cut (thaw, resume).",
+)
+@click.option(
+    "--hypervisor",
+    default=None,
+    metavar="SPEC",
+    help="This site's hypervisor adapter for the VM: qemu:<qmp socket>[,ga=<guest agent "
+    "socket>][,timeout=S] or libvirt:<domain>[,connect=URI][,timeout=S] ({vm}: the VM's "
+    "name). Default: the site's `hypervisor`, else vm_stop_command/vm_start_command.",
 )
 @click.option(
     "--auto-resync/--no-auto-resync",
@@ -163,6 +173,7 @@ def enable(
     changelog_budget: str | None,
     pre_cut_hook: str | None,
     post_cut_hook: str | None,
+    hypervisor: str | None,
     auto_resync: bool,
     config_path: Path | None,
     as_json: bool,
@@ -172,10 +183,9 @@ def enable(
     With --capture nbd, the agent serves each disk over NBD and the hypervisor must use that
     export as the disk: the URIs to attach are printed (and shown by `status --json`).
     """
-    if (pre_cut_hook or post_cut_hook) and capture != "scan":
+    if post_cut_hook and not pre_cut_hook:
         raise ConfigurationError(
-            "--pre-cut-hook and --post-cut-hook run around the change "
-            "scan; they need --capture scan"
+            "--post-cut-hook undoes what --pre-cut-hook did; give --pre-cut-hook too"
         )
     settings = VmSettings(
         frequency_seconds=parse_frequency(frequency, "--frequency"),
@@ -193,6 +203,7 @@ def enable(
         pre_cut_hook=pre_cut_hook,
         post_cut_hook=post_cut_hook,
         auto_resync=auto_resync,
+        hypervisor=hypervisor,
     )
     parsed = parse_disks(disks)
     for name in excluded:
@@ -201,6 +212,8 @@ def enable(
     config = load_config(config_path)
     if capture == "nbd":
         socket_path(config, vm)  # a socket path too long for Unix is refused before enabling
+    if hypervisor is not None:
+        parse_hypervisor(hypervisor, vm)  # refused before anything is enabled
     replica_site = replica_sites[0]
     record = with_site(config_path, lambda site: site.enable(vm, parsed, replica_site, settings))
     captured = capture_status(config, record)
@@ -211,6 +224,12 @@ def enable(
         f"VM [bold]{vm}[/] will replicate to {replica_site}: "
         f"{record.state.value}. Start `vmreplica agent` to begin."
     )
+    if app_consistent_hours and not (hypervisor or config.hypervisor or pre_cut_hook):
+        console.print(
+            "[yellow]note:[/] nothing here can quiesce the guest (no --hypervisor, no "
+            "`hypervisor` in the site configuration, no --pre-cut-hook): its "
+            "application-consistent points will be crash-consistent, and counted as failed."
+        )
     if captured.nbd is not None:
         console.print(
             "The agent serves its disks over NBD while it runs; attach the "

@@ -82,6 +82,7 @@ FAILURE_EVENT_IDS: Final = {
     "network": EventId.FAILED_NETWORK,
     "replication": EventId.FAILED_REPLICATION,
     "hook": EventId.FAILED_APPLICATION_CONSISTENT,
+    "freeze": EventId.FAILED_APPLICATION_CONSISTENT,
     "journal": EventId.FAILED_JOURNAL,
     "fenced": EventId.FAILED_FENCED,
 }

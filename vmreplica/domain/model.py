@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Final, Literal, Self
 
+from vmreplica.domain.hypervisor import parse_hypervisor
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import ConfigurationError
 
@@ -135,6 +136,10 @@ class VmSettings:
     :mod:`vmreplica.security.encryption`)."""
     """A replica that reports it needs a resynchronization (a journal violation stopped it) is
     resynchronized without the operator; off, the primary's health turns critical instead."""
+    hypervisor: str | None = None
+    """This site's hypervisor adapter for the VM (``qemu:<qmp>[,ga=<ga>]``, ``libvirt:<domain>``;
+    :mod:`vmreplica.domain.hypervisor`); None: the site's ``hypervisor``, else the hooks. Like
+    the hooks it is this site's own: it does not travel to the replica."""
 
     def validate(self) -> Self:
         """Check these settings by the rules the primary and its replicas apply; return them.
@@ -150,6 +155,8 @@ class VmSettings:
             check_app_consistent_hours(
                 self.app_consistent_hours, self.continuous_points_hours or self.recovery_history
             )
+        if self.hypervisor is not None:
+            parse_hypervisor(self.hypervisor)
         return self
 
     def to_json(self) -> str:

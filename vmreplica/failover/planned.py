@@ -1,16 +1,19 @@
 """Planned failover: the primary ships its final cycle, the replica takes over with no data loss.
 
-1. On the primary, the ``vm_stop_command`` hook stops the VM (:func:`run_stop_hook`), then
-   :func:`prepare_planned` refuses further writes, ships the final cycle and publishes
-   FailoverPrepared (with full-disk digests under ``--verify``).
+1. On the primary, the VM's hypervisor adapter stops the VM (:func:`stop_vm`) while its writes
+   are still captured (the agent stops its worker, and the exports turn read-only, only after
+   that); then :func:`prepare_planned` refuses further writes, ships the final cycle and
+   publishes FailoverPrepared (with full-disk digests under ``--verify``). A refusal after the
+   stop resumes the VM (:func:`resume_vm`), as does a cancel.
 2. On the replica site the FailoverPrepared names (``target``; the VM's other replica sites
    only follow), once it applied the final cycle, :func:`check_takeover` proves it holds
    exactly what the primary had (hash chain, and the digests if sent), and
-   :func:`~vmreplica.failover.unplanned.promote` starts the new epoch; ``--start`` then runs
-   the ``vm_start_command`` hook (:func:`run_start_hook`).
+   :func:`~vmreplica.failover.unplanned.promote` starts the new epoch; ``--start`` then
+   starts the VM through this site's adapter (:func:`start_vm`).
 3. The old primary, seeing the new epoch, follows it (:func:`follow_takeover`): as its replica
    with ``--reverse`` (no resync: both are identical), or standing down as failed over until
-   the new primary runs ``reverse`` (:func:`follow_reverse`). The other replica sites apply the
+   the new primary runs ``reverse`` (:func:`follow_reverse`); either way it ends the stopped VM
+   here (:func:`power_off_vm`: QEMU ``quit``). The other replica sites apply the
    new epoch as they applied the old one (:mod:`~vmreplica.failover.fanout`).
 
 Until step 2 happens, :func:`cancel_planned` takes it back.
@@ -19,6 +22,7 @@ Until step 2 happens, :func:`cancel_planned` takes it back.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import Position, VmRecord
@@ -28,59 +32,74 @@ from vmreplica.failover.divergence import report_divergence
 from vmreplica.failover.fanout import check_target
 from vmreplica.failover.journal import journal_events, newest_epoch
 from vmreplica.failover.reverse import demote
+from vmreplica.hypervisor import hypervisor_for
 from vmreplica.runtime.site import Site
 from vmreplica.schemas.events import EpochStart, FailoverPrepared
-from vmreplica.storage.hooks import run_hook
 from vmreplica.storage.image import sha256_of
 
+log = logging.getLogger(__name__)
 
-async def run_stop_hook(site: Site, vm: str) -> None:
-    """Run the ``vm_stop_command`` hook, if configured, before a planned failover.
 
-    :raises FailoverRefused: the hook failed or timed out; the failover did not start.
+async def stop_vm(site: Site, vm: str) -> None:
+    """Step 1 of a planned failover: stop the VM through its hypervisor adapter
+    (:func:`~vmreplica.hypervisor.hypervisor_for`: ``--hypervisor``, the site's ``hypervisor``,
+    or ``vm_stop_command``) while its writes are still captured.
+
+    :raises FailoverRefused: the call failed or timed out; the failover did not start, and the
+        VM was left as the hypervisor has it (serving here, unless it stopped by itself).
     """
-    command = site.config.vm_stop_command
-    if not command:
-        return
     record = await site.catalog.vm(vm)
+    hypervisor = hypervisor_for(site.config, record)
     try:
-        await run_hook(
-            command,
-            "stop",
-            vm=vm,
-            site=site.config.site,
-            disks={d.name: d.path for d in record.disks},
-        )
+        await hypervisor.stop()
     except HookError as error:
         raise FailoverRefused(
-            f"{error}. The planned failover did not start. Operator action: "
-            "stop the VM by other means (or fix vm_stop_command), then "
-            "retry"
+            f"{error}. The planned failover did not start; VM {vm!r} stays primary here. "
+            f"Operator action: stop the VM by other means (or fix vm_stop_command or "
+            f"--hypervisor), then retry"
         ) from error
 
 
-async def run_start_hook(site: Site, record: VmRecord) -> None:
-    """Run the ``vm_start_command`` hook, if configured, after the replica took over.
-
-    :raises FailoverRefused: the hook failed or timed out (this site is primary all the same).
-    """
-    command = site.config.vm_start_command
-    if not command:
-        return
+async def resume_vm(site: Site, vm: str, why: str) -> None:
+    """Resume a VM that :func:`stop_vm` stopped (the failover was refused after the stop, or
+    cancelled); a failure is logged, not raised: the failover's own outcome is reported."""
+    record = await site.catalog.vm(vm)
+    hypervisor = hypervisor_for(site.config, record)
     try:
-        await run_hook(
-            command,
-            "start",
-            vm=record.name,
-            site=site.config.site,
-            disks={d.name: d.path for d in record.disks},
-        )
+        await hypervisor.resume()
     except HookError as error:
-        raise FailoverRefused(
-            f"{error}. This site took VM {record.name!r} over as its primary "
-            "but did not start it. Operator action: start the VM by "
-            "hand"
-        ) from error
+        log.error("VM %s: %s; resuming it failed: %s. Operator action: start it by hand",
+                  vm, why, error)  # fmt: skip
+    else:
+        log.info("VM %s: %s; resumed it (%s)", vm, why, hypervisor.description)
+
+
+async def power_off_vm(site: Site, record: VmRecord) -> None:
+    """The old primary, once the new one took over: end the stopped VM here (QEMU ``quit``);
+    a failure is logged, not raised (the VM is stopped, and its exports refuse writes)."""
+    hypervisor = hypervisor_for(site.config, record)
+    try:
+        await hypervisor.power_off()
+    except HookError as error:
+        log.warning("VM %s: it runs at the new primary now; ending it here failed: %s",
+                    record.name, error)  # fmt: skip
+
+
+async def start_vm(site: Site, record: VmRecord) -> None:
+    """``--start``, after the replica took over: start the VM through its adapter here
+    (``vm_start_command`` without one). A failure does not undo the takeover, nor stop this
+    site capturing as the new primary: it is logged and becomes the VM's state message, which
+    `vmreplica status` shows until the next state change."""
+    try:
+        await hypervisor_for(site.config, record).start()
+    except HookError as error:
+        message = (
+            f"{error}. This site took VM {record.name!r} over as its primary but did not start "
+            "it. Operator action: start the VM by hand"
+        )
+        log.error("%s", message)
+        current = await site.catalog.vm(record.name)
+        await site.catalog.set_state(record.name, current.state, message)
 
 
 async def check_planned(site: Site, vm: str, target: str = "") -> str:
@@ -225,10 +244,11 @@ async def follow_takeover(site: Site, vm: str) -> bool:
     if found is None:
         return False
     offset, start = found
+    record = await site.catalog.vm(vm)
+    await power_off_vm(site, record)
     if await site.catalog.reverse_wanted(vm):
         await demote(site, vm, start, offset)
         return True
-    record = await site.catalog.vm(vm)
     await report_divergence(site, record, start, {})
     await site.catalog.set_state(
         vm,

@@ -16,18 +16,19 @@ from dataclasses import dataclass
 from typing import ClassVar, Final, assert_never
 
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import ConfigurationError
+from vmreplica.errors import ConfigurationError, ReplicationError
 from vmreplica.failover.planned import (
     cancel_planned,
     check_planned,
     prepare_planned,
-    run_stop_hook,
+    resume_vm,
+    stop_vm,
 )
 from vmreplica.failover.resync import cancel_resync, resync_here
 from vmreplica.failover.reverse import reverse
 from vmreplica.failover.unplanned import cancel, complete, promote
 from vmreplica.runtime.site import Site
-from vmreplica.schemas.events import EpochStart
+from vmreplica.schemas.events import EpochStart, FailoverPrepared
 from vmreplica.storage.mailbox import Mailbox, PostedRequest
 
 
@@ -198,8 +199,19 @@ def fencing_said(old_primary: str, start: EpochStart, published: bool, site: Sit
     )
 
 
-async def carry_out(site: Site, request: FailoverRequest) -> str:
+def planned_done(prepared: FailoverPrepared) -> str:
+    """What a planned failover prints once the final cycle shipped."""
+    return (
+        f"VM {prepared.vm} prepared for planned failover at cycle {prepared.final_cycle}; "
+        f"site {prepared.target} takes over once it applied that cycle"
+    )
+
+
+async def carry_out(site: Site, request: FailoverRequest, *, resume: bool = True) -> str:
     """Carry out ``request`` at this site (the VM to itself); return what to print.
+
+    ``resume``: a cancelled planned failover resumes the VM here (the agent passes False and
+    resumes it itself, once the VM's writes are captured again).
 
     :raises ReplicationError: it was refused (:class:`~vmreplica.errors.FailoverRefused`) or
         failed; nothing the caller must undo.
@@ -208,14 +220,15 @@ async def carry_out(site: Site, request: FailoverRequest) -> str:
     match request:
         case PlannedFailover():
             target = await check_planned(site, vm, request.target)  # before the VM stops
-            await run_stop_hook(site, vm)
-            prepared = await prepare_planned(
-                site, vm, request.reverse, request.start, request.verify, target
-            )
-            return (
-                f"VM {vm} prepared for planned failover at cycle {prepared.final_cycle}; "
-                f"site {target} takes over once it applied that cycle"
-            )
+            await stop_vm(site, vm)
+            try:
+                prepared = await prepare_planned(
+                    site, vm, request.reverse, request.start, request.verify, target
+                )
+            except ReplicationError:
+                await resume_vm(site, vm, "the planned failover failed after the VM stopped")
+                raise
+            return planned_done(prepared)
         case UnplannedFailover():
             record = await site.catalog.vm(vm)
             start = await promote(site, vm, point=request.point, force=request.force)
@@ -232,6 +245,8 @@ async def carry_out(site: Site, request: FailoverRequest) -> str:
             record = await site.catalog.vm(vm)
             if record.state is ReplicationState.PREPARED_FOR_PLANNED_FAILOVER:
                 await cancel_planned(site, vm)
+                if resume:
+                    await resume_vm(site, vm, "planned failover cancelled")
                 return f"planned failover of VM {vm} cancelled; it replicates as before"
             await cancel(site, vm)
             return f"failover of VM {vm} cancelled; replaying the journal"

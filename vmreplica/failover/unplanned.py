@@ -44,7 +44,7 @@ from vmreplica.domain.states import ReplicationState, primary_live
 from vmreplica.errors import BrokerUnreachable, FailoverRefused
 from vmreplica.failover.fanout import regroup
 from vmreplica.failover.journal import publish_pending
-from vmreplica.failover.planned import check_takeover, run_start_hook
+from vmreplica.failover.planned import check_takeover, start_vm
 from vmreplica.producers.changelog import read_segment
 from vmreplica.producers.scan import SCAN_BLOCK_BYTES, hashes_path, save_hashes
 from vmreplica.runtime.site import Site
@@ -146,7 +146,7 @@ async def promote(
             error,
         )
     if prepared is not None and prepared.start_vm:
-        await run_start_hook(site, record)
+        await start_vm(site, record)
     return start
 
 

@@ -18,8 +18,9 @@ Before it runs, :func:`vmreplica.runtime.folders.check_folders` and the listener
 over TCP) refuse a setting the agent cannot work with in one line that names the setting, the
 problem and what to do.
 
-About 560 lines: the loop and its supervision of the VMs' workers (start, retry, stop, role
-changes, exports kept across them) read as one piece. What stands alone has its own module:
+About 630 lines: the loop and its supervision of the VMs' workers (start, retry, stop, role
+changes, exports kept across them, the order of a planned failover) read as one piece. What
+stands alone has its own module:
 :mod:`~vmreplica.runtime.folders`, :mod:`~vmreplica.runtime.resync_worker`, the hop relay in
 :mod:`~vmreplica.runtime.extension`, and the shared timings in :mod:`~vmreplica.runtime.pacing`.
 """
@@ -63,16 +64,20 @@ from vmreplica.failover import (
     takes_over,
 )
 from vmreplica.failover.journal import pending_start, publish_pending
-from vmreplica.failover.planned import check_planned
+from vmreplica.failover.planned import check_planned, prepare_planned, resume_vm, stop_vm
 from vmreplica.failover.requests import (
+    CancelFailover,
     FailoverRequest,
     PlannedFailover,
     Resynchronize,
+    planned_done,
     posted_request,
 )
 from vmreplica.failover.resync import accept_resync, cancel_resync
 from vmreplica.failover.resync_job import load_job
+from vmreplica.hypervisor import hypervisor_for
 from vmreplica.nbd.server import NbdServer
+from vmreplica.producers.app_consistent import AppConsistentSchedule
 from vmreplica.producers.capture_front import CaptureFront
 from vmreplica.producers.nbd_exports import VmExports, socket_path
 from vmreplica.producers.primary import PrimaryVm
@@ -104,6 +109,9 @@ they are cancelled."""
 PUBLISH_RETRY_SECONDS: Final = 2.0
 """While Kafka is away, a primary whose epoch is not yet in the journal (a failover with no
 broker reachable) tries to publish it this often, and a replica to join its journal."""
+CAPTURE_WAIT_SECONDS: Final = 30.0
+"""How long a VM to resume (a planned failover refused after its stop, or cancelled) waits for
+its worker to capture its writes again."""
 
 
 class Agent:
@@ -285,11 +293,18 @@ class Agent:
             await self.mailbox.agent_alive(self.site.config.site, os.getpid())
 
     async def _carry_out(self, request: FailoverRequest) -> str:
-        if isinstance(request, PlannedFailover):  # a bad target leaves the VM capturing
-            await check_planned(self.site, request.vm, request.target)
+        if isinstance(request, PlannedFailover):
+            return await self._planned(request)
         if not isinstance(request, Resynchronize):
+            record = await self.site.catalog.vm(request.vm)
+            resumes = isinstance(request, CancelFailover) and (
+                record.state is ReplicationState.PREPARED_FOR_PLANNED_FAILOVER
+            )
             await self._stop_worker(request.vm)
-            return await carry_out(self.site, request)
+            result = await carry_out(self.site, request, resume=False)
+            if resumes:
+                await self._resume_when_captured(request.vm, "planned failover cancelled")
+            return result
         vm = request.vm
         if request.cancel:
             job = load_job(self.site.config.vm_folder(vm))
@@ -315,6 +330,42 @@ class Agent:
             log.warning("discovery failed: %s", error)
         else:
             await self._reachable()
+
+    async def _planned(self, request: PlannedFailover) -> str:
+        """Planned failover, in this order: the target is checked (a bad one leaves the VM
+        as it was); the VM is stopped through its hypervisor adapter while its worker still
+        captures, so every write it made is journaled; only then does the worker stop (the
+        exports turn read-only) and the final cycle ship. A refusal after the stop resumes the
+        VM once its worker captures again."""
+        vm = request.vm
+        target = await check_planned(self.site, vm, request.target)
+        await stop_vm(self.site, vm)
+        await self._stop_worker(vm)
+        try:
+            prepared = await prepare_planned(
+                self.site, vm, request.reverse, request.start, request.verify, target
+            )
+        except ReplicationError:
+            await self._resume_when_captured(vm, "the planned failover failed after the VM stopped")
+            raise
+        return planned_done(prepared)
+
+    async def _resume_when_captured(self, vm: str, why: str) -> None:
+        """Resume a stopped VM, once its worker captures its writes again (a VM resumed
+        before would meet exports that refuse its writes)."""
+        await self._start_new_workers()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CAPTURE_WAIT_SECONDS
+        while vm not in self.fronts:
+            if loop.time() > deadline:
+                log.error(
+                    "VM %s: %s, but its capture did not restart within %g s; not resuming it. "
+                    "Operator action: `vmreplica status %s`, then resume it by hand",
+                    vm, why, CAPTURE_WAIT_SECONDS, vm,
+                )  # fmt: skip
+                return
+            await asyncio.sleep(0.05)
+        await resume_vm(self.site, vm, why)
 
     async def _start_new_workers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -654,16 +705,26 @@ class Agent:
         self.nbd_tcp = server
         log.info("serving NBD exports on %s as <vm>.<disk>", server.tcp_address)
 
-    async def _replicate(self, primary: PrimaryVm) -> None:
-        """One cycle, through the VM's capture front (scan, hooks, off-loop copies) if open."""
+    async def _replicate(self, primary: PrimaryVm, app_consistent: bool = False) -> None:
+        """One cycle, through the VM's capture front (scan, hooks, off-loop copies) if open;
+        ``app_consistent``: with the guest frozen through its hypervisor adapter (a failed
+        freeze is counted, and the cycle is cut crash-consistent all the same)."""
         front = self.fronts.get(primary.name)
         if front is not None:
             checks = primary.checks
-            shipped = await front.cycle()
+            quiesce = hypervisor_for(self.site.config, primary.record) if app_consistent else None
+            shipped = await front.cycle(quiesce)
             if primary.checks == checks:  # a cut hook failed: the front logged it, no cycle
                 await self._failed(primary.name, "hook", "a cut hook failed: the cycle was skipped")
+            if front.freeze_error is not None:
+                await self._failed(
+                    primary.name,
+                    "freeze",
+                    f"the guest's file systems were not frozen ({front.freeze_error}): the cycle "
+                    "was cut crash-consistent",
+                )
         else:
-            shipped = await primary.replicate()
+            shipped = await primary.replicate(app_consistent)
         for cycle in shipped:
             self.metrics.written(primary.name, cycle.bytes_written)
 
@@ -705,6 +766,9 @@ class Agent:
         next_cut = loop.time() + period
         next_beat = loop.time()
         outage = PublishOutage(self.site.catalog, primary)
+        schedule = AppConsistentSchedule(
+            self.site.config.vm_folder(primary.name), settings.app_consistent_hours
+        )
         while not self.stopping.is_set():
             if not primary.connected:  # its epoch waits for a broker: capture only
                 due = self._next_publish.get(primary.name, 0.0)
@@ -723,13 +787,20 @@ class Agent:
                         await self._pause(min(outage.retry_at - now, RESYNC_CHECK_SECONDS))
                         continue
                     next_cut = next_beat = now
-                due = now >= next_cut or (
-                    settings.frequency_seconds == 0
-                    and primary.capture.log.segment_bytes >= settings.continuous_max_bytes
+                app_consistent = schedule.due(now_ms())
+                due = (
+                    app_consistent
+                    or now >= next_cut
+                    or (
+                        settings.frequency_seconds == 0
+                        and primary.capture.log.segment_bytes >= settings.continuous_max_bytes
+                    )
                 )
                 if due:
                     if await self._shipping(primary):
-                        await self._replicate(primary)
+                        if app_consistent:
+                            schedule.attempted(now_ms())
+                        await self._replicate(primary, app_consistent)
                     next_cut = now + period
                 if now >= next_beat or primary.idle_unannounced:
                     await primary.heartbeat()

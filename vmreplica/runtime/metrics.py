@@ -100,7 +100,7 @@ APPLY_BUCKETS_SECONDS: Final = (
     60.0,
 )
 """Applying one cycle: milliseconds for a few blocks, a minute for a cycle of gigabytes."""
-FAILURE_REASONS: Final = ("network", "fenced", "hook", "journal", "replication")
+FAILURE_REASONS: Final = ("network", "fenced", "hook", "freeze", "journal", "replication")
 """Why a cycle failed, counted apart as Hyper-V counts network, replication and
 application-consistency failures apart."""
 FAILOVER_ACTIONS: Final = (

@@ -14,8 +14,9 @@ hooks of a planned failover, ``vm_stop_command`` and ``vm_start_command``
   hold a VM's replication or a failover forever;
 - is done when its shell exits; a program it left running in the background (a VM it started)
   keeps running (give it its own output: ``... >/var/log/x 2>&1 &``);
-- fails with :class:`~vmreplica.errors.HookError`, whose message ends with the tail of what the
-  hook printed, when it exits non-zero or times out.
+- fails with :class:`~vmreplica.errors.HookError` (or ``error``, a subclass), whose message
+  ends with the tail of what the hook printed, when it exits non-zero or times out;
+- returns the end of what it printed (a caller that asks, ``virsh domstate``, reads it).
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ from typing import BinaryIO, Final, Literal
 
 from vmreplica.errors import HookError
 
-HookPhase = Literal["pre-cut", "post-cut", "stop", "start"]
+HookPhase = Literal[
+    "pre-cut", "post-cut", "stop", "start", "resume", "power-off", "freeze", "thaw", "query"
+]
+"""What the hook is for: the cut hooks, the failover hooks, and the calls the libvirt adapter
+(``vmreplica/hypervisor/libvirt.py``) makes through this runner."""
 
 HOOK_TIMEOUT_SECONDS: Final = 120.0
 """Longest a hook may run: enough for a guest to shut down or freeze its file systems."""
@@ -65,8 +70,10 @@ async def run_hook(
     site: str,
     disks: Mapping[str, str] | None = None,
     timeout_seconds: float = HOOK_TIMEOUT_SECONDS,
-) -> None:
-    """Run one hook to its end (see the module docstring for the rules).
+    error: type[HookError] = HookError,
+) -> str:
+    """Run one hook to its end (see the module docstring for the rules); return the end of
+    its output (stdout and stderr together, at most :data:`OUTPUT_TAIL_BYTES`).
 
     :raises HookError: it exited non-zero, was killed by a signal, or did not finish within
         ``timeout_seconds`` (then it was killed, with every process of its session).
@@ -88,19 +95,25 @@ async def run_hook(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
-            raise HookError(
+            raise error(
                 f"VM {vm!r}: {phase} hook {command!r} did not finish within "
                 f"{timeout_seconds:g} s and was killed{_tail(output)}"
             ) from None
         code = process.returncode
         if code:
             how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
-            raise HookError(f"VM {vm!r}: {phase} hook {command!r} {how}{_tail(output)}")
+            raise error(f"VM {vm!r}: {phase} hook {command!r} {how}{_tail(output)}")
+        return _text(output)
+
+
+def _text(output: BinaryIO) -> str:
+    """The end of what the hook printed."""
+    size = output.seek(0, os.SEEK_END)
+    output.seek(max(0, size - OUTPUT_TAIL_BYTES))
+    return output.read(OUTPUT_TAIL_BYTES).decode(errors="replace").strip()
 
 
 def _tail(output: BinaryIO) -> str:
     """The end of what the hook printed, for its error message."""
-    size = output.seek(0, os.SEEK_END)
-    output.seek(max(0, size - OUTPUT_TAIL_BYTES))
-    text = output.read(OUTPUT_TAIL_BYTES).decode(errors="replace").strip()
+    text = _text(output)
     return f": {text}" if text else " (no output)"
