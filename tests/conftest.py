@@ -70,9 +70,10 @@ def bootstrap_servers() -> Iterator[str]:
         yield state.bootstrap_servers
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def secured_kafka() -> Iterator[SecuredKafka]:
-    """A secured single node (``broker up --secure``) shared by the tests of one module."""
+    """A secured single node (``broker up --secure``), started when a test first asks for it
+    and shared by the rest of the session: every test has its own trust group and users."""
     from tests.fixtures import SecuredKafka  # noqa: PLC0415 — a plugin, imported once registered
 
     with throwaway_cluster(secure=True) as state:

@@ -10,9 +10,9 @@ Registered from ``tests/conftest.py`` (``pytest_plugins``), so every test can as
 - ``site_folder``: where site roots and configuration files go (``tmp_path``); a module whose
   sites serve NBD on Unix sockets overrides it with a shorter folder;
 - ``broker_security``: ``"plain"``; a module that overrides it with ``"secured"`` runs its
-  ``sites`` against a secured broker of its own (``secured_kafka``, one per module: TLS,
-  SCRAM, ACLs), each of sites ``site-a``, ``site-b`` and ``site-c`` logging in as its own
-  Kafka user with the rights of the test's trust group only.
+  ``sites`` against the secured broker (``secured_kafka``: one per session, started on first
+  use; TLS, SCRAM, ACLs), each of sites ``site-a``, ``site-b`` and ``site-c`` logging in as
+  its own Kafka user with the rights of the test's trust group only.
 
 :class:`SiteFactory` and :func:`enable_vm` also work without pytest's fixtures, for a test that
 runs its own event loop per hypothesis example.

@@ -2,7 +2,7 @@
 operator types it: each site logs in as its own Kafka user (SCRAM over TLS) holding only its
 trust group's ACLs, and a site whose secret is wrong or missing refuses to start, in one line.
 
-One secured broker serves the module (``broker_security`` = ``secured``).
+The session's secured broker serves the module (``broker_security`` = ``secured``).
 """
 
 from __future__ import annotations

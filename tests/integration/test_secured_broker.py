@@ -1,6 +1,6 @@
 """The secured broker (``broker up --secure``) refuses whoever it should, to any client.
 
-One secured node serves the whole module. Site ``site-x`` of trust group ``tg-x`` and site
+The session's secured node serves the module. Site ``site-x`` of trust group ``tg-x`` and site
 ``site-y`` of ``tg-y`` each get their own principal; ``tg-y`` has a VM whose topics exist.
 Then vmreplica's own clients (aiokafka) and an independent one (librdkafka, through
 ``confluent_kafka``) try without credentials, with a wrong password and as ``site-x``: the

@@ -302,7 +302,10 @@ class LocalCluster:
                 check=False,
             )
             if formatted.returncode != 0:
-                raise BrokerError(f"formatting KRaft storage failed:\n{formatted.stderr[-2000:]}")
+                said = formatted.stderr[-2000:]
+                if secured is not None:
+                    said = secured.scrub(said)
+                raise BrokerError(f"formatting KRaft storage failed:\n{said}")
             process = _launch(node_id, directory)
             processes.append(process)
             broker_port, controller_port = cluster_ports(self.base_port, brokers)[

@@ -103,6 +103,12 @@ class SecuredBroker:
             f"ssl.truststore.location={self.ca_file}\n",
         )
 
+    def scrub(self, text: str) -> str:
+        """``text`` (a tool's output) with the broker's and the admin's passwords masked."""
+        for file in (self.broker_password_file, self.admin_password_file):
+            text = text.replace(file.read_text().strip(), "********")
+        return text
+
     def format_arguments(self) -> list[str]:
         """``StorageTool format`` options that create the broker's and the admin's users."""
         arguments = []
