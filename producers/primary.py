@@ -83,6 +83,7 @@ class PrimaryVm:
         encode: Callable[[JournalEvent], bytes] = encode,
         cipher: PayloadCipher | None = None,
         wrapped_keys: tuple[WrappedKey, ...] = (),
+        announce_keys: bool = False,
     ) -> None:
         self.record = record
         self.site = site
@@ -100,6 +101,8 @@ class PrimaryVm:
         self.publisher = JournalPublisher(connection, transactional_id, encode, cipher)
         self.wrapped_keys = wrapped_keys
         """The VM's payload keys wrapped for its replica sites, published in its VmConfig."""
+        self._announce_keys = announce_keys
+        """A new payload key was made: a VmConfig carries it before the first payload uses it."""
         self.shipper = CycleShipper(
             record.name,
             journal_topic,
@@ -186,6 +189,9 @@ class PrimaryVm:
                 self.capture.fenced_reason = f"site {newer[0].primary_site} is primary now"
                 raise SupersededError(self.name, *newer)
         await self.publisher.start()
+        if position is not None and self._announce_keys:  # before any payload under the key
+            await self.publish(self.config_event())
+            self._announce_keys = False
         if position is not None:
             position = await self.shipper.reconcile(self.connection)
             log = self.capture.log

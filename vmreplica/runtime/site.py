@@ -18,6 +18,7 @@ from typing import Self
 from vmreplica.config import SiteConfig
 from vmreplica.consumers.replica import ReplicaVm, image_path
 from vmreplica.domain import names
+from vmreplica.domain.clock import HOUR_MS
 from vmreplica.domain.model import DiskRecord, VmRecord, VmSettings
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import (
@@ -194,9 +195,13 @@ class Site:
             )
         cipher: VmKeyRing | None = None
         wrapped: tuple[WrappedKey, ...] = ()
+        announce = False
         if record.settings.encrypt:
             ring = self.key_ring(record.name)
-            if ring.current() is None:
+            hours = max(record.settings.recovery_history + 1, topics.JOURNAL_MIN_RETENTION_HOURS)
+            ring.prune(hours * HOUR_MS)  # no record on the topic needs them any more
+            if ring.needs_rotation():
+                announce = ring.current() is not None
                 ring.rotate()
             sites = (record.partner_site, *record.settings.also_replicate_to)
             wrapped = ring.wrap_for(self.key_recipients(record.name, sites))
@@ -212,6 +217,7 @@ class Site:
             self.key.encode,
             cipher,
             wrapped,
+            announce,
         )
 
     async def replica(self, record: VmRecord) -> ReplicaVm:
