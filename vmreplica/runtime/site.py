@@ -218,6 +218,7 @@ class Site:
             cipher,
             wrapped,
             announce,
+            self.verifier(record.name, self.config.site),
         )
 
     async def replica(self, record: VmRecord) -> ReplicaVm:
