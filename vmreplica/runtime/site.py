@@ -12,8 +12,6 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from vmreplica.config import SiteConfig
 from vmreplica.consumers.replica import ReplicaVm, image_path
@@ -35,12 +33,13 @@ from vmreplica.schemas.validation import check_event
 from vmreplica.security.authorization import AuthorizationStore, JournalVerifier
 from vmreplica.security.encryption import VmKeyRing
 from vmreplica.security.signing import SiteKey, load_site_key, parse_public_key
+from vmreplica.service import Service
 from vmreplica.storage.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
 
-class Site:
+class Site(Service):
     """One site's view of replication. ``async with Site(config) as site: ...``."""
 
     def __init__(self, config: SiteConfig) -> None:
@@ -64,18 +63,6 @@ class Site:
             status, self._status = self._status, None
             await status.stop()
         await self.catalog.stop()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     @property
     def key(self) -> SiteKey:
