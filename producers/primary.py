@@ -18,6 +18,7 @@ in :mod:`vmreplica.domain.states`.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,7 +28,7 @@ from vmreplica.domain.clock import now_ms
 from vmreplica.domain.intervals import IntervalSet
 from vmreplica.domain.model import VmRecord
 from vmreplica.domain.states import ReplicationState
-from vmreplica.errors import BrokerError, FencedError, SupersededError
+from vmreplica.errors import BrokerError, FencedError, SupersededError, UntrustedRecordError
 from vmreplica.journal.kafka import STALL_SECONDS, JournalPublisher, KafkaConnection, read_to_end
 from vmreplica.producers.capture import CapturedVm
 from vmreplica.producers.changelog import HEADER_BYTES, SEGMENT_SUFFIX, read_segment
@@ -43,6 +44,7 @@ from vmreplica.schemas.events import (
     WrappedKey,
 )
 from vmreplica.schemas.payload import PayloadCipher
+from vmreplica.security.authorization import JournalVerifier
 from vmreplica.storage.catalog import Catalog
 from vmreplica.storage.image import sha256_of
 
@@ -55,6 +57,8 @@ only clean-close markers (nothing waits); a larger one surely holds writes."""
 
 RangesToResend = Callable[[], Awaitable[Mapping[str, IntervalSet]]]
 """Asked, with no cycle being cut meanwhile, which byte ranges of which disks to resend."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,8 @@ class PrimaryVm:
         encode: Callable[[JournalEvent], bytes] = encode,
         cipher: PayloadCipher | None = None,
         wrapped_keys: tuple[WrappedKey, ...] = (),
+        announce_keys: bool = False,
+        verifier: JournalVerifier | None = None,
         *,
         connect: bool = True,
     ) -> None:
@@ -108,6 +114,10 @@ class PrimaryVm:
         self.publisher = JournalPublisher(connection, transactional_id, encode, cipher)
         self.wrapped_keys = wrapped_keys
         """The VM's payload keys wrapped for its replica sites, published in its VmConfig."""
+        self.verifier = verifier
+        """Checks the signature of an epoch another site claims, before this one yields to it."""
+        self._announce_keys = announce_keys
+        """A new payload key was made: a VmConfig carries it before the first payload uses it."""
         self.shipper = CycleShipper(
             record.name,
             journal_topic,
@@ -232,6 +242,9 @@ class PrimaryVm:
                 self.capture.fenced_reason = f"site {newer[0].primary_site} is primary now"
                 raise SupersededError(self.name, *newer)
         await open_publisher()
+        if position is not None and self._announce_keys:  # before any payload under the key
+            await self.publish(self.config_event())
+            self._announce_keys = False
         if position is not None:
             position = await self.shipper.reconcile(self.connection)
             self._number_open_cycle(position.cycle + 1)
@@ -245,6 +258,12 @@ class PrimaryVm:
         async for record in records:
             event = decode_journal(record.value)
             if isinstance(event, EpochStart) and event.epoch > self.record.epoch:
+                if self.verifier is not None:
+                    try:
+                        self.verifier.check(event, record.offset, record.value)
+                    except UntrustedRecordError as error:
+                        log.warning("%s; ignoring that epoch", error)  # a forger's, not a site's
+                        continue
                 found = (event, record.offset)
         return found
 

@@ -4,11 +4,14 @@ Sites A and B each hold an authorization entry with the other's key (as the demo
 so B verifies every record and A can wrap the VM's payload key for B. The primary writes text
 that compresses well and a marker that would be found verbatim in any unencrypted payload (raw
 or zstd); after seeding and two cycles the replica's images equal the primary's, B holds the key
-A made, and no record on the journal topic contains the marker.
+A made, and no record on the journal topic contains the marker. When the key has aged past
+its week, the primary's next start makes a new one, announces it in a VmConfig, and the replica
+goes on decrypting with it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -19,6 +22,7 @@ from vmreplica.journal.kafka import read_to_end
 from vmreplica.schemas.codec import decode_journal
 from vmreplica.schemas.events import SeedChunk, WriteBatch
 from vmreplica.security.authorization import AuthorizationEntry
+from vmreplica.security.encryption import PAYLOAD_KEY_MAX_AGE_MS
 from vmreplica.storage.image import sha256_of
 
 pytestmark = pytest.mark.integration
@@ -56,6 +60,24 @@ async def test_encrypted_vm_round_trips_and_the_topic_holds_no_plaintext(
     assert [k.id for k in site_b.key_ring(enabled.name).keys] == [
         k.id for k in site_a.key_ring(enabled.name).keys
     ]
+
+    # A week later the primary's next start makes a new key and announces it before using it.
+    ring_file = site_a.key_ring(enabled.name).path
+    document = json.loads(ring_file.read_text())
+    document["keys"][0]["created_ms"] -= PAYLOAD_KEY_MAX_AGE_MS + 1
+    ring_file.write_text(json.dumps(document))
+    vm_record = await site_a.catalog.vm(enabled.name)
+    async with site_a.primary(vm_record) as primary:
+        await primary.capture.write("disk0", 6 * MiB, MARKER * 16)
+        last = (await primary.replicate())[-1].cycle
+    expected = sha256_of(enabled.disks["disk0"])
+    keys_a = site_a.key_ring(enabled.name)
+    assert len(keys_a.keys) == 2
+    async with await site_b.replica(await site_b.catalog.vm(enabled.name)) as replica:
+        assert await replica.catch_up() == last
+        assert replica.violation is None
+        assert sha256_of(replica.images["disk0"].path) == expected
+    assert {k.id for k in site_b.key_ring(enabled.name).keys} == {k.id for k in keys_a.keys}
 
     encrypted = 0
     async for record in read_to_end(site_a.connection, site_a.journal_topic(enabled.name)):

@@ -16,6 +16,7 @@ from pathlib import Path
 from vmreplica.config import SiteConfig
 from vmreplica.consumers.replica import ReplicaVm, image_path
 from vmreplica.domain import names
+from vmreplica.domain.clock import HOUR_MS
 from vmreplica.domain.model import DiskRecord, VmRecord, VmSettings
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import (
@@ -184,9 +185,13 @@ class Site(Service):
             )
         cipher: VmKeyRing | None = None
         wrapped: tuple[WrappedKey, ...] = ()
+        announce = False
         if record.settings.encrypt:
             ring = self.key_ring(record.name)
-            if ring.current() is None:
+            hours = max(record.settings.recovery_history + 1, topics.JOURNAL_MIN_RETENTION_HOURS)
+            ring.prune(hours * HOUR_MS)  # no record on the topic needs them any more
+            if ring.needs_rotation():
+                announce = ring.current() is not None
                 ring.rotate()
             sites = (record.partner_site, *record.settings.also_replicate_to)
             wrapped = ring.wrap_for(self.key_recipients(record.name, sites))
@@ -202,6 +207,8 @@ class Site(Service):
             self.key.encode,
             cipher,
             wrapped,
+            announce,
+            self.verifier(record.name, self.config.site),
             connect=connect,
         )
 

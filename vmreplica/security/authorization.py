@@ -22,10 +22,11 @@ before the record is applied; the old key stays until an operator removes it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Final
@@ -48,7 +49,7 @@ from vmreplica.security.signing import (
     record_signed_message,
     signed_message,
 )
-from vmreplica.storage.safefile import replace_atomically
+from vmreplica.storage.safefile import exclusive_lock, replace_atomically
 
 ENTRIES_FILE: Final = "authorization.json"
 FORMAT_VERSION: Final = 1
@@ -98,6 +99,14 @@ class AuthorizationStore:
         self._seen: tuple[int, int] | None = None
         self._entries: tuple[AuthorizationEntry, ...] = ()
         self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        """One change at a time, across threads and processes (the CLI and a learning agent);
+        the file is read again inside, so no change is lost."""
+        with self._lock, exclusive_lock(self.path.with_name(ENTRIES_FILE + ".lock")):
+            self._seen = None
+            yield
 
     def entries(self) -> tuple[AuthorizationEntry, ...]:
         """Every entry, as the file holds them now.
@@ -154,7 +163,7 @@ class AuthorizationStore:
             this pattern and trust group exists already.
         """
         entry = _checked(entry)
-        with self._lock:
+        with self._changing():
             if self.find(entry.primary, entry.trust_group) is not None:
                 raise ConfigurationError(
                     f"an authorization entry for {entry.primary!r} in trust group "
@@ -178,7 +187,7 @@ class AuthorizationStore:
         :raises ConfigurationError: no such entry, a bad folder or key, or the change would leave
             the entry without a key.
         """
-        with self._lock:
+        with self._changing():
             entry = self._existing(primary, trust_group)
             removed = {format_public_key(parse_public_key(k)) for k in remove_keys}
             unknown = removed - set(entry.keys)
@@ -201,14 +210,14 @@ class AuthorizationStore:
 
         :raises ConfigurationError: no such entry.
         """
-        with self._lock:
+        with self._changing():
             entry = self._existing(primary, trust_group)
             self._write([e for e in self.entries() if e != entry])
         return entry
 
     def learn_key(self, entry: AuthorizationEntry, public: bytes) -> None:
         """Add a rotated key that a listed key of ``entry`` endorsed (durable before use)."""
-        with self._lock:
+        with self._changing():
             current = self.find(entry.primary, entry.trust_group)
             text = format_public_key(public)
             if current is None or text in current.keys:

@@ -18,6 +18,8 @@ A replica unwraps the keys addressed to it when it applies a VmConfig that a tru
 and stores them in its own ring before any payload needs them. The primary therefore needs an
 authorization entry for each replica site (the one reverse replication needs anyway).
 
+**Rotation.** A primary whose current key is older than :data:`PAYLOAD_KEY_MAX_AGE_MS` makes a
+new one when it starts and publishes a VmConfig carrying it (wrapped) before its first payload.
 **Old keys** stay in the ring after a newer one is made (:meth:`VmKeyRing.rotate`): records
 encrypted with them remain on the topic until its retention passes, and a replica may read them
 again (a resynchronization, a cancelled failover). :meth:`VmKeyRing.prune` forgets a retired key
@@ -49,6 +51,9 @@ ALGORITHM: Final = "AES-256-GCM"
 KEY_BYTES: Final = 32
 NONCE_BYTES: Final = 12
 _WRAP_CONTEXT: Final = b"vmreplica payload key wrap v1\0"
+PAYLOAD_KEY_MAX_AGE_MS: Final = 7 * 24 * 3_600_000
+"""A primary whose current payload key is older makes a new one when it starts (and announces
+it in a VmConfig before using it): a week bounds what one stolen key reads."""
 _P: Final = 2**255 - 19
 """The prime of Curve25519 and Ed25519."""
 
@@ -144,6 +149,12 @@ class VmKeyRing:
         """The key new payloads are encrypted with (the newest not retired)."""
         live = [k for k in self._keys.values() if k.retired_ms is None]
         return max(live, key=lambda k: k.created_ms) if live else None
+
+    def needs_rotation(self, at_ms: int | None = None) -> bool:
+        """No current key, or one older than :data:`PAYLOAD_KEY_MAX_AGE_MS`."""
+        current = self.current()
+        at = now_ms() if at_ms is None else at_ms
+        return current is None or at - current.created_ms > PAYLOAD_KEY_MAX_AGE_MS
 
     def rotate(self) -> PayloadKey:
         """Make a new current key (the first one, or retire the current); durable on return."""
