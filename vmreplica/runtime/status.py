@@ -134,7 +134,7 @@ def capture_status(config: SiteConfig, record: VmRecord) -> CaptureStatus:
     return CaptureStatus(mode)
 
 
-async def _latest_replica_position(site: Site, vm: str) -> ReplicaPosition | None:
+async def latest_replica_position(site: Site, vm: str) -> ReplicaPosition | None:
     latest: ReplicaPosition | None = None
     async for record in read_to_end(site.connection, site.status_topic(vm), last=20):
         event = decode_status(record.value)
@@ -174,7 +174,7 @@ async def vm_status(site: Site, record: VmRecord, with_replica: bool = True) -> 
     cycle = position.cycle if position else None
     progress: PrimaryProgress | ReplicaProgress
     if record.role == "primary":
-        replica = await _latest_replica_position(site, record.name) if with_replica else None
+        replica = await latest_replica_position(site, record.name) if with_replica else None
         progress = PrimaryProgress(
             cycle,
             statistics.pending_bytes or 0,
