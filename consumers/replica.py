@@ -67,6 +67,10 @@ FETCH_SECONDS = 0.5
 """How long one fetch waits for new records: bounds the reaction time to a stop request."""
 RESYNC_REMINDER_SECONDS = 60.0
 """How often a replica waiting for a resynchronization publishes its position again."""
+HEALTH_REFRESH_MS = 5_000
+"""A published position carries a health measured at most this long ago (in the same state):
+measuring reads the whole monitoring window, up to 3,600 cycles of a continuous VM, which is
+too much to do for every cycle applied; the agent's metrics refresh as often."""
 
 
 def retention_policy(record: VmRecord) -> RetentionPolicy:
@@ -187,6 +191,8 @@ class ReplicaVm(Service):
         self.apply_seconds = 0.0
         """Time spent applying fetched records so far (the agent's apply-time metric)."""
         self._next_reminder = 0.0
+        self._health: tuple[ReplicationState, int, Health] | None = None
+        """The last health measured: for which state, when (ms), what it was."""
 
     @property
     def name(self) -> str:
@@ -251,16 +257,21 @@ class ReplicaVm(Service):
         self, state: ReplicationState | None = None
     ) -> tuple[ReplicationState, Health]:
         """This replica's state (the catalog's, unless ``state`` is about to be) and its health
-        by the same rules as `vmreplica status` (:func:`~vmreplica.domain.statistics.measure`):
-        what every status record it publishes carries."""
+        by the same rules as `vmreplica status` (:func:`~vmreplica.domain.statistics.measure`),
+        measured again when the state changed or :data:`HEALTH_REFRESH_MS` passed: what every
+        status record it publishes carries."""
         record = await self.catalog.vm(self.name)
         if state is not None:
             record = dataclasses.replace(record, state=state)
         now = now_ms()
+        cached = self._health
+        if cached is not None and cached[0] is record.state and now - cached[1] < HEALTH_REFRESH_MS:
+            return record.state, cached[2]
         facts = SiteFacts(storage_free_ratio=storage_free_ratio(self.folder))
         measured = measure(
             await window_inputs(self.catalog, record, now), facts, now, self.heartbeat_seconds
         )
+        self._health = (record.state, now, measured.report.health)
         return record.state, measured.report.health
 
     async def _report(self, commit: CycleCommit, offset: int) -> None:

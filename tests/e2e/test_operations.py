@@ -147,6 +147,20 @@ async def test_measure_reset_events_suspend_and_resume_with_agents(
             assert on_a["pending_bytes"] < 64 * 1024  # at most an open segment's header
             assert (on_b["pending_bytes"], on_b["initial_replication_bytes"]) == (None, None)
 
+            # test-connection: the broker, both topics and the partner answer, seen from each site
+            for config, partner in (
+                (config_a, "replica site site-b reported cycle"),
+                (config_b, "primary site site-a heartbeated"),
+            ):
+                checks = await cli_json(config, "test-connection", name)
+                assert [(c["check"], c["ok"]) for c in checks] == [
+                    ("broker", True),
+                    ("journal topic", True),
+                    ("status topic", True),
+                    ("partner", True),
+                ], checks
+                assert checks[-1]["detail"].startswith(partner)
+
             # a test failover is logged and counted
             started = await cli_json(config_b, "failover", "test", name, "--point", "latest")
             assert started["vm"] == f"{name} - Test"
@@ -220,7 +234,7 @@ async def test_measure_reset_events_suspend_and_resume_with_agents(
             code, message = await failing(config_b, "suspend", name)
             assert code == 2
             assert f"VM {name!r} is a replica at site site-b: suspend it on its primary" in message
-            for command in ("measure", "reset-statistics", "events"):
+            for command in ("measure", "reset-statistics", "events", "test-connection"):
                 code, message = await failing(config_a, command, "no-such-vm")
                 assert code == 2, command
                 assert "VM 'no-such-vm' is not replicated at this site" in message

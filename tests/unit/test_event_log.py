@@ -279,6 +279,8 @@ def test_events_json_and_suspend_resume(tmp_path: Path) -> None:
         (["suspend", "db"], 2, "VM 'db' is a replica at site site-a: suspend it on its primary"),
         (["resume", "db"], 2, "VM 'db' is a replica at site site-a: resume it on its primary"),
         (["resume", "web"], 1, "VM 'web' is replicating, not suspended"),
+        (["test-connection", "nope"], 2, "VM 'nope' is not replicated at this site"),
+        (["test-connection", "web"], 1, "VM 'web': broker failed (see above). Operator action"),
     ],
 )
 def test_mistakes_and_refusals(tmp_path: Path, argv: list[str], code: int, message: str) -> None:

@@ -25,6 +25,7 @@ from vmreplica.domain.events import Event
 from vmreplica.domain.states import ReplicationState
 from vmreplica.domain.statistics import FAILURE_COUNTS
 from vmreplica.errors import ConfigurationError, ReplicationError
+from vmreplica.runtime.connection import Check, connection_checks
 from vmreplica.runtime.site import Site
 from vmreplica.runtime.status import VmStatus, vm_status
 from vmreplica.storage import history
@@ -279,6 +280,34 @@ def resume(vm: str, config_path: Path | None) -> None:
     click.echo(f"VM {vm} resumed: what was written meanwhile ships with the next cycle")
 
 
+@click.command("test-connection")
+@click.argument("vm")
+@config_option
+@json_option
+@reported
+def test_connection(vm: str, config_path: Path | None, as_json: bool) -> None:
+    """Can VM replicate now (Test-VMReplicationConnection): the broker answers, the VM's topics
+    exist with the right settings, its partner site answers. Exit 1 when a check fails."""
+
+    async def check(site: Site) -> list[Check]:
+        return await connection_checks(site, await site.catalog.vm(vm))
+
+    checks = with_site(config_path, check)
+    if as_json:
+        emit_json([{"check": c.name, "ok": c.ok, "detail": c.detail} for c in checks])
+    else:
+        table = Table("check", "ok", "detail", title=f"connection of {vm}")
+        for c in checks:
+            table.add_row(c.name, "[green]yes[/]" if c.ok else "[red]NO[/]", c.detail)
+        console.print(table)
+    failed = [c.name for c in checks if not c.ok]
+    if failed:
+        raise ReplicationError(
+            f"VM {vm!r}: {', '.join(failed)} failed (see above). Operator action: fix what "
+            "the failed checks name, then run `vmreplica test-connection` again"
+        )
+
+
 def register(main: click.Group) -> None:
-    for command in (measure, reset_statistics, events, suspend, resume):
+    for command in (measure, reset_statistics, events, suspend, resume, test_connection):
         main.add_command(command)

@@ -140,7 +140,7 @@ def capture_status(config: SiteConfig, record: VmRecord) -> CaptureStatus:
     return CaptureStatus(mode)
 
 
-async def _latest_replica_position(site: Site, vm: str) -> ReplicaPosition | None:
+async def latest_replica_position(site: Site, vm: str) -> ReplicaPosition | None:
     """What the replica last said on the status topic; None when Kafka does not answer within
     :data:`REPLICA_POSITION_TIMEOUT_SECONDS` (status must work while Kafka is away)."""
     latest: ReplicaPosition | None = None
@@ -197,7 +197,7 @@ async def vm_status(
     cycle = position.cycle if position else None
     progress: PrimaryProgress | ReplicaProgress
     if record.role == "primary":
-        replica = await _latest_replica_position(site, record.name) if with_replica else None
+        replica = await latest_replica_position(site, record.name) if with_replica else None
         progress = PrimaryProgress(
             cycle,
             statistics.pending_bytes or 0,
