@@ -91,6 +91,9 @@ log = logging.getLogger(__name__)
 
 DISCOVERY_SECONDS: Final = 2.0
 """How often the agent looks for newly enabled or newly published VMs."""
+DISCOVERY_TIMEOUT_SECONDS: Final = 5.0
+"""A discovery Kafka does not answer (a black-holed link) is given up after this long, so that
+the agent's loop goes on stamping the mailbox and carrying out requests."""
 REQUEST_POLL_SECONDS: Final = 0.25
 """How often the agent looks for failover requests and finished workers."""
 METRICS_SECONDS: Final = 5.0
@@ -340,9 +343,15 @@ class Agent:
         if loop.time() >= self._next_discovery:
             self._next_discovery = loop.time() + DISCOVERY_SECONDS
             try:
-                await self.site.discover()
+                async with asyncio.timeout(DISCOVERY_TIMEOUT_SECONDS):
+                    await self.site.discover()
             except ReplicationError as error:
                 log.warning("discovery failed: %s", error)
+            except TimeoutError:
+                log.warning(
+                    "discovery failed: Kafka did not answer within %.0f s",
+                    DISCOVERY_TIMEOUT_SECONDS,
+                )
         for listed in await self.site.catalog.vms():
             generation = await self.site.catalog.generation(listed.name)
             task = self._tasks.get(listed.name)
