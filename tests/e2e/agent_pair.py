@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from tests.e2e.clients import cli, run, wait_until
-from vmreplica.config import SiteConfig
+from tests.fixtures import _toml
+from vmreplica.config import SiteConfig, load_config
 from vmreplica.domain.states import ReplicationState
 from vmreplica.journal.kafka import KafkaConnection, read_to_end
 from vmreplica.runtime.site import Site
@@ -205,8 +206,6 @@ class Pair:
 
 
 def _config(path: Path) -> SiteConfig:
-    from vmreplica.config import load_config  # noqa: PLC0415
-
     return load_config(path)
 
 
@@ -241,8 +240,6 @@ async def replicating_pair(
     """Sites A and B configured from ``settings_*`` (written as site files in ``folder``), a
     ``--capture nbd`` continuous VM enabled on A with one disk of ``disk_size``, both agents
     started; yields once the replica has the seed. Agents are stopped on the way out."""
-    from tests.fixtures import _toml  # noqa: PLC0415
-
     configs = []
     for name, settings in (("site-a", settings_a), ("site-b", settings_b)):
         path = folder / f"{name}.toml"

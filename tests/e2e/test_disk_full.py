@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -140,4 +139,3 @@ async def test_replica_disk_fills_up_pauses_critical_and_resumes(
         pair.agent_a.assert_no_traceback()
         pair.agent_b.assert_no_traceback()
         assert "no space left" in pair.agent_b.output()
-    shutil.rmtree(short_dir / "a", ignore_errors=True)

@@ -94,6 +94,9 @@ from vmreplica.storage.safefile import no_space
 
 log = logging.getLogger(__name__)
 
+DISCOVERY_TIMEOUT_SECONDS: Final = 5.0
+"""A discovery Kafka does not answer (a black-holed link) is given up after this long, so that
+the next one can start."""
 REQUEST_POLL_SECONDS: Final = 0.25
 """How often the agent looks for failover requests and finished workers."""
 METRICS_SECONDS: Final = 5.0
@@ -323,11 +326,19 @@ class Agent:
         A task of its own: a broker that does not answer must not hold up the mailbox (a
         failover is asked for exactly then) or the agent's liveness stamp."""
         try:
-            await self.site.discover()
+            async with asyncio.timeout(DISCOVERY_TIMEOUT_SECONDS):
+                await self.site.discover()
         except BrokerUnreachable as error:
             await self._unreachable(error)
         except ReplicationError as error:
             log.warning("discovery failed: %s", error)
+        except TimeoutError:
+            await self._unreachable(
+                BrokerUnreachable(
+                    f"discovering VMs: Kafka did not answer within {DISCOVERY_TIMEOUT_SECONDS:.0f} "
+                    "s. Check that the brokers are up and this site reaches them."
+                )
+            )
         else:
             await self._reachable()
 
