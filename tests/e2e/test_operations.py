@@ -87,6 +87,8 @@ async def test_measure_reset_events_suspend_and_resume_with_agents(
                 VmSettings(frequency_seconds=0, continuous_points_hours=1),
             )
             name = enabled.name
+            with enabled.disks["disk0"].open("r+b") as image:  # data for the seed to send
+                image.write(os.urandom(MiB))
             agent_a = Agent(site_a)
             running = asyncio.create_task(agent_a.run())
             stack.push_async_callback(_stopped, agent_a, running)
