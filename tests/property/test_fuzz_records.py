@@ -368,8 +368,8 @@ def mutate(
     for _ in range(draw(st.integers(1, 3))):
         how = draw(st.sampled_from([*ways, "forge"] if forger else ways))
         if how == "forge" and forger is not None:
-            at = draw(st.integers(0, ANY_INDEX)) % max(len(events), 1)
-            if at < min(len(events), len(values)):  # an earlier breakage may have dropped it
+            at = draw(st.integers(0, ANY_INDEX)) % max(len(values), 1)
+            if at < min(len(events), len(values)):
                 values[at] = forger.encode(events[at])  # type: ignore[arg-type]
             continue
         at = draw(st.integers(0, ANY_INDEX)) % max(len(values), 1)
