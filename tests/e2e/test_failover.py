@@ -8,7 +8,6 @@ only what diverged; a zombie primary never changes a replica image.
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import shutil
 from collections.abc import Awaitable, Callable

@@ -10,7 +10,6 @@ and the old primary is fenced by it.
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Callable
 
 import pytest
