@@ -44,6 +44,7 @@ from vmreplica.schemas.events import (
     ReplicaPosition,
     ResyncRequest,
 )
+from vmreplica.service import Service
 from vmreplica.storage.catalog import Catalog
 from vmreplica.storage.digests import digest_block_bytes, image_digests
 from vmreplica.storage.history import storage_free_ratio, window_inputs
@@ -127,7 +128,7 @@ def digest_maps(
     ]
 
 
-class ReplicaVm:
+class ReplicaVm(Service):
     """A replicated VM at a replica site. ``async with ReplicaVm(...) as vm: await vm.run()``."""
 
     def __init__(
@@ -181,13 +182,6 @@ class ReplicaVm:
         await self.reader.stop()
         for image in self.images.values():
             image.close()
-
-    async def __aenter__(self) -> ReplicaVm:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        await self.stop()
 
     @property
     def stopped(self) -> bool:
