@@ -77,9 +77,9 @@ async def test_measure_reset_events_suspend_and_resume_with_agents(
     follower: asyncio.subprocess.Process | None = None
     try:
         async with (
-            contextlib.AsyncExitStack() as stack,
             sites.site("site-a", heartbeat_seconds=HEARTBEAT_SECONDS) as site_a,
             sites.site("site-b", heartbeat_seconds=HEARTBEAT_SECONDS) as site_b,
+            contextlib.AsyncExitStack() as stack,  # last in, first out: the agent before its site
         ):
             enabled = await vm(
                 site_a,
