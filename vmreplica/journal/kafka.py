@@ -303,7 +303,7 @@ class JournalPublisher:
                     futures.append(await _progress(sent, topic))
                     for _ in range(SENDER_YIELDS):  # let the sender start on it
                         await asyncio.sleep(0)
-                metadata = [await _progress(future, topic) for future in futures]
+                metadata = await _progress(asyncio.gather(*futures), topic)
                 await _progress(producer.commit_transaction(), topic)
             except BaseException as error:
                 # A fenced producer is in a fatal state and cannot abort; the broker aborts its
