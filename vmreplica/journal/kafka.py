@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncGenerator, Awaitable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -29,6 +30,7 @@ from vmreplica.errors import BrokerError, FencedError
 from vmreplica.journal.allocator import tune_allocator
 
 T = TypeVar("T")
+_client_log = logging.getLogger("vmreplica.journal.kafka")
 
 TOPIC_PROPAGATION_SECONDS: Final = 10.0
 """How long a topic just created may stay unknown to the broker that is asked about it."""
@@ -72,6 +74,27 @@ class KafkaConnection:
             "request_timeout_ms": REQUEST_TIMEOUT_MS,
             **self.extra,
         }
+
+
+def quiet_client_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Log in one line, without a traceback, the aiokafka errors nobody awaited.
+
+    aiokafka leaves some of its internal futures' exceptions unretrieved — a fenced producer's
+    pending partition registration, a connection to a broker that went away, a producer this
+    module abandoned because its brokers did not answer — and asyncio prints each one with a
+    traceback when it is garbage-collected. Their failures were already reported through the
+    calls that awaited them (as :class:`BrokerError`); anything else goes to the loop's usual
+    handler.
+    """
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        if isinstance(error, KafkaError):
+            _client_log.warning("%s: %s: %s", context.get("message"), type(error).__name__, error)
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)
 
 
 def _translate(error: BaseException, doing: str) -> BrokerError:

@@ -71,7 +71,7 @@ from vmreplica.failover.resync import (
     load_job,
     running,
 )
-from vmreplica.journal.kafka import JournalReader
+from vmreplica.journal.kafka import JournalReader, quiet_client_errors
 from vmreplica.nbd.server import NbdServer
 from vmreplica.producers.capture_front import CaptureFront
 from vmreplica.producers.nbd_exports import UNIX_PATH_MAX_BYTES, VmExports, socket_path
@@ -204,6 +204,7 @@ class Agent:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        quiet_client_errors(loop)
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signum, self.stop)
