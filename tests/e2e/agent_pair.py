@@ -68,7 +68,8 @@ class AgentProcess:
 
     def assert_no_traceback(self) -> None:
         text = self.output()
-        assert "Traceback" not in text, f"{self.log} holds a traceback:\n{text[-6000:]}"
+        at = text.find("Traceback")
+        assert at < 0, f"{self.log} holds a traceback:\n{text[max(0, at - 1500) : at + 4000]}"
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
@@ -41,6 +42,7 @@ from vmreplica.schemas.payload import PayloadCipher
 from vmreplica.service import Service
 
 T = TypeVar("T")
+_client_log = logging.getLogger("vmreplica.journal.kafka")
 
 TOPIC_PROPAGATION_SECONDS: Final = 10.0
 """How long a topic just created may stay unknown to the broker that is asked about it."""
@@ -103,6 +105,27 @@ def _refused(what: str, doing: str) -> AccessDenied:
         "site's principal its trust group (`vmreplica broker add-site SITE --trust-group G`), "
         "or check `sasl_username` and `trust_group` in the site configuration"
     )
+
+
+def quiet_client_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Log in one line, without a traceback, the aiokafka errors nobody awaited.
+
+    aiokafka leaves some of its internal futures' exceptions unretrieved — a fenced producer's
+    pending partition registration, a connection to a broker that went away, a producer this
+    module abandoned because its brokers did not answer — and asyncio prints each one with a
+    traceback when it is garbage-collected. Their failures were already reported through the
+    calls that awaited them (as :class:`BrokerError`); anything else goes to the loop's usual
+    handler.
+    """
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        if isinstance(error, KafkaError):
+            _client_log.warning("%s: %s: %s", context.get("message"), type(error).__name__, error)
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)
 
 
 def _translate(error: BaseException, doing: str) -> BrokerError:
@@ -343,7 +366,7 @@ class JournalPublisher(Service):
                     futures.append(await _progress(sent, topic))
                     for _ in range(SENDER_YIELDS):  # let the sender start on it
                         await asyncio.sleep(0)
-                metadata = [await _progress(future, topic) for future in futures]
+                metadata = await _progress(asyncio.gather(*futures), topic)
                 await _progress(producer.commit_transaction(), topic)
             except BaseException as error:
                 # A fenced producer is in a fatal state and cannot abort; the broker aborts its

@@ -76,6 +76,7 @@ from vmreplica.failover.requests import (
 from vmreplica.failover.resync import accept_resync, cancel_resync
 from vmreplica.failover.resync_job import load_job
 from vmreplica.hypervisor import hypervisor_for
+from vmreplica.journal.kafka import quiet_client_errors
 from vmreplica.nbd.server import NbdServer
 from vmreplica.producers.app_consistent import AppConsistentSchedule
 from vmreplica.producers.capture_front import CaptureFront
@@ -166,6 +167,7 @@ class Agent:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        quiet_client_errors(loop)
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signum, self.stop)
