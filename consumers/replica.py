@@ -42,6 +42,7 @@ from vmreplica.schemas.events import (
     ReplicaPosition,
     ResyncRequest,
 )
+from vmreplica.service import Service
 from vmreplica.storage.catalog import Catalog
 from vmreplica.storage.digests import digest_block_bytes, image_digests
 from vmreplica.storage.image import DiskImage
@@ -120,7 +121,7 @@ def digest_maps(
     ]
 
 
-class ReplicaVm:
+class ReplicaVm(Service):
     """A replicated VM at a replica site. ``async with ReplicaVm(...) as vm: await vm.run()``."""
 
     def __init__(
@@ -199,13 +200,6 @@ class ReplicaVm:
         await self.reader.stop()
         for image in self.images.values():
             image.close()
-
-    async def __aenter__(self) -> ReplicaVm:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        await self.stop()
 
     @property
     def stopped(self) -> bool:

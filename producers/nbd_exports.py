@@ -31,6 +31,7 @@ from vmreplica.nbd.device import BlockDevice, FileBlockDevice
 from vmreplica.nbd.server import NbdServer
 from vmreplica.producers.capture import CapturedVm
 from vmreplica.producers.journaling_device import JournalingDevice
+from vmreplica.service import Service
 
 UNIX_PATH_MAX_BYTES: Final = 107
 """sun_path holds 108 bytes, one of which is the terminating NUL."""
@@ -123,7 +124,7 @@ class ServedDisk:
         return self.device.flush()
 
 
-class VmExports:
+class VmExports(Service):
     """A VM's disks served over NBD by the agent for as long as this site holds the VM.
 
     One export per disk on the VM's Unix socket (and on the shared TCP listener, if any). While
@@ -215,10 +216,3 @@ class VmExports:
         for device in self._files.values():
             device.close()
         self._files.clear()
-
-    async def __aenter__(self) -> VmExports:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()

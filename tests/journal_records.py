@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import zstandard
 
 from vmreplica.schemas.chain import cycle_hash
+from vmreplica.schemas.codec import encode
 from vmreplica.schemas.events import (
     Compression,
     Consistency,
@@ -96,6 +97,13 @@ def cycle_commit(
         previous_hash=previous_hash,
         cycle_hash=cycle_hash(previous_hash, epoch, cycle, extents),
     )
+
+
+def forged_gap(vm: str, cycle: int, previous: bytes, disks: Mapping[str, int]) -> list[bytes]:
+    """A transaction claiming cycle ``cycle + 1`` while the replica expects ``cycle``: a journal
+    violation (a gap) that only a resync repairs."""
+    batch = write_batch(vm, 1, cycle + 1, 0, [Change("disk0", 0, b"\x5a" * 8192)])
+    return [encode(batch), encode(cycle_commit(vm, 1, cycle + 1, [batch], previous, disks))]
 
 
 HASHED_FIELDS = ("disk", "offset", "length", "kind", "crc32")

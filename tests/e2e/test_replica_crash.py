@@ -174,6 +174,11 @@ async def test_replica_agent_survives_sigkill_at_random_instants(
             for name in DISKS:
                 await primary.capture.write(name, 0, rng.randbytes(MiB))
             await primary.initial_replication()
+            # The seed ships the writes made during it as a cycle of its own: the replica may
+            # be killed at that one too.
+            seeded = await site_a.catalog.position(VM)
+            assert seeded is not None
+            digests[seeded.cycle] = {name: sha256_of(path) for name, path in disks.items()}
             await _ship_cycles(primary, rng, BACKLOG_CYCLES, digests, disks)
             applied = 0
             for trial in range(TRIALS):

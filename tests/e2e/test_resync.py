@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import uuid
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -32,21 +31,12 @@ import pytest
 
 from tests.e2e.clients import cli, run, wait_until
 from tests.fixtures import SiteFactory
+from tests.journal_records import forged_gap
 from vmreplica.consumers.replica import image_path
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.names import journal_topic
 from vmreplica.domain.states import ReplicationState
 from vmreplica.journal.kafka import JournalPublisher, KafkaConnection
-from vmreplica.schemas.codec import encode
-from vmreplica.schemas.events import (
-    Compression,
-    Consistency,
-    CycleCommit,
-    DiskSize,
-    Extent,
-    ExtentKind,
-    WriteBatch,
-)
 from vmreplica.storage.catalog import Catalog
 
 pytestmark = pytest.mark.e2e
@@ -297,29 +287,6 @@ async def test_a_replica_corrupted_behind_its_agents_back_is_repaired_by_resync(
         assert min(p["point"] for p in points) == job["cycle"]  # none from before the repair
 
 
-def forged_gap(vm: str, cycle: int, previous: bytes) -> list[bytes]:
-    """A transaction claiming cycle ``cycle + 1`` while the replica expects ``cycle``."""
-    data = b"\x5a" * 8192
-    extent = Extent("disk0", 0, len(data), ExtentKind.DATA, 0, zlib.crc32(data))
-    batch = WriteBatch(vm, 1, cycle + 1, 0, (extent,), Compression.NONE, data)
-    commit = CycleCommit(
-        vm,
-        1,
-        cycle + 1,
-        1,
-        2,
-        1,
-        1,
-        len(data),
-        len(data),
-        Consistency.CRASH,
-        tuple(DiskSize(name, size) for name, size in DISKS.items()),
-        previous,
-        b"\x00" * 32,
-    )
-    return [encode(batch), encode(commit)]
-
-
 async def forge_a_gap(pair: Sites, sites: SiteFactory) -> int:
     """Stop both agents, put a gap into the journal right after the primary's last cycle,
     start them again; returns that cycle, where site B stops."""
@@ -333,7 +300,9 @@ async def forge_a_gap(pair: Sites, sites: SiteFactory) -> int:
         KafkaConnection(config.bootstrap_servers), f"forger-{uuid.uuid4().hex}"
     ) as forger:
         await forger.publish(
-            topic, pair.vm.encode(), forged_gap(pair.vm, position.cycle + 1, position.cycle_hash)
+            topic,
+            pair.vm.encode(),
+            forged_gap(pair.vm, position.cycle + 1, position.cycle_hash, DISKS),
         )
     pair.agent_a.start()
     pair.agent_b.start()

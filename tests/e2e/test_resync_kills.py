@@ -30,7 +30,7 @@ from tests.e2e.test_resync import (  # noqa: F401 — fixtures, found by name
     two_agents,
 )
 from tests.fixtures import SiteFactory
-from vmreplica.failover.resync import load_job
+from vmreplica.failover.resync_job import load_job
 
 pytestmark = pytest.mark.e2e
 

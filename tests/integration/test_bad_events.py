@@ -53,7 +53,7 @@ from vmreplica.domain.states import ReplicationState
 from vmreplica.journal.kafka import JournalPublisher, TopicAdmin
 from vmreplica.journal.topics import journal_spec
 from vmreplica.producers.primary import PrimaryVm
-from vmreplica.runtime.agent import DISCOVERY_SECONDS
+from vmreplica.runtime.pacing import DISCOVERY_SECONDS
 from vmreplica.runtime.site import Site
 from vmreplica.schemas.chain import GENESIS_HASH, cycle_hash
 from vmreplica.schemas.codec import encode

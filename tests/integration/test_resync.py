@@ -12,7 +12,6 @@ import asyncio
 import os
 import random
 import uuid
-import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,26 +21,21 @@ from typing import Final
 import pytest
 
 from tests.fixtures import SitePair, VmFactory
+from tests.journal_records import forged_gap
 from vmreplica.consumers.replica import ReplicaVm
 from vmreplica.domain.model import VmSettings
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import ResyncRefused
 from vmreplica.failover import journal_events
-from vmreplica.failover.resync import ResyncRun, accept_resync, load_job
+from vmreplica.failover.resync import ResyncRun, accept_resync
+from vmreplica.failover.resync_job import load_job
 from vmreplica.journal.kafka import JournalPublisher, StatusPublisher
 from vmreplica.producers.primary import PrimaryVm
 from vmreplica.runtime.site import Site
 from vmreplica.schemas.codec import encode
 from vmreplica.schemas.events import (
-    Compression,
-    Consistency,
-    CycleCommit,
     DigestMap,
-    DiskSize,
     EpochStart,
-    Extent,
-    ExtentKind,
-    WriteBatch,
 )
 from vmreplica.storage.image import sha256_of
 
@@ -185,29 +179,6 @@ async def test_a_corrupted_replica_is_repaired_while_the_vm_writes(
         assert min(p.cycle for p in await run.b.catalog.points(run.vm)) == finished.cycle
 
 
-def forged_gap(vm: str, cycle: int, previous: bytes) -> list[bytes]:
-    """A transaction claiming cycle ``cycle + 1``: the replica expects ``cycle``."""
-    data = b"\x5a" * 8192
-    extent = Extent("disk0", 0, len(data), ExtentKind.DATA, 0, zlib.crc32(data))
-    batch = WriteBatch(vm, 1, cycle + 1, 0, (extent,), Compression.NONE, data)
-    commit = CycleCommit(
-        vm,
-        1,
-        cycle + 1,
-        1,
-        2,
-        1,
-        1,
-        len(data),
-        len(data),
-        Consistency.CRASH,
-        tuple(DiskSize(name, size) for name, size in DISKS.items()),
-        previous,
-        b"\x00" * 32,
-    )
-    return [encode(batch), encode(commit)]
-
-
 async def test_a_replica_stopped_by_a_journal_violation_leaves_it_through_a_resync(
     site_pair: SitePair, vm: VmFactory
 ) -> None:
@@ -218,7 +189,7 @@ async def test_a_replica_stopped_by_a_journal_violation_leaves_it_through_a_resy
             await forger.publish(
                 run.a.journal_topic(run.vm),
                 run.vm.encode(),
-                forged_gap(run.vm, position.cycle + 1, position.cycle_hash),
+                forged_gap(run.vm, position.cycle + 1, position.cycle_hash, DISKS),
             )
         await run.replica.catch_up()
         record = await run.b.catalog.vm(run.vm)

@@ -27,14 +27,8 @@ from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import ConfigurationError, ResyncRefused
 from vmreplica.failover.divergence import check_digest_map
 from vmreplica.failover.requests import Resynchronize, post_request
-from vmreplica.failover.resync import (
-    ResyncJob,
-    accept_resync,
-    cancel_resync,
-    load_job,
-    running,
-    save_job,
-)
+from vmreplica.failover.resync import accept_resync, cancel_resync
+from vmreplica.failover.resync_job import ResyncJob, load_job, running, save_job
 from vmreplica.runtime.agent import Agent
 from vmreplica.runtime.site import Site
 from vmreplica.runtime.status import vm_status

@@ -237,7 +237,8 @@ def agent(config_path: Path | None, log_level: str) -> None:
     # A stop asked for while the agent starts up is honoured once it runs, not by dying.
     early: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, _: early.append(signum))
-    from vmreplica.runtime.agent import Agent, check_folders  # noqa: PLC0415
+    from vmreplica.runtime.agent import Agent  # noqa: PLC0415
+    from vmreplica.runtime.folders import check_folders  # noqa: PLC0415
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -22,7 +22,7 @@ from vmreplica.cli.replication import config_option, json_option, with_site
 from vmreplica.cli.support import emit_json, errors, reported
 from vmreplica.errors import ConfigurationError, ResyncRefused
 from vmreplica.failover.requests import Resynchronize, carry_out
-from vmreplica.failover.resync import ResyncJob, load_job
+from vmreplica.failover.resync_job import ResyncJob, load_job
 from vmreplica.runtime.site import Site
 from vmreplica.storage.mailbox import Mailbox
 

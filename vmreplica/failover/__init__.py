@@ -50,14 +50,8 @@ from vmreplica.failover.requests import (
     UnplannedFailover,
     carry_out,
 )
-from vmreplica.failover.resync import (
-    ResyncJob,
-    ResyncRun,
-    accept_resync,
-    cancel_resync,
-    load_job,
-    resync_here,
-)
+from vmreplica.failover.resync import ResyncRun, accept_resync, cancel_resync, resync_here
+from vmreplica.failover.resync_job import ResyncJob, load_job
 from vmreplica.failover.reverse import ReverseResult, demote, reverse
 from vmreplica.failover.unplanned import cancel, complete, promote
 

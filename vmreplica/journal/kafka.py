@@ -11,8 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -31,6 +30,7 @@ from aiokafka.errors import (
 
 from vmreplica.errors import BrokerError, BrokerUnreachable, FencedError
 from vmreplica.journal.allocator import tune_allocator
+from vmreplica.service import Service
 
 TOPIC_PROPAGATION_SECONDS: Final = 10.0
 """How long a topic just created may stay unknown to the broker that is asked about it."""
@@ -120,7 +120,7 @@ class TopicSpec:
     configs: Mapping[str, str]
 
 
-class TopicAdmin:
+class TopicAdmin(Service):
     """Creates and inspects vmreplica's topics."""
 
     def __init__(self, connection: KafkaConnection) -> None:
@@ -134,13 +134,6 @@ class TopicAdmin:
 
     async def stop(self) -> None:
         await self._admin.close()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        await self.stop()
 
     async def ensure_topic(self, spec: TopicSpec) -> bool:
         """Create the topic unless it exists; True when this call created it."""
@@ -204,7 +197,7 @@ class TopicAdmin:
             raise _translate(error, "listing topics") from error
 
 
-class JournalPublisher:
+class JournalPublisher(Service):
     """A transactional producer for one VM: each cycle is published as one transaction.
 
     Every site uses the same ``transactional_id`` for a VM, so initialising a producer at a new
@@ -239,18 +232,6 @@ class JournalPublisher:
         if self._started:
             self._started = False
             await self._producer.stop()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def publish(self, topic: str, key: bytes, values: Iterable[bytes]) -> list[int]:
         """Publish ``values`` in order as one transaction and return their offsets.
@@ -301,7 +282,7 @@ class JournalRecord:
     timestamp_ms: int
 
 
-class JournalReader:
+class JournalReader(Service):
     """Reads one single-partition topic from a given offset, committed records only.
 
     Positions are kept by the caller (the replica's catalog), not in Kafka consumer groups, so
@@ -343,13 +324,6 @@ class JournalReader:
         if self._started:
             self._started = False
             await self._consumer.stop()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        await self.stop()
 
     def seek(self, offset: int) -> None:
         self._consumer.seek(self._partition, offset)

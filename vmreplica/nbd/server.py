@@ -32,6 +32,7 @@ from vmreplica.nbd import protocol as wire
 from vmreplica.nbd.device import BlockDevice, FileBlockDevice
 from vmreplica.nbd.handshake import Export, ServerContext
 from vmreplica.nbd.session import NbdSession
+from vmreplica.service import Service
 
 __all__ = ["DEFAULT_MAX_REQUEST_BYTES", "BlockDevice", "FileBlockDevice", "NbdServer"]
 
@@ -42,7 +43,7 @@ _LARGEST_REQUEST_BYTES: Final = 0xFFFFFFFF  # lengths are 32-bit on the wire
 STOP_GRACE_SECONDS: Final = 10.0
 
 
-class NbdServer:
+class NbdServer(Service):
     """Serves named :class:`BlockDevice` exports to NBD clients.
 
     Requests are pipelined: each connection starts every request as soon as it is read and
@@ -190,13 +191,6 @@ class NbdServer:
         if self.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.unix_path)
-
-    async def __aenter__(self) -> NbdServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
 
     def uri(self, export: str) -> str:
         """The NBD URI of ``export`` (Unix socket preferred), as qemu, nbdinfo and fio take it."""

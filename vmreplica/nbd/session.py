@@ -6,6 +6,9 @@ replies produced while doing so leave in one write. A request whose device call 
 without suspending (a page-cache write) therefore costs no task, no wake-up and no syscall of
 its own; one that suspends (fsync, a journal append) continues in a task while later requests
 keep being served, and its reply is sent whenever it finishes — NBD allows replies in any order.
+
+About 400 lines: one command per NBD request type and the pipelining they share; the handshake
+and the wire format are :mod:`~vmreplica.nbd.handshake` and :mod:`~vmreplica.nbd.protocol`.
 """
 
 from __future__ import annotations

@@ -14,8 +14,14 @@ every role change, capturing writes while the VM is primary here and serving the
 read-only (writes refused with EPERM) otherwise, so the new primary of a failover serves the
 same export names and the old one still answers its hypervisor.
 
-Before it runs, :func:`check_folders` and the listeners (metrics, NBD over TCP) refuse a setting
-the agent cannot work with in one line that names the setting, the problem and what to do.
+Before it runs, :func:`vmreplica.runtime.folders.check_folders` and the listeners (metrics, NBD
+over TCP) refuse a setting the agent cannot work with in one line that names the setting, the
+problem and what to do.
+
+About 560 lines: the loop and its supervision of the VMs' workers (start, retry, stop, role
+changes, exports kept across them) read as one piece. What stands alone has its own module:
+:mod:`~vmreplica.runtime.folders`, :mod:`~vmreplica.runtime.resync_worker`, the hop relay in
+:mod:`~vmreplica.runtime.extension`, and the shared timings in :mod:`~vmreplica.runtime.pacing`.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final
 
-from vmreplica.config import SiteConfig, cannot_listen
+from vmreplica.config import cannot_listen
 from vmreplica.consumers.drill import FailoverDrill
 from vmreplica.consumers.replica import ReplicaVm
 from vmreplica.domain.clock import now_ms
@@ -40,7 +46,6 @@ from vmreplica.errors import (
     ConfigurationError,
     FencedError,
     ReplicationError,
-    ResyncRefused,
     SupersededError,
 )
 from vmreplica.failover import (
@@ -60,41 +65,26 @@ from vmreplica.failover.requests import (
     Resynchronize,
     posted_request,
 )
-from vmreplica.failover.resync import (
-    ResyncBusy,
-    ResyncRun,
-    accept_resync,
-    cancel_resync,
-    load_job,
-    running,
-)
-from vmreplica.journal.kafka import JournalReader
+from vmreplica.failover.resync import accept_resync, cancel_resync
+from vmreplica.failover.resync_job import load_job
 from vmreplica.nbd.server import NbdServer
 from vmreplica.producers.capture_front import CaptureFront
-from vmreplica.producers.nbd_exports import UNIX_PATH_MAX_BYTES, VmExports, socket_path
+from vmreplica.producers.nbd_exports import VmExports, socket_path
 from vmreplica.producers.primary import PrimaryVm
-from vmreplica.runtime.extension import ExtendedReplication, load_extension
+from vmreplica.runtime.extension import HopRelay
 from vmreplica.runtime.metrics import CycleStat, SiteMetrics, failure_reason
+from vmreplica.runtime.pacing import DISCOVERY_SECONDS, HELD_SECONDS, RETRY_SECONDS
+from vmreplica.runtime.resync_worker import RESYNC_CHECK_SECONDS, ResyncWorker
 from vmreplica.runtime.site import Site
 from vmreplica.runtime.status import vm_status
-from vmreplica.schemas.codec import decode_status
-from vmreplica.schemas.events import ReplicaPosition, ResyncRequest
 from vmreplica.storage.mailbox import Mailbox
 
 log = logging.getLogger(__name__)
 
-DISCOVERY_SECONDS: Final = 2.0
-"""How often the agent looks for newly enabled or newly published VMs."""
 REQUEST_POLL_SECONDS: Final = 0.25
 """How often the agent looks for failover requests and finished workers."""
 METRICS_SECONDS: Final = 5.0
 """How often the Prometheus gauges are refreshed from the catalog."""
-RETRY_SECONDS: Final = 30.0
-"""A worker that ended on a retriable error (a broker away, a hook timed out) is retried this
-long after, or as soon as its role changes."""
-HELD_SECONDS: Final = 600.0
-"""A worker that ended on an error someone must act on (a bad setting, a broken journal) waits
-for its relationship to change, and is tried again this long after in case the cause went away."""
 CONTINUOUS_TICK_SECONDS: Final = 1.0
 """Continuous replication looks for writes to ship every second."""
 ALIVE_STAMP_SECONDS: Final = 2.0
@@ -106,54 +96,6 @@ they are cancelled."""
 PUBLISH_RETRY_SECONDS: Final = 2.0
 """While Kafka is away, a primary whose epoch is not yet in the journal (a failover with no
 broker reachable) tries to publish it this often, and a replica to join its journal."""
-RESYNC_CHECK_SECONDS: Final = 1.0
-"""How often a primary worker looks for a pending resync job."""
-RESYNC_WATCH_SECONDS: Final = 5.0
-"""How often a primary reads its status topic for a replica that says it needs a resync."""
-STATUS_TAIL_RECORDS: Final = 500
-"""A primary worker starts reading its status topic this many records back: a replica waiting
-for a resync repeats its position every minute, so it is among them."""
-
-
-def check_folders(config: SiteConfig) -> None:
-    """Refuse a storage root or NBD socket folder the agent cannot use, before it opens them.
-
-    :raises ConfigurationError: one line: the setting, what is wrong, what to do.
-    """
-    _usable_folder("root", config.root, "the storage root")
-    socket_dir = config.nbd_socket_dir
-    if socket_dir is not None:
-        _usable_folder("nbd_socket_dir", socket_dir, "the NBD socket folder")
-        shortest = len(os.fsencode(socket_dir / "v.sock"))
-        if shortest > UNIX_PATH_MAX_BYTES:
-            raise ConfigurationError(
-                f"`nbd_socket_dir` {socket_dir}: too long for a Unix socket ({shortest} bytes "
-                f"with a one-letter VM name, {UNIX_PATH_MAX_BYTES} allowed). Operator action: "
-                "set `nbd_socket_dir` to a short folder such as /run/vmreplica."
-            )
-
-
-def _usable_folder(setting: str, path: os.PathLike[str], what: str) -> None:
-    folder = os.fspath(path)
-    if os.path.lexists(folder) and not os.path.isdir(folder):
-        raise ConfigurationError(
-            f"`{setting}` {folder}: {what} is a file, not a folder. Operator action: set "
-            f"`{setting}` to a folder, or move the file away."
-        )
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as error:
-        raise ConfigurationError(
-            f"`{setting}` {folder}: cannot create {what}: {error.strerror or error}. Operator "
-            f"action: create it for this user (uid {os.getuid()}), or set `{setting}` to a "
-            "folder it can write."
-        ) from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigurationError(
-            f"`{setting}` {folder}: {what} is not writable by this user (uid {os.getuid()}). "
-            f"Operator action: give it write access, or set `{setting}` to a folder it can "
-            "write."
-        )
 
 
 class Agent:
@@ -730,185 +672,3 @@ class Agent:
             ReplicationState.FAILED_OVER,
             ReplicationState.FAILED_OVER_WAITING_COMPLETION,
         )
-
-
-class ResyncWorker:
-    """Runs a primary VM's pending resync (:mod:`vmreplica.failover.resync`) beside its cycles,
-    and starts one when a replica says it needs it.
-
-    The job file says what is pending; a job cut short (the worker stopped, a broker away)
-    resumes from it at the next poll, or after :data:`RETRY_SECONDS` on an error.
-    """
-
-    def __init__(self, site: Site, primary: PrimaryVm) -> None:
-        self.site = site
-        self.primary = primary
-        self.folder = site.config.vm_folder(primary.name)
-        self.task: asyncio.Task[None] | None = None
-        self.next_check = 0.0
-        self.next_watch = 0.0
-        self.status: JournalReader | None = None
-        self.positions: dict[str, ReplicaPosition] = {}
-        """The latest position each site reported on the status topic."""
-        self.reasons: dict[str, str] = {}
-        """Why each site last asked for a resync."""
-
-    async def watch(self) -> None:
-        """A replica site whose latest position says "resynchronization required" (a journal
-        violation stopped it): resync it (``auto_resync``), or turn this VM's state, and so its
-        health, critical with what to do. Errors are logged: the cycles go on."""
-        loop = asyncio.get_running_loop()
-        if loop.time() < self.next_watch:
-            return
-        self.next_watch = loop.time() + RESYNC_WATCH_SECONDS
-        vm = self.primary.name
-        try:
-            record = await self.site.catalog.vm(vm)
-            if record.state is not ReplicationState.REPLICATING:
-                return  # resynchronizing, or the need is known already
-            await self._read_status()
-            job = load_job(self.folder)
-            if job is not None and job.active:
-                return
-            for target in (record.partner_site, *record.settings.also_replicate_to):
-                position = self.positions.get(target)
-                if (
-                    position is None
-                    or position.state != ReplicationState.RESYNCHRONIZATION_REQUIRED.value
-                ):
-                    continue
-                if (
-                    job is not None
-                    and job.target == target
-                    and job.epoch is not None
-                    and position.epoch < job.epoch
-                ):
-                    continue  # said before the last resync of it was applied
-                reason = self.reasons.get(target, "it stopped at a journal violation")
-                if record.settings.auto_resync:
-                    started = await accept_resync(
-                        self.site,
-                        vm,
-                        target,
-                        f"automatic: {target} needs it ({reason})",
-                        automatic=True,
-                    )
-                    log.warning("VM %s: %s", vm, started.summary())
-                else:
-                    await self.site.catalog.set_state(
-                        vm,
-                        ReplicationState.RESYNCHRONIZATION_REQUIRED,
-                        f"replica site {target} needs a resynchronization ({reason}); "
-                        f"automatic resync is off for this VM: run `vmreplica resync {vm}`",
-                    )
-                    log.error(
-                        "VM %s: replica site %s needs a resynchronization: %s", vm, target, reason
-                    )
-                return
-        except ReplicationError as error:
-            log.warning("VM %s: could not check its replicas for a resync: %s", vm, error)
-
-    async def _read_status(self) -> None:
-        """What the status topic says since the last look (at first, its tail)."""
-        if self.status is None:
-            reader = JournalReader(self.site.connection, self.site.status_topic(self.primary.name))
-            await reader.start()
-            self.status = reader
-            reader.seek(max(0, await reader.end_offset() - STATUS_TAIL_RECORDS))
-        for message in await self.status.fetch(0.2):
-            try:
-                event = decode_status(message.value)
-            except ReplicationError:
-                continue  # not ours to judge here; the status command shows what it can
-            if isinstance(event, ReplicaPosition):
-                self.positions[event.site] = event
-            elif isinstance(event, ResyncRequest) and event.disk is None:
-                self.reasons[event.site] = event.reason
-
-    def poll(self) -> None:
-        """Start the pending job if none runs; cheap enough to call every loop turn."""
-        loop = asyncio.get_running_loop()
-        if (self.task is not None and not self.task.done()) or loop.time() < self.next_check:
-            return
-        self.task = None
-        self.next_check = loop.time() + RESYNC_CHECK_SECONDS
-        try:
-            job = load_job(self.folder)
-        except ConfigurationError as error:
-            log.error("VM %s: %s", self.primary.name, error)
-            self.next_check = loop.time() + HELD_SECONDS
-            return
-        if job is not None and job.active:
-            self.task = asyncio.create_task(self._run(), name=f"resync-{self.primary.name}")
-
-    async def _run(self) -> None:
-        vm = self.primary.name
-        try:
-            with running(self.folder):
-                job = await ResyncRun(self.site, self.primary).run()
-            log.info("VM %s: %s", vm, job.summary())
-        except ResyncBusy as busy:  # a `vmreplica resync` run while no agent was
-            log.info("VM %s: %s; looking again in %.0f s", vm, busy, RETRY_SECONDS)
-            self.next_check = asyncio.get_running_loop().time() + RETRY_SECONDS
-        except ResyncRefused as refusal:
-            log.error("VM %s: resync refused: %s", vm, refusal)
-        except ReplicationError as error:
-            log.warning(
-                "VM %s: resync interrupted, retried in %.0f s: %s", vm, RETRY_SECONDS, error
-            )
-            self.next_check = asyncio.get_running_loop().time() + RETRY_SECONDS
-        except Exception:  # a bug must not take the VM's cycles down with it
-            log.exception("VM %s: resync failed; retried in %.0f s", vm, HELD_SECONDS)
-            self.next_check = asyncio.get_running_loop().time() + HELD_SECONDS
-
-    async def stop(self) -> None:
-        """Cancel a running job (it resumes from its file); a second call is harmless."""
-        if self.task is not None:
-            task, self.task = self.task, None
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        if self.status is not None:
-            status, self.status = self.status, None
-            await status.stop()
-
-
-class HopRelay:
-    """Extended replication of one replica VM, if it has been extended: seed once, then relay
-    every ``frequency`` seconds (see :mod:`vmreplica.runtime.extension`)."""
-
-    def __init__(self, site: Site, vm: str) -> None:
-        self.site = site
-        self.vm = vm
-        self.relay: ExtendedReplication | None = None
-        self.next_relay = 0.0
-        self.next_check = 0.0
-
-    async def poll(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self.relay is None:
-            if loop.time() < self.next_check:
-                return
-            self.next_check = loop.time() + DISCOVERY_SECONDS
-            extension = await load_extension(self.site, self.vm)
-            if extension is None:
-                return
-            relay = ExtendedReplication(self.site, extension)
-            await relay.__aenter__()
-            self.relay = relay
-            if await self.site.catalog.extension_offset(self.vm) is None:
-                sent = await relay.seed()
-                log.info(
-                    "VM %s: extended to %s, seed sent %d bytes", self.vm, extension.to_site, sent
-                )
-        if loop.time() >= self.next_relay:
-            self.next_relay = loop.time() + self.relay.extension.frequency_seconds
-            cycles = await self.relay.relay()
-            if cycles:
-                log.info(
-                    "VM %s: relayed cycles %s to %s", self.vm, cycles, self.relay.extension.to_site
-                )
-
-    async def stop(self) -> None:
-        if self.relay is not None:
-            relay, self.relay = self.relay, None
-            await relay.__aexit__()

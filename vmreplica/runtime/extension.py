@@ -18,6 +18,8 @@ Only cycles B has applied (and therefore checked) are relayed.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 
 from vmreplica.consumers.points import apply_lock
@@ -34,6 +36,7 @@ from vmreplica.journal.kafka import (
     read_to_end,
 )
 from vmreplica.producers.seed import Seeder
+from vmreplica.runtime.pacing import DISCOVERY_SECONDS
 from vmreplica.runtime.site import Site
 from vmreplica.schemas.codec import decode_journal, encode
 from vmreplica.schemas.events import (
@@ -44,6 +47,8 @@ from vmreplica.schemas.events import (
     WriteBatch,
 )
 from vmreplica.storage.image import DiskImage
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -207,3 +212,45 @@ class ExtendedReplication:
                         pending = []
                         await self.site.catalog.set_extension_offset(vm, message.offset + 1)
         return relayed
+
+
+class HopRelay:
+    """Extended replication of one replica VM, if it has been extended: seed once, then relay
+    every ``frequency`` seconds (see :mod:`vmreplica.runtime.extension`)."""
+
+    def __init__(self, site: Site, vm: str) -> None:
+        self.site = site
+        self.vm = vm
+        self.relay: ExtendedReplication | None = None
+        self.next_relay = 0.0
+        self.next_check = 0.0
+
+    async def poll(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.relay is None:
+            if loop.time() < self.next_check:
+                return
+            self.next_check = loop.time() + DISCOVERY_SECONDS
+            extension = await load_extension(self.site, self.vm)
+            if extension is None:
+                return
+            relay = ExtendedReplication(self.site, extension)
+            await relay.__aenter__()
+            self.relay = relay
+            if await self.site.catalog.extension_offset(self.vm) is None:
+                sent = await relay.seed()
+                log.info(
+                    "VM %s: extended to %s, seed sent %d bytes", self.vm, extension.to_site, sent
+                )
+        if loop.time() >= self.next_relay:
+            self.next_relay = loop.time() + self.relay.extension.frequency_seconds
+            cycles = await self.relay.relay()
+            if cycles:
+                log.info(
+                    "VM %s: relayed cycles %s to %s", self.vm, cycles, self.relay.extension.to_site
+                )
+
+    async def stop(self) -> None:
+        if self.relay is not None:
+            relay, self.relay = self.relay, None
+            await relay.__aexit__()

@@ -12,8 +12,6 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from vmreplica.config import SiteConfig
 from vmreplica.consumers.replica import ReplicaVm, image_path
@@ -27,12 +25,13 @@ from vmreplica.producers.primary import PrimaryVm
 from vmreplica.schemas.codec import decode_journal
 from vmreplica.schemas.events import VmConfig
 from vmreplica.schemas.validation import check_event
+from vmreplica.service import Service
 from vmreplica.storage.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
 
-class Site:
+class Site(Service):
     """One site's view of replication. ``async with Site(config) as site: ...``."""
 
     def __init__(self, config: SiteConfig) -> None:
@@ -52,18 +51,6 @@ class Site:
             status, self._status = self._status, None
             await status.stop()
         await self.catalog.stop()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     def journal_topic(self, vm: str) -> str:
         return names.journal_topic(vm, self.config.trust_group, self.config.topic_prefix)

@@ -39,7 +39,8 @@ from vmreplica.domain.states import (
     waiting_ms,
 )
 from vmreplica.errors import BrokerUnreachable, ConfigurationError
-from vmreplica.failover.resync import ResyncJob, job_or_none
+from vmreplica.failover.resync import job_or_none
+from vmreplica.failover.resync_job import ResyncJob
 from vmreplica.journal.kafka import read_to_end
 from vmreplica.producers.changelog import pending_bytes
 from vmreplica.producers.nbd_exports import nbd_uris, socket_path

@@ -21,8 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from itertools import pairwise
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import aiosqlite
 
@@ -39,6 +38,7 @@ from vmreplica.domain.model import (
 )
 from vmreplica.domain.states import LastHeartbeat, ReplicationState
 from vmreplica.errors import ConfigurationError, PositionRegressedError
+from vmreplica.service import Service
 from vmreplica.storage.sqlite import open_database
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ _ADDED_COLUMNS: Final = (("cycle_stat", "started_at_ms", "INTEGER"),)
 """Columns added after the first release: a catalog created before gets them at start-up."""
 
 
-class Catalog:
+class Catalog(Service):
     """Async access to the site catalog. ``async with Catalog(path) as catalog: ...``."""
 
     def __init__(self, path: Path) -> None:
@@ -164,18 +164,6 @@ class Catalog:
             if self._db is not None:
                 db, self._db = self._db, None
                 await db.close()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     @property
     def db(self) -> aiosqlite.Connection:

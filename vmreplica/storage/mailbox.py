@@ -22,14 +22,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Final, Literal, Self, cast
+from typing import Any, Final, Literal, cast
 
 import aiosqlite
 
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.states import KafkaOutage
 from vmreplica.errors import ConfigurationError
+from vmreplica.service import Service
 from vmreplica.storage.sqlite import open_database
 
 AGENT_ALIVE_SECONDS: Final = 10.0
@@ -81,7 +81,7 @@ def _process_alive(pid: int) -> bool:
     return os.path.exists(f"/proc/{pid}")
 
 
-class Mailbox:
+class Mailbox(Service):
     """``async with Mailbox(config.catalog_path) as mailbox: ...``."""
 
     def __init__(self, path: Path) -> None:
@@ -96,18 +96,6 @@ class Mailbox:
         if self._db is not None:
             db, self._db = self._db, None
             await db.close()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     @property
     def _connection(self) -> aiosqlite.Connection:
