@@ -18,8 +18,8 @@ Before it runs, :func:`vmreplica.runtime.folders.check_folders` and the listener
 over TCP) refuse a setting the agent cannot work with in one line that names the setting, the
 problem and what to do.
 
-About 560 lines: the loop and its supervision of the VMs' workers (start, retry, stop, role
-changes, exports kept across them) read as one piece. What stands alone has its own module:
+About 670 lines: the loop and its supervision of the VMs' workers (start, retry, stop, role
+changes, exports kept across them, Kafka outages ridden out) read as one piece. What stands alone has its own module:
 :mod:`~vmreplica.runtime.folders`, :mod:`~vmreplica.runtime.resync_worker`, the hop relay in
 :mod:`~vmreplica.runtime.extension`, and the shared timings in :mod:`~vmreplica.runtime.pacing`.
 """
