@@ -19,9 +19,10 @@ over TCP) refuse a setting the agent cannot work with in one line that names the
 problem and what to do.
 
 About 670 lines: the loop and its supervision of the VMs' workers (start, retry, stop, role
-changes, exports kept across them, Kafka outages ridden out) read as one piece. What stands alone has its own module:
-:mod:`~vmreplica.runtime.folders`, :mod:`~vmreplica.runtime.resync_worker`, the hop relay in
-:mod:`~vmreplica.runtime.extension`, and the shared timings in :mod:`~vmreplica.runtime.pacing`.
+changes, exports kept across them, Kafka outages ridden out) read as one piece. What stands
+alone has its own module: :mod:`~vmreplica.runtime.folders`,
+:mod:`~vmreplica.runtime.resync_worker`, the hop relay in :mod:`~vmreplica.runtime.extension`,
+and the shared timings in :mod:`~vmreplica.runtime.pacing`.
 """
 
 from __future__ import annotations
