@@ -18,10 +18,10 @@ Before it runs, :func:`vmreplica.runtime.folders.check_folders` and the listener
 over TCP) refuse a setting the agent cannot work with in one line that names the setting, the
 problem and what to do.
 
-About 630 lines: the loop and its supervision of the VMs' workers (start, retry, stop, role
-changes, exports kept across them, the order of a planned failover) read as one piece. What
-stands alone has its own module:
-:mod:`~vmreplica.runtime.folders`, :mod:`~vmreplica.runtime.resync_worker`, the hop relay in
+About 850 lines: the loop and its supervision of the VMs' workers (start, retry, stop, role
+changes, exports kept across them, the order of a planned failover, Kafka outages ridden out)
+read as one piece. What stands alone has its own module: :mod:`~vmreplica.runtime.folders`,
+:mod:`~vmreplica.runtime.resync_worker`, :mod:`~vmreplica.runtime.outage`, the hop relay in
 :mod:`~vmreplica.runtime.extension`, and the shared timings in :mod:`~vmreplica.runtime.pacing`.
 """
 
