@@ -44,13 +44,6 @@ built (``send`` itself never yields while the buffer has room)."""
 FETCH_MAX_BYTES: Final = 2 * MAX_RECORD_BYTES
 """What one fetch returns at most: two of the largest records, and below the allocator's mmap
 threshold (see :func:`~vmreplica.journal.allocator.tune_allocator`)."""
-IDLE_FETCH_WAIT_MS: Final = 5_000
-"""How long the broker may hold a reader's fetch while nothing new is committed
-(``fetch_max_wait_ms``). The broker answers as soon as a committed record arrives, so this adds
-no delay to reading new records; it spaces out the empty fetches every reader keeps sending in
-the background, one per VM on each side: at aiokafka's default of 500 ms, an agent of 300 idle
-VMs sent 600 fetches a second and spent most of its CPU on them. (A seek while such a fetch is
-held waits for it: up to this long, on the rare paths that seek back.)"""
 READ_TO_END_FETCH_SECONDS: Final = 0.05
 """How long :func:`read_to_end` lets one fetch wait. A topic written in transactions ends with a
 commit marker, which a fetch consumes without returning a record: a longer wait there is pure
@@ -296,7 +289,6 @@ class JournalReader(Service):
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=max_fetch_bytes,
             fetch_max_bytes=max_fetch_bytes,
-            fetch_max_wait_ms=IDLE_FETCH_WAIT_MS,
             group_id=None,
         )
         self._started = False
