@@ -55,11 +55,9 @@ from pathlib import Path
 from typing import Final
 
 from vmreplica.config import SiteConfig
-from vmreplica.devtools.cluster import LocalCluster
 from vmreplica.devtools.jars import resolve_kafka
-from vmreplica.devtools.ports import free_base_port
+from vmreplica.devtools.measuring import Broker, broker, cpu_seconds
 from vmreplica.domain.model import VmSettings
-from vmreplica.errors import BrokerError
 from vmreplica.journal.kafka import MAX_RECORD_BYTES, KafkaConnection, TopicAdmin
 from vmreplica.journal.topics import journal_spec
 from vmreplica.producers.primary import PrimaryVm
@@ -83,7 +81,6 @@ WARM_UP_RECORDS: Final = 1024
 CYCLE_BYTES: Final = VmSettings().continuous_max_bytes
 """The agent's continuous mode cuts a cycle whenever the change log holds this much."""
 REPLICA_TIMEOUT_SECONDS: Final = 600.0
-BROKER_START_ATTEMPTS: Final = 3
 PRIMARY_SITE: Final = "site-a"
 REPLICA_SITE: Final = "site-b"
 
@@ -131,54 +128,6 @@ class HotSpot:
 # --- broker --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Broker:
-    bootstrap_servers: str
-    description: str
-    pids: tuple[int, ...]
-    """Broker JVMs on this machine, for CPU accounting (none for a configured cluster)."""
-
-
-@contextlib.contextmanager
-def broker(workdir: Path) -> Iterator[Broker]:
-    """Yield the configured cluster or a fresh local one, stopped afterwards."""
-    configured = os.environ.get("VMREPLICA_BOOTSTRAP_SERVERS")
-    if configured:
-        yield Broker(configured, f"{configured} (VMREPLICA_BOOTSTRAP_SERVERS)", ())
-        return
-    for attempt in range(BROKER_START_ATTEMPTS):
-        cluster = LocalCluster(home=workdir / "kafka-home", base_port=free_base_port())
-        try:
-            state = cluster.up(1)
-            break
-        except BrokerError:
-            # A random KRaft cluster id that starts with "-" makes kafka-storage fail; so does a
-            # port taken between probing and binding. Another id and port will do.
-            if attempt + 1 == BROKER_START_ATTEMPTS:
-                raise
-    try:
-        yield Broker(
-            state.bootstrap_servers,
-            f"{state.bootstrap_servers} (local single-node Kafka started by this benchmark)",
-            tuple(n.pid for n in state.nodes),
-        )
-    finally:
-        cluster.down()
-
-
-def cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU seconds of this process, or of process ``pid`` (from /proc)."""
-    if pid is None:
-        times = os.times()
-        return times.user + times.system
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _broker_cpu(pids: tuple[int, ...]) -> float:
-    return sum(cpu_seconds(pid) for pid in pids)
-
-
 # --- (b) Kafka's own producer --------------------------------------------------------------------
 
 _PERF_SUMMARY: Final = re.compile(r"(\d+) records sent, ([\d.]+) records/sec \(([\d.]+) MB/sec\)")
@@ -202,7 +151,7 @@ def producer_performance(kafka: Broker, records: int) -> KafkaBaseline:
     bootstrap = kafka.bootstrap_servers
     topic = f"bench-producer-perf-{uuid.uuid4().hex[:8]}"
     asyncio.run(_create_topic(bootstrap, topic))
-    children, broker_cpu = resource.getrusage(resource.RUSAGE_CHILDREN), _broker_cpu(kafka.pids)
+    children, broker_cpu = resource.getrusage(resource.RUSAGE_CHILDREN), kafka.cpu_seconds()
     command = [
         "java", "-Xmx1g", "-cp", f"{resolve_kafka()}/*",
         "org.apache.kafka.tools.ProducerPerformance", "--topic", topic,
@@ -214,7 +163,7 @@ def producer_performance(kafka: Broker, records: int) -> KafkaBaseline:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = {"producer": after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime}
     if kafka.pids:
-        cpu["broker"] = _broker_cpu(kafka.pids) - broker_cpu
+        cpu["broker"] = kafka.cpu_seconds() - broker_cpu
     summaries = _PERF_SUMMARY.findall(result.stdout)
     if result.returncode != 0 or not summaries:
         tail = (result.stdout + result.stderr).strip().splitlines()[-10:]
@@ -473,7 +422,7 @@ class _Clock:
         self.broker_pids = broker_pids
         self.timing = Timing(time.time())
         self.cpu = cpu_seconds()
-        self.broker = _broker_cpu(broker_pids)
+        self.broker = sum(map(cpu_seconds, broker_pids))
 
     async def ship(self, primary: PrimaryVm, plan: Plan, overlap: bool) -> None:
         self.timing.shipped = await drive(primary, plan, overlap)
@@ -483,7 +432,7 @@ class _Clock:
         self.timing.finished = finished
         self.timing.cpu["primary"] = cpu_seconds() - self.cpu
         if self.broker_pids:
-            self.timing.cpu["broker"] = _broker_cpu(self.broker_pids) - self.broker
+            self.timing.cpu["broker"] = sum(map(cpu_seconds, self.broker_pids)) - self.broker
         return self.timing
 
 

@@ -25,6 +25,7 @@ from vmreplica.domain.model import (
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import PositionRegressedError
 from vmreplica.storage.catalog import Catalog
+from vmreplica.storage.mailbox import Mailbox
 
 
 async def test_concurrent_transactions_all_commit(tmp_path: Path) -> None:
@@ -231,3 +232,41 @@ async def test_moving_on_without_a_cycle_keeps_the_cycle_statistics(tmp_path: Pa
         )
         await catalog.advance_position("web", Position(1, 3, b"h", 31, 2_000))
         assert await catalog.cycle_stats("web", 0) == [(3, 1_500, 2_000, 4096, None)]
+
+
+async def test_transactions_beside_reads_and_the_mailbox(tmp_path: Path) -> None:
+    """Workers read the catalog while others record, and the mailbox's connection stamps the
+    agent alive in between, as an agent of many VMs does: no transaction fails with "database
+    is locked". (A read executed in one call on the connection's thread and fetched in another
+    left a read transaction open in between; a transaction begun there failed at once once the
+    mailbox had written since, and the agent lost that VM's worker.)"""
+    path = tmp_path / "catalog.sqlite"
+    async with Catalog(path) as catalog, Mailbox(path) as mailbox:
+        names = [f"vm{i}" for i in range(20)]
+        for name in names:
+            await catalog.add_vm(
+                name,
+                "primary",
+                "tg",
+                "site-b",
+                VmSettings(),
+                [DiskRecord("disk0", f"/nowhere/{name}.img", 4096)],
+                ReplicationState.REPLICATING,
+            )
+
+        async def worker(name: str) -> None:
+            for beat in range(20):
+                await catalog.find_vm(name)
+                await catalog.record_heartbeat(name, beat, None)
+                await catalog.vms()
+
+        async def stamp() -> None:
+            for _ in range(200):
+                await mailbox.agent_alive("site-a", 1)
+                await asyncio.sleep(0)
+
+        await asyncio.gather(stamp(), *(worker(name) for name in names))
+        for name in names:
+            heartbeat = await catalog.last_heartbeat(name)
+            assert heartbeat is not None
+            assert heartbeat.at_ms == 19

@@ -386,17 +386,19 @@ class Agent:
         if loop.time() >= self._next_discovery and not discovering:
             self._next_discovery = loop.time() + DISCOVERY_SECONDS
             self._discovery = asyncio.create_task(self._discover(), name="discovery")
-        for listed in await self.site.catalog.vms():
-            generation = await self.site.catalog.generation(listed.name)
-            task = self._tasks.get(listed.name)
+        # One query for every VM; a VM's record is read only when it has no worker running.
+        for name, generation in (await self.site.catalog.generations()).items():
+            task = self._tasks.get(name)
             if task is not None and not task.done():
                 continue
-            ended, seen, wait = self._ended.get(listed.name, (0.0, -1, 0.0))
+            ended, seen, wait = self._ended.get(name, (0.0, -1, 0.0))
             if task is not None and seen == generation and loop.time() - ended < wait:
                 continue  # ended on its own: retried when its role changes, or later
-            # Read again, after the generation: a worker that ended since the listing (a
-            # failover that just changed the role) must not be followed by one for the old role.
-            record = await self.site.catalog.vm(listed.name)
+            # Read after the generation: a worker that ended since (a failover that just
+            # changed the role) must not be followed by one for the old role.
+            record = await self.site.catalog.find_vm(name)
+            if record is None:
+                continue  # removed since the listing
             self._ended[record.name] = (loop.time() + 10**9, generation, RETRY_SECONDS)
             work = self._primary if record.role == "primary" else self._replica
             self._tasks[record.name] = asyncio.create_task(
@@ -476,6 +478,9 @@ class Agent:
             log.error(
                 "VM %s: %s%s", record.name, error, f" (retried in {wait:.0f} s)" * error.retriable
             )
+        except Exception:  # a bug: said with its traceback; the VM is tried again later
+            await self._withdraw(record.name)
+            log.exception("VM %s: the worker failed unexpectedly", record.name)
         finally:
             ended = self._ended.get(record.name)
             if ended is not None:

@@ -142,34 +142,32 @@ async def events(
         where += " AND vm = ?"
         parameters.append(vm)
     order = "DESC" if after_seq is None else "ASC"
-    async with catalog.db.execute(
+    rows = await catalog.rows(
         f"SELECT seq, vm, at_ms, event_id, level, message FROM event WHERE {where}"
         f" ORDER BY seq {order} LIMIT ?",
         [*parameters, limit],
-    ) as cursor:
-        rows = await cursor.fetchall()
+    )
     found = [Event(r[0], r[1], r[2], r[3], EventLevel(r[4]), r[5]) for r in rows]
     return sorted(found, key=lambda e: e.seq)
 
 
 async def durable_statistics(catalog: Catalog, vm: str) -> DurableStatistics:
-    async with catalog.db.execute(
+    row = await catalog.first_row(
         "SELECT reset_at_ms, initial_replication_bytes, initial_replication_at_ms,"
         " last_app_consistent_ms, last_test_failover_ms FROM vm_statistic WHERE vm = ?",
         (vm,),
-    ) as cursor:
-        row = await cursor.fetchone()
+    )
     return DurableStatistics() if row is None else DurableStatistics(*row)
 
 
 async def failures(catalog: Catalog, vm: str, since_ms: int) -> dict[int, int]:
     """Failure events of ``vm`` since ``since_ms``, counted by event id."""
-    async with catalog.db.execute(
+    rows = await catalog.rows(
         "SELECT event_id, COUNT(*) FROM event WHERE vm = ? AND at_ms >= ?"
         " AND event_id BETWEEN ? AND ? GROUP BY event_id",
         (vm, since_ms, min(FAILURE_EVENT_IDS.values()), max(FAILURE_EVENT_IDS.values())),
-    ) as cursor:
-        return {int(r[0]): int(r[1]) for r in await cursor.fetchall()}
+    )
+    return {int(r[0]): int(r[1]) for r in rows}
 
 
 def storage_free_ratio(root: Path) -> float | None:

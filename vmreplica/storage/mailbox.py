@@ -115,19 +115,20 @@ class Mailbox(Service):
 
     async def pending(self) -> list[PostedRequest]:
         """Requests not yet carried out, oldest first."""
-        async with self._connection.execute(
+        # Each read is one call on the connection's thread (Catalog._rows says why).
+        rows = await self._connection.execute_fetchall(
             "SELECT id, vm, action, arguments, status, result FROM request"
             " WHERE status = 'pending' ORDER BY id"
-        ) as cursor:
-            return [_posted(row) for row in await cursor.fetchall()]
+        )
+        return [_posted(row) for row in rows]
 
     async def request(self, request_id: int) -> PostedRequest:
         """:raises ConfigurationError: no request has that id."""
-        async with self._connection.execute(
+        rows = await self._connection.execute_fetchall(
             "SELECT id, vm, action, arguments, status, result FROM request WHERE id = ?",
             (request_id,),
-        ) as cursor:
-            row = await cursor.fetchone()
+        )
+        row = next(iter(rows), None)
         if row is None:
             raise ConfigurationError(f"no request {request_id} in {self.path}")
         return _posted(row)
@@ -147,10 +148,10 @@ class Mailbox(Service):
 
     async def agent_seen_ms(self, site: str) -> int | None:
         """When the agent of ``site`` last stamped its row; None if none or its process is gone."""
-        async with self._connection.execute(
+        rows = await self._connection.execute_fetchall(
             "SELECT pid, seen_ms FROM agent WHERE site = ?", (site,)
-        ) as cursor:
-            row = await cursor.fetchone()
+        )
+        row = next(iter(rows), None)
         if row is None or not _process_alive(int(row[0])):
             return None
         return int(row[1])
@@ -183,10 +184,10 @@ class Mailbox(Service):
         None when it can, or no agent runs (then nobody knows)."""
         if not await self.agent_running(site):
             return None
-        async with self._connection.execute(
+        rows = await self._connection.execute_fetchall(
             "SELECT since_ms, message FROM kafka_outage WHERE site = ?", (site,)
-        ) as cursor:
-            row = await cursor.fetchone()
+        )
+        row = next(iter(rows), None)
         return None if row is None else KafkaOutage(int(row[0]), str(row[1]))
 
 
