@@ -21,6 +21,10 @@ A full file system at any step (ENOSPC, SQLite's "disk is full") is the same cas
 the error ends the VM's worker, and the next one recovers exactly as above — a partial undo log
 is discarded, a sealed one rolled back — so nothing of the cycle stays applied, and the cycle
 is applied again once space is freed (:class:`~vmreplica.errors.StorageFullError`).
+
+About 490 lines: the durable order of an apply (undo log, images, fsync, position) and its
+recovery after a crash or a full disk are one protocol, kept together so the order can be read
+in one place.
 """
 
 from __future__ import annotations

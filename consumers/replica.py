@@ -15,6 +15,10 @@ Resynchronization, the replica's part (the primary's is ``vmreplica/failover/res
   other (undo log, all-or-nothing), makes the images equal to the primary's again. While it
   waits, it says so again every :data:`RESYNC_REMINDER_SECONDS` (its position, in state
   "resynchronization required"), which is how a primary's agent restarted meanwhile learns it.
+
+About 440 lines: the replica's worker reads as one loop (connect, apply, report, wait for a
+resync); the rules it applies are :mod:`~vmreplica.consumers.journal_rules` and the writing
+:mod:`~vmreplica.consumers.materializer`.
 """
 
 from __future__ import annotations

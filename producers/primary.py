@@ -13,6 +13,9 @@ tells idle time from time writes waited for a cycle that did not come (missed cy
 Liveness comes from heartbeats instead (:meth:`PrimaryVm.heartbeat`), each saying whether
 anything waited (``Heartbeat.idle_at_ms``); the rules that turn that into an RPO and health are
 in :mod:`vmreplica.domain.states`.
+
+About 500 lines: the primary's facade over capture, shipper and seeder — start, connect,
+replicate, heartbeat, epochs — one object every caller (agent, failover, tests) goes through.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ it starts is recorded under ``$VMREPLICA_HOME/broker`` so that ``down`` stops ex
 nothing else.
 
 Production deployments point vmreplica at their own cluster with ``VMREPLICA_BOOTSTRAP_SERVERS``.
+
+About 500 lines: one local cluster's whole life (properties, format, start, readiness, node
+stop and restart for fault tests, down); the secured broker's certificates and settings are
+:mod:`vmreplica.security.broker`.
 """
 
 from __future__ import annotations

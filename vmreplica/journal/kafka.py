@@ -3,6 +3,11 @@
 Everything else in vmreplica works with :class:`KafkaConnection`, :class:`JournalPublisher` and
 :class:`JournalReader` and sees only vmreplica errors: aiokafka's exceptions are translated here
 (the way karapace keeps its Kafka error mapping in one place).
+
+About 580 lines, on purpose: it is the only module that imports aiokafka, so every client and
+every translation of its errors is here; the security settings are
+:mod:`~vmreplica.journal.credentials` and the admin requests aiokafka lacks
+:mod:`~vmreplica.journal.access`.
 """
 
 from __future__ import annotations

@@ -12,6 +12,11 @@ transaction); failover, the one caller that goes back, rewinds with a reason
 Nothing here grows with the number of cycles: cycle statistics older than
 :data:`CYCLE_STATS_HOURS` are pruned as new ones are written (the newest row stays, for its cut
 time), and recovery points are pruned by ranges of cycles, never one SQL parameter per point.
+
+About 880 lines: the schema and every statement that writes the site's relationships,
+positions, points, role changes and failover marks, so that each durable step is one
+transaction whose order can be checked in one file; the event log and statistics tables are
+:mod:`~vmreplica.storage.history`, the mailbox :mod:`~vmreplica.storage.mailbox`.
 """
 
 from __future__ import annotations
