@@ -567,22 +567,27 @@ class SiteMetrics:
         tally = self._tallies.get(vm)
         return self.started_ms if tally is None else tally.since_ms
 
+    @property
+    def _per_vm(self) -> tuple[Counter | Histogram, ...]:
+        """The series labelled by site and VM alone."""
+        return (
+            self.shipped,
+            self.applied_cycles,
+            self.missed,
+            self.written_bytes,
+            self.sent_bytes,
+            self.applied_bytes,
+            self.ship_latency,
+            self.apply_latency,
+            self.apply_time,
+        )
+
     def retain(self, vms: Iterable[str]) -> None:
         """Forget every VM not in ``vms`` (removed from the catalog): its series go."""
         keep = set(vms)
         for vm in (set(self._tallies) | set(self._actions)) - keep:
             self._tallies.pop(vm, None)
-            for metric in (
-                self.shipped,
-                self.applied_cycles,
-                self.missed,
-                self.written_bytes,
-                self.sent_bytes,
-                self.applied_bytes,
-                self.ship_latency,
-                self.apply_latency,
-                self.apply_time,
-            ):
+            for metric in self._per_vm:
                 with contextlib.suppress(KeyError):
                     metric.remove(self.site, vm)
             for reason in FAILURE_REASONS:
@@ -596,17 +601,7 @@ class SiteMetrics:
     def _touch(self, vm: str) -> None:
         """Create the VM's series at zero, so that ``increase()`` sees their first event (a
         series that first appears at 1 looks to Prometheus as if nothing happened)."""
-        for metric in (
-            self.shipped,
-            self.applied_cycles,
-            self.missed,
-            self.written_bytes,
-            self.sent_bytes,
-            self.applied_bytes,
-            self.ship_latency,
-            self.apply_latency,
-            self.apply_time,
-        ):
+        for metric in self._per_vm:
             metric.labels(self.site, vm)
         for reason in FAILURE_REASONS:
             self.failures.labels(self.site, vm, reason)
