@@ -13,13 +13,13 @@ import asyncio
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Final
 
 from rich.console import Console
 
 from vmreplica.config import load_config
+from vmreplica.domain import names
 from vmreplica.journal.kafka import JournalPublisher
 from vmreplica.runtime.site import Site
 from vmreplica.schemas.chain import GENESIS_HASH
@@ -69,7 +69,10 @@ async def _forge(config_a: Path, forger_root: Path) -> None:
             VmConfig(INTRUDER, 1, (DiskSize("system", 1 << 20),), 30, 0, None, "site-a", 1),
             SeedChunk(INTRUDER, 1, "", 0, 0, Compression.NONE, b"", 0, "forged", True),
         ]
-        async with JournalPublisher(site.connection, f"forger-{uuid.uuid4().hex}") as publisher:
+        # An insider: site A's own Kafka login (the ACLs let it write there), not its key.
+        config = site.config
+        forged_id = names.transactional_id(INTRUDER, config.trust_group, config.topic_prefix)
+        async with JournalPublisher(site.connection, forged_id) as publisher:
             await publisher.publish(
                 site.journal_topic(INTRUDER), INTRUDER.encode(), [forger.encode(r) for r in records]
             )
@@ -79,8 +82,8 @@ def forged_record_refused(config_a: Path, agent_log: Path, console: Console) -> 
     """Publish the forger's VM; True once site B's agent logged that it refused it."""
     asyncio.run(_forge(config_a, agent_log.parent / "forger"))
     console.print(
-        f"[bold]forger[/]: published VM {INTRUDER!r} claiming to be site-a, signed by a key "
-        "no site trusts"
+        f"[bold]forger[/]: published VM {INTRUDER!r} with site-a's Kafka login, claiming to be "
+        "site-a, signed by a key no site trusts"
     )
     deadline = time.monotonic() + REFUSAL_WAIT_SECONDS
     while time.monotonic() < deadline:
