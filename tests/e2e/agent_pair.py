@@ -10,15 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from tests.e2e.clients import cli, run, wait_until
+from tests.e2e.clients import AgentProcess, cli, run, wait_until
 from tests.fixtures import _toml
 from vmreplica.config import SiteConfig, load_config
 from vmreplica.domain.states import ReplicationState
@@ -32,44 +30,6 @@ SETTLE_SECONDS: Final = 3.0
 """A continuous VM with nothing shipped for this long has nothing waiting (it cuts each second)."""
 WRITE_EVERY_SECONDS: Final = 0.3
 """The light write load: one small write through the export this often."""
-
-
-class AgentProcess:
-    """``vmreplica agent --config CONFIG`` as a process, its output in ``log``."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config = config
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as output:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "vmreplica.cli", "agent", "--config", str(self.config)],
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
-
-    async def stop(self) -> int | None:
-        """SIGTERM, then the exit code (None if it had to be killed)."""
-        process, self.process = self.process, None
-        if process is None:
-            return None
-        process.terminate()
-        try:
-            return await asyncio.to_thread(process.wait, 90)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            await asyncio.to_thread(process.wait)
-            return None
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def assert_no_traceback(self) -> None:
-        text = self.output()
-        at = text.find("Traceback")
-        assert at < 0, f"{self.log} holds a traceback:\n{text[max(0, at - 1500) : at + 4000]}"
 
 
 @dataclass

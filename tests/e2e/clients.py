@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -69,3 +71,52 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")
         await asyncio.sleep(0.1)
+
+
+class AgentProcess:
+    """``vmreplica agent --config CONFIG`` as a process, its output in ``log``."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as output:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "vmreplica.cli", "agent", "--config", str(self.config)],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+
+    def alive(self) -> None:
+        assert self.process is not None
+        assert self.process.poll() is None, self.tail()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def tail(self) -> str:
+        return self.output()[-4000:]
+
+    def assert_no_traceback(self) -> None:
+        text = self.output()
+        at = text.find("Traceback")
+        assert at < 0, f"{self.log} holds a traceback:\n{text[max(0, at - 1500) : at + 4000]}"
+
+    async def stop(self, *, check: bool = False) -> int | None:
+        """SIGTERM, then the exit code (None if it had to be killed after 90 s); ``check``: it
+        must be 0. Not checked when a failed test tears down: an agent still importing its
+        modules dies of the signal, hiding the failure."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return None if process is None else process.returncode
+        process.send_signal(signal.SIGTERM)
+        try:
+            code: int | None = await asyncio.to_thread(process.wait, 90)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            await asyncio.to_thread(process.wait)
+            code = None
+        assert code == 0 or not check, self.tail()
+        return code

@@ -17,9 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -29,7 +26,7 @@ from typing import Final
 
 import pytest
 
-from tests.e2e.clients import cli, run, wait_until
+from tests.e2e.clients import AgentProcess, cli, run, wait_until
 from tests.fixtures import SiteFactory
 from tests.journal_records import forged_gap
 from vmreplica.consumers.replica import image_path
@@ -72,39 +69,6 @@ async def compare(primary: Path, replica: Path) -> tuple[bool, str]:
     return process.returncode == 0, out.decode().strip()
 
 
-class Agent:
-    """`vmreplica agent` of one site, as a process, logging to a file."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config = config
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as output:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "vmreplica.cli", "agent", "--config", str(self.config)],
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
-
-    def alive(self) -> None:
-        assert self.process is not None
-        assert self.process.poll() is None, self.tail()
-
-    def tail(self) -> str:
-        return self.log.read_text()[-4000:]
-
-    async def stop(self, *, check: bool = True) -> None:
-        """SIGTERM, and (``check``) a clean exit; not checked when a failed test tears down:
-        an agent still importing its modules dies of the signal, hiding the failure."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            code = await asyncio.to_thread(self.process.wait, 60)
-            assert code == 0 or not check, self.tail()
-        self.process = None
-
-
 @dataclass
 class Sites:
     """A VM enabled on site A with ``--capture nbd`` and continuous cycles, both agents up."""
@@ -112,8 +76,8 @@ class Sites:
     vm: str
     config_a: Path
     config_b: Path
-    agent_a: Agent
-    agent_b: Agent
+    agent_a: AgentProcess
+    agent_b: AgentProcess
     catalog_a: Catalog
     catalog_b: Catalog
     disks: dict[str, Path]
@@ -195,8 +159,8 @@ async def two_agents(
         )
     )
     uri = {name: enabled["nbd"][name]["unix"] for name in DISKS}
-    agent_a = Agent(config_a, tmp_path / "agent-a.log")
-    agent_b = Agent(config_b, tmp_path / "agent-b.log")
+    agent_a = AgentProcess(config_a, tmp_path / "agent-a.log")
+    agent_b = AgentProcess(config_b, tmp_path / "agent-b.log")
     config = sites.config("site-b")
     async with (
         Catalog(sites.config("site-a").catalog_path) as catalog_a,
@@ -227,7 +191,7 @@ async def two_agents(
                         agent.process.kill()
             raise
         for agent in (agent_b, agent_a):
-            await agent.stop()
+            await agent.stop(check=True)
 
 
 def corrupt(path: Path, offsets: list[int], length: int) -> int:
@@ -243,7 +207,7 @@ async def test_a_replica_corrupted_behind_its_agents_back_is_repaired_by_resync(
     tmp_path: Path, sites: SiteFactory, unique: Callable[[str], str]
 ) -> None:
     async with two_agents(tmp_path, sites, unique) as pair:
-        await pair.agent_b.stop()
+        await pair.agent_b.stop(check=True)
         corrupted = corrupt(pair.replica["disk0"], [8 * KiB, 20 * MiB, 63 * MiB], 4 * KiB)
         corrupted += corrupt(pair.replica["disk1"], [5 * MiB], BLOCK)
         pair.agent_b.start()
@@ -290,8 +254,8 @@ async def test_a_replica_corrupted_behind_its_agents_back_is_repaired_by_resync(
 async def forge_a_gap(pair: Sites, sites: SiteFactory) -> int:
     """Stop both agents, put a gap into the journal right after the primary's last cycle,
     start them again; returns that cycle, where site B stops."""
-    await pair.agent_b.stop()
-    await pair.agent_a.stop()
+    await pair.agent_b.stop(check=True)
+    await pair.agent_a.stop(check=True)
     position = await pair.catalog_a.position(pair.vm)
     assert position is not None
     config = sites.config("site-a")

@@ -21,10 +21,9 @@ from typing import Final
 
 import pytest
 
-from tests.e2e.clients import cli, run, wait_until
+from tests.e2e.clients import AgentProcess, cli, run, wait_until
 from tests.e2e.test_resync import (  # noqa: F401 — fixtures, found by name
     DISKS,
-    Agent,
     compare,
     site_folder,
     two_agents,
@@ -40,7 +39,7 @@ KiB: Final = 1024
 MiB: Final = 1024 * KiB
 
 
-async def kill_and_restart(agent: Agent) -> None:
+async def kill_and_restart(agent: AgentProcess) -> None:
     assert agent.process is not None
     agent.process.send_signal(signal.SIGKILL)
     await asyncio.to_thread(agent.process.wait, 30)
