@@ -153,8 +153,8 @@ async def test_qemu_io_nbdcopy_and_fio_through_the_agent_reach_an_identical_repl
     assert exports is not None
     uri0, uri1 = exports.uri("disk0"), exports.uri("disk1")
     assert uri0 == f"nbd+unix:///disk0?socket={exports.path}"
-    assert pair.agent_a.nbd_tcp is not None
-    address = pair.agent_a.nbd_tcp.tcp_address
+    assert pair.agent_a.exports.tcp is not None
+    address = pair.agent_a.exports.tcp.tcp_address
     assert address is not None
     over_tcp = json.loads(
         await run("nbdinfo", "--json", f"nbd://127.0.0.1:{address[1]}/{pair.vm}.disk1")
