@@ -73,6 +73,20 @@ async def wait_until(
         await asyncio.sleep(0.1)
 
 
+async def identical(primary: Path, replica: Path) -> None:
+    output = await run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(primary), str(replica))
+    assert "Images are identical" in output
+
+
+def make_disk(path: Path, size: int, data: bytes = b"", at: int = 0) -> Path:
+    with path.open("wb") as file:
+        file.truncate(size)
+        if data:
+            file.seek(at)
+            file.write(data)
+    return path
+
+
 class AgentProcess:
     """``vmreplica agent --config CONFIG`` as a process, its output in ``log``."""
 

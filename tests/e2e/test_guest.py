@@ -26,10 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.clients import cli
+from tests.e2e.clients import cli, make_disk
 from tests.e2e.guest import Guest, guest_image, running
-from tests.e2e.test_nbd_capture import make_disk, site_folder  # noqa: F401
-from tests.e2e.test_role_swap import Agents, _served_writable, in_step, nbd_uris, roles, until
+from tests.e2e.sites import Agents, in_step, nbd_uris, roles, served_writable, until
 from tests.fixtures import SiteFactory
 from vmreplica.producers.app_consistent import HOUR_SECONDS_VARIABLE
 
@@ -140,7 +139,7 @@ async def test_a_linux_guest_fails_over_and_back_with_its_file_system_intact(
 
         # The guest at B: clean file system, every checksum; more files.
         at_b = (await nbd_uris(agents, "site-b", vm))["disk0"]
-        await wait(lambda: _served_writable(at_b), "the new primary to serve its export writable")
+        await wait(lambda: served_writable(at_b), "the new primary to serve its export writable")
         async with running(Guest(image, at_b, short_dir, f"{vm}.b", "check", tag="b")) as guest:
             assert await guest.wait_for("FSCK") == ["0"], guest.lines()
             assert await guest.wait_for("SUMS") == ["0", "4"], guest.lines()
@@ -157,7 +156,7 @@ async def test_a_linux_guest_fails_over_and_back_with_its_file_system_intact(
             await wait(back, "A to take over again")
             assert await guest.wait_exit(30) == 0
 
-        await wait(lambda: _served_writable(at_a), "the new primary to serve its export writable")
+        await wait(lambda: served_writable(at_a), "the new primary to serve its export writable")
         async with running(Guest(image, at_a, short_dir, f"{vm}.a", "check")) as guest:
             assert await guest.wait_for("FSCK") == ["0"], guest.lines()
             assert await guest.wait_for("SUMS") == ["0", "8"], guest.lines()
@@ -193,7 +192,7 @@ async def test_a_linux_guest_fails_over_and_back_with_its_file_system_intact(
         assert position is not None
         assert position.cycle == point["point"]
         at_b = (await nbd_uris(agents, "site-b", vm))["disk0"]
-        await wait(lambda: _served_writable(at_b), "the new primary to serve its export writable")
+        await wait(lambda: served_writable(at_b), "the new primary to serve its export writable")
         async with running(Guest(image, at_b, short_dir, f"{vm}.b", "check")) as guest:
             assert await guest.wait_for("FSCK") == ["0"], guest.lines()
             assert await guest.wait_for("SUMS") == ["0", "12"], guest.lines()
@@ -278,7 +277,7 @@ async def test_a_writing_guest_survives_a_planned_failover_and_a_crash(
             assert errors == [], "the guest saw its disk fail before it was stopped"
 
         at_b = (await nbd_uris(agents, "site-b", vm))["disk0"]
-        await wait(lambda: _served_writable(at_b), "the new primary to serve its export writable")
+        await wait(lambda: served_writable(at_b), "the new primary to serve its export writable")
         async with running(
             Guest(image, at_b, short_dir, f"{vm}.b", "check", tag="b", kib=64, stream=True)
         ) as guest:
@@ -306,7 +305,7 @@ async def test_a_writing_guest_survives_a_planned_failover_and_a_crash(
             return (await a.catalog.vm(vm)).role == "primary"
 
         await wait(failed_over, "A to fail over")
-        await wait(lambda: _served_writable(at_a), "the new primary to serve its export writable")
+        await wait(lambda: served_writable(at_a), "the new primary to serve its export writable")
         async with running(Guest(image, at_a, short_dir, f"{vm}.a", "check")) as guest:
             assert await guest.wait_for("FSCK") in (["0"], ["1"]), guest.lines()
             assert damage(guest) == []

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.clients import cli, run, wait_until
+from tests.e2e.clients import cli, identical, make_disk, run, wait_until
 from tests.fixtures import SiteFactory
 from vmreplica.domain.model import VmSettings
 from vmreplica.domain.states import ReplicationState
@@ -33,26 +33,6 @@ from vmreplica.runtime.site import Site
 
 pytestmark = pytest.mark.e2e
 MiB = 1024 * 1024
-
-
-async def identical(primary: Path, replica: Path) -> None:
-    output = await run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(primary), str(replica))
-    assert "Images are identical" in output
-
-
-def make_disk(path: Path, size: int, data: bytes = b"", at: int = 0) -> Path:
-    with path.open("wb") as file:
-        file.truncate(size)
-        if data:
-            file.seek(at)
-            file.write(data)
-    return path
-
-
-@pytest.fixture
-def site_folder(short_dir: Path) -> Path:
-    """The ``sites`` factory puts site roots and configuration files in :func:`short_dir`."""
-    return short_dir
 
 
 @dataclass

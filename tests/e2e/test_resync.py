@@ -45,11 +45,6 @@ BLOCK: Final = 64 * KiB
 """The DigestMap block of disks this small: the unit a resync compares and resends."""
 
 
-@pytest.fixture
-def site_folder(short_dir: Path) -> Path:
-    return short_dir
-
-
 async def compare(primary: Path, replica: Path) -> tuple[bool, str]:
     """``qemu-img compare``: (identical, what it said). Exit 1 means the images differ."""
     process = await asyncio.create_subprocess_exec(
