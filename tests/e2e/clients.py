@@ -4,14 +4,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import pytest
 
@@ -60,6 +61,28 @@ async def cli(config: Path, *args: str) -> str:
     out, err = await process.communicate()
     assert process.returncode == 0, err.decode()
     return out.decode()
+
+
+async def enable_nbd(
+    config: Path,
+    vm: str,
+    disks: Mapping[str, Path],
+    frequency: str,
+    *options: str,
+    replica_sites: Sequence[str] = ("site-b",),
+) -> dict[str, Any]:
+    """``vmreplica enable VM --capture nbd`` with ``disks`` (name -> image), ``--frequency``
+    and any other ``options``: what its ``--json`` printed (the NBD URIs among it)."""
+    argv = [f"--disk={name}={path}" for name, path in disks.items()]
+    argv += [f"--replica-site={site}" for site in replica_sites]
+    enabled = json.loads(
+        await cli(
+            config, "enable", vm, *argv, "--capture=nbd", f"--frequency={frequency}", *options,
+            "--json",
+        )
+    )  # fmt: skip
+    assert isinstance(enabled, dict), enabled
+    return enabled
 
 
 async def wait_until(

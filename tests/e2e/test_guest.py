@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.clients import cli, make_disk
+from tests.e2e.clients import cli, enable_nbd, make_disk
 from tests.e2e.guest import Guest, guest_image, running
 from tests.e2e.sites import Agents, in_step, nbd_uris, roles, served_writable, until
 from tests.fixtures import SiteFactory
@@ -80,27 +80,17 @@ async def test_a_linux_guest_fails_over_and_back_with_its_file_system_intact(
     image = guest_image(tmp_path)
     vm = unique("vm")
     disk = make_disk(tmp_path / "disk0.img", 64 * MiB)
-    enabled = json.loads(
-        await cli(
-            agents.config("site-a"),
-            "enable",
-            vm,
-            "--disk",
-            f"disk0={disk}",
-            "--replica-site",
-            "site-b",
-            "--capture",
-            "nbd",
-            "--frequency",
-            "continuous",
-            "--recovery-history",
-            "1",
-            "--app-consistent-hours",
-            "1",
-            "--hypervisor",
-            f"qemu:{short_dir}/{{vm}}.a.qmp,ga={short_dir}/{{vm}}.a.ga,timeout=20",
-            "--json",
-        )
+    enabled = await enable_nbd(
+        agents.config("site-a"),
+        vm,
+        {"disk0": disk},
+        "continuous",
+        "--recovery-history",
+        "1",
+        "--app-consistent-hours",
+        "1",
+        "--hypervisor",
+        f"qemu:{short_dir}/{{vm}}.a.qmp,ga={short_dir}/{{vm}}.a.ga,timeout=20",
     )
     at_a = enabled["nbd"]["disk0"]["unix"]
     monkeypatch.setenv(HOUR_SECONDS_VARIABLE, str(HOUR_SECONDS))
@@ -242,15 +232,14 @@ async def test_a_writing_guest_survives_a_planned_failover_and_a_crash(
     image = guest_image(tmp_path)
     vm = unique("vm")
     disk = make_disk(tmp_path / "disk0.img", 32 * MiB)
-    enabled = json.loads(
-        await cli(
-            agents.config("site-a"),
-            "enable", vm, "--disk", f"disk0={disk}", "--replica-site", "site-b",
-            "--capture", "nbd", "--frequency", "continuous",
-            "--hypervisor", f"qemu:{short_dir}/{{vm}}.a.qmp,ga={short_dir}/{{vm}}.a.ga,timeout=20",
-            "--json",
-        )
-    )  # fmt: skip
+    enabled = await enable_nbd(
+        agents.config("site-a"),
+        vm,
+        {"disk0": disk},
+        "continuous",
+        "--hypervisor",
+        f"qemu:{short_dir}/{{vm}}.a.qmp,ga={short_dir}/{{vm}}.a.ga,timeout=20",
+    )
     at_a = enabled["nbd"]["disk0"]["unix"]
     agents.start("site-a")
     agents.start("site-b")

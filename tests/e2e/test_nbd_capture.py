@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.clients import cli, identical, make_disk, run, wait_until
+from tests.e2e.clients import cli, enable_nbd, identical, make_disk, run, wait_until
 from tests.fixtures import SiteFactory
 from vmreplica.domain.model import VmSettings
 from vmreplica.domain.states import ReplicationState
@@ -334,22 +334,7 @@ async def test_sigkill_right_after_a_flush_reply_keeps_the_data_and_it_reaches_t
     vm = unique("vm")
     config_a = sites.config_file("site-a", heartbeat_seconds=1.0)
     disk = make_disk(tmp_path / "disk0.img", 16 * MiB)
-    enabled = json.loads(
-        await cli(
-            config_a,
-            "enable",
-            vm,
-            "--disk",
-            f"disk0={disk}",
-            "--replica-site",
-            "site-b",
-            "--capture",
-            "nbd",
-            "--frequency",
-            "300",
-            "--json",
-        )
-    )
+    enabled = await enable_nbd(config_a, vm, {"disk0": disk}, "300")
     uri = enabled["nbd"]["disk0"]["unix"]
     socket = short_dir / "site-a" / "vms" / vm / "nbd.sock"
     assert uri == f"nbd+unix:///disk0?socket={socket}"

@@ -17,14 +17,13 @@ compared with ``qemu-img compare`` at cycle boundaries.
 from __future__ import annotations
 
 import functools
-import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.clients import cli, identical, make_disk, run
+from tests.e2e.clients import cli, enable_nbd, identical, make_disk, run
 from tests.e2e.sites import (
     Agents,
     disks_of,
@@ -67,23 +66,11 @@ async def test_planned_failover_and_back_moves_the_nbd_exports_with_the_primary(
         "disk0": make_disk(tmp_path / "disk0.img", 32 * MiB),
         "disk1": make_disk(tmp_path / "disk1.img", 16 * MiB),
     }
-    enabled = json.loads(
-        await cli(
-            agents.config("site-a"),
-            "enable",
-            vm,
-            "--disk",
-            f"disk0={disks['disk0']}",
-            "--disk",
-            f"disk1={disks['disk1']}",
-            "--replica-site",
-            "site-b",
-            "--capture",
-            "nbd",
-            "--frequency",
-            "continuous",
-            "--json",
-        )
+    enabled = await enable_nbd(
+        agents.config("site-a"),
+        vm,
+        disks,
+        "continuous",
     )
     at_a = {disk: uris["unix"] for disk, uris in enabled["nbd"].items()}
     agents.start("site-a")
@@ -167,22 +154,7 @@ async def test_unplanned_failover_after_a_sigkill_then_reverse_sends_only_what_d
     write lives only in the dirty-block map. A still reports it when it returns."""
     vm = unique("vm")
     disk = make_disk(tmp_path / "disk0.img", 16 * MiB)  # change-log budget: 1.6 MiB
-    enabled = json.loads(
-        await cli(
-            agents.config("site-a"),
-            "enable",
-            vm,
-            "--disk",
-            f"disk0={disk}",
-            "--replica-site",
-            "site-b",
-            "--capture",
-            "nbd",
-            "--frequency",
-            "30",
-            "--json",
-        )
-    )
+    enabled = await enable_nbd(agents.config("site-a"), vm, {"disk0": disk}, "30")
     at_a = enabled["nbd"]["disk0"]["unix"]
     agents.start("site-a")
     agents.start("site-b")
@@ -251,23 +223,12 @@ async def test_three_sites_only_the_named_replica_takes_over_and_the_other_follo
     although caught up too, only follows."""
     vm = unique("vm")
     disk = make_disk(tmp_path / "disk0.img", 16 * MiB)
-    enabled = json.loads(
-        await cli(
-            agents.config("site-a"),
-            "enable",
-            vm,
-            "--disk",
-            f"disk0={disk}",
-            "--replica-site",
-            "site-b",
-            "--replica-site",
-            "site-c",
-            "--capture",
-            "nbd",
-            "--frequency",
-            "continuous",
-            "--json",
-        )
+    enabled = await enable_nbd(
+        agents.config("site-a"),
+        vm,
+        {"disk0": disk},
+        "continuous",
+        replica_sites=("site-b", "site-c"),
     )
     at_a = enabled["nbd"]["disk0"]["unix"]
     for name in ("site-a", "site-b", "site-c"):
