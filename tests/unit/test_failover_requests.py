@@ -20,6 +20,7 @@ from vmreplica.failover.requests import (
     CompleteFailover,
     FailoverRequest,
     PlannedFailover,
+    RemoveReplication,
     Resynchronize,
     ReverseReplication,
     UnplannedFailover,
@@ -47,6 +48,7 @@ REQUESTS: list[FailoverRequest] = [
     Resynchronize("vm6"),
     Resynchronize("vm6", site="site-c", at_ms=1_800_000_000_000),
     Resynchronize("vm6", cancel=True),
+    RemoveReplication("vm7"),
 ]
 
 
@@ -55,6 +57,7 @@ def test_every_kind_is_known_once() -> None:
         "cancel",
         "complete",
         "planned",
+        "remove",
         "resync",
         "reverse",
         "unplanned",
@@ -119,7 +122,7 @@ async def test_rows_of_the_untyped_format_read_as_typed_requests(tmp_path: Path)
             "teleport",
             {},
             "unknown failover request 'teleport' for VM 'vm'; this version knows "
-            "cancel, complete, planned, resync, reverse, unplanned",
+            "cancel, complete, planned, remove, resync, reverse, unplanned",
         ),
         ("resync", {"at_ms": "18:30"}, "option 'at_ms' must be a int, not '18:30'"),
         ("planned", {"reverse": True, "eject": True}, "has an unknown option 'eject'"),
@@ -194,7 +197,7 @@ async def test_agent_finishes_requests_failed_refused_or_done(tmp_path: Path) ->
             (
                 "failed",
                 "unknown failover request 'teleport' for VM 'vm1'; this version knows "
-                "cancel, complete, planned, resync, reverse, unplanned",
+                "cancel, complete, planned, remove, resync, reverse, unplanned",
             ),
             ("refused", "VM 'vm1' is 'replicating', not failed over waiting completion"),
             (

@@ -27,6 +27,7 @@ from vmreplica.failover.planned import (
 from vmreplica.failover.resync import cancel_resync, resync_here
 from vmreplica.failover.reverse import reverse
 from vmreplica.failover.unplanned import cancel, complete, promote
+from vmreplica.runtime.removal import remove_replication
 from vmreplica.runtime.site import Site
 from vmreplica.schemas.events import EpochStart, FailoverPrepared
 from vmreplica.storage.mailbox import Mailbox, PostedRequest
@@ -103,6 +104,15 @@ class Resynchronize:
     cancel: bool = False
 
 
+@dataclass(frozen=True)
+class RemoveReplication:
+    """At either site: stop replicating the VM here, keep its images
+    (:mod:`vmreplica.runtime.removal`)."""
+
+    kind: ClassVar[str] = "remove"
+    vm: str
+
+
 RESYNC_DIGESTS_TIMEOUT_SECONDS: Final = 600.0
 """Without an agent, a resync waits this long for the replica's digests, then stays pending."""
 
@@ -113,6 +123,7 @@ FailoverRequest = (
     | CancelFailover
     | ReverseReplication
     | Resynchronize
+    | RemoveReplication
 )
 
 REQUEST_TYPES: Final[dict[str, type[FailoverRequest]]] = {
@@ -124,6 +135,7 @@ REQUEST_TYPES: Final[dict[str, type[FailoverRequest]]] = {
         CancelFailover,
         ReverseReplication,
         Resynchronize,
+        RemoveReplication,
     )
 }
 
@@ -269,5 +281,7 @@ async def carry_out(site: Site, request: FailoverRequest, *, resume: bool = True
                     digests_timeout_seconds=RESYNC_DIGESTS_TIMEOUT_SECONDS,
                 )
             ).summary()
+        case RemoveReplication():
+            return await remove_replication(site, vm)
         case _:
             assert_never(request)
