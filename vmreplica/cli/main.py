@@ -17,6 +17,7 @@ from vmreplica.cli import operations as cli_operations
 from vmreplica.cli import replication as cli_replication
 from vmreplica.cli import resync as cli_resync
 from vmreplica.cli import security as cli_security
+from vmreplica.cli import server as cli_server
 from vmreplica.cli import settings as cli_settings
 from vmreplica.cli.support import console, emit_json, errors, reported
 from vmreplica.domain.names import DEFAULT_PREFIX, DEFAULT_TRUST_GROUP
@@ -35,6 +36,7 @@ cli_resync.register(main)
 cli_security.register(main)
 cli_operations.register(main)
 cli_settings.register(main)
+cli_server.register(main)
 
 
 @main.group()

@@ -251,6 +251,8 @@ class Site(Service):
             journals = [
                 t for t in await admin.topics() if t.startswith(prefix) and t.endswith(".journal")
             ]
+        if not self.config.replica_enabled:  # `vmreplica server set --no-replica`
+            return []  # (Kafka was asked all the same: the agent learns it answers)
         adopted = []
         removed = await self.catalog.removed_vms()  # `vmreplica remove` here: not again
         for topic in sorted(journals):
@@ -296,6 +298,7 @@ class Site(Service):
         """
         check_event(config)
         storage = self.authorization.storage_for(config.primary_site, self.config.trust_group)
+        storage = storage or self.config.replica_storage
         folder = self.config.vm_folder(config.vm) if storage is None else storage / config.vm
         disks = [
             DiskRecord(d.name, str(image_path(folder, d.name)), d.size_bytes) for d in config.disks
