@@ -269,3 +269,39 @@ def test_remove_refused_while_a_failover_waits_completion(config: Path, run: Inv
     code, out = run("remove", "web")
     assert code == 1
     assert "failover complete web" in out
+
+
+def test_initial_stop_holds_the_seed_and_start_releases_it(config: Path, run: Invoke) -> None:
+    _add(config, state=ReplicationState.INITIAL_REPLICATION_IN_PROGRESS)
+    code, out = run("initial", "stop", "web")
+    assert code == 0, out
+    assert "stopped with 0 of 8192 bytes examined" in out
+    assert run("initial", "stop", "web")[1] == (
+        "the initial replication of VM web is already stopped; nothing to do"
+    )
+
+    async def held() -> tuple[ReplicationState, bool, int]:
+        async with _catalog(config) as catalog:
+            record = await catalog.vm("web")
+            return record.state, await catalog.seed_held("web"), await catalog.generation("web")
+
+    assert asyncio.run(held()) == (ReplicationState.READY_FOR_INITIAL_REPLICATION, True, 1)
+    code, out = run("initial", "start", "web")
+    assert (code, "goes on where it stopped" in out) == (0, True)
+    assert asyncio.run(held())[1] is False
+    assert "is not stopped" in run("initial", "start", "web")[1]
+
+
+@pytest.mark.parametrize(
+    ("role", "state", "code", "message"),
+    [
+        ("replica", ReplicationState.INITIAL_REPLICATION_IN_PROGRESS, 2, "on its primary"),
+        ("primary", ReplicationState.REPLICATING, 1, "its initial replication is over"),
+    ],
+)
+def test_initial_stop_mistakes_and_refusals(
+    config: Path, run: Invoke, role: str, state: ReplicationState, code: int, message: str
+) -> None:
+    _add(config, role=role, state=state)
+    got, out = run("initial", "stop", "web")
+    assert (got, message in out) == (code, True), out

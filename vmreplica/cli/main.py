@@ -13,6 +13,7 @@ import click
 from rich.table import Table
 
 from vmreplica.cli import failover as cli_failover
+from vmreplica.cli import initial_stop as cli_initial_stop
 from vmreplica.cli import operations as cli_operations
 from vmreplica.cli import replication as cli_replication
 from vmreplica.cli import resync as cli_resync
@@ -37,6 +38,7 @@ cli_security.register(main)
 cli_operations.register(main)
 cli_settings.register(main)
 cli_server.register(main)
+cli_initial_stop.register(main)  # into the `initial` group, made by whichever registers first
 
 
 @main.group()

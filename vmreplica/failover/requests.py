@@ -27,6 +27,7 @@ from vmreplica.failover.planned import (
 from vmreplica.failover.resync import cancel_resync, resync_here
 from vmreplica.failover.reverse import reverse
 from vmreplica.failover.unplanned import cancel, complete, promote
+from vmreplica.runtime.initial_stop import stop_initial_replication
 from vmreplica.runtime.removal import remove_replication
 from vmreplica.runtime.site import Site
 from vmreplica.schemas.events import EpochStart, FailoverPrepared
@@ -113,6 +114,15 @@ class RemoveReplication:
     vm: str
 
 
+@dataclass(frozen=True)
+class StopInitialReplication:
+    """On the primary: stop the running seed; the VM waits, ready for initial replication
+    (:mod:`vmreplica.runtime.initial_stop`)."""
+
+    kind: ClassVar[str] = "initial-stop"
+    vm: str
+
+
 RESYNC_DIGESTS_TIMEOUT_SECONDS: Final = 600.0
 """Without an agent, a resync waits this long for the replica's digests, then stays pending."""
 
@@ -124,6 +134,7 @@ FailoverRequest = (
     | ReverseReplication
     | Resynchronize
     | RemoveReplication
+    | StopInitialReplication
 )
 
 REQUEST_TYPES: Final[dict[str, type[FailoverRequest]]] = {
@@ -136,6 +147,7 @@ REQUEST_TYPES: Final[dict[str, type[FailoverRequest]]] = {
         ReverseReplication,
         Resynchronize,
         RemoveReplication,
+        StopInitialReplication,
     )
 }
 
@@ -283,5 +295,7 @@ async def carry_out(site: Site, request: FailoverRequest, *, resume: bool = True
             ).summary()
         case RemoveReplication():
             return await remove_replication(site, vm)
+        case StopInitialReplication():
+            return await stop_initial_replication(site, vm)
         case _:
             assert_never(request)

@@ -649,6 +649,10 @@ class Agent:
                 ReplicationState.READY_FOR_INITIAL_REPLICATION,
                 ReplicationState.INITIAL_REPLICATION_IN_PROGRESS,
             ):
+                while await self.site.catalog.seed_held(record.name):  # `initial stop`
+                    if self.stopping.is_set():
+                        return
+                    await self._pause(1.0)
                 await front.initial_replication()
             await self._cycles(primary, resync)
         finally:

@@ -77,7 +77,8 @@ CREATE TABLE IF NOT EXISTS vm (
     primary_seen_ms INTEGER,
     failover_point INTEGER,
     reverse_wanted INTEGER NOT NULL DEFAULT 0,
-    config_pending INTEGER NOT NULL DEFAULT 0
+    config_pending INTEGER NOT NULL DEFAULT 0,
+    seed_held INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS removed_vm (
     name TEXT PRIMARY KEY,
@@ -160,6 +161,7 @@ CREATE TABLE IF NOT EXISTS heartbeat (
 _ADDED_COLUMNS: Final = (
     ("cycle_stat", "started_at_ms", "INTEGER"),
     ("vm", "config_pending", "INTEGER NOT NULL DEFAULT 0"),
+    ("vm", "seed_held", "INTEGER NOT NULL DEFAULT 0"),
 )
 """Columns added after the first release: a catalog created before gets them at start-up."""
 
@@ -448,6 +450,41 @@ class Catalog(Service):
             ],
             check,
         )
+
+    async def hold_seed(self, name: str, message: str) -> None:
+        """Stop-VMInitialReplication: the VM is ready for initial replication again and its
+        agent does not seed it until :meth:`release_seed`; in one transaction, with the state
+        event, and a bumped generation so the agent starts the VM's worker at once (held).
+
+        :raises StateRefused: the VM's initial replication is not running or ready (checked in
+            the transaction); nothing was written.
+        """
+        ready = ReplicationState.READY_FOR_INITIAL_REPLICATION
+
+        async def check() -> None:
+            current = (await self.vm(name)).state
+            if current not in (ready, ReplicationState.INITIAL_REPLICATION_IN_PROGRESS):
+                raise StateRefused(name, current, ready)
+
+        await self._transaction(
+            [
+                *history.state_event(name, ready, message),
+                (
+                    "UPDATE vm SET state = ?, state_message = ?, state_changed_ms = ?,"
+                    " seed_held = 1, generation = generation + 1 WHERE name = ?",
+                    (ready.value, message, now_ms(), name),
+                ),
+            ],
+            check,
+        )
+
+    async def release_seed(self, name: str) -> None:
+        await self._transaction([("UPDATE vm SET seed_held = 0 WHERE name = ?", (name,))])
+
+    async def seed_held(self, name: str) -> bool:
+        """`vmreplica initial stop` holds the VM's initial replication."""
+        row = await self.first_row("SELECT seed_held FROM vm WHERE name = ?", (name,))
+        return row is not None and bool(row[0])
 
     async def set_epoch(self, name: str, epoch: int) -> None:
         await self._transaction([("UPDATE vm SET epoch = ? WHERE name = ?", (epoch, name))])
