@@ -132,7 +132,9 @@ class Agent:
         self._next_discovery = 0.0
         self._discovery: asyncio.Task[None] | None = None
         self._next_metrics = 0.0
-        self.metrics = SiteMetrics(site.config.site)
+        self.metrics = SiteMetrics(
+            site.config.site, heartbeat_seconds=site.config.heartbeat_seconds
+        )
         self.metrics_url: str | None = None
         """Where Prometheus scrapes this agent, once it runs (``metrics_port`` set)."""
         self.primaries: dict[str, PrimaryVm] = {}
