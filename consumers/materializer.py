@@ -73,6 +73,8 @@ log = logging.getLogger(__name__)
 
 Applied = Callable[[CycleCommit, int], Awaitable[None]]
 """Called after a cycle is durably applied, with its commit and journal offset."""
+Configured = Callable[[VmConfig], Awaitable[None]]
+"""Called with each (verified) VmConfig of the VM's current epoch, in journal order."""
 DigestsWanted = Callable[[DigestRequest], Awaitable[None]]
 """Called when the primary asks this site for block digests, at the cycle boundary where the
 request stands in the journal (the images hold exactly the last applied cycle)."""
@@ -110,8 +112,10 @@ class Materializer:
         on_digests_wanted: DigestsWanted | None = None,
         verifier: JournalVerifier | None = None,
         keys: VmKeyRing | None = None,
+        on_config: Configured | None = None,
     ) -> None:
         self.vm = vm
+        self.on_config = on_config
         self.site = site
         self.images = dict(images)
         self.undo = UndoLog(undo_folder)
@@ -210,8 +214,11 @@ class Materializer:
             if isinstance(event, DigestRequest):
                 await self._digests_wanted(event)
                 continue
-            if isinstance(event, VmConfig) and self.keys is not None:
-                self._learn_keys(event, record.offset)
+            if isinstance(event, VmConfig):
+                if self.keys is not None:
+                    self._learn_keys(event, record.offset)
+                if self.on_config is not None:  # the primary's settings, perhaps changed
+                    await self.on_config(event)
                 continue
             if self.cursor.awaiting_resync:
                 if isinstance(event, Heartbeat):  # an unplanned failover still asks for it

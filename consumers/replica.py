@@ -32,12 +32,14 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from vmreplica.consumers.configured import replica_settings
 from vmreplica.consumers.materializer import Materializer
 from vmreplica.consumers.points import apply_lock
 from vmreplica.consumers.retention import RetentionPolicy
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import VmRecord
 from vmreplica.domain.names import check_name
+from vmreplica.domain.settings_change import differences
 from vmreplica.domain.states import Health, ReplicationState
 from vmreplica.domain.statistics import SiteFacts, measure
 from vmreplica.errors import (
@@ -55,6 +57,7 @@ from vmreplica.schemas.events import (
     DigestRequest,
     ReplicaPosition,
     ResyncRequest,
+    VmConfig,
 )
 from vmreplica.security.authorization import JournalVerifier
 from vmreplica.security.encryption import VmKeyRing
@@ -184,6 +187,7 @@ class ReplicaVm(Service):
             self._digests_wanted,
             verifier,
             keys,
+            self._configured,
         )
         self.reader = JournalReader(connection, journal_topic)
         self.connected = False
@@ -297,6 +301,22 @@ class ReplicaVm(Service):
             await self.status.publish(self.status_topic, self.name.encode(), encode(position))
         except BrokerError as error:
             log.warning("VM %s: could not report position: %s", self.name, error)
+
+    async def _configured(self, config: VmConfig) -> None:
+        """The primary published its settings: keep those that changed (`vmreplica set` on
+        the primary), and keep recovery points by the new history from this cycle on."""
+        record = await self.catalog.vm(self.name)
+        settings = replica_settings(config, self.site, record.settings)
+        changed = differences(record.settings, settings)
+        if not changed:
+            return
+        said = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in changed.items())
+        await self.catalog.adopt_settings(
+            self.name, settings, f"settings published by primary site {config.primary_site}: {said}"
+        )
+        self.record = dataclasses.replace(record, settings=settings)
+        self.materializer.policy = retention_policy(self.record)
+        log.info("VM %s: the primary's settings changed: %s", self.name, said)
 
     async def _digests_wanted(self, request: DigestRequest) -> None:
         """The primary asked for block digests (the materialiser is at a cycle boundary)."""

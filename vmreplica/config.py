@@ -43,6 +43,17 @@ class SiteConfig(BaseSettings):
     allowed_primaries: tuple[str, ...] = Field(
         default=("*",), description="Sites this replica accepts VMs from ('*': any)."
     )
+    replica_enabled: bool = Field(
+        default=True,
+        description="This site adopts new VMs of its trust group as their replica "
+        "(Hyper-V's ReplicationEnabled); false: it keeps those it has and adopts no other.",
+    )
+    replica_storage: Path | None = Field(
+        default=None,
+        description="Where replica images of newly adopted VMs go, <dir>/<vm>/ (Hyper-V's "
+        "DefaultStorageLocation; default: <root>/vms/<vm>/); an authorization entry's storage "
+        "wins for its primaries.",
+    )
     metrics_port: int | None = Field(
         default=None,
         ge=0,
@@ -131,7 +142,12 @@ class SiteConfig(BaseSettings):
         return value.expanduser().resolve()
 
     @field_validator(
-        "nbd_socket_dir", "sasl_password_file", "ssl_ca_file", "ssl_cert_file", "ssl_key_file"
+        "nbd_socket_dir",
+        "sasl_password_file",
+        "ssl_ca_file",
+        "ssl_cert_file",
+        "ssl_key_file",
+        "replica_storage",
     )
     @classmethod
     def _absolute_or_none(cls, value: Path | None) -> Path | None:

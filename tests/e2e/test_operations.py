@@ -159,6 +159,7 @@ async def test_measure_reset_events_suspend_and_resume_with_agents(
                     ("broker", True),
                     ("journal topic", True),
                     ("status topic", True),
+                    ("access", True),
                     ("partner", True),
                 ], checks
                 assert checks[-1]["detail"].startswith(partner)

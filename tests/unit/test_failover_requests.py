@@ -20,8 +20,10 @@ from vmreplica.failover.requests import (
     CompleteFailover,
     FailoverRequest,
     PlannedFailover,
+    RemoveReplication,
     Resynchronize,
     ReverseReplication,
+    StopInitialReplication,
     UnplannedFailover,
     carry_out,
     post_request,
@@ -47,6 +49,8 @@ REQUESTS: list[FailoverRequest] = [
     Resynchronize("vm6"),
     Resynchronize("vm6", site="site-c", at_ms=1_800_000_000_000),
     Resynchronize("vm6", cancel=True),
+    RemoveReplication("vm7"),
+    StopInitialReplication("vm8"),
 ]
 
 
@@ -54,7 +58,9 @@ def test_every_kind_is_known_once() -> None:
     assert sorted(REQUEST_TYPES) == [
         "cancel",
         "complete",
+        "initial-stop",
         "planned",
+        "remove",
         "resync",
         "reverse",
         "unplanned",
@@ -119,7 +125,7 @@ async def test_rows_of_the_untyped_format_read_as_typed_requests(tmp_path: Path)
             "teleport",
             {},
             "unknown failover request 'teleport' for VM 'vm'; this version knows "
-            "cancel, complete, planned, resync, reverse, unplanned",
+            "cancel, complete, initial-stop, planned, remove, resync, reverse, unplanned",
         ),
         ("resync", {"at_ms": "18:30"}, "option 'at_ms' must be a int, not '18:30'"),
         ("planned", {"reverse": True, "eject": True}, "has an unknown option 'eject'"),
@@ -194,7 +200,7 @@ async def test_agent_finishes_requests_failed_refused_or_done(tmp_path: Path) ->
             (
                 "failed",
                 "unknown failover request 'teleport' for VM 'vm1'; this version knows "
-                "cancel, complete, planned, resync, reverse, unplanned",
+                "cancel, complete, initial-stop, planned, remove, resync, reverse, unplanned",
             ),
             ("refused", "VM 'vm1' is 'replicating', not failed over waiting completion"),
             (

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from vmreplica.config import SiteConfig
+from vmreplica.domain.clock import HOUR_MS
 from vmreplica.domain.model import DiskRecord, Position, Role, VmRecord, VmSettings
 from vmreplica.domain.states import Health, HealthReport, ReplicationState, missed_intervals
 from vmreplica.errors import (
@@ -297,3 +298,56 @@ def test_the_metrics_address_is_any_ip_address(address: str) -> None:
 def test_a_metrics_address_that_is_not_an_ip_address_is_refused(address: str) -> None:
     with pytest.raises(ValueError, match="is not an IP address"):
         SiteConfig(metrics_address=address)
+
+
+def test_writes_after_an_idle_stretch_are_not_counted_missed_before_their_cycle() -> None:
+    """The replica knows the primary's idle time only to the nearest heartbeat (30 s): after
+    ten idle minutes, writes begin 29 s after the last idle heartbeat and ship at the next cut,
+    30 s after the primary's last idle check. No cycle was missed, and none may be counted in
+    the meantime: a counter cannot take it back when the cycle comes."""
+    interval, beat = 30.0, 30_000
+    cycle_1 = CycleStat(1, START_MS - 500, START_MS, 1000, START_MS - 30_500)
+    idle_beat = START_MS + 600_000  # "nothing waits", ten minutes later
+    for heartbeat_ms, counted_before in ((beat, 0), (0, 1)):  # the fix, and what it fixes
+        tally = CycleTally.starting(START_MS - HOUR_MS)
+        tally.missed_cycles(tally.new_cycles([cycle_1]), START_MS + 1_000, interval, True)
+        # 50.4 s after the idle heartbeat, the cycle not arrived yet; writes wait since 29 s
+        before = tally.missed_cycles(
+            [], idle_beat + 50_400, interval, True, False, idle_beat, heartbeat_ms
+        )
+        assert before == counted_before
+        # the cycle: its start is the primary's last idle check, 20 s after the heartbeat
+        cycle_2 = CycleStat(2, idle_beat + 50_000, idle_beat + 50_500, 1000, idle_beat + 20_000)
+        after = tally.missed_cycles(
+            tally.new_cycles([cycle_1, cycle_2]), idle_beat + 51_000, interval, True
+        )
+        assert after == 0  # exact: nothing was missed (the old count could not be taken back)
+
+
+def test_a_real_outage_after_an_idle_stretch_is_still_counted_exactly() -> None:
+    interval, beat = 30.0, 30_000
+    cycle_1 = CycleStat(1, START_MS - 500, START_MS, 1000, START_MS - 30_500)
+    idle_beat = START_MS + 600_000
+    tally = CycleTally.starting(START_MS - HOUR_MS)
+    tally.missed_cycles(tally.new_cycles([cycle_1]), START_MS + 1_000, interval, True)
+    during = tally.missed_cycles([], idle_beat + 330_000, interval, True, False, idle_beat, beat)
+    assert during == 9  # certain: writes waited 300 s at least (10 intervals, the first due)
+    late = CycleStat(2, idle_beat + 334_500, idle_beat + 335_000, 1000, idle_beat + 20_000)
+    settled = tally.missed_cycles(
+        tally.new_cycles([cycle_1, late]), idle_beat + 336_000, interval, True
+    )
+    assert during + settled == 9  # 314.5 s waited for the cycle: nine missed, counted once
+
+
+def test_site_metrics_take_the_heartbeat_interval_into_account() -> None:
+    clock = Clock(START_MS)
+    metrics = SiteMetrics("site-b", clock, heartbeat_seconds=30.0)
+    vm = record("replica")
+    rows = [CycleStat(1, START_MS - 500, START_MS, 1000, START_MS - 30_500)]
+    position = Position(1, 1, bytes(32), 9, START_MS)
+    metrics.update(status(vm, 1, synced_ms=START_MS - 500), rows, position)
+    idle_beat = START_MS + 600_000
+    clock.ms = idle_beat + 50_400
+    metrics.update(status(vm, 1, synced_ms=idle_beat), rows, position)
+    labels = {"site": "site-b", "vm": "web"}
+    assert metrics.registry.get_sample_value("vmreplica_cycles_missed_total", labels) == 0

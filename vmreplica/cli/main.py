@@ -13,10 +13,13 @@ import click
 from rich.table import Table
 
 from vmreplica.cli import failover as cli_failover
+from vmreplica.cli import initial_stop as cli_initial_stop
 from vmreplica.cli import operations as cli_operations
 from vmreplica.cli import replication as cli_replication
 from vmreplica.cli import resync as cli_resync
 from vmreplica.cli import security as cli_security
+from vmreplica.cli import server as cli_server
+from vmreplica.cli import settings as cli_settings
 from vmreplica.cli.support import console, emit_json, errors, reported
 from vmreplica.domain.names import DEFAULT_PREFIX, DEFAULT_TRUST_GROUP
 from vmreplica.errors import ConfigurationError
@@ -33,6 +36,9 @@ cli_failover.register(main)
 cli_resync.register(main)
 cli_security.register(main)
 cli_operations.register(main)
+cli_settings.register(main)
+cli_server.register(main)
+cli_initial_stop.register(main)  # into the `initial` group, made by whichever registers first
 
 
 @main.group()

@@ -27,6 +27,8 @@ from vmreplica.failover.planned import (
 from vmreplica.failover.resync import cancel_resync, resync_here
 from vmreplica.failover.reverse import reverse
 from vmreplica.failover.unplanned import cancel, complete, promote
+from vmreplica.runtime.initial_stop import stop_initial_replication
+from vmreplica.runtime.removal import remove_replication
 from vmreplica.runtime.site import Site
 from vmreplica.schemas.events import EpochStart, FailoverPrepared
 from vmreplica.storage.mailbox import Mailbox, PostedRequest
@@ -103,6 +105,24 @@ class Resynchronize:
     cancel: bool = False
 
 
+@dataclass(frozen=True)
+class RemoveReplication:
+    """At either site: stop replicating the VM here, keep its images
+    (:mod:`vmreplica.runtime.removal`)."""
+
+    kind: ClassVar[str] = "remove"
+    vm: str
+
+
+@dataclass(frozen=True)
+class StopInitialReplication:
+    """On the primary: stop the running seed; the VM waits, ready for initial replication
+    (:mod:`vmreplica.runtime.initial_stop`)."""
+
+    kind: ClassVar[str] = "initial-stop"
+    vm: str
+
+
 RESYNC_DIGESTS_TIMEOUT_SECONDS: Final = 600.0
 """Without an agent, a resync waits this long for the replica's digests, then stays pending."""
 
@@ -113,6 +133,8 @@ FailoverRequest = (
     | CancelFailover
     | ReverseReplication
     | Resynchronize
+    | RemoveReplication
+    | StopInitialReplication
 )
 
 REQUEST_TYPES: Final[dict[str, type[FailoverRequest]]] = {
@@ -124,6 +146,8 @@ REQUEST_TYPES: Final[dict[str, type[FailoverRequest]]] = {
         CancelFailover,
         ReverseReplication,
         Resynchronize,
+        RemoveReplication,
+        StopInitialReplication,
     )
 }
 
@@ -269,5 +293,9 @@ async def carry_out(site: Site, request: FailoverRequest, *, resume: bool = True
                     digests_timeout_seconds=RESYNC_DIGESTS_TIMEOUT_SECONDS,
                 )
             ).summary()
+        case RemoveReplication():
+            return await remove_replication(site, vm)
+        case StopInitialReplication():
+            return await stop_initial_replication(site, vm)
         case _:
             assert_never(request)

@@ -67,6 +67,7 @@ from vmreplica.failover.requests import (
     CancelFailover,
     FailoverRequest,
     PlannedFailover,
+    RemoveReplication,
     Resynchronize,
     planned_done,
     posted_request,
@@ -84,6 +85,7 @@ from vmreplica.runtime.metrics import CycleStat, SiteMetrics, failure_reason
 from vmreplica.runtime.outage import Backoff, PublishOutage
 from vmreplica.runtime.pacing import DISCOVERY_SECONDS, HELD_SECONDS, RETRY_SECONDS
 from vmreplica.runtime.resync_worker import RESYNC_CHECK_SECONDS, ResyncWorker
+from vmreplica.runtime.settings import publish_pending_config
 from vmreplica.runtime.site import Site
 from vmreplica.runtime.status import vm_status
 from vmreplica.storage.mailbox import Mailbox
@@ -130,7 +132,9 @@ class Agent:
         self._next_discovery = 0.0
         self._discovery: asyncio.Task[None] | None = None
         self._next_metrics = 0.0
-        self.metrics = SiteMetrics(site.config.site)
+        self.metrics = SiteMetrics(
+            site.config.site, heartbeat_seconds=site.config.heartbeat_seconds
+        )
         self.metrics_url: str | None = None
         """Where Prometheus scrapes this agent, once it runs (``metrics_port`` set)."""
         self.primaries: dict[str, PrimaryVm] = {}
@@ -153,6 +157,8 @@ class Agent:
         self._cut_off: str | None = ""
         """Why Kafka was last found unreachable; None while it answers ("": not known yet, so
         the first answer clears an outage an earlier run of the agent recorded)."""
+        self._started: dict[str, tuple[int, VmRecord]] = {}
+        """The catalog generation and record each VM's worker was last started with."""
         self._next_publish: dict[str, float] = {}
         """When each VM cut off from Kafka next tries again (to publish a pending epoch, or
         to join the journal)."""
@@ -298,6 +304,8 @@ class Agent:
             )
             await self._stop_worker(request.vm)
             result = await carry_out(self.site, request, resume=False)
+            if isinstance(request, RemoveReplication):
+                await self.exports.withdraw(request.vm)
             if resumes:
                 await self._resume_when_captured(request.vm, "planned failover cancelled")
             return result
@@ -381,7 +389,9 @@ class Agent:
         for name, generation in (await self.site.catalog.generations()).items():
             task = self._tasks.get(name)
             if task is not None and not task.done():
-                continue
+                if not await self._settings_changed(name, generation):
+                    continue
+                await self._stop_worker(name)  # started again below, with the new settings
             ended, seen, wait = self._ended.get(name, (0.0, -1, 0.0))
             if task is not None and seen == generation and loop.time() - ended < wait:
                 continue  # ended on its own: retried when its role changes, or later
@@ -391,10 +401,31 @@ class Agent:
             if record is None:
                 continue  # removed since the listing
             self._ended[record.name] = (loop.time() + 10**9, generation, RETRY_SECONDS)
+            self._started[record.name] = (generation, record)
             work = self._primary if record.role == "primary" else self._replica
             self._tasks[record.name] = asyncio.create_task(
                 self._guarded(record, work), name=f"vm-{record.name}"
             )
+
+    async def _settings_changed(self, vm: str, generation: int) -> bool:
+        """`vmreplica set` changed the settings of ``vm``'s running primary worker (the
+        generation moved, the role did not): it is to be started again with them. Read only
+        when the generation moved, so a steady agent reads no record."""
+        started = self._started.get(vm)
+        if started is None or started[0] == generation:
+            return False
+        record = await self.site.catalog.find_vm(vm)
+        self._started[vm] = (generation, started[1])
+        if record is None or record.role != "primary" or started[1].role != "primary":
+            return False
+        if (record.settings, record.partner_site, record.disks) == (
+            started[1].settings,
+            started[1].partner_site,
+            started[1].disks,
+        ):
+            return False
+        log.info("VM %s: its settings changed; its worker starts again with them", vm)
+        return True
 
     async def _unreachable(self, error: BrokerUnreachable) -> None:
         """Kafka cannot be reached: `status` says so (health, with the reason) from now on."""
@@ -615,10 +646,15 @@ class Agent:
         self.fronts[record.name] = front
         resync = self.resyncs[record.name] = ResyncWorker(self.site, primary)
         try:
+            await publish_pending_config(self.site, primary)  # `vmreplica set` changed them
             if record.state in (
                 ReplicationState.READY_FOR_INITIAL_REPLICATION,
                 ReplicationState.INITIAL_REPLICATION_IN_PROGRESS,
             ):
+                while await self.site.catalog.seed_held(record.name):  # `initial stop`
+                    if self.stopping.is_set():
+                        return
+                    await self._pause(1.0)
                 await front.initial_replication()
             await self._cycles(primary, resync)
         finally:
@@ -723,6 +759,7 @@ class Agent:
                 due = self._next_publish.get(primary.name, 0.0)
                 if loop.time() >= due and not await self._publish_epoch(primary.name):
                     await primary.connect()
+                    await publish_pending_config(self.site, primary)
                     next_beat = loop.time()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), 0.2)

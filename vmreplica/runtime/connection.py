@@ -4,6 +4,9 @@ now? Each check says what it found:
 - **broker**: the bootstrap servers answer an admin request;
 - **journal topic** and **status topic**: the VM's topics exist, with the settings replication
   relies on (never compacted, records as large as a cycle's, no unclean leader election);
+- **access**: the broker lets this site's Kafka principal read, write, describe and describe
+  the configurations of both topics, and describe the VM's transactional id (asked without
+  changing anything: :mod:`vmreplica.journal.authorized`; a broker without ACLs allows all);
 - **partner**: on a replica, the primary heartbeats (live by the rule an unplanned failover
   uses); on a primary, what its replica site last reported on the status topic.
 
@@ -16,14 +19,24 @@ import time
 from dataclasses import dataclass
 from typing import Final
 
+from vmreplica.domain import names
 from vmreplica.domain.model import VmRecord
 from vmreplica.domain.states import LIVENESS_HEARTBEATS, primary_live
 from vmreplica.errors import ReplicationError
 from vmreplica.journal import topics
+from vmreplica.journal.authorized import topic_access, transactional_id_error
 from vmreplica.journal.kafka import TopicAdmin
 from vmreplica.runtime.site import Site
 from vmreplica.runtime.status import latest_replica_position
+from vmreplica.security.grants import Operation
 
+NEEDED_ON_TOPICS: Final = (
+    Operation.READ,
+    Operation.WRITE,
+    Operation.DESCRIBE,
+    Operation.DESCRIBE_CONFIGS,
+)
+"""What replication does with a VM's topics (CREATE is needed only to enable a VM)."""
 CHECKED_SETTINGS: Final = ("cleanup.policy", "max.message.bytes", "unclean.leader.election.enable")
 """Topic settings replication relies on: a compacted journal loses cycles, a smaller record
 limit refuses large ones, an unclean election can lose committed ones."""
@@ -66,8 +79,45 @@ async def connection_checks(site: Site, record: VmRecord) -> list[Check]:
     except ReplicationError as error:
         checks.append(Check("broker", False, str(error)))
         return checks
+    checks.append(await _access(site, record, (journal, status)))
     checks.append(await _partner(site, record))
     return checks
+
+
+async def _access(site: Site, record: VmRecord, topic_names: tuple[str, str]) -> Check:
+    """What the broker lets this site's principal do with the VM's topics and transactional
+    id; a refusal names the resource, what is missing, and how the rights are given."""
+    config = site.config
+    tid = names.transactional_id(record.name, config.trust_group, config.topic_prefix)
+    try:
+        found = await topic_access(site.connection, topic_names)
+        tid_error = await transactional_id_error(site.connection, tid)
+    except ReplicationError as error:
+        return Check("access", False, f"could not ask the broker: {error}")
+    problems = []
+    for access in found:
+        if access.error is not None and access.error != "UnknownTopicOrPartitionError":
+            problems.append(f"topic {access.topic}: {access.error}")
+        elif access.operations is not None:
+            missing = [op.name.lower() for op in NEEDED_ON_TOPICS if op not in access.operations]
+            if missing:
+                problems.append(f"topic {access.topic}: may not {', '.join(missing)}")
+    if tid_error is not None:
+        problems.append(f"transactional id {tid}: {tid_error}")
+    user = config.sasl_username or "this site's principal"
+    if problems:
+        return Check(
+            "access",
+            False,
+            f"{'; '.join(problems)}. Operator action: grant {user} the rights of trust group "
+            f"{config.trust_group!r} (`vmreplica broker add-site {config.site} --trust-group "
+            f"{config.trust_group}`, or the ACLs the README lists)",
+        )
+    return Check(
+        "access",
+        True,
+        f"{user} may read, write and describe both topics and use transactional id {tid}",
+    )
 
 
 async def _partner(site: Site, record: VmRecord) -> Check:

@@ -207,6 +207,7 @@ class CycleTally:
         expected: bool,
         idle: bool = False,
         idle_at_ms: int | None = None,
+        idle_known_within_ms: int = 0,
     ) -> int:
         """Cycles missed since the last call, given the ``new`` cycles done meanwhile.
 
@@ -216,6 +217,12 @@ class CycleTally:
         since the newest cycle (the time before it was not waiting). A cycle after none known
         adds nothing of its own: how long writes waited for it is not known, and an outage
         before it was counted while it went on.
+
+        A counter never goes back, so the cycle not yet done counts only the wait that is
+        certain. When that wait starts at an idle heartbeat, the writes may have begun up to
+        ``idle_known_within_ms`` (one heartbeat interval) after it: the idle time is known
+        only to the nearest heartbeat. The cycle, when it comes, carries its own start (moved
+        forward by every idle check of the primary) and settles the count exactly.
         """
         counted = 0
         for stat in new:
@@ -236,11 +243,12 @@ class CycleTally:
         if idle:
             return counted
         last = self.last
-        waited = (
-            now_ms - self.anchor_ms
-            if last is None
-            else waiting_ms(last.done_at_ms, last.cut_at_ms, idle_at_ms, now_ms, self.anchor_ms)
-        )
+        if last is None:
+            waited = now_ms - self.anchor_ms
+        else:
+            waited = waiting_ms(last.done_at_ms, last.cut_at_ms, idle_at_ms, now_ms, self.anchor_ms)
+            if idle_at_ms is not None and idle_at_ms > last.cut_at_ms:
+                waited = max(0, waited - idle_known_within_ms)
         overdue = missed_intervals(waited / 1000, interval)
         if overdue > self.missed:
             counted += overdue - self.missed
@@ -278,8 +286,17 @@ class VmSnapshot(Collector):
     a whole: a VM no longer in the catalog, or one whose role changed, leaves no stale series.
     """
 
-    def __init__(self, site: str, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        site: str,
+        clock: Callable[[], float] | None = None,
+        *,
+        heartbeat_seconds: float = 30.0,
+    ) -> None:
+        """``heartbeat_seconds``: the site's heartbeat interval, how precisely a primary's idle
+        time is known (:meth:`CycleTally.missed_cycles`)."""
         self.site = site
+        self.heartbeat_ms = int(heartbeat_seconds * 1000)
         self.clock = clock or _wall_clock
         self.vms: dict[str, VmGauges] = {}
 
@@ -394,8 +411,17 @@ class SiteMetrics:
     :meth:`failed`, :meth:`failover`) as things happen; :meth:`serve` starts the HTTP endpoint.
     """
 
-    def __init__(self, site: str, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        site: str,
+        clock: Callable[[], float] | None = None,
+        *,
+        heartbeat_seconds: float = 30.0,
+    ) -> None:
+        """``heartbeat_seconds``: the site's heartbeat interval, how precisely a primary's idle
+        time is known (:meth:`CycleTally.missed_cycles`)."""
         self.site = site
+        self.heartbeat_ms = int(heartbeat_seconds * 1000)
         self.clock = clock or _wall_clock
         self.started_ms = int(self.clock() * 1000)
         self.registry = CollectorRegistry()
@@ -529,6 +555,7 @@ class SiteMetrics:
             record.state in CYCLES_EXPECTED_STATES,
             status.idle,
             status.synced_at_ms,
+            self.heartbeat_ms,
         )
         if missed:
             self.missed.labels(self.site, vm).inc(missed)

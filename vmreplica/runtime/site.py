@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from vmreplica.config import SiteConfig
+from vmreplica.consumers.configured import replica_settings
 from vmreplica.consumers.replica import ReplicaVm, image_path
 from vmreplica.domain import names
 from vmreplica.domain.clock import HOUR_MS
@@ -250,12 +251,15 @@ class Site(Service):
             journals = [
                 t for t in await admin.topics() if t.startswith(prefix) and t.endswith(".journal")
             ]
+        if not self.config.replica_enabled:  # `vmreplica server set --no-replica`
+            return []  # (Kafka was asked all the same: the agent learns it answers)
         adopted = []
+        removed = await self.catalog.removed_vms()  # `vmreplica remove` here: not again
         for topic in sorted(journals):
             vm = topic.removeprefix(prefix).removesuffix(".journal")
             try:
                 names.check_name("VM", vm)
-                if await self.catalog.find_vm(vm) is not None:
+                if vm in removed or await self.catalog.find_vm(vm) is not None:
                     continue
                 config = await self._first_config(topic, vm)
             except (ConfigurationError, JournalViolation) as error:
@@ -294,24 +298,12 @@ class Site(Service):
         """
         check_event(config)
         storage = self.authorization.storage_for(config.primary_site, self.config.trust_group)
+        storage = storage or self.config.replica_storage
         folder = self.config.vm_folder(config.vm) if storage is None else storage / config.vm
         disks = [
             DiskRecord(d.name, str(image_path(folder, d.name)), d.size_bytes) for d in config.disks
         ]
-        settings = VmSettings(
-            frequency_seconds=config.frequency_seconds,
-            recovery_history=config.recovery_history,
-            app_consistent_hours=config.app_consistent_hours,
-            continuous_points_hours=config.continuous_points_hours,
-            compression=config.compression,
-            capture=config.capture,  # type: ignore[arg-type]  # check_event checked it
-            continuous_max_bytes=config.continuous_max_bytes,
-            also_replicate_to=tuple(
-                s for s in config.replica_sites if s not in (self.config.site, config.primary_site)
-            ),
-            changelog_budget_bytes=config.changelog_budget_bytes,
-            encrypt=bool(config.wrapped_keys),
-        )
+        settings = replica_settings(config, self.config.site)
         await self.catalog.add_vm(
             config.vm,
             "replica",

@@ -45,7 +45,12 @@ from vmreplica.domain.model import (
     VmSettings,
 )
 from vmreplica.domain.states import LastHeartbeat, ReplicationState
-from vmreplica.errors import ConfigurationError, PositionRegressedError, StateRefused
+from vmreplica.errors import (
+    ConfigurationError,
+    PositionRegressedError,
+    ReplicationError,
+    StateRefused,
+)
 from vmreplica.service import Service
 from vmreplica.storage import history
 from vmreplica.storage.sqlite import open_database
@@ -71,7 +76,13 @@ CREATE TABLE IF NOT EXISTS vm (
     generation INTEGER NOT NULL DEFAULT 0,
     primary_seen_ms INTEGER,
     failover_point INTEGER,
-    reverse_wanted INTEGER NOT NULL DEFAULT 0
+    reverse_wanted INTEGER NOT NULL DEFAULT 0,
+    config_pending INTEGER NOT NULL DEFAULT 0,
+    seed_held INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS removed_vm (
+    name TEXT PRIMARY KEY,
+    removed_ms INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS disk (
     vm TEXT NOT NULL REFERENCES vm(name) ON DELETE CASCADE,
@@ -147,7 +158,11 @@ CREATE TABLE IF NOT EXISTS heartbeat (
     idle INTEGER NOT NULL
 );
 """
-_ADDED_COLUMNS: Final = (("cycle_stat", "started_at_ms", "INTEGER"),)
+_ADDED_COLUMNS: Final = (
+    ("cycle_stat", "started_at_ms", "INTEGER"),
+    ("vm", "config_pending", "INTEGER NOT NULL DEFAULT 0"),
+    ("vm", "seed_held", "INTEGER NOT NULL DEFAULT 0"),
+)
 """Columns added after the first release: a catalog created before gets them at start-up."""
 
 
@@ -273,6 +288,7 @@ class Catalog(Service):
             )
             for i, d in enumerate(disks)
         ]
+        statements.append(("DELETE FROM removed_vm WHERE name = ?", (name,)))
         statements += history.event(
             name,
             EventId.REPLICATION_ENABLED,
@@ -281,19 +297,88 @@ class Catalog(Service):
         )
         await self._transaction(statements)
 
-    async def remove_vm(self, name: str) -> None:
-        """Forget a relationship at this site (its images and folders stay where they are)."""
+    async def remove_vm(self, name: str, message: str = "replication removed at this site") -> None:
+        """Forget a relationship at this site (its images and folders stay where they are), and
+        remember that it was removed: discovery does not adopt the VM from its journal again."""
         await self._transaction(
             [
                 ("DELETE FROM vm WHERE name = ?", (name,)),
-                *history.event(
-                    name,
-                    EventId.REPLICATION_REMOVED,
-                    EventLevel.WARNING,
-                    "replication removed at this site",
+                (
+                    "INSERT OR REPLACE INTO removed_vm (name, removed_ms) VALUES (?, ?)",
+                    (name, now_ms()),
                 ),
+                *history.event(name, EventId.REPLICATION_REMOVED, EventLevel.WARNING, message),
             ]
         )
+
+    async def removed_vms(self) -> set[str]:
+        """VMs removed at this site (`vmreplica remove`) and not enabled here since."""
+        return {str(row[0]) for row in await self.rows("SELECT name FROM removed_vm")}
+
+    async def change_settings(
+        self,
+        name: str,
+        settings: VmSettings,
+        message: str,
+        *,
+        generation: int,
+        partner_site: str | None = None,
+        disks: Sequence[DiskRecord] | None = None,
+    ) -> None:
+        """Set a primary VM's settings (Set-VMReplication), in one transaction: the settings,
+        the replica site and disks when given, an event, a bumped generation (the agent
+        restarts the VM's worker with them) and a mark that a ``VmConfig`` saying them is
+        still to be published (:meth:`config_pending`).
+
+        :raises ReplicationError: the VM changed meanwhile (its generation is not ``generation``:
+            a failover, another `set`); nothing was written.
+        """
+        statements: list[tuple[str, Sequence[Any]]] = [
+            (
+                "UPDATE vm SET settings = ?, partner_site = COALESCE(?, partner_site),"
+                " generation = generation + 1, config_pending = 1 WHERE name = ?",
+                (settings.to_json(), partner_site, name),
+            ),
+            *history.event(name, EventId.SETTINGS_CHANGED, EventLevel.INFORMATION, message),
+        ]
+        if disks is not None:
+            statements.append(("DELETE FROM disk WHERE vm = ?", (name,)))
+            statements += [
+                (
+                    "INSERT INTO disk (vm, name, path, size_bytes, position)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (name, d.name, d.path, d.size_bytes, i),
+                )
+                for i, d in enumerate(disks)
+            ]
+
+        async def unchanged() -> None:
+            if await self.generation(name) != generation:
+                raise ReplicationError(
+                    f"VM {name!r} changed while its settings were being set (a failover or "
+                    "another `vmreplica set`); nothing was changed. Operator action: look at "
+                    f"`vmreplica status {name}` and run the command again"
+                )
+
+        await self._transaction(statements, unchanged)
+
+    async def adopt_settings(self, name: str, settings: VmSettings, message: str) -> None:
+        """A replica takes the settings its primary published in a ``VmConfig`` (the worker
+        already runs with them: no generation bump)."""
+        await self._transaction(
+            [
+                ("UPDATE vm SET settings = ? WHERE name = ?", (settings.to_json(), name)),
+                *history.event(name, EventId.SETTINGS_CHANGED, EventLevel.INFORMATION, message),
+            ]
+        )
+
+    async def config_pending(self, name: str) -> bool:
+        """The VM's settings changed here and no ``VmConfig`` in the journal says so yet."""
+        row = await self.first_row("SELECT config_pending FROM vm WHERE name = ?", (name,))
+        return row is not None and bool(row[0])
+
+    async def config_published(self, name: str) -> None:
+        await self._transaction([("UPDATE vm SET config_pending = 0 WHERE name = ?", (name,))])
 
     async def find_vm(self, name: str) -> VmRecord | None:
         row = await self.first_row(
@@ -365,6 +450,41 @@ class Catalog(Service):
             ],
             check,
         )
+
+    async def hold_seed(self, name: str, message: str) -> None:
+        """Stop-VMInitialReplication: the VM is ready for initial replication again and its
+        agent does not seed it until :meth:`release_seed`; in one transaction, with the state
+        event, and a bumped generation so the agent starts the VM's worker at once (held).
+
+        :raises StateRefused: the VM's initial replication is not running or ready (checked in
+            the transaction); nothing was written.
+        """
+        ready = ReplicationState.READY_FOR_INITIAL_REPLICATION
+
+        async def check() -> None:
+            current = (await self.vm(name)).state
+            if current not in (ready, ReplicationState.INITIAL_REPLICATION_IN_PROGRESS):
+                raise StateRefused(name, current, ready)
+
+        await self._transaction(
+            [
+                *history.state_event(name, ready, message),
+                (
+                    "UPDATE vm SET state = ?, state_message = ?, state_changed_ms = ?,"
+                    " seed_held = 1, generation = generation + 1 WHERE name = ?",
+                    (ready.value, message, now_ms(), name),
+                ),
+            ],
+            check,
+        )
+
+    async def release_seed(self, name: str) -> None:
+        await self._transaction([("UPDATE vm SET seed_held = 0 WHERE name = ?", (name,))])
+
+    async def seed_held(self, name: str) -> bool:
+        """`vmreplica initial stop` holds the VM's initial replication."""
+        row = await self.first_row("SELECT seed_held FROM vm WHERE name = ?", (name,))
+        return row is not None and bool(row[0])
 
     async def set_epoch(self, name: str, epoch: int) -> None:
         await self._transaction([("UPDATE vm SET epoch = ? WHERE name = ?", (epoch, name))])
