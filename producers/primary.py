@@ -24,6 +24,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Final
 
@@ -322,7 +323,21 @@ class PrimaryVm:
             )
 
     async def initial_replication(self, progress: Progress | None = None) -> SeedResult:
-        """Seed the replica (resuming an interrupted seed), then ship what queued meanwhile."""
+        """Seed the replica (resuming an interrupted seed), then ship what queued meanwhile.
+
+        A VM enabled with ``--initial-at`` waits until then (its writes are captured and ship
+        after the seed); the seed's mode is the VM's ``initial`` setting
+        (:mod:`~vmreplica.producers.seed`).
+        """
+        due = self.record.settings.initial_at_ms
+        if due is not None and due > now_ms():
+            when = datetime.fromtimestamp(due / 1000).astimezone().isoformat(timespec="minutes")
+            await self.catalog.set_state(
+                self.name,
+                ReplicationState.READY_FOR_INITIAL_REPLICATION,
+                f"initial replication ({self.record.settings.initial}) scheduled at {when}",
+            )
+            await asyncio.sleep((due - now_ms()) / 1000)
         async with self._lock:
             await self.catalog.set_state(
                 self.name, ReplicationState.INITIAL_REPLICATION_IN_PROGRESS

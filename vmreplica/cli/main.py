@@ -13,6 +13,7 @@ import click
 from rich.table import Table
 
 from vmreplica.cli import failover as cli_failover
+from vmreplica.cli import initial as cli_initial
 from vmreplica.cli import operations as cli_operations
 from vmreplica.cli import replication as cli_replication
 from vmreplica.cli import resync as cli_resync
@@ -33,6 +34,7 @@ cli_failover.register(main)
 cli_resync.register(main)
 cli_security.register(main)
 cli_operations.register(main)
+cli_initial.register(main)
 
 
 @main.group()

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import click
 from rich.table import Table
 
-from vmreplica.cli.support import console, emit_json, reported
+from vmreplica.cli.support import console, emit_json, parse_at, reported
 from vmreplica.config import load_config
 from vmreplica.consumers.points import FORMATS, apply_lock, choose_point, export_point
 from vmreplica.domain.hypervisor import parse_hypervisor
@@ -158,6 +158,21 @@ def with_site(config_path: Path | None, action: Callable[[Site], Awaitable[T]]) 
     help="Resynchronize a replica stopped by a journal violation without waiting "
     "for `vmreplica resync` (off: the primary's health turns critical).",
 )
+@click.option(
+    "--initial",
+    type=click.Choice(["network", "export", "existing"]),
+    default="network",
+    show_default=True,
+    help="How the replica gets its first copy: over the network, on external media "
+    "(`vmreplica initial export`/`import`), or from a copy it already holds (only the blocks "
+    "that differ are sent).",
+)
+@click.option(
+    "--initial-at",
+    default=None,
+    metavar="TIME",
+    help="Start the initial replication at TIME: HH:MM (the next one) or an ISO date and time.",
+)
 @config_option
 @json_option
 @reported
@@ -178,6 +193,8 @@ def enable(
     post_cut_hook: str | None,
     hypervisor: str | None,
     auto_resync: bool,
+    initial: str,
+    initial_at: str | None,
     config_path: Path | None,
     as_json: bool,
 ) -> None:
@@ -207,6 +224,8 @@ def enable(
         post_cut_hook=post_cut_hook,
         auto_resync=auto_resync,
         hypervisor=hypervisor,
+        initial=initial,  # type: ignore[arg-type]  # click.Choice guarantees the literal
+        initial_at_ms=parse_at(initial_at, option="--initial-at") if initial_at else None,
     )
     parsed = parse_disks(disks)
     for name in excluded:
