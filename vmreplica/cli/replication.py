@@ -14,6 +14,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -349,9 +350,11 @@ def status(vm: str | None, config_path: Path | None, as_json: bool) -> None:
             str(row.get("pending_bytes", "")),
         )
     console.print(table)
-    for status in statuses:  # a running resync, with its progress
+    for status in statuses:  # a running resync or initial replication, with its progress
         if status.resync is not None and status.resync.active:
             console.print(status.resync.summary(), highlight=False)
+        if status.initial is not None:
+            console.print(status.initial.summary(status.record.name), highlight=False)
 
 
 @click.group()
@@ -461,6 +464,8 @@ def status_json(status: VmStatus) -> dict[str, Any]:
     progress = status.progress
     if status.resync is not None:
         row["resync"] = status.resync.figures()
+    if status.initial is not None:
+        row["initial_replication"] = asdict(status.initial)
     if isinstance(progress, PrimaryProgress):
         return row | {
             "pending_bytes": progress.pending_bytes,

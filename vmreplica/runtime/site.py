@@ -344,6 +344,14 @@ class Site(Service):
             ReplicationState.WAITING_FOR_INITIAL_REPLICATION,
             config.epoch,
         )
+        if config.initial == "export":
+            await self.catalog.set_state(
+                config.vm,
+                ReplicationState.WAITING_FOR_INITIAL_REPLICATION,
+                f"waiting for its seed on external media: `vmreplica initial import {config.vm} "
+                "DIR` with the folder `vmreplica initial export` wrote at "
+                f"{config.primary_site}",
+            )
         return await self.catalog.vm(config.vm)
 
     async def _published_configs(self) -> dict[str, VmConfig]:
