@@ -32,4 +32,5 @@ def replica_settings(config: VmConfig, site: str, current: VmSettings | None = N
         ),
         changelog_budget_bytes=config.changelog_budget_bytes,
         encrypt=bool(config.wrapped_keys),
+        initial=config.initial,  # type: ignore[arg-type]  # check_event checked it
     )

@@ -277,10 +277,11 @@ class Materializer:
         self.cursor.pending.clear()
 
     async def _digests_wanted(self, event: DigestRequest) -> None:
-        """The primary asks for block digests; a seeding replica has none worth sending yet."""
+        """The primary asks for block digests; a seeding replica has none worth sending yet,
+        unless it waits to be seeded by a block compare (:mod:`.seeding`)."""
         if (
             self.site in event.replica_sites
-            and not self.cursor.seeding
+            and (not self.cursor.seeding or self.cursor.awaiting_resync)
             and not self.cursor.pending
             and self.on_digests_wanted is not None
         ):
@@ -312,6 +313,7 @@ class Materializer:
         cursor.epoch, cursor.cycle = event.epoch, event.start_cycle - 1
         cursor.cycle_hash, cursor.next_offset = event.last_cycle_hash, offset + 1
         cursor.awaiting_resync, cursor.resyncing = False, True
+        cursor.seeding = False  # seeded by this epoch's first cycle, when it was not before
         await self.catalog.set_epoch(self.vm, event.epoch)
         await self.catalog.set_state(
             self.vm,

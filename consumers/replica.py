@@ -36,6 +36,7 @@ from vmreplica.consumers.configured import replica_settings
 from vmreplica.consumers.materializer import Materializer
 from vmreplica.consumers.points import apply_lock
 from vmreplica.consumers.retention import RetentionPolicy
+from vmreplica.consumers.seeding import seed_by_compare_reason
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import VmRecord
 from vmreplica.domain.names import check_name
@@ -230,6 +231,22 @@ class ReplicaVm(Service):
         await reader.start(cursor.next_offset)
         await self.reader.stop()
         self.reader, self.connected = reader, True
+        reason = seed_by_compare_reason(self.record, cursor, await reader.beginning_offset())
+        if reason is not None:
+            await self.seed_by_compare(reason)
+
+    async def seed_by_compare(self, reason: str) -> None:
+        """Wait for a resynchronization from what the images hold (:mod:`.seeding`)."""
+        violation = JournalViolation(
+            self.name,
+            self.materializer.cursor.next_offset,
+            reason,
+            ReplicationState.RESYNCHRONIZATION_REQUIRED,
+        )
+        self.violation = violation
+        await self.catalog.set_state(self.name, violation.state, reason)
+        log.warning("VM %s: %s", self.name, reason)
+        await self._resync_required(violation)
 
     async def disconnect(self) -> None:
         """Stop reading (Kafka went away); the images stay open, :meth:`connect` resumes."""

@@ -24,6 +24,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Final
 
@@ -94,10 +95,12 @@ class PrimaryVm:
         verifier: JournalVerifier | None = None,
         *,
         connect: bool = True,
+        configs_topic: str | None = None,
     ) -> None:
         """``connect=False``: :meth:`start` opens the capture only and publishes nothing, for
         a primary whose epoch is not yet in the journal (a failover with no broker
-        reachable); :meth:`connect` joins the journal later."""
+        reachable); :meth:`connect` joins the journal later. ``configs_topic``: the trust
+        group's compacted topic where :meth:`publish_config` keeps the VM's settings."""
         self.record = record
         self.connected = False
         """The journal is joined: this primary may publish (its epoch is in the journal)."""
@@ -106,6 +109,7 @@ class PrimaryVm:
         self.catalog = catalog
         self.connection = connection
         self.topic = journal_topic
+        self.configs_topic = configs_topic
         self.capture = CapturedVm(
             record.name,
             [(d.name, Path(d.path), d.size_bytes) for d in record.disks],
@@ -248,6 +252,8 @@ class PrimaryVm:
         if position is not None and self._announce_keys:  # before any payload under the key
             await self.publish(self.config_event())
             self._announce_keys = False
+        if position is not None:  # settings or keys may have changed while it was stopped
+            await self.publish_config()
         if position is not None:
             position = await self.shipper.reconcile(self.connection)
             self._number_open_cycle(position.cycle + 1)
@@ -303,14 +309,40 @@ class PrimaryVm:
             settings.continuous_max_bytes,
             settings.changelog_budget_bytes,
             self.wrapped_keys,
+            initial=settings.initial,
         )
 
+    async def publish_config(self) -> None:
+        """Keep the VM's settings (VmConfig, signed like every record) on the trust group's
+        compacted configs topic, keyed by VM: what a replica site added at any time discovers
+        the VM by (:meth:`~vmreplica.runtime.site.Site.discover`), long after the journal's
+        retention deleted the seed. Published at the seed, at every start and every epoch."""
+        if self.configs_topic is not None:
+            await self.publisher.publish(
+                self.configs_topic, self.name.encode(), [self.publisher.encode(self.config_event())]
+            )
+
     async def initial_replication(self, progress: Progress | None = None) -> SeedResult:
-        """Seed the replica (resuming an interrupted seed), then ship what queued meanwhile."""
+        """Seed the replica (resuming an interrupted seed), then ship what queued meanwhile.
+
+        A VM enabled with ``--initial-at`` waits until then (its writes are captured and ship
+        after the seed); the seed's mode is the VM's ``initial`` setting
+        (:mod:`~vmreplica.producers.seed`).
+        """
+        due = self.record.settings.initial_at_ms
+        if due is not None and due > now_ms():
+            when = datetime.fromtimestamp(due / 1000).astimezone().isoformat(timespec="minutes")
+            await self.catalog.set_state(
+                self.name,
+                ReplicationState.READY_FOR_INITIAL_REPLICATION,
+                f"initial replication ({self.record.settings.initial}) scheduled at {when}",
+            )
+            await asyncio.sleep((due - now_ms()) / 1000)
         async with self._lock:
             await self.catalog.set_state(
                 self.name, ReplicationState.INITIAL_REPLICATION_IN_PROGRESS
             )
+            await self.publish_config()
             seed = InitialReplication(
                 self.capture,
                 self.publisher,
@@ -386,9 +418,11 @@ class PrimaryVm:
         self.capture.fenced_reason = reason
 
     async def start_epoch(self, start: EpochStart) -> None:
-        """Publish ``start`` and number every later cycle in its epoch (catalog included)."""
+        """Publish ``start`` and number every later cycle in its epoch (catalog included);
+        the VM's configuration follows on the configs topic, naming this site primary."""
         await self.publish(start)
         await self._adopt_epoch(start.epoch)
+        await self.publish_config()
 
     async def _adopt_epoch(self, epoch: int) -> None:
         await self.catalog.set_epoch(self.name, epoch)

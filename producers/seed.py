@@ -1,4 +1,7 @@
-"""Initial replication over the network: the first full copy, sparse-aware and resumable.
+"""Initial replication: the first full copy, sparse-aware and resumable, in one of three modes
+(``VmSettings.initial``, carried to the replica in ``VmConfig.initial``).
+
+``network`` sends the copy through the journal:
 
 1. cut the change log and drop what it held: those writes are in the image the seed reads;
 2. publish EpochStart and VmConfig (first run only): the replica learns the epoch and the
@@ -13,6 +16,13 @@ seed: every region they touch is then overwritten with its newest content, so th
 exact at the first cycle boundary after the seed.
 
 Step 3 and the ``done`` chunk are :class:`Seeder`, which also seeds an extended-replication hop.
+
+``export`` and ``existing`` make steps 1 and 2 only, and record the position after them: the
+cycles that follow ship at once. With ``export`` the copy travels on external media
+(``vmreplica initial export`` here, ``vmreplica initial import`` at the replica, which then
+applies those cycles: :mod:`vmreplica.runtime.initial`); with ``existing`` the replica holds a
+copy already, and asks for the blocks that differ by sending its block digests
+(:mod:`vmreplica.consumers.seeding`).
 """
 
 from __future__ import annotations
@@ -189,14 +199,23 @@ class InitialReplication:
                 now_ms(),
                 GENESIS_HASH,
             )
-            await self.publisher.publish(
+            offsets = await self.publisher.publish(
                 self.topic, key, [self.publisher.encode(start), self.publisher.encode(self.config)]
             )
             for name in vm.disk_names:  # step 2 is recorded with the start offsets
                 await self.catalog.set_seed_progress(vm.name, name, 0)
             await self.catalog.set_seed_progress(vm.name, "", first_cycle)
             done = await self.catalog.seed_progress(vm.name)
+            after_start = offsets[-1] + 1
+        else:
+            after_start = 0  # resumed: reconciling reads the journal from its start
         first_cycle = done.pop("")
+        if self.config.initial != "network":  # the copy travels another way
+            if await self.catalog.position(vm.name) is None:
+                await self.catalog.advance_position(
+                    vm.name, Position(epoch, first_cycle - 1, GENESIS_HASH, after_start, now_ms())
+                )
+            return SeedResult(sum(image.size for image in vm.images), 0, 0, first_cycle)
         seeder = Seeder(
             self.publisher,
             self.topic,

@@ -240,6 +240,9 @@ class VmConfig:
     changelog_budget_bytes: int | None = None
     wrapped_keys: tuple[WrappedKey, ...] = ()
     """The VM's payload keys for its replica sites; empty when payloads travel in clear."""
+    initial: str = "network"
+    """How the replica gets its first copy: ``network``, ``export`` or ``existing``
+    (:mod:`vmreplica.producers.seed`)."""
     signature: bytes | None = None
     """Ed25519 signature by the writing site (:mod:`vmreplica.security.signing`)."""
 

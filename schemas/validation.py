@@ -91,6 +91,8 @@ MAX_SITES_PER_RECORD: Final = 64
 """Site names in one record (replica sites, resync sites): far beyond any real fan-out."""
 CAPTURE_MODES: Final = ("api", "nbd", "scan")
 """How a primary may capture writes (VmConfig.capture): what a replica that takes over does."""
+INITIAL_MODES: Final = ("network", "export", "existing")
+"""How a replica may get its first copy (VmConfig.initial)."""
 MAX_EXTENTS_PER_BATCH: Final = 65_536
 """Extents in one WriteBatch: 8× the shipper's 8,192, for a long write split at payload
 boundaries; bounds the work one record makes the replica do after decoding."""
@@ -368,6 +370,8 @@ def check_vm_config(config: VmConfig) -> None:
         fields.number(
             "changelog_budget_bytes", config.changelog_budget_bytes, 1, MAX_DISK_BYTES, " bytes"
         )
+    if config.initial not in INITIAL_MODES:
+        fields.fail(f"initial {shown_name(config.initial)} is none of {', '.join(INITIAL_MODES)}")
     if len(config.wrapped_keys) > MAX_WRAPPED_KEYS:
         fields.fail(f"{len(config.wrapped_keys)} wrapped keys; at most {MAX_WRAPPED_KEYS}")
     for index, wrapped in enumerate(config.wrapped_keys):
@@ -403,7 +407,7 @@ def check_replica_position(position: ReplicaPosition) -> None:
     fields.header(position.vm, position.epoch)
     fields.name("site", "site", position.site)
     fields.sequence("cycle", position.cycle)
-    fields.sequence("offset", position.offset)
+    fields.sequence("offset", position.offset, low=-1)  # -1: nothing applied yet
     if position.state not in _STATES:
         fields.fail(f"state {shown_name(position.state)} is not a replication state")
     if position.health not in _HEALTHS:

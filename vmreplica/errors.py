@@ -85,6 +85,11 @@ class FailoverRefused(ReplicationError, RuntimeError):
     """A failover cannot be done now (exit 1); the message says why and what to do."""
 
 
+class InitialReplicationRefused(ReplicationError, RuntimeError):
+    """An initial replication's export or import cannot be done now (exit 1): the VM is not
+    waiting for one, or another runs. Nothing was changed; the message says what to do."""
+
+
 class ResyncRefused(ReplicationError, RuntimeError):
     """A resynchronization cannot be started or finished now (exit 1): one is already running,
     the VM is not replicating, or the replica's block digests do not fit its disks. Nothing

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from vmreplica.cli.main import main
 from vmreplica.cli.replication import status_json
-from vmreplica.cli.resync import parse_at
+from vmreplica.cli.support import parse_at
 from vmreplica.config import SiteConfig
 from vmreplica.consumers.materializer import Materializer
 from vmreplica.consumers.retention import RetentionPolicy

@@ -175,6 +175,13 @@ async def test_an_unservable_nbd_socket_is_reported_not_raised(tmp_path: Path) -
         "replica_cycle",
         "replica_applied_at_ms",
         "last_sent_cycle",
+        "initial_replication",
+    }
+    assert web["initial_replication"] == {
+        "mode": "network",
+        "examined_bytes": 0,
+        "total_bytes": 4096,
+        "scheduled_at_ms": None,
     }
     assert web["nbd_error"].startswith("NBD socket path ")
     assert web["last_sent_cycle"] is None

@@ -13,6 +13,7 @@ import click
 from rich.table import Table
 
 from vmreplica.cli import failover as cli_failover
+from vmreplica.cli import initial as cli_initial
 from vmreplica.cli import initial_stop as cli_initial_stop
 from vmreplica.cli import operations as cli_operations
 from vmreplica.cli import replication as cli_replication
@@ -38,7 +39,8 @@ cli_security.register(main)
 cli_operations.register(main)
 cli_settings.register(main)
 cli_server.register(main)
-cli_initial_stop.register(main)  # into the `initial` group, made by whichever registers first
+cli_initial.register(main)  # the `initial` group, with export and import
+cli_initial_stop.register(main)  # stop and start, into that group
 
 
 @main.group()

@@ -14,13 +14,14 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 from rich.table import Table
 
-from vmreplica.cli.support import console, emit_json, reported
+from vmreplica.cli.support import console, emit_json, parse_at, reported
 from vmreplica.config import load_config
 from vmreplica.consumers.points import FORMATS, apply_lock, choose_point, export_point
 from vmreplica.domain.hypervisor import parse_hypervisor
@@ -168,6 +169,21 @@ def with_site(config_path: Path | None, action: Callable[[Site], Awaitable[T]]) 
     help="Resynchronize a replica stopped by a journal violation without waiting "
     "for `vmreplica resync` (off: the primary's health turns critical).",
 )
+@click.option(
+    "--initial",
+    type=click.Choice(["network", "export", "existing"]),
+    default="network",
+    show_default=True,
+    help="How the replica gets its first copy: over the network, on external media "
+    "(`vmreplica initial export`/`import`), or from a copy it already holds (only the blocks "
+    "that differ are sent).",
+)
+@click.option(
+    "--initial-at",
+    default=None,
+    metavar="TIME",
+    help="Start the initial replication at TIME: HH:MM (the next one) or an ISO date and time.",
+)
 @config_option
 @json_option
 @reported
@@ -188,6 +204,8 @@ def enable(
     post_cut_hook: str | None,
     hypervisor: str | None,
     auto_resync: bool,
+    initial: str,
+    initial_at: str | None,
     config_path: Path | None,
     as_json: bool,
 ) -> None:
@@ -217,6 +235,8 @@ def enable(
         post_cut_hook=post_cut_hook,
         auto_resync=auto_resync,
         hypervisor=hypervisor,
+        initial=initial,  # type: ignore[arg-type]  # click.Choice guarantees the literal
+        initial_at_ms=parse_at(initial_at, option="--initial-at") if initial_at else None,
     )
     parsed = parse_disks(disks)
     for name in excluded:
@@ -340,9 +360,11 @@ def status(vm: str | None, config_path: Path | None, as_json: bool) -> None:
             str(row.get("pending_bytes", "")),
         )
     console.print(table)
-    for status in statuses:  # a running resync, with its progress
+    for status in statuses:  # a running resync or initial replication, with its progress
         if status.resync is not None and status.resync.active:
             console.print(status.resync.summary(), highlight=False)
+        if status.initial is not None:
+            console.print(status.initial.summary(status.record.name), highlight=False)
 
 
 @click.group()
@@ -452,6 +474,8 @@ def status_json(status: VmStatus) -> dict[str, Any]:
     progress = status.progress
     if status.resync is not None:
         row["resync"] = status.resync.figures()
+    if status.initial is not None:
+        row["initial_replication"] = asdict(status.initial)
     if isinstance(progress, PrimaryProgress):
         return row | {
             "pending_bytes": progress.pending_bytes,

@@ -10,7 +10,6 @@ its end.
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Final
 
@@ -19,7 +18,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
 from vmreplica.cli.failover import through_agent
 from vmreplica.cli.replication import config_option, json_option, with_site
-from vmreplica.cli.support import emit_json, errors, reported
+from vmreplica.cli.support import emit_json, errors, parse_at, reported
 from vmreplica.errors import ConfigurationError, ResyncRefused
 from vmreplica.failover.requests import Resynchronize, carry_out
 from vmreplica.failover.resync_job import ResyncJob, load_job
@@ -27,32 +26,6 @@ from vmreplica.runtime.site import Site
 from vmreplica.storage.mailbox import Mailbox
 
 WAIT_POLL_SECONDS: Final = 0.5
-
-
-def parse_at(text: str, now: datetime | None = None) -> int:
-    """``--at``: ``HH:MM`` (the next such time of day) or an ISO 8601 date and time (local
-    time unless it names an offset), as ms since the Unix epoch.
-
-    :raises ConfigurationError: neither, or a moment already past.
-    """
-    now = now or datetime.now().astimezone()
-    try:
-        if len(text) <= 5 and ":" in text:
-            hours, minutes = (int(part) for part in text.split(":"))
-            moment = now.replace(hour=hours, minute=minutes, second=0, microsecond=0)
-            if moment <= now:
-                moment += timedelta(days=1)
-        else:
-            moment = datetime.fromisoformat(text)
-            if moment.tzinfo is None:
-                moment = moment.astimezone()
-    except ValueError:
-        raise ConfigurationError(
-            f"--at {text!r}: expected HH:MM or a date and time such as 2026-12-01T18:30"
-        ) from None
-    if moment < now - timedelta(minutes=1):
-        raise ConfigurationError(f"--at {text!r} is in the past ({moment.isoformat()})")
-    return int(moment.timestamp() * 1000)
 
 
 async def _wait_until_done(site: Site, vm: str) -> ResyncJob:

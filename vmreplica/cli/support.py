@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
 
@@ -39,3 +40,29 @@ def reported(command: Callable[P, R]) -> Callable[P, R]:
 
 def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def parse_at(text: str, now: datetime | None = None, option: str = "--at") -> int:
+    """``--at`` (or ``option``, ``--initial-at``): ``HH:MM`` (the next such time of day) or an
+    ISO 8601 date and time (local time unless it names an offset), as ms since the Unix epoch.
+
+    :raises ConfigurationError: neither, or a moment already past.
+    """
+    now = now or datetime.now().astimezone()
+    try:
+        if len(text) <= 5 and ":" in text:
+            hours, minutes = (int(part) for part in text.split(":"))
+            moment = now.replace(hour=hours, minute=minutes, second=0, microsecond=0)
+            if moment <= now:
+                moment += timedelta(days=1)
+        else:
+            moment = datetime.fromisoformat(text)
+            if moment.tzinfo is None:
+                moment = moment.astimezone()
+    except ValueError:
+        raise ConfigurationError(
+            f"{option} {text!r}: expected HH:MM or a date and time such as 2026-12-01T18:30"
+        ) from None
+    if moment < now - timedelta(minutes=1):
+        raise ConfigurationError(f"{option} {text!r} is in the past ({moment.isoformat()})")
+    return int(moment.timestamp() * 1000)

@@ -17,6 +17,9 @@ from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import ConfigurationError
 
 Role = Literal["primary", "replica"]
+InitialMode = Literal["network", "export", "existing"]
+"""How a replica gets its first copy (``vmreplica enable --initial``): SeedChunk records over
+the journal, a folder on external media, or a copy it already holds (block-digest compare)."""
 
 FREQUENCIES_SECONDS: Final = (30, 300, 900, 0)
 """Hyper-V's 30 s, 5 min and 15 min, and 0 for continuous."""
@@ -136,6 +139,11 @@ class VmSettings:
     :mod:`vmreplica.security.encryption`)."""
     """A replica that reports it needs a resynchronization (a journal violation stopped it) is
     resynchronized without the operator; off, the primary's health turns critical instead."""
+    initial: InitialMode = "network"
+    """How the replica gets its first copy (:data:`InitialMode`)."""
+    initial_at_ms: int | None = None
+    """``--initial-at``: the initial replication starts no earlier than this (ms since the Unix
+    epoch); None: at once. This site's own: it does not travel to the replica."""
     hypervisor: str | None = None
     """This site's hypervisor adapter for the VM (``qemu:<qmp>[,ga=<ga>]``, ``libvirt:<domain>``;
     :mod:`vmreplica.domain.hypervisor`); None: the site's ``hypervisor``, else the hooks. Like

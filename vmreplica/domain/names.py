@@ -1,8 +1,9 @@
 """Names of VMs, sites, disks and trust groups, and the Kafka names derived from them.
 
 One journal topic per VM, ``<prefix>.<trust-group>.<vm>.journal``, and a ``.status`` topic beside
-it; the same ``transactional_id`` for a VM at every site. A name that passes :func:`check_name`
-is safe as a topic part, a file name and an NBD export name alike.
+it; one compacted ``<prefix>.<trust-group>.configs`` topic per trust group; the same
+``transactional_id`` for a VM at every site. A name that passes :func:`check_name` is safe as a
+topic part, a file name and an NBD export name alike.
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ def status_topic(
     vm: str, trust_group: str = DEFAULT_TRUST_GROUP, prefix: str = DEFAULT_PREFIX
 ) -> str:
     return f"{prefix}.{check_name('trust group', trust_group)}.{check_name('VM', vm)}.status"
+
+
+def configs_topic(trust_group: str = DEFAULT_TRUST_GROUP, prefix: str = DEFAULT_PREFIX) -> str:
+    """The trust group's compacted topic of VM configurations (key: VM), where a replica site
+    added at any time finds every VM and its settings. Three parts, never four: no VM's topic
+    (``<prefix>.<group>.<vm>.journal``) can take its name."""
+    return f"{prefix}.{check_name('trust group', trust_group)}.configs"
 
 
 def transactional_id(

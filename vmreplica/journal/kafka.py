@@ -500,6 +500,14 @@ class JournalReader(Service):
         except KafkaError as error:
             raise _translate(error, f"reading {self.topic}") from error
 
+    async def beginning_offset(self) -> int:
+        """The offset of the oldest record the topic still holds (retention deletes older ones)."""
+        try:
+            offsets = await self._consumer.beginning_offsets([self._partition])
+        except KafkaError as error:
+            raise _translate(error, f"reading the start of {self.topic}") from error
+        return int(offsets[self._partition])
+
     async def end_offset(self) -> int:
         """The last stable offset: where a read_committed reader that is caught up stands."""
         try:

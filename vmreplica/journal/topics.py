@@ -45,3 +45,18 @@ def status_spec(name: str, replication_factor: int) -> TopicSpec:
             "max.message.bytes": str(MAX_RECORD_BYTES + 64 * 1024),
         },
     )
+
+
+def configs_spec(name: str, replication_factor: int) -> TopicSpec:
+    """The trust group's VM configurations: compacted, so the newest VmConfig of every VM stays
+    however long ago it was published (a site added a year later still discovers the VM)."""
+    return TopicSpec(
+        name,
+        replication_factor,
+        {
+            "cleanup.policy": "compact",
+            "min.insync.replicas": str(max(1, replication_factor - 1)),
+            "max.message.bytes": str(MAX_RECORD_BYTES + 64 * 1024),
+            "unclean.leader.election.enable": "false",
+        },
+    )

@@ -81,6 +81,7 @@ from vmreplica.producers.capture_front import CaptureFront
 from vmreplica.producers.primary import PrimaryVm
 from vmreplica.runtime.exports import SiteExports
 from vmreplica.runtime.extension import HopRelay
+from vmreplica.runtime.initial import awaits_import
 from vmreplica.runtime.metrics import CycleStat, SiteMetrics, failure_reason
 from vmreplica.runtime.outage import Backoff, PublishOutage
 from vmreplica.runtime.pacing import DISCOVERY_SECONDS, HELD_SECONDS, RETRY_SECONDS
@@ -525,7 +526,11 @@ class Agent:
 
     async def _replica(self, record: VmRecord) -> None:
         """Apply the journal; serve a test failover if asked; take over when a planned failover
-        names this site; follow another replica site that took over."""
+        names this site; follow another replica site that took over. A VM seeded on external
+        media waits, untouched, for `vmreplica initial import` (tried again later)."""
+        if awaits_import(record):
+            log.info("VM %s: waiting for `vmreplica initial import %s DIR`", *(record.name,) * 2)
+            return
         async with await self.site.replica(record, connect=False) as replica:
             await self.exports.serve_replica(record)
             drill = FailoverDrill(self.site.catalog, replica)

@@ -84,7 +84,8 @@ class ResyncWorker:
                 ):
                     continue  # said before the last resync of it was applied
                 reason = self.reasons.get(target, "it stopped at a journal violation")
-                if record.settings.auto_resync:
+                # A site that never applied a cycle asks for its first copy: a seed, always due.
+                if record.settings.auto_resync or position.offset < 0:
                     started = await accept_resync(
                         self.site,
                         vm,

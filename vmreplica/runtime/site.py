@@ -107,6 +107,11 @@ class Site(Service):
     def status_topic(self, vm: str) -> str:
         return names.status_topic(vm, self.config.trust_group, self.config.topic_prefix)
 
+    @property
+    def configs_topic(self) -> str:
+        """The trust group's compacted topic of VM configurations (:func:`names.configs_topic`)."""
+        return names.configs_topic(self.config.trust_group, self.config.topic_prefix)
+
     async def enable(
         self,
         vm: str,
@@ -176,6 +181,9 @@ class Site(Service):
             await admin.ensure_topic(
                 topics.status_spec(self.status_topic(vm), self.config.replication_factor)
             )
+            await admin.ensure_topic(
+                topics.configs_spec(self.configs_topic, self.config.replication_factor)
+            )
 
     def primary(self, record: VmRecord, *, connect: bool = True) -> PrimaryVm:
         """The primary-side worker of a VM this site is primary for (not yet started);
@@ -211,6 +219,7 @@ class Site(Service):
             announce,
             self.verifier(record.name, self.config.site),
             connect=connect,
+            configs_topic=self.configs_topic,
         )
 
     async def replica(self, record: VmRecord, *, connect: bool = True) -> ReplicaVm:
@@ -240,19 +249,26 @@ class Site(Service):
     async def discover(self) -> list[VmRecord]:
         """Adopt VMs whose journal names this site's trust group and an accepted primary.
 
-        The journal is untrusted input: a VM whose topic name or first VmConfig is refused (a
+        What a VM is comes from the newest VmConfig its primary keeps on the trust group's
+        compacted configs topic (:attr:`configs_topic`), republished at every epoch and every
+        start of the primary: a site added long after the seed, or back after the journal's
+        retention deleted the seed, finds the VM and its current settings there. A VM with
+        none there (a primary of an older release) is described by the first VmConfig of its
+        journal.
+
+        Both topics are untrusted input: a VM whose topic name or VmConfig is refused (a
         name that could escape the storage root, an absurd size, a record that does not decode,
-        a VmConfig naming another VM) is not adopted and nothing is created for it. The reason
-        is logged once and kept in :attr:`refused` (topic → message naming the journal offset);
-        the other VMs are adopted as usual.
+        a VmConfig naming another VM, a signature no entry trusts) is not adopted and nothing is
+        created for it. The reason is logged once and kept in :attr:`refused` (topic → message
+        naming the offset); the other VMs are adopted as usual.
         """
         prefix = f"{self.config.topic_prefix}.{self.config.trust_group}."
         async with TopicAdmin(self.connection) as admin:
-            journals = [
-                t for t in await admin.topics() if t.startswith(prefix) and t.endswith(".journal")
-            ]
+            listed = await admin.topics()
+        journals = [t for t in listed if t.startswith(prefix) and t.endswith(".journal")]
         if not self.config.replica_enabled:  # `vmreplica server set --no-replica`
             return []  # (Kafka was asked all the same: the agent learns it answers)
+        published = await self._published_configs() if self.configs_topic in listed else {}
         adopted = []
         removed = await self.catalog.removed_vms()  # `vmreplica remove` here: not again
         for topic in sorted(journals):
@@ -261,7 +277,7 @@ class Site(Service):
                 names.check_name("VM", vm)
                 if vm in removed or await self.catalog.find_vm(vm) is not None:
                     continue
-                config = await self._first_config(topic, vm)
+                config = published.get(vm) or await self._first_config(topic, vm)
             except (ConfigurationError, JournalViolation) as error:
                 self._refuse(topic, str(error))
                 continue
@@ -297,6 +313,11 @@ class Site(Service):
             (:func:`~vmreplica.schemas.validation.check_vm_config`); nothing was created.
         """
         check_event(config)
+        if config.wrapped_keys:  # the journal may no longer hold the VmConfig that wraps them
+            try:
+                self.key_ring(config.vm).learn(config, self.config.site)
+            except DecodeError as error:
+                log.warning("VM %s: the payload keys of its VmConfig: %s", config.vm, error)
         storage = self.authorization.storage_for(config.primary_site, self.config.trust_group)
         storage = storage or self.config.replica_storage
         folder = self.config.vm_folder(config.vm) if storage is None else storage / config.vm
@@ -314,7 +335,33 @@ class Site(Service):
             ReplicationState.WAITING_FOR_INITIAL_REPLICATION,
             config.epoch,
         )
+        if config.initial == "export":
+            await self.catalog.set_state(
+                config.vm,
+                ReplicationState.WAITING_FOR_INITIAL_REPLICATION,
+                f"waiting for its seed on external media: `vmreplica initial import {config.vm} "
+                "DIR` with the folder `vmreplica initial export` wrote at "
+                f"{config.primary_site}",
+            )
         return await self.catalog.vm(config.vm)
+
+    async def _published_configs(self) -> dict[str, VmConfig]:
+        """The newest VmConfig of each VM on the configs topic whose signature and values
+        pass; one refused is logged and passed over (an older one of the VM, or its journal's,
+        describes it then)."""
+        configs: dict[str, VmConfig] = {}
+        async with contextlib.aclosing(read_to_end(self.connection, self.configs_topic)) as found:
+            async for record in found:
+                try:
+                    event = decode_journal(record.value)
+                    if not isinstance(event, VmConfig) or record.key != event.vm.encode():
+                        continue
+                    self.verifier(event.vm, "").check(event, record.offset, record.value)
+                except (DecodeError, JournalViolation) as error:
+                    self._refuse(self.configs_topic, f"offset {record.offset}: {error}")
+                    continue
+                configs[event.vm] = event
+        return configs
 
     async def _first_config(self, topic: str, vm: str) -> VmConfig | None:
         """The first VmConfig of ``vm``'s journal, checked, or None when there is none yet.

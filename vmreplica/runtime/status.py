@@ -90,6 +90,28 @@ class PrimaryProgress:
 
 
 @dataclass(frozen=True)
+class InitialProgress:
+    """A primary's initial replication while it is to come or runs: how, when, how far."""
+
+    mode: str
+    """``network``, ``export`` or ``existing`` (``enable --initial``)."""
+    examined_bytes: int
+    """Bytes of the disks the network seed has read and sent (recorded per transaction)."""
+    total_bytes: int
+    scheduled_at_ms: int | None
+    """``--initial-at``: not before then."""
+
+    def summary(self, vm: str) -> str:
+        """One line for `vmreplica status`."""
+        head = f"initial replication of {vm} ({self.mode})"
+        if self.scheduled_at_ms is not None and self.scheduled_at_ms > time.time() * 1000:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.scheduled_at_ms / 1000))
+            return f"{head}: scheduled at {when}"
+        share = 100 * self.examined_bytes / self.total_bytes if self.total_bytes else 100.0
+        return f"{head}: {self.examined_bytes} of {self.total_bytes} bytes examined ({share:.0f} %)"
+
+
+@dataclass(frozen=True)
 class ReplicaProgress:
     """Where a replica stands: what it applied, how many points it keeps."""
 
@@ -118,6 +140,8 @@ class VmStatus:
     last one that ended."""
     statistics: ReplicationStatistics | None = None
     """Measure-VMReplication's figures over the window (:mod:`vmreplica.domain.statistics`)."""
+    initial: InitialProgress | None = None
+    """A primary's initial replication, while it is to come or runs."""
 
     @property
     def last_cycle(self) -> int | None:
@@ -218,4 +242,18 @@ async def vm_status(
         measured.idle,
         job_or_none(site, record.name) if record.role == "primary" else None,
         statistics,
+        await initial_progress(site, record),
+    )
+
+
+async def initial_progress(site: Site, record: VmRecord) -> InitialProgress | None:
+    """How far a primary's initial replication is, from the seed's recorded progress."""
+    if record.role != "primary" or record.state not in _SEEDING_STATES:
+        return None
+    done = await site.catalog.seed_progress(record.name)
+    return InitialProgress(
+        record.settings.initial,
+        sum(min(done.get(d.name, 0), d.size_bytes) for d in record.disks),
+        sum(d.size_bytes for d in record.disks),
+        record.settings.initial_at_ms,
     )
