@@ -80,7 +80,7 @@ from vmreplica.journal.kafka import quiet_client_errors
 from vmreplica.nbd.server import NbdServer
 from vmreplica.producers.app_consistent import AppConsistentSchedule
 from vmreplica.producers.capture_front import CaptureFront
-from vmreplica.producers.nbd_exports import VmExports, socket_path
+from vmreplica.producers.nbd_exports import VmExports, socket_path, tcp_listener
 from vmreplica.producers.primary import PrimaryVm
 from vmreplica.runtime.extension import HopRelay
 from vmreplica.runtime.metrics import CycleStat, SiteMetrics, failure_reason
@@ -713,7 +713,7 @@ class Agent:
         config = self.site.config
         if config.nbd_tcp_port is None:
             return
-        server = NbdServer({}, tcp=(config.nbd_tcp_host, config.nbd_tcp_port))
+        server = tcp_listener(config)
         try:
             await server.start()
         except OSError as error:
