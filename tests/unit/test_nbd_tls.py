@@ -17,12 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.test_nbd_exports import record
 from tests.unit.test_nbd_protocol import WireClient, info_request
 from vmreplica.config import SiteConfig
 from vmreplica.errors import ConfigurationError
 from vmreplica.nbd import protocol as wire
 from vmreplica.nbd.server import FileBlockDevice, NbdServer
 from vmreplica.nbd.tls import load_server_tls
+from vmreplica.producers.nbd_exports import nbd_uris
 from vmreplica.security.certificates import NbdCertificates, make_nbd_certificates
 
 DISK_BYTES = 1 << 20
@@ -188,3 +190,4 @@ def test_the_tcp_listener_leaves_loopback_only_with_required_tls(tmp_path: Path)
         SiteConfig(nbd_tcp_host="0.0.0.0", nbd_tls_dir=tmp_path, nbd_tls_required=False)
     config = SiteConfig(nbd_tcp_host="0.0.0.0", nbd_tls_dir=tmp_path, nbd_tcp_port=10809)
     assert config.nbd_tls_required
+    assert nbd_uris(config, record())["system"]["tcp"] == "nbds://0.0.0.0:10809/web01.system"
