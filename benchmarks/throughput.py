@@ -63,6 +63,9 @@ from vmreplica.journal.topics import journal_spec
 from vmreplica.producers.primary import PrimaryVm
 from vmreplica.producers.shipper import ShippedCycle
 from vmreplica.runtime.site import Site
+from vmreplica.security.authorization import AuthorizationEntry, AuthorizationStore
+from vmreplica.security.signing import load_site_key
+from vmreplica.security.sites import add_site
 from vmreplica.storage.image import sha256_of
 
 KiB: Final = 1024
@@ -83,6 +86,7 @@ CYCLE_BYTES: Final = VmSettings().continuous_max_bytes
 REPLICA_TIMEOUT_SECONDS: Final = 600.0
 PRIMARY_SITE: Final = "site-a"
 REPLICA_SITE: Final = "site-b"
+SITES: Final = (PRIMARY_SITE, REPLICA_SITE)
 
 
 class BenchmarkError(RuntimeError):
@@ -178,8 +182,56 @@ def producer_performance(kafka: Broker, records: int) -> KafkaBaseline:
 # --- the replica ---------------------------------------------------------------------------------
 
 
+SECURITY_FILE: Final = "security.json"
+"""In a run's folder when it runs secured: each site's client settings (SASL_SSL), read by
+both sites, the replica process included."""
+
+
 def _site_config(root: Path, site: str, bootstrap: str, group: str) -> SiteConfig:
-    return SiteConfig(site=site, root=root / site, bootstrap_servers=bootstrap, trust_group=group)
+    secured = root / SECURITY_FILE
+    extra = json.loads(secured.read_text())[site] if secured.is_file() else {}
+    return SiteConfig(
+        site=site, root=root / site, bootstrap_servers=bootstrap, trust_group=group, **extra
+    )
+
+
+@dataclass(frozen=True)
+class Secured:
+    """A run with security on: a secured broker (TLS, SCRAM, ACLs) where each site logs in as
+    its own user, every record verified against authorization entries, payloads encrypted.
+    Without ``admin`` the broker is a plain one (the journal's security alone); without
+    ``journal`` the journal is neither verified nor encrypted (the transport's alone)."""
+
+    admin: KafkaConnection | None
+    ca_file: Path | None
+    journal: bool = True
+
+    async def prepare(self, root: Path, group: str) -> None:
+        """Users and grants of both sites for ``group``, their settings in the run's folder,
+        and authorization entries both ways (so each site verifies the other's records and
+        the primary can wrap the VM's payload key for the replica)."""
+        if self.admin is not None and self.ca_file is not None:
+            await self._logins(root, group)
+        if self.journal:
+            keys = {site: load_site_key(root / site).public_text for site in SITES}
+            for site, partner in ((PRIMARY_SITE, REPLICA_SITE), (REPLICA_SITE, PRIMARY_SITE)):
+                storage = root / site / "vms"  # the replica's images where an open site has them
+                AuthorizationStore(root / site).add(
+                    AuthorizationEntry(partner, group, str(storage), (keys[partner],))
+                )
+
+    async def _logins(self, root: Path, group: str) -> None:
+        assert self.admin is not None
+        assert self.ca_file is not None
+        settings = {}
+        for site in SITES:
+            password = root / f"{site}.password"
+            access = await add_site(self.admin, self.ca_file, site, group, password, user=site)
+            settings[site] = {
+                k: v for k, v in access.settings().items() if k not in ("bootstrap_servers",)
+            }
+            settings[site].pop("trust_group")
+        (root / SECURITY_FILE).write_text(json.dumps(settings))
 
 
 def _emit(**fields: object) -> None:
@@ -278,23 +330,33 @@ def random_64k(total: int, disk_size: int, seed: int) -> list[int]:
 class Run:
     """One VM replicated from a fresh primary site to a fresh replica site."""
 
-    def __init__(self, workdir: Path, bootstrap: str, disk_size: int, name: str) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        bootstrap: str,
+        disk_size: int,
+        name: str,
+        secured: Secured | None = None,
+    ) -> None:
         self.root = workdir / name
         self.bootstrap = bootstrap
         self.group = f"bench{uuid.uuid4().hex[:8]}"
         self.vm = name
         self.disk = self.root / "disk0.img"
         self.disk_size = disk_size
+        self.secured = secured
 
     async def __aenter__(self) -> Run:
         self.root.mkdir(parents=True)
         with self.disk.open("wb") as file:
             file.truncate(self.disk_size)
+        if self.secured is not None:
+            await self.secured.prepare(self.root, self.group)
         self.site = Site(_site_config(self.root, PRIMARY_SITE, self.bootstrap, self.group))
         await self.site.start()
-        record = await self.site.enable(
-            self.vm, {"disk0": self.disk}, REPLICA_SITE, VmSettings(frequency_seconds=0)
-        )
+        encrypt = self.secured is not None and self.secured.journal
+        settings = VmSettings(frequency_seconds=0, encrypt=encrypt)
+        record = await self.site.enable(self.vm, {"disk0": self.disk}, REPLICA_SITE, settings)
         self.primary: PrimaryVm = self.site.primary(record)
         await self.primary.start()
         await self.primary.initial_replication()
@@ -369,6 +431,7 @@ async def end_to_end(
     replica_mode: str,
     overlap: bool,
     name: str | None = None,
+    secured: Secured | None = None,
 ) -> EndToEnd:
     per_cycle = -(-total // cycles)
     # Large enough that the change log never reaches its default budget (a tenth of the disks)
@@ -385,7 +448,7 @@ async def end_to_end(
     writes_per_cycle = -(-len(writes) // cycles)
     plan = [writes[i : i + writes_per_cycle] for i in range(0, len(writes), writes_per_cycle)]
     name = name or ("rand64k" if workload.startswith("64") else "seq1m")
-    async with Run(workdir, kafka.bootstrap_servers, disk_size, name) as run:
+    async with Run(workdir, kafka.bootstrap_servers, disk_size, name, secured) as run:
         os.sync()  # start from clean page cache state, so earlier runs' writeback isn't billed
         if replica_mode == "process":
             timing = await _with_process(run, plan, kafka.pids, overlap)

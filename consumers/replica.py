@@ -29,7 +29,7 @@ import dataclasses
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from vmreplica.consumers.configured import replica_settings
@@ -58,6 +58,7 @@ from vmreplica.schemas.events import (
     DigestRequest,
     ReplicaPosition,
     ResyncRequest,
+    StatusEvent,
     VmConfig,
 )
 from vmreplica.security.authorization import JournalVerifier
@@ -165,9 +166,13 @@ class ReplicaVm(Service):
         heartbeat_seconds: float = 30.0,
         *,
         connect: bool = True,
+        encode_status: Callable[[StatusEvent], bytes] = encode,
     ) -> None:
         """``connect=False``: :meth:`start` opens the images only (test failovers and views
-        work without a broker); :meth:`connect` joins the journal later."""
+        work without a broker); :meth:`connect` joins the journal later. ``encode_status``
+        turns what this site reports into status records: the site's key signs them
+        (:meth:`vmreplica.security.signing.SiteKey.encode`)."""
+        self.encode_status = encode_status
         self.record = record
         self.heartbeat_seconds = heartbeat_seconds
         """The site's heartbeat interval: how the published health judges the primary."""
@@ -315,7 +320,9 @@ class ReplicaVm(Service):
             now_ms(),
         )
         try:
-            await self.status.publish(self.status_topic, self.name.encode(), encode(position))
+            await self.status.publish(
+                self.status_topic, self.name.encode(), self.encode_status(position)
+            )
         except BrokerError as error:
             log.warning("VM %s: could not report position: %s", self.name, error)
 
@@ -359,7 +366,9 @@ class ReplicaVm(Service):
             return cursor.cycle
         records: list[ReplicaPosition | DigestMap] = [await self._position(state), *maps]
         for event in records:
-            await self.status.publish(self.status_topic, self.name.encode(), encode(event))
+            await self.status.publish(
+                self.status_topic, self.name.encode(), self.encode_status(event)
+            )
         log.info(
             "VM %s: block digests of cycle %d published for a resynchronization",
             self.name,
@@ -398,7 +407,9 @@ class ReplicaVm(Service):
             return  # a returning old primary waits for a reverse, not a resync
         try:
             position = await self._position(ReplicationState.RESYNCHRONIZATION_REQUIRED)
-            await self.status.publish(self.status_topic, self.name.encode(), encode(position))
+            await self.status.publish(
+                self.status_topic, self.name.encode(), self.encode_status(position)
+            )
         except BrokerError as error:
             log.warning("VM %s: could not report position: %s", self.name, error)
 
@@ -417,7 +428,9 @@ class ReplicaVm(Service):
             self.name, self.materializer.cursor.epoch, self.site, str(violation), None, (), now_ms()
         )
         try:
-            await self.status.publish(self.status_topic, self.name.encode(), encode(request))
+            await self.status.publish(
+                self.status_topic, self.name.encode(), self.encode_status(request)
+            )
             await self.publish_digests(ReplicationState.RESYNCHRONIZATION_REQUIRED)
         except BrokerError as error:  # the primary's resync asks again
             log.warning("VM %s: could not ask for a resynchronization: %s", self.name, error)

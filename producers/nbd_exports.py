@@ -6,8 +6,10 @@ Each VM enabled with ``--capture nbd`` gets one Unix socket, ``<root>/vms/<vm>/n
     nbd+unix:///disk0?socket=/var/lib/vmreplica/vms/web01/nbd.sock
 
 With ``nbd_tcp_port`` set, the agent also serves every VM's disks on one loopback TCP listener,
-as exports named ``<vm>.<disk>`` (``nbd://127.0.0.1:10809/web01.disk0``). The URIs are known
-from the configuration alone, so ``vmreplica enable`` prints them before the agent runs.
+as exports named ``<vm>.<disk>`` (``nbd://127.0.0.1:10809/web01.disk0``); with ``nbd_tls_dir``
+that listener offers TLS, required by default (``nbds://...``), and may then listen beyond
+loopback. The URIs are known from the configuration alone, so ``vmreplica enable`` prints them
+before the agent runs.
 
 The exports follow the VM through failovers (:class:`VmExports`): at the primary they capture
 every write; at any other site that holds the VM — a replica, or the old primary after a
@@ -29,6 +31,7 @@ from vmreplica.domain.model import VmRecord
 from vmreplica.errors import ConfigurationError
 from vmreplica.nbd.device import BlockDevice, FileBlockDevice
 from vmreplica.nbd.server import NbdServer
+from vmreplica.nbd.tls import load_server_tls
 from vmreplica.producers.capture import CapturedVm
 from vmreplica.producers.journaling_device import JournalingDevice
 from vmreplica.service import Service
@@ -64,9 +67,24 @@ def tcp_export_name(vm: str, disk: str) -> str:
     return f"{vm}.{disk}"
 
 
-def tcp_uri(host: str, port: int, vm: str, disk: str) -> str:
+def tcp_uri(host: str, port: int, vm: str, disk: str, *, tls: bool = False) -> str:
+    """``nbd://`` or, when TLS is required, ``nbds://`` (libnbd's form; QEMU takes the TLS
+    credentials as an object instead, see the README)."""
     host = f"[{host}]" if ":" in host else host
-    return f"nbd://{host}:{port}/{tcp_export_name(vm, disk)}"
+    return f"{'nbds' if tls else 'nbd'}://{host}:{port}/{tcp_export_name(vm, disk)}"
+
+
+def tcp_listener(config: SiteConfig) -> NbdServer:
+    """The agent's NBD TCP listener (``nbd_tcp_port``), with TLS when ``nbd_tls_dir`` is set;
+    not started.
+
+    :raises ConfigurationError: the TLS credentials cannot be loaded.
+    """
+    assert config.nbd_tcp_port is not None
+    tls = None
+    if config.nbd_tls_dir is not None:
+        tls = load_server_tls(config.nbd_tls_dir, required=config.nbd_tls_required)
+    return NbdServer({}, tcp=(config.nbd_tcp_host, config.nbd_tcp_port), tls=tls)
 
 
 def nbd_uris(
@@ -83,7 +101,8 @@ def nbd_uris(
     for disk in record.disks:
         entry = {"unix": unix_uri(path, disk.name)}
         if port:
-            entry["tcp"] = tcp_uri(config.nbd_tcp_host, port, record.name, disk.name)
+            tls = config.nbd_tls_dir is not None and config.nbd_tls_required
+            entry["tcp"] = tcp_uri(config.nbd_tcp_host, port, record.name, disk.name, tls=tls)
         uris[disk.name] = entry
     return uris
 

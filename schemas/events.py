@@ -293,6 +293,8 @@ class ReplicaPosition:
     health: str
     applied_at_ms: int
     at_ms: int
+    signature: bytes | None = None
+    """Ed25519 signature by the reporting site (:mod:`vmreplica.security.signing`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +309,8 @@ class DigestMap:
     block_size: int
     digests: bytes
     """Fixed-size digests of consecutive blocks from offset 0, concatenated."""
+    signature: bytes | None = None
+    """Ed25519 signature by the reporting site (:mod:`vmreplica.security.signing`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +324,8 @@ class ResyncRequest:
     disk: str | None
     ranges: tuple[ByteRange, ...]
     at_ms: int
+    signature: bytes | None = None
+    """Ed25519 signature by the reporting site (:mod:`vmreplica.security.signing`)."""
 
 
 JournalEvent: TypeAlias = (

@@ -86,7 +86,20 @@ class SiteConfig(BaseSettings):
         "loopback TCP port, named <vm>.<disk> (0: any free port; default: Unix sockets only).",
     )
     nbd_tcp_host: str = Field(
-        default="127.0.0.1", description="Loopback address of the NBD TCP listener."
+        default="127.0.0.1",
+        description="Address of the NBD TCP listener: loopback, unless TLS is required "
+        "(nbd_tls_dir and nbd_tls_required).",
+    )
+    nbd_tls_dir: Path | None = Field(
+        default=None,
+        description="Folder holding ca-cert.pem, server-cert.pem and server-key.pem "
+        "(`vmreplica nbd-certificates` makes them): the NBD TCP listener offers TLS "
+        "(NBD_OPT_STARTTLS) and admits only clients with a certificate that CA signed.",
+    )
+    nbd_tls_required: bool = Field(
+        default=True,
+        description="With nbd_tls_dir: refuse TCP clients that do not start TLS "
+        "(NBD_REP_ERR_TLS_REQD). Unix sockets stay plain.",
     )
     security_protocol: SecurityProtocol = Field(
         default="PLAINTEXT",
@@ -143,6 +156,7 @@ class SiteConfig(BaseSettings):
 
     @field_validator(
         "nbd_socket_dir",
+        "nbd_tls_dir",
         "sasl_password_file",
         "ssl_ca_file",
         "ssl_cert_file",
@@ -167,20 +181,22 @@ class SiteConfig(BaseSettings):
             raise ValueError("ssl_cert_file and ssl_key_file go together")
         return self
 
-    @field_validator("nbd_tcp_host")
-    @classmethod
-    def _loopback(cls, value: str) -> str:
-        # NBD has no authentication here: the export must not be reachable from the network.
+    @model_validator(mode="after")
+    def _loopback_unless_tls(self) -> SiteConfig:
+        # Without required TLS (client certificates) an NBD client is not authenticated: the
+        # exports must not be reachable from the network.
+        value = self.nbd_tcp_host
         try:
             loopback = ipaddress.ip_address(value).is_loopback
         except ValueError:
             loopback = value == "localhost"
-        if not loopback:
+        if not loopback and (self.nbd_tls_dir is None or not self.nbd_tls_required):
             raise ValueError(
-                f"{value!r} is not a loopback address (127.0.0.1, ::1); the NBD "
-                "exports carry no authentication and must stay on this machine"
+                f"nbd_tcp_host {value!r} is not a loopback address (127.0.0.1, ::1); without "
+                "TLS the NBD exports carry no authentication and must stay on this machine. "
+                "Set nbd_tls_dir (and leave nbd_tls_required on) to serve them on the network"
             )
-        return value
+        return self
 
     @field_validator("metrics_address")
     @classmethod

@@ -205,6 +205,23 @@ class UntrustedRecordError(JournalViolation):
         self.problem = problem
 
 
+class UntrustedStatusError(ReplicationError, ValueError):
+    """A status record (a replica's position, digest map or resync request) is unsigned, badly
+    signed, or signed by a key that no authorization entry of this site lists for the site it
+    names: its reader skips it, logs why with the record's offset, and uses nothing of it."""
+
+    def __init__(self, vm: str, offset: int, problem: str) -> None:
+        super().__init__(
+            f"VM {vm!r}, status offset {offset}: refused an untrusted record: {problem}. "
+            "Nothing of it was used. Operator action: if that site's key changed, add its new "
+            "key with `vmreplica authorization set --add-key`; otherwise someone without a "
+            "trusted key wrote to the status topic"
+        )
+        self.vm = vm
+        self.offset = offset
+        self.problem = problem
+
+
 class PositionRegressedError(JournalIntegrityError):
     """A position write would move a VM back; nothing was recorded.
 

@@ -370,7 +370,7 @@ def mutate(
         if how == "forge" and forger is not None:
             at = draw(st.integers(0, ANY_INDEX)) % max(len(values), 1)
             if at < min(len(events), len(values)):
-                values[at] = forger.encode(events[at])  # type: ignore[arg-type]
+                values[at] = forger.encode(events[at])
             continue
         at = draw(st.integers(0, ANY_INDEX)) % max(len(values), 1)
         if how == "field" and at < min(len(events), len(values)):
@@ -428,7 +428,7 @@ def _fuzz_cycles(
         if data.draw(st.booleans()):
             events.insert(0, Heartbeat(VM, EPOCH, "site-a", 1_000, cycle - 1))
         if signer is not None:
-            events = [signer.sign(event) for event in events]  # type: ignore[type-var]
+            events = [signer.sign(event) for event in events]
         values = [codec.encode(event) for event in events]
         broken = data.draw(st.sampled_from([True, True, True, True, False]))
         if broken:

@@ -1,4 +1,5 @@
-"""CLI commands for who may replicate to this site: the site's key and its authorization entries.
+"""CLI commands for who may replicate to this site: the site's key and its authorization entries;
+and who may attach to its NBD exports over TCP: ``vmreplica nbd-certificates``.
 
 ``vmreplica key show|rotate`` and ``vmreplica authorization add|list|set|remove`` — the last four
 are Hyper-V's ``New-/Get-/Set-/Remove-VMReplicationAuthorizationEntry``. Neither needs the broker
@@ -15,7 +16,9 @@ from rich.table import Table
 from vmreplica.cli.replication import config_option, json_option
 from vmreplica.cli.support import console, emit_json, reported
 from vmreplica.config import load_config
+from vmreplica.errors import ConfigurationError
 from vmreplica.security.authorization import AuthorizationEntry, AuthorizationStore
+from vmreplica.security.certificates import make_nbd_certificates
 from vmreplica.security.signing import format_public_key, load_site_key, rotate_site_key
 
 
@@ -187,6 +190,56 @@ def authorization_remove(primary: str, trust_group: str | None, config_path: Pat
         )
 
 
+@click.command("nbd-certificates")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path), required=False)
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    help="A name or address clients reach the NBD listener by (besides localhost, 127.0.0.1, "
+    "::1); repeat for several.",
+)
+@config_option
+@json_option
+@reported
+def nbd_certificates(
+    folder: Path | None, hosts: tuple[str, ...], config_path: Path | None, as_json: bool
+) -> None:
+    """Make the NBD TLS credentials in FOLDER (default: <root>/nbd-tls): a CA, the agent's
+    server certificate and one client certificate for the hypervisor, named as QEMU's
+    tls-creds-x509 and libnbd read them. Running it again replaces them all (a new CA: copy
+    the client files again)."""
+    for host in hosts:
+        if not host or any(c.isspace() or c in "/,\0" for c in host):
+            raise ConfigurationError(
+                f"--host {host!r} is not a host name or an IP address, e.g. --host nbd.example "
+                "or --host 192.0.2.10"
+            )
+    if folder is None:
+        folder = load_config(config_path).root / "nbd-tls"
+    files = make_nbd_certificates(folder.expanduser().resolve(), hosts)
+    if as_json:
+        emit_json(
+            {
+                "folder": str(files.folder),
+                "ca": str(files.ca_file),
+                "server_certificate": str(files.server_cert_file),
+                "server_key": str(files.server_key_file),
+                "client_certificate": str(files.client_cert_file),
+                "client_key": str(files.client_key_file),
+            }
+        )
+        return
+    click.echo(f"NBD TLS credentials in {files.folder}; in site.toml:")
+    click.echo(f'nbd_tls_dir = "{files.folder}"')
+    click.echo(
+        f"clients (QEMU, libnbd) need {files.ca_file.name}, {files.client_cert_file.name} and "
+        f"{files.client_key_file.name} in a folder of their own",
+        err=True,
+    )
+
+
 def register(main: click.Group) -> None:
     main.add_command(key)
     main.add_command(authorization)
+    main.add_command(nbd_certificates)

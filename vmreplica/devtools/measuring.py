@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from vmreplica.devtools.cluster import LocalCluster
+from vmreplica.devtools.cluster import ClusterState, LocalCluster
 from vmreplica.devtools.ports import free_base_port
 from vmreplica.errors import BrokerError
 
@@ -26,6 +26,9 @@ class Broker:
     description: str
     pids: tuple[int, ...]
     """Broker JVMs on this machine, for CPU accounting (none for a configured cluster)."""
+    state: ClusterState | None = None
+    """The local cluster started (its admin connection and, secured, its CA); None for a
+    configured cluster."""
 
     def cpu_seconds(self) -> float:
         """User + system CPU seconds of the broker JVMs so far (0 for a configured cluster)."""
@@ -33,17 +36,21 @@ class Broker:
 
 
 @contextlib.contextmanager
-def broker(workdir: Path, purpose: str = "this benchmark") -> Iterator[Broker]:
+def broker(
+    workdir: Path, purpose: str = "this benchmark", *, secure: bool = False
+) -> Iterator[Broker]:
     """Yield the configured cluster (``VMREPLICA_BOOTSTRAP_SERVERS``) or a fresh local
-    single-node one on a free port, stopped afterwards."""
-    configured = os.environ.get("VMREPLICA_BOOTSTRAP_SERVERS")
+    single-node one on a free port, stopped afterwards; ``secure``: always a fresh local one,
+    secured as by ``broker up --secure`` (TLS, SCRAM, ACLs)."""
+    configured = None if secure else os.environ.get("VMREPLICA_BOOTSTRAP_SERVERS")
     if configured:
         yield Broker(configured, f"{configured} (VMREPLICA_BOOTSTRAP_SERVERS)", ())
         return
     for attempt in range(BROKER_START_ATTEMPTS):
-        cluster = LocalCluster(home=workdir / "kafka-home", base_port=free_base_port())
+        home = workdir / ("kafka-home-secured" if secure else "kafka-home")
+        cluster = LocalCluster(home=home, base_port=free_base_port())
         try:
-            state = cluster.up(1)
+            state = cluster.up(1, secure=secure)
             break
         except BrokerError:
             # A random KRaft cluster id that starts with "-" makes kafka-storage fail; so does a
@@ -53,8 +60,10 @@ def broker(workdir: Path, purpose: str = "this benchmark") -> Iterator[Broker]:
     try:
         yield Broker(
             state.bootstrap_servers,
-            f"{state.bootstrap_servers} (local single-node Kafka started by {purpose})",
+            f"{state.bootstrap_servers} (local single-node Kafka{' secured' if secure else ''} "
+            f"started by {purpose})",
             tuple(n.pid for n in state.nodes),
+            state,
         )
     finally:
         cluster.down()

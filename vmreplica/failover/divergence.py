@@ -32,7 +32,6 @@ from vmreplica.journal.kafka import JournalReader, StatusPublisher
 from vmreplica.producers.changelog import RecordKind, read_segment
 from vmreplica.producers.dirtymap import DIRTY_BLOCK_BYTES, DIRTY_MAP_NAME, DirtyMap
 from vmreplica.runtime.site import Site
-from vmreplica.schemas.codec import decode_status, encode
 from vmreplica.schemas.events import (
     ByteRange,
     CycleCommit,
@@ -228,7 +227,7 @@ async def report_divergence(
                 )
             )
         for event in events:
-            await status.publish(site.status_topic(vm), vm.encode(), encode(event))
+            await status.publish(site.status_topic(vm), vm.encode(), site.key.encode(event))
     finally:
         await status.stop()
 
@@ -256,8 +255,8 @@ async def reported_ranges(
     async with JournalReader(site.connection, site.status_topic(vm)) as reader:
         while True:
             for message in await reader.fetch(REPORT_FETCH_SECONDS):
-                event = decode_status(message.value)
-                if event.site != replica_site or event.epoch != epoch:
+                event = await site.trusted_status(vm, message.offset, message.value)
+                if event is None or event.site != replica_site or event.epoch != epoch:
                     continue
                 if isinstance(event, ResyncRequest) and event.disk is not None:
                     ranges = requests.setdefault(event.disk, IntervalSet())

@@ -73,7 +73,6 @@ from vmreplica.journal.kafka import JournalReader, read_to_end
 from vmreplica.producers.primary import PrimaryVm
 from vmreplica.producers.shipper import ShippedCycle
 from vmreplica.runtime.site import Site
-from vmreplica.schemas.codec import decode_status
 from vmreplica.schemas.events import DigestMap, DigestRequest, EpochStart, ReplicaPosition
 
 log = logging.getLogger(__name__)
@@ -270,10 +269,10 @@ class ResyncRun:
             ):
                 offset = message.offset + 1
                 try:
-                    event = decode_status(message.value)
+                    event = await self.site.trusted_status(self.vm, message.offset, message.value)
                 except DecodeError:
                     continue  # not a record of ours: it can prove nothing about the replica
-                if event.site != self.job.target:
+                if event is None or event.site != self.job.target:
                     continue
                 if isinstance(event, ReplicaPosition):
                     positions[(event.epoch, event.cycle)] = event

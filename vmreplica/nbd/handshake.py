@@ -1,8 +1,14 @@
 """The NBD handshake (fixed newstyle option haggling) and the exports it chooses among.
 
 Kept apart from the connection's transport code: :func:`negotiate` only reads bytes through
-one callable and writes replies through another, so its rules can be read, and tested,
-without the transmission machinery of :mod:`vmreplica.nbd.session`.
+one callable, writes replies through another and upgrades to TLS through a third, so its rules
+can be read, and tested, without the transmission machinery of :mod:`vmreplica.nbd.session`.
+
+**TLS** (the spec's "TLS support"): a connection offered :class:`StartTls` answers
+``NBD_OPT_STARTTLS`` with ``NBD_REP_ACK`` and continues the haggling inside TLS. When TLS is
+required (the spec's FORCEDTLS mode) every other option before it gets ``NBD_REP_ERR_TLS_REQD``
+(``NBD_OPT_ABORT`` excepted), and ``NBD_OPT_EXPORT_NAME``, which cannot fail politely, hangs
+up: no byte of an export is served in clear. Unix sockets are offered no TLS (``UNSUP``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,17 @@ HANDSHAKE_TIMEOUT_SECONDS: Final = 60.0  # a client that never finishes negotiat
 
 ReadExactly = Callable[[int], Awaitable[bytes]]
 Send = Callable[[bytes], None]
+
+
+@dataclass(frozen=True)
+class StartTls:
+    """TLS as one connection offers it."""
+
+    upgrade: Callable[[], Awaitable[None]]
+    """Runs the TLS handshake over the connection (after the ACK is sent); raises when it
+    fails, and the connection is dropped (too late to go on in clear)."""
+    required: bool
+    """No option but STARTTLS and ABORT is served before TLS (FORCEDTLS)."""
 
 
 @dataclass(eq=False)
@@ -58,21 +75,38 @@ class ServerContext:
         return export
 
 
-async def negotiate(read_exactly: ReadExactly, send: Send, context: ServerContext) -> Export | None:
+async def negotiate(
+    read_exactly: ReadExactly,
+    send: Send,
+    context: ServerContext,
+    tls: StartTls | None = None,
+) -> Export | None:
     """Haggle options after the greeting; return the export chosen, or None on NBD_OPT_ABORT.
 
-    Options we do not implement (STRUCTURED_REPLY, STARTTLS, meta contexts, extended headers)
-    get ``NBD_REP_ERR_UNSUP``, which the spec obliges clients to accept; bad INFO/GO/LIST data
-    gets ``NBD_REP_ERR_INVALID`` and the haggling goes on.
+    Options we do not implement (STRUCTURED_REPLY, meta contexts, extended headers, STARTTLS
+    without ``tls``) get ``NBD_REP_ERR_UNSUP``, which the spec obliges clients to accept; bad
+    INFO/GO/LIST/STARTTLS data gets ``NBD_REP_ERR_INVALID`` and the haggling goes on.
 
     :raises NbdProtocolError: when the client breaks a rule that leaves hanging up as the only
-        answer: unknown client flags, a bad option magic, oversized option data, or
-        ``NBD_OPT_EXPORT_NAME`` naming an export we do not have.
+        answer: unknown client flags, a bad option magic, oversized option data,
+        ``NBD_OPT_EXPORT_NAME`` naming an export we do not have or sent before a required TLS.
     """
     no_zeroes = wire.decode_client_flags(await read_exactly(4))
+    secured = False
     while True:
         option, length = wire.decode_option_header(await read_exactly(wire.OPTION_HEADER.size))
         data = await read_exactly(length)
+        if option == wire.NBD_OPT_STARTTLS:
+            secured = await _start_tls(tls, secured, data, send)
+            continue
+        if tls is not None and tls.required and not secured and option != wire.NBD_OPT_ABORT:
+            if option == wire.NBD_OPT_EXPORT_NAME:  # cannot be refused politely: hang up
+                raise NbdProtocolError(
+                    "asked for an export without TLS, which this server requires"
+                )
+            message = "this server requires TLS: send NBD_OPT_STARTTLS first"
+            send(wire.encode_option_error(option, wire.NBD_REP_ERR_TLS_REQD, message))
+            continue
         if option == wire.NBD_OPT_EXPORT_NAME:
             name = wire.decode_export_name(data)
             export = context.find(name)
@@ -92,6 +126,22 @@ async def negotiate(read_exactly: ReadExactly, send: Send, context: ServerContex
             return None
         else:
             send(wire.encode_option_error(option, wire.NBD_REP_ERR_UNSUP, "not supported"))
+
+
+async def _start_tls(tls: StartTls | None, secured: bool, data: bytes, send: Send) -> bool:
+    """Answer NBD_OPT_STARTTLS; whether the connection is inside TLS afterwards."""
+    option = wire.NBD_OPT_STARTTLS
+    if tls is None:
+        send(wire.encode_option_error(option, wire.NBD_REP_ERR_UNSUP, "no TLS on this socket"))
+    elif secured:
+        send(wire.encode_option_error(option, wire.NBD_REP_ERR_INVALID, "TLS is on already"))
+    elif data:
+        send(wire.encode_option_error(option, wire.NBD_REP_ERR_INVALID, "STARTTLS takes no data"))
+    else:
+        send(wire.encode_option_reply(option, wire.NBD_REP_ACK))
+        await tls.upgrade()  # at once: the client's TLS handshake follows the ACK
+        return True
+    return secured
 
 
 def _answer_info(option: int, data: bytes, send: Send, context: ServerContext) -> Export | None:

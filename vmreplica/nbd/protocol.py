@@ -3,8 +3,8 @@
 Everything here is pure (bytes in, values out) so it can be unit-tested without sockets; the
 I/O lives in :mod:`vmreplica.nbd.session`. Names and numbers follow the NBD protocol
 document (``doc/proto.md`` of NetworkBlockDevice/nbd). Only the *fixed newstyle* handshake and
-*simple* replies are implemented: structured replies and extended headers are refused with
-``NBD_REP_ERR_UNSUP``, which every client must accept.
+*simple* replies are implemented, with ``NBD_OPT_STARTTLS`` on TCP: structured replies and
+extended headers are refused with ``NBD_REP_ERR_UNSUP``, which every client must accept.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ _NBD_REP_ERR: Final = 1 << 31
 NBD_REP_ERR_UNSUP: Final = _NBD_REP_ERR + 1
 NBD_REP_ERR_POLICY: Final = _NBD_REP_ERR + 2
 NBD_REP_ERR_INVALID: Final = _NBD_REP_ERR + 3
+NBD_REP_ERR_TLS_REQD: Final = _NBD_REP_ERR + 5
 NBD_REP_ERR_UNKNOWN: Final = _NBD_REP_ERR + 6
 NBD_REP_ERR_SHUTDOWN: Final = _NBD_REP_ERR + 7
 NBD_REP_ERR_TOO_BIG: Final = _NBD_REP_ERR + 9

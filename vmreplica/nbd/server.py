@@ -10,6 +10,7 @@ export can be fenced (:meth:`NbdServer.refuse_writes`) when this site stops bein
 Run a single image standalone (used by the benchmark)::
 
     python -m vmreplica.nbd.server serve disk.raw --socket /run/disk.sock [--export disk0]
+    python -m vmreplica.nbd.server serve disk.raw --tcp 127.0.0.1:10809 --tls-dir DIR --tls-required
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import socket
 import stat
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from types import MappingProxyType
 from typing import Final
 from urllib.parse import quote
@@ -32,6 +34,7 @@ from vmreplica.nbd import protocol as wire
 from vmreplica.nbd.device import BlockDevice, FileBlockDevice
 from vmreplica.nbd.handshake import Export, ServerContext
 from vmreplica.nbd.session import NbdSession
+from vmreplica.nbd.tls import NbdTls, load_server_tls
 from vmreplica.service import Service
 
 __all__ = ["DEFAULT_MAX_REQUEST_BYTES", "BlockDevice", "FileBlockDevice", "NbdServer"]
@@ -61,8 +64,13 @@ class NbdServer(Service):
         tcp: tuple[str, int] | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         read_only: Mapping[str, bool] | None = None,
+        tls: NbdTls | None = None,
     ) -> None:
-        """:raises ConfigurationError: no address, a bad maximum request size or export name."""
+        """``tls``: the TCP listener offers (or requires) TLS with it; the Unix socket never
+        does (its file mode is its access control).
+
+        :raises ConfigurationError: no address, a bad maximum request size or export name.
+        """
         if unix_path is None and tcp is None:
             raise ConfigurationError("NBD server needs a unix_path, a tcp address or both")
         if not wire.BLOCK_SIZE_PREFERRED_BYTES <= max_request_bytes <= _LARGEST_REQUEST_BYTES:
@@ -72,6 +80,7 @@ class NbdServer(Service):
             )
         self.unix_path = os.fspath(unix_path) if unix_path is not None else None
         self._tcp = tcp
+        self._tls = tls
         self._context = ServerContext(exports={}, max_request_bytes=max_request_bytes)
         self._listeners: list[asyncio.Server] = []
         self._tcp_address: tuple[str, int] | None = None
@@ -168,7 +177,12 @@ class NbdServer(Service):
             self._listeners.append(await loop.create_unix_server(new_session, self.unix_path))
         if self._tcp is not None:
             host, port = self._tcp
-            listener = await loop.create_server(new_session, host, port)
+            tls = self._tls
+
+            def new_tcp_session() -> NbdSession:
+                return NbdSession(self._context, tls)
+
+            listener = await loop.create_server(new_tcp_session, host, port)
             self._listeners.append(listener)
             bound = listener.sockets[0].getsockname()
             self._tcp_address = (host, int(bound[1]))
@@ -193,7 +207,8 @@ class NbdServer(Service):
                 os.unlink(self.unix_path)
 
     def uri(self, export: str) -> str:
-        """The NBD URI of ``export`` (Unix socket preferred), as qemu, nbdinfo and fio take it."""
+        """The NBD URI of ``export`` (Unix socket preferred), as qemu, nbdinfo and fio take it;
+        ``nbds://`` (libnbd's form) when the TCP listener requires TLS."""
         name = quote(export, safe="")
         if self.unix_path is not None:
             return f"nbd+unix:///{name}?socket={quote(self.unix_path, safe='/')}"
@@ -202,7 +217,8 @@ class NbdServer(Service):
         host, port = address
         if ":" in host:
             host = f"[{host}]"
-        return f"nbd://{host}:{port}/{name}"
+        scheme = "nbds" if self._tls is not None and self._tls.required else "nbd"
+        return f"{scheme}://{host}:{port}/{name}"
 
 
 def _remove_stale_socket(path: str) -> None:
@@ -231,7 +247,13 @@ def _remove_stale_socket(path: str) -> None:
 
 
 async def serve_image(
-    image: str, *, export: str, unix_path: str | None, tcp: tuple[str, int] | None, read_only: bool
+    image: str,
+    *,
+    export: str,
+    unix_path: str | None,
+    tcp: tuple[str, int] | None,
+    read_only: bool,
+    tls: NbdTls | None = None,
 ) -> None:
     """Serve one raw image until SIGINT or SIGTERM; print ``ready <uri>`` once listening."""
     loop = asyncio.get_running_loop()
@@ -240,7 +262,7 @@ async def serve_image(
         loop.add_signal_handler(signum, stopping.set)
     with FileBlockDevice(image, read_only=read_only) as device:
         server = NbdServer(
-            {export: device}, unix_path=unix_path, tcp=tcp, read_only={export: read_only}
+            {export: device}, unix_path=unix_path, tcp=tcp, read_only={export: read_only}, tls=tls
         )
         async with server:
             print(f"ready {server.uri(export)}", flush=True)
@@ -263,11 +285,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--tcp", help="HOST:PORT to listen on")
     serve.add_argument("--export", default="", help="export name (default: empty)")
     serve.add_argument("--read-only", action="store_true")
+    serve.add_argument("--tls-dir", help="offer TLS on --tcp with ca-cert.pem, server-*.pem")
+    serve.add_argument("--tls-required", action="store_true", help="refuse clients without TLS")
     args = parser.parse_args(argv)
     tcp = parse_tcp_address(args.tcp) if args.tcp else None
     if args.socket is None and tcp is None:
         parser.error("give --socket, --tcp or both")
     try:
+        tls = None
+        if args.tls_dir:
+            tls = load_server_tls(Path(args.tls_dir), required=args.tls_required)
         asyncio.run(
             serve_image(
                 args.image,
@@ -275,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 unix_path=args.socket,
                 tcp=tcp,
                 read_only=args.read_only,
+                tls=tls,
             )
         )
     except (ConfigurationError, OSError) as exc:

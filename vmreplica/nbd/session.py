@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Coroutine, Generator
 from functools import partial
 from typing import Any, Final
@@ -22,7 +23,14 @@ from typing import Any, Final
 from vmreplica.errors import NbdProtocolError
 from vmreplica.nbd import protocol as wire
 from vmreplica.nbd.device import BlockDevice
-from vmreplica.nbd.handshake import HANDSHAKE_TIMEOUT_SECONDS, Export, ServerContext, negotiate
+from vmreplica.nbd.handshake import (
+    HANDSHAKE_TIMEOUT_SECONDS,
+    Export,
+    ServerContext,
+    StartTls,
+    negotiate,
+)
+from vmreplica.nbd.tls import NbdTls
 
 _log = logging.getLogger(__name__)
 
@@ -82,8 +90,11 @@ async def _flush(export: Export) -> None:
 class NbdSession(asyncio.Protocol):
     """The server end of one NBD connection."""
 
-    def __init__(self, context: ServerContext) -> None:
+    def __init__(self, context: ServerContext, tls: NbdTls | None = None) -> None:
+        """``tls``: what this connection offers of TLS (TCP listeners with credentials)."""
         self._context = context
+        self._tls = tls
+        self._secured = False
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self.peer = "client"
@@ -139,8 +150,8 @@ class NbdSession(asyncio.Protocol):
             self._process_requests()
 
     def eof_received(self) -> bool:
-        if self._export is None:
-            return False  # mid-handshake: nothing left to answer, close now
+        if self._export is None or self._secured:
+            return False  # mid-handshake, or TLS (asyncio cannot half-close it): close now
         # A client may half-close after its last request (libnbd does after DISC): keep the
         # socket open for the replies still owed, and close once they are sent.
         self._close_when_idle()
@@ -179,10 +190,35 @@ class NbdSession(asyncio.Protocol):
         del self._buffer[:count]
         return data
 
+    async def _start_tls(self) -> None:
+        """Upgrade the connection to TLS, right after the ACK of NBD_OPT_STARTTLS.
+
+        :raises NbdProtocolError: the client sent more before the ACK, or the TLS handshake
+            failed (no certificate, one the CA did not sign): the connection is dropped.
+        """
+        assert self._tls is not None
+        assert self._transport is not None
+        if self._buffer:
+            raise NbdProtocolError("sent data after NBD_OPT_STARTTLS before its reply")
+        try:
+            transport = await self._loop.start_tls(
+                self._transport, self, self._tls.context, server_side=True
+            )
+        except (ssl.SSLError, ConnectionError, OSError) as error:
+            raise NbdProtocolError(f"failed the TLS handshake ({error})") from None
+        if transport is None:
+            raise ConnectionResetError("NBD client went away during the TLS handshake")
+        transport.set_write_buffer_limits(high=REPLY_BUFFER_HIGH_BYTES)
+        self._transport = transport
+        self._secured = True
+
     async def _negotiate(self) -> None:
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT_SECONDS):
-                export = await negotiate(self._read_exactly, self._send, self._context)
+                offer = None
+                if self._tls is not None:
+                    offer = StartTls(self._start_tls, self._tls.required)
+                export = await negotiate(self._read_exactly, self._send, self._context, offer)
         except NbdProtocolError as exc:
             self._drop(str(exc))
         except TimeoutError:

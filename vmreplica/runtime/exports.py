@@ -18,7 +18,7 @@ from vmreplica.config import SiteConfig, cannot_listen
 from vmreplica.domain.model import VmRecord
 from vmreplica.errors import ConfigurationError
 from vmreplica.nbd.server import NbdServer
-from vmreplica.producers.nbd_exports import VmExports, socket_path
+from vmreplica.producers.nbd_exports import VmExports, socket_path, tcp_listener
 from vmreplica.service import Service
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class SiteExports(Service):
         config = self.config
         if config.nbd_tcp_port is None:
             return
-        server = NbdServer({}, tcp=(config.nbd_tcp_host, config.nbd_tcp_port))
+        server = tcp_listener(config)
         try:
             await server.start()
         except OSError as error:

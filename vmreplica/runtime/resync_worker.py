@@ -15,7 +15,6 @@ from vmreplica.journal.kafka import JournalReader
 from vmreplica.producers.primary import PrimaryVm
 from vmreplica.runtime.pacing import HELD_SECONDS, RETRY_SECONDS
 from vmreplica.runtime.site import Site
-from vmreplica.schemas.codec import decode_status
 from vmreplica.schemas.events import ReplicaPosition, ResyncRequest
 
 log = logging.getLogger(__name__)
@@ -117,7 +116,9 @@ class ResyncWorker:
             reader.seek(max(0, await reader.end_offset() - STATUS_TAIL_RECORDS))
         for message in await self.status.fetch(0.2):
             try:
-                event = decode_status(message.value)
+                event = await self.site.trusted_status(
+                    self.primary.name, message.offset, message.value
+                )
             except ReplicationError:
                 continue  # not ours to judge here; the status command shows what it can
             if isinstance(event, ReplicaPosition):

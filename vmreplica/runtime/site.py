@@ -12,32 +12,38 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Final
 
 from vmreplica.config import SiteConfig
 from vmreplica.consumers.configured import replica_settings
 from vmreplica.consumers.replica import ReplicaVm, image_path
 from vmreplica.domain import names
 from vmreplica.domain.clock import HOUR_MS
+from vmreplica.domain.events import EventId, EventLevel
 from vmreplica.domain.model import DiskRecord, VmRecord, VmSettings
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import (
     ConfigurationError,
     DecodeError,
     JournalViolation,
+    UntrustedStatusError,
 )
 from vmreplica.journal import topics
 from vmreplica.journal.kafka import KafkaConnection, StatusPublisher, TopicAdmin, read_to_end
 from vmreplica.producers.primary import PrimaryVm
-from vmreplica.schemas.codec import decode_journal
-from vmreplica.schemas.events import VmConfig, WrappedKey
+from vmreplica.schemas.codec import decode_journal, decode_status
+from vmreplica.schemas.events import StatusEvent, VmConfig, WrappedKey
 from vmreplica.schemas.validation import check_event
-from vmreplica.security.authorization import AuthorizationStore, JournalVerifier
+from vmreplica.security.authorization import AuthorizationStore, JournalVerifier, StatusVerifier
 from vmreplica.security.encryption import VmKeyRing
 from vmreplica.security.signing import SiteKey, load_site_key, parse_public_key
 from vmreplica.service import Service
 from vmreplica.storage.catalog import Catalog
 
 log = logging.getLogger(__name__)
+
+REFUSED_STATUS_REMEMBERED: Final = 10_000
+"""Refused status records a site remembers, to log each once however many readers meet it."""
 
 
 class Site(Service):
@@ -55,6 +61,8 @@ class Site(Service):
         self._key: SiteKey | None = None
         self.refused: dict[str, str] = {}
         """Journals whose VM :meth:`discover` did not adopt, with the reason (topic → reason)."""
+        self._refused_status: set[tuple[str, int]] = set()
+        """Status records refused and logged already (VM, offset): several readers meet them."""
 
     async def start(self) -> None:
         self.config.root.mkdir(parents=True, exist_ok=True)
@@ -77,6 +85,37 @@ class Site(Service):
     def verifier(self, vm: str, primary_site: str) -> JournalVerifier:
         """Checks the signatures of ``vm``'s journal against this site's authorization entries."""
         return JournalVerifier(self.authorization, self.config.trust_group, vm, primary_site)
+
+    def status_verifier(self, vm: str) -> StatusVerifier:
+        """Checks the signatures of ``vm``'s status records against this site's entries."""
+        return StatusVerifier(self.authorization, self.config.trust_group, vm)
+
+    async def trusted_status(
+        self, vm: str, offset: int, value: bytes, *, note: bool = True
+    ) -> StatusEvent | None:
+        """The record ``value`` at ``offset`` of ``vm``'s status topic, decoded, when this site
+        may use it; None when no key it trusts for the reporting site signed it (logged, and
+        with ``note`` written to the VM's event log, once per record: a forged position,
+        digest map or resync request is never acted on).
+
+        :raises DecodeError: ``value`` is not a status record this release reads.
+        """
+        event = decode_status(value)
+        try:
+            self.status_verifier(vm).check(event, offset, value)
+        except UntrustedStatusError as refusal:
+            if (vm, offset) in self._refused_status:
+                return None
+            log.warning("%s", refusal)
+            if note:
+                if len(self._refused_status) >= REFUSED_STATUS_REMEMBERED:
+                    self._refused_status.clear()
+                self._refused_status.add((vm, offset))
+                await self.catalog.record_event(
+                    vm, EventId.UNTRUSTED_STATUS_REFUSED, EventLevel.WARNING, str(refusal)
+                )
+            return None
+        return event
 
     def key_recipients(self, vm: str, sites: Sequence[str]) -> dict[str, bytes]:
         """The public key of each replica site of ``vm``, from this site's authorization
@@ -244,6 +283,7 @@ class Site(Service):
             self.key_ring(record.name),
             self.config.heartbeat_seconds,
             connect=connect,
+            encode_status=self.key.encode,
         )
 
     async def discover(self) -> list[VmRecord]:

@@ -40,7 +40,6 @@ from vmreplica.producers.changelog import pending_bytes
 from vmreplica.producers.dirtymap import DIRTY_MAP_NAME
 from vmreplica.producers.nbd_exports import nbd_uris, socket_path
 from vmreplica.runtime.site import Site
-from vmreplica.schemas.codec import decode_status
 from vmreplica.schemas.events import ReplicaPosition
 from vmreplica.storage.history import storage_free_ratio, window_inputs
 
@@ -171,7 +170,7 @@ async def latest_replica_position(site: Site, vm: str) -> ReplicaPosition | None
     try:
         async with asyncio.timeout(REPLICA_POSITION_TIMEOUT_SECONDS):
             async for record in read_to_end(site.connection, site.status_topic(vm), last=20):
-                event = decode_status(record.value)
+                event = await site.trusted_status(vm, record.offset, record.value, note=False)
                 if isinstance(event, ReplicaPosition):
                     latest = event
     except (TimeoutError, BrokerError):

@@ -12,8 +12,10 @@ entry *verifies*: every journal record must carry a signature by a key of an ent
 group is the VM's and whose pattern matches the site that speaks — the site the record names
 (``primary_site``, ``site``), or, for records that name none (write batches, cycle commits, seed
 chunks, resizes), the VM's current primary. Anything else is refused with
-:class:`~vmreplica.errors.UntrustedRecordError` before a byte of it is used. ``make demo`` and a
-secured deployment add entries on every site.
+:class:`~vmreplica.errors.UntrustedRecordError` before a byte of it is used. Status records
+(what a replica reports to its primary) follow the same rule, the speaker being the reporting
+site (:class:`StatusVerifier`, :class:`~vmreplica.errors.UntrustedStatusError`). ``make demo``
+and a secured deployment add entries on every site.
 
 A record signed by a key nobody listed, but endorsed by a listed key of the same entry (a key
 rotation, form 02 of :mod:`.signing`), teaches the entry its new key: it is added, durably,
@@ -32,13 +34,15 @@ from pathlib import Path
 from typing import Final
 
 from vmreplica.domain.names import check_name
-from vmreplica.errors import ConfigurationError, UntrustedRecordError
+from vmreplica.errors import ConfigurationError, UntrustedRecordError, UntrustedStatusError
 from vmreplica.schemas.events import (
     DigestRequest,
     EpochStart,
+    Event,
     FailoverPrepared,
     Heartbeat,
     JournalEvent,
+    StatusEvent,
     VmConfig,
 )
 from vmreplica.security.signing import (
@@ -274,6 +278,53 @@ def speaker(event: JournalEvent) -> str | None:
     return None
 
 
+def signature_problem(
+    store: AuthorizationStore, trust_group: str, site: str, event: Event, record: bytes | None
+) -> str | None:
+    """None when a key that an entry of ``trust_group`` lists for ``site`` signed ``event``;
+    otherwise what is wrong, in a phrase. A key that a listed key endorsed (a rotation) is
+    learnt, durably, before this returns None.
+
+    ``record``, the bytes ``event`` was decoded from, spares encoding it again.
+    """
+    kind = type(event).__name__
+    entries = store.for_primary(site, trust_group)
+    if not entries:
+        return (
+            f"{kind} speaks for site {site!r}, which no authorization entry of trust group "
+            f"{trust_group!r} allows as a primary"
+        )
+    if event.signature is None:
+        return f"{kind} is not signed, and this site requires signatures"
+    signature = parse_signature(event.signature)
+    if signature is None:
+        return f"{kind} has a signature in no known form"
+    message = (record and record_signed_message(record, event)) or signed_message(event)
+    for entry in entries:
+        known = entry.key_ids()
+        public = known.get(signature.key_id)
+        if public is not None:
+            if not signature.verify(public, message):
+                return (
+                    f"{kind} signature by key {signature.key_id.hex()} of {site!r} does not "
+                    "verify: the record was altered or forged"
+                )
+            return None
+        old = known.get(signature.endorsed_by)
+        if (
+            old is not None
+            and key_id(signature.new_public) == signature.key_id
+            and signature.endorsement_verifies(old)
+            and signature.verify(signature.new_public, message)
+        ):
+            store.learn_key(entry, signature.new_public)
+            return None
+    return (
+        f"{kind} is signed by key {signature.key_id.hex()}, which no authorization entry "
+        f"lists for {site!r}"
+    )
+
+
 class JournalVerifier:
     """Checks the signature of every record of one VM's journal against a site's entries."""
 
@@ -297,48 +348,35 @@ class JournalVerifier:
         if not self.store.entries():
             return  # an open site (no entry): see the module docstring
         site = speaker(event) or self.primary_site
-        kind = type(event).__name__
-        entries = self.store.for_primary(site, self.trust_group)
-        if not entries:
-            raise self._refused(
-                offset,
-                f"{kind} speaks for site {site!r}, which no authorization entry of trust group "
-                f"{self.trust_group!r} allows as a primary",
-            )
-        if event.signature is None:
-            raise self._refused(offset, f"{kind} is not signed, and this site requires signatures")
-        signature = parse_signature(event.signature)
-        if signature is None:
-            raise self._refused(offset, f"{kind} has a signature in no known form")
-        message = (record and record_signed_message(record, event)) or signed_message(event)
-        for entry in entries:
-            known = entry.key_ids()
-            public = known.get(signature.key_id)
-            if public is not None:
-                if not signature.verify(public, message):
-                    raise self._refused(
-                        offset,
-                        f"{kind} signature by key {signature.key_id.hex()} of {site!r} does not "
-                        "verify: the record was altered or forged",
-                    )
-                break
-            old = known.get(signature.endorsed_by)
-            if (
-                old is not None
-                and key_id(signature.new_public) == signature.key_id
-                and signature.endorsement_verifies(old)
-                and signature.verify(signature.new_public, message)
-            ):
-                self.store.learn_key(entry, signature.new_public)
-                break
-        else:
-            raise self._refused(
-                offset,
-                f"{kind} is signed by key {signature.key_id.hex()}, which no authorization entry "
-                f"lists for {site!r}",
-            )
+        problem = signature_problem(self.store, self.trust_group, site, event, record)
+        if problem is not None:
+            raise UntrustedRecordError(self.vm, offset, problem)
         if isinstance(event, VmConfig | EpochStart):
             self.primary_site = event.primary_site
 
-    def _refused(self, offset: int, problem: str) -> UntrustedRecordError:
-        return UntrustedRecordError(self.vm, offset, problem)
+
+class StatusVerifier:
+    """Checks the signature of every record of one VM's status topic against a site's entries.
+
+    The same rule as the journal's: a site with no entry is open; a site with entries uses a
+    status record (a replica's position, digest map or resync request) only when a key that an
+    entry of its trust group lists for the site the record names signed it. Replicas are
+    primaries after a failover, so a verifying site lists its partners anyway.
+    """
+
+    def __init__(self, store: AuthorizationStore, trust_group: str, vm: str) -> None:
+        self.store = store
+        self.trust_group = trust_group
+        self.vm = vm
+
+    def check(self, event: StatusEvent, offset: int, record: bytes | None = None) -> None:
+        """Return when ``event`` may be used.
+
+        :raises UntrustedStatusError: unsigned, badly signed, or signed by a key no entry lists
+            for the site it names; nothing of the record may be used.
+        """
+        if not self.store.entries():
+            return
+        problem = signature_problem(self.store, self.trust_group, event.site, event, record)
+        if problem is not None:
+            raise UntrustedStatusError(self.vm, offset, problem)

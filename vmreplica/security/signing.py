@@ -1,4 +1,5 @@
-"""Site keys and journal signatures: every journal record says which site's key wrote it.
+"""Site keys and record signatures: every journal and status record says which site's key
+wrote it.
 
 Each site has an Ed25519 key, created on first use in ``<root>/keys/`` (PKCS#8 PEM, mode 0600,
 written atomically). Its public half is what a replica site puts in an authorization entry
@@ -11,6 +12,9 @@ epoch, cycle, batch index, extents and (encrypted) payload are all inside: a rec
 replayed under another VM, epoch, cycle or batch index. Kafka offsets are not covered (they change
 under mirroring). A cycle is covered whole: each WriteBatch is signed, and the CycleCommit pins
 the cycle's extents through the hash chain (:mod:`vmreplica.schemas.chain`) and is signed too.
+Status records (a replica's position, digest maps and resync requests) are signed the same way
+by the replica site that reports them; the schema fingerprint keeps a status record from passing
+for a journal record or the reverse.
 
 **Wire format** of the ``signature`` field::
 
@@ -41,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from vmreplica.errors import ConfigurationError
 from vmreplica.schemas.codec import encode
-from vmreplica.schemas.events import JournalEvent, SeedChunk, WriteBatch
+from vmreplica.schemas.events import Event, SeedChunk, WriteBatch
 from vmreplica.storage.safefile import replace_atomically
 
 KEYS_FOLDER: Final = "keys"
@@ -56,7 +60,7 @@ PLAIN: Final = 1
 ENDORSED: Final = 2
 PLAIN_SIZE: Final = 1 + KEY_ID_BYTES + SIGNATURE_BYTES
 ENDORSED_SIZE: Final = PLAIN_SIZE + PUBLIC_KEY_BYTES + KEY_ID_BYTES + SIGNATURE_BYTES
-E = TypeVar("E", bound=JournalEvent)
+E = TypeVar("E", bound=Event)
 _RECORD_CONTEXT: Final = b"vmreplica journal record signature v1\0"
 _ROTATION_CONTEXT: Final = b"vmreplica site key rotation v1\0"
 
@@ -155,8 +159,8 @@ class SiteKey:
         """``event`` with its signature set (any signature it had is replaced)."""
         return dataclasses.replace(event, signature=self.sign_bytes(signed_message(event)))
 
-    def encode(self, event: JournalEvent) -> bytes:
-        """``event`` signed and single-object encoded: what a primary publishes.
+    def encode(self, event: Event) -> bytes:
+        """``event`` signed and single-object encoded: what a site publishes.
 
         The same bytes as ``encode(self.sign(event))``, but the record (a 4 MiB write batch) is
         encoded once: the signature is spliced in where the unsigned encoding has its null.
@@ -205,13 +209,13 @@ def rotate_site_key(root: Path) -> tuple[SiteKey, bytes]:
     return SiteKey(new, new_public, endorsement), old.public
 
 
-def signed_message(event: JournalEvent) -> bytes:
+def signed_message(event: Event) -> bytes:
     """What a record's signature signs: a context string and SHA-256 of its unsigned encoding."""
     unsigned = dataclasses.replace(event, signature=None) if event.signature else event
     return _RECORD_CONTEXT + hashlib.sha256(encode(unsigned)).digest()
 
 
-def record_signed_message(record: bytes, event: JournalEvent) -> bytes | None:
+def record_signed_message(record: bytes, event: Event) -> bytes | None:
     """:func:`signed_message` of ``event`` computed from the ``record`` it was decoded from,
     without encoding it again: the record's bytes with its signature replaced by null.
 
@@ -254,9 +258,10 @@ def _signature_union(signature: bytes | None) -> bytes:
     return _NULL_BRANCH if signature is None else _avro_long(1) + _avro_bytes(signature)
 
 
-def _after_signature(event: JournalEvent) -> bytes:
+def _after_signature(event: Event) -> bytes:
     """Avro's encoding of the fields after ``signature``: ``encryption`` in WriteBatch and
-    SeedChunk, nothing elsewhere (a test pins this against every schema)."""
+    SeedChunk, nothing elsewhere, status records included (a test pins this against every
+    schema)."""
     if not isinstance(event, WriteBatch | SeedChunk):
         return b""
     encryption = event.encryption

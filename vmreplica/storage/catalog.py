@@ -712,6 +712,12 @@ class Catalog(Service):
         ``vmreplica_cycles_failed_total``); the statistics count these events."""
         await self._transaction(history.failure_event(name, reason, message))
 
+    async def record_event(
+        self, name: str, event_id: EventId, level: EventLevel, message: str
+    ) -> None:
+        """Log one event that goes with no other change (a status record refused)."""
+        await self._transaction(history.event(name, event_id, level, message))
+
     async def record_initial_replication(self, name: str, size_bytes: int) -> None:
         """The initial replication ended, having sent ``size_bytes``: remember and log it."""
         at = now_ms()
