@@ -221,9 +221,8 @@ class ReplicaVm(Service):
         if self.status is not None:
             await self.status.start()
         reader = JournalReader(self._connection, self._journal_topic)
-        cursor = self.materializer.cursor
-        cursor.pending.clear()
-        await reader.start(cursor.next_offset)
+        self.materializer.abandon_cycle()  # the images back at the last applied cycle
+        await reader.start(self.materializer.cursor.next_offset)
         await self.reader.stop()
         self.reader, self.connected = reader, True
 

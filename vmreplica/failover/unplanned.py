@@ -162,12 +162,12 @@ def record_scan_baseline(folder: Path, record: VmRecord) -> None:
 
 def _roll_back(record: VmRecord, undo: UndoLog, point: int, head: int) -> None:
     """Images back to ``point``: head plus the undo of every later cycle (idempotent)."""
-    overlay = undo.overlay_at(point, head)
-    for disk in record.disks:
-        with DiskImage.open(disk.path) as image:
-            for offset, data in overlay.get(disk.name, ()):
-                image.write(offset, data)
-            image.fsync()
+    with undo.overlay_at(point, head) as overlay:
+        for disk in record.disks:
+            with DiskImage.open(disk.path) as image:
+                for offset, data in overlay.ranges(disk.name):
+                    image.write(offset, data)
+                image.fsync()
 
 
 async def complete(site: Site, vm: str) -> None:
