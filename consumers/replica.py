@@ -43,6 +43,7 @@ from vmreplica.domain.statistics import SiteFacts, measure
 from vmreplica.errors import (
     BrokerError,
     ConfigurationError,
+    JournalTruncated,
     JournalViolation,
     ReplicationError,
     StorageFullError,
@@ -185,7 +186,7 @@ class ReplicaVm(Service):
             verifier,
             keys,
         )
-        self.reader = JournalReader(connection, journal_topic)
+        self.reader = JournalReader(connection, journal_topic, past_retention="raise")
         self.connected = False
         """Reading the journal (and reporting on the status topic)."""
         self._connection = connection
@@ -220,7 +221,7 @@ class ReplicaVm(Service):
         """
         if self.status is not None:
             await self.status.start()
-        reader = JournalReader(self._connection, self._journal_topic)
+        reader = JournalReader(self._connection, self._journal_topic, past_retention="raise")
         self.materializer.abandon_cycle()  # the images back at the last applied cycle
         await reader.start(self.materializer.cursor.next_offset)
         await self.reader.stop()
@@ -390,7 +391,11 @@ class ReplicaVm(Service):
             return 0
         if self.materializer.cursor.awaiting_resync:
             await self._remind()
-        records = await self.reader.fetch(timeout_seconds)
+        try:
+            records = await self.reader.fetch(timeout_seconds)
+        except JournalTruncated as truncated:
+            await self._behind_retention(truncated)
+            return 0
         if not records:
             return 0
         started = time.monotonic()
@@ -409,18 +414,40 @@ class ReplicaVm(Service):
                 await self.materializer.recover()
             raise
         except JournalViolation as violation:
-            self.violation = violation
-            await self.catalog.set_state(self.name, violation.state, str(violation))
-            log.error("%s", violation)
-            if (
-                violation.state is ReplicationState.RESYNCHRONIZATION_REQUIRED
-                and not self.materializer.cursor.seeding
-            ):  # half a seed has no digests
-                await self._resync_required(violation)
+            await self._violated(violation)
         else:
             if self.violation is not None and not self.materializer.cursor.awaiting_resync:
                 self.violation = None  # the resynchronizing epoch was adopted
         return len(records)
+
+    async def _violated(self, violation: JournalViolation) -> None:
+        self.violation = violation
+        await self.catalog.set_state(self.name, violation.state, str(violation))
+        log.error("%s", violation)
+        if (
+            violation.state is ReplicationState.RESYNCHRONIZATION_REQUIRED
+            and not self.materializer.cursor.seeding
+        ):  # half a seed has no digests
+            await self._resync_required(violation)
+
+    async def _behind_retention(self, truncated: JournalTruncated) -> None:
+        """The next record was deleted by the journal's retention (this replica was away for
+        longer): the cycles in it are lost to this replica, so only a resynchronization brings
+        it back — asked for like after any violation (its primary resyncs it by itself when the
+        VM's ``auto_resync`` allows, or turns critical with this reason). Reading goes on from
+        the journal's start, where the resynchronizing epoch will be found."""
+        if not self.materializer.cursor.awaiting_resync:
+            await self._violated(
+                JournalViolation(
+                    self.name,
+                    truncated.wanted,
+                    f"this replica is behind the journal's retention: the journal now starts "
+                    f"at offset {truncated.start}, so the cycles after cycle "
+                    f"{self.materializer.cursor.cycle} are lost to it and a resynchronization "
+                    "is needed",
+                )
+            )
+        self.reader.seek(truncated.start)
 
     async def catch_up(self, timeout_seconds: float = 30.0) -> int:
         """Apply everything committed so far; return the applied cycle.
