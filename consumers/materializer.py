@@ -141,12 +141,7 @@ class Materializer:
         position = await self.catalog.position(self.vm)
         record = await self.catalog.vm(self.vm)
         if position is not None:
-            # Only the cycle after the recorded one can have been in flight. Its undo log,
-            # sealed or not, holds the old content of every range it wrote (step 2 precedes 3).
-            interrupted = position.cycle + 1
-            if self.undo.status(interrupted) != "missing":
-                self.undo.rollback(self.images, interrupted)
-                self.undo.discard(interrupted)
+            self.undo.roll_back_interrupted(self.images, position.cycle)
         seeding = record.state in (
             ReplicationState.WAITING_FOR_INITIAL_REPLICATION,
             ReplicationState.INITIAL_REPLICATION_IN_PROGRESS,

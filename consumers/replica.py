@@ -244,9 +244,25 @@ class ReplicaVm(Service):
             raise StorageFullError(self.name, str(self.folder), doing, problem) from error
 
     async def stop(self) -> None:
+        """Stop reading and close the images, at the last applied cycle: a cycle half applied
+        (a big one, between two fetches) is rolled back first, so whatever runs next — a
+        failover, an export — finds the images where the catalog says. Should that fail, the
+        next :meth:`start` (or the failover) rolls it back from its undo log."""
         await self.reader.stop()
-        for image in self.images.values():
-            image.close()
+        try:
+            with contextlib.suppress(OSError, ReplicationError):
+                self.materializer.abandon_cycle()
+        finally:
+            if self.materializer.cursor.applying is not None:
+                self.materializer.cursor.applying.close()
+                self.materializer.cursor.applying = None
+            for image in self.images.values():
+                image.close()
+
+    @property
+    def between_cycles(self) -> bool:
+        """The images hold exactly the last applied cycle (no cycle is being applied)."""
+        return self.materializer.cursor.applying is None
 
     @property
     def stopped(self) -> bool:

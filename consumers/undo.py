@@ -447,6 +447,21 @@ class UndoLog:
         for image in touched.values():
             image.fsync()  # 3
 
+    def roll_back_interrupted(self, image_by_disk: Mapping[str, DiskImage], applied: int) -> bool:
+        """Return the images to cycle ``applied`` (the position the catalog records) if the
+        apply of the next cycle was cut short — by a crash, a full disk, or a stop half-way
+        through a big cycle — and remove its undo log; returns whether there was one.
+
+        Only that cycle can have been in flight, and its undo log, sealed or not, holds the old
+        content of every range it wrote (:meth:`UndoWriter.sync` precedes every image write).
+        """
+        interrupted = applied + 1
+        if self.status(interrupted) == "missing":
+            return False
+        self.rollback(image_by_disk, interrupted)
+        self.discard(interrupted)
+        return True
+
     def overlay_at(self, point_cycle: int, head_cycle: int) -> Overlay:
         """The ranges where the state after ``point_cycle`` differs from the head image, in an
         :class:`Overlay` kept on disk (an unnamed file in this folder; close it after use).

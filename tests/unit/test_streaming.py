@@ -188,3 +188,18 @@ async def test_an_open_view_stays_at_its_point_while_a_big_cycle_streams_in(
     finally:
         materializer.views.remove(view)
         view.close()
+
+
+async def test_roll_back_interrupted_returns_the_images_to_the_applied_cycle(
+    replica: Replica,
+) -> None:
+    """What an unplanned failover does first, with no agent running: the cycle the agent was
+    applying when it stopped goes, whatever was written of it."""
+    first, at_one = await applied_first_cycle(replica)
+    batches, _ = cycle(2, first.cycle_hash, 5)
+    await replica.feed(batches)
+    replica.materializer.cursor.applying.close()  # type: ignore[union-attr]
+    undo = replica.materializer.undo
+    assert undo.roll_back_interrupted(replica.images, 1)
+    assert replica.digest() == at_one
+    assert not undo.roll_back_interrupted(replica.images, 1)  # nothing left to do

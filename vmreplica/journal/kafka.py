@@ -586,7 +586,12 @@ class StatusPublisher:
             if self._producer is not None:
                 return
             producer = AIOKafkaProducer(
-                **self._connection.options(), acks="all", enable_idempotence=True
+                **self._connection.options(),
+                acks="all",
+                enable_idempotence=True,
+                # A DigestMap of a 16 GiB disk is 4 MiB (the status topic takes it); aiokafka's
+                # default of 1 MiB refused the digests of any disk from 4 GiB up.
+                max_request_size=MAX_RECORD_BYTES,
             )
             try:
                 await producer.start()
