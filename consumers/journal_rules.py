@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import CorruptEventError, JournalViolation
-from vmreplica.schemas.chain import cycle_hash
+from vmreplica.schemas.chain import CycleHasher
 from vmreplica.schemas.events import CycleCommit, Extent, ExtentKind, SeedChunk, WriteBatch
 from vmreplica.schemas.payload import PayloadUnpacker, verify
 from vmreplica.schemas.validation import range_problem
@@ -74,12 +74,33 @@ def check_commit(
     next_cycle: int,
     previous_hash: bytes,
 ) -> None:
+    hasher = CycleHasher(previous_hash, epoch, commit.cycle)
+    for batch in batches:
+        hasher.update(batch.extents)
+    check_streamed_commit(
+        vm, offset, commit, len(batches), hasher.digest(), epoch, next_cycle, previous_hash
+    )
+
+
+def check_streamed_commit(
+    vm: str,
+    offset: int,
+    commit: CycleCommit,
+    batch_count: int,
+    received_hash: bytes,
+    epoch: int,
+    next_cycle: int,
+    previous_hash: bytes,
+) -> None:
+    """:func:`check_commit` of a cycle whose ``batch_count`` batches were hashed as they came
+    (``received_hash``: a :class:`~vmreplica.schemas.chain.CycleHasher` from ``previous_hash``
+    over them)."""
     _check_sequence(vm, offset, "the commit", commit, epoch, next_cycle)
-    if commit.batches != len(batches):
+    if commit.batches != batch_count:
         raise JournalViolation(
             vm,
             offset,
-            f"cycle {commit.cycle} commits {commit.batches} batches but {len(batches)} arrived",
+            f"cycle {commit.cycle} commits {commit.batches} batches but {batch_count} arrived",
         )
     if commit.previous_hash != previous_hash:
         raise JournalViolation(
@@ -88,8 +109,7 @@ def check_commit(
             f"cycle {commit.cycle} does not chain to the cycle this replica applied "
             "last (previous hash differs): the journal was rewritten or another primary wrote it",
         )
-    extents = [extent for batch in batches for extent in batch.extents]
-    if cycle_hash(previous_hash, epoch, commit.cycle, extents) != commit.cycle_hash:
+    if received_hash != commit.cycle_hash:
         raise JournalViolation(
             vm, offset, f"cycle {commit.cycle}: hash chain mismatch; its records were altered"
         )
@@ -108,20 +128,32 @@ def decode_cycle(
     reused from cycle to cycle; without one, a new one serves this cycle.
     """
     unpacker = PayloadUnpacker() if unpacker is None else unpacker
-    result: list[DecodedExtent] = []
-    for batch in batches:
-        try:
-            payload = unpacker.open(batch)
-        except CorruptEventError as error:
-            raise JournalViolation(
-                vm,
-                offset,
-                f"cycle {batch.cycle} batch {batch.batch}: payload does not decompress ({error})",
-            ) from error
-        view = memoryview(payload)
-        for extent in batch.extents:
-            result.append(_decoded(vm, offset, batch, extent, view, disk_sizes))
-    return result
+    return [
+        extent
+        for batch in batches
+        for extent in decode_batch(vm, offset, batch, disk_sizes, unpacker)
+    ]
+
+
+def decode_batch(
+    vm: str,
+    offset: int,
+    batch: WriteBatch,
+    disk_sizes: Mapping[str, int],
+    unpacker: PayloadUnpacker,
+) -> list[DecodedExtent]:
+    """The extents of one batch with their data, checked against disk bounds and CRC-32: what
+    a replica applying a cycle batch by batch checks before any of the batch is written."""
+    try:
+        payload = unpacker.open(batch)
+    except CorruptEventError as error:
+        raise JournalViolation(
+            vm,
+            offset,
+            f"cycle {batch.cycle} batch {batch.batch}: payload does not decompress ({error})",
+        ) from error
+    view = memoryview(payload)
+    return [_decoded(vm, offset, batch, extent, view, disk_sizes) for extent in batch.extents]
 
 
 def _decoded(

@@ -1,11 +1,13 @@
 """The materialiser: applies one VM's journal to its replica images, cycle by cycle.
 
-Each committed cycle is applied in numbered durable steps:
+Each committed cycle is applied in numbered durable steps, batch by batch as its records
+arrive, in bounded memory however big the cycle (:mod:`streaming`):
 
-1. check it (signature: :mod:`vmreplica.security.authorization`; epoch, sequence, hash chain,
-   bounds, checksums: :mod:`journal_rules`);
+1. check each record (signature: :mod:`vmreplica.security.authorization`; epoch, sequence,
+   bounds, checksums: :mod:`journal_rules`), and at the commit the batch count and hash chain;
 2. save the old content of every range it writes to the cycle's undo log, fsync the undo log;
-3. write the cycle into the images;
+3. write those ranges into the images (2 and 3 repeat every few MiB of a big cycle; a cycle
+   that fails a check half-way is rolled back from its undo log at once);
 4. fsync the images;
 5. record position, recovery point and statistics in the catalog (one SQLite transaction);
 6. prune undo logs and points that the retention policy no longer needs — looking only at the
@@ -13,7 +15,9 @@ Each committed cycle is applied in numbered durable steps:
    follows what is pruned, not how many points are kept.
 
 :meth:`Materializer.recover` runs at start: an undo log newer than the recorded position means a
-crash between 2 and 5, and rolling it back returns the images to the recorded cycle exactly.
+crash between 2 and 5, and rolling it back (all of a sealed one, the durable records of one a
+crash cut short) returns the images to the recorded cycle exactly. No recovery point names a
+cycle before step 5, so none ever names a cycle that is half applied or failed its checks.
 Reading resumes at the recorded offset, so the cycle is applied again from the journal. At any
 instant the images therefore equal the primary's disks at some cycle boundary.
 
@@ -34,15 +38,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmreplica.consumers.journal_rules import (
-    DecodedExtent,
-    check_batch,
-    check_commit,
-    check_seed_chunk,
-    decode_cycle,
-)
+from vmreplica.consumers.journal_rules import check_batch, check_seed_chunk
 from vmreplica.consumers.retention import RetentionPolicy, select_points, settled_from_ms
-from vmreplica.consumers.undo import UndoLog, UndoWriter
+from vmreplica.consumers.streaming import HELD_MAX_BYTES, CycleApply
+from vmreplica.consumers.undo import UndoLog
 from vmreplica.consumers.views import PointView
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import Consistency, Position, RecoveryPoint
@@ -55,7 +54,6 @@ from vmreplica.schemas.events import (
     CycleCommit,
     DigestRequest,
     EpochStart,
-    ExtentKind,
     FailoverPrepared,
     Heartbeat,
     JournalEvent,
@@ -82,14 +80,15 @@ request stands in the journal (the images hold exactly the last applied cycle)."
 
 @dataclass
 class ReplicaCursor:
-    """Where the journal stands for this replica, and the cycle being assembled."""
+    """Where the journal stands for this replica, and the cycle being applied."""
 
     epoch: int
     cycle: int
     cycle_hash: bytes
     next_offset: int
     seeding: bool
-    pending: list[WriteBatch] = field(default_factory=list)
+    applying: CycleApply | None = None
+    """The cycle whose batches are arriving (some may be in the images already)."""
     awaiting_resync: bool = False
     """This replica diverged (a returning old primary, a journal violation): it skips the
     journal until an epoch names it in ``resync_sites``."""
@@ -133,23 +132,20 @@ class Materializer:
         self.keys = keys
         """The VM's payload keys at this site; learns those a verified VmConfig wraps for it."""
         self._payloads = PayloadUnpacker(keys)
+        self.held_max_bytes = HELD_MAX_BYTES
+        """Decoded data a cycle holds in memory before writing it (:mod:`streaming`)."""
         self._undo_discarded_through: int | None = None
         """Every undo file up to this cycle is gone (None: not known yet; the folder is listed)."""
 
     async def recover(self) -> ReplicaCursor:
         """Roll back a cycle whose apply a crash interrupted; return where to resume."""
+        if self.cursor.applying is not None:  # the files below say what it wrote
+            self.cursor.applying.close()
+            self.cursor.applying = None
         position = await self.catalog.position(self.vm)
         record = await self.catalog.vm(self.vm)
         if position is not None:
-            # Only the cycle after the recorded one can have been in flight.
-            interrupted = position.cycle + 1
-            status = self.undo.status(interrupted)
-            if status == "complete":  # crashed after step 2: images may be partly written
-                self.undo.rollback(self.images, interrupted)
-                for image in self.images.values():
-                    image.fsync()
-            if status != "missing":
-                self.undo.discard(interrupted)
+            self.undo.roll_back_interrupted(self.images, position.cycle)
         seeding = record.state in (
             ReplicationState.WAITING_FOR_INITIAL_REPLICATION,
             ReplicationState.INITIAL_REPLICATION_IN_PROGRESS,
@@ -183,6 +179,13 @@ class Materializer:
         :raises JournalViolation: a record breaks the rules; nothing of its cycle was applied
             and the cursor still points at the last good cycle.
         """
+        try:
+            await self._apply_records(records)
+        except JournalViolation:
+            self.abandon_cycle()  # nothing of a cycle that broke a rule stays applied
+            raise
+
+    async def _apply_records(self, records: list[JournalRecord]) -> None:
         seed_written = False
         for record in records:
             if record.offset < self.cursor.next_offset:
@@ -232,15 +235,7 @@ class Materializer:
             if isinstance(event, SeedChunk):
                 seed_written |= await self._seed(event, record.offset)
             elif isinstance(event, WriteBatch):
-                check_batch(
-                    self.vm,
-                    record.offset,
-                    event,
-                    self.cursor.epoch,
-                    self.cursor.cycle + 1,
-                    len(self.cursor.pending),
-                )
-                self.cursor.pending.append(event)
+                self._batch(event, record.offset)
             elif isinstance(event, CycleCommit):
                 await self._apply_cycle(event, record)
             elif isinstance(event, EpochStart):
@@ -251,6 +246,36 @@ class Materializer:
                 self._prepared(event, record.offset)
         if seed_written:
             await self._record_seed_progress(records[-1].offset + 1)
+
+    def _batch(self, batch: WriteBatch, offset: int) -> None:
+        """Check a batch of the next cycle and apply it (it may stay held until more come)."""
+        cursor = self.cursor
+        applying = cursor.applying
+        so_far = 0 if applying is None else applying.batches
+        check_batch(self.vm, offset, batch, cursor.epoch, cursor.cycle + 1, so_far)
+        if applying is None:
+            applying = cursor.applying = self._cycle_apply()
+        applying.add(offset, batch, self._payloads)
+
+    def _cycle_apply(self) -> CycleApply:
+        cursor = self.cursor
+        return CycleApply(
+            self.vm,
+            cursor.epoch,
+            cursor.cycle + 1,
+            cursor.cycle_hash,
+            self.images,
+            self.undo,
+            self.views,
+            self.held_max_bytes,
+        )
+
+    def abandon_cycle(self) -> None:
+        """Give up the cycle whose batches were arriving (a violation, an epoch change, reading
+        again from the last applied cycle): the images return to that cycle."""
+        applying, self.cursor.applying = self.cursor.applying, None
+        if applying is not None:
+            applying.abandon()
 
     def _learn_keys(self, config: VmConfig, offset: int) -> None:
         """Keep the payload keys a (verified) VmConfig wraps for this site, before any payload
@@ -265,7 +290,9 @@ class Materializer:
         """The primary is alive; if it says nothing waited to ship, this replica — which holds
         every cycle before the heartbeat, in journal order — holds every write it had then."""
         cursor = self.cursor
-        holds_all = not cursor.seeding and not cursor.pending and event.last_cycle == cursor.cycle
+        holds_all = (
+            not cursor.seeding and cursor.applying is None and event.last_cycle == cursor.cycle
+        )
         await self.catalog.record_heartbeat(
             self.vm, event.at_ms, event.idle_at_ms if holds_all else None, from_primary_site=True
         )
@@ -274,7 +301,7 @@ class Materializer:
         """Stop applying until an epoch names this site in ``resync_sites`` (a journal violation
         made the images unfit to follow the journal); a cycle assembled so far is dropped."""
         self.cursor.awaiting_resync = True
-        self.cursor.pending.clear()
+        self.abandon_cycle()
 
     async def _digests_wanted(self, event: DigestRequest) -> None:
         """The primary asks for block digests; a seeding replica has none worth sending yet,
@@ -282,7 +309,7 @@ class Materializer:
         if (
             self.site in event.replica_sites
             and (not self.cursor.seeding or self.cursor.awaiting_resync)
-            and not self.cursor.pending
+            and self.cursor.applying is None
             and self.on_digests_wanted is not None
         ):
             await self.on_digests_wanted(event)
@@ -338,7 +365,7 @@ class Materializer:
                 "a resynchronization is needed to follow the new primary",
             )
         cursor.epoch = event.epoch
-        cursor.pending.clear()
+        self.abandon_cycle()
         await self.catalog.set_epoch(self.vm, event.epoch)
         if self.site in event.resync_sites:  # the epoch's first cycle repairs this replica
             cursor.resyncing = True
@@ -404,30 +431,12 @@ class Materializer:
     async def _apply_cycle(self, commit: CycleCommit, record: JournalRecord) -> None:
         """Steps 1-6 of the module docstring."""
         cursor = self.cursor
-        sizes = {name: image.size for name, image in self.images.items()}
-        check_commit(
-            self.vm,
-            record.offset,
-            commit,
-            cursor.pending,
-            cursor.epoch,  # step 1
-            cursor.cycle + 1,
-            cursor.cycle_hash,
-        )
-        extents = decode_cycle(self.vm, record.offset, cursor.pending, sizes, self._payloads)
-        with UndoWriter(self.undo.folder, commit.cycle) as writer:  # step 2
-            for extent in extents:
-                image = self.images[extent.disk]
-                if not self.views:  # holes are recorded as zeros without reading them
-                    writer.capture(extent.disk, image, extent.offset, extent.length)
-                    continue
-                old = image.read(extent.offset, extent.length)
-                writer.add(extent.disk, extent.offset, old)
-                for view in self.views:  # test failovers stay at their point
-                    view.preserve(extent.disk, extent.offset, old)
-            writer.seal()
-        for extent in extents:  # step 3
-            _write(self.images[extent.disk], extent)
+        if cursor.applying is None:  # a cycle of no batch
+            cursor.applying = self._cycle_apply()
+        # Step 1 for the commit (a violation abandons the cycle: see apply_records), then
+        # steps 2-3 for what is still held.
+        cursor.applying.finish(record.offset, commit)
+        cursor.applying = None
         for image in self.images.values():  # step 4
             image.fsync()
         point = RecoveryPoint(
@@ -455,7 +464,6 @@ class Materializer:
             await self._resynchronized(commit.cycle)
         cursor.cycle, cursor.cycle_hash = commit.cycle, commit.cycle_hash
         cursor.next_offset = record.offset + 1
-        cursor.pending = []
         await self._prune(point)  # step 6
         if self.on_applied is not None:
             await self.on_applied(commit, record.offset)
@@ -493,12 +501,3 @@ class Materializer:
         through = self.cursor.cycle if oldest is None else oldest
         self.undo.discard_through(through, after=self._undo_discarded_through)
         self._undo_discarded_through = through
-
-
-def _write(image: DiskImage, extent: DecodedExtent) -> None:
-    if extent.kind is ExtentKind.DATA:
-        image.write(extent.offset, extent.data)
-    elif extent.kind is ExtentKind.ZERO:
-        image.zero(extent.offset, extent.length)
-    else:
-        image.trim(extent.offset, extent.length)

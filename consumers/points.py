@@ -82,9 +82,9 @@ def export_point(
     destination.mkdir(parents=True, exist_ok=True)
     opened = {disk: DiskImage.open(path, writable=False) for disk, path in images.items()}
     try:
-        overlay = UndoLog(undo_folder).overlay_at(point.cycle, head_cycle)
         raw = {disk: destination / f"{disk}.raw" for disk in images}
-        materialize_point(opened, overlay, raw)
+        with UndoLog(undo_folder).overlay_at(point.cycle, head_cycle) as overlay:
+            materialize_point(opened, overlay, raw)
     finally:
         for image in opened.values():
             image.close()

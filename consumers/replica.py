@@ -46,6 +46,7 @@ from vmreplica.domain.statistics import SiteFacts, measure
 from vmreplica.errors import (
     BrokerError,
     ConfigurationError,
+    JournalTruncated,
     JournalViolation,
     ReplicationError,
     StorageFullError,
@@ -195,7 +196,7 @@ class ReplicaVm(Service):
             keys,
             self._configured,
         )
-        self.reader = JournalReader(connection, journal_topic)
+        self.reader = JournalReader(connection, journal_topic, past_retention="raise")
         self.connected = False
         """Reading the journal (and reporting on the status topic)."""
         self._connection = connection
@@ -230,13 +231,13 @@ class ReplicaVm(Service):
         """
         if self.status is not None:
             await self.status.start()
-        reader = JournalReader(self._connection, self._journal_topic)
-        cursor = self.materializer.cursor
-        cursor.pending.clear()
-        await reader.start(cursor.next_offset)
+        reader = JournalReader(self._connection, self._journal_topic, past_retention="raise")
+        self.materializer.abandon_cycle()  # the images back at the last applied cycle
+        await reader.start(self.materializer.cursor.next_offset)
         await self.reader.stop()
         self.reader, self.connected = reader, True
-        reason = seed_by_compare_reason(self.record, cursor, await reader.beginning_offset())
+        journal_start = await reader.beginning_offset()
+        reason = seed_by_compare_reason(self.record, self.materializer.cursor, journal_start)
         if reason is not None:
             await self.seed_by_compare(reason)
 
@@ -270,9 +271,25 @@ class ReplicaVm(Service):
             raise StorageFullError(self.name, str(self.folder), doing, problem) from error
 
     async def stop(self) -> None:
+        """Stop reading and close the images, at the last applied cycle: a cycle half applied
+        (a big one, between two fetches) is rolled back first, so whatever runs next — a
+        failover, an export — finds the images where the catalog says. Should that fail, the
+        next :meth:`start` (or the failover) rolls it back from its undo log."""
         await self.reader.stop()
-        for image in self.images.values():
-            image.close()
+        try:
+            with contextlib.suppress(OSError, ReplicationError):
+                self.materializer.abandon_cycle()
+        finally:
+            if self.materializer.cursor.applying is not None:
+                self.materializer.cursor.applying.close()
+                self.materializer.cursor.applying = None
+            for image in self.images.values():
+                image.close()
+
+    @property
+    def between_cycles(self) -> bool:
+        """The images hold exactly the last applied cycle (no cycle is being applied)."""
+        return self.materializer.cursor.applying is None
 
     @property
     def stopped(self) -> bool:
@@ -441,7 +458,11 @@ class ReplicaVm(Service):
             return 0
         if self.materializer.cursor.awaiting_resync:
             await self._remind()
-        records = await self.reader.fetch(timeout_seconds)
+        try:
+            records = await self.reader.fetch(timeout_seconds)
+        except JournalTruncated as truncated:
+            await self._behind_retention(truncated)
+            return 0
         if not records:
             return 0
         started = time.monotonic()
@@ -460,18 +481,33 @@ class ReplicaVm(Service):
                 await self.materializer.recover()
             raise
         except JournalViolation as violation:
-            self.violation = violation
-            await self.catalog.set_state(self.name, violation.state, str(violation))
-            log.error("%s", violation)
-            if (
-                violation.state is ReplicationState.RESYNCHRONIZATION_REQUIRED
-                and not self.materializer.cursor.seeding
-            ):  # half a seed has no digests
-                await self._resync_required(violation)
+            await self._violated(violation)
         else:
             if self.violation is not None and not self.materializer.cursor.awaiting_resync:
                 self.violation = None  # the resynchronizing epoch was adopted
         return len(records)
+
+    async def _violated(self, violation: JournalViolation) -> None:
+        self.violation = violation
+        await self.catalog.set_state(self.name, violation.state, str(violation))
+        log.error("%s", violation)
+        if (
+            violation.state is ReplicationState.RESYNCHRONIZATION_REQUIRED
+            and not self.materializer.cursor.seeding
+        ):  # half a seed has no digests
+            await self._resync_required(violation)
+
+    async def _behind_retention(self, truncated: JournalTruncated) -> None:
+        """The next record was deleted by the journal's retention (this replica was away for
+        longer): the cycles in it are lost to this replica, so only a block compare brings it
+        back (:meth:`seed_by_compare`, as when it joins behind the journal's start) — its
+        primary resyncs it by itself when the VM's ``auto_resync`` allows, or turns critical
+        with the reason. Reading goes on from the journal's start, where the resynchronizing
+        epoch will be found."""
+        reason = seed_by_compare_reason(self.record, self.materializer.cursor, truncated.start)
+        if reason is not None:
+            await self.seed_by_compare(reason)
+        self.reader.seek(truncated.start)
 
     async def catch_up(self, timeout_seconds: float = 30.0) -> int:
         """Apply everything committed so far; return the applied cycle.

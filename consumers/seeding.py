@@ -44,8 +44,9 @@ def seed_by_compare_reason(
         )
     if behind:
         return (
-            f"this replica of VM {record.name!r} stands at journal offset {cursor.next_offset}, "
-            f"but the journal starts at {journal_start}: its retention deleted cycles this site "
-            "never applied; the primary sends the blocks that differ by comparing block digests"
+            f"this replica is behind the journal's retention: it stands at journal offset "
+            f"{cursor.next_offset}, the journal now starts at offset {journal_start}, so the "
+            f"cycles after cycle {cursor.cycle} are lost to it and a resynchronization is needed "
+            "(the primary sends the blocks that differ by comparing block digests)"
         )
     return None

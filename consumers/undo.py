@@ -124,6 +124,8 @@ class UndoWriter:
         self._compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
         self._records = self._data_bytes = self._records_bytes = 0
         self._sealed = False
+        self._named = False
+        """Whether the folder was fsynced since the file was created (its name is durable)."""
 
     def add(self, disk: str, offset: int, old: bytes | bytearray | memoryview) -> None:
         """Record that ``disk`` held ``old`` at ``offset`` before this cycle."""
@@ -164,6 +166,20 @@ class UndoWriter:
         self._records += 1
         self._data_bytes += length
         self._records_bytes += _FIELDS.size + _CRC.size + len(name) + len(payload)
+
+    def sync(self) -> None:
+        """Make every record added so far durable, without sealing: what a cycle applied batch
+        by batch does before it writes the ranges those records saved.
+
+        1. flush and fsync the file; 2. the first time, fsync the folder (the file's name).
+        After a crash the file is incomplete, and :meth:`UndoLog.rollback` restores the ranges
+        its durable records saved (a torn record at its end saved a range never written).
+        """
+        self._file.flush()
+        os.fsync(self._file.fileno())  # 1
+        if not self._named:
+            fsync_directory(self.folder)  # 2
+            self._named = True
 
     def seal(self) -> SealedUndo:
         """Make the undo log complete and durable.
@@ -279,20 +295,50 @@ class UndoLog:
         return removed
 
     @contextmanager
-    def _mapped(self, cycle: int) -> Iterator[tuple[Path, mmap.mmap]]:
-        """Map the sealed undo file of ``cycle`` read-only.
+    def _mapped(self, cycle: int, sealed: bool = True) -> Iterator[tuple[Path, mmap.mmap | None]]:
+        """Map the undo file of ``cycle`` read-only (None: an unsealed file without records).
 
-        :raises UndoCorruptError: the file is missing or incomplete.
+        :raises UndoCorruptError: the file is missing, or incomplete when ``sealed``.
         """
         path = self.path_of(cycle)
         try:
-            problem = self._seal_problem(cycle)
+            problem = self._seal_problem(cycle) if sealed else None
+            size = path.stat().st_size
         except FileNotFoundError:
             problem = f"the undo log of cycle {cycle} is missing"
         if problem is not None:
             raise UndoCorruptError(str(path), 0, problem)
+        if size <= _HEADER.size:
+            yield path, None
+            return
         with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
             yield path, data
+
+    def _readable(self, cycle: int) -> bool:
+        """Whether :meth:`rollback` and :meth:`overlay_at` take records from ``cycle``'s file:
+        sealed, or cut short by a crash or an abandoned apply (its durable records)."""
+        return self.status(cycle) != "missing"
+
+    def _records_of(self, cycle: int, path: Path, data: mmap.mmap | None) -> Iterator[_Entry]:
+        """The records of a mapped file: all of a sealed one (checked against its trailer),
+        the durable prefix of an unsealed one (up to its first torn or missing record)."""
+        if data is None:
+            return iter(())
+        if self.status(cycle) == "complete":
+            return self._entries(path, data)
+        return self._prefix(path, data, cycle)
+
+    @staticmethod
+    def _prefix(path: Path, data: mmap.mmap, cycle: int) -> Iterator[_Entry]:
+        if _HEADER.unpack(data[: _HEADER.size]) != (FILE_MAGIC, FORMAT_VERSION, 0, cycle):
+            return
+        position = _HEADER.size
+        while position < len(data):
+            try:
+                entry, position = UndoLog._entry_at(path, data, position, len(data))
+            except UndoCorruptError:
+                return  # the torn end of an unsealed file: nothing after it reached an image
+            yield entry
 
     @staticmethod
     def _entries(path: Path, data: mmap.mmap) -> Iterator[_Entry]:
@@ -353,22 +399,29 @@ class UndoLog:
         :raises UndoCorruptError: the file is missing, incomplete or fails a checksum.
         """
         with self._mapped(cycle) as (path, data):
+            assert data is not None  # a sealed file holds at least its trailer
             for entry in self._entries(path, data):
                 yield UndoRecord(entry.disk, entry.offset, self._decode(path, entry))
 
     def rollback(self, image_by_disk: Mapping[str, DiskImage], cycle: int) -> None:
         """Restore the images to their content before ``cycle``; running it twice is harmless.
 
+        A sealed file restores every range the cycle wrote; an unsealed one (a cycle applied
+        batch by batch, cut short) the ranges of its durable records, which are all the ranges
+        the cycle wrote so far (:meth:`UndoWriter.sync` precedes every image write).
+
         1. verify every record (checksum, decoding, disk known, range inside the image), so a
            corrupt log changes nothing;
         2. write the records newest first — where ranges overlap, the first-added record holds
            the content from before the cycle and is written last;
         3. fsync the images.
+
+        :raises UndoCorruptError: the file is missing, or a sealed one fails a check.
         """
         touched: dict[str, DiskImage] = {}
-        with self._mapped(cycle) as (path, data):
+        with self._mapped(cycle, sealed=False) as (path, data):
             positions: list[int] = []
-            for entry in self._entries(path, data):  # 1
+            for entry in self._records_of(cycle, path, data):  # 1
                 self._decode(path, entry)
                 image = image_by_disk.get(entry.disk)
                 if image is None:
@@ -385,7 +438,8 @@ class UndoLog:
                 positions.append(entry.position)
                 touched[entry.disk] = image
             for position in reversed(positions):  # 2
-                entry, _ = self._entry_at(path, data, position, len(data) - _TRAILER.size)
+                assert data is not None
+                entry, _ = self._entry_at(path, data, position, len(data))
                 if entry.encoding == _ZERO:
                     touched[entry.disk].zero(entry.offset, entry.length)
                 else:
@@ -393,20 +447,45 @@ class UndoLog:
         for image in touched.values():
             image.fsync()  # 3
 
+    def roll_back_interrupted(self, image_by_disk: Mapping[str, DiskImage], applied: int) -> bool:
+        """Return the images to cycle ``applied`` (the position the catalog records) if the
+        apply of the next cycle was cut short — by a crash, a full disk, or a stop half-way
+        through a big cycle — and remove its undo log; returns whether there was one.
+
+        Only that cycle can have been in flight, and its undo log, sealed or not, holds the old
+        content of every range it wrote (:meth:`UndoWriter.sync` precedes every image write).
+        """
+        interrupted = applied + 1
+        if self.status(interrupted) == "missing":
+            return False
+        self.rollback(image_by_disk, interrupted)
+        self.discard(interrupted)
+        return True
+
     def overlay_at(self, point_cycle: int, head_cycle: int) -> Overlay:
-        """The ranges where the state after ``point_cycle`` differs from the head image.
+        """The ranges where the state after ``point_cycle`` differs from the head image, in an
+        :class:`Overlay` kept on disk (an unnamed file in this folder; close it after use).
 
         Cycles point+1 … head are read oldest first and the first record covering a byte wins:
-        the oldest cycle touching a byte saved its content as it was at the point.
+        the oldest cycle touching a byte saved its content as it was at the point. The undo
+        file of cycle head+1, if any, comes last: that cycle's apply is under way (batch by
+        batch) or was cut short, and its durable records hold the head's content of every
+        range it wrote so far.
         """
         if not 0 <= point_cycle <= head_cycle:
             raise ConfigurationError(
                 f"recovery point cycle {point_cycle} must be between 0 and "
                 f"the head cycle {head_cycle}"
             )
-        overlay = Overlay()
-        for cycle in range(point_cycle + 1, head_cycle + 1):
-            with self._mapped(cycle) as (path, data):
-                for entry in self._entries(path, data):
-                    overlay.add(entry.disk, entry.offset, self._decode(path, entry))
+        overlay = Overlay(self.folder)
+        try:
+            for cycle in range(point_cycle + 1, head_cycle + 2):
+                if cycle == head_cycle + 1 and not self._readable(cycle):
+                    break
+                with self._mapped(cycle, sealed=cycle <= head_cycle) as (path, data):
+                    for entry in self._records_of(cycle, path, data):
+                        overlay.add(entry.disk, entry.offset, self._decode(path, entry))
+        except BaseException:
+            overlay.close()
+            raise
         return overlay

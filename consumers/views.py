@@ -1,8 +1,9 @@
 """Views of a recovery point: a replica disk as it was at a point, while replication goes on.
 
 A :class:`PointView` is what test failover serves (as ``<vm> - Test``): reads return the point's
-content — the head image under an overlay of the undo records newer than the point — and writes
-go to a sparse scratch file, never to the replica. Cycles applied while the view exists first
+content — the head image under an overlay of the undo records newer than the point, kept in a
+file (:class:`~vmreplica.consumers.overlay.Overlay`), not in memory — and writes go to a sparse
+scratch file, never to the replica. Cycles applied while the view exists first
 hand their undo records to :meth:`PointView.preserve` (before the image changes), so the view
 stays at its point. Creating a view costs the changes since the point, not the disk size.
 """
@@ -40,7 +41,7 @@ class PointView:
         }
         self.written = {disk: IntervalSet() for disk in heads}
 
-    def preserve(self, disk: str, offset: int, old: bytes) -> None:
+    def preserve(self, disk: str, offset: int, old: bytes | memoryview) -> None:
         """Keep the content a newer cycle is about to overwrite (older content wins)."""
         self.overlay.add(disk, offset, old)
 
@@ -62,7 +63,8 @@ class PointView:
         return self.heads[disk].size
 
     def close(self) -> None:
-        """Discard the scratch layer (what stopping a test failover does)."""
+        """Discard the overlay and the scratch layer (what stopping a test failover does)."""
+        self.overlay.close()
         for disk, image in self.scratch.items():
             image.close()
             os.unlink(self.scratch_folder / f"{disk}.scratch")

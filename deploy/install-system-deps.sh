@@ -2,7 +2,8 @@
 # Installs the system packages vmreplica's demo and tests use, when they are missing:
 # Java and Maven (to run Kafka from Maven Central jars), qemu-utils (qemu-img, qemu-io),
 # nbdkit and libnbd-bin (nbdinfo, nbdcopy), fio, kcat, prometheus (promtool), and for the guest
-# test (tests/e2e/test_guest.py) qemu-system-x86, a Debian kernel and busybox-static.
+# test (tests/e2e/test_guest.py) qemu-system-x86, a Debian kernel and busybox-static, and rsync
+# (benchmarks/resync.py measures beside it).
 # Debian/Ubuntu only; elsewhere it names what to install and exits non-zero. When every program
 # is on PATH it returns at once, so `make` can call it every time.
 set -euo pipefail
@@ -11,7 +12,7 @@ declare -A provides=(
   [java]=openjdk-17-jre-headless [mvn]=maven [qemu-img]=qemu-utils [qemu-io]=qemu-utils
   [nbdkit]=nbdkit [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [fio]=fio [kcat]=kcat
   [promtool]=prometheus [qemu-nbd]=qemu-utils [qemu-system-x86_64]=qemu-system-x86
-  [busybox]=busybox-static [e2fsck]=e2fsprogs
+  [busybox]=busybox-static [e2fsck]=e2fsprogs [rsync]=rsync
 )
 missing=()
 for program in "${!provides[@]}"; do

@@ -22,18 +22,31 @@ _EXTENT = struct.Struct("<QQBI")
 _KIND_CODE: Final = {"DATA": 0, "ZERO": 1, "TRIM": 2}
 
 
-def cycle_hash(previous_hash: bytes, epoch: int, cycle: int, extents: Iterable[Extent]) -> bytes:
-    digest = hashlib.sha256(previous_hash)
-    digest.update(_HEAD.pack(epoch, cycle))
-    for extent in extents:
-        name = extent.disk.encode()
-        digest.update(len(name).to_bytes(2, "little") + name)
-        digest.update(
-            _EXTENT.pack(
-                extent.offset,
-                extent.length,
-                _KIND_CODE[extent.kind.value],
-                extent.crc32 & 0xFFFFFFFF,
+class CycleHasher:
+    """:func:`cycle_hash` computed batch by batch, as a cycle's records arrive."""
+
+    def __init__(self, previous_hash: bytes, epoch: int, cycle: int) -> None:
+        self._digest = hashlib.sha256(previous_hash)
+        self._digest.update(_HEAD.pack(epoch, cycle))
+
+    def update(self, extents: Iterable[Extent]) -> None:
+        for extent in extents:
+            name = extent.disk.encode()
+            self._digest.update(len(name).to_bytes(2, "little") + name)
+            self._digest.update(
+                _EXTENT.pack(
+                    extent.offset,
+                    extent.length,
+                    _KIND_CODE[extent.kind.value],
+                    extent.crc32 & 0xFFFFFFFF,
+                )
             )
-        )
-    return digest.digest()
+
+    def digest(self) -> bytes:
+        return self._digest.digest()
+
+
+def cycle_hash(previous_hash: bytes, epoch: int, cycle: int, extents: Iterable[Extent]) -> bytes:
+    hasher = CycleHasher(previous_hash, epoch, cycle)
+    hasher.update(extents)
+    return hasher.digest()

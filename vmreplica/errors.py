@@ -186,6 +186,20 @@ class JournalViolation(JournalIntegrityError):
         self.state = ReplicationState.RESYNCHRONIZATION_REQUIRED if state is None else state
 
 
+class JournalTruncated(ReplicationError, RuntimeError):
+    """The record a reader needs next is gone: the topic's retention deleted it (Kafka's offset
+    out of range). A replica that far behind can only catch up by a resynchronization."""
+
+    def __init__(self, topic: str, wanted: int, start: int) -> None:
+        super().__init__(
+            f"{topic}: offset {wanted} is no longer in the journal, which now starts at offset "
+            f"{start} (the topic's retention deleted the records before it)"
+        )
+        self.topic = topic
+        self.wanted = wanted
+        self.start = start
+
+
 class UntrustedRecordError(JournalViolation):
     """A journal record is unsigned, badly signed, or signed by a key that no authorization entry
     of this site lists for the site it speaks for: it is refused before any byte of it is used,

@@ -8,8 +8,9 @@ promises: the catalog's applied cycle C, the images and the undo log together eq
 primary's disks at cycle C —
 
 - with no sealed undo log of cycle C+1, the images themselves hash like the primary at C;
-- with one (a kill between sealing the undo log and recording the position), rolling that undo
-  log back onto copies of the images gives the primary's digests at C.
+- with one (a kill between the first write of cycle C+1's undo log and recording the position),
+  rolling that undo log back onto copies of the images — all of it when sealed, its durable
+  records when the kill cut it short — gives the primary's digests at C.
 
 The images are left as the kill left them, so the next agent start has to run its own recovery.
 Finally the agent runs to the end and the replica must equal the primary's final digests.
@@ -115,7 +116,7 @@ async def _check_after_kill(
     in_flight = position.cycle + 1
     status = undo.status(in_flight)
     assert [c for c in _applied_undo_cycles(folder / "undo") if c > in_flight] == []
-    if status == "complete":
+    if status != "missing":
         copies = {}
         for name in DISKS:
             with DiskImage.open(image_path(folder, name), writable=False) as head:

@@ -10,6 +10,10 @@ the CLI as an operator types it, the VM's disks are written through the primary'
    into the journal) gets out of it through ``vmreplica resync``, the primary's health being
    critical meanwhile (``--no-auto-resync``) — or by itself, the primary's agent resyncing it
    as soon as it says so (the default).
+3. A replica offline for longer than the journal's retention (the topic's ``retention.ms`` cut
+   to a second on the real broker, while site B's agent is stopped, until the journal no
+   longer holds the offset it resumes from) recovers by itself — or, with
+   ``--no-auto-resync``, says why on both sites, health critical.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from pathlib import Path
 from typing import Final
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from tests.e2e.clients import AgentProcess, cli, enable_nbd, run, wait_until
 from tests.fixtures import SiteFactory
@@ -33,7 +39,8 @@ from vmreplica.consumers.replica import image_path
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.names import journal_topic
 from vmreplica.domain.states import ReplicationState
-from vmreplica.journal.kafka import JournalPublisher, KafkaConnection
+from vmreplica.journal.kafka import JournalPublisher, JournalReader, KafkaConnection
+from vmreplica.journal.topics import journal_spec
 from vmreplica.storage.catalog import Catalog
 
 pytestmark = pytest.mark.e2e
@@ -350,3 +357,100 @@ async def test_by_default_the_primary_resyncs_a_replica_stopped_by_a_violation_b
 
 async def _at_least(value: Callable[[], Awaitable[int]], target: int) -> bool:
     return await value() >= target
+
+
+async def set_retention(kafka: KafkaConnection, topic: str, configs: dict[str, str]) -> None:
+    """Set the journal topic's configuration (all of it: the request replaces every key)."""
+    admin = AIOKafkaAdminClient(**kafka.options())
+    await admin.start()
+    try:
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs)])
+    finally:
+        await admin.close()
+
+
+async def outlive_the_retention(pair: Sites, sites: SiteFactory) -> int:
+    """Stop site B, let the journal's retention delete the offset B resumes from while the VM
+    writes on, then give the topic its retention back (or the resync's own records would go
+    too) and start B again; returns B's applied cycle."""
+    await pair.agent_b.stop(check=True)
+    resume = await pair.catalog_b.position(pair.vm)
+    assert resume is not None
+    config = sites.config("site-a")
+    kafka = KafkaConnection(config.bootstrap_servers)
+    topic = journal_topic(pair.vm, config.trust_group, config.topic_prefix)
+    spec = dict(journal_spec(topic, 1).configs)
+    await set_retention(kafka, topic, {**spec, "retention.ms": "1000", "segment.ms": "1000"})
+    reader = JournalReader(kafka, topic)
+    await reader.start()
+    try:
+        written = [0]
+
+        async def deleted() -> bool:
+            # Writes (and the heartbeats, every second) roll the segments retention deletes.
+            await run(
+                "qemu-io", "-f", "raw", pair.uri["disk1"], "-c",
+                f"write -P 0x{0x50 + written[0] % 16:02x} {written[0] % 8}M 64k",
+            )  # fmt: skip
+            written[0] += 1
+            await asyncio.sleep(0.5)
+            return await reader.beginning_offset() > resume.next_offset
+
+        await wait_until(deleted, "the journal's retention to delete site B's next offset")
+        start = await reader.beginning_offset()
+    finally:
+        await reader.stop()
+    await set_retention(kafka, topic, spec)
+    print(f"\nsite B resumes at journal offset {resume.next_offset}; the journal starts at {start}")
+    pair.agent_b.start()
+    return resume.cycle
+
+
+async def test_a_replica_offline_past_the_journals_retention_recovers_by_itself(
+    tmp_path: Path, sites: SiteFactory, unique: Callable[[str], str]
+) -> None:
+    async with two_agents(tmp_path, sites, unique) as pair:
+        last = await outlive_the_retention(pair, sites)
+
+        async def repaired() -> bool:
+            record = await pair.catalog_b.find_vm(pair.vm)
+            return (
+                record is not None
+                and record.state is ReplicationState.REPLICATING
+                and record.state_message.startswith("resynchronized at cycle")
+            )
+
+        await wait_until(repaired, "site B to be resynchronized without the operator")
+        await pair.caught_up()
+        await pair.identical()
+        [primary] = json.loads(await cli(pair.config_a, "status", pair.vm, "--json"))
+        job = primary["resync"]
+        print(
+            f"automatic resync of a replica left behind at cycle {last}: "
+            f"{job['differing_bytes']} bytes differed, {job['sent_bytes']} bytes sent"
+        )
+        assert (job["phase"], job["automatic"], primary["state"]) == ("done", True, "replicating")
+        assert "behind the journal's retention" in job["reason"]
+        assert job["differing_bytes"] <= 8 * MiB  # the writes it missed, not the disks
+
+
+async def test_without_auto_resync_a_replica_past_the_retention_is_critical_with_the_reason(
+    tmp_path: Path, sites: SiteFactory, unique: Callable[[str], str]
+) -> None:
+    async with two_agents(tmp_path, sites, unique, "--no-auto-resync") as pair:
+        last = await outlive_the_retention(pair, sites)
+
+        async def told() -> bool:
+            record = await pair.catalog_a.vm(pair.vm)
+            return record.state is ReplicationState.RESYNCHRONIZATION_REQUIRED
+
+        await wait_until(told, "the primary to learn that site B needs a resync")
+        [replica] = json.loads(await cli(pair.config_b, "status", pair.vm, "--json"))
+        assert (replica["state"], replica["health"]) == ("resynchronization required", "critical")
+        assert "behind the journal's retention" in replica["message"]
+        assert f"the cycles after cycle {last} are lost to it" in replica["message"]
+        assert await pair.applied() == last
+        [primary] = json.loads(await cli(pair.config_a, "status", pair.vm, "--json"))
+        assert primary["health"] == "critical"
+        assert "behind the journal's retention" in primary["message"]
+        assert primary["message"].endswith(f"run `vmreplica resync {pair.vm}`")

@@ -201,7 +201,8 @@ class Replica:
         self.next_offset += len(values)
         self.counts["records"] += len(values)
         cursor = self.materializer.cursor  # each example starts from a replica at rest
-        cursor.pending, cursor.seeding, cursor.epoch = [], self.seeding, EPOCH
+        self.materializer.abandon_cycle()
+        cursor.seeding, cursor.epoch = self.seeding, EPOCH
         self.materializer.prepared = None
         refused: JournalIntegrityError | None = None
         try:

@@ -63,7 +63,7 @@ def test_a_replica_is_seeded_by_compare_only_when_the_journal_cannot_take_it_the
     assert "copy this site holds" in existing
     behind = seed_by_compare_reason(record(), cursor(10, seeding=False), 400)
     assert behind is not None
-    assert "stands at journal offset 10, but the journal starts at 400" in behind
+    assert "stands at journal offset 10, the journal now starts at offset 400" in behind
     assert seed_by_compare_reason(record(), cursor(400, seeding=False), 400) is None
     # Asked already (a restart while waiting): the reminder says it again, not this.
     assert seed_by_compare_reason(record("existing"), cursor(awaiting=True), 65) is None

@@ -208,29 +208,55 @@ def test_rollback_changes_nothing_when_a_disk_is_unknown(log: UndoLog, disk: Dis
     assert disk.read(0, 3) == b"new"
 
 
-def test_rollback_refuses_an_incomplete_log(log: UndoLog, disk: DiskImage) -> None:
-    log.writer(1).close()
-    with pytest.raises(UndoCorruptError, match="no valid trailer"):
-        log.rollback({"sda": disk}, 1)
+def test_rollback_of_an_unsealed_log_restores_its_durable_records(
+    log: UndoLog, disk: DiskImage
+) -> None:
+    """A cycle applied batch by batch and cut short: each synced record's range was written,
+    the torn record at the end saved a range never written."""
+    disk.write(0, b"a" * BLOCK + b"b" * BLOCK)
+    writer = log.writer(1)
+    writer.capture("sda", disk, 0, BLOCK)
+    writer.sync()
+    disk.write(0, b"A" * BLOCK)  # the first batch
+    writer.capture("sda", disk, BLOCK, BLOCK)
+    writer.close()
+    path = log.path_of(1)
+    os.truncate(path, path.stat().st_size - 10)  # the second batch's record is torn
+    disk.write(2 * BLOCK, b"never saved")  # cannot happen: shows the torn record is skipped
+    assert log.status(1) == "incomplete"
+    log.rollback({"sda": disk}, 1)
+    assert disk.read(0, 2 * BLOCK) == b"a" * BLOCK + b"b" * BLOCK
+    assert disk.read(2 * BLOCK, 11) == b"never saved"
+    log.writer(2).close()  # a header alone: nothing was written
+    log.rollback({"sda": disk}, 2)
+    assert disk.read(0, BLOCK) == b"a" * BLOCK
 
 
-def test_overlay_first_record_wins_and_ranges_stay_sorted() -> None:
-    overlay = Overlay()
-    overlay.add("sda", 10, b"AAAA")
-    overlay.add("sda", 0, b"bbbbbbbbbbbbbbbbbbbb")
-    overlay.add("sda", 30, b"C")
-    overlay.add("sda", 12, b"dd")
-    assert overlay["sda"] == ((0, b"bbbbbbbbbb"), (10, b"AAAA"), (14, b"bbbbbb"), (30, b"C"))
-    assert (list(overlay), len(overlay), overlay.bytes_total) == (["sda"], 1, 21)
+def test_overlay_first_record_wins_and_ranges_stay_sorted(tmp_path: Path) -> None:
+    with Overlay(tmp_path) as overlay:
+        overlay.add("sda", 10, b"AAAA")
+        overlay.add("sda", 0, b"bbbbbbbbbbbbbbbbbbbb")
+        overlay.add("sda", 30, b"C")
+        overlay.add("sda", 12, b"dd")
+        overlay.add("sda", 40, bytes(5))  # zeros: covered, never written
+        assert list(overlay.ranges("sda")) == [
+            (0, b"bbbbbbbbbbAAAAbbbbbb"),
+            (30, b"C"),
+            (40, bytes(5)),
+        ]
+        assert (overlay.disks(), overlay.bytes_total) == (["sda"], 26)
+        assert list(tmp_path.iterdir()) == []  # kept in an unnamed file
 
 
-def test_overlay_read_merges_over_head(disk: DiskImage) -> None:
+def test_overlay_read_merges_over_head(disk: DiskImage, tmp_path: Path) -> None:
     disk.write(0, b"h" * 40)
-    overlay = Overlay()
+    overlay = Overlay(tmp_path / "overlay")
     overlay.add("sda", 5, b"xyz")
     overlay.add("sda", 30, b"0123456789")
     assert overlay.read("sda", 2, 32, disk) == b"hhhxyz" + b"h" * 22 + b"0123"
     assert overlay.read("sdb", 0, 3, disk) == b"hhh"
+    overlay.close()
+    overlay.close()
 
 
 def test_points_are_rebuilt_from_head_and_newer_undo(
@@ -246,17 +272,36 @@ def test_points_are_rebuilt_from_head_and_newer_undo(
         write_cycle(log, disk, cycle, writes)
         digests.append(sha256_of(disk))
     for point in range(4):
-        overlay = log.overlay_at(point, 3)
         out = tmp_path / f"point{point}.img"
-        materialize_point({"sda": disk}, overlay, {"sda": out})
+        with log.overlay_at(point, 3) as overlay:
+            materialize_point({"sda": disk}, overlay, {"sda": out})
         assert sha256_of(out) == digests[point]
-    assert log.overlay_at(3, 3) == {}
-    assert [offset for offset, _ in log.overlay_at(0, 3)["sda"]] == [
-        0,
-        BLOCK,
-        10 * BLOCK,
-        63 * BLOCK,
-    ]
+    with log.overlay_at(3, 3) as overlay:
+        assert overlay.disks() == []
+    with log.overlay_at(0, 3) as overlay:
+        assert [(offset, len(data)) for offset, data in overlay.ranges("sda")] == [
+            (0, BLOCK + BLOCK // 2),
+            (10 * BLOCK, 7),
+            (63 * BLOCK, BLOCK),
+        ]
+
+
+def test_overlay_at_takes_the_durable_records_of_a_cycle_under_way(
+    log: UndoLog, disk: DiskImage, tmp_path: Path
+) -> None:
+    """Between two fetches of a big cycle the head image is part-way into the next cycle: the
+    point's content still comes out right, from that cycle's synced (unsealed) undo log."""
+    write_cycle(log, disk, 1, [(0, b"1" * BLOCK)])
+    at_one = sha256_of(disk)
+    writer = log.writer(2)
+    writer.capture("sda", disk, 0, BLOCK)
+    writer.sync()
+    disk.write(0, b"2" * BLOCK)
+    out = tmp_path / "point1.img"
+    with log.overlay_at(1, 1) as overlay:
+        materialize_point({"sda": disk}, overlay, {"sda": out})
+    assert sha256_of(out) == at_one
+    writer.close()
 
 
 def test_overlay_at_checks_its_arguments_and_needs_every_undo(
@@ -273,4 +318,4 @@ def test_overlay_at_checks_its_arguments_and_needs_every_undo(
 
 def test_materialize_point_needs_the_head_image(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="no head image of disk 'sda'"):
-        materialize_point({}, Overlay(), {"sda": tmp_path / "out.img"})
+        materialize_point({}, Overlay(tmp_path), {"sda": tmp_path / "out.img"})

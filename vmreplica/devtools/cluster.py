@@ -193,6 +193,9 @@ def _properties(
         "replica.fetch.max.bytes": str(16 * 1024 * 1024),
         "auto.create.topics.enable": "false",
         "log.segment.bytes": str(256 * 1024 * 1024),
+        # Retention is enforced within a few seconds, not Kafka's 5 minutes: a topic's
+        # retention.ms then takes effect when a test (or a demo) shortens it.
+        "log.retention.check.interval.ms": "2000",
     }
     if rack is not None:
         lines["broker.rack"] = rack

@@ -15,6 +15,8 @@ same NBD export names, or scans — from block digests taken at the takeover poi
 No broker is needed: the takeover is recorded here first and published second, so a site
 whose Kafka went down with the primary's site can still fail over. Steps:
 
+0. roll back a cycle the replica's agent left half applied (stopped between two fetches of a
+   big cycle): the images then hold the catalog's applied cycle (idempotent);
 1. roll the images back to the point (idempotent: head plus the undo of every later cycle);
 2. switch role in one catalog transaction, the new EpochStart kept in it as *pending*
    (:meth:`~vmreplica.storage.catalog.Catalog.change_role`) — from here this site is primary;
@@ -100,6 +102,7 @@ async def promote(
         vm, epoch, record.epoch, site.config.site, cycle + 1, reason, now_ms(), cycle_hash
     )
     undo = UndoLog(site.config.vm_folder(vm) / "undo")
+    _roll_back_interrupted(record, undo, position.cycle)  # step 0
     if cycle < position.cycle:
         _roll_back(record, undo, cycle, position.cycle)  # step 1
         await site.catalog.drop_points_after(vm, cycle)
@@ -160,14 +163,25 @@ def record_scan_baseline(folder: Path, record: VmRecord) -> None:
         save_hashes(hashes_path(scan, disk.name), disk.size_bytes, digests)
 
 
+def _roll_back_interrupted(record: VmRecord, undo: UndoLog, applied: int) -> None:
+    """Images back to the applied cycle if the replica's agent stopped in the middle of the
+    next one (killed half-way through a big cycle); idempotent."""
+    images = {disk.name: DiskImage.open(disk.path) for disk in record.disks}
+    try:
+        undo.roll_back_interrupted(images, applied)
+    finally:
+        for image in images.values():
+            image.close()
+
+
 def _roll_back(record: VmRecord, undo: UndoLog, point: int, head: int) -> None:
     """Images back to ``point``: head plus the undo of every later cycle (idempotent)."""
-    overlay = undo.overlay_at(point, head)
-    for disk in record.disks:
-        with DiskImage.open(disk.path) as image:
-            for offset, data in overlay.get(disk.name, ()):
-                image.write(offset, data)
-            image.fsync()
+    with undo.overlay_at(point, head) as overlay:
+        for disk in record.disks:
+            with DiskImage.open(disk.path) as image:
+                for offset, data in overlay.ranges(disk.name):
+                    image.write(offset, data)
+                image.fsync()
 
 
 async def complete(site: Site, vm: str) -> None:

@@ -17,7 +17,7 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -31,6 +31,7 @@ from aiokafka.errors import (
     KafkaTimeoutError,
     NoBrokersAvailable,
     NodeNotReadyError,
+    OffsetOutOfRangeError,
     ProducerFenced,
     RequestTimedOutError,
     TopicAlreadyExistsError,
@@ -38,7 +39,13 @@ from aiokafka.errors import (
     TransactionalIdAuthorizationFailed,
 )
 
-from vmreplica.errors import AccessDenied, BrokerError, BrokerUnreachable, FencedError
+from vmreplica.errors import (
+    AccessDenied,
+    BrokerError,
+    BrokerUnreachable,
+    FencedError,
+    JournalTruncated,
+)
 from vmreplica.journal.allocator import tune_allocator
 from vmreplica.journal.credentials import ClientSecurity
 from vmreplica.schemas.codec import encode
@@ -420,8 +427,16 @@ class JournalReader(Service):
     """
 
     def __init__(
-        self, connection: KafkaConnection, topic: str, max_fetch_bytes: int = FETCH_MAX_BYTES
+        self,
+        connection: KafkaConnection,
+        topic: str,
+        max_fetch_bytes: int = FETCH_MAX_BYTES,
+        *,
+        past_retention: Literal["earliest", "raise"] = "earliest",
     ) -> None:
+        """``past_retention``: what a fetch does when the next offset was deleted by the
+        topic's retention — go on from the earliest record left, or raise
+        :class:`~vmreplica.errors.JournalTruncated` (a replica, which must not skip cycles)."""
         tune_allocator()
         self.topic = topic
         self._partition = TopicPartition(topic, 0)
@@ -429,7 +444,7 @@ class JournalReader(Service):
             **connection.options(),
             isolation_level="read_committed",
             enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            auto_offset_reset="earliest" if past_retention == "earliest" else "none",
             max_partition_fetch_bytes=max_fetch_bytes,
             fetch_max_bytes=max_fetch_bytes,
             group_id=None,
@@ -479,11 +494,17 @@ class JournalReader(Service):
         timeout_seconds: float = 1.0,
         max_records: int | None = None,
     ) -> list[JournalRecord]:
-        """The next committed records, possibly none when ``timeout_seconds`` passes."""
+        """The next committed records, possibly none when ``timeout_seconds`` passes.
+
+        :raises JournalTruncated: (``past_retention="raise"``) the next record was deleted.
+        """
         try:
             batches = await self._consumer.getmany(
                 self._partition, timeout_ms=int(timeout_seconds * 1000), max_records=max_records
             )
+        except OffsetOutOfRangeError as error:
+            wanted = int(error.args[0][self._partition]) if error.args else -1
+            raise JournalTruncated(self.topic, wanted, await self.beginning_offset()) from error
         except KafkaError as error:
             raise _translate(error, f"reading {self.topic}") from error
         if not batches and self._check_access:
@@ -565,7 +586,12 @@ class StatusPublisher:
             if self._producer is not None:
                 return
             producer = AIOKafkaProducer(
-                **self._connection.options(), acks="all", enable_idempotence=True
+                **self._connection.options(),
+                acks="all",
+                enable_idempotence=True,
+                # A DigestMap of a 16 GiB disk is 4 MiB (the status topic takes it); aiokafka's
+                # default of 1 MiB refused the digests of any disk from 4 GiB up.
+                max_request_size=MAX_RECORD_BYTES,
             )
             try:
                 await producer.start()

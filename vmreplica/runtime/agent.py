@@ -548,7 +548,8 @@ class Agent:
                             await self._resumed(record.name)
                         if replica.materializer.cursor.epoch != epoch:
                             await self._follow_new_primary(record.name, before)
-                        await hop.poll()
+                        if replica.between_cycles:  # its seed reads the images
+                            await hop.poll()
                         if await self._prepared_and_caught_up(replica):
                             break
                     except BrokerUnreachable as error:
