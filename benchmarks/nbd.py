@@ -23,7 +23,10 @@ The journaling servers run once per ``--cycle-seconds`` value (by default 30 s c
 cycles, the agent's continuous mode), shown as ``vmr-journal@30s`` and ``vmr-journal@1s``. Every
 server runs ``--rounds`` times (default 3), interleaved, so that the reference (nbdkit) is
 measured in the same minutes as ours; each round is printed, and the summary is the median of
-the rounds, with the machine's load average.
+the rounds, with the machine's load average. Beside IOPS and MB/s each server's CPU seconds per
+GiB written (its process, over the fio run and its ramp) says what a request costs: on a busy
+machine a single-threaded Python server loses IOPS to the load long before a threaded C one
+does, while its CPU per GiB moves far less.
 
 Targets, for the journaling export as the agent serves it (``vmr-journal``), in every cycle
 length: at 4 KiB at least 0.5 of nbdkit's IOPS; at 64 KiB at least 0.7 of its MB/s.
@@ -48,6 +51,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
+from vmreplica.devtools.measuring import cpu_seconds
+
 SERVERS: Final = ("vmreplica", "vmr-journal", "vmr-logall", "nbdkit", "qemu-nbd")
 OURS: Final = ("vmreplica", "vmr-journal", "vmr-logall")
 JOURNALING: Final = ("vmr-journal", "vmr-logall")
@@ -65,6 +70,9 @@ class Result:
     block_size: str
     iops: float
     mb_per_s: float
+    cpu_per_gib: float
+    """CPU seconds of the server process per GiB written: what a request costs, which the
+    machine's load changes far less than it changes IOPS."""
 
 
 def server_command(
@@ -100,8 +108,8 @@ def wait_for_socket(path: Path, process: subprocess.Popen[bytes]) -> None:
 @contextlib.contextmanager
 def running_server(
     server: str, workdir: Path, size_bytes: int, cycle_seconds: float = 30.0
-) -> Iterator[str]:
-    """Start ``server`` on a fresh, fully allocated image; yield its NBD URI."""
+) -> Iterator[tuple[str, int]]:
+    """Start ``server`` on a fresh, fully allocated image; yield its NBD URI and its pid."""
     image = workdir / f"{server}.raw"
     with image.open("wb") as handle:
         os.posix_fallocate(handle.fileno(), 0, size_bytes)  # same starting point for all
@@ -112,7 +120,7 @@ def running_server(
                                stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
     try:
         wait_for_socket(socket_path, process)
-        yield f"nbd+unix:///?socket={socket_path}"
+        yield f"nbd+unix:///?socket={socket_path}", process.pid
     except (RuntimeError, subprocess.CalledProcessError):
         print((workdir / f"{server}.log").read_text(errors="replace"), file=sys.stderr)
         raise
@@ -215,14 +223,21 @@ def main() -> int:
         workdir = Path(directory)
         for round_number in range(1, args.rounds + 1):
             for label, server, cycle_seconds in labels:
-                with running_server(server, workdir, parse_size(args.size), cycle_seconds) as uri:
+                with running_server(server, workdir, parse_size(args.size), cycle_seconds) as (
+                    uri,
+                    pid,
+                ):
                     for block_size in BLOCK_SIZES:
+                        cpu = cpu_seconds(pid)
                         iops, mb_per_s = run_fio(uri, block_size, args, workdir / "fio.json")
-                        result = Result(label, block_size, iops, mb_per_s)
+                        gib = mb_per_s * 1e6 * (args.runtime + 1) / (1 << 30)  # with the ramp
+                        per_gib = (cpu_seconds(pid) - cpu) / gib if gib else float("nan")
+                        result = Result(label, block_size, iops, mb_per_s, per_gib)
                         runs.setdefault((label, block_size), []).append(result)
                         print(
                             f"round {round_number} {label:>15} {block_size:>4}: "
-                            f"{iops:>10.0f} IOPS {mb_per_s:>8.1f} MB/s",
+                            f"{iops:>10.0f} IOPS {mb_per_s:>8.1f} MB/s, server CPU "
+                            f"{per_gib:5.1f} s/GiB",
                             flush=True,
                         )
     results = [
@@ -231,6 +246,7 @@ def main() -> int:
             block_size,
             statistics.median(r.iops for r in measured),
             statistics.median(r.mb_per_s for r in measured),
+            statistics.median(r.cpu_per_gib for r in measured),
         )
         for (label, block_size), measured in runs.items()
     ]
@@ -240,7 +256,10 @@ def main() -> int:
         f"median of {args.rounds} rounds; load average {load[0]:.2f} {load[1]:.2f} "
         f"{load[2]:.2f} ({os.cpu_count()} CPUs)"
     )
-    print(f"{'block':>5} {'server':>15} {'IOPS':>10} {'MB/s':>9} {'vs nbdkit':>10} {'vs qemu':>8}")
+    print(
+        f"{'block':>5} {'server':>15} {'IOPS':>10} {'MB/s':>9} {'vs nbdkit':>10} {'vs qemu':>8} "
+        f"{'CPU s/GiB':>10}"
+    )
     by_key = {(r.server, r.block_size): r for r in results}
     failed = False
     for block_size in BLOCK_SIZES:
@@ -253,7 +272,7 @@ def main() -> int:
                 other = by_key.get((reference, block_size))
                 ratios.append(f"{shown.iops / other.iops:.2f}" if other else "-")
             print(f"{block_size:>5} {label:>15} {shown.iops:>10.0f} {shown.mb_per_s:>9.1f} "
-                  f"{ratios[0]:>10} {ratios[1]:>8}")  # fmt: skip
+                  f"{ratios[0]:>10} {ratios[1]:>8} {shown.cpu_per_gib:>10.1f}")  # fmt: skip
         metric, target = TARGETS[block_size]
         nbdkit = by_key.get(("nbdkit", block_size))
         for label, server, _ in labels:
