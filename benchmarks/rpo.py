@@ -108,6 +108,9 @@ class Round:
     """Seconds from each probe's FLUSH reply to its cycle applied at B."""
     identical: bool
     cpu: dict[str, float] = field(default_factory=dict)
+    parts: dict[str, list[float]] = field(default_factory=dict)
+    """Where each sample's time went: FLUSH reply to the cut, cut to shipped (A's commit
+    acknowledged and recorded), shipped to applied at B."""
 
     @property
     def p50(self) -> float:
@@ -232,24 +235,32 @@ class RpoBench:
             await writer.close()
         return probes
 
-    def cycles_applied(self) -> list[tuple[int, int, int]]:
-        """(cycle, cut_at_ms, done_at_ms) of every cycle B applied, by cycle."""
+    def cycles_done(self, site: str) -> list[tuple[int, int, int]]:
+        """(cycle, cut_at_ms, done_at_ms) of every cycle a site shipped (A) or applied (B)."""
         rows = catalog_rows(
-            self.sites.config(REPLICA_SITE),
+            self.sites.config(site),
             f"SELECT cycle, cut_at_ms, done_at_ms FROM cycle_stat WHERE vm = '{VM}' ORDER BY cycle",
         )
         return [(int(str(c)), int(str(cut)), int(str(done))) for c, cut, done in rows]
 
-    def samples(self, probes: list[Probe]) -> list[float]:
-        cycles = self.cycles_applied()
-        result = []
+    def samples(self, probes: list[Probe]) -> tuple[list[float], dict[str, list[float]]]:
+        """Each probe's FLUSH reply to applied at B, and the parts of that time."""
+        applied = self.cycles_done(REPLICA_SITE)
+        shipped = {cycle: done for cycle, _, done in self.cycles_done(PRIMARY_SITE)}
+        result: list[float] = []
+        parts: dict[str, list[float]] = {"to cut": [], "cut->shipped": [], "shipped->applied": []}
         for probe in probes:
             written_ms = int(probe.written * 1000)
-            holding = next((c for c in cycles if c[1] > written_ms), None)
+            holding = next((c for c in applied if c[1] > written_ms), None)
             if holding is None:
                 raise BenchmarkError(f"no applied cycle was cut after a probe at {probe.written}")
-            result.append(holding[2] / 1000 - probe.flushed)
-        return result
+            cycle, cut_ms, applied_ms = holding
+            result.append(applied_ms / 1000 - probe.flushed)
+            parts["to cut"].append(cut_ms / 1000 - probe.flushed)
+            if cycle in shipped:
+                parts["cut->shipped"].append((shipped[cycle] - cut_ms) / 1000)
+                parts["shipped->applied"].append((applied_ms - shipped[cycle]) / 1000)
+        return result, parts
 
     def _cpu(self) -> dict[str, float]:
         figures = {name: cpu_seconds(agent.pid) for name, agent in self.agents.items()}
@@ -288,15 +299,17 @@ class RpoBench:
         )  # fmt: skip
         if compare.returncode not in (0, 1):
             raise BenchmarkError(f"qemu-img compare failed: {compare.stderr.strip()}")
+        samples, parts = self.samples(probes)
         return Round(
             number,
             seconds,
             int(write["io_bytes"]),
             float(write["bw_bytes"]) / 1e6,
             len(probes),
-            self.samples(probes),
+            samples,
             compare.returncode == 0,
             cpu,
+            parts,
         )
 
 
@@ -310,6 +323,11 @@ def print_round(result: Round) -> None:
         f"{max(result.samples):.2f} s; CPU s/GiB: {cost}{check}",
         flush=True,
     )
+    split = ", ".join(
+        f"{name} p50 {percentile(values, 0.5):.2f} p99 {percentile(values, 0.99):.2f}"
+        for name, values in result.parts.items()
+    )
+    print(f"         of which (s): {split}", flush=True)
 
 
 def report(rounds: list[Round], kafka: Broker, args: argparse.Namespace) -> None:
