@@ -10,16 +10,26 @@ connection) runs random writes at 4 KiB and 64 KiB, iodepth 16. vmreplica runs t
   appended to the change log and then written to the image until the cycle's segment reaches
   the budget, after which the cycle's writes mark a dirty-block map and the cut copies those
   blocks into the log. A cycle is cut (log and images fsynced) and dropped every
-  ``--cycle-seconds`` (default 30; 1 is the agent's continuous mode), standing in for the
+  ``--cycle-seconds`` (30 and 1, the agent's continuous mode, by default), standing in for the
   shipper;
 - ``vmr-logall``: the same with an unlimited budget: every byte written is also appended to
   the change log, so sustained large writes are bound by the disk's write bandwidth once the
   page cache's dirty limit is reached (the log and the image both go to the disk).
 
-    .venv/bin/python benchmarks/nbd.py [--size 256M] [--runtime 10] [--json results.json]
+    .venv/bin/python benchmarks/nbd.py [--size 256M] [--runtime 10] [--rounds 3]
+                                       [--cycle-seconds 30,1] [--json results.json]
 
-Targets, for the journaling export as the agent serves it (``vmr-journal``): at 4 KiB at least
-0.5 of nbdkit's IOPS; at 64 KiB at least 0.7 of its MB/s.
+The journaling servers run once per ``--cycle-seconds`` value (by default 30 s cycles and 1 s
+cycles, the agent's continuous mode), shown as ``vmr-journal@30s`` and ``vmr-journal@1s``. Every
+server runs ``--rounds`` times (default 3), interleaved, so that the reference (nbdkit) is
+measured in the same minutes as ours; each round is printed, and the summary is the median of
+the rounds, with the machine's load average. Beside IOPS and MB/s each server's CPU seconds per
+GiB written (its process, over the fio run and its ramp) says what a request costs: on a busy
+machine a single-threaded Python server loses IOPS to the load long before a threaded C one
+does, while its CPU per GiB moves far less.
+
+Targets, for the journaling export as the agent serves it (``vmr-journal``), in every cycle
+length: at 4 KiB at least 0.5 of nbdkit's IOPS; at 64 KiB at least 0.7 of its MB/s.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import socket
 import statistics
@@ -40,8 +51,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
+from vmreplica.devtools.measuring import cpu_seconds
+
 SERVERS: Final = ("vmreplica", "vmr-journal", "vmr-logall", "nbdkit", "qemu-nbd")
 OURS: Final = ("vmreplica", "vmr-journal", "vmr-logall")
+JOURNALING: Final = ("vmr-journal", "vmr-logall")
 JOURNAL_BUDGET_BYTES: Final = 1 << 50
 """``vmr-logall``'s budget: far above what a run writes in a one-second cycle."""
 BLOCK_SIZES: Final = ("4k", "64k")
@@ -56,6 +70,9 @@ class Result:
     block_size: str
     iops: float
     mb_per_s: float
+    cpu_per_gib: float
+    """CPU seconds of the server process per GiB written: what a request costs, which the
+    machine's load changes far less than it changes IOPS."""
 
 
 def server_command(
@@ -91,8 +108,8 @@ def wait_for_socket(path: Path, process: subprocess.Popen[bytes]) -> None:
 @contextlib.contextmanager
 def running_server(
     server: str, workdir: Path, size_bytes: int, cycle_seconds: float = 30.0
-) -> Iterator[str]:
-    """Start ``server`` on a fresh, fully allocated image; yield its NBD URI."""
+) -> Iterator[tuple[str, int]]:
+    """Start ``server`` on a fresh, fully allocated image; yield its NBD URI and its pid."""
     image = workdir / f"{server}.raw"
     with image.open("wb") as handle:
         os.posix_fallocate(handle.fileno(), 0, size_bytes)  # same starting point for all
@@ -103,7 +120,7 @@ def running_server(
                                stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
     try:
         wait_for_socket(socket_path, process)
-        yield f"nbd+unix:///?socket={socket_path}"
+        yield f"nbd+unix:///?socket={socket_path}", process.pid
     except (RuntimeError, subprocess.CalledProcessError):
         print((workdir / f"{server}.log").read_text(errors="replace"), file=sys.stderr)
         raise
@@ -145,6 +162,18 @@ def parse_size(text: str) -> int:
     return int(text[:-1]) * units[suffix] if suffix in units else int(text)
 
 
+def run_labels(servers: list[str], cycle_seconds: list[float]) -> list[tuple[str, str, float]]:
+    """(label, server, cycle seconds) of every server run in a round: the journaling servers
+    once per cycle length (``vmr-journal@30s``), the others once."""
+    runs = []
+    for server in servers:
+        if server in JOURNALING:
+            runs += [(f"{server}@{c:g}s", server, c) for c in cycle_seconds]
+        else:
+            runs.append((server, server, cycle_seconds[0]))
+    return runs
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="256M", help="image size and fio --size")
@@ -154,19 +183,30 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
         "--cycle-seconds",
-        type=float,
-        default=30.0,
-        help="vmr-journal/vmr-logall: cut (and drop) a cycle this often; 30 is "
-        "the most frequent Hyper-V interval, 1 the agent's continuous mode",
+        default="30,1",
+        help="vmr-journal/vmr-logall: cut (and drop) a cycle this often, a comma-separated "
+        "list run one after the other; 30 is the most frequent Hyper-V interval, 1 the "
+        "agent's continuous mode",
     )
     parser.add_argument(
         "--rounds",
         type=int,
-        default=1,
+        default=3,
         help="run every server this many times, interleaved, and report the "
         "median of each (steadier figures on a busy machine)",
     )
     args = parser.parse_args()
+    try:
+        cycles = [float(c) for c in args.cycle_seconds.split(",") if c]
+    except ValueError:
+        cycles = []
+    if not cycles or min(cycles) <= 0 or args.rounds < 1:
+        print(
+            f"--cycle-seconds must be positive numbers separated by commas (not "
+            f"{args.cycle_seconds!r}) and --rounds at least 1",
+            file=sys.stderr,
+        )
+        return 2
 
     if shutil.which("fio") is None or not fio_has_nbd_engine():
         print("fio with the nbd ioengine is unavailable: cannot benchmark", file=sys.stderr)
@@ -177,64 +217,75 @@ def main() -> int:
             print(f"{server} is not installed: skipped", file=sys.stderr)
         else:
             servers.append(server)
+    labels = run_labels(servers, cycles)
     runs: dict[tuple[str, str], list[Result]] = {}
     with tempfile.TemporaryDirectory(prefix="nbd-bench-") as directory:
         workdir = Path(directory)
         for round_number in range(1, args.rounds + 1):
-            for server in servers:
-                with running_server(
-                    server, workdir, parse_size(args.size), args.cycle_seconds
-                ) as uri:
+            for label, server, cycle_seconds in labels:
+                with running_server(server, workdir, parse_size(args.size), cycle_seconds) as (
+                    uri,
+                    pid,
+                ):
                     for block_size in BLOCK_SIZES:
+                        cpu = cpu_seconds(pid)
                         iops, mb_per_s = run_fio(uri, block_size, args, workdir / "fio.json")
-                        result = Result(server, block_size, iops, mb_per_s)
-                        runs.setdefault((server, block_size), []).append(result)
+                        gib = mb_per_s * 1e6 * (args.runtime + 1) / (1 << 30)  # with the ramp
+                        per_gib = (cpu_seconds(pid) - cpu) / gib if gib else float("nan")
+                        result = Result(label, block_size, iops, mb_per_s, per_gib)
+                        runs.setdefault((label, block_size), []).append(result)
                         print(
-                            f"round {round_number} {server:>11} {block_size:>4}: "
-                            f"{iops:>10.0f} IOPS {mb_per_s:>8.1f} MB/s",
+                            f"round {round_number} {label:>15} {block_size:>4}: "
+                            f"{iops:>10.0f} IOPS {mb_per_s:>8.1f} MB/s, server CPU "
+                            f"{per_gib:5.1f} s/GiB",
                             flush=True,
                         )
     results = [
         Result(
-            server,
+            label,
             block_size,
             statistics.median(r.iops for r in measured),
             statistics.median(r.mb_per_s for r in measured),
+            statistics.median(r.cpu_per_gib for r in measured),
         )
-        for (server, block_size), measured in runs.items()
+        for (label, block_size), measured in runs.items()
     ]
-
+    load = os.getloadavg()
     print(
         f"\nrandwrite, iodepth {args.iodepth}, {args.size}, {args.runtime} s per run, "
-        f"median of {args.rounds}; journaling servers cut a cycle every "
-        f"{args.cycle_seconds:g} s"
+        f"median of {args.rounds} rounds; load average {load[0]:.2f} {load[1]:.2f} "
+        f"{load[2]:.2f} ({os.cpu_count()} CPUs)"
     )
-    print(f"{'block':>5} {'server':>11} {'IOPS':>10} {'MB/s':>9} {'vs nbdkit':>10} {'vs qemu':>8}")
+    print(
+        f"{'block':>5} {'server':>15} {'IOPS':>10} {'MB/s':>9} {'vs nbdkit':>10} {'vs qemu':>8} "
+        f"{'CPU s/GiB':>10}"
+    )
     by_key = {(r.server, r.block_size): r for r in results}
     failed = False
     for block_size in BLOCK_SIZES:
-        for server in servers:
-            shown = by_key.get((server, block_size))
+        for label, _, _ in labels:
+            shown = by_key.get((label, block_size))
             if shown is None:
                 continue
             ratios = []
             for reference in ("nbdkit", "qemu-nbd"):
                 other = by_key.get((reference, block_size))
                 ratios.append(f"{shown.iops / other.iops:.2f}" if other else "-")
-            print(f"{block_size:>5} {server:>11} {shown.iops:>10.0f} {shown.mb_per_s:>9.1f} "
-                  f"{ratios[0]:>10} {ratios[1]:>8}")  # fmt: skip
+            print(f"{block_size:>5} {label:>15} {shown.iops:>10.0f} {shown.mb_per_s:>9.1f} "
+                  f"{ratios[0]:>10} {ratios[1]:>8} {shown.cpu_per_gib:>10.1f}")  # fmt: skip
         metric, target = TARGETS[block_size]
         nbdkit = by_key.get(("nbdkit", block_size))
-        for server in OURS:
-            ours = by_key.get((server, block_size))
-            if ours and nbdkit:
+        for label, server, _ in labels:
+            ours = by_key.get((label, block_size))
+            if server in OURS and ours and nbdkit:
                 ratio = getattr(ours, metric) / getattr(nbdkit, metric)
                 verdict = "ok" if ratio >= target else "BELOW TARGET"
                 failed |= server == "vmr-journal" and ratio < target
                 print(
-                    f"      target {block_size} {metric} >= {target} x nbdkit, {server}: "
+                    f"      target {block_size} {metric} >= {target} x nbdkit, {label}: "
                     f"{ratio:.2f} {verdict}"
                 )
+    print(f"reproduce: {shlex.join([sys.executable, *sys.argv])}")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
     return 1 if failed else 0

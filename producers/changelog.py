@@ -3,15 +3,22 @@
 What Hyper-V calls the HRL. One append-only segment file per cycle, ``<cycle:020d>.hrl``, in the
 VM's ``changelog/`` folder::
 
-    header  : magic "VMRHRL1\\n" | chain id (16 bytes) | cycle (u64) | crc32 of the above
-    record  : crc32 (u32, of everything after it) | body length (u32) | kind (u8)
-              | disk index (u16) | offset (u64) | length (u64) | data (WRITE only)
+    header  : magic "VMRHRL2\\n" | chain id (16 bytes) | cycle (u64) | crc32 of the above
+    record  : crc32 (u32, of the fields up to the data) | body length (u32) | kind (u8)
+              | disk index (u16) | offset (u64) | length (u64) | data crc32 (u32) | data
 
 Kinds are WRITE, ZERO, TRIM, CUT (the cycle ends here: consistency and times follow) and CLOSE
 (clean shutdown). A record is appended with one ``writev`` *before* the image is written, so a
 killed process never leaves the image ahead of its log, and on reopen the log's unshipped records
 are replayed into the image (redo) so the image is never behind it either. Records after the last
 ``fsync`` may be lost to a power cut; ``sync()`` is what FLUSH and FUA wait for.
+
+The data carries its own CRC-32 (``zlib.crc32``, the checksum a write batch carries on the wire:
+:func:`vmreplica.schemas.payload.checksum`), apart from the fields', so a sealed segment is parsed
+from its record heads alone (:meth:`ChangeLog.sealed_segments`) and its data is checked once, by
+the shipper, as it reads it to send it — the same pass that makes the wire checksum. Segments
+written before (magic ``VMRHRL1``, one CRC over the fields and the data) are still read, and
+checked whole as they are read.
 
 A torn tail (a record cut short by a crash) is truncated on open. A sealed segment that fails its
 checksums is not repairable: the VM then needs a resynchronization, and :class:`ChangeLogCorrupt`
@@ -30,16 +37,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 from vmreplica.errors import ChangeLogCorrupt
 from vmreplica.storage.safefile import create_for_append, fsync_directory
 
-MAGIC: Final = b"VMRHRL1\n"
+MAGIC: Final = b"VMRHRL2\n"
+MAGIC_V1: Final = b"VMRHRL1\n"
 _HEADER = struct.Struct("<8s16sQ")
 _HEADER_CRC = struct.Struct("<I")
 _RECORD_PREFIX = struct.Struct("<II")
 _BODY = struct.Struct("<BHQQ")
+_HEAD = struct.Struct("<IIBHQQI")
+"""A record up to its data: crc32 of the rest of this, body length, kind, disk, offset, length,
+crc32 of the data."""
+_HEAD_FIELDS = struct.Struct("<IBHQQI")
+_HEAD_BUFFER_BYTES: Final = 256 * 1024
+"""Read-ahead when parsing record heads: many small records per read, large data skipped."""
 _CUT = struct.Struct("<BQQ")
 SEGMENT_SUFFIX: Final = ".hrl"
 HEADER_BYTES: Final = _HEADER.size + _HEADER_CRC.size
@@ -62,6 +76,9 @@ class LogRecord:
     offset: int
     length: int
     data_position: int
+    data_crc: int | None = None
+    """CRC-32 of the WRITE data, not yet compared with it (a segment parsed from its record
+    heads); None once checked when the segment was read, or for a segment of the old format."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,18 +118,91 @@ def pending_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.glob(f"*{SEGMENT_SUFFIX}"))
 
 
-def read_segment(path: Path, *, repair: bool) -> Segment:
+def read_segment(path: Path, *, repair: bool, check_data: bool = True) -> Segment:
     """Parse a segment; with ``repair`` a torn tail is truncated, else it is an error.
+
+    ``check_data=False`` reads the record heads only and leaves each WRITE's data CRC in its
+    :attr:`LogRecord.data_crc` for whoever reads the data (the shipper); a segment of the old
+    format is checked whole all the same.
 
     :raises ChangeLogCorrupt: bad header, or damage in a segment that must be intact.
     """
-    data = path.read_bytes()
-    if len(data) < HEADER_BYTES:
-        raise ChangeLogCorrupt(f"change-log segment {path} is shorter than its header")
-    magic, chain_id, cycle = _HEADER.unpack_from(data)
-    (crc,) = _HEADER_CRC.unpack_from(data, _HEADER.size)
-    if magic != MAGIC or crc != zlib.crc32(data[: _HEADER.size]):
-        raise ChangeLogCorrupt(f"change-log segment {path} has a damaged header")
+    with path.open("rb", buffering=_HEAD_BUFFER_BYTES) as file:
+        head = file.read(HEADER_BYTES)
+        if len(head) < HEADER_BYTES:
+            raise ChangeLogCorrupt(f"change-log segment {path} is shorter than its header")
+        magic, chain_id, cycle = _HEADER.unpack_from(head)
+        (crc,) = _HEADER_CRC.unpack_from(head, _HEADER.size)
+        if magic not in (MAGIC, MAGIC_V1) or crc != zlib.crc32(head[: _HEADER.size]):
+            raise ChangeLogCorrupt(f"change-log segment {path} has a damaged header")
+        size = os.fstat(file.fileno()).st_size
+        if magic == MAGIC_V1:
+            file.seek(0)
+            records, cut, clean, position = _parse_v1(file.read())
+        else:
+            records, cut, clean, position = _parse(file, size, check_data or repair)
+    if position != size:
+        if not repair or cut is not None:
+            raise ChangeLogCorrupt(
+                f"change-log segment {path} is damaged at byte {position} of {size}. "
+                "Operator action: seed the VM's replica again (a full initial replication); the "
+                "writes after that byte cannot be read from this segment."
+            )
+        with path.open("r+b") as file:
+            file.truncate(position)
+            os.fsync(file.fileno())
+    return Segment(path, cycle, chain_id, tuple(records), cut, clean, position)
+
+
+_Parsed = tuple[list[LogRecord], CutMark | None, bool, int]
+
+
+def _parse(file: BinaryIO, size: int, check_data: bool) -> _Parsed:
+    """Records of a segment in the current format, from just past its header.
+
+    ``check_data``: read each WRITE's data and compare it with its CRC (a repair always does:
+    a torn tail may end inside the data); otherwise the data is skipped and its CRC handed on.
+    """
+    records: list[LogRecord] = []
+    cut: CutMark | None = None
+    clean = False
+    position = HEADER_BYTES
+    while position + _HEAD.size <= size:
+        head = file.read(_HEAD.size)
+        if len(head) < _HEAD.size:
+            break
+        crc, body_length, kind_value, disk, offset, length, data_crc = _HEAD.unpack(head)
+        data_length = body_length - (_HEAD.size - _RECORD_PREFIX.size)
+        end = position + _RECORD_PREFIX.size + body_length
+        if data_length < 0 or end > size or zlib.crc32(memoryview(head)[4:]) != crc:
+            break
+        try:
+            kind = RecordKind(kind_value)
+        except ValueError:
+            break
+        data_position = position + _HEAD.size
+        if kind is RecordKind.CUT or check_data or kind is not RecordKind.WRITE:
+            data = file.read(data_length)
+            if len(data) != data_length or zlib.crc32(data) != data_crc:
+                break
+            if kind is RecordKind.CUT:
+                consistent, started, cut_at = _CUT.unpack_from(data)
+                cut = CutMark(bool(consistent), started, cut_at)
+            elif kind is RecordKind.CLOSE:
+                clean = True
+            else:
+                clean = False
+                records.append(LogRecord(kind, disk, offset, length, data_position))
+        else:
+            file.seek(data_length, os.SEEK_CUR)
+            clean = False
+            records.append(LogRecord(kind, disk, offset, length, data_position, data_crc))
+        position = end
+    return records, cut, clean, position
+
+
+def _parse_v1(data: bytes) -> _Parsed:
+    """Records of a segment written before the data had a CRC of its own (``VMRHRL1``)."""
     records: list[LogRecord] = []
     cut: CutMark | None = None
     clean = False
@@ -138,17 +228,7 @@ def read_segment(path: Path, *, repair: bool) -> Segment:
             clean = False
             records.append(LogRecord(kind, disk, offset, length, body_start + _BODY.size))
         position = body_end
-    if position != len(data):
-        if not repair or cut is not None:
-            raise ChangeLogCorrupt(
-                f"change-log segment {path} is damaged at byte {position} of {len(data)}. "
-                "Operator action: seed the VM's replica again (a full initial replication); the "
-                "writes after that byte cannot be read from this segment."
-            )
-        with path.open("r+b") as file:
-            file.truncate(position)
-            os.fsync(file.fileno())
-    return Segment(path, cycle, chain_id, tuple(records), cut, clean, position)
+    return records, cut, clean, position
 
 
 class ChangeLog:
@@ -206,11 +286,12 @@ class ChangeLog:
     def _append(
         self, kind: RecordKind, disk: int, offset: int, length: int, data: bytes | memoryview = b""
     ) -> None:
-        body = _BODY.pack(kind, disk, offset, length)
-        crc = zlib.crc32(data, zlib.crc32(body))
-        prefix = _RECORD_PREFIX.pack(crc, len(body) + len(data))
-        expected = len(prefix) + len(body) + len(data)
-        written = os.writev(self._fd, [prefix, body, data])
+        fields = _HEAD_FIELDS.pack(
+            _HEAD_FIELDS.size + len(data) - 4, kind, disk, offset, length, zlib.crc32(data)
+        )
+        head = _HEADER_CRC.pack(zlib.crc32(fields)) + fields
+        expected = len(head) + len(data)
+        written = os.writev(self._fd, [head, data])
         if written != expected:  # a full disk: never leave a torn record mid-segment
             os.ftruncate(self._fd, self.segment_bytes)
             raise OSError(
@@ -248,10 +329,11 @@ class ChangeLog:
         return sealed
 
     def sealed_segments(self) -> Iterator[Segment]:
-        """Sealed (cut but not yet shipped) segments, oldest first."""
+        """Sealed (cut but not yet shipped) segments, oldest first, parsed from their record
+        heads: whoever reads a WRITE's data checks it against :attr:`LogRecord.data_crc`."""
         for path in sorted(self.folder.glob(f"*{SEGMENT_SUFFIX}")):
             if path != _segment_path(self.folder, self.cycle):
-                yield read_segment(path, repair=False)
+                yield read_segment(path, repair=False, check_data=False)
 
     def drop_through(self, cycle: int) -> None:
         """Delete segments of cycles up to ``cycle``: they are committed in the journal."""

@@ -89,7 +89,7 @@ async def _cycles(capture: CapturedVm, seconds: float) -> None:
         await capture.prepare_cut()  # copy dirty blocks (if over budget) off the event loop
         await capture.flush()  # and most of the fsync work
         sealed = capture.cut()
-        capture.log.drop_through(sealed)
+        await asyncio.to_thread(capture.log.drop_through, sealed)  # as the shipper does
 
 
 async def serve_journaled(

@@ -377,6 +377,9 @@ class PrimaryVm:
             if not (force or application_consistent or self.changes_waiting()):
                 self._checked_ms = self.capture.cycle_started_ms = now_ms()
                 return []
+            # Most of the cut's fsync work, in a worker thread while writes go on: the cut
+            # itself (on the event loop) then fsyncs only what was written since.
+            await self.capture.flush()
             self.capture.cut(application_consistent)
             self._said_idle = False
             if after_cut is not None:

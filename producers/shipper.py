@@ -28,7 +28,7 @@ from typing import Final
 from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import Consistency as DomainConsistency
 from vmreplica.domain.model import Position
-from vmreplica.errors import JournalIntegrityError
+from vmreplica.errors import ChangeLogCorrupt, JournalIntegrityError
 from vmreplica.journal.kafka import JournalPublisher, KafkaConnection, read_to_end
 from vmreplica.producers.changelog import ChangeLog, LogRecord, RecordKind, Segment
 from vmreplica.producers.coalesce import Change, Piece, coalesce, merge_adjacent
@@ -90,6 +90,35 @@ def _pieces(segment: Segment) -> list[Piece[LogRecord]]:
     return coalesce(changes)
 
 
+def _checked(
+    fd: int, segment: Segment, record: LogRecord, start: int, data: bytes, checked: set[int]
+) -> int | None:
+    """Compare a record's data with its CRC when the segment was parsed without reading it;
+    ``data`` is the part read at ``start``. Returns the CRC of ``data`` when that was the
+    whole record (the extent's checksum, computed once), else None.
+
+    A part of a record (a write partly overwritten later in the cycle, or split between two
+    batches) has the whole record read once more and checked, once per record (``checked``
+    holds the data positions of the records checked so far): rare, and never skipped.
+
+    :raises ChangeLogCorrupt: the data differs from what was logged.
+    """
+    expected = record.data_crc
+    if expected is None or record.data_position in checked:
+        return None
+    checked.add(record.data_position)
+    whole = start == 0 and len(data) == record.length
+    crc = checksum(data if whole else os.pread(fd, record.length, record.data_position))
+    if crc != expected:
+        raise ChangeLogCorrupt(
+            f"change-log segment {segment.path}: the data of the write of {record.length} "
+            f"bytes at offset {record.offset} of disk {record.disk} differs from what was "
+            "logged (its CRC does not match). Operator action: seed the VM's replica again "
+            "(a full initial replication)."
+        )
+    return crc if whole else None
+
+
 class CycleBuilder:
     """Builds the records of one cycle from a sealed segment (pure apart from reading it)."""
 
@@ -110,10 +139,16 @@ class CycleBuilder:
         self._packer = PayloadPacker(compress, cipher)
 
     def extents_and_payloads(self, segment: Segment) -> Iterator[tuple[list[Extent], bytes]]:
-        """Groups of extents with their uncompressed payload, each group one WriteBatch."""
+        """Groups of extents with their uncompressed payload, each group one WriteBatch.
+
+        Each WRITE's data is checked against the CRC its change-log record carries
+        (:attr:`LogRecord.data_crc`) as it is read; a piece that is its record's whole data is
+        checked by the same pass that makes its extent's checksum.
+        """
         extents: list[Extent] = []
         parts: list[bytes] = []
         size = 0
+        checked: set[int] = set()
         with segment.path.open("rb") as file:
             fd = file.fileno()
             for piece in merge_adjacent(_pieces(segment)):
@@ -121,14 +156,17 @@ class CycleBuilder:
                 if piece.kind is not ExtentKind.DATA:
                     extents.append(Extent(name, piece.offset, piece.length, piece.kind, 0, 0))
                 else:
+                    record = piece.source
                     done = 0
                     while done < piece.length:
                         take = min(BATCH_PAYLOAD_BYTES - size, piece.length - done)
-                        data = os.pread(fd, take, piece.source.data_position + piece.start + done)
+                        start = piece.start + done
+                        data = os.pread(fd, take, record.data_position + start)
                         if len(data) != take:
                             raise JournalIntegrityError(
                                 f"change-log segment {segment.path} ends inside a write record"
                             )
+                        crc = _checked(fd, segment, record, start, data, checked)
                         if is_zero(data):
                             extents.append(
                                 Extent(name, piece.offset + done, take, ExtentKind.ZERO, 0, 0)
@@ -141,7 +179,7 @@ class CycleBuilder:
                                     take,
                                     ExtentKind.DATA,
                                     size,
-                                    checksum(data),
+                                    checksum(data) if crc is None else crc,
                                 )
                             )
                             parts.append(data)
@@ -276,7 +314,9 @@ class CycleShipper:
             )
         tally = CycleTally()
         records = self.builder.records(segment, position.cycle_hash, tally)
-        offsets = await self.publisher.publish(self.topic, self.vm.encode(), records)
+        offsets = await self.publisher.publish(
+            self.topic, self.vm.encode(), records, build_in_thread=True
+        )
         commit = tally.commit
         if commit is None:
             raise JournalIntegrityError(f"VM {self.vm!r}: cycle {segment.cycle} built no commit")

@@ -7,13 +7,14 @@ with the same transactional id fences the first.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 import pytest
 from aiokafka import AIOKafkaProducer
 
 from vmreplica.domain.names import journal_topic
-from vmreplica.errors import FencedError
+from vmreplica.errors import ChangeLogCorrupt, FencedError
 from vmreplica.journal.kafka import JournalPublisher, JournalReader, KafkaConnection, TopicAdmin
 from vmreplica.journal.topics import journal_spec
 
@@ -117,3 +118,30 @@ async def test_second_producer_with_same_transactional_id_fences_the_first(
         await old_primary.stop()
 
     assert await read_all(kafka, topic, expect=2) == [b"old-1", b"new-1"]
+
+
+async def test_records_built_in_a_thread_arrive_in_order_and_a_failing_build_aborts(
+    kafka: KafkaConnection, topic_admin: TopicAdmin, unique: Callable[[str], str]
+) -> None:
+    """``build_in_thread``: each record is made in a worker thread while the one before is
+    sent; an error while making one aborts the whole transaction, and the publisher goes on."""
+    topic = journal_topic(unique("vm"))
+    await topic_admin.ensure_topic(journal_spec(topic, 1))
+    made_in: set[int] = set()
+
+    def cycle(name: str, count: int, fail_at: int | None = None) -> Iterator[bytes]:
+        for i in range(count):
+            if i == fail_at:
+                raise ChangeLogCorrupt(f"record {i} of {name} is damaged")
+            made_in.add(threading.get_ident())
+            yield f"{name}-{i}".encode()
+
+    async with JournalPublisher(kafka, unique("txn")) as publisher:
+        with pytest.raises(ChangeLogCorrupt, match="record 2 of broken"):
+            await publisher.publish(topic, b"vm", cycle("broken", 4, 2), build_in_thread=True)
+        offsets = await publisher.publish(topic, b"vm", cycle("whole", 5), build_in_thread=True)
+
+    assert threading.get_ident() not in made_in
+    assert offsets == sorted(offsets)
+    assert len(offsets) == 5
+    assert await read_all(kafka, topic, expect=5) == [f"whole-{i}".encode() for i in range(5)]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar
 
@@ -352,11 +352,17 @@ class JournalPublisher(Service):
                     f"{STALL_SECONDS:.0f} s. Check that the brokers are up and reachable."
                 ) from None
 
-    async def publish(self, topic: str, key: bytes, values: Iterable[bytes]) -> list[int]:
+    async def publish(
+        self, topic: str, key: bytes, values: Iterable[bytes], *, build_in_thread: bool = False
+    ) -> list[int]:
         """Publish ``values`` in order as one transaction and return their offsets.
 
         ``values`` may be a generator: records are sent as they are produced, so a large cycle
-        never sits in memory whole.
+        never sits in memory whole. With ``build_in_thread`` each next value is produced in a
+        worker thread while the one before is sent (a cycle's records: reading, checksumming,
+        compressing and signing release the GIL), so the event loop goes on serving the VM's
+        writes and the Kafka sender meanwhile; the generator then must not touch state the
+        event loop changes.
 
         The transaction is committed before this returns; on any failure it is aborted (when the
         broker still lets us) and nothing of it becomes visible to ``read_committed`` readers.
@@ -364,16 +370,17 @@ class JournalPublisher(Service):
         :raises FencedError: a newer producer for this VM exists.
         :raises BrokerError: the broker failed the transaction.
         """
-        async with self._one_transaction_at_a_time:
-            return await self._transaction(topic, key, values)
+        produced = _built_ahead(values) if build_in_thread else _at_once(values)
+        async with self._one_transaction_at_a_time, contextlib.aclosing(produced):
+            return await self._transaction(topic, key, produced)
 
-    async def _transaction(self, topic: str, key: bytes, values: Iterable[bytes]) -> list[int]:
+    async def _transaction(self, topic: str, key: bytes, values: AsyncIterator[bytes]) -> list[int]:
         producer = self._producer
         try:
             await producer.begin_transaction()
             try:
                 futures = []
-                for value in values:
+                async for value in values:
                     sent = producer.send(topic, value=value, key=key, partition=0)
                     futures.append(await _progress(sent, topic))
                     for _ in range(SENDER_YIELDS):  # let the sender start on it
@@ -391,6 +398,26 @@ class JournalPublisher(Service):
         except KafkaError as error:
             raise _translate(error, f"publishing a transaction to {topic}") from error
         return [record.offset for record in metadata]
+
+
+async def _at_once(values: Iterable[bytes]) -> AsyncGenerator[bytes, None]:
+    for value in values:
+        yield value
+
+
+async def _built_ahead(values: Iterable[bytes]) -> AsyncGenerator[bytes, None]:
+    """``values``, each produced in a worker thread while the caller sends the one before."""
+    iterator = iter(values)
+    ahead = asyncio.ensure_future(asyncio.to_thread(next, iterator, None))
+    try:
+        while (value := await ahead) is not None:
+            ahead = asyncio.ensure_future(asyncio.to_thread(next, iterator, None))
+            yield value
+    finally:
+        # The transaction failed meanwhile: let the thread finish with the generator first
+        # (a retry builds the same records with the same compressor), and read its outcome.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(ahead)
 
 
 async def _progress(step: Awaitable[T], topic: str) -> T:
