@@ -84,8 +84,8 @@ async def test_tls_required_on_tcp_with_qemu_and_libnbd_clients(
             return vm in agent_a.fronts and record.state is ReplicationState.REPLICATING
 
         await wait_until(replicating, "the primary to finish its initial replication")
-        assert agent_a.nbd_tcp is not None
-        address = agent_a.nbd_tcp.tcp_address
+        assert agent_a.exports.tcp is not None
+        address = agent_a.exports.tcp.tcp_address
         assert address is not None
         port = address[1]
         plain = f"nbd://127.0.0.1:{port}/{vm}.disk0"

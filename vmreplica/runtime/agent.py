@@ -9,18 +9,18 @@ each VM it is replica of, it applies the journal as it arrives. New VMs (enabled
 discovered in the trust group's topics) are picked up while it runs. One VM's failure never
 stops the others.
 
-A ``--capture nbd`` VM's exports belong to the agent, not to one worker: they stay up across
-every role change, capturing writes while the VM is primary here and serving the images
-read-only (writes refused with EPERM) otherwise, so the new primary of a failover serves the
-same export names and the old one still answers its hypervisor.
+A ``--capture nbd`` VM's exports belong to the agent, not to one worker
+(:mod:`~vmreplica.runtime.exports`): they stay up across every role change, capturing writes
+while the VM is primary here and serving the images read-only otherwise.
 
 Before it runs, :func:`vmreplica.runtime.folders.check_folders` and the listeners (metrics, NBD
 over TCP) refuse a setting the agent cannot work with in one line that names the setting, the
 problem and what to do.
 
-About 850 lines: the loop and its supervision of the VMs' workers (start, retry, stop, role
+About 800 lines: the loop and its supervision of the VMs' workers (start, retry, stop, role
 changes, exports kept across them, the order of a planned failover, Kafka outages ridden out)
-read as one piece. What stands alone has its own module: :mod:`~vmreplica.runtime.folders`,
+read as one piece. What stands alone has its own module: the NBD exports in
+:mod:`~vmreplica.runtime.exports`, :mod:`~vmreplica.runtime.folders`,
 :mod:`~vmreplica.runtime.resync_worker`, :mod:`~vmreplica.runtime.outage`, the hop relay in
 :mod:`~vmreplica.runtime.extension`, and the shared timings in :mod:`~vmreplica.runtime.pacing`.
 """
@@ -34,12 +34,10 @@ import os
 import signal
 import sqlite3
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Final
 
 import aiosqlite
 
-from vmreplica.config import cannot_listen
 from vmreplica.consumers.drill import FailoverDrill
 from vmreplica.consumers.replica import ReplicaVm
 from vmreplica.domain.clock import now_ms
@@ -77,11 +75,10 @@ from vmreplica.failover.resync import accept_resync, cancel_resync
 from vmreplica.failover.resync_job import load_job
 from vmreplica.hypervisor import hypervisor_for
 from vmreplica.journal.kafka import quiet_client_errors
-from vmreplica.nbd.server import NbdServer
 from vmreplica.producers.app_consistent import AppConsistentSchedule
 from vmreplica.producers.capture_front import CaptureFront
-from vmreplica.producers.nbd_exports import VmExports, socket_path, tcp_listener
 from vmreplica.producers.primary import PrimaryVm
+from vmreplica.runtime.exports import SiteExports
 from vmreplica.runtime.extension import HopRelay
 from vmreplica.runtime.metrics import CycleStat, SiteMetrics, failure_reason
 from vmreplica.runtime.outage import Backoff, PublishOutage
@@ -140,11 +137,9 @@ class Agent:
         """Open primary VMs: a program capturing through the API writes to their ``capture``."""
         self.fronts: dict[str, CaptureFront] = {}
         """What captures each open primary's writes: its NBD exports, or its scanner."""
-        self.exports: dict[str, VmExports] = {}
+        self.exports = SiteExports(site.config)
         """The NBD exports of every ``--capture nbd`` VM this site holds, kept up across role
         changes: capturing writes while the VM is primary here, read-only (EPERM) otherwise."""
-        self.nbd_tcp: NbdServer | None = None
-        """The loopback TCP listener for every NBD export (``nbd_tcp_port``), if configured."""
         self.mailbox = Mailbox(site.config.catalog_path)
         """Where the CLI leaves failover requests, and where the agent says it is alive."""
         self.resyncs: dict[str, ResyncWorker] = {}
@@ -177,14 +172,13 @@ class Agent:
         if config.metrics_port is not None:
             self.metrics_url = self.metrics.serve(config.metrics_port, config.metrics_address)
         try:
-            await self._start_nbd_tcp()
+            await self.exports.start()
             log.info("agent of site %s started", config.site)
             if self.metrics_url is not None:
                 log.info("metrics on %s", self.metrics_url)
             await self._run_until_stopped()
         finally:
-            if self.nbd_tcp is not None:
-                await self.nbd_tcp.stop()
+            await self.exports.stop()
             await asyncio.to_thread(self.metrics.stop)
 
     async def _run_until_stopped(self) -> None:
@@ -219,9 +213,6 @@ class Agent:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            for exports in self.exports.values():
-                await exports.stop()
-            self.exports.clear()
             await self.mailbox.agent_gone(self.site.config.site)
             await self.mailbox.stop()
             log.info("agent of site %s stopped", self.site.config.site)
@@ -422,7 +413,7 @@ class Agent:
         """A newer epoch exists: a prepared primary follows the takeover, a returning one
         stands down and reports what diverged."""
         log.warning("VM %s: %s", record.name, error)
-        await self._serve_fenced(record, str(error))  # read-only at once, before the report
+        await self.exports.serve_fenced(record, str(error))  # read-only at once, before the report
         if record.state is ReplicationState.PREPARED_FOR_PLANNED_FAILOVER:
             await follow_takeover(self.site, record.name)
             self.metrics.failover(record.name, "follow")
@@ -454,13 +445,13 @@ class Agent:
             await self._superseded(record, error)
         except BrokerUnreachable as error:  # not the VM's fault: its state stays, health says
             if record.role == "primary":
-                await self._withdraw(record.name)
+                await self.exports.withdraw(record.name)
             self.metrics.failed(record.name, "network")
             await self._unreachable(error)
             log.error("VM %s: %s", record.name, error)
         except ReplicationError as error:
             if not isinstance(error, FencedError):  # fenced: no longer primary, stay read-only
-                await self._withdraw(record.name)
+                await self.exports.withdraw(record.name)
             if isinstance(error, StorageFullError):
                 self.reserve.release()  # room to record the state, on the full file system
             await self._failed(record.name, failure_reason(error), str(error))
@@ -479,7 +470,7 @@ class Agent:
                 "VM %s: %s%s", record.name, error, f" (retried in {wait:.0f} s)" * error.retriable
             )
         except Exception:  # a bug: said with its traceback; the VM is tried again later
-            await self._withdraw(record.name)
+            await self.exports.withdraw(record.name)
             log.exception("VM %s: the worker failed unexpectedly", record.name)
         finally:
             ended = self._ended.get(record.name)
@@ -505,7 +496,7 @@ class Agent:
         """Apply the journal; serve a test failover if asked; take over when a planned failover
         names this site; follow another replica site that took over."""
         async with await self.site.replica(record, connect=False) as replica:
-            await self._serve_replica(record)
+            await self.exports.serve_replica(record)
             drill = FailoverDrill(self.site.catalog, replica)
             hop = HopRelay(self.site, record.name)
             try:
@@ -565,7 +556,7 @@ class Agent:
             start.primary_site,
             start.epoch,
         )
-        await self._serve_replica(await self.site.catalog.vm(vm))
+        await self.exports.serve_replica(await self.site.catalog.vm(vm))
 
     async def _apply(self, replica: ReplicaVm) -> None:
         """One step of the replica; the time it spent applying goes to the cycles it applied,
@@ -592,52 +583,6 @@ class Agent:
             and await replica.reader.position() >= await replica.reader.end_offset()
         )
 
-    async def _serve_replica(self, record: VmRecord) -> None:
-        await self._serve_fenced(
-            record,
-            (
-                f"VM {record.name!r} is a replica at site {self.site.config.site}; its primary is "
-                f"site {record.partner_site}, whose exports take the VM's writes"
-            ),
-        )
-
-    async def _serve_fenced(self, record: VmRecord, reason: str) -> None:
-        """Serve the images read-only; failing to (a socket path too long, taken) is logged,
-        and never stops replication or a failover."""
-        try:
-            await self._serve(record, reason)
-        except (ConfigurationError, OSError) as error:
-            log.warning("VM %s: not serving its images over NBD: %s", record.name, error)
-
-    async def _exports(self, record: VmRecord) -> VmExports | None:
-        """The NBD exports of a ``--capture nbd`` VM (None for other VMs), listening from the
-        first call until the agent stops or :meth:`_withdraw` (they may serve nothing yet)."""
-        if record.settings.capture != "nbd":
-            return None
-        exports = self.exports.get(record.name)
-        if exports is None:
-            exports = VmExports(
-                record.name, socket_path(self.site.config, record.name), self.nbd_tcp
-            )
-            await exports.start()
-            self.exports[record.name] = exports
-        return exports
-
-    async def _serve(self, record: VmRecord, reason: str) -> None:
-        """This site holds the VM but does not capture its writes (a replica, an old primary):
-        its exports serve the images read-only and refuse writes for ``reason``."""
-        exports = await self._exports(record)
-        if exports is not None:
-            exports.serve_images({d.name: Path(d.path) for d in record.disks}, reason)
-
-    async def _withdraw(self, vm: str) -> None:
-        """Stop serving ``vm``'s exports: its worker failed and is retried, still primary here.
-        A hypervisor (QEMU with ``reconnect-delay``) then waits and reconnects to the capture,
-        instead of being told its writes are refused by a site that is still the primary."""
-        exports = self.exports.pop(vm, None)
-        if exports is not None:
-            await exports.stop()
-
     async def _primary(self, record: VmRecord) -> None:
         if record.state in (
             ReplicationState.PREPARED_FOR_PLANNED_FAILOVER,
@@ -647,7 +592,7 @@ class Agent:
                 record.state is ReplicationState.PREPARED_FOR_PLANNED_FAILOVER
                 or await self.site.catalog.failover_point(record.name) is None
             ):
-                await self._serve(
+                await self.exports.serve(
                     record,
                     (
                         f"VM {record.name!r} is being handed over by site {self.site.config.site} "
@@ -660,8 +605,8 @@ class Agent:
         async with self.site.primary(record, connect=not unpublished) as primary:
             # Started only now, and taken by the capture before anything else runs: a client
             # never finds the socket of an opening primary serving nothing or read-only.
-            exports = await self._exports(record)
-            async with CaptureFront(primary, self.site.config, self.nbd_tcp, exports) as front:
+            exports = await self.exports.of(record)
+            async with CaptureFront(primary, self.site.config, self.exports.tcp, exports) as front:
                 await self._capture(record, primary, front)
 
     async def _capture(self, record: VmRecord, primary: PrimaryVm, front: CaptureFront) -> None:
@@ -708,20 +653,6 @@ class Agent:
             (await self.site.catalog.vm(vm)).partner_site,
         )
         return False
-
-    async def _start_nbd_tcp(self) -> None:
-        config = self.site.config
-        if config.nbd_tcp_port is None:
-            return
-        server = tcp_listener(config)
-        try:
-            await server.start()
-        except OSError as error:
-            raise cannot_listen(
-                "nbd_tcp_port", "nbd_tcp_host", config.nbd_tcp_port, config.nbd_tcp_host, error
-            ) from None
-        self.nbd_tcp = server
-        log.info("serving NBD exports on %s as <vm>.<disk>", server.tcp_address)
 
     async def _replicate(self, primary: PrimaryVm, app_consistent: bool = False) -> None:
         """One cycle, through the VM's capture front (scan, hooks, off-loop copies) if open;
