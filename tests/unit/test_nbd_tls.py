@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_nbd_exports import record
 from tests.unit.test_nbd_protocol import WireClient, info_request
 from vmreplica.config import SiteConfig
+from vmreplica.domain.model import DiskRecord, VmRecord, VmSettings
+from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import ConfigurationError
 from vmreplica.nbd import protocol as wire
 from vmreplica.nbd.server import FileBlockDevice, NbdServer
@@ -190,4 +191,8 @@ def test_the_tcp_listener_leaves_loopback_only_with_required_tls(tmp_path: Path)
         SiteConfig(nbd_tcp_host="0.0.0.0", nbd_tls_dir=tmp_path, nbd_tls_required=False)
     config = SiteConfig(nbd_tcp_host="0.0.0.0", nbd_tls_dir=tmp_path, nbd_tcp_port=10809)
     assert config.nbd_tls_required
-    assert nbd_uris(config, record())["system"]["tcp"] == "nbds://0.0.0.0:10809/web01.system"
+    record = VmRecord(
+        "web01", "primary", "default", "site-b", VmSettings(capture="nbd"), 1,
+        ReplicationState.REPLICATING, "", 0, (DiskRecord("system", "/x/system.img", 1 << 20),),
+    )  # fmt: skip
+    assert nbd_uris(config, record)["system"]["tcp"] == "nbds://0.0.0.0:10809/web01.system"

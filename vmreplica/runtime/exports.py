@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 class SiteExports(Service):
-    """Every VM's exports at one site, and the site's loopback TCP listener (``nbd_tcp_port``)."""
+    """Every VM's exports at one site, and the site's TCP listener (``nbd_tcp_port``; loopback
+    unless TLS is required)."""
 
     def __init__(self, config: SiteConfig) -> None:
         self.config = config
@@ -36,12 +37,13 @@ class SiteExports(Service):
     async def start(self) -> None:
         """Listen on ``nbd_tcp_port``, if set.
 
-        :raises ConfigurationError: the port cannot be listened on (one line naming the setting).
+        :raises ConfigurationError: the port cannot be listened on (one line naming the setting),
+            or the TLS credentials of ``nbd_tls_dir`` cannot be loaded.
         """
         config = self.config
         if config.nbd_tcp_port is None:
             return
-        server = tcp_listener(config)
+        server = tcp_listener(config)  # with TLS when nbd_tls_dir is set
         try:
             await server.start()
         except OSError as error:
