@@ -7,10 +7,7 @@ the end of the session.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -21,43 +18,14 @@ from typing import TYPE_CHECKING
 import hypothesis  # noqa: F401
 import pytest
 
-from vmreplica.devtools.cluster import ClusterState, LocalCluster
-from vmreplica.devtools.ports import free_base_port
 from vmreplica.journal.kafka import KafkaConnection, TopicAdmin
 
 if TYPE_CHECKING:
     from tests.fixtures import SecuredKafka
 
+from tests.clusters import own_cluster, state_of
+
 pytest_plugins = ["tests.fixtures"]
-
-
-def _stop_orphaned_test_brokers() -> None:
-    """Stop brokers of test sessions that were killed before their teardown ran."""
-    for home in Path(tempfile.gettempdir()).glob("vmreplica-test-kafka-*"):
-        owner = home / "owner.pid"
-        try:
-            alive = Path(f"/proc/{int(owner.read_text())}").exists()
-        except (OSError, ValueError):
-            alive = False
-        if not alive:
-            LocalCluster(home=home).down()
-            shutil.rmtree(home, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def throwaway_cluster(*, secure: bool) -> Iterator[ClusterState]:
-    """A single-node cluster of this test process, on free ports, removed afterwards."""
-    _stop_orphaned_test_brokers()
-    port = free_base_port()
-    home = Path(tempfile.gettempdir()) / f"vmreplica-test-kafka-{port}"
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "owner.pid").write_text(str(os.getpid()))
-    cluster = LocalCluster(home=home, base_port=port)
-    try:
-        yield cluster.up(1, secure=secure)
-    finally:
-        cluster.down()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -66,8 +34,8 @@ def bootstrap_servers() -> Iterator[str]:
     if existing:
         yield existing
         return
-    with throwaway_cluster(secure=False) as state:
-        yield state.bootstrap_servers
+    with own_cluster() as cluster:
+        yield state_of(cluster).bootstrap_servers
 
 
 @pytest.fixture(scope="session")
@@ -76,8 +44,8 @@ def secured_kafka() -> Iterator[SecuredKafka]:
     and shared by the rest of the session: every test has its own trust group and users."""
     from tests.fixtures import SecuredKafka  # noqa: PLC0415 — a plugin, imported once registered
 
-    with throwaway_cluster(secure=True) as state:
-        yield SecuredKafka(state)
+    with own_cluster(secure=True) as cluster:
+        yield SecuredKafka(state_of(cluster))
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,8 @@ Registered from ``tests/conftest.py`` (``pytest_plugins``), so every test can as
   own (so topics never collide between tests); sites it started stop after the test;
 - ``site_pair``: sites A (``site-a``) and B (``site-b``) of that factory, started;
 - ``vm``: enables a VM on a site, with disks of given sizes and settings (:class:`VmFactory`);
-- ``site_folder``: where site roots and configuration files go (``tmp_path``); a module whose
-  sites serve NBD on Unix sockets overrides it with a shorter folder;
+- ``site_folder``: where site roots and configuration files go: a short folder under /tmp
+  (:func:`short_dir`), as the sites' NBD Unix sockets live there;
 - ``broker_security``: ``"plain"``; a module that overrides it with ``"secured"`` runs its
   ``sites`` against the secured broker (``secured_kafka``: one per session, started on first
   use; TLS, SCRAM, ACLs), each of sites ``site-a``, ``site-b`` and ``site-c`` logging in as
@@ -37,6 +37,7 @@ from vmreplica.domain.model import VmRecord, VmSettings
 from vmreplica.journal.kafka import KafkaConnection
 from vmreplica.runtime.site import Site
 from vmreplica.security.sites import SiteAccess, add_site
+from vmreplica.storage.image import sha256_of
 
 
 class SiteFactory:
@@ -139,6 +140,22 @@ class SitePair:
     sites: SiteFactory
 
 
+async def digests(site: Site, vm: str) -> dict[str, str]:
+    """SHA-256 of each of the VM's disk images at ``site``."""
+    return {d.name: sha256_of(Path(d.path)) for d in (await site.catalog.vm(vm)).disks}
+
+
+async def catch_up(site: Site, vm: str) -> int:
+    """Apply the VM's journal at replica ``site`` up to its end (discovering the VM first if
+    the site does not hold it yet); the last cycle applied."""
+    if await site.catalog.find_vm(vm) is None:
+        await site.discover()
+    async with await site.replica(await site.catalog.vm(vm)) as replica:
+        cycle = await replica.catch_up()
+        assert replica.violation is None, replica.violation
+        return cycle
+
+
 @dataclass(frozen=True)
 class EnabledVm:
     """A VM enabled on its primary site, as :func:`enable_vm` left it."""
@@ -202,8 +219,7 @@ class VmFactory(Protocol):
 
 @pytest.fixture
 def short_dir() -> Iterator[Path]:
-    """A short folder under /tmp for site roots: a Unix socket path must stay under 108 bytes
-    (a module whose sites serve NBD sockets overrides :func:`site_folder` with it)."""
+    """A short folder under /tmp for site roots: a Unix socket path must stay under 108 bytes."""
     folder = Path(tempfile.mkdtemp(prefix="vmr-"))
     try:
         yield folder
@@ -212,9 +228,10 @@ def short_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def site_folder(tmp_path: Path) -> Path:
-    """Where the test's site roots and configuration files go."""
-    return tmp_path
+def site_folder(short_dir: Path) -> Path:
+    """Where the test's site roots and configuration files go (pytest's ``tmp_path`` is too
+    long for the NBD sockets in a site root)."""
+    return short_dir
 
 
 class SecuredKafka:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from tests.e2e.clients import AgentProcess, cli, run, wait_until
+from tests.e2e.clients import AgentProcess, cli, enable_nbd, run, wait_until
 from tests.fixtures import _toml
 from vmreplica.config import SiteConfig, load_config
 from vmreplica.domain.states import ReplicationState
@@ -210,22 +210,7 @@ async def replicating_pair(
     disk = folder / "disk0.img"
     with disk.open("wb") as image:
         image.truncate(disk_size)
-    enabled = json.loads(
-        await cli(
-            config_a,
-            "enable",
-            vm,
-            "--disk",
-            f"disk0={disk}",
-            "--replica-site",
-            "site-b",
-            "--capture",
-            "nbd",
-            "--frequency",
-            "continuous",
-            "--json",
-        )
-    )
+    enabled = await enable_nbd(config_a, vm, {"disk0": disk}, "continuous")
     uri = enabled["nbd"]["disk0"]["unix"]
     agent_a = AgentProcess(config_a, folder / "agent-a.log")
     agent_b = AgentProcess(config_b, folder / "agent-b.log")

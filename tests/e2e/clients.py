@@ -4,14 +4,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import pytest
 
@@ -62,6 +63,28 @@ async def cli(config: Path, *args: str) -> str:
     return out.decode()
 
 
+async def enable_nbd(
+    config: Path,
+    vm: str,
+    disks: Mapping[str, Path],
+    frequency: str,
+    *options: str,
+    replica_sites: Sequence[str] = ("site-b",),
+) -> dict[str, Any]:
+    """``vmreplica enable VM --capture nbd`` with ``disks`` (name -> image), ``--frequency``
+    and any other ``options``: what its ``--json`` printed (the NBD URIs among it)."""
+    argv = [f"--disk={name}={path}" for name, path in disks.items()]
+    argv += [f"--replica-site={site}" for site in replica_sites]
+    enabled = json.loads(
+        await cli(
+            config, "enable", vm, *argv, "--capture=nbd", f"--frequency={frequency}", *options,
+            "--json",
+        )
+    )  # fmt: skip
+    assert isinstance(enabled, dict), enabled
+    return enabled
+
+
 async def wait_until(
     predicate: Callable[[], Awaitable[bool]], what: str, seconds: float = 120.0
 ) -> None:
@@ -71,6 +94,20 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")
         await asyncio.sleep(0.1)
+
+
+async def identical(primary: Path, replica: Path) -> None:
+    output = await run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(primary), str(replica))
+    assert "Images are identical" in output
+
+
+def make_disk(path: Path, size: int, data: bytes = b"", at: int = 0) -> Path:
+    with path.open("wb") as file:
+        file.truncate(size)
+        if data:
+            file.seek(at)
+            file.write(data)
+    return path
 
 
 class AgentProcess:

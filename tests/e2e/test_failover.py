@@ -16,14 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures import SitePair, VmFactory
+from tests.fixtures import SitePair, VmFactory, catch_up, digests
 from vmreplica import failover
 from vmreplica.domain.model import VmSettings
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import FencedError, SupersededError
 from vmreplica.producers.capture_front import CaptureFront
 from vmreplica.runtime.site import Site
-from vmreplica.storage.image import sha256_of
 
 pytestmark = pytest.mark.e2e
 MiB = 1024 * 1024
@@ -50,19 +49,6 @@ def make_pair(site_pair: SitePair, vm: VmFactory) -> MakePair:
         return Pair(enabled.name, site_pair.a, site_pair.b, enabled.disks)
 
     return make
-
-
-async def digests(site: Site, vm: str) -> dict[str, str]:
-    return {d.name: sha256_of(Path(d.path)) for d in (await site.catalog.vm(vm)).disks}
-
-
-async def catch_up(site: Site, vm: str) -> int:
-    if await site.catalog.find_vm(vm) is None:
-        await site.discover()
-    async with await site.replica(await site.catalog.vm(vm)) as replica:
-        cycle = await replica.catch_up()
-        assert replica.violation is None, replica.violation
-        return cycle
 
 
 async def write_some(site: Site, vm: str, seed: int) -> None:

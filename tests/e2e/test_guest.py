@@ -26,10 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.clients import cli
+from tests.e2e.clients import cli, enable_nbd, make_disk
 from tests.e2e.guest import Guest, guest_image, running
-from tests.e2e.test_nbd_capture import make_disk, site_folder  # noqa: F401
-from tests.e2e.test_role_swap import Agents, _served_writable, in_step, nbd_uris, roles, until
+from tests.e2e.sites import Agents, in_step, nbd_uris, roles, served_writable, until
 from tests.fixtures import SiteFactory
 from vmreplica.producers.app_consistent import HOUR_SECONDS_VARIABLE
 
@@ -81,27 +80,17 @@ async def test_a_linux_guest_fails_over_and_back_with_its_file_system_intact(
     image = guest_image(tmp_path)
     vm = unique("vm")
     disk = make_disk(tmp_path / "disk0.img", 64 * MiB)
-    enabled = json.loads(
-        await cli(
-            agents.config("site-a"),
-            "enable",
-            vm,
-            "--disk",
-            f"disk0={disk}",
-            "--replica-site",
-            "site-b",
-            "--capture",
-            "nbd",
-            "--frequency",
-            "continuous",
-            "--recovery-history",
-            "1",
-            "--app-consistent-hours",
-            "1",
-            "--hypervisor",
-            f"qemu:{short_dir}/{{vm}}.a.qmp,ga={short_dir}/{{vm}}.a.ga,timeout=20",
-            "--json",
-        )
+    enabled = await enable_nbd(
+        agents.config("site-a"),
+        vm,
+        {"disk0": disk},
+        "continuous",
+        "--recovery-history",
+        "1",
+        "--app-consistent-hours",
+        "1",
+        "--hypervisor",
+        f"qemu:{short_dir}/{{vm}}.a.qmp,ga={short_dir}/{{vm}}.a.ga,timeout=20",
     )
     at_a = enabled["nbd"]["disk0"]["unix"]
     monkeypatch.setenv(HOUR_SECONDS_VARIABLE, str(HOUR_SECONDS))
@@ -140,7 +129,7 @@ async def test_a_linux_guest_fails_over_and_back_with_its_file_system_intact(
 
         # The guest at B: clean file system, every checksum; more files.
         at_b = (await nbd_uris(agents, "site-b", vm))["disk0"]
-        await wait(lambda: _served_writable(at_b), "the new primary to serve its export writable")
+        await wait(lambda: served_writable(at_b), "the new primary to serve its export writable")
         async with running(Guest(image, at_b, short_dir, f"{vm}.b", "check", tag="b")) as guest:
             assert await guest.wait_for("FSCK") == ["0"], guest.lines()
             assert await guest.wait_for("SUMS") == ["0", "4"], guest.lines()
@@ -157,7 +146,7 @@ async def test_a_linux_guest_fails_over_and_back_with_its_file_system_intact(
             await wait(back, "A to take over again")
             assert await guest.wait_exit(30) == 0
 
-        await wait(lambda: _served_writable(at_a), "the new primary to serve its export writable")
+        await wait(lambda: served_writable(at_a), "the new primary to serve its export writable")
         async with running(Guest(image, at_a, short_dir, f"{vm}.a", "check")) as guest:
             assert await guest.wait_for("FSCK") == ["0"], guest.lines()
             assert await guest.wait_for("SUMS") == ["0", "8"], guest.lines()
@@ -193,7 +182,7 @@ async def test_a_linux_guest_fails_over_and_back_with_its_file_system_intact(
         assert position is not None
         assert position.cycle == point["point"]
         at_b = (await nbd_uris(agents, "site-b", vm))["disk0"]
-        await wait(lambda: _served_writable(at_b), "the new primary to serve its export writable")
+        await wait(lambda: served_writable(at_b), "the new primary to serve its export writable")
         async with running(Guest(image, at_b, short_dir, f"{vm}.b", "check")) as guest:
             assert await guest.wait_for("FSCK") == ["0"], guest.lines()
             assert await guest.wait_for("SUMS") == ["0", "12"], guest.lines()
@@ -243,15 +232,14 @@ async def test_a_writing_guest_survives_a_planned_failover_and_a_crash(
     image = guest_image(tmp_path)
     vm = unique("vm")
     disk = make_disk(tmp_path / "disk0.img", 32 * MiB)
-    enabled = json.loads(
-        await cli(
-            agents.config("site-a"),
-            "enable", vm, "--disk", f"disk0={disk}", "--replica-site", "site-b",
-            "--capture", "nbd", "--frequency", "continuous",
-            "--hypervisor", f"qemu:{short_dir}/{{vm}}.a.qmp,ga={short_dir}/{{vm}}.a.ga,timeout=20",
-            "--json",
-        )
-    )  # fmt: skip
+    enabled = await enable_nbd(
+        agents.config("site-a"),
+        vm,
+        {"disk0": disk},
+        "continuous",
+        "--hypervisor",
+        f"qemu:{short_dir}/{{vm}}.a.qmp,ga={short_dir}/{{vm}}.a.ga,timeout=20",
+    )
     at_a = enabled["nbd"]["disk0"]["unix"]
     agents.start("site-a")
     agents.start("site-b")
@@ -278,7 +266,7 @@ async def test_a_writing_guest_survives_a_planned_failover_and_a_crash(
             assert errors == [], "the guest saw its disk fail before it was stopped"
 
         at_b = (await nbd_uris(agents, "site-b", vm))["disk0"]
-        await wait(lambda: _served_writable(at_b), "the new primary to serve its export writable")
+        await wait(lambda: served_writable(at_b), "the new primary to serve its export writable")
         async with running(
             Guest(image, at_b, short_dir, f"{vm}.b", "check", tag="b", kib=64, stream=True)
         ) as guest:
@@ -306,7 +294,7 @@ async def test_a_writing_guest_survives_a_planned_failover_and_a_crash(
             return (await a.catalog.vm(vm)).role == "primary"
 
         await wait(failed_over, "A to fail over")
-        await wait(lambda: _served_writable(at_a), "the new primary to serve its export writable")
+        await wait(lambda: served_writable(at_a), "the new primary to serve its export writable")
         async with running(Guest(image, at_a, short_dir, f"{vm}.a", "check")) as guest:
             assert await guest.wait_for("FSCK") in (["0"], ["1"]), guest.lines()
             assert damage(guest) == []

@@ -18,9 +18,6 @@ the replica's applied cycles consecutive up to the last.
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -31,11 +28,11 @@ from typing import Final
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
+from tests.clusters import own_cluster, state_of
 from tests.e2e.agent_pair import MiB, Pair, Writer, replicating_pair, status_of, wait_for_health
 from tests.e2e.clients import require, wait_until
 from tests.e2e.kafka_link import KafkaLink
 from vmreplica.devtools.cluster import ClusterState, LocalCluster
-from vmreplica.devtools.ports import free_base_port
 from vmreplica.domain import names
 from vmreplica.journal.kafka import STALL_SECONDS
 
@@ -68,16 +65,8 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     """Three brokers with a routed listener, under a private home, for this module."""
-    base_port = free_base_port(3)
-    home = Path(tempfile.gettempdir()) / f"vmreplica-test-kafka-{base_port}"
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "owner.pid").write_text(str(os.getpid()))
-    local = LocalCluster(home=home, base_port=base_port)
-    try:
-        yield Cluster(local, local.up(3, routed=True))
-    finally:
-        local.down()
-        shutil.rmtree(home, ignore_errors=True)
+    with own_cluster(3, routed=True) as local:
+        yield Cluster(local, state_of(local))
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.clients import cli, run, wait_until
+from tests.e2e.clients import cli, enable_nbd, identical, make_disk, run, wait_until
 from tests.fixtures import SiteFactory
 from vmreplica.domain.model import VmSettings
 from vmreplica.domain.states import ReplicationState
@@ -33,26 +33,6 @@ from vmreplica.runtime.site import Site
 
 pytestmark = pytest.mark.e2e
 MiB = 1024 * 1024
-
-
-async def identical(primary: Path, replica: Path) -> None:
-    output = await run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(primary), str(replica))
-    assert "Images are identical" in output
-
-
-def make_disk(path: Path, size: int, data: bytes = b"", at: int = 0) -> Path:
-    with path.open("wb") as file:
-        file.truncate(size)
-        if data:
-            file.seek(at)
-            file.write(data)
-    return path
-
-
-@pytest.fixture
-def site_folder(short_dir: Path) -> Path:
-    """The ``sites`` factory puts site roots and configuration files in :func:`short_dir`."""
-    return short_dir
 
 
 @dataclass
@@ -354,22 +334,7 @@ async def test_sigkill_right_after_a_flush_reply_keeps_the_data_and_it_reaches_t
     vm = unique("vm")
     config_a = sites.config_file("site-a", heartbeat_seconds=1.0)
     disk = make_disk(tmp_path / "disk0.img", 16 * MiB)
-    enabled = json.loads(
-        await cli(
-            config_a,
-            "enable",
-            vm,
-            "--disk",
-            f"disk0={disk}",
-            "--replica-site",
-            "site-b",
-            "--capture",
-            "nbd",
-            "--frequency",
-            "300",
-            "--json",
-        )
-    )
+    enabled = await enable_nbd(config_a, vm, {"disk0": disk}, "300")
     uri = enabled["nbd"]["disk0"]["unix"]
     socket = short_dir / "site-a" / "vms" / vm / "nbd.sock"
     assert uri == f"nbd+unix:///disk0?socket={socket}"

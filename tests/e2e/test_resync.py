@@ -26,7 +26,7 @@ from typing import Final
 
 import pytest
 
-from tests.e2e.clients import AgentProcess, cli, run, wait_until
+from tests.e2e.clients import AgentProcess, cli, enable_nbd, run, wait_until
 from tests.fixtures import SiteFactory
 from tests.journal_records import forged_gap
 from vmreplica.consumers.replica import image_path
@@ -43,11 +43,6 @@ MiB: Final = 1024 * KiB
 DISKS: Final = {"disk0": 64 * MiB, "disk1": 16 * MiB}
 BLOCK: Final = 64 * KiB
 """The DigestMap block of disks this small: the unit a resync compares and resends."""
-
-
-@pytest.fixture
-def site_folder(short_dir: Path) -> Path:
-    return short_dir
 
 
 async def compare(primary: Path, replica: Path) -> tuple[bool, str]:
@@ -140,23 +135,8 @@ async def two_agents(
             for offset in range(0, size, 4 * MiB):  # some data to seed, holes between
                 image.seek(offset)
                 image.write(os.urandom(MiB))
-    enabled = json.loads(
-        await cli(
-            config_a,
-            "enable",
-            vm,
-            *(f"--disk={name}={path}" for name, path in disks.items()),
-            "--replica-site",
-            "site-b",
-            "--capture",
-            "nbd",
-            "--frequency",
-            "continuous",
-            "--continuous-points-hours",
-            "1",
-            *enable,
-            "--json",
-        )
+    enabled = await enable_nbd(
+        config_a, vm, disks, "continuous", "--continuous-points-hours", "1", *enable
     )
     uri = {name: enabled["nbd"][name]["unix"] for name in DISKS}
     agent_a = AgentProcess(config_a, tmp_path / "agent-a.log")

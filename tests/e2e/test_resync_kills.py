@@ -22,10 +22,9 @@ from typing import Final
 import pytest
 
 from tests.e2e.clients import AgentProcess, cli, run, wait_until
-from tests.e2e.test_resync import (  # noqa: F401 — fixtures, found by name
+from tests.e2e.test_resync import (
     DISKS,
     compare,
-    site_folder,
     two_agents,
 )
 from tests.fixtures import SiteFactory

@@ -16,121 +16,34 @@ compared with ``qemu-img compare`` at cycle boundaries.
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import json
 import re
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.clients import cli, require, run
-from tests.e2e.test_nbd_capture import identical, make_disk, site_folder  # noqa: F401
+from tests.e2e.clients import cli, enable_nbd, identical, make_disk, run
+from tests.e2e.sites import (
+    Agents,
+    disks_of,
+    in_step,
+    journal_since,
+    nbd_uris,
+    refuses_writes_serves_reads,
+    roles,
+    served,
+    served_writable,
+    status,
+    until,
+)
 from tests.fixtures import SiteFactory
 from tests.unit.test_nbd_protocol import WireClient
-from vmreplica.domain.states import ReplicationState
-from vmreplica.failover import journal_events
 from vmreplica.nbd import protocol as wire
-from vmreplica.runtime.site import Site
-from vmreplica.schemas.events import EpochStart, FailoverPrepared, JournalEvent, SeedChunk
+from vmreplica.schemas.events import EpochStart, FailoverPrepared, SeedChunk
 
 pytestmark = pytest.mark.e2e
 MiB = 1024 * 1024
-
-
-async def until(
-    predicate: Callable[[], Awaitable[bool]],
-    what: str,
-    seconds: float = 90.0,
-    sites: dict[str, Site] | None = None,
-    vm: str = "",
-) -> None:
-    """Wait for ``predicate``; on a timeout, say where each of ``sites`` stands with ``vm``."""
-    deadline = time.monotonic() + seconds
-    while not await predicate():
-        if time.monotonic() > deadline:
-            where = [f"{name}: {await _where(site, vm)}" for name, site in (sites or {}).items()]
-            raise AssertionError(
-                f"timed out after {seconds:.0f} s waiting for {what}"
-                + "".join(f"\n  {line}" for line in where)
-            )
-        await asyncio.sleep(0.2)
-
-
-async def _where(site: Site, vm: str) -> str:
-    record = await site.catalog.find_vm(vm)
-    if record is None:
-        return "does not hold the VM"
-    return (
-        f"{record.role}, {record.state.value} ({record.state_message}), epoch "
-        f"{record.epoch}, partner {record.partner_site}, at "
-        f"{await site.catalog.position(vm)}"
-    )
-
-
-async def attempt(*argv: str) -> tuple[int, str]:
-    """Run a client that may fail; its exit status and everything it printed."""
-    process = await asyncio.create_subprocess_exec(
-        require(argv[0]),
-        *argv[1:],
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await asyncio.wait_for(process.communicate(), 120)
-    assert process.returncode is not None
-    return process.returncode, output.decode()
-
-
-class Agents:
-    """``vmreplica agent`` processes, one per site, logging to ``<folder>/agent-<site>.log``."""
-
-    def __init__(self, sites: SiteFactory, folder: Path) -> None:
-        self.sites = sites
-        self.folder = folder
-        self.running: dict[str, subprocess.Popen[bytes]] = {}
-
-    def config(self, site: str) -> Path:
-        return self.sites.config_file(site, heartbeat_seconds=1.0)
-
-    def start(self, site: str) -> None:
-        with (self.folder / f"agent-{site}.log").open("ab") as log:
-            self.running[site] = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "vmreplica.cli",
-                    "agent",
-                    "--config",
-                    str(self.config(site)),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def kill(self, site: str) -> None:
-        agent = self.running.pop(site)
-        agent.send_signal(signal.SIGKILL)
-        agent.wait(30)
-
-    def stop_all(self) -> None:
-        for agent in self.running.values():
-            agent.terminate()
-        for site, agent in self.running.items():
-            try:
-                agent.wait(60)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-                agent.wait()
-            assert agent.returncode == 0, self.log(site)
-        self.running.clear()
-
-    def log(self, site: str) -> str:
-        return (self.folder / f"agent-{site}.log").read_text(errors="replace")[-6000:]
 
 
 @pytest.fixture
@@ -140,63 +53,6 @@ def agents(sites: SiteFactory, tmp_path: Path) -> Iterator[Agents]:
         yield running
     finally:
         running.stop_all()
-
-
-async def status(agents: Agents, site: str, vm: str) -> dict[str, object]:
-    [row] = json.loads(await cli(agents.config(site), "status", vm, "--json"))
-    assert isinstance(row, dict)
-    return row
-
-
-async def nbd_uris(agents: Agents, site: str, vm: str) -> dict[str, str]:
-    """The URIs ``status`` gives the hypervisor at ``site`` (its primary)."""
-    row = await status(agents, site, vm)
-    assert row["capture"] == "nbd", row
-    nbd = row["nbd"]
-    assert isinstance(nbd, dict)
-    return {disk: uris["unix"] for disk, uris in nbd.items()}
-
-
-async def served(uri: str) -> dict[str, bool]:
-    """Export name -> whether it is read-only, as ``nbdinfo`` sees the socket of ``uri``."""
-    listing = json.loads(await run("nbdinfo", "--json", "--list", uri))
-    return {e["export-name"]: e["is_read_only"] for e in listing["exports"]}
-
-
-async def refuses_writes_serves_reads(uri: str, pattern: int, offset: str, length: str) -> None:
-    """A fenced export: a hypervisor opening it to write is told no; reads still work."""
-    code, output = await attempt("qemu-io", "-f", "raw", uri, "-c", f"write -P 0x33 {offset} 4k")
-    assert code != 0, output
-    assert "Permission denied" in output
-    await run("qemu-io", "-r", "-f", "raw", uri, "-c", f"read -P {pattern:#x} {offset} {length}")
-
-
-async def disks_of(site: Site, vm: str) -> dict[str, Path]:
-    return {d.name: Path(d.path) for d in (await site.catalog.vm(vm)).disks}
-
-
-async def in_step(primary: Site, replica: Site, vm: str) -> bool:
-    """The replica applied the primary's last shipped cycle, and the primary's change log holds
-    nothing more (continuous cycles ship every write within a second)."""
-    shipped = await primary.catalog.position(vm)
-    if await replica.catalog.find_vm(vm) is None:
-        return False
-    applied = await replica.catalog.position(vm)
-    record = await replica.catalog.vm(vm)
-    changelog = primary.config.vm_folder(vm) / "changelog"
-    unshipped = sum(p.stat().st_size for p in changelog.glob("*.hrl")) if changelog.is_dir() else 0
-    return (
-        shipped is not None
-        and applied is not None
-        and record.role == "replica"
-        and record.state is ReplicationState.REPLICATING
-        and applied.cycle == shipped.cycle
-        and unshipped <= 4096
-    )
-
-
-async def roles(sites: dict[str, Site], vm: str) -> dict[str, str]:
-    return {name: (await site.catalog.vm(vm)).role for name, site in sites.items()}
 
 
 async def test_planned_failover_and_back_moves_the_nbd_exports_with_the_primary(
@@ -210,23 +66,11 @@ async def test_planned_failover_and_back_moves_the_nbd_exports_with_the_primary(
         "disk0": make_disk(tmp_path / "disk0.img", 32 * MiB),
         "disk1": make_disk(tmp_path / "disk1.img", 16 * MiB),
     }
-    enabled = json.loads(
-        await cli(
-            agents.config("site-a"),
-            "enable",
-            vm,
-            "--disk",
-            f"disk0={disks['disk0']}",
-            "--disk",
-            f"disk1={disks['disk1']}",
-            "--replica-site",
-            "site-b",
-            "--capture",
-            "nbd",
-            "--frequency",
-            "continuous",
-            "--json",
-        )
+    enabled = await enable_nbd(
+        agents.config("site-a"),
+        vm,
+        disks,
+        "continuous",
     )
     at_a = {disk: uris["unix"] for disk, uris in enabled["nbd"].items()}
     agents.start("site-a")
@@ -251,7 +95,7 @@ async def test_planned_failover_and_back_moves_the_nbd_exports_with_the_primary(
         await wait(swapped, "B to take over and A to become its replica")
         at_b = await nbd_uris(agents, "site-b", vm)
         assert set(at_b) == {"disk0", "disk1"}
-        await wait(lambda: _served_writable(at_b["disk0"]), "B to serve the exports")
+        await wait(lambda: served_writable(at_b["disk0"]), "B to serve the exports")
         assert await served(at_b["disk0"]) == {"disk0": False, "disk1": False}
         replica_disks = await disks_of(b, vm)
         for name, path in disks.items():
@@ -291,18 +135,13 @@ async def test_planned_failover_and_back_moves_the_nbd_exports_with_the_primary(
             return await roles({"a": a, "b": b}, vm) == {"a": "primary", "b": "replica"}
 
         await wait(back, "A to take over again")
-        await wait(lambda: _served_writable(at_a["disk0"]), "A to take writes again")
+        await wait(lambda: served_writable(at_a["disk0"]), "A to take writes again")
         assert await nbd_uris(agents, "site-a", vm) == at_a
         await run("qemu-io", "-f", "raw", at_a["disk0"], "-c", "write -P 0xc1 20M 1M")
         await refuses_writes_serves_reads(at_b["disk1"], 0xB2, "15M", "1M")
         await wait(lambda: in_step(a, b, vm), "B to apply A's writes")
         for name, path in disks.items():
             await identical(path, replica_disks[name])
-
-
-async def _served_writable(uri: str) -> bool:
-    code, output = await attempt("nbdinfo", "--json", "--list", uri)
-    return code == 0 and all(not e["is_read_only"] for e in json.loads(output)["exports"])
 
 
 async def test_unplanned_failover_after_a_sigkill_then_reverse_sends_only_what_diverged(
@@ -315,28 +154,13 @@ async def test_unplanned_failover_after_a_sigkill_then_reverse_sends_only_what_d
     write lives only in the dirty-block map. A still reports it when it returns."""
     vm = unique("vm")
     disk = make_disk(tmp_path / "disk0.img", 16 * MiB)  # change-log budget: 1.6 MiB
-    enabled = json.loads(
-        await cli(
-            agents.config("site-a"),
-            "enable",
-            vm,
-            "--disk",
-            f"disk0={disk}",
-            "--replica-site",
-            "site-b",
-            "--capture",
-            "nbd",
-            "--frequency",
-            "30",
-            "--json",
-        )
-    )
+    enabled = await enable_nbd(agents.config("site-a"), vm, {"disk0": disk}, "30")
     at_a = enabled["nbd"]["disk0"]["unix"]
     agents.start("site-a")
     agents.start("site-b")
     async with sites.site("site-a") as a, sites.site("site-b") as b:
         wait = functools.partial(until, sites={"a": a, "b": b}, vm=vm)
-        await wait(lambda: _served_writable(at_a), "A to serve the exports")
+        await wait(lambda: served_writable(at_a), "A to serve the exports")
         await run("qemu-io", "-f", "raw", at_a, "-c", "write -P 0x11 0 64k")
 
         async def a_point() -> bool:
@@ -365,7 +189,7 @@ async def test_unplanned_failover_after_a_sigkill_then_reverse_sends_only_what_d
         await cli(agents.config("site-b"), "failover", vm, "--force")
         await cli(agents.config("site-b"), "failover", "complete", vm)
         at_b = await nbd_uris(agents, "site-b", vm)
-        await wait(lambda: _served_writable(at_b["disk0"]), "B to serve the exports")
+        await wait(lambda: served_writable(at_b["disk0"]), "B to serve the exports")
         await run("qemu-io", "-f", "raw", at_b["disk0"], "-c", "write -P 0xb7 8M 64k")
 
         agents.start("site-a")  # the old primary returns
@@ -388,10 +212,6 @@ async def test_unplanned_failover_after_a_sigkill_then_reverse_sends_only_what_d
         await identical((await disks_of(b, vm))["disk0"], disk)
 
 
-async def journal_since(site: Site, vm: str, offset: int) -> list[JournalEvent]:
-    return [event async for _, event in journal_events(site, vm, offset)]
-
-
 async def test_three_sites_only_the_named_replica_takes_over_and_the_other_follows(
     tmp_path: Path,
     sites: SiteFactory,
@@ -403,23 +223,12 @@ async def test_three_sites_only_the_named_replica_takes_over_and_the_other_follo
     although caught up too, only follows."""
     vm = unique("vm")
     disk = make_disk(tmp_path / "disk0.img", 16 * MiB)
-    enabled = json.loads(
-        await cli(
-            agents.config("site-a"),
-            "enable",
-            vm,
-            "--disk",
-            f"disk0={disk}",
-            "--replica-site",
-            "site-b",
-            "--replica-site",
-            "site-c",
-            "--capture",
-            "nbd",
-            "--frequency",
-            "continuous",
-            "--json",
-        )
+    enabled = await enable_nbd(
+        agents.config("site-a"),
+        vm,
+        {"disk0": disk},
+        "continuous",
+        replica_sites=("site-b", "site-c"),
     )
     at_a = enabled["nbd"]["disk0"]["unix"]
     for name in ("site-a", "site-b", "site-c"):
@@ -440,7 +249,7 @@ async def test_three_sites_only_the_named_replica_takes_over_and_the_other_follo
 
         await wait(b_primary, "B to take over")
         at_b = (await nbd_uris(agents, "site-b", vm))["disk0"]
-        await wait(lambda: _served_writable(at_b), "B to serve the exports")
+        await wait(lambda: served_writable(at_b), "B to serve the exports")
         await run("qemu-io", "-f", "raw", at_b, "-c", "write -P 0xb1 4M 1M")
         await wait(lambda: in_step(b, a, vm), "A to apply B's cycles")
         await wait(lambda: in_step(b, c, vm), "C to apply B's cycles")
@@ -468,7 +277,7 @@ async def test_three_sites_only_the_named_replica_takes_over_and_the_other_follo
 
         await wait(c_primary, "C to take over")
         at_c = (await nbd_uris(agents, "site-c", vm))["disk0"]
-        await wait(lambda: _served_writable(at_c), "C to serve the exports")
+        await wait(lambda: served_writable(at_c), "C to serve the exports")
         await run("qemu-io", "-f", "raw", at_c, "-c", "write -P 0xc1 8M 1M")
         await wait(lambda: in_step(c, a, vm), "A to apply C's cycles")
         await wait(lambda: in_step(c, b, vm), "B to apply C's cycles")

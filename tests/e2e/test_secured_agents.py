@@ -29,10 +29,10 @@ def broker_security() -> str:
     return "secured"
 
 
-def start_agent(config: Path, env: dict[str, str] | None = None) -> tuple[int, str]:
-    """Run an agent that is expected to refuse to start: its exit code and stderr."""
+def refused(config: Path, *command: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run a command that is expected to refuse to work: its exit code and stderr."""
     done = subprocess.run(
-        [sys.executable, "-m", "vmreplica.cli", "agent", "--config", str(config)],
+        [sys.executable, "-m", "vmreplica.cli", *command, "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -48,14 +48,14 @@ async def test_a_wrong_or_missing_secret_stops_the_agent_in_one_line(
 ) -> None:
     wrong = tmp_path / "wrong.password"
     wrong.write_text("not-the-password\n")
-    code, stderr = start_agent(sites.config_file("site-a", sasl_password_file=wrong))
+    code, stderr = refused(sites.config_file("site-a", sasl_password_file=wrong), "agent")
     assert code == 2
     assert len(stderr.strip().splitlines()) == 1, stderr
     assert "refused the login of user 'site-a-" in stderr
     assert "not-the-password" not in stderr
 
     missing = tmp_path / "absent.password"
-    code, stderr = start_agent(sites.config_file("site-a", sasl_password_file=missing))
+    code, stderr = refused(sites.config_file("site-a", sasl_password_file=missing), "agent")
     assert code == 2
     assert len(stderr.strip().splitlines()) == 1, stderr
     assert f"cannot read sasl_password_file {missing}" in stderr
@@ -65,10 +65,21 @@ async def test_a_wrong_or_missing_secret_stops_the_agent_in_one_line(
     del settings["sasl_password_file"]
     config = tmp_path / "env.toml"
     config.write_text("".join(f'{key} = "{value}"\n' for key, value in settings.items()))
-    code, stderr = start_agent(config, {"VMREPLICA_SASL_PASSWORD": "not-the-password"})
+    code, stderr = refused(config, "agent", env={"VMREPLICA_SASL_PASSWORD": "not-the-password"})
     assert code == 2
     assert "refused the login" in stderr
     assert "not-the-password" not in stderr
+
+    # Any other command that needs Kafka says the same, not "cannot reach Kafka".
+    disk = tmp_path / "disk0.img"
+    disk.write_bytes(bytes(MiB))
+    code, stderr = refused(
+        sites.config_file("site-a", sasl_password_file=wrong),
+        "enable", "vm1", f"--disk=disk0={disk}", "--replica-site=site-b",
+    )  # fmt: skip
+    assert code == 2, stderr
+    assert "refused the login of user 'site-a-" in stderr, stderr
+    assert "cannot reach Kafka" not in stderr
 
 
 async def test_agents_replicate_through_the_secured_broker(

@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.e2e.test_failover import DISK_BYTES, Pair, catch_up, digests, write_some
-from tests.fixtures import SitePair, VmFactory
+from tests.e2e.test_failover import DISK_BYTES, Pair, write_some
+from tests.fixtures import SitePair, VmFactory, catch_up, digests
 from vmreplica.devtools.ports import free_base_port
 from vmreplica.domain.model import VmSettings
 from vmreplica.domain.states import ReplicationState

@@ -134,3 +134,22 @@ def test_bad_configuration_file_is_named(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "invalid site configuration in" in result.output
     assert "site or trust group name 'has space' is not allowed" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sites", "site-a,site-b,site-c"], "each of the 3 nodes"),
+        (["--brokers", "3", "--sites", "site-a,site-b"], "got 2 for 3 nodes"),
+        (["--brokers", "3", "--sites", "a,a,b"], "names a site twice"),
+    ],
+)
+def test_broker_up_refuses_sites_a_stretched_cluster_cannot_have(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
+) -> None:
+    monkeypatch.setenv("VMREPLICA_HOME", str(tmp_path))
+    result = CliRunner().invoke(main, ["broker", "up", *args])
+    assert "Traceback" not in result.output
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert not (tmp_path / "broker").exists()  # refused before anything was started

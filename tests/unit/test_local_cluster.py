@@ -1,15 +1,17 @@
-"""The local cluster's port choice and start-up error, without starting Kafka."""
+"""The local cluster's port choice, start-up error and sites, without starting Kafka."""
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
 import pytest
 
 from vmreplica.devtools import ports
-from vmreplica.devtools.cluster import _what_node_said
+from vmreplica.devtools.cluster import _properties, _racks, _what_node_said
 from vmreplica.devtools.ports import PORT_STRIDE_PER_NODE, free_base_port, port_free
+from vmreplica.errors import ConfigurationError
 
 KAFKA_LOGS = Path(__file__).resolve().parents[1] / "data" / "kafka"
 BIND_FAILURE_LOG = KAFKA_LOGS / "controller-bind-failure.server.log"
@@ -58,3 +60,29 @@ def test_start_up_error_falls_back_to_the_jvms_output(tmp_path: Path) -> None:
     assert _what_node_said(tmp_path).endswith(
         "its output ends:\nError: Could not find or load main class kafka.Kafka"
     )
+
+
+def test_a_stretched_cluster_puts_each_node_in_its_site(tmp_path: Path) -> None:
+    racks = _racks(3, ["site-a", "site-b", "site-c"])
+    assert racks == ("site-a", "site-b", "site-c")
+    text = _properties(2, 3, 30000, tmp_path, None, rack=racks[1])
+    assert "broker.rack=site-b\n" in text
+    assert "min.insync.replicas=2\n" in text
+    assert "broker.rack" not in _properties(1, 3, 30000, tmp_path, None)
+    assert _racks(1, None) == (None,)
+
+
+@pytest.mark.parametrize(
+    ("brokers", "sites", "said"),
+    [
+        (1, ["site-a"], "each of the 3 nodes"),
+        (3, ["site-a", "site-b"], "got 2 for 3 nodes"),
+        (3, ["site-a", "site-a", "site-b"], "names a site twice"),
+        (3, ["site-a", "../b", "site-c"], "is not allowed"),
+    ],
+)
+def test_sites_of_a_stretched_cluster_are_refused_when_they_cannot_work(
+    brokers: int, sites: list[str], said: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(said)):
+        _racks(brokers, sites)

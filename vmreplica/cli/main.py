@@ -62,13 +62,21 @@ def broker() -> None:
     is_flag=True,
     help="TLS on every listener, SCRAM-SHA-512 logins, ACLs (add sites with `broker add-site`).",
 )
+@click.option(
+    "--sites",
+    default=None,
+    metavar="A,B,C",
+    help="A stretched cluster: the site each of the 3 nodes stands in (its broker.rack), so "
+    "each topic keeps one replica per site.",
+)
 @reported
-def broker_up(brokers: str, port: int | None, secure: bool) -> None:
+def broker_up(brokers: str, port: int | None, secure: bool, sites: str | None) -> None:
     """Resolve Kafka with Maven, start it on loopback and wait until it answers."""
     from vmreplica.devtools.cluster import LocalCluster  # noqa: PLC0415
 
+    named = None if sites is None else [site.strip() for site in sites.split(",")]
     with errors.status("starting Kafka (the first run downloads the jars)…"):
-        state = LocalCluster(base_port=port).up(int(brokers), secure=secure)
+        state = LocalCluster(base_port=port).up(int(brokers), secure=secure, sites=named)
     click.echo(state.bootstrap_servers)
 
 
@@ -148,6 +156,7 @@ def broker_status(as_json: bool) -> None:
         "pid",
         "alive",
         "port",
+        "site",
         "log",
         title=(
             f"Kafka at {status['bootstrap_servers']} ({status['security_protocol']})"
@@ -161,6 +170,7 @@ def broker_status(as_json: bool) -> None:
             str(node["pid"]),
             str(node["alive"]),
             str(node["port"]),
+            node["site"] or "",
             node["log"],
         )
     console.print(table)

@@ -31,7 +31,7 @@ from vmreplica.domain.model import (
     VmSettings,
     parse_frequency,
 )
-from vmreplica.errors import ConfigurationError
+from vmreplica.errors import BrokerUnreachable, ConfigurationError
 from vmreplica.producers.nbd_exports import socket_path
 from vmreplica.runtime.site import Site, parse_disks
 from vmreplica.runtime.status import (
@@ -56,11 +56,21 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Machine-read
 
 
 def with_site(config_path: Path | None, action: Callable[[Site], Awaitable[T]]) -> T:
+    """Run ``action`` on the configured site. Kafka not answering a secured site is checked
+    once more as a login, so that a wrong password or CA is named as such, not as a broker
+    that cannot be reached (which is how a refused SASL handshake first shows)."""
     config = load_config(config_path)
 
     async def run() -> T:
         async with Site(config) as site:
-            return await action(site)
+            try:
+                return await action(site)
+            except BrokerUnreachable:
+                from vmreplica.journal.credentials import check_login  # noqa: PLC0415
+
+                connection = site.connection
+                await check_login(connection.bootstrap_servers, connection.security, config.site)
+                raise
 
     return asyncio.run(run())
 

@@ -5,6 +5,11 @@ KRaft storage and starts one or three combined broker+controller nodes on loopba
 it starts is recorded under ``$VMREPLICA_HOME/broker`` so that ``down`` stops exactly that and
 nothing else.
 
+Three nodes can stand in three named sites (``broker up --brokers 3 --sites a,b,c``): each node's
+``broker.rack`` is its site, so Kafka places a topic's three replicas one per site, and with
+``min.insync.replicas`` 2 and a KRaft quorum of three, losing any one site loses no committed
+record and leaves a working cluster — the stretched deployment, on one machine.
+
 Production deployments point vmreplica at their own cluster with ``VMREPLICA_BOOTSTRAP_SERVERS``.
 
 About 500 lines: one local cluster's whole life (properties, format, start, readiness, node
@@ -31,6 +36,7 @@ from typing import TYPE_CHECKING, Final
 
 from vmreplica.devtools.jars import deploy_dir, home_dir, require_program, resolve_kafka
 from vmreplica.devtools.ports import cluster_ports, port_free
+from vmreplica.domain.names import check_name
 from vmreplica.errors import BrokerError, ConfigurationError
 from vmreplica.security.broker import SecuredBroker
 from vmreplica.storage.safefile import replace_atomically
@@ -69,6 +75,8 @@ class NodeState:
     """The node's second listener (``up(..., routed=True)``), where a proxy forwards to."""
     routed_advertised_port: int | None = None
     """Where that listener is advertised: the proxy's port, which the caller listens on."""
+    rack: str | None = None
+    """The site the node stands in (its ``broker.rack``), in a stretched cluster."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +157,7 @@ def _properties(
     directory: Path,
     secured: SecuredBroker | None,
     routed: bool = False,
+    rack: str | None = None,
 ) -> str:
     ports = cluster_ports(base_port, brokers)
     broker_port, controller_port = ports[2 * (node_id - 1) : 2 * node_id]
@@ -185,6 +194,8 @@ def _properties(
         "auto.create.topics.enable": "false",
         "log.segment.bytes": str(256 * 1024 * 1024),
     }
+    if rack is not None:
+        lines["broker.rack"] = rack
     if secured is not None:
         lines.update(secured.properties(broker_port, controller_port))
     return "".join(f"{key}={value}\n" for key, value in lines.items())
@@ -218,6 +229,7 @@ class LocalCluster:
                 "pid": n.pid,
                 "alive": _ours(n.pid),
                 "port": n.broker_port,
+                "site": n.rack,
                 "log": str(Path(n.directory) / "logs" / "server.log"),
             }
             for n in state.nodes
@@ -233,7 +245,14 @@ class LocalCluster:
             "admin_properties": None if secured is None else str(secured.admin_properties),
         }
 
-    def up(self, brokers: int = 1, *, secure: bool = False, routed: bool = False) -> ClusterState:
+    def up(
+        self,
+        brokers: int = 1,
+        *,
+        secure: bool = False,
+        routed: bool = False,
+        sites: Sequence[str] | None = None,
+    ) -> ClusterState:
         """Start ``brokers`` nodes (1 or 3) and return once every one answers.
 
         ``secure``: TLS on every listener, SCRAM logins and ACLs (:mod:`vmreplica.security.broker`).
@@ -242,6 +261,7 @@ class LocalCluster:
         (:func:`routed_ports`): a client bootstrapped at
         :attr:`ClusterState.routed_bootstrap_servers` reaches the cluster only through whatever
         the caller runs on those ports (a test's proxy, to cut one site's link to Kafka).
+        ``sites``: one site name per node, its ``broker.rack`` (a stretched cluster).
 
         :raises PrerequisiteMissingError: Java, Maven or the jars are unavailable.
         :raises BrokerError: a node died or did not answer in time; its log is named.
@@ -253,9 +273,13 @@ class LocalCluster:
             )
         if brokers not in (1, 3):
             raise BrokerError(f"--brokers must be 1 or 3, not {brokers}")
+        racks = _racks(brokers, sites)
         existing = self.state()
         if existing is not None and self.running():
-            if len(existing.nodes) == brokers and (existing.secured is not None) == secure:
+            if (
+                tuple(node.rack for node in existing.nodes) == racks
+                and (existing.secured is not None) == secure
+            ):
                 return existing
             kind = "secured " if existing.secured is not None else ""
             raise BrokerError(
@@ -286,7 +310,8 @@ class LocalCluster:
             directory = self.root / f"node-{node_id}"
             (directory / "logs").mkdir(parents=True)
             properties = directory / "server.properties"
-            text = _properties(node_id, brokers, self.base_port, directory, secured, routed)
+            rack = racks[node_id - 1]
+            text = _properties(node_id, brokers, self.base_port, directory, secured, routed, rack)
             properties.touch(mode=0o600)  # a secured node's holds its SCRAM password
             properties.write_text(text)
             formatted = subprocess.run(
@@ -325,6 +350,7 @@ class LocalCluster:
                     str(directory),
                     routed_port,
                     advertised_port,
+                    rack,
                 )
             )
         state = ClusterState(
@@ -343,6 +369,21 @@ class LocalCluster:
             self.state_file.unlink(missing_ok=True)
             raise
         return state
+
+    def nodes_at(self, site: str) -> list[int]:
+        """The ids of the nodes standing in ``site`` (a stretched cluster's ``broker.rack``).
+
+        :raises BrokerError: no node stands there.
+        """
+        state = self._require_state()
+        found = [node.node_id for node in state.nodes if node.rack == site]
+        if not found:
+            racks = sorted({node.rack for node in state.nodes if node.rack is not None})
+            raise BrokerError(
+                f"no Kafka node stands in site {site!r}; the cluster's sites are "
+                f"{', '.join(racks) or 'not named (start it with --sites)'}"
+            )
+        return found
 
     def stop_nodes(self, node_ids: Sequence[int] | None = None, *, kill: bool = False) -> None:
         """Stop some nodes (all by default) and keep their data, so :meth:`start_nodes` brings
@@ -420,6 +461,28 @@ class LocalCluster:
         _stop(pids, signal.SIGTERM)
         self.state_file.unlink(missing_ok=True)
         return pids
+
+
+def _racks(brokers: int, sites: Sequence[str] | None) -> tuple[str | None, ...]:
+    """Each node's ``broker.rack``: the site it stands in, or None for every node.
+
+    :raises ConfigurationError: sites named for a single node, not one per node, invalid or twice.
+    """
+    if not sites:
+        return (None,) * brokers
+    if brokers != 3 or len(sites) != brokers:
+        raise ConfigurationError(
+            f"--sites names the site of each of the 3 nodes of a stretched cluster (got "
+            f"{len(sites)} for {brokers} node{'s' * (brokers > 1)}); use --brokers 3 --sites A,B,C"
+        )
+    for site in sites:
+        check_name("site", site)
+    if len(set(sites)) != len(sites):
+        raise ConfigurationError(
+            f"--sites {','.join(sites)} names a site twice: a stretched cluster puts one node in "
+            "each of three sites, so that losing one site leaves two"
+        )
+    return tuple(sites)
 
 
 def _jvm(node_id: int, directory: Path) -> list[str]:

@@ -21,27 +21,24 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.clients import require, run
-from tests.e2e.lost_site import (
+from tests.e2e.clients import identical, make_disk, require, run
+from tests.e2e.lost_site.support import (
     SlowBeatAgents,
-    bootstrap_of,
     kill_broker,
-    own_broker,
     vmreplica,
 )
-from tests.e2e.test_nbd_capture import identical, make_disk
-from tests.e2e.test_role_swap import (
+from tests.e2e.sites import (
     Agents,
-    _served_writable,
     in_step,
     nbd_uris,
     refuses_writes_serves_reads,
     served,
+    served_writable,
     status,
     until,
 )
@@ -52,22 +49,6 @@ from vmreplica.schemas.events import EpochStart
 
 pytestmark = pytest.mark.e2e
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def site_folder(short_dir: Path) -> Path:
-    return short_dir
-
-
-@pytest.fixture
-def broker() -> Iterator[LocalCluster]:
-    with own_broker() as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def bootstrap_servers(broker: LocalCluster) -> str:
-    return bootstrap_of(broker)
 
 
 async def test_failover_with_the_only_broker_dead_then_fence_and_reverse_once_it_returns(
@@ -118,7 +99,7 @@ async def _scenario(
     agents.start("site-b")
     async with sites.site("site-a") as a, sites.site("site-b") as b:
         wait = functools.partial(until, sites={"a": a, "b": b}, vm=vm)
-        await wait(lambda: _served_writable(at_a["disk0"]), "A to serve the exports")
+        await wait(lambda: served_writable(at_a["disk0"]), "A to serve the exports")
         await run("qemu-io", "-f", "raw", at_a["disk0"], "-c", "write -P 0xa1 1M 2M")
         await run("qemu-io", "-f", "raw", at_a["disk1"], "-c", "write -P 0xa2 0 64k")
         await wait(lambda: in_step(a, b, vm), "B to apply A's writes")
@@ -174,7 +155,7 @@ async def _scenario(
         for name, path in disks.items():
             await identical(path, replica_disks[name])
         at_b = await nbd_uris(agents, "site-b", vm)
-        await wait(lambda: _served_writable(at_b["disk0"]), "B to serve the exports writable")
+        await wait(lambda: served_writable(at_b["disk0"]), "B to serve the exports writable")
         await run("qemu-io", "-f", "raw", at_b["disk0"], "-c", "write -P 0xb7 8M 64k")
         row = await status(agents, "site-b", vm)
         assert (row["role"], row["state"]) == ("primary", "failed over waiting completion"), row

@@ -24,22 +24,19 @@ import json
 import os
 import random
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.clients import require, run
-from tests.e2e.lost_site import (
+from tests.e2e.clients import identical, make_disk, require, run
+from tests.e2e.lost_site.support import (
     SlowBeatAgents,
-    bootstrap_of,
     kill_broker,
-    own_broker,
     start_vmreplica,
     vmreplica,
 )
-from tests.e2e.test_nbd_capture import identical, make_disk
-from tests.e2e.test_role_swap import _served_writable, _where, in_step, nbd_uris, status, until
+from tests.e2e.sites import in_step, nbd_uris, served_writable, status, until, where
 from tests.fixtures import SiteFactory
 from vmreplica.devtools.cluster import LocalCluster
 from vmreplica.failover import journal_events
@@ -52,22 +49,6 @@ FIRST_KILL_SECONDS = 0.5
 KILL_STEP_SECONDS = 0.2
 KILL_ATTEMPTS = 15
 """After this many kills, the failover runs to its end."""
-
-
-@pytest.fixture
-def site_folder(short_dir: Path) -> Path:
-    return short_dir
-
-
-@pytest.fixture
-def broker() -> Iterator[LocalCluster]:
-    with own_broker() as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def bootstrap_servers(broker: LocalCluster) -> str:
-    return bootstrap_of(broker)
 
 
 async def test_sigkill_at_each_step_of_a_failover_without_broker_resumes_and_ends_equal(
@@ -120,7 +101,7 @@ async def _scenario(
     agents.start("site-b")
     async with sites.site("site-a") as a, sites.site("site-b") as b:
         wait = functools.partial(until, sites={"a": a, "b": b}, vm=vm)
-        await wait(lambda: _served_writable(at_a), "A to serve the exports")
+        await wait(lambda: served_writable(at_a), "A to serve the exports")
         for pattern, offset in ((0xA1, "1M"), (0xA2, "12M")):
             await run("qemu-io", "-f", "raw", at_a, "-c", f"write -P {pattern} {offset} 64k")
 
@@ -147,7 +128,7 @@ async def _scenario(
                 command.send_signal(signal.SIGKILL)
                 await command.wait()
                 pending = await b.catalog.pending_epoch(vm) is not None
-                print(f"failover killed after {delay:.2f} s: {await _where(b, vm)}, {pending=}")
+                print(f"failover killed after {delay:.2f} s: {await where(b, vm)}, {pending=}")
                 delay += KILL_STEP_SECONDS
             else:
                 said = " ".join(output_bytes.decode().split())
@@ -159,11 +140,11 @@ async def _scenario(
         # 2. The new primary captures with no broker; its agent is killed after a write.
         agents.start("site-b")
         at_b = (await nbd_uris(agents, "site-b", vm))["disk0"]
-        await wait(lambda: _served_writable(at_b), "B to serve the exports writable")
+        await wait(lambda: served_writable(at_b), "B to serve the exports writable")
         await run("qemu-io", "-f", "raw", at_b, "-c", "write -P 0xb7 8M 64k", "-c", "flush")
         agents.kill("site-b")
         agents.start("site-b")
-        await wait(lambda: _served_writable(at_b), "B to serve the exports again")
+        await wait(lambda: served_writable(at_b), "B to serve the exports again")
         await run("qemu-io", "-r", "-f", "raw", at_b, "-c", "read -P 0xb7 8M 64k")
         row = await status(agents, "site-b", vm)
         assert isinstance(row["pending_bytes"], int)

@@ -6,44 +6,15 @@ way an operator runs it (its exit status and output, whatever they are)."""
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
-from tests.e2e.test_role_swap import Agents
+from tests.e2e.sites import Agents
 from vmreplica.devtools.cluster import LocalCluster
-from vmreplica.devtools.ports import free_base_port
 
 HEARTBEAT_SECONDS: Final = 4.0
 """The primary's heartbeats: an unplanned failover is refused for three of them after the last."""
-
-
-@contextmanager
-def own_broker() -> Iterator[LocalCluster]:
-    """A one-node cluster under a private home, stopped and removed at the end (and by the
-    session's orphan check, should the test process die first)."""
-    port = free_base_port()
-    home = Path(tempfile.gettempdir()) / f"vmreplica-test-kafka-{port}"
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "owner.pid").write_text(str(os.getpid()))
-    cluster = LocalCluster(home=home, base_port=port)
-    cluster.up(1)
-    try:
-        yield cluster
-    finally:
-        cluster.down()
-        shutil.rmtree(home, ignore_errors=True)
-
-
-def bootstrap_of(broker: LocalCluster) -> str:
-    state = broker.state()
-    assert state is not None
-    return state.bootstrap_servers
 
 
 async def kill_broker(broker: LocalCluster) -> None:
