@@ -34,6 +34,7 @@ from vmreplica.domain.model import VmRecord
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import BrokerError, FencedError, SupersededError, UntrustedRecordError
 from vmreplica.journal.kafka import STALL_SECONDS, JournalPublisher, KafkaConnection, read_to_end
+from vmreplica.journal.pace import pace_for
 from vmreplica.producers.capture import CapturedVm
 from vmreplica.producers.changelog import HEADER_BYTES, SEGMENT_SUFFIX, read_segment
 from vmreplica.producers.seed import InitialReplication, Progress, SeedResult, disk_sizes
@@ -118,7 +119,13 @@ class PrimaryVm:
             # A scan's records are copies of the image the guest may since have overwritten.
             redo=record.settings.capture != "scan",
         )
-        self.publisher = JournalPublisher(connection, transactional_id, encode, cipher)
+        self.publisher = JournalPublisher(
+            connection,
+            transactional_id,
+            encode,
+            cipher,
+            pace_for(record.settings.bandwidth_bytes_per_second),
+        )
         self.wrapped_keys = wrapped_keys
         """The VM's payload keys wrapped for its replica sites, published in its VmConfig."""
         self.verifier = verifier
@@ -411,8 +418,11 @@ class PrimaryVm:
             self._said_idle = idle_at is not None
 
     async def publish(self, event: JournalEvent) -> None:
-        """Publish one event to the VM's journal outside any cycle (as its own transaction)."""
-        await self.publisher.publish(self.topic, self.name.encode(), [self.publisher.encode(event)])
+        """Publish one event to the VM's journal outside any cycle (as its own transaction);
+        a control record, which the VM's bandwidth limit never holds back."""
+        await self.publisher.publish(
+            self.topic, self.name.encode(), [self.publisher.encode(event)], paced=False
+        )
 
     # What failover asks of a primary (vmreplica/failover) --------------------------------------
 

@@ -161,6 +161,12 @@ def test_set_writes_settings_generation_and_pending_config(config: Path, run: In
         0,
         "VM web: those are its settings already; nothing changed",
     )
+    code, out = run("set", "web", "--bandwidth", "10M", "--json")
+    assert json.loads(out)["changed"] == {
+        "bandwidth_bytes_per_second": {"before": None, "after": 10 << 20}
+    }
+    code, out = run("set", "web", "--bandwidth", "off", "--json")
+    assert json.loads(out)["settings"]["bandwidth_bytes_per_second"] is None
 
 
 def test_set_before_the_seed_changes_disks_and_replica_site(config: Path, run: Invoke) -> None:
@@ -192,6 +198,8 @@ def test_set_before_the_seed_changes_disks_and_replica_site(config: Path, run: I
         (["set", "web", "--exclude-disk", "d1"], 1, "cannot change once its initial replication"),
         (["set", "web", "--replica-site", "site-c"], 1, "holds nothing of it"),
         (["set", "web", "--encrypt"], 2, "no authorization entry for replica site 'site-b'"),
+        (["set", "web", "--bandwidth", "1K"], 2, "below the least allowed, 65536"),
+        (["set", "web", "--bandwidth", "fast"], 2, "--bandwidth 'fast': expected a size"),
     ],
 )
 def test_set_mistakes_and_refusals(

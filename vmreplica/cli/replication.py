@@ -142,6 +142,12 @@ def with_site(config_path: Path | None, action: Callable[[Site], Awaitable[T]]) 
     "(e.g. 2G; default: a tenth of the VM's disks).",
 )
 @click.option(
+    "--bandwidth",
+    default=None,
+    metavar="SIZE",
+    help="The most the primary sends per second, on average (e.g. 10M; default: no limit).",
+)
+@click.option(
     "--pre-cut-hook",
     default=None,
     metavar="COMMAND",
@@ -200,6 +206,7 @@ def enable(
     capture: str,
     excluded: tuple[str, ...],
     changelog_budget: str | None,
+    bandwidth: str | None,
     pre_cut_hook: str | None,
     post_cut_hook: str | None,
     hypervisor: str | None,
@@ -231,6 +238,9 @@ def enable(
         changelog_budget_bytes=None
         if changelog_budget is None
         else parse_size("--changelog-budget", changelog_budget),
+        bandwidth_bytes_per_second=None
+        if bandwidth is None
+        else parse_size("--bandwidth", bandwidth),
         pre_cut_hook=pre_cut_hook,
         post_cut_hook=post_cut_hook,
         auto_resync=auto_resync,

@@ -79,6 +79,12 @@ def _given(value: Any) -> Any:
     "the disks).",
 )
 @click.option(
+    "--bandwidth",
+    default=None,
+    metavar="SIZE|off",
+    help="The most the primary sends per second, on average (e.g. 10M; off: no limit).",
+)
+@click.option(
     "--exclude-disk",
     "excluded",
     multiple=True,
@@ -107,6 +113,7 @@ def set_replication(
     encrypt: bool | None,
     auto_resync: bool | None,
     changelog_budget: str | None,
+    bandwidth: str | None,
     excluded: tuple[str, ...],
     included: tuple[str, ...],
     replica_site: str | None,
@@ -123,6 +130,11 @@ def set_replication(
         budget = None
     elif changelog_budget is not None:
         budget = parse_size("--changelog-budget", changelog_budget)
+    limit: Any = UNSET
+    if bandwidth == "off":
+        limit = None
+    elif bandwidth is not None:
+        limit = parse_size("--bandwidth", bandwidth)
     include = parse_disks(included)
     change = SettingsChange(
         frequency_seconds=UNSET if frequency is None else parse_frequency(frequency, "--frequency"),
@@ -137,6 +149,7 @@ def set_replication(
         encrypt=_given(encrypt),
         auto_resync=_given(auto_resync),
         changelog_budget_bytes=budget,
+        bandwidth_bytes_per_second=limit,
         exclude_disks=tuple(dict.fromkeys(excluded)),
         include_disks=tuple(include),
         replica_site=replica_site,

@@ -29,6 +29,8 @@ MAX_HISTORY_HOURS: Final = 24
 """Hyper-V Replica 2012 R2 keeps at most 24 hourly points; vmreplica keeps the same bound."""
 MAX_APP_CONSISTENT_HOURS: Final = 12
 """Hyper-V takes application-consistent (VSS) points every 1 to 12 hours."""
+MIN_BANDWIDTH_BYTES_PER_SECOND: Final = 64 * 1024
+"""A bandwidth limit below this makes a single 4 MiB record take over a minute: a mistake."""
 
 
 def parse_frequency(text: str, what: str = "frequency") -> int:
@@ -144,6 +146,9 @@ class VmSettings:
     initial_at_ms: int | None = None
     """``--initial-at``: the initial replication starts no earlier than this (ms since the Unix
     epoch); None: at once. This site's own: it does not travel to the replica."""
+    bandwidth_bytes_per_second: int | None = None
+    """The most the primary sends on average, in bytes per second (None: no limit): data
+    transactions wait between them, heartbeats never (:mod:`vmreplica.journal.pace`)."""
     hypervisor: str | None = None
     """This site's hypervisor adapter for the VM (``qemu:<qmp>[,ga=<ga>]``, ``libvirt:<domain>``;
     :mod:`vmreplica.domain.hypervisor`); None: the site's ``hypervisor``, else the hooks. Like
@@ -165,6 +170,15 @@ class VmSettings:
             )
         if self.hypervisor is not None:
             parse_hypervisor(self.hypervisor)
+        if (
+            self.bandwidth_bytes_per_second is not None
+            and self.bandwidth_bytes_per_second < MIN_BANDWIDTH_BYTES_PER_SECOND
+        ):
+            raise ConfigurationError(
+                f"a bandwidth limit of {self.bandwidth_bytes_per_second} bytes per second is "
+                f"below the least allowed, {MIN_BANDWIDTH_BYTES_PER_SECOND} (64K): a single "
+                "record would take over a minute"
+            )
         return self
 
     def to_json(self) -> str:

@@ -7,9 +7,10 @@ What may change, and when:
 
 - **at any time**, on the primary: the frequency, the recovery history, the
   application-consistent interval, continuous points, compression, payload encryption,
-  automatic resynchronization and the change-log budget. The primary's agent restarts the VM's
-  worker with them, and publishes a signed ``VmConfig`` so that the replica keeps its recovery
-  points by the new history and judges missed cycles by the new frequency.
+  automatic resynchronization, the change-log budget and the bandwidth limit. The primary's
+  agent restarts the VM's worker with them, and publishes a signed ``VmConfig`` so that the
+  replica keeps its recovery points by the new history and judges missed cycles by the new
+  frequency.
 - **only before the initial replication began** (nothing of the VM is in the journal): which
   disks are replicated, and the replica site. Afterwards the replica holds every disk from the
   seed: excluding one would leave it at an older instant than the others in every later recovery
@@ -45,6 +46,7 @@ class SettingsChange:
     encrypt: bool = UNSET
     auto_resync: bool = UNSET
     changelog_budget_bytes: int | None = UNSET
+    bandwidth_bytes_per_second: int | None = UNSET
     exclude_disks: tuple[str, ...] = field(default_factory=tuple)
     include_disks: tuple[str, ...] = field(default_factory=tuple)
     """Disk names to replicate again (their images are given to the runtime separately)."""

@@ -48,6 +48,7 @@ from vmreplica.errors import (
 )
 from vmreplica.journal.allocator import tune_allocator
 from vmreplica.journal.credentials import ClientSecurity
+from vmreplica.journal.pace import Pace
 from vmreplica.schemas.codec import encode
 from vmreplica.schemas.events import JournalEvent
 from vmreplica.schemas.payload import PayloadCipher
@@ -288,9 +289,12 @@ class JournalPublisher(Service):
         transactional_id: str,
         encode: Callable[[JournalEvent], bytes] = encode,
         cipher: PayloadCipher | None = None,
+        pace: Pace | None = None,
     ) -> None:
+        """``pace``: the VM's bandwidth limit (:mod:`vmreplica.journal.pace`), or None."""
         tune_allocator()
         self.transactional_id = transactional_id
+        self.pace = pace
         self.encode = encode
         """How this publisher's site encodes (and signs) a journal event."""
         self.cipher = cipher
@@ -353,7 +357,13 @@ class JournalPublisher(Service):
                 ) from None
 
     async def publish(
-        self, topic: str, key: bytes, values: Iterable[bytes], *, build_in_thread: bool = False
+        self,
+        topic: str,
+        key: bytes,
+        values: Iterable[bytes],
+        *,
+        build_in_thread: bool = False,
+        paced: bool = True,
     ) -> list[int]:
         """Publish ``values`` in order as one transaction and return their offsets.
 
@@ -362,7 +372,9 @@ class JournalPublisher(Service):
         worker thread while the one before is sent (a cycle's records: reading, checksumming,
         compressing and signing release the GIL), so the event loop goes on serving the VM's
         writes and the Kafka sender meanwhile; the generator then must not touch state the
-        event loop changes.
+        event loop changes. With a bandwidth limit, a ``paced`` transaction (data: a cycle,
+        seed chunks) first waits until what was sent fits the limit; control records
+        (``paced=False``: heartbeats, epochs) never wait.
 
         The transaction is committed before this returns; on any failure it is aborted (when the
         broker still lets us) and nothing of it becomes visible to ``read_committed`` readers.
@@ -370,23 +382,29 @@ class JournalPublisher(Service):
         :raises FencedError: a newer producer for this VM exists.
         :raises BrokerError: the broker failed the transaction.
         """
+        if paced and self.pace is not None:
+            await self.pace.wait()
         produced = _built_ahead(values) if build_in_thread else _at_once(values)
         async with self._one_transaction_at_a_time, contextlib.aclosing(produced):
             return await self._transaction(topic, key, produced)
 
     async def _transaction(self, topic: str, key: bytes, values: AsyncIterator[bytes]) -> list[int]:
         producer = self._producer
+        size = 0
         try:
             await producer.begin_transaction()
             try:
                 futures = []
                 async for value in values:
+                    size += len(value)
                     sent = producer.send(topic, value=value, key=key, partition=0)
                     futures.append(await _progress(sent, topic))
                     for _ in range(SENDER_YIELDS):  # let the sender start on it
                         await asyncio.sleep(0)
                 metadata = await _progress(asyncio.gather(*futures), topic)
                 await _progress(producer.commit_transaction(), topic)
+                if self.pace is not None:
+                    self.pace.spent(size)
             except BaseException as error:
                 # A fenced producer is in a fatal state and cannot abort; the broker aborts its
                 # open transaction when the new producer initialises.
