@@ -17,7 +17,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Final
 
 import pytest
 
+from tests.e2e.clients import AgentProcess
 from tests.fixtures import SiteFactory, VmFactory
 from vmreplica.config import SiteConfig
 from vmreplica.consumers.replica import image_path
@@ -75,13 +75,10 @@ async def _write_disk(primary: PrimaryVm, rng: random.Random) -> None:
 
 
 def _start_agent(config_file: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "vmreplica.cli", "agent", "--log-level", "WARNING"],
-            env={**os.environ, "VMREPLICA_CONFIG": str(config_file)},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    agent = AgentProcess(config_file, log)
+    agent.start()
+    assert agent.process is not None
+    return agent.process
 
 
 async def _applied(config: SiteConfig) -> int:
