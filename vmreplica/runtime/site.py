@@ -52,6 +52,8 @@ class Site(Service):
         self.authorization = AuthorizationStore(config.root)
         """Which primaries this site accepts and their keys (:mod:`vmreplica.security`)."""
         self._key: SiteKey | None = None
+        self._configs_ready = False
+        """The trust group's configs topic is known to exist (this process made sure)."""
         self.refused: dict[str, str] = {}
         """Journals whose VM :meth:`discover` did not adopt, with the reason (topic → reason)."""
 
@@ -183,6 +185,19 @@ class Site(Service):
             await admin.ensure_topic(
                 topics.configs_spec(self.configs_topic, self.config.replication_factor)
             )
+        self._configs_ready = True
+
+    async def ensure_configs_topic(self) -> None:
+        """Create the trust group's configs topic unless this process made sure of it already:
+        VMs enabled by an earlier release, whose topics were made without it, publish there
+        too."""
+        if self._configs_ready:
+            return
+        async with TopicAdmin(self.connection) as admin:
+            await admin.ensure_topic(
+                topics.configs_spec(self.configs_topic, self.config.replication_factor)
+            )
+        self._configs_ready = True
 
     def primary(self, record: VmRecord, *, connect: bool = True) -> PrimaryVm:
         """The primary-side worker of a VM this site is primary for (not yet started);
@@ -219,6 +234,7 @@ class Site(Service):
             self.verifier(record.name, self.config.site),
             connect=connect,
             configs_topic=self.configs_topic,
+            ensure_configs_topic=self.ensure_configs_topic,
         )
 
     async def replica(self, record: VmRecord, *, connect: bool = True) -> ReplicaVm:
@@ -357,10 +373,13 @@ class Site(Service):
     async def _published_configs(self) -> dict[str, VmConfig]:
         """The newest VmConfig of each VM on the configs topic whose signature and values
         pass; one refused is logged and passed over (an older one of the VM, or its journal's,
-        describes it then)."""
+        describes it then). A tombstone (no value) forgets the VM's."""
         configs: dict[str, VmConfig] = {}
         async with contextlib.aclosing(read_to_end(self.connection, self.configs_topic)) as found:
             async for record in found:
+                if not record.value:  # a tombstone: the VM's replication was removed
+                    configs.pop((record.key or b"").decode(errors="replace"), None)
+                    continue
                 try:
                     event = decode_journal(record.value)
                     if not isinstance(event, VmConfig) or record.key != event.vm.encode():
