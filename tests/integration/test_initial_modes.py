@@ -21,6 +21,7 @@ import pytest
 
 from tests.fixtures import EnabledVm, SitePair, VmFactory
 from vmreplica.consumers.replica import ReplicaVm
+from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import VmSettings
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import ConfigurationError, InitialReplicationRefused
@@ -34,6 +35,7 @@ from vmreplica.runtime.initial import (
 )
 from vmreplica.runtime.resync_worker import ResyncWorker
 from vmreplica.runtime.site import Site
+from vmreplica.runtime.status import vm_status
 from vmreplica.storage.image import sha256_of
 from vmreplica.storage.seed_media import MANIFEST_FILE
 
@@ -268,3 +270,25 @@ async def test_a_replica_holding_a_copy_gets_only_the_blocks_that_differ(
     # 6 MiB the primary holds.
     assert job.differing_bytes <= 4 * 64 * KiB
     assert job.sent_bytes < 0.05 * disk_bytes
+
+
+async def test_a_scheduled_initial_replication_waits_for_its_time(
+    site_pair: SitePair, vm: VmFactory
+) -> None:
+    due = now_ms() + 2_000
+    enabled = await vm(
+        site_pair.a, {"disk0": 1 * MiB}, VmSettings(frequency_seconds=30, initial_at_ms=due)
+    )
+    async with site_pair.a.primary(enabled.record) as primary:
+        seeding = asyncio.create_task(primary.initial_replication())
+        await asyncio.sleep(0.5)
+        record = await site_pair.a.catalog.vm(enabled.name)
+        assert record.state is ReplicationState.READY_FOR_INITIAL_REPLICATION
+        assert "initial replication (network) scheduled at" in record.state_message
+        shown = await vm_status(site_pair.a, record, with_replica=False)
+        assert shown.initial is not None
+        assert "scheduled at" in shown.initial.summary(enabled.name)
+        assert not seeding.done()
+        await seeding
+        assert now_ms() >= due
+        assert (await site_pair.a.catalog.vm(enabled.name)).state is ReplicationState.REPLICATING
