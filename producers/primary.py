@@ -347,7 +347,6 @@ class PrimaryVm:
             await self.catalog.set_state(
                 self.name, ReplicationState.INITIAL_REPLICATION_IN_PROGRESS
             )
-            await self.publish_config()
             seed = InitialReplication(
                 self.capture,
                 self.publisher,
@@ -357,6 +356,7 @@ class PrimaryVm:
                 self.site,
             )
             result = await seed.run(progress)
+            await self.publish_config()  # after: the seed's first step comes first
             await self.catalog.record_initial_replication(self.name, result.bytes_sent)
             await self.catalog.set_state(self.name, ReplicationState.REPLICATING)
             return result

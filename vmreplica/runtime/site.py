@@ -3,6 +3,9 @@
 The Python API and every CLI command go through :class:`Site`; the agent is a :class:`Site` that
 keeps running. It is the one place that composes both roles (``producers`` for the VMs it is
 primary of, ``consumers`` for those it is replica of); neither role imports the other.
+
+About 450 lines: enabling, opening either role and discovery (the configs topic, journals,
+adoption) are what a site is; each part is short and they share its catalog, keys and topics.
 """
 
 from __future__ import annotations
@@ -280,8 +283,18 @@ class Site(Service):
         prefix = f"{self.config.topic_prefix}.{self.config.trust_group}."
         async with TopicAdmin(self.connection) as admin:
             listed = await admin.topics()
-        journals = [t for t in listed if t.startswith(prefix) and t.endswith(".journal")]
-        published = await self._published_configs() if self.configs_topic in listed else {}
+        known = await self.catalog.generations()  # every VM of this site, in one query
+        journals = [
+            t
+            for t in listed
+            if t.startswith(prefix)
+            and t.endswith(".journal")
+            and t.removeprefix(prefix).removesuffix(".journal") not in known
+        ]
+        # Read only when a journal's VM is new here: an agent discovers every few seconds.
+        published = (
+            await self._published_configs() if journals and self.configs_topic in listed else {}
+        )
         adopted = []
         for topic in sorted(journals):
             vm = topic.removeprefix(prefix).removesuffix(".journal")
