@@ -97,11 +97,13 @@ class PrimaryVm:
         *,
         connect: bool = True,
         configs_topic: str | None = None,
+        ensure_configs_topic: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """``connect=False``: :meth:`start` opens the capture only and publishes nothing, for
         a primary whose epoch is not yet in the journal (a failover with no broker
         reachable); :meth:`connect` joins the journal later. ``configs_topic``: the trust
-        group's compacted topic where :meth:`publish_config` keeps the VM's settings."""
+        group's compacted topic where :meth:`publish_config` keeps the VM's settings, created
+        by ``ensure_configs_topic`` if need be."""
         self.record = record
         self.connected = False
         """The journal is joined: this primary may publish (its epoch is in the journal)."""
@@ -111,6 +113,7 @@ class PrimaryVm:
         self.connection = connection
         self.topic = journal_topic
         self.configs_topic = configs_topic
+        self._ensure_configs_topic = ensure_configs_topic
         self.capture = CapturedVm(
             record.name,
             [(d.name, Path(d.path), d.size_bytes) for d in record.disks],
@@ -325,6 +328,8 @@ class PrimaryVm:
         the VM by (:meth:`~vmreplica.runtime.site.Site.discover`), long after the journal's
         retention deleted the seed. Published at the seed, at every start and every epoch."""
         if self.configs_topic is not None:
+            if self._ensure_configs_topic is not None:
+                await self._ensure_configs_topic()
             await self.publisher.publish(
                 self.configs_topic, self.name.encode(), [self.publisher.encode(self.config_event())]
             )
@@ -349,7 +354,6 @@ class PrimaryVm:
             await self.catalog.set_state(
                 self.name, ReplicationState.INITIAL_REPLICATION_IN_PROGRESS
             )
-            await self.publish_config()
             seed = InitialReplication(
                 self.capture,
                 self.publisher,
@@ -359,6 +363,7 @@ class PrimaryVm:
                 self.site,
             )
             result = await seed.run(progress)
+            await self.publish_config()  # after: the seed's first step comes first
             await self.catalog.record_initial_replication(self.name, result.bytes_sent)
             await self.catalog.set_state(self.name, ReplicationState.REPLICATING)
             return result

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Final
@@ -24,9 +25,12 @@ from vmreplica.consumers.replica import ReplicaVm
 from vmreplica.domain.model import VmSettings
 from vmreplica.domain.states import ReplicationState
 from vmreplica.failover.resync_job import load_job
-from vmreplica.journal.kafka import JournalReader
+from vmreplica.journal.kafka import JournalPublisher, JournalReader
 from vmreplica.runtime.resync_worker import ResyncWorker
 from vmreplica.runtime.site import Site
+from vmreplica.schemas.codec import encode
+from vmreplica.security.authorization import AuthorizationEntry
+from vmreplica.security.signing import load_site_key
 from vmreplica.storage.image import sha256_of
 
 pytestmark = pytest.mark.integration
@@ -161,3 +165,29 @@ async def test_discovery_takes_the_newest_configuration(site_pair: SitePair, vm:
         await primary.publish_config()
     [record] = await site_pair.b.discover()
     assert record.settings.frequency_seconds == 900
+
+
+async def test_a_forged_configuration_on_the_configs_topic_is_passed_over(
+    site_pair: SitePair, vm: VmFactory
+) -> None:
+    """Site B trusts site A's key: a newer VmConfig of the VM that another key signed (an
+    insider with the trust group's Kafka rights) is refused, and the VM is adopted as its
+    primary described it."""
+    a, b = site_pair.a, site_pair.b
+    b.authorization.add(
+        AuthorizationEntry(
+            "site-a", b.config.trust_group, str(b.config.root / "r"), (a.key.public_text,)
+        )
+    )
+    enabled = await vm(a, {"disk0": 1 * MiB}, VmSettings(frequency_seconds=30))
+    async with a.primary(enabled.record) as primary:
+        await primary.initial_replication()
+        forged = replace(primary.config_event(), frequency_seconds=900)
+    forger = load_site_key(a.config.root / "forger")
+    async with JournalPublisher(a.connection, f"forger-{uuid.uuid4().hex}") as publisher:
+        await publisher.publish(
+            a.configs_topic, enabled.name.encode(), [forger.encode(forged), encode(forged)]
+        )
+    [record] = await b.discover()
+    assert record.settings.frequency_seconds == 30
+    assert "is not signed" in b.refused[b.configs_topic]

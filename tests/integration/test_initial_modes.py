@@ -14,6 +14,7 @@ import random
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -21,6 +22,7 @@ import pytest
 
 from tests.fixtures import EnabledVm, SitePair, VmFactory
 from vmreplica.consumers.replica import ReplicaVm
+from vmreplica.domain.clock import now_ms
 from vmreplica.domain.model import VmSettings
 from vmreplica.domain.states import ReplicationState
 from vmreplica.errors import ConfigurationError, InitialReplicationRefused
@@ -34,8 +36,9 @@ from vmreplica.runtime.initial import (
 )
 from vmreplica.runtime.resync_worker import ResyncWorker
 from vmreplica.runtime.site import Site
+from vmreplica.runtime.status import vm_status
 from vmreplica.storage.image import sha256_of
-from vmreplica.storage.seed_media import MANIFEST_FILE
+from vmreplica.storage.seed_media import EXPORT_PROGRESS_FILE, MANIFEST_FILE
 
 pytestmark = pytest.mark.integration
 
@@ -140,50 +143,80 @@ async def test_an_import_refuses_a_folder_of_another_vm_or_disk_size(
         await export_seed(site_pair.a, network.name, tmp_path / "network")
 
 
-async def test_an_import_killed_half_way_resumes_and_ends_equal(
-    site_pair: SitePair, vm: VmFactory, tmp_path: Path
-) -> None:
-    sizes = {"disk0": 96 * MiB}
-    enabled = await vm(site_pair.a, sizes, VmSettings(frequency_seconds=30, initial="export"))
-    media = tmp_path / "media"
-    async with site_pair.a.primary(enabled.record) as primary:
-        for offset in range(0, sizes["disk0"], 4 * MiB):  # incompressible: the import takes time
-            await primary.capture.write("disk0", offset, os.urandom(4 * MiB))
-        await primary.initial_replication()
-        await export_seed(site_pair.a, enabled.name, media)
-        await primary.capture.write("disk0", 5 * MiB, os.urandom(64 * KiB))
-        last = (await primary.replicate())[-1].cycle
-    [record] = await site_pair.b.discover()
-    config = site_pair.sites.config_file("site-b")
-    progress = site_pair.b.config.vm_folder(enabled.name) / IMPORT_PROGRESS_FILE
-
-    importer = await asyncio.create_subprocess_exec(
+async def killed_when(command: list[str], config: Path, ready: Callable[[], bool]) -> None:
+    """Run `vmreplica COMMAND` as a process and SIGKILL it once ``ready()`` holds."""
+    process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "vmreplica.cli",
-        "initial",
-        "import",
-        enabled.name,
-        str(media),
+        *command,
         "--config",
         str(config),
         stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
     )
-    async with asyncio.timeout(120):  # the importer, another process, writes it
-        while not progress.exists():
-            assert importer.returncode is None, "the import ended before it could be killed"
+    async with asyncio.timeout(120):  # the process writes what ready() reads
+        while not ready():
+            assert process.returncode is None, f"{command} ended before it could be killed"
             await asyncio.sleep(0.01)
-    importer.send_signal(signal.SIGKILL)
-    await importer.wait()
-    done = json.loads(progress.read_text())["chunks"]
-    assert 0 < done < sizes["disk0"] // (4 * MiB)
+    process.send_signal(signal.SIGKILL)
+    await process.wait()
+
+
+def saved_chunks(path: Path) -> int:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return 0
+    fields = json.loads(text)
+    return len(fields["chunks"]) if isinstance(fields["chunks"], list) else int(fields["chunks"])
+
+
+async def test_an_export_and_an_import_killed_half_way_resume_and_end_equal(
+    site_pair: SitePair, vm: VmFactory, tmp_path: Path
+) -> None:
+    sizes = {"disk0": 96 * MiB}
+    chunks = sizes["disk0"] // (4 * MiB)
+    enabled = await vm(site_pair.a, sizes, VmSettings(frequency_seconds=30, initial="export"))
+    media = tmp_path / "media"
+    async with site_pair.a.primary(enabled.record) as primary:
+        for offset in range(0, sizes["disk0"], 4 * MiB):  # incompressible: it all takes time
+            await primary.capture.write("disk0", offset, os.urandom(4 * MiB))
+        await primary.initial_replication()
+    exporting = media / EXPORT_PROGRESS_FILE
+    await killed_when(
+        ["initial", "export", enabled.name, str(media)],
+        site_pair.sites.config_file("site-a"),
+        lambda: saved_chunks(exporting) > 0,
+    )
+    exported_before = saved_chunks(exporting)
+    assert 0 < exported_before < chunks
+    assert not (media / MANIFEST_FILE).exists()
+    async with site_pair.a.primary(await site_pair.a.catalog.vm(enabled.name)) as primary:
+        exported = await export_seed(site_pair.a, enabled.name, media)
+        await primary.capture.write("disk0", 5 * MiB, os.urandom(64 * KiB))
+        last = (await primary.replicate())[-1].cycle
+    assert len(exported.manifest.chunks) == chunks
+    assert exported.media_bytes == (chunks - exported_before) * 4 * MiB
+
+    [record] = await site_pair.b.discover()
+    progress = site_pair.b.config.vm_folder(enabled.name) / IMPORT_PROGRESS_FILE
+    await killed_when(
+        ["initial", "import", enabled.name, str(media)],
+        site_pair.sites.config_file("site-b"),
+        progress.exists,
+    )
+    done = saved_chunks(progress)
+    assert 0 < done < chunks
     assert (await site_pair.b.catalog.vm(enabled.name)).state is (
         ReplicationState.INITIAL_REPLICATION_IN_PROGRESS
     )
 
     resumed = await import_seed(site_pair.b, enabled.name, media)
-    print(f"import killed after {done} chunks; the rerun read {resumed.media_bytes} bytes")
+    print(
+        f"export killed after {exported_before} of {chunks} chunks, import after {done}; the "
+        f"reruns wrote {exported.media_bytes} and read {resumed.media_bytes} bytes"
+    )
     assert resumed.media_bytes == resumed.manifest.data_bytes - done * 4 * MiB
     record = await site_pair.b.catalog.vm(enabled.name)
     async with await site_pair.b.replica(record) as replica:
@@ -268,3 +301,25 @@ async def test_a_replica_holding_a_copy_gets_only_the_blocks_that_differ(
     # 6 MiB the primary holds.
     assert job.differing_bytes <= 4 * 64 * KiB
     assert job.sent_bytes < 0.05 * disk_bytes
+
+
+async def test_a_scheduled_initial_replication_waits_for_its_time(
+    site_pair: SitePair, vm: VmFactory
+) -> None:
+    due = now_ms() + 2_000
+    enabled = await vm(
+        site_pair.a, {"disk0": 1 * MiB}, VmSettings(frequency_seconds=30, initial_at_ms=due)
+    )
+    async with site_pair.a.primary(enabled.record) as primary:
+        seeding = asyncio.create_task(primary.initial_replication())
+        await asyncio.sleep(0.5)
+        record = await site_pair.a.catalog.vm(enabled.name)
+        assert record.state is ReplicationState.READY_FOR_INITIAL_REPLICATION
+        assert "initial replication (network) scheduled at" in record.state_message
+        shown = await vm_status(site_pair.a, record, with_replica=False)
+        assert shown.initial is not None
+        assert "scheduled at" in shown.initial.summary(enabled.name)
+        assert not seeding.done()
+        await seeding
+        assert now_ms() >= due
+        assert (await site_pair.a.catalog.vm(enabled.name)).state is ReplicationState.REPLICATING

@@ -527,10 +527,16 @@ class Agent:
     async def _replica(self, record: VmRecord) -> None:
         """Apply the journal; serve a test failover if asked; take over when a planned failover
         names this site; follow another replica site that took over. A VM seeded on external
-        media waits, untouched, for `vmreplica initial import` (tried again later)."""
+        media waits, untouched, until `vmreplica initial import` has imported its seed."""
         if awaits_import(record):
             log.info("VM %s: waiting for `vmreplica initial import %s DIR`", *(record.name,) * 2)
-            return
+        while awaits_import(record):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), REQUEST_POLL_SECONDS)
+            found = None if self.stopping.is_set() else await self.site.catalog.find_vm(record.name)
+            if found is None:
+                return
+            record = found
         async with await self.site.replica(record, connect=False) as replica:
             await self.exports.serve_replica(record)
             drill = FailoverDrill(self.site.catalog, replica)

@@ -3,6 +3,9 @@
 The Python API and every CLI command go through :class:`Site`; the agent is a :class:`Site` that
 keeps running. It is the one place that composes both roles (``producers`` for the VMs it is
 primary of, ``consumers`` for those it is replica of); neither role imports the other.
+
+About 450 lines: enabling, opening either role and discovery (the configs topic, journals,
+adoption) are what a site is; each part is short and they share its catalog, keys and topics.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ class Site(Service):
         self.authorization = AuthorizationStore(config.root)
         """Which primaries this site accepts and their keys (:mod:`vmreplica.security`)."""
         self._key: SiteKey | None = None
+        self._configs_ready = False
+        """The trust group's configs topic is known to exist (this process made sure)."""
         self.refused: dict[str, str] = {}
         """Journals whose VM :meth:`discover` did not adopt, with the reason (topic → reason)."""
         self._refused_status: set[tuple[str, int]] = set()
@@ -223,6 +228,19 @@ class Site(Service):
             await admin.ensure_topic(
                 topics.configs_spec(self.configs_topic, self.config.replication_factor)
             )
+        self._configs_ready = True
+
+    async def ensure_configs_topic(self) -> None:
+        """Create the trust group's configs topic unless this process made sure of it already:
+        VMs enabled by an earlier release, whose topics were made without it, publish there
+        too."""
+        if self._configs_ready:
+            return
+        async with TopicAdmin(self.connection) as admin:
+            await admin.ensure_topic(
+                topics.configs_spec(self.configs_topic, self.config.replication_factor)
+            )
+        self._configs_ready = True
 
     def primary(self, record: VmRecord, *, connect: bool = True) -> PrimaryVm:
         """The primary-side worker of a VM this site is primary for (not yet started);
@@ -259,6 +277,7 @@ class Site(Service):
             self.verifier(record.name, self.config.site),
             connect=connect,
             configs_topic=self.configs_topic,
+            ensure_configs_topic=self.ensure_configs_topic,
         )
 
     async def replica(self, record: VmRecord, *, connect: bool = True) -> ReplicaVm:
@@ -305,10 +324,20 @@ class Site(Service):
         prefix = f"{self.config.topic_prefix}.{self.config.trust_group}."
         async with TopicAdmin(self.connection) as admin:
             listed = await admin.topics()
-        journals = [t for t in listed if t.startswith(prefix) and t.endswith(".journal")]
         if not self.config.replica_enabled:  # `vmreplica server set --no-replica`
             return []  # (Kafka was asked all the same: the agent learns it answers)
-        published = await self._published_configs() if self.configs_topic in listed else {}
+        known = await self.catalog.generations()  # every VM of this site, in one query
+        journals = [
+            t
+            for t in listed
+            if t.startswith(prefix)
+            and t.endswith(".journal")
+            and t.removeprefix(prefix).removesuffix(".journal") not in known
+        ]
+        # Read only when a journal's VM is new here: an agent discovers every few seconds.
+        published = (
+            await self._published_configs() if journals and self.configs_topic in listed else {}
+        )
         adopted = []
         removed = await self.catalog.removed_vms()  # `vmreplica remove` here: not again
         for topic in sorted(journals):
@@ -388,10 +417,13 @@ class Site(Service):
     async def _published_configs(self) -> dict[str, VmConfig]:
         """The newest VmConfig of each VM on the configs topic whose signature and values
         pass; one refused is logged and passed over (an older one of the VM, or its journal's,
-        describes it then)."""
+        describes it then). A tombstone (no value) forgets the VM's."""
         configs: dict[str, VmConfig] = {}
         async with contextlib.aclosing(read_to_end(self.connection, self.configs_topic)) as found:
             async for record in found:
+                if not record.value:  # a tombstone: the VM's replication was removed
+                    configs.pop((record.key or b"").decode(errors="replace"), None)
+                    continue
                 try:
                     event = decode_journal(record.value)
                     if not isinstance(event, VmConfig) or record.key != event.vm.encode():
