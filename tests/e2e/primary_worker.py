@@ -92,14 +92,19 @@ def crashing_publish(mode: str) -> object:
     calls = 0
 
     async def publish(
-        self: JournalPublisher, topic: str, key: bytes, values: Iterable[bytes]
+        self: JournalPublisher,
+        topic: str,
+        key: bytes,
+        values: Iterable[bytes],
+        *,
+        build_in_thread: bool = False,
     ) -> list[int]:
         nonlocal calls
         if not topic.endswith(".journal"):
             return await original(self, topic, key, values)
         calls += 1
         if calls != CRASH_AT_PUBLISH:
-            return await original(self, topic, key, values)
+            return await original(self, topic, key, values, build_in_thread=build_in_thread)
         if mode == "before-publish":
             _die()
         if mode == "mid-transaction":
@@ -109,7 +114,7 @@ def crashing_publish(mode: str) -> object:
             for value in records[:-1]:  # every WriteBatch, acknowledged; not the commit
                 await (await producer.send(topic, value=value, key=key, partition=0))
             _die()
-        offsets = await original(self, topic, key, values)
+        offsets = await original(self, topic, key, values, build_in_thread=build_in_thread)
         _die()
         return offsets
 
