@@ -202,7 +202,7 @@ def forge(case: str, cycle: int, previous: bytes) -> Forged:
         corrupt = WriteBatch(BAD, EPOCH, cycle, 0, batch.extents, Compression.NONE, bytes(payload))
         return Forged(
             [encode(corrupt), encode(_commit(cycle, extents, previous))],
-            1,
+            0,  # each batch is checked as it arrives, before anything of it is written
             RESYNC,
             f"cycle {cycle} batch 0: checksum mismatch for 4096 bytes at 8192 of disk 'disk1'",
         )
@@ -232,7 +232,7 @@ def forge(case: str, cycle: int, previous: bytes) -> Forged:
         batch, extents = _batch(cycle, writes)
         return Forged(
             [encode(batch), encode(_commit(cycle, extents, previous))],
-            1,
+            0,
             ERROR,
             f"cycle {cycle} batch 0: extent of 8192 bytes at {size - 4096} lies past "
             f"the end of disk 'disk1' ({size} bytes)",

@@ -59,6 +59,9 @@ _client_log = logging.getLogger("vmreplica.journal.kafka")
 
 TOPIC_PROPAGATION_SECONDS: Final = 10.0
 """How long a topic just created may stay unknown to the broker that is asked about it."""
+DEAD_BROKER_SECONDS: Final = 10.0
+"""How long an admin request goes on trying other brokers when the one it picked cannot be
+reached: about a broker's session timeout (9 s), after which the metadata no longer lists it."""
 _UNKNOWN_TOPIC_OR_PARTITION: Final = 3
 """Kafka's error code for a topic this broker does not know (yet)."""
 _AUTHORIZATION_CODES: Final = {
@@ -268,10 +271,21 @@ class TopicAdmin(Service):
             await asyncio.sleep(0.1)
 
     async def topics(self) -> list[str]:
-        try:
-            return list(await self._admin.list_topics())
-        except KafkaError as error:
-            raise _translate(error, "listing topics") from error
+        """Every topic's name. The admin client asks one broker at random, and a broker that
+        just died stays in the cluster's metadata for its session timeout (a stretched
+        cluster that lost a site): one that cannot be reached is passed over for another, for
+        up to :data:`DEAD_BROKER_SECONDS`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEAD_BROKER_SECONDS
+        while True:
+            try:
+                return list(await self._admin.list_topics())
+            except (NodeNotReadyError, KafkaConnectionError) as error:
+                if loop.time() > deadline:
+                    raise _translate(error, "listing topics") from error
+                await asyncio.sleep(0.2)
+            except KafkaError as error:
+                raise _translate(error, "listing topics") from error
 
 
 class JournalPublisher(Service):
