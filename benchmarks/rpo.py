@@ -33,6 +33,9 @@ p99 against the target (p99 <= 2 s) and the command that reproduces it.
 
 Exit status: 0 when every round ran and every replica matched (a missed target prints "below
 target"); 1 when the benchmark could not run or a replica differed from its primary.
+
+About 400 lines, one script: the load, the probe and how a sample is matched to its cycle must be
+read together to trust a percentile it prints.
 """
 
 from __future__ import annotations

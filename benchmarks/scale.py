@@ -39,6 +39,9 @@ shared machine); a slow VM delays no other VM's cycles. Exit status: 0 when ever
 (a missed target prints "below target"); 1 when the benchmark could not run or a replica image
 differs from what was written. Set ``VMREPLICA_BENCH_PROFILE=<folder>`` to run both agents under
 cProfile, their statistics written there when they stop.
+
+About 600 lines, one script: the VMs, their load, the agents and the per-VM figures must be read
+together to trust what it prints.
 """
 
 from __future__ import annotations

@@ -33,6 +33,9 @@ stopped at the end. Exit status: 0 when everything ran (a missed target prints "
 1 when the benchmark could not run, or a replica came out different from its primary. Set
 ``VMREPLICA_BENCH_PROFILE=<folder>`` to get cProfile statistics of the primary (this process)
 and of each replica process written there.
+
+About 850 lines, one script: the workloads, the reference run, the replica processes and the report
+must be read together to trust a ratio it prints.
 """
 
 from __future__ import annotations

@@ -15,15 +15,22 @@ File format (little-endian; every integer fixed-width):
 3. trailer ``<4sQQQI``: magic ``SEAL``, record count, data bytes, records length, CRC-32 of header
    and trailer fields. A file without a valid trailer at its very end is *incomplete*.
 
-Protocol for the materialiser applying cycle C, steps in order:
+Protocol for the materialiser applying cycle C (:mod:`~vmreplica.consumers.streaming`), steps
+in order, for each part of the cycle it holds (the whole cycle when it is small):
 
-1. capture the old content of every range C touches (:meth:`UndoWriter.capture`);
-2. :meth:`UndoWriter.seal` — trailer, fsync file, fsync folder: the undo is durable;
-3. write the image, fsync it; 4. record the applied position.
+1. capture the old content of every range the part touches (:meth:`UndoWriter.capture`);
+2. make it durable: :meth:`UndoWriter.sync` (fsync file, the first time the folder), or at the
+   cycle's commit :meth:`UndoWriter.seal` (trailer too);
+3. write the image; at the commit fsync it; 4. record the applied position.
 
-After a crash, :meth:`UndoLog.status` of the next cycle tells what to do: ``missing`` or
-``incomplete`` — the image was not touched (step 2 precedes step 3): discard and redo;
-``complete`` — the image may be half-written: :meth:`UndoLog.rollback`, then re-apply.
+After a crash, the next cycle's undo file (sealed or not: step 2 precedes every image write of
+step 3) holds the old content of every range the image may have received:
+:meth:`UndoLog.roll_back_interrupted` restores them and removes the file, then the cycle is
+applied again from the journal.
+
+About 490 lines: the file format, its writer, and the reader every use of it needs (roll-back,
+recovery points' overlays, pruning) share one layout and its checks; the overlay itself is
+:mod:`~vmreplica.consumers.overlay`.
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ domfsfreeze``) runs before the scan and the post-cut hook (thaw, resume) after i
 guest frozen or paused during the scan, the cut is crash-consistent (application-consistent
 with fsfreeze, as far as the applications flushed). Hooks run through
 :func:`vmreplica.storage.hooks.run_hook`, with its rules (``{vm}``, environment, timeout).
+
+About 400 lines: the scan, its digests file and the hooks around it make one capture mode.
 """
 
 from __future__ import annotations

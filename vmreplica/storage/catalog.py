@@ -13,10 +13,11 @@ Nothing here grows with the number of cycles: cycle statistics older than
 :data:`CYCLE_STATS_HOURS` are pruned as new ones are written (the newest row stays, for its cut
 time), and recovery points are pruned by ranges of cycles, never one SQL parameter per point.
 
-About 880 lines: the schema and every statement that writes the site's relationships,
-positions, points, role changes and failover marks, so that each durable step is one
-transaction whose order can be checked in one file; the event log and statistics tables are
-:mod:`~vmreplica.storage.history`, the mailbox :mod:`~vmreplica.storage.mailbox`.
+About 900 lines: every statement that writes the site's relationships, settings, positions,
+points, role changes and failover marks, so that each durable step is one transaction whose
+order can be checked in one file; the tables are :mod:`~vmreplica.storage.catalog_schema`, the
+event log and statistics :mod:`~vmreplica.storage.history`, the mailbox
+:mod:`~vmreplica.storage.mailbox`.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from vmreplica.errors import (
 )
 from vmreplica.service import Service
 from vmreplica.storage import history
+from vmreplica.storage.catalog_schema import ADDED_COLUMNS, SCHEMA
 from vmreplica.storage.sqlite import open_database
 
 log = logging.getLogger(__name__)
@@ -61,109 +63,6 @@ CYCLE_STATS_HOURS: Final = 2
 """Cycle statistics are kept this long: health, `vmreplica status` and the metrics read one
 hour back at most (the monitoring window), so twice that never finds a window's start pruned,
 while a busy continuous VM (3,600 cycles an hour) keeps a bounded table."""
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS vm (
-    name TEXT PRIMARY KEY,
-    role TEXT NOT NULL,
-    trust_group TEXT NOT NULL,
-    partner_site TEXT NOT NULL,
-    settings TEXT NOT NULL,
-    epoch INTEGER NOT NULL DEFAULT 1,
-    state TEXT NOT NULL,
-    state_message TEXT NOT NULL DEFAULT '',
-    state_changed_ms INTEGER NOT NULL,
-    generation INTEGER NOT NULL DEFAULT 0,
-    primary_seen_ms INTEGER,
-    failover_point INTEGER,
-    reverse_wanted INTEGER NOT NULL DEFAULT 0,
-    config_pending INTEGER NOT NULL DEFAULT 0,
-    seed_held INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS removed_vm (
-    name TEXT PRIMARY KEY,
-    removed_ms INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS disk (
-    vm TEXT NOT NULL REFERENCES vm(name) ON DELETE CASCADE,
-    name TEXT NOT NULL,
-    path TEXT NOT NULL,
-    size_bytes INTEGER NOT NULL,
-    position INTEGER NOT NULL,
-    PRIMARY KEY (vm, name)
-);
-CREATE TABLE IF NOT EXISTS position (
-    vm TEXT PRIMARY KEY REFERENCES vm(name) ON DELETE CASCADE,
-    epoch INTEGER NOT NULL,
-    cycle INTEGER NOT NULL,
-    cycle_hash BLOB NOT NULL,
-    next_offset INTEGER NOT NULL,
-    at_ms INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS recovery_point (
-    vm TEXT NOT NULL REFERENCES vm(name) ON DELETE CASCADE,
-    cycle INTEGER NOT NULL,
-    epoch INTEGER NOT NULL,
-    journal_offset INTEGER NOT NULL,
-    cut_at_ms INTEGER NOT NULL,
-    consistency TEXT NOT NULL,
-    cycle_hash BLOB NOT NULL DEFAULT x'',
-    PRIMARY KEY (vm, cycle)
-);
-CREATE TABLE IF NOT EXISTS seed_progress (
-    vm TEXT NOT NULL REFERENCES vm(name) ON DELETE CASCADE,
-    disk TEXT NOT NULL,
-    next_offset INTEGER NOT NULL,
-    PRIMARY KEY (vm, disk)
-);
-CREATE TABLE IF NOT EXISTS canceled_epoch (
-    vm TEXT NOT NULL REFERENCES vm(name) ON DELETE CASCADE,
-    epoch INTEGER NOT NULL,
-    PRIMARY KEY (vm, epoch)
-);
-CREATE TABLE IF NOT EXISTS test_failover (
-    vm TEXT PRIMARY KEY REFERENCES vm(name) ON DELETE CASCADE,
-    point INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    detail TEXT NOT NULL DEFAULT '',
-    created_ms INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS extension (
-    vm TEXT PRIMARY KEY REFERENCES vm(name) ON DELETE CASCADE,
-    to_site TEXT NOT NULL,
-    trust_group TEXT NOT NULL,
-    bootstrap_servers TEXT NOT NULL,
-    frequency_seconds INTEGER NOT NULL,
-    upstream_offset INTEGER
-);
-CREATE TABLE IF NOT EXISTS cycle_stat (
-    vm TEXT NOT NULL REFERENCES vm(name) ON DELETE CASCADE,
-    cycle INTEGER NOT NULL,
-    cut_at_ms INTEGER NOT NULL,
-    done_at_ms INTEGER NOT NULL,
-    bytes INTEGER NOT NULL,
-    started_at_ms INTEGER,
-    PRIMARY KEY (vm, cycle)
-);
-CREATE INDEX IF NOT EXISTS cycle_stat_done ON cycle_stat (vm, done_at_ms);
-CREATE TABLE IF NOT EXISTS pending_epoch (
-    vm TEXT PRIMARY KEY REFERENCES vm(name) ON DELETE CASCADE,
-    event BLOB NOT NULL,
-    recorded_ms INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS heartbeat (
-    vm TEXT PRIMARY KEY REFERENCES vm(name) ON DELETE CASCADE,
-    at_ms INTEGER NOT NULL,
-    idle_at_ms INTEGER,
-    idle INTEGER NOT NULL
-);
-"""
-_ADDED_COLUMNS: Final = (
-    ("cycle_stat", "started_at_ms", "INTEGER"),
-    ("vm", "config_pending", "INTEGER NOT NULL DEFAULT 0"),
-    ("vm", "seed_held", "INTEGER NOT NULL DEFAULT 0"),
-)
-"""Columns added after the first release: a catalog created before gets them at start-up."""
 
 
 class Catalog(Service):
@@ -176,8 +75,8 @@ class Catalog(Service):
         """One connection serves every task: transactions must not interleave on it."""
 
     async def start(self) -> None:
-        self._db = await open_database(self.path, _SCHEMA + history.SCHEMA)
-        for table, column, kind in _ADDED_COLUMNS:
+        self._db = await open_database(self.path, SCHEMA + history.SCHEMA)
+        for table, column, kind in ADDED_COLUMNS:
             async with self._db.execute(f"PRAGMA table_info({table})") as cursor:
                 columns = {row[1] for row in await cursor.fetchall()}
             if column not in columns:
