@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Final
 
 from vmreplica.journal.credentials import ClientSecurity
-from vmreplica.security.certificates import make_broker_certificates
+from vmreplica.security.certificates import BrokerCertificates, make_broker_certificates
 
 BROKER_USER: Final = "broker"
 ADMIN_USER: Final = "admin"
@@ -46,18 +46,9 @@ def new_password() -> str:
 
 
 @dataclass(frozen=True)
-class SecuredBroker:
-    """The secured cluster's files, under ``folder``."""
-
-    folder: Path
-
-    @property
-    def ca_file(self) -> Path:
-        return self.folder / "ca.crt"
-
-    @property
-    def keystore_file(self) -> Path:
-        return self.folder / "broker.keystore.pem"
+class SecuredBroker(BrokerCertificates):
+    """The secured cluster's files, under ``folder``: its certificates, passwords and the
+    admin's client properties."""
 
     @property
     def broker_password_file(self) -> Path:
