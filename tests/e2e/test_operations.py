@@ -233,10 +233,21 @@ async def test_measure_reset_events_suspend_and_resume_with_agents(
                 EventId.STATE_REPLICATING,
             ]
 
-            # mistakes: the wrong role, an unknown VM
-            code, message = await failing(config_b, "suspend", name)
-            assert code == 2
-            assert f"VM {name!r} is a replica at site site-b: suspend it on its primary" in message
+            # suspended at the replica: A ships, B applies nothing until resumed
+            said = await cli(config_b, "suspend", name)
+            assert f"VM {name} suspended at this replica" in said
+            applied = await cycle_at(site_b)
+            await primary.capture.write("disk0", 5 * MiB, os.urandom(64 * 1024))
+            await primary.capture.flush()
+            await wait_until(_above(cycle_at, site_a, applied), "A to ship the write")
+            await asyncio.sleep(3.0)  # three continuous intervals, three fetches at B
+            assert await cycle_at(site_b) == applied
+            (at_b,) = await cli_json(config_b, "measure", name)
+            assert (at_b["state"], at_b["health"]) == ("suspended", "warning")
+            await cli(config_b, "resume", name)
+            await wait_until(_above(cycle_at, site_b, applied), "B to apply what waited")
+
+            # mistakes: an unknown VM
             for command in ("measure", "reset-statistics", "events", "test-connection"):
                 code, message = await failing(config_a, command, "no-such-vm")
                 assert code == 2, command

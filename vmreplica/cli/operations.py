@@ -219,16 +219,12 @@ def _json_line(event: Event) -> str:
 @config_option
 @reported
 def suspend(vm: str, config_path: Path | None) -> None:
-    """Stop shipping VM's cycles, on its primary (Suspend-VMReplication): writes keep being
-    captured in the change log and ship on `resume`."""
+    """Suspend VM's replication (Suspend-VMReplication). On its primary: stop shipping cycles,
+    writes keep being captured in the change log and ship on `resume`. On a replica: stop
+    applying them; the journal keeps them (for its retention) until `resume`."""
 
-    async def run(site: Site) -> None:
+    async def run(site: Site) -> str:
         record = await site.catalog.vm(vm)
-        if record.role != "primary":
-            raise ConfigurationError(
-                f"VM {vm!r} is a replica at site {site.config.site}: suspend it on its primary, "
-                f"site {record.partner_site}"
-            )
         if record.state is not ReplicationState.REPLICATING:
             raise ReplicationError(
                 f"VM {vm!r} is {record.state.value}, not replicating: only a replicating VM "
@@ -241,9 +237,15 @@ def suspend(vm: str, config_path: Path | None) -> None:
             "suspended by the operator",
             expected=ReplicationState.REPLICATING,
         )
+        if record.role == "primary":
+            return f"VM {vm} suspended: writes are kept and ship on `vmreplica resume {vm}`"
+        return (
+            f"VM {vm} suspended at this replica: the cycles its primary ships wait in the "
+            f"journal (for its retention) and are applied on `vmreplica resume {vm}`; test "
+            "failovers and recovery points still work"
+        )
 
-    with_site(config_path, run)
-    click.echo(f"VM {vm} suspended: writes are kept and ship on `vmreplica resume {vm}`")
+    click.echo(with_site(config_path, run))
 
 
 @click.command()
@@ -251,15 +253,10 @@ def suspend(vm: str, config_path: Path | None) -> None:
 @config_option
 @reported
 def resume(vm: str, config_path: Path | None) -> None:
-    """Ship a suspended VM's cycles again, on its primary (Resume-VMReplication)."""
+    """Resume a suspended VM (Resume-VMReplication): its primary ships, its replica applies."""
 
-    async def run(site: Site) -> None:
+    async def run(site: Site) -> str:
         record = await site.catalog.vm(vm)
-        if record.role != "primary":
-            raise ConfigurationError(
-                f"VM {vm!r} is a replica at site {site.config.site}: resume it on its primary, "
-                f"site {record.partner_site}"
-            )
         if record.state is not ReplicationState.SUSPENDED:
             raise ReplicationError(
                 f"VM {vm!r} is {record.state.value}, not suspended: there is nothing to resume"
@@ -275,9 +272,11 @@ def resume(vm: str, config_path: Path | None) -> None:
             "resumed by the operator",
             expected=ReplicationState.SUSPENDED,
         )
+        if record.role == "primary":
+            return f"VM {vm} resumed: what was written meanwhile ships with the next cycle"
+        return f"VM {vm} resumed at this replica: it applies the cycles that waited"
 
-    with_site(config_path, run)
-    click.echo(f"VM {vm} resumed: what was written meanwhile ships with the next cycle")
+    click.echo(with_site(config_path, run))
 
 
 @click.command("test-connection")

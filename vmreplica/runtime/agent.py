@@ -113,6 +113,8 @@ they are cancelled."""
 PUBLISH_RETRY_SECONDS: Final = 2.0
 """While Kafka is away, a primary whose epoch is not yet in the journal (a failover with no
 broker reachable) tries to publish it this often, and a replica to join its journal."""
+SUSPENDED_POLL_SECONDS: Final = 1.0
+"""How often a suspended replica looks whether it was resumed."""
 CAPTURE_WAIT_SECONDS: Final = 30.0
 """How long a VM to resume (a planned failover refused after its stop, or cancelled) waits for
 its worker to capture its writes again."""
@@ -544,6 +546,9 @@ class Agent:
             try:
                 while not self.stopping.is_set() and not replica.stopped:
                     await drill.poll()  # a test failover needs no broker
+                    if replica.between_cycles and await self._suspended(record.name):
+                        await self._pause(SUSPENDED_POLL_SECONDS)  # `vmreplica suspend` here
+                        continue
                     if not await self._connected(replica):
                         continue
                     try:
@@ -569,6 +574,12 @@ class Agent:
             start = await promote(self.site, record.name, prepared=prepared)
             self.metrics.failover(record.name, "takeover")
             log.info("VM %s: took over as primary in epoch %d", record.name, start.epoch)
+
+    async def _suspended(self, vm: str) -> bool:
+        """The operator suspended this replica (Suspend-VMReplication at the replica): it
+        applies nothing until resumed — test failovers, points and exports still work, and the
+        primary goes on shipping into the journal, which keeps the cycles for its retention."""
+        return (await self.site.catalog.vm(vm)).state is ReplicationState.SUSPENDED
 
     async def _connected(self, replica: ReplicaVm) -> bool:
         """Join the journal if not yet joined; False (after a pause) while Kafka is away: the
