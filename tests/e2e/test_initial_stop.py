@@ -98,7 +98,9 @@ async def test_stopped_seed_waits_then_resumes_where_it_stopped(
                 found = await site.catalog.find_vm(name)
                 return found is not None and found.state is ReplicationState.REPLICATING
 
-            await wait_until(lambda: replicating(site_a), "the seed at A to finish", 60)
+            waited = await cli(config_a, "initial", "wait", name)  # follows the seed to its end
+            assert f"VM {name}: initial replication done, replicating" in waited
+            assert await replicating(site_a)
             await wait_until(lambda: replicating(site_b), "the seed at B to be applied", 60)
             (measured,) = json.loads(await cli(config_a, "measure", name, "--json"))
             assert 0 < measured["initial_replication_bytes"] < 1.5 * DISK_BYTES  # disk1 only

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from rich.console import Console
 
 from vmreplica.cli.main import main
 
@@ -153,3 +155,20 @@ def test_broker_up_refuses_sites_a_stretched_cluster_cannot_have(
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
     assert not (tmp_path / "broker").exists()  # refused before anything was started
+
+
+def test_long_work_says_how_far_it_got_in_a_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not a terminal: no bar, a plain line at most every LOG_PROGRESS_SECONDS."""
+    from vmreplica.cli import support  # noqa: PLC0415
+
+    log = io.StringIO()
+    monkeypatch.setattr(support, "errors", Console(file=log, force_terminal=False, width=200))
+    monkeypatch.setattr(support, "LOG_PROGRESS_SECONDS", 0.0)
+    with support.progress("resync of web01") as advance:
+        advance(3 << 29, 4 << 30, "sending")
+    monkeypatch.setattr(support, "LOG_PROGRESS_SECONDS", 3600.0)
+    with support.progress("resync of web02") as advance:
+        advance(1, 2)
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("resync of web01: sending, 1.5 GiB of 4.0 GiB, ")

@@ -16,7 +16,7 @@ from typing import Any, Final
 import click
 
 from vmreplica.cli.replication import config_option, json_option, with_site
-from vmreplica.cli.support import console, emit_json, reported
+from vmreplica.cli.support import console, emit_json, progress, reported
 from vmreplica.consumers.points import choose_point
 from vmreplica.domain.model import EXTENDED_FREQUENCIES_SECONDS
 from vmreplica.errors import ConfigurationError, FailoverRefused, ResyncRefused
@@ -63,15 +63,17 @@ async def through_agent(mailbox: Mailbox, request: FailoverRequest) -> str:
     refused = ResyncRefused if isinstance(request, Resynchronize) else FailoverRefused
     posted = await post_request(mailbox, request)
     deadline = time.monotonic() + REQUEST_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        done = await mailbox.request(posted)
-        if done.status == "done":
-            return done.result
-        if done.status == "failed":
-            raise ConfigurationError(done.result)
-        if done.status == "refused":
-            raise refused(done.result)
-        await asyncio.sleep(REQUEST_POLL_SECONDS)
+    with progress(f"{request.kind} of {request.vm}") as advance:
+        while time.monotonic() < deadline:
+            done = await mailbox.request(posted)
+            if done.status == "done":
+                return done.result
+            if done.status == "failed":
+                raise ConfigurationError(done.result)
+            if done.status == "refused":
+                raise refused(done.result)
+            advance(0, 0, "the agent carries it out")
+            await asyncio.sleep(REQUEST_POLL_SECONDS)
     raise refused(
         f"the agent did not carry out {request.kind} of VM {request.vm!r} "
         f"within {REQUEST_TIMEOUT_SECONDS:.0f} s; see its log"

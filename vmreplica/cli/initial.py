@@ -3,45 +3,24 @@
 
 ``export`` at the primary writes the seed to a folder; ``import`` at the replica applies it, and
 the replica then applies the cycles the primary shipped meanwhile. Both resume where a kill left
-them (:mod:`vmreplica.runtime.initial`). A progress bar is drawn on a terminal; in a log, one
-line says what was done.
+them (:mod:`vmreplica.runtime.initial`). Their progress is a bar on a terminal, plain lines
+in a log (:func:`~vmreplica.cli.support.progress`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import click
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
 from vmreplica.cli.replication import config_option, json_option, with_site
-from vmreplica.cli.support import emit_json, errors, reported
+from vmreplica.cli.support import emit_json, progress, reported
 from vmreplica.runtime.initial import MediaResult, export_seed, import_seed
 from vmreplica.runtime.initial import Progress as Advance
 from vmreplica.runtime.site import Site
 
 Transfer = Callable[[Site, str, Path, Advance | None], Awaitable[MediaResult]]
-
-
-@contextmanager
-def _bar(description: str) -> Iterator[Advance]:
-    """A progress bar on stderr when it is a terminal (nothing in a log)."""
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        console=errors,
-        transient=True,
-        disable=not errors.is_terminal,
-    ) as bar:
-        task = bar.add_task(description, total=None)
-
-        def advance(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield advance
 
 
 def _run(
@@ -50,7 +29,7 @@ def _run(
     folder = folder.expanduser().resolve()
 
     async def run(site: Site) -> MediaResult:
-        with _bar(f"{verb} {vm}") as advance:
+        with progress(f"{verb} {vm}") as advance:
             return await transfer(site, vm, folder, advance)
 
     result = with_site(config_path, run)

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Final
 
 import click
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
 from vmreplica.cli.failover import through_agent
 from vmreplica.cli.replication import config_option, json_option, with_site
-from vmreplica.cli.support import emit_json, errors, parse_at, reported
+from vmreplica.cli.support import emit_json, parse_at, progress, reported
 from vmreplica.errors import ConfigurationError, ResyncRefused
 from vmreplica.failover.requests import Resynchronize, carry_out
 from vmreplica.failover.resync_job import ResyncJob, load_job
@@ -31,27 +30,14 @@ WAIT_POLL_SECONDS: Final = 0.5
 async def _wait_until_done(site: Site, vm: str) -> ResyncJob:
     """Poll the job file until the agent's run ends, drawing its progress on stderr."""
     folder = site.config.vm_folder(vm)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        console=errors,
-        transient=True,
-        disable=not errors.is_terminal,
-    ) as bar:
-        task = bar.add_task(f"resync of {vm}", total=None)
+    with progress(f"resync of {vm}") as advance:
         while True:
             job = load_job(folder)
             if job is None:
                 raise ResyncRefused(f"the resync of VM {vm!r} disappeared while it ran")
             if not job.active:
                 return job
-            bar.update(
-                task,
-                description=f"resync of {vm}: {job.phase}",
-                total=job.total_bytes or None,
-                completed=job.examined_bytes,
-            )
+            advance(job.examined_bytes, job.total_bytes, job.phase)
             await asyncio.sleep(WAIT_POLL_SECONDS)
 
 

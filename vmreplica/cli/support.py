@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from functools import wraps
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Final, ParamSpec, Protocol, TypeVar
 
 import click
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
 from vmreplica.errors import ConfigurationError, ReplicationError
 
@@ -19,6 +22,52 @@ R = TypeVar("R")
 
 console = Console()
 errors = Console(stderr=True)
+
+LOG_PROGRESS_SECONDS: Final = 10.0
+"""How often long work says how far it got when stderr is a log, not a terminal."""
+
+
+class Advance(Protocol):
+    """Tell a :func:`progress` display how far the work got: ``done`` of ``total`` bytes
+    (``total`` 0: not known), and optionally what it does now."""
+
+    def __call__(self, done: int, total: int, doing: str = "") -> None: ...
+
+
+@contextmanager
+def progress(what: str) -> Iterator[Advance]:
+    """Long work's progress on stderr: a bar on a terminal; in a log, a plain line at most every
+    :data:`LOG_PROGRESS_SECONDS` (``resync of web01: sending, 1.2 GiB of 4.0 GiB, 30 s``)."""
+    started = time.monotonic()
+    said = [started]
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeElapsedColumn(),
+        console=errors,
+        transient=True,
+        disable=not errors.is_terminal,
+    ) as bar:
+        task = bar.add_task(what, total=None)
+
+        def advance(done: int, total: int, doing: str = "") -> None:
+            described = f"{what}: {doing}" if doing else what
+            bar.update(task, description=described, completed=done, total=total or None)
+            now = time.monotonic()
+            if not errors.is_terminal and now - said[0] >= LOG_PROGRESS_SECONDS:
+                said[0] = now
+                amount = f", {_size(done)} of {_size(total)}" if total else ""
+                errors.print(f"{described}{amount}, {now - started:.0f} s", highlight=False)
+
+        yield advance
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"
 
 
 def reported(command: Callable[P, R]) -> Callable[P, R]:
