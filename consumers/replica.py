@@ -29,7 +29,7 @@ import dataclasses
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 from vmreplica.consumers.configured import replica_settings
@@ -174,6 +174,9 @@ class ReplicaVm(Service):
         turns what this site reports into status records: the site's key signs them
         (:meth:`vmreplica.security.signing.SiteKey.encode`)."""
         self.encode_status = encode_status
+        self.held: Callable[[], Awaitable[bool]] | None = None
+        """Asked before a new cycle is applied; True holds the journal where it is (an
+        operator suspended this replica), the records fetched being read again later."""
         self.record = record
         self.heartbeat_seconds = heartbeat_seconds
         """The site's heartbeat interval: how the published health judges the primary."""
@@ -464,6 +467,9 @@ class ReplicaVm(Service):
             await self._behind_retention(truncated)
             return 0
         if not records:
+            return 0
+        if self.between_cycles and self.held is not None and await self.held():
+            self.reader.seek(records[0].offset)  # read again once resumed
             return 0
         started = time.monotonic()
         cycle = self.materializer.cursor.cycle + 1

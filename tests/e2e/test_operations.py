@@ -234,6 +234,10 @@ async def test_measure_reset_events_suspend_and_resume_with_agents(
             ]
 
             # suspended at the replica: A ships, B applies nothing until resumed
+            async def level() -> bool:  # nothing in flight when B is suspended
+                return await cycle_at(site_b) == await cycle_at(site_a)
+
+            await wait_until(level, "B to apply everything A shipped")
             said = await cli(config_b, "suspend", name)
             assert f"VM {name} suspended at this replica" in said
             applied = await cycle_at(site_b)

@@ -541,6 +541,7 @@ class Agent:
             record = found
         async with await self.site.replica(record, connect=False) as replica:
             await self.exports.serve_replica(record)
+            replica.held = lambda: self._suspended(record.name)
             drill = FailoverDrill(self.site.catalog, replica)
             hop = HopRelay(self.site, record.name)
             try:
