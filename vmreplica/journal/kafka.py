@@ -142,6 +142,20 @@ def quiet_client_errors(loop: asyncio.AbstractEventLoop) -> None:
         loop.default_exception_handler(context)
 
     loop.set_exception_handler(handle)
+    for name in [n for n in logging.Logger.manager.loggerDict if n.startswith("aiokafka")]:
+        logging.getLogger(name).addFilter(_one_line)
+
+
+def _one_line(record: logging.LogRecord) -> bool:
+    """aiokafka's own log records of a Kafka error, in one line: it logs some with their
+    traceback (its producer's sender when a broker closes the connection in a commit), which
+    tells an operator nothing the call that failed does not report as a :class:`BrokerError`."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, KafkaError):
+        record.msg = f"{record.getMessage()}: {type(error).__name__}: {error}"
+        record.args = None
+        record.exc_info = record.exc_text = None
+    return True
 
 
 def _translate(error: BaseException, doing: str) -> BrokerError:
