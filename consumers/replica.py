@@ -177,6 +177,8 @@ class ReplicaVm(Service):
         self.held: Callable[[], Awaitable[bool]] | None = None
         """Asked before a new cycle is applied; True holds the journal where it is (an
         operator suspended this replica), the records fetched being read again later."""
+        self.holding = False
+        """The last :meth:`step` held the journal where it was (``held`` said so)."""
         self.record = record
         self.heartbeat_seconds = heartbeat_seconds
         """The site's heartbeat interval: how the published health judges the primary."""
@@ -468,7 +470,8 @@ class ReplicaVm(Service):
             return 0
         if not records:
             return 0
-        if self.between_cycles and self.held is not None and await self.held():
+        self.holding = self.between_cycles and self.held is not None and await self.held()
+        if self.holding:
             self.reader.seek(records[0].offset)  # read again once resumed
             return 0
         started = time.monotonic()

@@ -21,7 +21,6 @@ runs its own event loop per hypothesis example.
 from __future__ import annotations
 
 import itertools
-import json
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -31,6 +30,7 @@ from typing import Any, Protocol
 
 import pytest
 
+from vmreplica.cli.server import toml_value
 from vmreplica.config import SiteConfig
 from vmreplica.devtools.cluster import ClusterState
 from vmreplica.domain.model import VmRecord, VmSettings
@@ -96,7 +96,7 @@ class SiteFactory:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(
             "".join(
-                f"{key} = {_toml(value)}\n"
+                f"{key} = {toml_value(value)}\n"
                 for key, value in self.settings(name, **overrides).items()
             )
         )
@@ -117,18 +117,6 @@ class SiteFactory:
         """Stop the sites :meth:`start` started, newest first; a second call does nothing."""
         while self._started:
             await self._started.pop().stop()
-
-
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-    if isinstance(value, tuple | list):
-        return "[" + ", ".join(_toml(item) for item in value) + "]"
-    raise TypeError(f"no TOML form for setting value {value!r}")
 
 
 @dataclass(frozen=True)

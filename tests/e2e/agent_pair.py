@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from tests.e2e.clients import AgentProcess, cli, enable_nbd, run, wait_until
-from tests.fixtures import _toml
+from vmreplica.cli.server import toml_value
 from vmreplica.config import SiteConfig, load_config
 from vmreplica.domain.states import ReplicationState
 from vmreplica.journal.kafka import KafkaConnection, read_to_end
@@ -204,7 +204,7 @@ async def replicating_pair(
     configs = []
     for name, settings in (("site-a", settings_a), ("site-b", settings_b)):
         path = folder / f"{name}.toml"
-        path.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in settings.items()))
+        path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in settings.items()))
         configs.append(path)
     config_a, config_b = configs
     disk = folder / "disk0.img"

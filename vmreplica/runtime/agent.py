@@ -547,9 +547,8 @@ class Agent:
             try:
                 while not self.stopping.is_set() and not replica.stopped:
                     await drill.poll()  # a test failover needs no broker
-                    if replica.between_cycles and await self._suspended(record.name):
-                        await self._pause(SUSPENDED_POLL_SECONDS)  # `vmreplica suspend` here
-                        continue
+                    if replica.holding:  # `vmreplica suspend` here: look again in a while
+                        await self._pause(SUSPENDED_POLL_SECONDS)
                     if not await self._connected(replica):
                         continue
                     try:
